@@ -1,0 +1,131 @@
+//! The command line of Cumulus ETL's `etl`: `cumulus-etl [etl] [OPTIONS] INPUT OUTPUT PHI`.
+
+pub mod exit;
+pub mod progress;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::engine::EngineConfig;
+use crate::engine::budget::{default_budget, parse_size};
+use crate::etl::EtlOptions;
+use crate::output::OutputFormat;
+use crate::store::Location;
+use exit::{ExitCode, Fatal};
+
+/// Subcommands Cumulus ETL knows; the first non-option argument is one of these or the input.
+const SUBCOMMANDS: [&str; 8] = ["convert", "etl", "export", "init", "inline", "nlp", "sample", "upload-notes"];
+
+/// `cumulus-etl etl` arguments.
+#[derive(Debug, Parser)]
+#[command(name = "cumulus-etl", version, about = "Extract, de-identify and load FHIR bulk exports into tables")]
+pub struct EtlArgs {
+    /// Input folder of the FHIR bulk export (NDJSON, optionally gzipped).
+    pub input: String,
+    /// Output folder for the tables.
+    pub output: String,
+    /// PHI folder: codebook and run context (keep it private).
+    pub phi: String,
+    /// Input format (only ndjson is available in this version).
+    #[arg(long, default_value = "ndjson")]
+    pub input_format: String,
+    /// Output table format.
+    #[arg(long, value_enum, default_value = "deltalake")]
+    pub output_format: OutputFormat,
+    /// Rows per output batch (a batch is one file per table).
+    #[arg(long, default_value_t = 100_000)]
+    pub batch_size: usize,
+    /// Tasks to run, comma-separated (case-insensitive); `--task help` lists them.
+    #[arg(long = "task")]
+    pub task: Vec<String>,
+    /// Tasks to leave out, comma-separated.
+    #[arg(long = "exclude-resources")]
+    pub exclude_resources: Vec<String>,
+    /// Folder (empty or new) that receives rejected input rows and failed batches. Holds PHI.
+    #[arg(long)]
+    pub errors_to: Option<PathBuf>,
+    /// Free-text comment recorded in the job config.
+    #[arg(long)]
+    pub comment: Option<String>,
+    /// FHIR Group name of the export (overrides the export log).
+    #[arg(long)]
+    pub export_group: Option<String>,
+    /// Export time, ISO 8601 (overrides the export log).
+    #[arg(long)]
+    pub export_timestamp: Option<String>,
+    /// Run the selected tasks even when their input files are absent.
+    #[arg(long)]
+    pub allow_missing_resources: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Global memory budget, e.g. 512MiB or 2GiB (default: a quarter of RAM, 256MiB-4GiB).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Seconds between progress lines.
+    #[arg(long, default_value_t = 5)]
+    pub progress_interval: u64,
+    /// Accepted for compatibility; this tool needs no external checks at start.
+    #[arg(long, hide = true)]
+    pub skip_init_checks: bool,
+}
+
+/// Parses arguments and runs; returns the process exit code.
+pub fn main_with_args(mut args: Vec<String>) -> i32 {
+    // The first non-option argument may name the subcommand; `etl` is the default.
+    if let Some(pos) = args.iter().skip(1).position(|a| !a.starts_with('-')).map(|p| p + 1)
+        && SUBCOMMANDS.contains(&args[pos].as_str())
+    {
+        let sub = args.remove(pos);
+        if sub != "etl" {
+            let code = if matches!(sub.as_str(), "export" | "inline") { ExitCode::FeatureRemoved } else { ExitCode::ArgsInvalid };
+            eprintln!("The '{sub}' command is not available in this version of cumulus-etl.");
+            return code as i32;
+        }
+    }
+    let parsed = match EtlArgs::try_parse_from(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::Usage as i32 } else { 0 };
+        }
+    };
+    match options_from(parsed).and_then(|o| crate::etl::run(&o)) {
+        Ok(code) => code as i32,
+        Err(fatal) => {
+            eprintln!("{}", fatal.message);
+            fatal.code as i32
+        }
+    }
+}
+
+fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
+    if a.input_format != "ndjson" {
+        return Err(Fatal::new(ExitCode::ArgsInvalid, format!("--input-format {} is not available yet; use ndjson.", a.input_format)));
+    }
+    let memory = match &a.memory {
+        Some(m) => parse_size(m).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("--memory: {e}")))?,
+        None => default_budget(),
+    };
+    let workers = a.workers.unwrap_or_else(EngineConfig::default_workers).max(1);
+    let loc = |s: &str| Location::parse(s).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()));
+    Ok(EtlOptions {
+        input: loc(&a.input)?,
+        output: loc(&a.output)?,
+        phi: loc(&a.phi)?,
+        output_format: a.output_format,
+        batch_size: a.batch_size,
+        tasks: a.task,
+        exclusions: a.exclude_resources,
+        errors_to: a.errors_to,
+        comment: a.comment,
+        export_group: a.export_group,
+        export_timestamp: a.export_timestamp,
+        allow_missing_resources: a.allow_missing_resources,
+        engine: EngineConfig { workers },
+        memory,
+        progress_interval: Duration::from_secs(a.progress_interval.max(1)),
+    })
+}

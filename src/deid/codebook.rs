@@ -1,0 +1,289 @@
+//! The codebook: the salt that makes anonymous ids, plus the reversible Patient/Encounter
+//! mappings, stored in the PHI folder in the same files Cumulus ETL uses.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use anyhow::{Context, Result, bail};
+use hmac::{Hmac, Mac};
+use serde_json::{Map, Value, json};
+use sha2::Sha256;
+
+use crate::store;
+
+const CODEBOOK_FILE: &str = "codebook.json";
+const CACHED_MAPPINGS_FILE: &str = "codebook-cached-mappings.json";
+
+/// Resource types whose real-to-fake id mappings are kept so a site can trace a finding back.
+const REVERSIBLE_TYPES: [&str; 2] = ["Patient", "Encounter"];
+
+/// Maps real ids to anonymous ids; shared by all workers of a run.
+pub struct Codebook {
+    dir: Option<PathBuf>,
+    settings: Mutex<Map<String, Value>>,
+    /// HMAC state keyed with the salt, cloned per hash rather than re-keyed.
+    keyed: Hmac<Sha256>,
+    legacy: [HashMap<String, String>; 2],
+    cached: Option<RwLock<[Map<String, Value>; 2]>>,
+    settings_modified: AtomicBool,
+    mappings_modified: AtomicBool,
+}
+
+impl Codebook {
+    /// Opens (or starts) the codebook of a PHI folder. With `cache_ids`, new Patient/Encounter
+    /// mappings are recorded in `codebook-cached-mappings.json`.
+    pub fn open(dir: &Path, cache_ids: bool) -> Result<Codebook> {
+        let path = dir.join(CODEBOOK_FILE);
+        let saved = if path.exists() {
+            let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            Some(
+                serde_json::from_slice::<Value>(&text)
+                    .with_context(|| format!("{} is not valid JSON", path.display()))?,
+            )
+        } else {
+            None
+        };
+        let cached = if cache_ids {
+            let mpath = dir.join(CACHED_MAPPINGS_FILE);
+            let m = if mpath.exists() {
+                let text = std::fs::read(&mpath)?;
+                serde_json::from_slice::<Value>(&text)
+                    .with_context(|| format!("{} is not valid JSON", mpath.display()))?
+            } else {
+                json!({})
+            };
+            Some(split_by_type(&m))
+        } else {
+            None
+        };
+        Codebook::build(Some(dir.to_path_buf()), saved, cached)
+    }
+
+    /// A codebook that lives only in memory with the given salt (tests, fixture checks).
+    pub fn in_memory(salt_hex: &str) -> Result<Codebook> {
+        let saved = json!({"version": 1, "id_salt": salt_hex, "codebook_id": "in-memory"});
+        Codebook::build(None, Some(saved), Some([Map::new(), Map::new()]))
+    }
+
+    fn build(
+        dir: Option<PathBuf>,
+        saved: Option<Value>,
+        cached: Option<[Map<String, Value>; 2]>,
+    ) -> Result<Codebook> {
+        let mut settings = Map::new();
+        settings.insert("version".into(), json!(1));
+        if let Some(saved) = saved {
+            let Value::Object(saved) = saved else { bail!("codebook.json is not a JSON object") };
+            match saved.get("version").and_then(Value::as_i64).unwrap_or(0) {
+                0 => settings.extend(convert_v0(&saved)?),
+                1 => settings = saved,
+                v => bail!("Unknown codebook version: \"{v}\""),
+            }
+        }
+        let mut settings_modified = false;
+        if !settings.contains_key("codebook_id") {
+            settings.insert("codebook_id".into(), json!(uuid4()));
+            settings_modified = true;
+        }
+        if !settings.contains_key("id_salt") {
+            let mut salt = [0u8; 32];
+            getrandom::fill(&mut salt).map_err(|e| anyhow::anyhow!("no random source: {e}"))?;
+            settings.insert("id_salt".into(), json!(hex::encode(salt)));
+            settings_modified = true;
+        }
+        let salt_hex = settings["id_salt"].as_str().context("codebook id_salt is not a string")?;
+        let salt = hex::decode(salt_hex).context("codebook id_salt is not valid hex")?;
+        let keyed = Hmac::<Sha256>::new_from_slice(&salt).expect("HMAC takes any key length");
+        let legacy = REVERSIBLE_TYPES.map(|t| {
+            settings
+                .get(t)
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        Ok(Codebook {
+            dir,
+            settings: Mutex::new(settings),
+            keyed,
+            legacy,
+            cached: cached.map(RwLock::new),
+            settings_modified: AtomicBool::new(settings_modified),
+            mappings_modified: AtomicBool::new(false),
+        })
+    }
+
+    /// The codebook's public fingerprint, recorded in each run's job config.
+    pub fn codebook_id(&self) -> String {
+        self.settings.lock().unwrap()["codebook_id"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// HMAC-SHA256 of the id under the salt, as 64 lowercase hex characters.
+    pub fn hash(&self, real_id: &str) -> String {
+        let mut mac = self.keyed.clone();
+        mac.update(real_id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The anonymous id for a resource id. Patient and Encounter ids use a legacy mapping when
+    /// the codebook has one, and otherwise record their mapping (if `cache` is allowed).
+    pub fn fake_id(&self, resource_type: &str, real_id: &str, cache: bool) -> String {
+        let Some(slot) = REVERSIBLE_TYPES.iter().position(|t| *t == resource_type) else {
+            return self.hash(real_id);
+        };
+        if let Some(fake) = self.legacy[slot].get(real_id) {
+            return fake.clone();
+        }
+        let fake = self.hash(real_id);
+        if let (true, Some(cached)) = (cache, &self.cached) {
+            let known = cached.read().unwrap()[slot].get(real_id).and_then(Value::as_str)
+                == Some(fake.as_str());
+            if !known {
+                cached.write().unwrap()[slot].insert(real_id.to_string(), json!(fake));
+                self.mappings_modified.store(true, Ordering::Release);
+            }
+        }
+        fake
+    }
+
+    /// Writes whatever changed since the last save. Called before every batch write, so the
+    /// codebook on disk is never behind the data.
+    pub fn save(&self) -> Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        if self.settings_modified.swap(false, Ordering::AcqRel) {
+            let text = serde_json::to_vec(&*self.settings.lock().unwrap())?;
+            store::write_atomic(&dir.join(CODEBOOK_FILE), &text)?;
+        }
+        if self.mappings_modified.swap(false, Ordering::AcqRel)
+            && let Some(cached) = &self.cached
+        {
+            let guard = cached.read().unwrap();
+            let mut out = Map::new();
+            for (i, t) in REVERSIBLE_TYPES.iter().enumerate() {
+                if !guard[i].is_empty() {
+                    out.insert(t.to_string(), Value::Object(guard[i].clone()));
+                }
+            }
+            let text = serde_json::to_vec(&out)?;
+            store::write_atomic(&dir.join(CACHED_MAPPINGS_FILE), &text)?;
+        }
+        Ok(())
+    }
+}
+
+fn split_by_type(m: &Value) -> [Map<String, Value>; 2] {
+    REVERSIBLE_TYPES.map(|t| m.get(t).and_then(Value::as_object).cloned().unwrap_or_default())
+}
+
+/// Version 0 kept `{"mrn": {patient: {"deid": fake, "encounter": {enc: {"deid": fake}}}}}`.
+fn convert_v0(saved: &Map<String, Value>) -> Result<Map<String, Value>> {
+    let mut patients = Map::new();
+    let mut encounters = Map::new();
+    if let Some(mrn) = saved.get("mrn").and_then(Value::as_object) {
+        for (pid, pdata) in mrn {
+            if let Some(deid) = pdata.get("deid") {
+                patients.insert(pid.clone(), deid.clone());
+            }
+            if let Some(encs) = pdata.get("encounter").and_then(Value::as_object) {
+                for (eid, edata) in encs {
+                    if let Some(deid) = edata.get("deid") {
+                        encounters.insert(eid.clone(), deid.clone());
+                    }
+                }
+            }
+        }
+    } else {
+        bail!("version 0 codebook has no \"mrn\" table");
+    }
+    let mut out = Map::new();
+    out.insert("Patient".into(), Value::Object(patients));
+    out.insert("Encounter".into(), Value::Object(encounters));
+    Ok(out)
+}
+
+/// A random (version 4) UUID, the codebook's public fingerprint.
+fn uuid4() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("random source");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_matches_reference_vector() {
+        // From the reference's i2b2 fixture: HMAC(0x9876, "323456").
+        let cb = Codebook::in_memory("9876").unwrap();
+        let h = cb.hash("323456");
+        assert!(h.starts_with("49fbb06b") && h.ends_with("4764a7"), "{h}");
+    }
+
+    #[test]
+    fn legacy_mapping_wins_and_is_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CODEBOOK_FILE),
+            r#"{"version":1,"id_salt":"1234","Patient":{"p1":"legacy-p1"}}"#,
+        )
+        .unwrap();
+        let cb = Codebook::open(dir.path(), true).unwrap();
+        assert_eq!(cb.fake_id("Patient", "p1", true), "legacy-p1");
+        let p2 = cb.fake_id("Patient", "p2", true);
+        assert_eq!(p2, cb.hash("p2"));
+        cb.fake_id("Encounter", "e1", false); // deleted ids are never cached
+        cb.save().unwrap();
+        let cached: Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join(CACHED_MAPPINGS_FILE)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cached, json!({"Patient": {"p2": p2}}));
+        // codebook_id was missing, so the codebook was rewritten with one and the legacy map kept
+        let saved: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(CODEBOOK_FILE)).unwrap()).unwrap();
+        assert_eq!(saved["Patient"]["p1"], "legacy-p1");
+        assert_eq!(saved["id_salt"], "1234");
+        assert!(saved["codebook_id"].as_str().unwrap().len() == 36);
+    }
+
+    #[test]
+    fn version0_codebook_is_read_as_legacy_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CODEBOOK_FILE),
+            r#"{"id_salt":"abcd","mrn":{"p":{"deid":"P","encounter":{"e":{"deid":"E"}}}}}"#,
+        )
+        .unwrap();
+        let cb = Codebook::open(dir.path(), true).unwrap();
+        assert_eq!(cb.fake_id("Patient", "p", true), "P");
+        assert_eq!(cb.fake_id("Encounter", "e", true), "E");
+    }
+
+    #[test]
+    fn new_phi_folder_gets_a_fresh_32_byte_salt() {
+        let dir = tempfile::tempdir().unwrap();
+        let cb = Codebook::open(dir.path(), true).unwrap();
+        cb.save().unwrap();
+        let saved: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(CODEBOOK_FILE)).unwrap()).unwrap();
+        assert_eq!(saved["version"], 1);
+        assert_eq!(saved["id_salt"].as_str().unwrap().len(), 64);
+    }
+
+    #[test]
+    fn unknown_version_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CODEBOOK_FILE), r#"{"version":7}"#).unwrap();
+        let err = Codebook::open(dir.path(), true).err().unwrap().to_string();
+        assert!(err.contains("Unknown codebook version"), "{err}");
+    }
+}

@@ -1,0 +1,165 @@
+//! One byte budget for the whole process. Sources reserve before they read a bundle and the table
+//! sinks release after the rows are written, so input is only read as fast as it is written.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use timely::scheduling::SyncActivator;
+
+/// The global memory budget.
+pub struct MemoryBudget {
+    limit: u64,
+    used: Mutex<u64>,
+    /// Bumped whenever a reservation is refused; sinks flush early when they see it change.
+    pressure: AtomicU64,
+    peak: AtomicU64,
+    oversized: AtomicU64,
+    sinks: Mutex<Vec<SyncActivator>>,
+}
+
+/// The outcome of a reservation request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reservation {
+    Granted,
+    /// Granted although larger than the whole budget: nothing else was in flight.
+    GrantedAlone,
+    Refused,
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> MemoryBudget {
+        MemoryBudget {
+            limit,
+            used: Mutex::new(0),
+            pressure: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            oversized: AtomicU64::new(0),
+            sinks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The budget's size in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Reserves `bytes`. A request larger than the whole budget is granted only when nothing
+    /// else is reserved, so an oversized bundle is processed alone instead of deadlocking.
+    pub fn try_reserve(&self, bytes: u64) -> Reservation {
+        let mut used = self.used.lock().unwrap();
+        let outcome = if *used + bytes <= self.limit {
+            Reservation::Granted
+        } else if *used == 0 {
+            self.oversized.fetch_add(1, Ordering::Relaxed);
+            Reservation::GrantedAlone
+        } else {
+            Reservation::Refused
+        };
+        if outcome == Reservation::Refused {
+            drop(used);
+            self.pressure.fetch_add(1, Ordering::AcqRel);
+            for sink in self.sinks.lock().unwrap().iter() {
+                let _ = sink.activate();
+            }
+            return outcome;
+        }
+        *used += bytes;
+        self.peak.fetch_max(*used, Ordering::Relaxed);
+        outcome
+    }
+
+    /// Returns bytes to the budget.
+    pub fn release(&self, bytes: u64) {
+        let mut used = self.used.lock().unwrap();
+        *used = used.saturating_sub(bytes);
+    }
+
+    /// Bytes currently reserved.
+    pub fn used(&self) -> u64 {
+        *self.used.lock().unwrap()
+    }
+
+    /// The highest reservation level seen.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// How many bundles were larger than the whole budget.
+    pub fn oversized_count(&self) -> u64 {
+        self.oversized.load(Ordering::Relaxed)
+    }
+
+    /// A counter that changes whenever a source had to wait for memory.
+    pub fn pressure(&self) -> u64 {
+        self.pressure.load(Ordering::Acquire)
+    }
+
+    /// Registers a sink to wake when a source is waiting for memory.
+    pub fn register_sink(&self, activator: SyncActivator) {
+        self.sinks.lock().unwrap().push(activator);
+    }
+}
+
+/// Parses sizes like `256MiB`, `2GB`, `1g`, `500000` (bytes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("'{text}' is not a size (try 512MiB or 2GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("'{text}': unknown size unit (use KiB, MiB or GiB)")),
+    };
+    let bytes = (value * mult as f64) as u64;
+    if bytes < (16 << 20) {
+        return Err(format!("'{text}' is too small: the memory budget must be at least 16MiB"));
+    }
+    Ok(bytes)
+}
+
+/// The default budget: a quarter of physical memory, between 256 MiB and 4 GiB.
+pub fn default_budget() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(8 << 30);
+    (total / 4).clamp(256 << 20, 4 << 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_are_bounded_but_oversized_work_runs_alone() {
+        let b = MemoryBudget::new(100);
+        assert_eq!(b.try_reserve(60), Reservation::Granted);
+        assert_eq!(b.try_reserve(60), Reservation::Refused);
+        assert_eq!(b.pressure(), 1);
+        b.release(60);
+        assert_eq!(b.try_reserve(500), Reservation::GrantedAlone);
+        assert_eq!(b.try_reserve(1), Reservation::Refused);
+        b.release(500);
+        assert_eq!(b.used(), 0);
+        assert_eq!(b.peak(), 500);
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("256MiB").unwrap(), 256 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert!(parse_size("10k").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+}

@@ -1,0 +1,245 @@
+//! Builds and runs the timely dataflow: on every worker a source operator (read, de-identify)
+//! and a sink operator; chunks are exchanged so each task's rows meet at one sink, which writes
+//! that task's tables serially.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::BufWriter;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::generic::operator::source;
+
+use super::budget::MemoryBudget;
+use super::config::EngineConfig;
+use super::sink::{SinkState, write_failed_batch};
+use super::source::{SourceState, Step};
+use crate::deid::{ExtensionReport, Scrubber};
+use crate::etl::rows::{SkipReason, Skipped, TableChunk, TaskContext};
+use crate::input::InputFile;
+use crate::input::bundles::WorkItem;
+use crate::output::job::TableSummary;
+use crate::output::{OutputFormat, TableKind, TableWriter, open_table};
+use crate::tasks::COMPLETION_ENCOUNTERS_TABLE;
+
+/// Warnings printed per skip reason before the rest are only counted.
+const WARNINGS_PER_REASON: u64 = 10;
+
+/// Counters the run accumulates for its summary.
+#[derive(Debug, Default)]
+pub struct RunStats {
+    pub skipped: BTreeMap<SkipReason, u64>,
+    pub tables: BTreeMap<String, TableSummary>,
+    pub extensions: ExtensionReport,
+}
+
+impl RunStats {
+    /// The summary of a table, created on first use.
+    pub fn summary(&mut self, table: &str) -> &mut TableSummary {
+        self.tables
+            .entry(table.to_string())
+            .or_insert_with(|| TableSummary { label: table.to_string(), ..Default::default() })
+    }
+}
+
+/// Live counters for the progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes_read: AtomicU64,
+    pub batches: AtomicU64,
+    pub read: Mutex<BTreeMap<u32, u64>>,
+    pub written: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Progress {
+    /// Counts rows read for a task.
+    pub fn add_read(&self, task: u32, n: u64) {
+        *self.read.lock().unwrap().entry(task).or_default() += n;
+    }
+
+    /// Counts rows written to a table.
+    pub fn add_written(&self, table: &str, n: u64) {
+        *self.written.lock().unwrap().entry(table.to_string()).or_default() += n;
+    }
+}
+
+/// Everything the workers share during a run.
+pub struct RunShared {
+    pub scrubber: Scrubber,
+    pub budget: MemoryBudget,
+    pub queue: Mutex<VecDeque<WorkItem>>,
+    pub tasks: Vec<TaskContext>,
+    pub task_by_resource: HashMap<String, u32>,
+    pub format: OutputFormat,
+    pub output: PathBuf,
+    pub errors_dir: Option<PathBuf>,
+    pub batch_size: usize,
+    pub bundle_bytes: usize,
+    pub stats: Mutex<RunStats>,
+    pub progress: Progress,
+    pub rejected: Option<Mutex<BufWriter<std::fs::File>>>,
+    warnings: Mutex<BTreeMap<SkipReason, u64>>,
+}
+
+impl RunShared {
+    /// Shared state for a run; `rejected` receives skipped input lines (PHI).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        scrubber: Scrubber,
+        budget: MemoryBudget,
+        work: Vec<WorkItem>,
+        tasks: Vec<TaskContext>,
+        format: OutputFormat,
+        output: PathBuf,
+        errors_dir: Option<PathBuf>,
+        batch_size: usize,
+        bundle_bytes: usize,
+        rejected: Option<std::fs::File>,
+    ) -> RunShared {
+        let task_by_resource = tasks.iter().map(|t| (t.resource_type.clone(), t.task)).collect();
+        RunShared {
+            scrubber,
+            budget,
+            queue: Mutex::new(work.into()),
+            tasks,
+            task_by_resource,
+            format,
+            output,
+            errors_dir,
+            batch_size,
+            bundle_bytes,
+            stats: Mutex::new(RunStats::default()),
+            progress: Progress::default(),
+            rejected: rejected.map(|f| Mutex::new(BufWriter::new(f))),
+            warnings: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The task that reads a resource type.
+    pub fn task_for(&self, resource_type: &str) -> Option<&TaskContext> {
+        self.task_by_resource.get(resource_type).map(|&i| &self.tasks[i as usize])
+    }
+
+    /// Opens the writer of one of a task's tables.
+    pub fn open_writer(&self, table: &str, resource_type: &str) -> Result<Box<dyn TableWriter>> {
+        let kind = if table == COMPLETION_ENCOUNTERS_TABLE {
+            TableKind::CompletionEncounters
+        } else {
+            TableKind::Fhir(resource_type.to_string())
+        };
+        open_table(self.format, &self.output, table, kind)
+    }
+
+    /// Prints a skipped line (file, line, reason; never its content), up to a limit per reason.
+    pub fn warn_skip(&self, path: &str, s: &Skipped<'_>) {
+        let mut warned = self.warnings.lock().unwrap();
+        let n = warned.entry(s.reason).or_default();
+        *n += 1;
+        if *n <= WARNINGS_PER_REASON {
+            let detail = if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) };
+            eprintln!("warning: {path}:{}: skipped: {}{detail}", s.line_no, s.reason.label());
+        } else if *n == WARNINGS_PER_REASON + 1 {
+            eprintln!("warning: more lines skipped for '{}'; they are counted in the summary", s.reason.label());
+        }
+    }
+
+    /// Records a file that could not be read to its end (a truncated or corrupt archive).
+    pub fn note_unreadable(&self, file: &InputFile, line: u64, message: &str) {
+        eprintln!(
+            "warning: {}:{line}: stopped reading: {message}; the rest of this file was skipped",
+            file.path.display()
+        );
+        *self.stats.lock().unwrap().skipped.entry(SkipReason::UnreadableFile).or_default() += 1;
+    }
+
+    /// Saves a batch that failed to write into the errors folder (de-identified rows).
+    pub fn save_failed_batch(&self, table: &str, index: usize, rows: &[&[u8]]) {
+        if let Some(dir) = &self.errors_dir
+            && let Err(e) = write_failed_batch(dir, table, index, rows)
+        {
+            eprintln!("error: could not save the failed batch to {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Runs the dataflow to completion on `engine.workers` threads.
+pub fn run_dataflow(shared: Arc<RunShared>, engine: &EngineConfig) -> Result<()> {
+    let guards = timely::execute(engine.timely_config(), move |worker| {
+        let shared = shared.clone();
+        worker.dataflow::<u64, _, _>(|scope| {
+            let source_shared = shared.clone();
+            let chunks = source(scope, "ReadAndDeidentify", move |capability, info| {
+                let activator = scope.activator_for(info.address);
+                let mut cap = Some(capability);
+                let mut state = SourceState::new(source_shared);
+                move |output| {
+                    let Some(c) = cap.as_mut() else { return };
+                    match state.step() {
+                        Step::Emit(chunks) => {
+                            let mut session = output.session(&*c);
+                            for chunk in chunks {
+                                session.give(chunk);
+                            }
+                            drop(session);
+                            let next = *c.time() + 1;
+                            c.downgrade(&next);
+                            activator.activate();
+                        }
+                        Step::Wait => activator.activate_after(Duration::from_millis(2)),
+                        Step::Done => {
+                            let report = std::mem::take(&mut state.extensions);
+                            state.shared_ref().stats.lock().unwrap().extensions.merge(&report);
+                            cap = None;
+                        }
+                    }
+                }
+            })
+            .container::<Vec<TableChunk>>();
+
+            let sink_shared = shared.clone();
+            chunks
+                .unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                    Exchange::new(|chunk: &TableChunk| chunk.task as u64),
+                    "WriteTables",
+                    move |_capability, info| {
+                        sink_shared.budget.register_sink(scope.worker().sync_activator_for(info.address.to_vec()));
+                        let mut sink = SinkState::new(sink_shared);
+                        let mut finished = false;
+                        move |(input, frontier), _output| {
+                            input.for_each(|_time, data| {
+                                for chunk in data.drain(..) {
+                                    sink.accept(chunk);
+                                }
+                            });
+                            sink.relieve_pressure();
+                            if frontier.frontier().is_empty() && !finished {
+                                sink.flush_all();
+                                finished = true;
+                            }
+                        }
+                    },
+                );
+        });
+    })
+    .map_err(|e| anyhow!("could not start the workers: {e}"))?;
+    for result in guards.join() {
+        result.map_err(|e| anyhow!("a worker failed: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Rows read per task so far (for progress lines), keyed by table.
+pub fn read_by_table(shared: &RunShared) -> BTreeMap<String, u64> {
+    let read = shared.progress.read.lock().unwrap();
+    read.iter().map(|(t, n)| (shared.tasks[*t as usize].table.clone(), *n)).collect()
+}
+
+/// Bytes read so far.
+pub fn bytes_read(shared: &RunShared) -> u64 {
+    shared.progress.bytes_read.load(Ordering::Relaxed)
+}

@@ -1,0 +1,157 @@
+//! The sink side of a worker: gathers each task's rows into batches of `--batch-size`, drops
+//! duplicate ids (last wins), saves the codebook, writes the batch, and releases its budget.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::dataflow::RunShared;
+use crate::etl::rows::TableChunk;
+use crate::fhir::Shape;
+use crate::output::{RowBatch, TableWriter};
+
+/// Pending rows and open writers of the tasks routed to one worker.
+pub struct SinkState {
+    shared: Arc<RunShared>,
+    tasks: HashMap<u32, TaskSink>,
+    seen_pressure: u64,
+}
+
+#[derive(Default)]
+struct TaskSink {
+    pending: HashMap<String, Vec<TableChunk>>,
+    pending_rows: usize,
+    writers: HashMap<String, Box<dyn TableWriter>>,
+    batches: usize,
+}
+
+impl SinkState {
+    /// A sink writing with the run's settings.
+    pub fn new(shared: Arc<RunShared>) -> SinkState {
+        SinkState { shared, tasks: HashMap::new(), seen_pressure: 0 }
+    }
+
+    /// Takes one chunk; writes a batch once the task has `--batch-size` rows pending.
+    pub fn accept(&mut self, chunk: TableChunk) {
+        let task_id = chunk.task;
+        let task = self.tasks.entry(task_id).or_default();
+        if chunk.table == self.shared.tasks[task_id as usize].table {
+            task.pending_rows += chunk.len();
+        }
+        task.pending.entry(chunk.table.clone()).or_default().push(chunk);
+        if task.pending_rows >= self.shared.batch_size {
+            self.flush(task_id);
+        }
+    }
+
+    /// Writes early when a source is waiting for memory, so the budget can drain.
+    pub fn relieve_pressure(&mut self) {
+        let pressure = self.shared.budget.pressure();
+        if pressure != self.seen_pressure {
+            self.seen_pressure = pressure;
+            self.flush_all();
+        }
+    }
+
+    /// Writes everything pending (end of input, or memory pressure).
+    pub fn flush_all(&mut self) {
+        let ids: Vec<u32> = self.tasks.keys().copied().collect();
+        for id in ids {
+            self.flush(id);
+        }
+    }
+
+    fn flush(&mut self, task_id: u32) {
+        let shared = self.shared.clone();
+        let Some(task) = self.tasks.get_mut(&task_id) else { return };
+        if task.pending.is_empty() {
+            return;
+        }
+        if let Err(e) = shared.scrubber.codebook().save() {
+            eprintln!("error: could not save the codebook: {e:#}");
+        }
+        let ctx = &shared.tasks[task_id as usize];
+        let mut tables = vec![ctx.table.clone()];
+        if ctx.completion.is_some() {
+            tables.insert(0, crate::tasks::COMPLETION_ENCOUNTERS_TABLE.to_string());
+        }
+        let batch_index = task.batches;
+        task.batches += 1;
+        for table in tables {
+            let Some(chunks) = task.pending.remove(&table) else { continue };
+            let reserved: u64 = chunks.iter().map(|c| c.reserved).sum();
+            let rows = unique_rows(&chunks);
+            if !rows.is_empty() {
+                let mut shape = Shape::default();
+                chunks.iter().for_each(|c| shape.merge(&c.shape));
+                let writer = match task.writers.get_mut(&table) {
+                    Some(w) => Ok(w),
+                    None => shared.open_writer(&table, &ctx.resource_type).map(|w| task.writers.entry(table.clone()).or_insert(w)),
+                };
+                let result = writer.and_then(|w| w.write_batch(&RowBatch { rows: rows.clone(), shape: &shape }));
+                let n = rows.len() as u64;
+                let mut stats = shared.stats.lock().unwrap();
+                let summary = stats.summary(&table);
+                summary.attempt += n;
+                match result {
+                    Ok(()) => {
+                        summary.success += n;
+                        drop(stats);
+                        shared.progress.add_written(&table, n);
+                    }
+                    Err(e) => {
+                        summary.had_errors = true;
+                        drop(stats);
+                        eprintln!("error: could not write batch {batch_index} of {table}: {e:#}");
+                        shared.save_failed_batch(&table, batch_index, &rows);
+                    }
+                }
+            }
+            shared.budget.release(reserved);
+        }
+        task.pending.clear();
+        task.pending_rows = 0;
+        shared.progress.batches.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The rows of a batch with duplicate ids removed: the last occurrence wins, order is kept.
+fn unique_rows(chunks: &[TableChunk]) -> Vec<&[u8]> {
+    let all: Vec<(&str, &[u8])> =
+        chunks.iter().flat_map(|c| c.ids.iter().map(String::as_str).zip(c.rows())).collect();
+    let mut seen = HashSet::with_capacity(all.len());
+    let mut out: Vec<&[u8]> = all.iter().rev().filter(|(id, _)| seen.insert(*id)).map(|(_, r)| *r).collect();
+    out.reverse();
+    out
+}
+
+/// Appends a failed batch's rows to `<errors>/<table>/write-error.NNN.ndjson`.
+pub fn write_failed_batch(dir: &std::path::Path, table: &str, index: usize, rows: &[&[u8]]) -> std::io::Result<()> {
+    let dir = dir.join(table);
+    std::fs::create_dir_all(&dir)?;
+    let mut f = std::fs::File::create(dir.join(format!("write-error.{index:03}.ndjson")))?;
+    for r in rows {
+        f.write_all(r)?;
+        f.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn duplicates_keep_the_last_occurrence_in_order() {
+        let mut a = TableChunk::new(0, "t");
+        a.push("1".into(), &json!({"id": "1", "v": 1}));
+        a.push("2".into(), &json!({"id": "2", "v": 1}));
+        let mut b = TableChunk::new(0, "t");
+        b.push("1".into(), &json!({"id": "1", "v": 2}));
+        b.push("3".into(), &json!({"id": "3", "v": 1}));
+        let rows: Vec<String> = unique_rows(&[a, b]).iter().map(|r| String::from_utf8(r.to_vec()).unwrap()).collect();
+        assert_eq!(rows, [r#"{"id":"2","v":1}"#, r#"{"id":"1","v":2}"#, r#"{"id":"3","v":1}"#]);
+    }
+}

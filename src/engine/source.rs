@@ -1,0 +1,152 @@
+//! The source side of a worker: takes bundles from the shared work queue, reserves budget,
+//! turns lines into de-identified rows, and reports skipped lines.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::budget::Reservation;
+use super::dataflow::RunShared;
+use crate::deid::ExtensionReport;
+use crate::etl::rows::{SkipReason, Skipped, TableChunk, process_bundle, write_rejected};
+use crate::input::InputFile;
+use crate::input::bundles::{StreamReader, WorkItem};
+
+/// What one activation of a source did.
+pub enum Step {
+    /// Produced chunks for the sinks.
+    Emit(Vec<TableChunk>),
+    /// Waiting for memory; try again shortly.
+    Wait,
+    /// No work left.
+    Done,
+}
+
+/// Per-worker reading state.
+pub struct SourceState {
+    shared: Arc<RunShared>,
+    stream: Option<(Arc<InputFile>, StreamReader)>,
+    pub extensions: ExtensionReport,
+}
+
+impl SourceState {
+    /// A source over the run's shared work queue.
+    pub fn new(shared: Arc<RunShared>) -> SourceState {
+        SourceState { shared, stream: None, extensions: ExtensionReport::default() }
+    }
+
+    /// The run this source belongs to.
+    pub fn shared_ref(&self) -> &RunShared {
+        &self.shared
+    }
+
+    /// Reads and processes one bundle, if memory allows.
+    pub fn step(&mut self) -> Step {
+        let budget = &self.shared.budget;
+        let bundle_bytes = self.shared.bundle_bytes;
+        if let Some((file, mut reader)) = self.stream.take() {
+            let reserved = bundle_bytes as u64;
+            if budget.try_reserve(reserved) == Reservation::Refused {
+                self.stream = Some((file, reader));
+                return Step::Wait;
+            }
+            let mut buf = Vec::with_capacity(bundle_bytes + 4096);
+            let (first_line, error) = reader.next_bundle(&mut buf, bundle_bytes);
+            let chunks = self.process(&file, &buf, first_line, reserved);
+            if let Some((line, message)) = error {
+                self.shared.note_unreadable(&file, line, &message);
+            }
+            self.shared.progress.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            if !reader.finished {
+                self.stream = Some((file, reader));
+            }
+            return Step::Emit(chunks);
+        }
+        let Some(item) = self.shared.queue.lock().unwrap().pop_front() else { return Step::Done };
+        match item {
+            WorkItem::Stream { file } => match StreamReader::open(&file) {
+                Ok(reader) => {
+                    self.stream = Some((file, reader));
+                    self.step()
+                }
+                Err(e) => {
+                    self.shared.note_unreadable(&file, 0, &format!("{e:#}"));
+                    Step::Emit(Vec::new())
+                }
+            },
+            WorkItem::Slice { file, map, start, end, first_line } => {
+                let reserved = (end - start) as u64;
+                match budget.try_reserve(reserved) {
+                    Reservation::Refused => {
+                        let item = WorkItem::Slice { file, map, start, end, first_line };
+                        self.shared.queue.lock().unwrap().push_front(item);
+                        Step::Wait
+                    }
+                    granted => {
+                        if granted == Reservation::GrantedAlone {
+                            eprintln!(
+                                "note: a bundle of {} in {} is larger than the memory budget; processing it alone",
+                                human_bytes(reserved),
+                                file.path.display()
+                            );
+                        }
+                        let chunks = self.process(&file, &map[start..end], first_line, reserved);
+                        self.shared.progress.bytes_read.fetch_add(reserved, Ordering::Relaxed);
+                        Step::Emit(chunks)
+                    }
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, file: &InputFile, bytes: &[u8], first_line: u64, reserved: u64) -> Vec<TableChunk> {
+        let shared = &self.shared;
+        let Some(ctx) = shared.task_for(&file.resource_type) else {
+            shared.budget.release(reserved);
+            return Vec::new();
+        };
+        let mut main = TableChunk::new(ctx.task, &ctx.table);
+        main.reserved = reserved;
+        let mut completion = ctx
+            .completion
+            .as_ref()
+            .map(|_| TableChunk::new(ctx.task, crate::tasks::COMPLETION_ENCOUNTERS_TABLE));
+        let mut skipped: BTreeMap<SkipReason, u64> = BTreeMap::new();
+        let path = file.path.display().to_string();
+        let mut on_skip = |s: Skipped<'_>| {
+            *skipped.entry(s.reason).or_default() += 1;
+            shared.warn_skip(&path, &s);
+            if let Some(out) = &shared.rejected {
+                let mut out = out.lock().unwrap();
+                let _ = write_rejected(&mut *out, &path, &s).and_then(|_| out.flush());
+            }
+        };
+        process_bundle(ctx, &shared.scrubber, bytes, first_line, &mut main, &mut completion, &mut self.extensions, &mut on_skip);
+        shared.progress.add_read(ctx.task, main.len() as u64);
+        if !skipped.is_empty() {
+            let mut stats = shared.stats.lock().unwrap();
+            for (reason, n) in skipped {
+                *stats.skipped.entry(reason).or_default() += n;
+            }
+        }
+        let mut out = Vec::with_capacity(2);
+        if let Some(c) = completion {
+            out.push(c);
+        }
+        out.push(main);
+        out
+    }
+}
+
+/// `1.5 MiB`-style sizes for messages.
+pub fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < units.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[i]) }
+}

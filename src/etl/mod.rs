@@ -1,0 +1,372 @@
+//! One ETL run, start to finish: check the arguments and folders, find the input, run the
+//! dataflow, then finish the tables (empty tables, deletions, completion rows) and report.
+
+pub mod rows;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::cli::exit::{ExitCode, Fatal};
+use crate::cli::progress::ProgressPrinter;
+use crate::deid::{Codebook, Rules, Scrubber};
+use crate::engine::source::human_bytes;
+use crate::engine::{EngineConfig, MemoryBudget, RunShared, run_dataflow};
+use crate::fhir::{ElementModel, Shape};
+use crate::input::deleted::read_deleted_ids;
+use crate::input::export_log::read_export_log;
+use crate::input::{bundles, discover};
+use crate::output::job::{self, JobConfig};
+use crate::output::{OutputFormat, RowBatch, TableKind, open_table};
+use crate::store::{self, Location};
+use crate::tasks::{self, COMPLETION_TABLE, Task};
+use crate::time::PyDateTime;
+use rows::{CompletionTemplate, TaskContext};
+
+/// The options of `cumulus-etl etl`.
+#[derive(Debug, Clone)]
+pub struct EtlOptions {
+    pub input: Location,
+    pub output: Location,
+    pub phi: Location,
+    pub output_format: OutputFormat,
+    pub batch_size: usize,
+    pub tasks: Vec<String>,
+    pub exclusions: Vec<String>,
+    pub errors_to: Option<PathBuf>,
+    pub comment: Option<String>,
+    pub export_group: Option<String>,
+    pub export_timestamp: Option<String>,
+    pub allow_missing_resources: bool,
+    pub engine: EngineConfig,
+    pub memory: u64,
+    pub progress_interval: Duration,
+}
+
+/// Runs the ETL; the returned code is 0 or 19 (some batch failed to write).
+pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
+    let started_at = Instant::now();
+    let started = PyDateTime::now_utc();
+    let input = opts.input.local_path();
+    let output = opts.output.local_path();
+    let phi = opts.phi.local_path();
+    if !input.is_dir() {
+        return Err(Fatal::new(ExitCode::FolderDoesNotExist, format!("The input folder '{}' does not exist.", input.display())));
+    }
+    if opts.output_format == OutputFormat::Deltalake {
+        return Err(Fatal::new(
+            ExitCode::ArgsInvalid,
+            "The Delta Lake output format is not available yet in this version. \
+             Use --output-format=ndjson or --output-format=parquet.",
+        ));
+    }
+    if opts.batch_size == 0 {
+        return Err(Fatal::new(ExitCode::ArgsInvalid, "--batch-size must be at least 1."));
+    }
+    let mut selected = tasks::select_tasks(&opts.tasks, &opts.exclusions)?;
+    print_config(opts, &started, &selected);
+
+    if let Some(errors) = &opts.errors_to
+        && !store::is_empty_dir(errors)?
+    {
+        return Err(Fatal::new(ExitCode::FolderNotEmpty, format!("The errors folder '{}' is not empty.", errors.display())));
+    }
+
+    let model = ElementModel::r4();
+    let wanted: HashSet<String> = selected.iter().map(|t| t.resource.clone()).collect();
+    let found = discover(input, Some(&wanted), model)?;
+    for u in &found.unreadable {
+        eprintln!("warning: {}: skipped: {}", u.path.display(), u.reason);
+    }
+    if !opts.allow_missing_resources {
+        let present = found.resource_types();
+        let explicit = !tasks::expand_names(&opts.tasks).is_empty();
+        let missing: Vec<&Task> = selected.iter().filter(|t| !present.contains(&t.resource)).collect();
+        if explicit && !missing.is_empty() {
+            let names: Vec<&str> = missing.iter().map(|t| t.resource.as_str()).collect();
+            return Err(Fatal::new(
+                ExitCode::MissingRequestedResources,
+                format!(
+                    "Required resources not found in {}: {}\nUse --allow-missing-resources to run these tasks anyway.",
+                    input.display(),
+                    names.join(", ")
+                ),
+            ));
+        }
+        for t in &missing {
+            eprintln!("No {} files found in {}", t.resource, input.display());
+        }
+        selected.retain(|t| present.contains(&t.resource));
+        if selected.is_empty() {
+            return Err(Fatal::new(ExitCode::MissingRequestedResources, "No supported resources found."));
+        }
+    }
+
+    let (deleted, bad_deleted) = read_deleted_ids(input)?;
+    if bad_deleted > 0 {
+        eprintln!("warning: {bad_deleted} unreadable lines in {}", input.join("deleted").display());
+    }
+
+    let log = read_export_log(input);
+    let group = opts.export_group.clone().or_else(|| log.as_ref().ok().map(|l| l.group_name.clone()));
+    let export_time = match &opts.export_timestamp {
+        Some(t) => Some(PyDateTime::parse(t).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("--export-timestamp: {e}")))?),
+        None => log.as_ref().ok().map(|l| l.export_time.clone()),
+    };
+    let export_url = log.as_ref().ok().map(|l| l.export_url.clone());
+    let (group, export_time) = match (group, export_time) {
+        (Some(g), Some(t)) => (g, t),
+        (g, t) => {
+            let message = match (g, t) {
+                (None, None) => format!(
+                    "Could not read export group and time from an export log in {} ({}).\n\
+                     Provide them with --export-group and --export-timestamp.",
+                    input.display(),
+                    log.as_ref().err().map(|e| e.to_string()).unwrap_or_default()
+                ),
+                (None, _) => "Missing --export-group argument.".to_string(),
+                _ => "Missing --export-timestamp argument.".to_string(),
+            };
+            return Err(Fatal::new(ExitCode::CompletionArgMissing, message));
+        }
+    };
+
+    std::fs::create_dir_all(phi).map_err(|e| Fatal::new(ExitCode::Failure, format!("creating {}: {e}", phi.display())))?;
+    let codebook = Arc::new(Codebook::open(phi, true)?);
+    if let Some(previous) = job::latest_codebook_id(output)
+        && previous != codebook.codebook_id()
+    {
+        return Err(Fatal::new(
+            ExitCode::WrongPhiFolder,
+            format!(
+                "The output folder '{}' is already associated with a different PHI folder. \
+                 You must always use the same PHI folder for a given output folder.",
+                output.display()
+            ),
+        ));
+    }
+    if !store::is_empty_dir(output)? {
+        return Err(Fatal::new(
+            ExitCode::FolderNotEmpty,
+            format!("The target folder '{}' already has contents. Use an empty folder for {} output.", output.display(), opts.output_format.name()),
+        ));
+    }
+    std::fs::create_dir_all(output).map_err(|e| Fatal::new(ExitCode::Failure, format!("creating {}: {e}", output.display())))?;
+    codebook.save()?;
+
+    let exclusions = tasks::expand_names(&opts.exclusions).join(",");
+    let job_dir = job::job_dir(output, &started);
+    let config = JobConfig {
+        dir_input: opts.input.display(),
+        dir_output: opts.output.display(),
+        dir_phi: opts.phi.display(),
+        path: job_dir.join("job_config.json").display().to_string(),
+        input_format: "ndjson".into(),
+        output_format: opts.output_format.name().into(),
+        comment: opts.comment.clone(),
+        batch_size: opts.batch_size,
+        tasks: selected.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","),
+        export_group_name: Some(group.clone()),
+        export_timestamp: Some(export_time.isoformat()),
+        export_url: export_url.clone(),
+        codebook_id: codebook.codebook_id(),
+        exclusions: exclusions.clone(),
+    };
+    job::write_job_config(&job_dir, &config)?;
+
+    // The dataflow.
+    let template = CompletionTemplate {
+        group_name: group.clone(),
+        export_time: export_time.isoformat(),
+        excluded_resources: exclusions.clone(),
+    };
+    let contexts: Vec<TaskContext> = selected
+        .iter()
+        .enumerate()
+        .map(|(i, t)| TaskContext {
+            task: i as u32,
+            table: t.name.clone(),
+            resource_type: t.resource.clone(),
+            completion: t.tracks_encounters.then(|| template.clone()),
+        })
+        .collect();
+    let budget = MemoryBudget::new(opts.memory);
+    // Small enough that every worker has several bundles in flight within the budget.
+    let bundle_bytes = ((opts.memory / (4 * opts.engine.workers as u64).max(1)) as usize).clamp(64 << 10, 8 << 20);
+    let work = bundles::plan(&found.files, bundle_bytes)?;
+    let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();
+    let rejected = match &opts.errors_to {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| Fatal::new(ExitCode::Failure, format!("creating {}: {e}", dir.display())))?;
+            Some(std::fs::File::create(dir.join("rejected-rows.ndjson")).map_err(|e| Fatal::new(ExitCode::Failure, e.to_string()))?)
+        }
+        None => None,
+    };
+    let scrubber = Scrubber::new(Rules::embedded()?, codebook.clone(), true);
+    let shared = Arc::new(RunShared::new(
+        scrubber,
+        budget,
+        work,
+        contexts,
+        opts.output_format,
+        output.to_path_buf(),
+        opts.errors_to.clone(),
+        opts.batch_size,
+        bundle_bytes,
+        rejected,
+    ));
+    eprintln!(
+        "Reading {} in {} files with {} workers and a {} memory budget...",
+        human_bytes(total_bytes),
+        found.files.len(),
+        opts.engine.workers,
+        human_bytes(opts.memory)
+    );
+    let progress = ProgressPrinter::start(shared.clone(), total_bytes, opts.progress_interval);
+    let outcome = run_dataflow(shared.clone(), &opts.engine);
+    progress.stop();
+    outcome?;
+
+    // Finishing: tables that got no rows, deletions, completion rows, summaries.
+    for (i, task) in selected.iter().enumerate() {
+        for table in task.tables() {
+            let has_rows = shared.stats.lock().unwrap().tables.contains_key(&table);
+            if !has_rows {
+                let mut writer = shared.open_writer(&table, &task.resource)?;
+                writer.write_batch(&RowBatch { rows: Vec::new(), shape: &Shape::default() })?;
+                shared.stats.lock().unwrap().summary(&table);
+            }
+        }
+        if let Some(ids) = deleted.get(&task.resource) {
+            let hashed: Vec<String> = ids.iter().map(|id| codebook.fake_id(&task.resource, id, false)).collect();
+            let mut writer = shared.open_writer(&task.name, &task.resource)?;
+            writer.delete_ids(&hashed)?;
+            eprintln!("  {} ids deleted from {} (from the export's deleted/ folder)", hashed.len(), task.name);
+        }
+        write_completion_row(opts.output_format, output, task, &group, &export_time, export_url.as_deref(), &started, &exclusions)
+            .map_err(|e| {
+                eprintln!("error: could not write {COMPLETION_TABLE} for {}: {e:#}", task.name);
+                shared.stats.lock().unwrap().summary(&task.name).had_errors = true;
+            })
+            .ok();
+        let _ = i;
+    }
+    codebook.save()?;
+    let stats = shared.stats.lock().unwrap();
+    for summary in stats.tables.values() {
+        job::write_summary(&job_dir, summary)?;
+    }
+    job::write_context(phi, &started, &opts.input.display(), &opts.output.display())?;
+
+    print_extension_report(&stats.extensions);
+    print_summary(&stats, started_at.elapsed(), total_bytes, &shared.budget);
+    let failed = stats.tables.values().any(|s| s.had_errors || s.success < s.attempt);
+    if failed {
+        eprintln!("🚨 One or more tasks above did not 100% complete! 🚨");
+        Ok(ExitCode::TaskFailed)
+    } else {
+        eprintln!("⭐ All tasks completed successfully! ⭐");
+        Ok(ExitCode::Success)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_completion_row(
+    format: OutputFormat,
+    output: &Path,
+    task: &Task,
+    group: &str,
+    export_time: &PyDateTime,
+    export_url: Option<&str>,
+    started: &PyDateTime,
+    exclusions: &str,
+) -> anyhow::Result<()> {
+    let row = json!({
+        "table_name": task.name,
+        "group_name": group,
+        "export_time": export_time.isoformat(),
+        "export_url": export_url,
+        "etl_version": env!("CARGO_PKG_VERSION"),
+        "etl_time": started.isoformat(),
+        "excluded_resources": exclusions,
+    });
+    let mut text = Vec::new();
+    crate::output::json::write_compact_ascii(&mut text, &strip_nulls(row));
+    let mut writer = open_table(format, output, COMPLETION_TABLE, TableKind::Completion)?;
+    writer.write_batch(&RowBatch { rows: vec![&text], shape: &Shape::default() })
+}
+
+fn strip_nulls(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(m) = v.as_object_mut() {
+        m.retain(|_, x| !x.is_null());
+    }
+    v
+}
+
+fn print_config(opts: &EtlOptions, started: &PyDateTime, tasks: &[Task]) {
+    eprintln!("Configuration:");
+    eprintln!("  Input path:   {}", opts.input.display());
+    eprintln!("  Output path:  {} ({})", opts.output.display(), opts.output_format.name());
+    eprintln!("  PHI path:     {}", opts.phi.display());
+    if let Some(e) = &opts.errors_to {
+        eprintln!("  Errors path:  {}", e.display());
+    }
+    eprintln!("  Current time: {} UTC", started.summary_format());
+    eprintln!("  Batch size:   {}", opts.batch_size);
+    eprintln!("  Workers:      {}   Memory budget: {}", opts.engine.workers, human_bytes(opts.memory));
+    let ex = tasks::expand_names(&opts.exclusions);
+    if !ex.is_empty() {
+        eprintln!("  Excluded:     {}", ex.join(", "));
+    }
+    eprintln!("  Tasks:        {}", tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "));
+    if let Some(c) = &opts.comment {
+        eprintln!("  Comment:      {c}");
+    }
+}
+
+fn print_extension_report(report: &crate::deid::ExtensionReport) {
+    if !report.dropped.is_empty() {
+        eprintln!("Unrecognized extensions dropped from resources:");
+        for ((rtype, url), n) in &report.dropped {
+            eprintln!("  {rtype}: {url} ({n} time{})", if *n == 1 { "" } else { "s" });
+        }
+    }
+    if !report.skipped_modifiers.is_empty() {
+        eprintln!("🚨 Resources skipped due to unrecognized modifier extensions: 🚨");
+        for ((rtype, url), n) in &report.skipped_modifiers {
+            eprintln!("  {rtype}: {url} ({n} time{})", if *n == 1 { "" } else { "s" });
+        }
+    }
+}
+
+fn print_summary(stats: &crate::engine::dataflow::RunStats, elapsed: Duration, bytes: u64, budget: &MemoryBudget) {
+    eprintln!();
+    eprintln!("{:<30} {:>12} {:>12} {:>8}", "Table", "Attempted", "Written", "Errors");
+    for s in stats.tables.values() {
+        eprintln!("{:<30} {:>12} {:>12} {:>8}", s.label, s.attempt, s.success, if s.had_errors { "yes" } else { "" });
+    }
+    let skipped: u64 = stats.skipped.values().sum();
+    if skipped > 0 {
+        eprintln!("Skipped input ({skipped} in all):");
+        for (reason, n) in &stats.skipped {
+            eprintln!("  {:<40} {n:>10}", reason.label());
+        }
+    } else {
+        eprintln!("Skipped input: none");
+    }
+    let secs = elapsed.as_secs_f64().max(1e-6);
+    eprintln!(
+        "Done in {secs:.1}s: {} read ({:.1} MB/s), peak budget use {} of {}{}",
+        human_bytes(bytes),
+        bytes as f64 / 1e6 / secs,
+        human_bytes(budget.peak()),
+        human_bytes(budget.limit()),
+        match budget.oversized_count() {
+            0 => String::new(),
+            n => format!(", {n} oversized bundles processed alone"),
+        }
+    );
+}

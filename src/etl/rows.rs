@@ -1,0 +1,213 @@
+//! Turns raw NDJSON lines into de-identified table rows: parse, check, scrub, serialize. Bad
+//! lines are reported with file and line and never stop the run.
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::deid::{ExtensionReport, Scrubber};
+use crate::fhir::Shape;
+use crate::output::json::write_compact_ascii;
+
+/// Why an input line was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SkipReason {
+    InvalidJson,
+    InvalidUtf8,
+    TooDeeplyNested,
+    NotAnObject,
+    WrongResourceType,
+    MissingId,
+    BadReference,
+    UnknownModifierExtension,
+    UnexpectedStructure,
+    UnreadableFile,
+}
+
+impl SkipReason {
+    /// How the end-of-run summary names this reason.
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipReason::InvalidJson => "unparseable JSON",
+            SkipReason::InvalidUtf8 => "invalid UTF-8",
+            SkipReason::TooDeeplyNested => "JSON nested too deeply",
+            SkipReason::NotAnObject => "not a JSON object",
+            SkipReason::WrongResourceType => "wrong or missing resourceType",
+            SkipReason::MissingId => "resource without id",
+            SkipReason::BadReference => "unparseable reference",
+            SkipReason::UnknownModifierExtension => "unknown modifierExtension",
+            SkipReason::UnexpectedStructure => "unexpected structure",
+            SkipReason::UnreadableFile => "unreadable or truncated file",
+        }
+    }
+}
+
+/// Rows of one table produced from one bundle: compact JSON lines plus what the sink needs to
+/// dedup and to build the Arrow schema, and the budget bytes to release once written.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct TableChunk {
+    pub task: u32,
+    pub table: String,
+    pub ids: Vec<String>,
+    /// Newline-terminated rows, one per id.
+    pub data: Vec<u8>,
+    pub shape: Shape,
+    pub reserved: u64,
+}
+
+impl TableChunk {
+    /// An empty chunk for a table.
+    pub fn new(task: u32, table: &str) -> TableChunk {
+        TableChunk { task, table: table.to_string(), ..Default::default() }
+    }
+
+    /// Appends one row.
+    pub fn push(&mut self, id: String, row: &Value) {
+        write_compact_ascii(&mut self.data, row);
+        self.data.push(b'\n');
+        self.shape.add_row(row);
+        self.ids.push(id);
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the chunk has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Iterates over the rows' JSON text.
+    pub fn rows(&self) -> impl Iterator<Item = &[u8]> {
+        self.data.split(|&b| b == b'\n').filter(|r| !r.is_empty())
+    }
+}
+
+/// A skipped line, for the console and the `--errors-to` folder.
+pub struct Skipped<'a> {
+    pub line_no: u64,
+    pub reason: SkipReason,
+    pub detail: String,
+    pub raw: &'a [u8],
+}
+
+/// What a task needs to know to turn lines into rows.
+pub struct TaskContext {
+    pub task: u32,
+    pub table: String,
+    pub resource_type: String,
+    /// For the encounter task: the completion-row template (group, export time, exclusions).
+    pub completion: Option<CompletionTemplate>,
+}
+
+/// The constant part of `etl__completion_encounters` rows.
+#[derive(Clone)]
+pub struct CompletionTemplate {
+    pub group_name: String,
+    pub export_time: String,
+    pub excluded_resources: String,
+}
+
+/// Processes every line of `bytes` (a bundle), appending rows to `main` (and `completion`),
+/// and calling `on_skip` for each line left out.
+pub fn process_bundle(
+    ctx: &TaskContext,
+    scrubber: &Scrubber,
+    bytes: &[u8],
+    first_line: u64,
+    main: &mut TableChunk,
+    completion: &mut Option<TableChunk>,
+    report: &mut ExtensionReport,
+    on_skip: &mut dyn FnMut(Skipped<'_>),
+) {
+    let mut line_no = first_line;
+    for raw in bytes.split(|&b| b == b'\n') {
+        let this_line = line_no;
+        line_no += 1;
+        let trimmed = trim_ascii(raw);
+        if trimmed.is_empty() {
+            continue;
+        }
+        let mut skip = |reason: SkipReason, detail: String| {
+            on_skip(Skipped { line_no: this_line, reason, detail, raw: trimmed })
+        };
+        let mut value: Value = match serde_json::from_slice(trimmed) {
+            Ok(v) => v,
+            Err(e) => {
+                let (reason, detail) = classify_json_error(trimmed, &e);
+                skip(reason, detail);
+                continue;
+            }
+        };
+        if !value.is_object() {
+            skip(SkipReason::NotAnObject, String::new());
+            continue;
+        }
+        if value.get("resourceType").and_then(Value::as_str) != Some(ctx.resource_type.as_str()) {
+            skip(SkipReason::WrongResourceType, format!("expected {}", ctx.resource_type));
+            continue;
+        }
+        if let Err(rejection) = scrubber.scrub(&mut value, report) {
+            let reason = match rejection {
+                crate::deid::Rejection::NotAResource => SkipReason::NotAnObject,
+                crate::deid::Rejection::UnknownModifierExtension(_) => {
+                    SkipReason::UnknownModifierExtension
+                }
+                crate::deid::Rejection::StructureMismatch(_) => SkipReason::UnexpectedStructure,
+                crate::deid::Rejection::BadReference(_) => SkipReason::BadReference,
+            };
+            skip(reason, rejection.detail());
+            continue;
+        }
+        let Some(id) = value.get("id").and_then(Value::as_str).map(str::to_string) else {
+            skip(SkipReason::MissingId, String::new());
+            continue;
+        };
+        if let (Some(tpl), Some(chunk)) = (&ctx.completion, completion.as_mut()) {
+            let row = serde_json::json!({
+                "encounter_id": id,
+                "group_name": tpl.group_name,
+                "export_time": tpl.export_time,
+                "excluded_resources": tpl.excluded_resources,
+            });
+            chunk.push(id.clone(), &row);
+        }
+        main.push(id, &value);
+    }
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+fn classify_json_error(raw: &[u8], e: &serde_json::Error) -> (SkipReason, String) {
+    let msg = e.to_string();
+    let at = format!("column {}", e.column());
+    if msg.contains("recursion limit") {
+        (SkipReason::TooDeeplyNested, at)
+    } else if std::str::from_utf8(raw).is_err() {
+        (SkipReason::InvalidUtf8, at)
+    } else {
+        // serde's message names the problem (e.g. "EOF while parsing"), never the content.
+        let kind = msg.split(" at line").next().unwrap_or("invalid JSON").to_string();
+        (SkipReason::InvalidJson, format!("{kind} at {at}"))
+    }
+}
+
+/// Writes a skipped line to the errors folder's rejected-rows file (this file holds PHI).
+pub fn write_rejected(out: &mut impl Write, file: &str, s: &Skipped<'_>) -> std::io::Result<()> {
+    let row = serde_json::json!({
+        "file": file,
+        "line": s.line_no,
+        "reason": s.reason.label(),
+        "detail": s.detail,
+        "row": String::from_utf8_lossy(s.raw),
+    });
+    serde_json::to_writer(&mut *out, &row)?;
+    out.write_all(b"\n")
+}

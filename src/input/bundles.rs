@@ -1,0 +1,136 @@
+//! Splits input files into bundles of whole lines, the unit of work a source reads under the
+//! memory budget. Plain files are memory-mapped and cut at newlines up front, so any worker can
+//! take any bundle; gzip files are streamed by one worker, a bundle at a time.
+
+use std::io::{BufRead, BufReader, Read};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use memmap2::Mmap;
+
+use super::discovery::InputFile;
+use crate::store;
+
+/// A unit of work handed to a source.
+pub enum WorkItem {
+    /// Lines `[start, end)` of a memory-mapped file; `first_line` is 1-based.
+    Slice { file: Arc<InputFile>, map: Arc<Mmap>, start: usize, end: usize, first_line: u64 },
+    /// A compressed file, read as a stream.
+    Stream { file: Arc<InputFile> },
+}
+
+impl WorkItem {
+    /// The file this item reads.
+    pub fn file(&self) -> &Arc<InputFile> {
+        match self {
+            WorkItem::Slice { file, .. } | WorkItem::Stream { file } => file,
+        }
+    }
+}
+
+/// Cuts every file into work items of about `bundle_bytes`.
+pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
+    let mut items = Vec::new();
+    for f in files {
+        let file = Arc::new(f.clone());
+        if store::is_gz(&f.path) {
+            items.push(WorkItem::Stream { file });
+            continue;
+        }
+        let handle = std::fs::File::open(&f.path)
+            .with_context(|| format!("opening {}", f.path.display()))?;
+        if handle.metadata()?.len() == 0 {
+            continue;
+        }
+        // SAFETY: bulk-export files are not modified while the ETL reads them (documented in
+        // the README); a concurrent writer would be a misuse we cannot guard against.
+        let map = Arc::new(unsafe { Mmap::map(&handle) }?);
+        let _ = map.advise(memmap2::Advice::Sequential);
+        let mut start = 0;
+        let mut line = 1u64;
+        while start < map.len() {
+            let target = (start + bundle_bytes).min(map.len());
+            let end = match memchr::memchr(b'\n', &map[target.saturating_sub(1)..]) {
+                _ if target == map.len() => map.len(),
+                Some(off) => target - 1 + off + 1,
+                None => map.len(),
+            };
+            let lines = memchr::memchr_iter(b'\n', &map[start..end]).count() as u64;
+            items.push(WorkItem::Slice { file: file.clone(), map: map.clone(), start, end, first_line: line });
+            line += lines;
+            start = end;
+        }
+    }
+    Ok(items)
+}
+
+/// Reads a compressed file a bundle of lines at a time.
+pub struct StreamReader {
+    reader: BufReader<Box<dyn Read + Send>>,
+    pub next_line: u64,
+    pub finished: bool,
+}
+
+impl StreamReader {
+    /// Opens the file for streaming.
+    pub fn open(file: &InputFile) -> Result<StreamReader> {
+        Ok(StreamReader {
+            reader: BufReader::with_capacity(1 << 20, store::open_maybe_gz(&file.path)?),
+            next_line: 1,
+            finished: false,
+        })
+    }
+
+    /// Appends whole lines to `buf` until it holds at least `bundle_bytes` (or the file ends).
+    /// Returns the 1-based number of the first line read. A read error (a truncated or corrupt
+    /// archive) ends the stream and is returned with the line it happened on.
+    pub fn next_bundle(&mut self, buf: &mut Vec<u8>, bundle_bytes: usize) -> (u64, Option<(u64, String)>) {
+        let first = self.next_line;
+        while buf.len() < bundle_bytes {
+            match self.reader.read_until(b'\n', buf) {
+                Ok(0) => {
+                    self.finished = true;
+                    break;
+                }
+                Ok(_) => self.next_line += 1,
+                Err(e) => {
+                    self.finished = true;
+                    // Drop the partial line: it cannot be trusted.
+                    if let Some(pos) = buf.iter().rposition(|&b| b == b'\n') {
+                        buf.truncate(pos + 1);
+                    } else {
+                        buf.clear();
+                    }
+                    return (first, Some((self.next_line, e.to_string())));
+                }
+            }
+        }
+        (first, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_end_on_line_boundaries_and_count_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("Patient.ndjson");
+        let text: String = (0..100).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+        std::fs::write(&path, &text).unwrap();
+        let f = InputFile { path, resource_type: "Patient".into(), size: text.len() as u64 };
+        let items = plan(&[f], 64).unwrap();
+        assert!(items.len() > 5);
+        let mut expected_line = 1;
+        let mut joined = Vec::new();
+        for item in &items {
+            let WorkItem::Slice { map, start, end, first_line, .. } = item else { panic!() };
+            assert_eq!(*first_line, expected_line);
+            assert!(map[*end - 1] == b'\n');
+            expected_line += map[*start..*end].iter().filter(|&&b| b == b'\n').count() as u64;
+            joined.extend_from_slice(&map[*start..*end]);
+        }
+        assert_eq!(joined, text.as_bytes());
+    }
+}

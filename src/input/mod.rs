@@ -1,0 +1,8 @@
+//! Input: finding export files, reading them in bundles, the export log and deletions.
+
+pub mod bundles;
+pub mod deleted;
+pub mod discovery;
+pub mod export_log;
+
+pub use discovery::{Discovery, InputFile, discover};

@@ -1,0 +1,13 @@
+//! Cumulus ETL in Rust: FHIR bulk exports in, de-identified tables out, on a streaming timely
+//! dataflow under one memory budget. See `docs/architecture.md`.
+
+pub mod cli;
+pub mod deid;
+pub mod engine;
+pub mod etl;
+pub mod fhir;
+pub mod input;
+pub mod output;
+pub mod store;
+pub mod tasks;
+pub mod time;

@@ -1,0 +1,37 @@
+//! NDJSON tables: one file per batch, sparse compact rows, as Cumulus ETL writes them.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+
+use super::{BatchedFiles, RowBatch, TableWriter};
+
+/// A table written as NDJSON files.
+pub struct NdjsonTable {
+    files: BatchedFiles,
+}
+
+impl NdjsonTable {
+    /// A writer over the table's files.
+    pub fn new(files: BatchedFiles) -> NdjsonTable {
+        NdjsonTable { files }
+    }
+}
+
+impl TableWriter for NdjsonTable {
+    fn write_batch(&mut self, batch: &RowBatch<'_>) -> Result<()> {
+        let path = self.files.next_path()?;
+        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        for row in &batch.rows {
+            out.write_all(row)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush().with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
+        self.files.record_deletes(ids)
+    }
+}

@@ -1,0 +1,95 @@
+//! Timestamps formatted the way Python's `datetime.isoformat()` writes them, because Cumulus
+//! tables store them as strings and downstream SQL compares them.
+
+use anyhow::{Result, anyhow};
+use chrono::{DateTime, FixedOffset, NaiveDateTime, Utc};
+
+/// A date-time with an optional UTC offset (Python's aware or naive datetime).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PyDateTime {
+    naive: NaiveDateTime,
+    offset: Option<FixedOffset>,
+}
+
+impl PyDateTime {
+    /// Now, in UTC, truncated to whole seconds as job timestamps are.
+    pub fn now_utc() -> PyDateTime {
+        let now = Utc::now().naive_utc();
+        let naive = now.with_nanosecond_truncated();
+        PyDateTime { naive, offset: Some(FixedOffset::east_opt(0).unwrap()) }
+    }
+
+    /// Parses ISO 8601 as `datetime.fromisoformat` does (dates, `Z`, offsets, fractions).
+    pub fn parse(s: &str) -> Result<PyDateTime> {
+        let s = s.trim();
+        if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
+            return Ok(PyDateTime { naive: dt.naive_local(), offset: Some(*dt.offset()) });
+        }
+        for fmt in ["%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M%:z", "%Y-%m-%d %H:%M:%S%.f%:z"] {
+            if let Ok(dt) = DateTime::parse_from_str(s, fmt) {
+                return Ok(PyDateTime { naive: dt.naive_local(), offset: Some(*dt.offset()) });
+            }
+        }
+        for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S%.f"] {
+            if let Ok(naive) = NaiveDateTime::parse_from_str(s, fmt) {
+                return Ok(PyDateTime { naive, offset: None });
+            }
+        }
+        if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+            return Ok(PyDateTime { naive: d.and_hms_opt(0, 0, 0).unwrap(), offset: None });
+        }
+        Err(anyhow!("'{s}' is not an ISO 8601 date-time"))
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS[.ffffff][+HH:MM]`, as Python prints it.
+    pub fn isoformat(&self) -> String {
+        let mut out = self.naive.format("%Y-%m-%dT%H:%M:%S").to_string();
+        let micros = self.naive.and_utc().timestamp_subsec_micros();
+        if micros != 0 {
+            out.push_str(&format!(".{micros:06}"));
+        }
+        if let Some(off) = self.offset {
+            let secs = off.local_minus_utc();
+            let sign = if secs < 0 { '-' } else { '+' };
+            let secs = secs.abs();
+            out.push_str(&format!("{sign}{:02}:{:02}", secs / 3600, (secs % 3600) / 60));
+        }
+        out
+    }
+
+    /// The JobConfig folder name: `YYYY-MM-DD__HH.MM.SS`.
+    pub fn folder_name(&self) -> String {
+        self.naive.format("%Y-%m-%d__%H.%M.%S").to_string()
+    }
+
+    /// Summary timestamps: `YYYY-MM-DD HH:MM:SS`.
+    pub fn summary_format(&self) -> String {
+        self.naive.format("%Y-%m-%d %H:%M:%S").to_string()
+    }
+}
+
+trait TruncateNanos {
+    fn with_nanosecond_truncated(self) -> Self;
+}
+
+impl TruncateNanos for NaiveDateTime {
+    fn with_nanosecond_truncated(self) -> Self {
+        use chrono::Timelike;
+        self.with_nanosecond(0).unwrap_or(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isoformat_matches_python() {
+        let t = PyDateTime::parse("2020-10-13T12:00:20-05:00").unwrap();
+        assert_eq!(t.isoformat(), "2020-10-13T12:00:20-05:00");
+        let t = PyDateTime::parse("2024-08-06T14:11:57.560606-04:00").unwrap();
+        assert_eq!(t.isoformat(), "2024-08-06T14:11:57.560606-04:00");
+        assert_eq!(PyDateTime::parse("2021-09-14").unwrap().isoformat(), "2021-09-14T00:00:00");
+        assert!(PyDateTime::parse("yesterday").is_err());
+    }
+}
