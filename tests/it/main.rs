@@ -1,1 +1,7 @@
+//! Integration tests (one binary to keep link times low).
 
+mod bad_input;
+mod deid_fixtures;
+mod etl_runs;
+mod reference;
+mod support;
