@@ -32,16 +32,44 @@ impl SinkState {
         SinkState { shared, tasks: HashMap::new(), seen_pressure: 0 }
     }
 
-    /// Takes one chunk; writes a batch once the task has `--batch-size` rows pending.
-    pub fn accept(&mut self, chunk: TableChunk) {
+    /// Takes one chunk; writes a batch each time the task has `--batch-size` rows pending.
+    /// A task's completion rows arrive just before the main rows they track (same ids, same
+    /// order), so both are cut at the same row.
+    pub fn accept(&mut self, mut chunk: TableChunk) {
         let task_id = chunk.task;
-        let task = self.tasks.entry(task_id).or_default();
-        if chunk.table == self.shared.tasks[task_id as usize].table {
-            task.pending_rows += chunk.len();
+        let batch_size = self.shared.batch_size;
+        if chunk.table != self.shared.tasks[task_id as usize].table {
+            let task = self.tasks.entry(task_id).or_default();
+            task.pending.entry(chunk.table.clone()).or_default().push(chunk);
+            return;
         }
-        task.pending.entry(chunk.table.clone()).or_default().push(chunk);
-        if task.pending_rows >= self.shared.batch_size {
+        loop {
+            let task = self.tasks.entry(task_id).or_default();
+            let room = batch_size - task.pending_rows.min(batch_size);
+            if chunk.len() < room || (chunk.len() == room && room == 0) {
+                task.pending_rows += chunk.len();
+                task.pending.entry(chunk.table.clone()).or_default().push(chunk);
+                return;
+            }
+            let tail = chunk.split_off(room);
+            let tracked_tail = task
+                .pending
+                .iter_mut()
+                .filter(|(table, _)| **table != chunk.table)
+                .filter_map(|(_, chunks)| chunks.last_mut())
+                .map(|c| c.split_off(room))
+                .collect::<Vec<_>>();
+            task.pending_rows += chunk.len();
+            task.pending.entry(chunk.table.clone()).or_default().push(chunk);
             self.flush(task_id);
+            let task = self.tasks.entry(task_id).or_default();
+            for t in tracked_tail {
+                task.pending.entry(t.table.clone()).or_default().push(t);
+            }
+            chunk = tail;
+            if chunk.is_empty() && chunk.reserved == 0 {
+                return;
+            }
         }
     }
 

@@ -80,6 +80,26 @@ impl TableChunk {
         self.ids.is_empty()
     }
 
+    /// Moves rows `n..` into a new chunk (same task and table). The shape is kept on both
+    /// halves (a superset only widens the schema) and the budget bytes move with the tail.
+    pub fn split_off(&mut self, n: usize) -> TableChunk {
+        let cut = if n == 0 {
+            0
+        } else {
+            memchr::memchr_iter(b'\n', &self.data).nth(n - 1).map_or(self.data.len(), |p| p + 1)
+        };
+        let tail = TableChunk {
+            task: self.task,
+            table: self.table.clone(),
+            ids: self.ids.split_off(n.min(self.ids.len())),
+            data: self.data.split_off(cut),
+            shape: self.shape.clone(),
+            reserved: self.reserved,
+        };
+        self.reserved = 0;
+        tail
+    }
+
     /// Iterates over the rows' JSON text.
     pub fn rows(&self) -> impl Iterator<Item = &[u8]> {
         self.data.split(|&b| b == b'\n').filter(|r| !r.is_empty())

@@ -1,1 +1,88 @@
+//! Side by side with the Python Cumulus ETL on the bundled Synthea sample: every NDJSON table and
+//! the cached id mappings must be equal. Ignored by default (the reference takes minutes to
+//! install); run with `cargo test -- --ignored reference` once it is installed, or point
+//! `CUMULUS_REFERENCE` at its `cumulus-etl` executable.
 
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::{phi_with_salt, read_table, run_etl, stderr, synthea};
+
+fn reference_binary() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("CUMULUS_REFERENCE") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var("HOME").ok()?;
+    let p = PathBuf::from(home).join(".cache/reference-cumulus/venv/bin/cumulus-etl");
+    p.exists().then_some(p)
+}
+
+#[test]
+#[ignore = "needs the reference Python Cumulus ETL (see tests/it/reference.rs)"]
+fn reference_tables_equal_ours_row_for_row() {
+    let Some(reference) = reference_binary() else {
+        panic!("reference cumulus-etl not found: install it with ../shared/tools/reference-cumulus.sh or set CUMULUS_REFERENCE");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let salt = "e1a5f0c1b2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9";
+    let (ours_out, ours_phi) = (tmp.path().join("ours"), tmp.path().join("ours-phi"));
+    let (ref_out, ref_phi) = (tmp.path().join("ref"), tmp.path().join("ref-phi"));
+    phi_with_salt(&ours_phi, salt);
+    phi_with_salt(&ref_phi, salt);
+    let input = synthea();
+    let out = run_etl(&["etl", "--output-format=ndjson", input.to_str().unwrap(), ours_out.to_str().unwrap(), ours_phi.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = Command::new(&reference)
+        .args(["etl", "--output-format=ndjson", "--skip-init-checks"])
+        .args([&input, &ref_out, &ref_phi])
+        .status()
+        .unwrap();
+    assert!(status.success(), "the reference run failed");
+
+    let mut tables: Vec<String> = std::fs::read_dir(&ref_out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "JobConfig")
+        .collect();
+    tables.sort();
+    assert!(tables.len() >= 10, "reference wrote {tables:?}");
+    let mut differences = Vec::new();
+    for table in &tables {
+        let key = match table.as_str() {
+            "etl__completion_encounters" => "encounter_id",
+            "etl__completion" => "table_name",
+            _ => "id",
+        };
+        let mut theirs = read_table(&ref_out.join(table), key);
+        let mut ours = read_table(&ours_out.join(table), key);
+        if table == "etl__completion" {
+            // etl_time is the clock and etl_version the tool's version: they differ by design.
+            for rows in [&mut theirs, &mut ours] {
+                for row in rows.values_mut() {
+                    row.as_object_mut().unwrap().remove("etl_time");
+                    row.as_object_mut().unwrap().remove("etl_version");
+                }
+            }
+        }
+        if theirs.len() != ours.len() {
+            differences.push(format!("{table}: {} rows in the reference, {} in ours", theirs.len(), ours.len()));
+            continue;
+        }
+        for (id, row) in &theirs {
+            if ours.get(id) != Some(row) {
+                differences.push(format!("{table} row {id} differs:\n  ref  {row}\n  ours {:?}", ours.get(id)));
+                break;
+            }
+        }
+    }
+    let read = |p: PathBuf| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let theirs = read(ref_phi.join("codebook-cached-mappings.json"));
+    let ours = read(ours_phi.join("codebook-cached-mappings.json"));
+    if theirs != ours {
+        differences.push("codebook-cached-mappings.json differs".into());
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
