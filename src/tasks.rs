@@ -40,7 +40,9 @@ struct TaskFile {
 
 /// All built-in tasks in run order.
 pub fn all_tasks() -> Vec<Task> {
-    toml::from_str::<TaskFile>(FHIR_TABLES).expect("embedded task list is valid").task
+    toml::from_str::<TaskFile>(FHIR_TABLES)
+        .expect("embedded task list is valid")
+        .task
 }
 
 /// Splits repeated, comma-separated, case-insensitive name arguments.
@@ -99,7 +101,13 @@ mod tests {
         assert_eq!(names, ["patient", "condition"]);
         let rest = select_tasks(&[], &["device".into()]).unwrap();
         assert_eq!(rest.len(), 19);
-        assert_eq!(select_tasks(&["nope".into()], &[]).unwrap_err().code, ExitCode::TaskUnknown);
-        assert_eq!(select_tasks(&["help".into()], &[]).unwrap_err().code, ExitCode::TaskHelp);
+        assert_eq!(
+            select_tasks(&["nope".into()], &[]).unwrap_err().code,
+            ExitCode::TaskUnknown
+        );
+        assert_eq!(
+            select_tasks(&["help".into()], &[]).unwrap_err().code,
+            ExitCode::TaskHelp
+        );
     }
 }

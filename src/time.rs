@@ -16,27 +16,50 @@ impl PyDateTime {
     pub fn now_utc() -> PyDateTime {
         let now = Utc::now().naive_utc();
         let naive = now.with_nanosecond_truncated();
-        PyDateTime { naive, offset: Some(FixedOffset::east_opt(0).unwrap()) }
+        PyDateTime {
+            naive,
+            offset: Some(FixedOffset::east_opt(0).unwrap()),
+        }
     }
 
     /// Parses ISO 8601 as `datetime.fromisoformat` does (dates, `Z`, offsets, fractions).
     pub fn parse(s: &str) -> Result<PyDateTime> {
         let s = s.trim();
         if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
-            return Ok(PyDateTime { naive: dt.naive_local(), offset: Some(*dt.offset()) });
+            return Ok(PyDateTime {
+                naive: dt.naive_local(),
+                offset: Some(*dt.offset()),
+            });
         }
-        for fmt in ["%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M%:z", "%Y-%m-%d %H:%M:%S%.f%:z"] {
+        for fmt in [
+            "%Y-%m-%dT%H:%M:%S%.f%:z",
+            "%Y-%m-%dT%H:%M%:z",
+            "%Y-%m-%d %H:%M:%S%.f%:z",
+        ] {
             if let Ok(dt) = DateTime::parse_from_str(s, fmt) {
-                return Ok(PyDateTime { naive: dt.naive_local(), offset: Some(*dt.offset()) });
+                return Ok(PyDateTime {
+                    naive: dt.naive_local(),
+                    offset: Some(*dt.offset()),
+                });
             }
         }
-        for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S%.f"] {
+        for fmt in [
+            "%Y-%m-%dT%H:%M:%S%.f",
+            "%Y-%m-%dT%H:%M",
+            "%Y-%m-%d %H:%M:%S%.f",
+        ] {
             if let Ok(naive) = NaiveDateTime::parse_from_str(s, fmt) {
-                return Ok(PyDateTime { naive, offset: None });
+                return Ok(PyDateTime {
+                    naive,
+                    offset: None,
+                });
             }
         }
         if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-            return Ok(PyDateTime { naive: d.and_hms_opt(0, 0, 0).unwrap(), offset: None });
+            return Ok(PyDateTime {
+                naive: d.and_hms_opt(0, 0, 0).unwrap(),
+                offset: None,
+            });
         }
         Err(anyhow!("'{s}' is not an ISO 8601 date-time"))
     }
@@ -52,7 +75,11 @@ impl PyDateTime {
             let secs = off.local_minus_utc();
             let sign = if secs < 0 { '-' } else { '+' };
             let secs = secs.abs();
-            out.push_str(&format!("{sign}{:02}:{:02}", secs / 3600, (secs % 3600) / 60));
+            out.push_str(&format!(
+                "{sign}{:02}:{:02}",
+                secs / 3600,
+                (secs % 3600) / 60
+            ));
         }
         out
     }
@@ -89,7 +116,10 @@ mod tests {
         assert_eq!(t.isoformat(), "2020-10-13T12:00:20-05:00");
         let t = PyDateTime::parse("2024-08-06T14:11:57.560606-04:00").unwrap();
         assert_eq!(t.isoformat(), "2024-08-06T14:11:57.560606-04:00");
-        assert_eq!(PyDateTime::parse("2021-09-14").unwrap().isoformat(), "2021-09-14T00:00:00");
+        assert_eq!(
+            PyDateTime::parse("2021-09-14").unwrap().isoformat(),
+            "2021-09-14T00:00:00"
+        );
         assert!(PyDateTime::parse("yesterday").is_err());
     }
 }

@@ -31,7 +31,10 @@ pub struct Fatal {
 impl Fatal {
     /// A fatal error with its exit code.
     pub fn new(code: ExitCode, message: impl Into<String>) -> Fatal {
-        Fatal { code, message: message.into() }
+        Fatal {
+            code,
+            message: message.into(),
+        }
     }
 }
 

@@ -16,11 +16,24 @@ use crate::store::Location;
 use exit::{ExitCode, Fatal};
 
 /// Subcommands Cumulus ETL knows; the first non-option argument is one of these or the input.
-const SUBCOMMANDS: [&str; 8] = ["convert", "etl", "export", "init", "inline", "nlp", "sample", "upload-notes"];
+const SUBCOMMANDS: [&str; 8] = [
+    "convert",
+    "etl",
+    "export",
+    "init",
+    "inline",
+    "nlp",
+    "sample",
+    "upload-notes",
+];
 
 /// `cumulus-etl etl` arguments.
 #[derive(Debug, Parser)]
-#[command(name = "cumulus-etl", version, about = "Extract, de-identify and load FHIR bulk exports into tables")]
+#[command(
+    name = "cumulus-etl",
+    version,
+    about = "Extract, de-identify and load FHIR bulk exports into tables"
+)]
 pub struct EtlArgs {
     /// Input folder of the FHIR bulk export (NDJSON, optionally gzipped).
     pub input: String,
@@ -75,12 +88,20 @@ pub struct EtlArgs {
 /// Parses arguments and runs; returns the process exit code.
 pub fn main_with_args(mut args: Vec<String>) -> i32 {
     // The first non-option argument may name the subcommand; `etl` is the default.
-    if let Some(pos) = args.iter().skip(1).position(|a| !a.starts_with('-')).map(|p| p + 1)
+    if let Some(pos) = args
+        .iter()
+        .skip(1)
+        .position(|a| !a.starts_with('-'))
+        .map(|p| p + 1)
         && SUBCOMMANDS.contains(&args[pos].as_str())
     {
         let sub = args.remove(pos);
         if sub != "etl" {
-            let code = if matches!(sub.as_str(), "export" | "inline") { ExitCode::FeatureRemoved } else { ExitCode::ArgsInvalid };
+            let code = if matches!(sub.as_str(), "export" | "inline") {
+                ExitCode::FeatureRemoved
+            } else {
+                ExitCode::ArgsInvalid
+            };
             eprintln!("The '{sub}' command is not available in this version of cumulus-etl.");
             return code as i32;
         }
@@ -89,7 +110,11 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::Usage as i32 } else { 0 };
+            return if e.use_stderr() {
+                ExitCode::Usage as i32
+            } else {
+                0
+            };
         }
     };
     match options_from(parsed).and_then(|o| crate::etl::run(&o)) {
@@ -103,14 +128,25 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
 
 fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
     if a.input_format != "ndjson" {
-        return Err(Fatal::new(ExitCode::ArgsInvalid, format!("--input-format {} is not available yet; use ndjson.", a.input_format)));
+        return Err(Fatal::new(
+            ExitCode::ArgsInvalid,
+            format!(
+                "--input-format {} is not available yet; use ndjson.",
+                a.input_format
+            ),
+        ));
     }
     let memory = match &a.memory {
-        Some(m) => parse_size(m).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("--memory: {e}")))?,
+        Some(m) => parse_size(m)
+            .map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("--memory: {e}")))?,
         None => default_budget(),
     };
-    let workers = a.workers.unwrap_or_else(EngineConfig::default_workers).max(1);
-    let loc = |s: &str| Location::parse(s).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()));
+    let workers = a
+        .workers
+        .unwrap_or_else(EngineConfig::default_workers)
+        .max(1);
+    let loc =
+        |s: &str| Location::parse(s).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()));
     Ok(EtlOptions {
         input: loc(&a.input)?,
         output: loc(&a.output)?,

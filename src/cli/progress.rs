@@ -32,7 +32,11 @@ impl ProgressPrinter {
                 }
                 next += interval;
                 let read = bytes_read(&shared);
-                let pct = if total_bytes == 0 { 100.0 } else { 100.0 * read as f64 / total_bytes as f64 };
+                let pct = if total_bytes == 0 {
+                    100.0
+                } else {
+                    100.0 * read as f64 / total_bytes as f64
+                };
                 eprintln!(
                     "  [{:>5.0}s] read {} of {} ({pct:.0}%), memory in use {}",
                     started.elapsed().as_secs_f64(),
@@ -51,7 +55,10 @@ impl ProgressPrinter {
                 }
             }
         });
-        ProgressPrinter { stop, handle: Some(handle) }
+        ProgressPrinter {
+            stop,
+            handle: Some(handle),
+        }
     }
 
     /// Stops the printer.

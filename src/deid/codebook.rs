@@ -37,7 +37,8 @@ impl Codebook {
     pub fn open(dir: &Path, cache_ids: bool) -> Result<Codebook> {
         let path = dir.join(CODEBOOK_FILE);
         let saved = if path.exists() {
-            let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let text =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             Some(
                 serde_json::from_slice::<Value>(&text)
                     .with_context(|| format!("{} is not valid JSON", path.display()))?,
@@ -75,7 +76,9 @@ impl Codebook {
         let mut settings = Map::new();
         settings.insert("version".into(), json!(1));
         if let Some(saved) = saved {
-            let Value::Object(saved) = saved else { bail!("codebook.json is not a JSON object") };
+            let Value::Object(saved) = saved else {
+                bail!("codebook.json is not a JSON object")
+            };
             match saved.get("version").and_then(Value::as_i64).unwrap_or(0) {
                 0 => settings.extend(convert_v0(&saved)?),
                 1 => settings = saved,
@@ -93,7 +96,9 @@ impl Codebook {
             settings.insert("id_salt".into(), json!(hex::encode(salt)));
             settings_modified = true;
         }
-        let salt_hex = settings["id_salt"].as_str().context("codebook id_salt is not a string")?;
+        let salt_hex = settings["id_salt"]
+            .as_str()
+            .context("codebook id_salt is not a string")?;
         let salt = hex::decode(salt_hex).context("codebook id_salt is not valid hex")?;
         let keyed = Hmac::<Sha256>::new_from_slice(&salt).expect("HMAC takes any key length");
         let legacy = REVERSIBLE_TYPES.map(|t| {
@@ -120,7 +125,10 @@ impl Codebook {
 
     /// The codebook's public fingerprint, recorded in each run's job config.
     pub fn codebook_id(&self) -> String {
-        self.settings.lock().unwrap()["codebook_id"].as_str().unwrap_or_default().to_string()
+        self.settings.lock().unwrap()["codebook_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// HMAC-SHA256 of the id under the salt, as 64 lowercase hex characters.
@@ -141,7 +149,9 @@ impl Codebook {
         }
         let fake = self.hash(real_id);
         if let (true, Some(cached)) = (cache, &self.cached) {
-            let known = cached.read().unwrap()[slot].get(real_id).and_then(Value::as_str)
+            let known = cached.read().unwrap()[slot]
+                .get(real_id)
+                .and_then(Value::as_str)
                 == Some(fake.as_str());
             if !known {
                 cached.write().unwrap()[slot].insert(real_id.to_string(), json!(fake));
@@ -177,7 +187,12 @@ impl Codebook {
 }
 
 fn split_by_type(m: &Value) -> [Map<String, Value>; 2] {
-    REVERSIBLE_TYPES.map(|t| m.get(t).and_then(Value::as_object).cloned().unwrap_or_default())
+    REVERSIBLE_TYPES.map(|t| {
+        m.get(t)
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    })
 }
 
 /// Version 0 kept `{"mrn": {patient: {"deid": fake, "encounter": {enc: {"deid": fake}}}}}`.
@@ -213,7 +228,14 @@ fn uuid4() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]
@@ -242,14 +264,14 @@ mod tests {
         assert_eq!(p2, cb.hash("p2"));
         cb.fake_id("Encounter", "e1", false); // deleted ids are never cached
         cb.save().unwrap();
-        let cached: Value = serde_json::from_slice(
-            &std::fs::read(dir.path().join(CACHED_MAPPINGS_FILE)).unwrap(),
-        )
-        .unwrap();
+        let cached: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(CACHED_MAPPINGS_FILE)).unwrap())
+                .unwrap();
         assert_eq!(cached, json!({"Patient": {"p2": p2}}));
         // codebook_id was missing, so the codebook was rewritten with one and the legacy map kept
         let saved: Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join(CODEBOOK_FILE)).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(dir.path().join(CODEBOOK_FILE)).unwrap())
+                .unwrap();
         assert_eq!(saved["Patient"]["p1"], "legacy-p1");
         assert_eq!(saved["id_salt"], "1234");
         assert!(saved["codebook_id"].as_str().unwrap().len() == 36);
@@ -274,7 +296,8 @@ mod tests {
         let cb = Codebook::open(dir.path(), true).unwrap();
         cb.save().unwrap();
         let saved: Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join(CODEBOOK_FILE)).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(dir.path().join(CODEBOOK_FILE)).unwrap())
+                .unwrap();
         assert_eq!(saved["version"], 1);
         assert_eq!(saved["id_salt"].as_str().unwrap().len(), 64);
     }

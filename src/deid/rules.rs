@@ -32,7 +32,10 @@ pub enum Treatment {
     /// Apply the Epic custom-code check first, then the inner treatment.
     Coded(Box<Treatment>),
     /// Recurse into a structure with the rules of a named type, optionally filtered.
-    Nested { type_name: Arc<str>, filter: Option<Filter> },
+    Nested {
+        type_name: Arc<str>,
+        filter: Option<Filter>,
+    },
     /// Recurse as a full resource (contained resources).
     Resource,
 }
@@ -127,7 +130,10 @@ impl Rules {
                 (&t.zip, Treatment::Zip),
                 (&t.free_text, Treatment::FreeText),
                 (&t.coded, Treatment::Coded(Box::new(Treatment::Keep))),
-                (&t.coded_free_text, Treatment::Coded(Box::new(Treatment::FreeText))),
+                (
+                    &t.coded_free_text,
+                    Treatment::Coded(Box::new(Treatment::FreeText)),
+                ),
             ];
             for (list, treatment) in leafs {
                 for field in list {
@@ -155,7 +161,10 @@ impl Rules {
             let entry = own
                 .get_mut(parent)
                 .ok_or_else(|| anyhow!("backbone {name} has no parent type {parent}"))?;
-            let nested = Treatment::Nested { type_name: Arc::from(name.as_str()), filter: None };
+            let nested = Treatment::Nested {
+                type_name: Arc::from(name.as_str()),
+                filter: None,
+            };
             if entry.1.insert(child.to_string(), nested).is_some() {
                 bail!("field {parent}.{child} is listed twice in the rules");
             }
@@ -166,7 +175,9 @@ impl Rules {
             let mut current = Some(name.clone());
             let mut depth = 0;
             while let Some(n) = current {
-                let (base, fields) = own.get(&n).ok_or_else(|| anyhow!("unknown base type {n}"))?;
+                let (base, fields) = own
+                    .get(&n)
+                    .ok_or_else(|| anyhow!("unknown base type {n}"))?;
                 for (k, v) in fields {
                     flat.entry(k.clone()).or_insert_with(|| v.clone());
                 }
@@ -214,7 +225,10 @@ fn parse_nested(spec: &str) -> Result<Treatment> {
         return Ok(Treatment::Resource);
     }
     let Some((type_name, rest)) = spec.split_once('[') else {
-        return Ok(Treatment::Nested { type_name: Arc::from(spec), filter: None });
+        return Ok(Treatment::Nested {
+            type_name: Arc::from(spec),
+            filter: None,
+        });
     };
     let cond = rest
         .strip_suffix(']')

@@ -13,7 +13,8 @@ use super::rules::{FieldRules, Filter, Rules, Treatment};
 const DATA_ABSENT_URL: &str = "http://hl7.org/fhir/StructureDefinition/data-absent-reason";
 const EPIC_CUSTOM_SYSTEM_PREFIX: &str = "urn:oid:1.2.840.114350.";
 const RESTRICTED_ZIP_PREFIXES: [&str; 14] = [
-    "036", "059", "102", "203", "205", "369", "556", "692", "821", "823", "878", "879", "884", "893",
+    "036", "059", "102", "203", "205", "369", "556", "692", "821", "823", "878", "879", "884",
+    "893",
 ];
 
 /// Why a whole resource was left out of the output.
@@ -92,8 +93,16 @@ enum Skip {
 impl Scrubber {
     /// `mask_notes` is true for the ETL and false for NLP, which needs the note text.
     pub fn new(rules: Rules, codebook: Arc<Codebook>, mask_notes: bool) -> Scrubber {
-        let backbone = Treatment::Nested { type_name: Arc::from("BackboneElement"), filter: None };
-        Scrubber { rules, codebook, mask_notes, backbone }
+        let backbone = Treatment::Nested {
+            type_name: Arc::from("BackboneElement"),
+            filter: None,
+        };
+        Scrubber {
+            rules,
+            codebook,
+            mask_notes,
+            backbone,
+        }
     }
 
     /// The codebook ids are drawn from.
@@ -102,7 +111,11 @@ impl Scrubber {
     }
 
     /// De-identifies `resource` in place, or says why it must be left out.
-    pub fn scrub(&self, resource: &mut Value, report: &mut ExtensionReport) -> Result<(), Rejection> {
+    pub fn scrub(
+        &self,
+        resource: &mut Value,
+        report: &mut ExtensionReport,
+    ) -> Result<(), Rejection> {
         match self.scrub_resource(resource, report) {
             Ok(()) => Ok(()),
             Err(Skip::Resource(r)) => Err(r),
@@ -111,7 +124,9 @@ impl Scrubber {
     }
 
     fn scrub_resource(&self, node: &mut Value, report: &mut ExtensionReport) -> Result<(), Skip> {
-        let Value::Object(map) = node else { return Err(Skip::Value) };
+        let Value::Object(map) = node else {
+            return Err(Skip::Value);
+        };
         let resource_type = match map.get("resourceType") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(v) if is_truthy(v) => return Err(Skip::Resource(mismatch("resourceType"))),
@@ -142,7 +157,9 @@ impl Scrubber {
         }
         let keys: Vec<String> = node.keys().cloned().collect();
         for key in keys {
-            let Some(slot) = node.get_mut(&key) else { continue };
+            let Some(slot) = node.get_mut(&key) else {
+                continue;
+            };
             let value = std::mem::take(slot);
             if value.is_null() {
                 node.shift_remove(&key);
@@ -181,10 +198,18 @@ impl Scrubber {
             if kept.is_empty() {
                 node.shift_remove(&key);
             } else if let Some(slot) = node.get_mut(&key) {
-                *slot = if is_list { Value::Array(kept) } else { kept.pop().expect("one value") };
+                *slot = if is_list {
+                    Value::Array(kept)
+                } else {
+                    kept.pop().expect("one value")
+                };
             }
         }
-        if node.is_empty() { Err(Skip::Value) } else { Ok(()) }
+        if node.is_empty() {
+            Err(Skip::Value)
+        } else {
+            Ok(())
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -226,16 +251,22 @@ impl Scrubber {
                 Treatment::MaskNote if self.mask_notes => Err(Skip::Mask),
                 Treatment::MaskNote => Ok(value),
                 Treatment::AnonId => {
-                    let id = value.as_str().ok_or_else(|| Skip::Resource(mismatch(key)))?;
+                    let id = value
+                        .as_str()
+                        .ok_or_else(|| Skip::Resource(mismatch(key)))?;
                     Ok(Value::String(self.codebook.fake_id(rtype, id, true)))
                 }
                 Treatment::AnonRef => self.anon_ref(&raw, parent, key).map(Value::String),
                 Treatment::Year => {
-                    let s = value.as_str().ok_or_else(|| Skip::Resource(mismatch(key)))?;
+                    let s = value
+                        .as_str()
+                        .ok_or_else(|| Skip::Resource(mismatch(key)))?;
                     Ok(Value::String(s.chars().take(4).collect()))
                 }
                 Treatment::Zip => {
-                    let s = value.as_str().ok_or_else(|| Skip::Resource(mismatch(key)))?;
+                    let s = value
+                        .as_str()
+                        .ok_or_else(|| Skip::Resource(mismatch(key)))?;
                     Ok(Value::String(generalize_zip(s)))
                 }
                 Treatment::Coded(_) | Treatment::Nested { .. } | Treatment::Resource => {
@@ -249,8 +280,13 @@ impl Scrubber {
                 Ok(value)
             }
             Treatment::Nested { type_name, filter } => {
-                let fields = self.rules.fields(type_name).expect("rules validated at load");
-                let Value::Object(map) = &mut value else { unreachable!("checked is_node") };
+                let fields = self
+                    .rules
+                    .fields(type_name)
+                    .expect("rules validated at load");
+                let Value::Object(map) = &mut value else {
+                    unreachable!("checked is_node")
+                };
                 let mut inside = inside_extension;
                 if type_name.as_ref() == "Extension" && !inside_extension {
                     self.check_extension(rtype, key, map, report)?;
@@ -276,7 +312,9 @@ impl Scrubber {
         if key == "modifierExtension" {
             if !self.rules.allowed_modifier_extensions.contains(url) {
                 *report.skipped_modifiers.entry(count_key).or_default() += 1;
-                return Err(Skip::Resource(Rejection::UnknownModifierExtension(url.to_string())));
+                return Err(Skip::Resource(Rejection::UnknownModifierExtension(
+                    url.to_string(),
+                )));
             }
         } else if !self.rules.allowed_extensions.contains(url) {
             if !self.rules.ignored_extensions.contains(url) {
@@ -288,7 +326,12 @@ impl Scrubber {
     }
 
     /// `Type/id`, `Type?query`, `#contained`, or a bare id with a sibling `type`.
-    fn anon_ref(&self, raw: &Value, parent: &Map<String, Value>, key: &str) -> Result<String, Skip> {
+    fn anon_ref(
+        &self,
+        raw: &Value,
+        parent: &Map<String, Value>,
+        key: &str,
+    ) -> Result<String, Skip> {
         let bad = || Skip::Resource(Rejection::BadReference(key.to_string()));
         let reference = raw.as_str().ok_or_else(bad)?;
         if let Some(contained) = reference.strip_prefix('#') {
@@ -350,7 +393,9 @@ fn is_relative_reference(s: &str) -> bool {
 fn add_data_absent_extension(node: &mut Map<String, Value>) {
     let list = node.entry("extension").or_insert_with(|| json!([]));
     let Value::Array(list) = list else { return };
-    let present = list.iter().any(|e| e.get("url").and_then(Value::as_str) == Some(DATA_ABSENT_URL));
+    let present = list
+        .iter()
+        .any(|e| e.get("url").and_then(Value::as_str) == Some(DATA_ABSENT_URL));
     if !present {
         list.push(json!({"url": DATA_ABSENT_URL, "valueCode": "masked"}));
     }
@@ -364,7 +409,13 @@ fn system_allows(key: &str, value: &Value, parent: &Map<String, Value>) -> bool 
     if !system.starts_with(EPIC_CUSTOM_SYSTEM_PREFIX) {
         return true;
     }
-    let sibling = |name: &str| if key == name { Some(value) } else { parent.get(name) };
+    let sibling = |name: &str| {
+        if key == name {
+            Some(value)
+        } else {
+            parent.get(name)
+        }
+    };
     let code = sibling("code").filter(|v| is_truthy(v));
     let display = sibling("display").filter(|v| is_truthy(v));
     let (code_ok, display_ok) = match code {
@@ -384,8 +435,15 @@ fn system_allows(key: &str, value: &Value, parent: &Map<String, Value>) -> bool 
 /// Three-digit zip: restricted low-population prefixes become 000, later digits become 0.
 pub fn generalize_zip(zip: &str) -> String {
     let first: String = zip.chars().take(3).collect();
-    let rest = zip.chars().skip(3).map(|c| if ('1'..='9').contains(&c) { '0' } else { c });
-    let prefix = if RESTRICTED_ZIP_PREFIXES.contains(&first.as_str()) { "000".to_string() } else { first };
+    let rest = zip
+        .chars()
+        .skip(3)
+        .map(|c| if ('1'..='9').contains(&c) { '0' } else { c });
+    let prefix = if RESTRICTED_ZIP_PREFIXES.contains(&first.as_str()) {
+        "000".to_string()
+    } else {
+        first
+    };
     prefix.chars().chain(rest).collect()
 }
 
@@ -416,11 +474,21 @@ mod tests {
             "encounter": {"reference": "123", "type": "Encounter"}});
         s.scrub(&mut ok, &mut r).unwrap();
         let cb = s.codebook();
-        assert_eq!(ok["subject"]["reference"], format!("Patient/{}", cb.hash("identifier=x")));
-        assert_eq!(ok["encounter"]["reference"], format!("Encounter/{}", cb.hash("123")));
+        assert_eq!(
+            ok["subject"]["reference"],
+            format!("Patient/{}", cb.hash("identifier=x"))
+        );
+        assert_eq!(
+            ok["encounter"]["reference"],
+            format!("Encounter/{}", cb.hash("123"))
+        );
         for bad in ["http://x.org/Patient/1", "1234"] {
-            let mut v = json!({"resourceType": "Condition", "id": "c", "subject": {"reference": bad}});
-            assert!(matches!(s.scrub(&mut v, &mut r), Err(Rejection::BadReference(_))), "{bad}");
+            let mut v =
+                json!({"resourceType": "Condition", "id": "c", "subject": {"reference": bad}});
+            assert!(
+                matches!(s.scrub(&mut v, &mut r), Err(Rejection::BadReference(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -431,8 +499,14 @@ mod tests {
         let mut v = json!({"resourceType": "Patient", "id": "p",
             "modifierExtension": [{"url": "http://example.com/weird", "valueBoolean": true}]});
         let err = s.scrub(&mut v, &mut r).unwrap_err();
-        assert_eq!(err, Rejection::UnknownModifierExtension("http://example.com/weird".into()));
-        assert_eq!(r.skipped_modifiers[&("Patient".into(), "http://example.com/weird".into())], 1);
+        assert_eq!(
+            err,
+            Rejection::UnknownModifierExtension("http://example.com/weird".into())
+        );
+        assert_eq!(
+            r.skipped_modifiers[&("Patient".into(), "http://example.com/weird".into())],
+            1
+        );
     }
 
     #[test]
@@ -442,8 +516,11 @@ mod tests {
         let mut v = json!({"resourceType": "Encounter", "id": "e", "class":
             {"system": "urn:oid:1.2.840.114350.1", "code": "Dr. Smith", "display": "Dr. Smith"}});
         s.scrub(&mut v, &mut r).unwrap();
-        assert_eq!(v["class"], json!({"system": "urn:oid:1.2.840.114350.1", "extension":
-            [{"url": DATA_ABSENT_URL, "valueCode": "masked"}]}));
+        assert_eq!(
+            v["class"],
+            json!({"system": "urn:oid:1.2.840.114350.1", "extension":
+            [{"url": DATA_ABSENT_URL, "valueCode": "masked"}]})
+        );
     }
 
     #[test]
@@ -453,6 +530,9 @@ mod tests {
         let mut v = json!({"resourceType": "Patient", "id": "p", "active": null,
             "maritalStatus": {"text": "  "}, "address": [{"city": "Boston"}]});
         s.scrub(&mut v, &mut r).unwrap();
-        assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), ["resourceType", "id"]);
+        assert_eq!(
+            v.as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["resourceType", "id"]
+        );
     }
 }

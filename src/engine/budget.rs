@@ -104,9 +104,13 @@ impl MemoryBudget {
 /// Parses sizes like `256MiB`, `2GB`, `1g`, `500000` (bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| format!("'{text}' is not a size (try 512MiB or 2GiB)"))?;
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (try 512MiB or 2GiB)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -117,7 +121,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     };
     let bytes = (value * mult as f64) as u64;
     if bytes < (16 << 20) {
-        return Err(format!("'{text}' is too small: the memory budget must be at least 16MiB"));
+        return Err(format!(
+            "'{text}' is too small: the memory budget must be at least 16MiB"
+        ));
     }
     Ok(bytes)
 }

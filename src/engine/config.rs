@@ -11,11 +11,17 @@ pub struct EngineConfig {
 impl EngineConfig {
     /// The default: one worker per core.
     pub fn default_workers() -> usize {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     }
 
     /// The timely configuration for this layout.
     pub fn timely_config(&self) -> timely::Config {
-        if self.workers <= 1 { timely::Config::thread() } else { timely::Config::process(self.workers) }
+        if self.workers <= 1 {
+            timely::Config::thread()
+        } else {
+            timely::Config::process(self.workers)
+        }
     }
 }

@@ -43,7 +43,10 @@ impl RunStats {
     pub fn summary(&mut self, table: &str) -> &mut TableSummary {
         self.tables
             .entry(table.to_string())
-            .or_insert_with(|| TableSummary { label: table.to_string(), ..Default::default() })
+            .or_insert_with(|| TableSummary {
+                label: table.to_string(),
+                ..Default::default()
+            })
     }
 }
 
@@ -64,7 +67,12 @@ impl Progress {
 
     /// Counts rows written to a table.
     pub fn add_written(&self, table: &str, n: u64) {
-        *self.written.lock().unwrap().entry(table.to_string()).or_default() += n;
+        *self
+            .written
+            .lock()
+            .unwrap()
+            .entry(table.to_string())
+            .or_default() += n;
     }
 }
 
@@ -101,7 +109,10 @@ impl RunShared {
         bundle_bytes: usize,
         rejected: Option<std::fs::File>,
     ) -> RunShared {
-        let task_by_resource = tasks.iter().map(|t| (t.resource_type.clone(), t.task)).collect();
+        let task_by_resource = tasks
+            .iter()
+            .map(|t| (t.resource_type.clone(), t.task))
+            .collect();
         RunShared {
             scrubber,
             budget,
@@ -122,7 +133,9 @@ impl RunShared {
 
     /// The task that reads a resource type.
     pub fn task_for(&self, resource_type: &str) -> Option<&TaskContext> {
-        self.task_by_resource.get(resource_type).map(|&i| &self.tasks[i as usize])
+        self.task_by_resource
+            .get(resource_type)
+            .map(|&i| &self.tasks[i as usize])
     }
 
     /// Opens the writer of one of a task's tables.
@@ -141,10 +154,21 @@ impl RunShared {
         let n = warned.entry(s.reason).or_default();
         *n += 1;
         if *n <= WARNINGS_PER_REASON {
-            let detail = if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) };
-            eprintln!("warning: {path}:{}: skipped: {}{detail}", s.line_no, s.reason.label());
+            let detail = if s.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", s.detail)
+            };
+            eprintln!(
+                "warning: {path}:{}: skipped: {}{detail}",
+                s.line_no,
+                s.reason.label()
+            );
         } else if *n == WARNINGS_PER_REASON + 1 {
-            eprintln!("warning: more lines skipped for '{}'; they are counted in the summary", s.reason.label());
+            eprintln!(
+                "warning: more lines skipped for '{}'; they are counted in the summary",
+                s.reason.label()
+            );
         }
     }
 
@@ -154,7 +178,13 @@ impl RunShared {
             "warning: {}:{line}: stopped reading: {message}; the rest of this file was skipped",
             file.path.display()
         );
-        *self.stats.lock().unwrap().skipped.entry(SkipReason::UnreadableFile).or_default() += 1;
+        *self
+            .stats
+            .lock()
+            .unwrap()
+            .skipped
+            .entry(SkipReason::UnreadableFile)
+            .or_default() += 1;
     }
 
     /// Saves a batch that failed to write into the errors folder (de-identified rows).
@@ -162,7 +192,10 @@ impl RunShared {
         if let Some(dir) = &self.errors_dir
             && let Err(e) = write_failed_batch(dir, table, index, rows)
         {
-            eprintln!("error: could not save the failed batch to {}: {e}", dir.display());
+            eprintln!(
+                "error: could not save the failed batch to {}: {e}",
+                dir.display()
+            );
         }
     }
 }
@@ -193,7 +226,13 @@ pub fn run_dataflow(shared: Arc<RunShared>, engine: &EngineConfig) -> Result<()>
                         Step::Wait => activator.activate_after(Duration::from_millis(2)),
                         Step::Done => {
                             let report = std::mem::take(&mut state.extensions);
-                            state.shared_ref().stats.lock().unwrap().extensions.merge(&report);
+                            state
+                                .shared_ref()
+                                .stats
+                                .lock()
+                                .unwrap()
+                                .extensions
+                                .merge(&report);
                             cap = None;
                         }
                     }
@@ -202,28 +241,29 @@ pub fn run_dataflow(shared: Arc<RunShared>, engine: &EngineConfig) -> Result<()>
             .container::<Vec<TableChunk>>();
 
             let sink_shared = shared.clone();
-            chunks
-                .unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
-                    Exchange::new(|chunk: &TableChunk| chunk.task as u64),
-                    "WriteTables",
-                    move |_capability, info| {
-                        sink_shared.budget.register_sink(scope.worker().sync_activator_for(info.address.to_vec()));
-                        let mut sink = SinkState::new(sink_shared);
-                        let mut finished = false;
-                        move |(input, frontier), _output| {
-                            input.for_each(|_time, data| {
-                                for chunk in data.drain(..) {
-                                    sink.accept(chunk);
-                                }
-                            });
-                            sink.relieve_pressure();
-                            if frontier.frontier().is_empty() && !finished {
-                                sink.flush_all();
-                                finished = true;
+            chunks.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                Exchange::new(|chunk: &TableChunk| chunk.task as u64),
+                "WriteTables",
+                move |_capability, info| {
+                    sink_shared
+                        .budget
+                        .register_sink(scope.worker().sync_activator_for(info.address.to_vec()));
+                    let mut sink = SinkState::new(sink_shared);
+                    let mut finished = false;
+                    move |(input, frontier), _output| {
+                        input.for_each(|_time, data| {
+                            for chunk in data.drain(..) {
+                                sink.accept(chunk);
                             }
+                        });
+                        sink.relieve_pressure();
+                        if frontier.frontier().is_empty() && !finished {
+                            sink.flush_all();
+                            finished = true;
                         }
-                    },
-                );
+                    }
+                },
+            );
         });
     })
     .map_err(|e| anyhow!("could not start the workers: {e}"))?;
@@ -236,7 +276,9 @@ pub fn run_dataflow(shared: Arc<RunShared>, engine: &EngineConfig) -> Result<()>
 /// Rows read per task so far (for progress lines), keyed by table.
 pub fn read_by_table(shared: &RunShared) -> BTreeMap<String, u64> {
     let read = shared.progress.read.lock().unwrap();
-    read.iter().map(|(t, n)| (shared.tasks[*t as usize].table.clone(), *n)).collect()
+    read.iter()
+        .map(|(t, n)| (shared.tasks[*t as usize].table.clone(), *n))
+        .collect()
 }
 
 /// Bytes read so far.

@@ -29,7 +29,11 @@ struct TaskSink {
 impl SinkState {
     /// A sink writing with the run's settings.
     pub fn new(shared: Arc<RunShared>) -> SinkState {
-        SinkState { shared, tasks: HashMap::new(), seen_pressure: 0 }
+        SinkState {
+            shared,
+            tasks: HashMap::new(),
+            seen_pressure: 0,
+        }
     }
 
     /// Takes one chunk; writes a batch each time the task has `--batch-size` rows pending.
@@ -40,7 +44,10 @@ impl SinkState {
         let batch_size = self.shared.batch_size;
         if chunk.table != self.shared.tasks[task_id as usize].table {
             let task = self.tasks.entry(task_id).or_default();
-            task.pending.entry(chunk.table.clone()).or_default().push(chunk);
+            task.pending
+                .entry(chunk.table.clone())
+                .or_default()
+                .push(chunk);
             return;
         }
         loop {
@@ -48,7 +55,10 @@ impl SinkState {
             let room = batch_size - task.pending_rows.min(batch_size);
             if chunk.len() < room || (chunk.len() == room && room == 0) {
                 task.pending_rows += chunk.len();
-                task.pending.entry(chunk.table.clone()).or_default().push(chunk);
+                task.pending
+                    .entry(chunk.table.clone())
+                    .or_default()
+                    .push(chunk);
                 return;
             }
             let tail = chunk.split_off(room);
@@ -60,7 +70,10 @@ impl SinkState {
                 .map(|c| c.split_off(room))
                 .collect::<Vec<_>>();
             task.pending_rows += chunk.len();
-            task.pending.entry(chunk.table.clone()).or_default().push(chunk);
+            task.pending
+                .entry(chunk.table.clone())
+                .or_default()
+                .push(chunk);
             self.flush(task_id);
             let task = self.tasks.entry(task_id).or_default();
             for t in tracked_tail {
@@ -92,7 +105,9 @@ impl SinkState {
 
     fn flush(&mut self, task_id: u32) {
         let shared = self.shared.clone();
-        let Some(task) = self.tasks.get_mut(&task_id) else { return };
+        let Some(task) = self.tasks.get_mut(&task_id) else {
+            return;
+        };
         if task.pending.is_empty() {
             return;
         }
@@ -107,7 +122,9 @@ impl SinkState {
         let batch_index = task.batches;
         task.batches += 1;
         for table in tables {
-            let Some(chunks) = task.pending.remove(&table) else { continue };
+            let Some(chunks) = task.pending.remove(&table) else {
+                continue;
+            };
             let reserved: u64 = chunks.iter().map(|c| c.reserved).sum();
             let rows = unique_rows(&chunks);
             if !rows.is_empty() {
@@ -115,9 +132,16 @@ impl SinkState {
                 chunks.iter().for_each(|c| shape.merge(&c.shape));
                 let writer = match task.writers.get_mut(&table) {
                     Some(w) => Ok(w),
-                    None => shared.open_writer(&table, &ctx.resource_type).map(|w| task.writers.entry(table.clone()).or_insert(w)),
+                    None => shared
+                        .open_writer(&table, &ctx.resource_type)
+                        .map(|w| task.writers.entry(table.clone()).or_insert(w)),
                 };
-                let result = writer.and_then(|w| w.write_batch(&RowBatch { rows: rows.clone(), shape: &shape }));
+                let result = writer.and_then(|w| {
+                    w.write_batch(&RowBatch {
+                        rows: rows.clone(),
+                        shape: &shape,
+                    })
+                });
                 let n = rows.len() as u64;
                 let mut stats = shared.stats.lock().unwrap();
                 let summary = stats.summary(&table);
@@ -146,16 +170,28 @@ impl SinkState {
 
 /// The rows of a batch with duplicate ids removed: the last occurrence wins, order is kept.
 fn unique_rows(chunks: &[TableChunk]) -> Vec<&[u8]> {
-    let all: Vec<(&str, &[u8])> =
-        chunks.iter().flat_map(|c| c.ids.iter().map(String::as_str).zip(c.rows())).collect();
+    let all: Vec<(&str, &[u8])> = chunks
+        .iter()
+        .flat_map(|c| c.ids.iter().map(String::as_str).zip(c.rows()))
+        .collect();
     let mut seen = HashSet::with_capacity(all.len());
-    let mut out: Vec<&[u8]> = all.iter().rev().filter(|(id, _)| seen.insert(*id)).map(|(_, r)| *r).collect();
+    let mut out: Vec<&[u8]> = all
+        .iter()
+        .rev()
+        .filter(|(id, _)| seen.insert(*id))
+        .map(|(_, r)| *r)
+        .collect();
     out.reverse();
     out
 }
 
 /// Appends a failed batch's rows to `<errors>/<table>/write-error.NNN.ndjson`.
-pub fn write_failed_batch(dir: &std::path::Path, table: &str, index: usize, rows: &[&[u8]]) -> std::io::Result<()> {
+pub fn write_failed_batch(
+    dir: &std::path::Path,
+    table: &str,
+    index: usize,
+    rows: &[&[u8]],
+) -> std::io::Result<()> {
     let dir = dir.join(table);
     std::fs::create_dir_all(&dir)?;
     let mut f = std::fs::File::create(dir.join(format!("write-error.{index:03}.ndjson")))?;
@@ -179,7 +215,17 @@ mod tests {
         let mut b = TableChunk::new(0, "t");
         b.push("1".into(), &json!({"id": "1", "v": 2}));
         b.push("3".into(), &json!({"id": "3", "v": 1}));
-        let rows: Vec<String> = unique_rows(&[a, b]).iter().map(|r| String::from_utf8(r.to_vec()).unwrap()).collect();
-        assert_eq!(rows, [r#"{"id":"2","v":1}"#, r#"{"id":"1","v":2}"#, r#"{"id":"3","v":1}"#]);
+        let rows: Vec<String> = unique_rows(&[a, b])
+            .iter()
+            .map(|r| String::from_utf8(r.to_vec()).unwrap())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                r#"{"id":"2","v":1}"#,
+                r#"{"id":"1","v":2}"#,
+                r#"{"id":"3","v":1}"#
+            ]
+        );
     }
 }

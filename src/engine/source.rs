@@ -33,7 +33,11 @@ pub struct SourceState {
 impl SourceState {
     /// A source over the run's shared work queue.
     pub fn new(shared: Arc<RunShared>) -> SourceState {
-        SourceState { shared, stream: None, extensions: ExtensionReport::default() }
+        SourceState {
+            shared,
+            stream: None,
+            extensions: ExtensionReport::default(),
+        }
     }
 
     /// The run this source belongs to.
@@ -57,13 +61,18 @@ impl SourceState {
             if let Some((line, message)) = error {
                 self.shared.note_unreadable(&file, line, &message);
             }
-            self.shared.progress.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.shared
+                .progress
+                .bytes_read
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
             if !reader.finished {
                 self.stream = Some((file, reader));
             }
             return Step::Emit(chunks);
         }
-        let Some(item) = self.shared.queue.lock().unwrap().pop_front() else { return Step::Done };
+        let Some(item) = self.shared.queue.lock().unwrap().pop_front() else {
+            return Step::Done;
+        };
         match item {
             WorkItem::Stream { file } => match StreamReader::open(&file) {
                 Ok(reader) => {
@@ -75,11 +84,23 @@ impl SourceState {
                     Step::Emit(Vec::new())
                 }
             },
-            WorkItem::Slice { file, map, start, end, first_line } => {
+            WorkItem::Slice {
+                file,
+                map,
+                start,
+                end,
+                first_line,
+            } => {
                 let reserved = (end - start) as u64;
                 match budget.try_reserve(reserved) {
                     Reservation::Refused => {
-                        let item = WorkItem::Slice { file, map, start, end, first_line };
+                        let item = WorkItem::Slice {
+                            file,
+                            map,
+                            start,
+                            end,
+                            first_line,
+                        };
                         self.shared.queue.lock().unwrap().push_front(item);
                         Step::Wait
                     }
@@ -92,7 +113,10 @@ impl SourceState {
                             );
                         }
                         let chunks = self.process(&file, &map[start..end], first_line, reserved);
-                        self.shared.progress.bytes_read.fetch_add(reserved, Ordering::Relaxed);
+                        self.shared
+                            .progress
+                            .bytes_read
+                            .fetch_add(reserved, Ordering::Relaxed);
                         Step::Emit(chunks)
                     }
                 }
@@ -100,7 +124,13 @@ impl SourceState {
         }
     }
 
-    fn process(&mut self, file: &InputFile, bytes: &[u8], first_line: u64, reserved: u64) -> Vec<TableChunk> {
+    fn process(
+        &mut self,
+        file: &InputFile,
+        bytes: &[u8],
+        first_line: u64,
+        reserved: u64,
+    ) -> Vec<TableChunk> {
         let shared = &self.shared;
         let Some(ctx) = shared.task_for(&file.resource_type) else {
             shared.budget.release(reserved);
@@ -122,7 +152,16 @@ impl SourceState {
                 let _ = write_rejected(&mut *out, &path, &s).and_then(|_| out.flush());
             }
         };
-        process_bundle(ctx, &shared.scrubber, bytes, first_line, &mut main, &mut completion, &mut self.extensions, &mut on_skip);
+        process_bundle(
+            ctx,
+            &shared.scrubber,
+            bytes,
+            first_line,
+            &mut main,
+            &mut completion,
+            &mut self.extensions,
+            &mut on_skip,
+        );
         shared.progress.add_read(ctx.task, main.len() as u64);
         if !skipped.is_empty() {
             let mut stats = shared.stats.lock().unwrap();
@@ -148,5 +187,9 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[i]) }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
 }

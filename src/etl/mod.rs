@@ -54,7 +54,10 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let output = opts.output.local_path();
     let phi = opts.phi.local_path();
     if !input.is_dir() {
-        return Err(Fatal::new(ExitCode::FolderDoesNotExist, format!("The input folder '{}' does not exist.", input.display())));
+        return Err(Fatal::new(
+            ExitCode::FolderDoesNotExist,
+            format!("The input folder '{}' does not exist.", input.display()),
+        ));
     }
     if opts.output_format == OutputFormat::Deltalake {
         return Err(Fatal::new(
@@ -64,7 +67,10 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         ));
     }
     if opts.batch_size == 0 {
-        return Err(Fatal::new(ExitCode::ArgsInvalid, "--batch-size must be at least 1."));
+        return Err(Fatal::new(
+            ExitCode::ArgsInvalid,
+            "--batch-size must be at least 1.",
+        ));
     }
     let mut selected = tasks::select_tasks(&opts.tasks, &opts.exclusions)?;
     print_config(opts, &started, &selected);
@@ -72,7 +78,10 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     if let Some(errors) = &opts.errors_to
         && !store::is_empty_dir(errors)?
     {
-        return Err(Fatal::new(ExitCode::FolderNotEmpty, format!("The errors folder '{}' is not empty.", errors.display())));
+        return Err(Fatal::new(
+            ExitCode::FolderNotEmpty,
+            format!("The errors folder '{}' is not empty.", errors.display()),
+        ));
     }
 
     let model = ElementModel::r4();
@@ -84,7 +93,10 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     if !opts.allow_missing_resources {
         let present = found.resource_types();
         let explicit = !tasks::expand_names(&opts.tasks).is_empty();
-        let missing: Vec<&Task> = selected.iter().filter(|t| !present.contains(&t.resource)).collect();
+        let missing: Vec<&Task> = selected
+            .iter()
+            .filter(|t| !present.contains(&t.resource))
+            .collect();
         if explicit && !missing.is_empty() {
             let names: Vec<&str> = missing.iter().map(|t| t.resource.as_str()).collect();
             return Err(Fatal::new(
@@ -101,21 +113,33 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         }
         selected.retain(|t| present.contains(&t.resource));
         if selected.is_empty() {
-            return Err(Fatal::new(ExitCode::MissingRequestedResources, "No supported resources found."));
+            return Err(Fatal::new(
+                ExitCode::MissingRequestedResources,
+                "No supported resources found.",
+            ));
         }
     }
 
     let (deleted, bad_deleted) = read_deleted_ids(input)?;
     if bad_deleted > 0 {
-        eprintln!("warning: {bad_deleted} unreadable lines in {}", input.join("deleted").display());
+        eprintln!(
+            "warning: {bad_deleted} unreadable lines in {}",
+            input.join("deleted").display()
+        );
     }
 
     let log = read_export_log(input);
-    let group = opts.export_group.clone().or_else(|| log.as_ref().ok().map(|l| l.group_name.clone()));
-    let export_time = match &opts.export_timestamp {
-        Some(t) => Some(PyDateTime::parse(t).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("--export-timestamp: {e}")))?),
-        None => log.as_ref().ok().map(|l| l.export_time.clone()),
-    };
+    let group = opts
+        .export_group
+        .clone()
+        .or_else(|| log.as_ref().ok().map(|l| l.group_name.clone()));
+    let export_time =
+        match &opts.export_timestamp {
+            Some(t) => Some(PyDateTime::parse(t).map_err(|e| {
+                Fatal::new(ExitCode::ArgsInvalid, format!("--export-timestamp: {e}"))
+            })?),
+            None => log.as_ref().ok().map(|l| l.export_time.clone()),
+        };
     let export_url = log.as_ref().ok().map(|l| l.export_url.clone());
     let (group, export_time) = match (group, export_time) {
         (Some(g), Some(t)) => (g, t),
@@ -125,7 +149,10 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
                     "Could not read export group and time from an export log in {} ({}).\n\
                      Provide them with --export-group and --export-timestamp.",
                     input.display(),
-                    log.as_ref().err().map(|e| e.to_string()).unwrap_or_default()
+                    log.as_ref()
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default()
                 ),
                 (None, _) => "Missing --export-group argument.".to_string(),
                 _ => "Missing --export-timestamp argument.".to_string(),
@@ -134,7 +161,12 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         }
     };
 
-    std::fs::create_dir_all(phi).map_err(|e| Fatal::new(ExitCode::Failure, format!("creating {}: {e}", phi.display())))?;
+    std::fs::create_dir_all(phi).map_err(|e| {
+        Fatal::new(
+            ExitCode::Failure,
+            format!("creating {}: {e}", phi.display()),
+        )
+    })?;
     let codebook = Arc::new(Codebook::open(phi, true)?);
     if let Some(previous) = job::latest_codebook_id(output)
         && previous != codebook.codebook_id()
@@ -151,10 +183,19 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     if !store::is_empty_dir(output)? {
         return Err(Fatal::new(
             ExitCode::FolderNotEmpty,
-            format!("The target folder '{}' already has contents. Use an empty folder for {} output.", output.display(), opts.output_format.name()),
+            format!(
+                "The target folder '{}' already has contents. Use an empty folder for {} output.",
+                output.display(),
+                opts.output_format.name()
+            ),
         ));
     }
-    std::fs::create_dir_all(output).map_err(|e| Fatal::new(ExitCode::Failure, format!("creating {}: {e}", output.display())))?;
+    std::fs::create_dir_all(output).map_err(|e| {
+        Fatal::new(
+            ExitCode::Failure,
+            format!("creating {}: {e}", output.display()),
+        )
+    })?;
     codebook.save()?;
 
     let exclusions = tasks::expand_names(&opts.exclusions).join(",");
@@ -168,7 +209,11 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         output_format: opts.output_format.name().into(),
         comment: opts.comment.clone(),
         batch_size: opts.batch_size,
-        tasks: selected.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","),
+        tasks: selected
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
         export_group_name: Some(group.clone()),
         export_timestamp: Some(export_time.isoformat()),
         export_url: export_url.clone(),
@@ -195,13 +240,22 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         .collect();
     let budget = MemoryBudget::new(opts.memory);
     // Small enough that every worker has several bundles in flight within the budget.
-    let bundle_bytes = ((opts.memory / (4 * opts.engine.workers as u64).max(1)) as usize).clamp(64 << 10, 8 << 20);
+    let bundle_bytes =
+        ((opts.memory / (4 * opts.engine.workers as u64).max(1)) as usize).clamp(64 << 10, 8 << 20);
     let work = bundles::plan(&found.files, bundle_bytes)?;
     let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();
     let rejected = match &opts.errors_to {
         Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|e| Fatal::new(ExitCode::Failure, format!("creating {}: {e}", dir.display())))?;
-            Some(std::fs::File::create(dir.join("rejected-rows.ndjson")).map_err(|e| Fatal::new(ExitCode::Failure, e.to_string()))?)
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Fatal::new(
+                    ExitCode::Failure,
+                    format!("creating {}: {e}", dir.display()),
+                )
+            })?;
+            Some(
+                std::fs::File::create(dir.join("rejected-rows.ndjson"))
+                    .map_err(|e| Fatal::new(ExitCode::Failure, e.to_string()))?,
+            )
         }
         None => None,
     };
@@ -231,28 +285,49 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     outcome?;
 
     // Finishing: tables that got no rows, deletions, completion rows, summaries.
-    for (i, task) in selected.iter().enumerate() {
+    for task in &selected {
         for table in task.tables() {
             let has_rows = shared.stats.lock().unwrap().tables.contains_key(&table);
             if !has_rows {
                 let mut writer = shared.open_writer(&table, &task.resource)?;
-                writer.write_batch(&RowBatch { rows: Vec::new(), shape: &Shape::default() })?;
+                writer.write_batch(&RowBatch {
+                    rows: Vec::new(),
+                    shape: &Shape::default(),
+                })?;
                 shared.stats.lock().unwrap().summary(&table);
             }
         }
         if let Some(ids) = deleted.get(&task.resource) {
-            let hashed: Vec<String> = ids.iter().map(|id| codebook.fake_id(&task.resource, id, false)).collect();
+            let hashed: Vec<String> = ids
+                .iter()
+                .map(|id| codebook.fake_id(&task.resource, id, false))
+                .collect();
             let mut writer = shared.open_writer(&task.name, &task.resource)?;
             writer.delete_ids(&hashed)?;
-            eprintln!("  {} ids deleted from {} (from the export's deleted/ folder)", hashed.len(), task.name);
+            eprintln!(
+                "  {} ids deleted from {} (from the export's deleted/ folder)",
+                hashed.len(),
+                task.name
+            );
         }
-        write_completion_row(opts.output_format, output, task, &group, &export_time, export_url.as_deref(), &started, &exclusions)
-            .map_err(|e| {
-                eprintln!("error: could not write {COMPLETION_TABLE} for {}: {e:#}", task.name);
-                shared.stats.lock().unwrap().summary(&task.name).had_errors = true;
-            })
-            .ok();
-        let _ = i;
+        write_completion_row(
+            opts.output_format,
+            output,
+            task,
+            &group,
+            &export_time,
+            export_url.as_deref(),
+            &started,
+            &exclusions,
+        )
+        .map_err(|e| {
+            eprintln!(
+                "error: could not write {COMPLETION_TABLE} for {}: {e:#}",
+                task.name
+            );
+            shared.stats.lock().unwrap().summary(&task.name).had_errors = true;
+        })
+        .ok();
     }
     codebook.save()?;
     let stats = shared.stats.lock().unwrap();
@@ -263,7 +338,10 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
 
     print_extension_report(&stats.extensions);
     print_summary(&stats, started_at.elapsed(), total_bytes, &shared.budget);
-    let failed = stats.tables.values().any(|s| s.had_errors || s.success < s.attempt);
+    let failed = stats
+        .tables
+        .values()
+        .any(|s| s.had_errors || s.success < s.attempt);
     if failed {
         eprintln!("🚨 One or more tasks above did not 100% complete! 🚨");
         Ok(ExitCode::TaskFailed)
@@ -296,7 +374,10 @@ fn write_completion_row(
     let mut text = Vec::new();
     crate::output::json::write_compact_ascii(&mut text, &strip_nulls(row));
     let mut writer = open_table(format, output, COMPLETION_TABLE, TableKind::Completion)?;
-    writer.write_batch(&RowBatch { rows: vec![&text], shape: &Shape::default() })
+    writer.write_batch(&RowBatch {
+        rows: vec![&text],
+        shape: &Shape::default(),
+    })
 }
 
 fn strip_nulls(mut v: serde_json::Value) -> serde_json::Value {
@@ -309,19 +390,34 @@ fn strip_nulls(mut v: serde_json::Value) -> serde_json::Value {
 fn print_config(opts: &EtlOptions, started: &PyDateTime, tasks: &[Task]) {
     eprintln!("Configuration:");
     eprintln!("  Input path:   {}", opts.input.display());
-    eprintln!("  Output path:  {} ({})", opts.output.display(), opts.output_format.name());
+    eprintln!(
+        "  Output path:  {} ({})",
+        opts.output.display(),
+        opts.output_format.name()
+    );
     eprintln!("  PHI path:     {}", opts.phi.display());
     if let Some(e) = &opts.errors_to {
         eprintln!("  Errors path:  {}", e.display());
     }
     eprintln!("  Current time: {} UTC", started.summary_format());
     eprintln!("  Batch size:   {}", opts.batch_size);
-    eprintln!("  Workers:      {}   Memory budget: {}", opts.engine.workers, human_bytes(opts.memory));
+    eprintln!(
+        "  Workers:      {}   Memory budget: {}",
+        opts.engine.workers,
+        human_bytes(opts.memory)
+    );
     let ex = tasks::expand_names(&opts.exclusions);
     if !ex.is_empty() {
         eprintln!("  Excluded:     {}", ex.join(", "));
     }
-    eprintln!("  Tasks:        {}", tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "));
+    eprintln!(
+        "  Tasks:        {}",
+        tasks
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if let Some(c) = &opts.comment {
         eprintln!("  Comment:      {c}");
     }
@@ -331,22 +427,42 @@ fn print_extension_report(report: &crate::deid::ExtensionReport) {
     if !report.dropped.is_empty() {
         eprintln!("Unrecognized extensions dropped from resources:");
         for ((rtype, url), n) in &report.dropped {
-            eprintln!("  {rtype}: {url} ({n} time{})", if *n == 1 { "" } else { "s" });
+            eprintln!(
+                "  {rtype}: {url} ({n} time{})",
+                if *n == 1 { "" } else { "s" }
+            );
         }
     }
     if !report.skipped_modifiers.is_empty() {
         eprintln!("🚨 Resources skipped due to unrecognized modifier extensions: 🚨");
         for ((rtype, url), n) in &report.skipped_modifiers {
-            eprintln!("  {rtype}: {url} ({n} time{})", if *n == 1 { "" } else { "s" });
+            eprintln!(
+                "  {rtype}: {url} ({n} time{})",
+                if *n == 1 { "" } else { "s" }
+            );
         }
     }
 }
 
-fn print_summary(stats: &crate::engine::dataflow::RunStats, elapsed: Duration, bytes: u64, budget: &MemoryBudget) {
+fn print_summary(
+    stats: &crate::engine::dataflow::RunStats,
+    elapsed: Duration,
+    bytes: u64,
+    budget: &MemoryBudget,
+) {
     eprintln!();
-    eprintln!("{:<30} {:>12} {:>12} {:>8}", "Table", "Attempted", "Written", "Errors");
+    eprintln!(
+        "{:<30} {:>12} {:>12} {:>8}",
+        "Table", "Attempted", "Written", "Errors"
+    );
     for s in stats.tables.values() {
-        eprintln!("{:<30} {:>12} {:>12} {:>8}", s.label, s.attempt, s.success, if s.had_errors { "yes" } else { "" });
+        eprintln!(
+            "{:<30} {:>12} {:>12} {:>8}",
+            s.label,
+            s.attempt,
+            s.success,
+            if s.had_errors { "yes" } else { "" }
+        );
     }
     let skipped: u64 = stats.skipped.values().sum();
     if skipped > 0 {

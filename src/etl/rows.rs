@@ -59,7 +59,11 @@ pub struct TableChunk {
 impl TableChunk {
     /// An empty chunk for a table.
     pub fn new(task: u32, table: &str) -> TableChunk {
-        TableChunk { task, table: table.to_string(), ..Default::default() }
+        TableChunk {
+            task,
+            table: table.to_string(),
+            ..Default::default()
+        }
     }
 
     /// Appends one row.
@@ -86,7 +90,9 @@ impl TableChunk {
         let cut = if n == 0 {
             0
         } else {
-            memchr::memchr_iter(b'\n', &self.data).nth(n - 1).map_or(self.data.len(), |p| p + 1)
+            memchr::memchr_iter(b'\n', &self.data)
+                .nth(n - 1)
+                .map_or(self.data.len(), |p| p + 1)
         };
         let tail = TableChunk {
             task: self.task,
@@ -133,6 +139,7 @@ pub struct CompletionTemplate {
 
 /// Processes every line of `bytes` (a bundle), appending rows to `main` (and `completion`),
 /// and calling `on_skip` for each line left out.
+#[allow(clippy::too_many_arguments)]
 pub fn process_bundle(
     ctx: &TaskContext,
     scrubber: &Scrubber,
@@ -143,16 +150,18 @@ pub fn process_bundle(
     report: &mut ExtensionReport,
     on_skip: &mut dyn FnMut(Skipped<'_>),
 ) {
-    let mut line_no = first_line;
-    for raw in bytes.split(|&b| b == b'\n') {
-        let this_line = line_no;
-        line_no += 1;
+    for (this_line, raw) in (first_line..).zip(bytes.split(|&b| b == b'\n')) {
         let trimmed = trim_ascii(raw);
         if trimmed.is_empty() {
             continue;
         }
         let mut skip = |reason: SkipReason, detail: String| {
-            on_skip(Skipped { line_no: this_line, reason, detail, raw: trimmed })
+            on_skip(Skipped {
+                line_no: this_line,
+                reason,
+                detail,
+                raw: trimmed,
+            })
         };
         let mut value: Value = match serde_json::from_slice(trimmed) {
             Ok(v) => v,
@@ -167,7 +176,10 @@ pub fn process_bundle(
             continue;
         }
         if value.get("resourceType").and_then(Value::as_str) != Some(ctx.resource_type.as_str()) {
-            skip(SkipReason::WrongResourceType, format!("expected {}", ctx.resource_type));
+            skip(
+                SkipReason::WrongResourceType,
+                format!("expected {}", ctx.resource_type),
+            );
             continue;
         }
         if let Err(rejection) = scrubber.scrub(&mut value, report) {
@@ -200,8 +212,14 @@ pub fn process_bundle(
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -214,7 +232,11 @@ fn classify_json_error(raw: &[u8], e: &serde_json::Error) -> (SkipReason, String
         (SkipReason::InvalidUtf8, at)
     } else {
         // serde's message names the problem (e.g. "EOF while parsing"), never the content.
-        let kind = msg.split(" at line").next().unwrap_or("invalid JSON").to_string();
+        let kind = msg
+            .split(" at line")
+            .next()
+            .unwrap_or("invalid JSON")
+            .to_string();
         (SkipReason::InvalidJson, format!("{kind} at {at}"))
     }
 }

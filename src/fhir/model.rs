@@ -44,7 +44,10 @@ impl ElementModel {
     fn parse(text: &str) -> ElementModel {
         let mut types: HashMap<String, Vec<Property>> = HashMap::new();
         let mut resources = HashSet::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let cols: Vec<&str> = line.split('\t').collect();
             match cols.as_slice() {
                 ["R", name] => {
@@ -91,9 +94,17 @@ mod tests {
         let m = ElementModel::r4();
         assert!(m.is_resource("Patient") && m.is_resource("Observation"));
         assert!(!m.is_resource("CodeableConcept"));
-        let birth = m.properties("Patient").iter().find(|p| p.name == "birthDate").unwrap();
+        let birth = m
+            .properties("Patient")
+            .iter()
+            .find(|p| p.name == "birthDate")
+            .unwrap();
         assert_eq!(birth.kind, Kind::Date);
-        let addr = m.properties("Patient").iter().find(|p| p.name == "address").unwrap();
+        let addr = m
+            .properties("Patient")
+            .iter()
+            .find(|p| p.name == "address")
+            .unwrap();
         assert!(addr.is_list && addr.kind == Kind::Struct("Address".into()));
     }
 }

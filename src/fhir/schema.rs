@@ -53,7 +53,8 @@ impl Shape {
         for (k, v) in &other.children {
             self.children.entry(k.clone()).or_default().merge(v);
         }
-        self.contained_types.extend(other.contained_types.iter().cloned());
+        self.contained_types
+            .extend(other.contained_types.iter().cloned());
     }
 }
 
@@ -70,7 +71,10 @@ pub fn resource_schema(model: &ElementModel, resource_type: &str, shape: &Shape)
             if !model.is_resource(ctype) {
                 continue;
             }
-            merged.insert("resourceType".into(), Field::new("resourceType", DataType::Utf8, true));
+            merged.insert(
+                "resourceType".into(),
+                Field::new("resourceType", DataType::Utf8, true),
+            );
             for f in type_fields(model, ctype, contained_shape, 2) {
                 merged.insert(f.name().clone(), f);
             }
@@ -81,7 +85,12 @@ pub fn resource_schema(model: &ElementModel, resource_type: &str, shape: &Shape)
     Schema::new(fields)
 }
 
-fn type_fields(model: &ElementModel, type_name: &str, shape: Option<&Shape>, level: usize) -> Vec<Field> {
+fn type_fields(
+    model: &ElementModel,
+    type_name: &str,
+    shape: Option<&Shape>,
+    level: usize,
+) -> Vec<Field> {
     let inside_full = FULL_SCHEMA_TYPES.contains(&type_name);
     let mut out = Vec::new();
     for prop in model.properties(type_name) {
@@ -97,7 +106,8 @@ fn type_fields(model: &ElementModel, type_name: &str, shape: Option<&Shape>, lev
             };
             let mut holder = Shape::default();
             holder.children.insert(sunder, sub.clone());
-            if let Some(f) = property_field(model, &element, false, Some(&holder), LEVEL_INCLUSION) {
+            if let Some(f) = property_field(model, &element, false, Some(&holder), LEVEL_INCLUSION)
+            {
                 out.push(f);
             }
         }
@@ -138,7 +148,11 @@ fn property_field(
             }
         }
     };
-    let data_type = if prop.is_list { list_of(data_type) } else { data_type };
+    let data_type = if prop.is_list {
+        list_of(data_type)
+    } else {
+        data_type
+    };
     Some(Field::new(&prop.name, data_type, true))
 }
 
@@ -160,19 +174,38 @@ mod tests {
             "address": [{"postalCode": "021", "_postalCode": {"extension": [{"url": "u"}]}}]}));
         let schema = resource_schema(model, "Patient", &shape);
         // every top-level element is present
-        for name in ["resourceType", "id", "gender", "birthDate", "telecom", "link", "text"] {
+        for name in [
+            "resourceType",
+            "id",
+            "gender",
+            "birthDate",
+            "telecom",
+            "link",
+            "text",
+        ] {
             assert!(schema.field_with_name(name).is_ok(), "{name}");
         }
         // a touched CodeableConcept is complete
-        let DataType::Struct(cc) = schema.field_with_name("maritalStatus").unwrap().data_type() else {
+        let DataType::Struct(cc) = schema.field_with_name("maritalStatus").unwrap().data_type()
+        else {
             panic!()
         };
         assert!(cc.find("text").is_some() && cc.find("coding").is_some());
         // the sunder sibling is present because the batch has it
-        let DataType::List(addr) = schema.field_with_name("address").unwrap().data_type() else { panic!() };
-        let DataType::Struct(addr) = addr.data_type() else { panic!() };
+        let DataType::List(addr) = schema.field_with_name("address").unwrap().data_type() else {
+            panic!()
+        };
+        let DataType::Struct(addr) = addr.data_type() else {
+            panic!()
+        };
         assert!(addr.find("_postalCode").is_some());
-        assert!(addr.find("city").is_some(), "primitive children of a top-level struct are wide");
-        assert!(addr.find("period").is_none(), "struct children only when present");
+        assert!(
+            addr.find("city").is_some(),
+            "primitive children of a top-level struct are wide"
+        );
+        assert!(
+            addr.find("period").is_none(),
+            "struct children only when present"
+        );
     }
 }

@@ -14,7 +14,13 @@ use crate::store;
 /// A unit of work handed to a source.
 pub enum WorkItem {
     /// Lines `[start, end)` of a memory-mapped file; `first_line` is 1-based.
-    Slice { file: Arc<InputFile>, map: Arc<Mmap>, start: usize, end: usize, first_line: u64 },
+    Slice {
+        file: Arc<InputFile>,
+        map: Arc<Mmap>,
+        start: usize,
+        end: usize,
+        first_line: u64,
+    },
     /// A compressed file, read as a stream.
     Stream { file: Arc<InputFile> },
 }
@@ -56,7 +62,13 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
                 None => map.len(),
             };
             let lines = memchr::memchr_iter(b'\n', &map[start..end]).count() as u64;
-            items.push(WorkItem::Slice { file: file.clone(), map: map.clone(), start, end, first_line: line });
+            items.push(WorkItem::Slice {
+                file: file.clone(),
+                map: map.clone(),
+                start,
+                end,
+                first_line: line,
+            });
             line += lines;
             start = end;
         }
@@ -84,7 +96,11 @@ impl StreamReader {
     /// Appends whole lines to `buf` until it holds at least `bundle_bytes` (or the file ends).
     /// Returns the 1-based number of the first line read. A read error (a truncated or corrupt
     /// archive) ends the stream and is returned with the line it happened on.
-    pub fn next_bundle(&mut self, buf: &mut Vec<u8>, bundle_bytes: usize) -> (u64, Option<(u64, String)>) {
+    pub fn next_bundle(
+        &mut self,
+        buf: &mut Vec<u8>,
+        bundle_bytes: usize,
+    ) -> (u64, Option<(u64, String)>) {
         let first = self.next_line;
         while buf.len() < bundle_bytes {
             match self.reader.read_until(b'\n', buf) {
@@ -119,13 +135,26 @@ mod tests {
         let path = dir.path().join("Patient.ndjson");
         let text: String = (0..100).map(|i| format!("{{\"n\":{i}}}\n")).collect();
         std::fs::write(&path, &text).unwrap();
-        let f = InputFile { path, resource_type: "Patient".into(), size: text.len() as u64 };
+        let f = InputFile {
+            path,
+            resource_type: "Patient".into(),
+            size: text.len() as u64,
+        };
         let items = plan(&[f], 64).unwrap();
         assert!(items.len() > 5);
         let mut expected_line = 1;
         let mut joined = Vec::new();
         for item in &items {
-            let WorkItem::Slice { map, start, end, first_line, .. } = item else { panic!() };
+            let WorkItem::Slice {
+                map,
+                start,
+                end,
+                first_line,
+                ..
+            } = item
+            else {
+                panic!()
+            };
             assert_eq!(*first_line, expected_line);
             assert!(map[*end - 1] == b'\n');
             expected_line += map[*start..*end].iter().filter(|&&b| b == b'\n').count() as u64;

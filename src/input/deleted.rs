@@ -45,13 +45,21 @@ pub fn read_deleted_ids(root: &Path) -> Result<(DeletedIds, u64)> {
             {
                 continue;
             }
-            let entries = bundle.get("entry").and_then(Value::as_array).into_iter().flatten();
+            let entries = bundle
+                .get("entry")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten();
             for entry in entries {
-                let Some(request) = entry.get("request") else { continue };
+                let Some(request) = entry.get("request") else {
+                    continue;
+                };
                 if request.get("method").and_then(Value::as_str) != Some("DELETE") {
                     continue;
                 }
-                let Some(url) = request.get("url").and_then(Value::as_str) else { continue };
+                let Some(url) = request.get("url").and_then(Value::as_str) else {
+                    continue;
+                };
                 let mut parts = url.split('/');
                 if let (Some(t), Some(id), None) = (parts.next(), parts.next(), parts.next()) {
                     out.entry(t.to_string()).or_default().insert(id.to_string());
@@ -76,7 +84,11 @@ mod tests {
             {"request":{"method":"PUT","url":"Patient/p3"}}]}"#
             .replace('\n', "");
         let other = r#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"DELETE","url":"Condition/c"}}]}"#;
-        std::fs::write(dir.path().join("deleted/del.ndjson"), format!("{bundle}\n{other}\nnot json\n")).unwrap();
+        std::fs::write(
+            dir.path().join("deleted/del.ndjson"),
+            format!("{bundle}\n{other}\nnot json\n"),
+        )
+        .unwrap();
         let (ids, skipped) = read_deleted_ids(dir.path()).unwrap();
         assert_eq!(ids.len(), 1);
         assert_eq!(ids["Patient"].iter().collect::<Vec<_>>(), ["p1"]);

@@ -42,7 +42,10 @@ impl Discovery {
 
 /// Whether a file name has an NDJSON suffix, optionally followed by `.gz`.
 pub fn is_ndjson_name(path: &Path) -> bool {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
     let good = |s: &str| s.ends_with(".ndjson") || s.ends_with(".jsonl");
     good(&name) || name.strip_suffix(".gz").is_some_and(good)
 }
@@ -54,7 +57,11 @@ pub fn type_from_name(path: &Path, model: &ElementModel) -> Option<String> {
         .split(|c: char| !c.is_ascii_alphabetic())
         .filter(|piece| !piece.is_empty() && model.is_resource(piece))
         .collect();
-    if found.len() == 1 { found.into_iter().next().map(str::to_string) } else { None }
+    if found.len() == 1 {
+        found.into_iter().next().map(str::to_string)
+    } else {
+        None
+    }
 }
 
 fn type_from_first_line(path: &Path) -> Result<Option<String>> {
@@ -63,7 +70,10 @@ fn type_from_first_line(path: &Path) -> Result<Option<String>> {
     // Skip blank lines; a first line longer than 16 MiB is not worth reading for its type.
     loop {
         line.clear();
-        let n = reader.by_ref().take(16 << 20).read_until(b'\n', &mut line)?;
+        let n = reader
+            .by_ref()
+            .take(16 << 20)
+            .read_until(b'\n', &mut line)?;
         if n == 0 {
             return Ok(None);
         }
@@ -72,7 +82,10 @@ fn type_from_first_line(path: &Path) -> Result<Option<String>> {
         }
     }
     let value: serde_json::Value = serde_json::from_slice(&line)?;
-    Ok(value.get("resourceType").and_then(|v| v.as_str()).map(str::to_string))
+    Ok(value
+        .get("resourceType")
+        .and_then(|v| v.as_str())
+        .map(str::to_string))
 }
 
 /// Scans `root` recursively for NDJSON files of the `wanted` types (all types when `None`).
@@ -97,12 +110,18 @@ pub fn discover(
                 }
             },
         };
-        let Some(resource_type) = resource_type else { continue };
+        let Some(resource_type) = resource_type else {
+            continue;
+        };
         if wanted.is_some_and(|w| !w.contains(&resource_type)) {
             continue;
         }
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        out.files.push(InputFile { path, resource_type, size });
+        out.files.push(InputFile {
+            path,
+            resource_type,
+            size,
+        });
     }
     Ok(out)
 }
@@ -126,18 +145,28 @@ mod tests {
         assert!(is_ndjson_name(Path::new("x.JSONL.GZ")));
         assert!(!is_ndjson_name(Path::new("x.json")));
         assert!(!is_ndjson_name(Path::new("x.gz")));
-        assert_eq!(type_from_name(Path::new("1.Patient.ndjson"), &model).as_deref(), Some("Patient"));
-        assert_eq!(type_from_name(Path::new("Patient-Encounter.ndjson"), &model), None);
-        assert_eq!(type_from_name(Path::new("data.ndjson"), &model), None);
+        assert_eq!(
+            type_from_name(Path::new("1.Patient.ndjson"), model).as_deref(),
+            Some("Patient")
+        );
+        assert_eq!(
+            type_from_name(Path::new("Patient-Encounter.ndjson"), model),
+            None
+        );
+        assert_eq!(type_from_name(Path::new("data.ndjson"), model), None);
     }
 
     #[test]
     fn type_comes_from_first_line_when_name_has_none() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("data.ndjson"), "\n{\"resourceType\":\"Condition\"}\n").unwrap();
+        std::fs::write(
+            dir.path().join("data.ndjson"),
+            "\n{\"resourceType\":\"Condition\"}\n",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("log.ndjson"), "{\"eventId\":\"kickoff\"}\n").unwrap();
         std::fs::write(dir.path().join("bad.ndjson"), "{nope\n").unwrap();
-        let found = discover(dir.path(), None, &ElementModel::r4()).unwrap();
+        let found = discover(dir.path(), None, ElementModel::r4()).unwrap();
         assert_eq!(found.files.len(), 1);
         assert_eq!(found.files[0].resource_type, "Condition");
         assert_eq!(found.unreadable.len(), 1);

@@ -52,14 +52,22 @@ pub fn read_export_log(root: &Path) -> Result<ExportInfo> {
         .rev()
         .find(|r| r.get("eventId").and_then(Value::as_str) == Some("kickoff"))
         .and_then(|r| r.get("exportId").cloned());
-    let Some(export_id) = export_id else { bail!("the export log has no kickoff event") };
+    let Some(export_id) = export_id else {
+        bail!("the export log has no kickoff event")
+    };
     let mut url = None;
     let mut time = None;
-    for row in rows.iter().filter(|r| r.get("exportId") == Some(&export_id)) {
+    for row in rows
+        .iter()
+        .filter(|r| r.get("exportId") == Some(&export_id))
+    {
         let detail = row.get("eventDetail");
         match row.get("eventId").and_then(Value::as_str) {
             Some("kickoff") => {
-                url = detail.and_then(|d| d.get("exportUrl")).and_then(Value::as_str).map(String::from)
+                url = detail
+                    .and_then(|d| d.get("exportUrl"))
+                    .and_then(Value::as_str)
+                    .map(String::from)
             }
             Some("status_complete") => {
                 time = detail
@@ -83,13 +91,20 @@ pub fn read_export_log(root: &Path) -> Result<ExportInfo> {
 /// The FHIR Group id in an export URL (`…/Group/<id>/$export`), or "" for a global export.
 pub fn group_from_url(url: &str) -> String {
     let after_scheme = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-    let path = after_scheme.find('/').map(|i| &after_scheme[i..]).unwrap_or("");
+    let path = after_scheme
+        .find('/')
+        .map(|i| &after_scheme[i..])
+        .unwrap_or("");
     let path = path.split(['?', '#']).next().unwrap_or("");
     let path = path.strip_suffix('/').unwrap_or(path);
     let path = path.strip_suffix("/$export").unwrap_or(path);
     let path = path.strip_suffix("/Patient").unwrap_or(path);
     let pieces: Vec<&str> = path.splitn(3, "/Group/").collect();
-    if pieces.len() == 2 { pieces[1].to_string() } else { String::new() }
+    if pieces.len() == 2 {
+        pieces[1].to_string()
+    } else {
+        String::new()
+    }
 }
 
 #[cfg(test)]
@@ -98,7 +113,10 @@ mod tests {
 
     #[test]
     fn group_names_from_urls() {
-        assert_eq!(group_from_url("https://h/fhir/Group/sample-10/$export"), "sample-10");
+        assert_eq!(
+            group_from_url("https://h/fhir/Group/sample-10/$export"),
+            "sample-10"
+        );
         assert_eq!(group_from_url("https://h/root/Group/g"), "g");
         assert_eq!(group_from_url("https://h/root/$export?_type=Patient"), "");
         assert_eq!(group_from_url("https://h/root/Patient/$export"), "");

@@ -41,7 +41,11 @@ pub struct TableSummary {
 impl TableSummary {
     /// The JSON Cumulus ETL writes for a summary.
     pub fn to_json(&self, timestamp: &str, hostname: &str) -> Value {
-        let rate = if self.attempt == 0 { 1.0 } else { self.success as f64 / self.attempt as f64 };
+        let rate = if self.attempt == 0 {
+            1.0
+        } else {
+            self.success as f64 / self.attempt as f64
+        };
         json!({
             "label": self.label,
             "attempt": self.attempt,
@@ -61,7 +65,10 @@ pub fn job_dir(output: &Path, started: &PyDateTime) -> std::path::PathBuf {
 
 /// Writes `job_config.json` (indented, as upstream).
 pub fn write_job_config(dir: &Path, config: &JobConfig) -> Result<()> {
-    store::write_atomic(&dir.join("job_config.json"), &serde_json::to_vec_pretty(config)?)
+    store::write_atomic(
+        &dir.join("job_config.json"),
+        &serde_json::to_vec_pretty(config)?,
+    )
 }
 
 /// Writes one table summary.
@@ -69,16 +76,24 @@ pub fn write_summary(dir: &Path, summary: &TableSummary) -> Result<()> {
     let now = PyDateTime::now_utc().summary_format();
     let host = gethostname::gethostname().to_string_lossy().into_owned();
     let path = dir.join(format!("{}.json", summary.label));
-    store::write_atomic(&path, &serde_json::to_vec_pretty(&summary.to_json(&now, &host))?)
+    store::write_atomic(
+        &path,
+        &serde_json::to_vec_pretty(&summary.to_json(&now, &host))?,
+    )
 }
 
 /// The codebook id of the most recent run into this output folder, if any.
 pub fn latest_codebook_id(output: &Path) -> Option<String> {
     let root = output.join("JobConfig");
-    let mut dirs: Vec<_> = std::fs::read_dir(root).ok()?.flatten().map(|e| e.path()).collect();
+    let mut dirs: Vec<_> = std::fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     dirs.sort();
     let latest = dirs.pop()?;
-    let config: Value = serde_json::from_slice(&std::fs::read(latest.join("job_config.json")).ok()?).ok()?;
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(latest.join("job_config.json")).ok()?).ok()?;
     config.get("codebook_id")?.as_str().map(str::to_string)
 }
 

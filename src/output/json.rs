@@ -9,7 +9,11 @@ use serde_json::ser::{CharEscape, Formatter};
 struct AsciiFormatter;
 
 impl Formatter for AsciiFormatter {
-    fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
         if fragment.is_ascii() {
             return w.write_all(fragment.as_bytes());
         }
@@ -28,7 +32,11 @@ impl Formatter for AsciiFormatter {
         w.write_all(&fragment.as_bytes()[start..])
     }
 
-    fn write_char_escape<W: ?Sized + io::Write>(&mut self, w: &mut W, escape: CharEscape) -> io::Result<()> {
+    fn write_char_escape<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        escape: CharEscape,
+    ) -> io::Result<()> {
         serde_json::ser::CompactFormatter.write_char_escape(w, escape)
     }
 }
@@ -36,7 +44,9 @@ impl Formatter for AsciiFormatter {
 /// Appends `value` as compact, ASCII-only JSON.
 pub fn write_compact_ascii<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     let mut ser = serde_json::Serializer::with_formatter(out, AsciiFormatter);
-    value.serialize(&mut ser).expect("serializing to memory cannot fail");
+    value
+        .serialize(&mut ser)
+        .expect("serializing to memory cannot fail");
 }
 
 #[cfg(test)]
@@ -47,6 +57,9 @@ mod tests {
     fn non_ascii_is_escaped_like_python() {
         let mut out = Vec::new();
         write_compact_ascii(&mut out, &serde_json::json!({"a": "Båt 😀", "b": "x\ny"}));
-        assert_eq!(String::from_utf8(out).unwrap(), r#"{"a":"B\u00e5t \ud83d\ude00","b":"x\ny"}"#);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"a":"B\u00e5t \ud83d\ude00","b":"x\ny"}"#
+        );
     }
 }

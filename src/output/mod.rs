@@ -57,7 +57,12 @@ pub trait TableWriter: Send {
 }
 
 /// Creates the writer for a table in the chosen format.
-pub fn open_table(format: OutputFormat, root: &Path, table: &str, kind: TableKind) -> Result<Box<dyn TableWriter>> {
+pub fn open_table(
+    format: OutputFormat,
+    root: &Path,
+    table: &str,
+    kind: TableKind,
+) -> Result<Box<dyn TableWriter>> {
     let files = BatchedFiles::new(root, table, format.name());
     Ok(match format {
         OutputFormat::Ndjson => Box::new(ndjson::NdjsonTable::new(files)),
@@ -77,7 +82,12 @@ pub struct BatchedFiles {
 impl BatchedFiles {
     /// Files of `table` under `root`.
     pub fn new(root: &Path, table: &str, ext: &'static str) -> BatchedFiles {
-        BatchedFiles { dir: root.join(table), table: table.to_string(), ext, next_index: None }
+        BatchedFiles {
+            dir: root.join(table),
+            table: table.to_string(),
+            ext,
+            next_index: None,
+        }
     }
 
     /// The path for the next batch file.
@@ -92,7 +102,10 @@ impl BatchedFiles {
                     .flatten()
                     .filter_map(|e| {
                         let name = e.file_name().to_string_lossy().into_owned();
-                        name.strip_prefix(&prefix)?.strip_suffix(&suffix)?.parse::<usize>().ok()
+                        name.strip_prefix(&prefix)?
+                            .strip_suffix(&suffix)?
+                            .parse::<usize>()
+                            .ok()
                     })
                     .map(|i| i + 1)
                     .max()
@@ -100,7 +113,9 @@ impl BatchedFiles {
             }
         };
         self.next_index = Some(index + 1);
-        Ok(self.dir.join(format!("{}.{index:03}.{}", self.table, self.ext)))
+        Ok(self
+            .dir
+            .join(format!("{}.{index:03}.{}", self.table, self.ext)))
     }
 
     /// Appends deleted ids to `<table>/<table>.meta`, as Cumulus ETL's file formats do.

@@ -21,13 +21,15 @@ impl NdjsonTable {
 impl TableWriter for NdjsonTable {
     fn write_batch(&mut self, batch: &RowBatch<'_>) -> Result<()> {
         let path = self.files.next_path()?;
-        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         for row in &batch.rows {
             out.write_all(row)?;
             out.write_all(b"\n")?;
         }
-        out.flush().with_context(|| format!("writing {}", path.display()))?;
+        out.flush()
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 

@@ -30,14 +30,29 @@ impl ParquetTable {
 /// The fixed schemas of the completion tables (all strings, as upstream).
 pub fn completion_schema(kind: &TableKind) -> Option<Schema> {
     let names: &[&str] = match kind {
-        TableKind::CompletionEncounters => &["encounter_id", "group_name", "export_time", "excluded_resources"],
+        TableKind::CompletionEncounters => &[
+            "encounter_id",
+            "group_name",
+            "export_time",
+            "excluded_resources",
+        ],
         TableKind::Completion => &[
-            "table_name", "group_name", "export_time", "export_url", "etl_version", "etl_time",
+            "table_name",
+            "group_name",
+            "export_time",
+            "export_url",
+            "etl_version",
+            "etl_time",
             "excluded_resources",
         ],
         TableKind::Fhir(_) => return None,
     };
-    Some(Schema::new(names.iter().map(|n| Field::new(*n, DataType::Utf8, true)).collect::<Vec<_>>()))
+    Some(Schema::new(
+        names
+            .iter()
+            .map(|n| Field::new(*n, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ))
 }
 
 /// Decodes compact JSON rows into one record batch of `schema`.
@@ -72,17 +87,24 @@ pub fn rows_to_record_batch(schema: Arc<Schema>, rows: &[&[u8]]) -> Result<Recor
 impl TableWriter for ParquetTable {
     fn write_batch(&mut self, batch: &RowBatch<'_>) -> Result<()> {
         let schema = Arc::new(match &self.kind {
-            TableKind::Fhir(resource_type) => resource_schema(ElementModel::r4(), resource_type, batch.shape),
+            TableKind::Fhir(resource_type) => {
+                resource_schema(ElementModel::r4(), resource_type, batch.shape)
+            }
             other => completion_schema(other).expect("completion table"),
         });
         let record_batch = rows_to_record_batch(schema.clone(), &batch.rows)
             .context("rows do not fit the table's FHIR schema")?;
         let path = self.files.next_path()?;
-        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
         let mut writer = ArrowWriter::try_new(file, schema, Some(props))?;
         writer.write(&record_batch)?;
-        writer.close().with_context(|| format!("writing {}", path.display()))?;
+        writer
+            .close()
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 

@@ -70,7 +70,10 @@ pub fn is_empty_dir(path: &Path) -> Result<bool> {
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     {
         let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
@@ -94,5 +97,6 @@ pub fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read + Send>> {
 
 /// Whether a path names a gzip file.
 pub fn is_gz(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"))
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"))
 }

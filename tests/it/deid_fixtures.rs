@@ -11,13 +11,21 @@ fn every_fixture_pair_matches_the_reference_output() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/conformance/deid");
     let codebook = Arc::new(Codebook::in_memory("1234").unwrap());
     let scrubber = Scrubber::new(Rules::embedded().unwrap(), codebook, true);
-    let mut names: Vec<_> = std::fs::read_dir(root.join("input")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(root.join("input"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     names.sort();
     assert_eq!(names.len(), 28);
     let mut failures = Vec::new();
     for name in names {
-        let mut input: Value = serde_json::from_slice(&std::fs::read(root.join("input").join(&name)).unwrap()).unwrap();
-        let expected: Value = serde_json::from_slice(&std::fs::read(root.join("output").join(&name)).unwrap()).unwrap();
+        let mut input: Value =
+            serde_json::from_slice(&std::fs::read(root.join("input").join(&name)).unwrap())
+                .unwrap();
+        let expected: Value =
+            serde_json::from_slice(&std::fs::read(root.join("output").join(&name)).unwrap())
+                .unwrap();
         let mut report = ExtensionReport::default();
         match scrubber.scrub(&mut input, &mut report) {
             Ok(()) if input == expected => {}
@@ -30,16 +38,25 @@ fn every_fixture_pair_matches_the_reference_output() {
             Err(e) => failures.push(format!("{}: rejected ({e:?})", name.to_string_lossy())),
         }
     }
-    assert!(failures.is_empty(), "{} fixtures differ:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} fixtures differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn version0_codebook_fixture_loads_its_legacy_ids() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/conformance/codebook0/codebook.json");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/conformance/codebook0/codebook.json");
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(&src, dir.path().join("codebook.json")).unwrap();
     let saved: Value = serde_json::from_slice(&std::fs::read(&src).unwrap()).unwrap();
     let (pid, pdata) = saved["mrn"].as_object().unwrap().iter().next().unwrap();
     let cb = Codebook::open(dir.path(), true).unwrap();
-    assert_eq!(cb.fake_id("Patient", pid, true), pdata["deid"].as_str().unwrap());
+    assert_eq!(
+        cb.fake_id("Patient", pid, true),
+        pdata["deid"].as_str().unwrap()
+    );
 }

@@ -23,7 +23,9 @@ fn reference_binary() -> Option<PathBuf> {
 #[ignore = "needs the reference Python Cumulus ETL (see tests/it/reference.rs)"]
 fn reference_tables_equal_ours_row_for_row() {
     let Some(reference) = reference_binary() else {
-        panic!("reference cumulus-etl not found: install it with ../shared/tools/reference-cumulus.sh or set CUMULUS_REFERENCE");
+        panic!(
+            "reference cumulus-etl not found: install it with ../shared/tools/reference-cumulus.sh or set CUMULUS_REFERENCE"
+        );
     };
     let tmp = tempfile::tempdir().unwrap();
     let salt = "e1a5f0c1b2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9";
@@ -32,7 +34,13 @@ fn reference_tables_equal_ours_row_for_row() {
     phi_with_salt(&ours_phi, salt);
     phi_with_salt(&ref_phi, salt);
     let input = synthea();
-    let out = run_etl(&["etl", "--output-format=ndjson", input.to_str().unwrap(), ours_out.to_str().unwrap(), ours_phi.to_str().unwrap()]);
+    let out = run_etl(&[
+        "etl",
+        "--output-format=ndjson",
+        input.to_str().unwrap(),
+        ours_out.to_str().unwrap(),
+        ours_phi.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let status = Command::new(&reference)
         .args(["etl", "--output-format=ndjson", "--skip-init-checks"])
@@ -68,17 +76,25 @@ fn reference_tables_equal_ours_row_for_row() {
             }
         }
         if theirs.len() != ours.len() {
-            differences.push(format!("{table}: {} rows in the reference, {} in ours", theirs.len(), ours.len()));
+            differences.push(format!(
+                "{table}: {} rows in the reference, {} in ours",
+                theirs.len(),
+                ours.len()
+            ));
             continue;
         }
         for (id, row) in &theirs {
             if ours.get(id) != Some(row) {
-                differences.push(format!("{table} row {id} differs:\n  ref  {row}\n  ours {:?}", ours.get(id)));
+                differences.push(format!(
+                    "{table} row {id} differs:\n  ref  {row}\n  ours {:?}",
+                    ours.get(id)
+                ));
                 break;
             }
         }
     }
-    let read = |p: PathBuf| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let read =
+        |p: PathBuf| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
     let theirs = read(ref_phi.join("codebook-cached-mappings.json"));
     let ours = read(ours_phi.join("codebook-cached-mappings.json"));
     if theirs != ours {

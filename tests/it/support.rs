@@ -13,7 +13,10 @@ pub fn synthea() -> PathBuf {
 
 /// Runs the `cumulus-etl` binary built for this test run.
 pub fn run_etl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cumulus-etl")).args(args).output().expect("binary runs")
+    Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+        .args(args)
+        .output()
+        .expect("binary runs")
 }
 
 /// Stderr of a run, for assertions and failure messages.
@@ -24,13 +27,25 @@ pub fn stderr(out: &Output) -> String {
 /// All rows of an NDJSON table folder, keyed by `key` (every file of the table).
 pub fn read_table(dir: &Path, key: &str) -> BTreeMap<String, Value> {
     let mut rows = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return rows };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return rows;
+    };
     let mut files: Vec<_> = entries.flatten().map(|e| e.path()).collect();
     files.sort();
-    for f in files.into_iter().filter(|f| f.extension().is_some_and(|e| e == "ndjson")) {
-        for line in std::fs::read_to_string(&f).unwrap().lines().filter(|l| !l.is_empty()) {
+    for f in files
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "ndjson"))
+    {
+        for line in std::fs::read_to_string(&f)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
             let v: Value = serde_json::from_str(line).unwrap();
-            let k = v[key].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+            let k = v[key]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
             rows.insert(k, v);
         }
     }
@@ -40,5 +55,9 @@ pub fn read_table(dir: &Path, key: &str) -> BTreeMap<String, Value> {
 /// Writes a PHI folder holding a codebook with the given salt.
 pub fn phi_with_salt(dir: &Path, salt: &str) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("codebook.json"), format!(r#"{{"version":1,"id_salt":"{salt}","codebook_id":"test-codebook"}}"#)).unwrap();
+    std::fs::write(
+        dir.join("codebook.json"),
+        format!(r#"{{"version":1,"id_salt":"{salt}","codebook_id":"test-codebook"}}"#),
+    )
+    .unwrap();
 }
