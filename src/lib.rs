@@ -2,6 +2,7 @@
 //! dataflow under one memory budget. See `docs/architecture.md`.
 
 pub mod cli;
+pub mod commands;
 pub mod deid;
 pub mod engine;
 pub mod etl;

@@ -80,9 +80,110 @@ pub struct EtlArgs {
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 5)]
     pub progress_interval: u64,
+    /// Skip compaction and VACUUM of Delta tables at the end of the run.
+    #[arg(long)]
+    pub no_table_optimization: bool,
     /// Accepted for compatibility; this tool needs no external checks at start.
     #[arg(long, hide = true)]
     pub skip_init_checks: bool,
+}
+
+/// `cumulus-etl init` arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cumulus-etl init",
+    about = "Create empty output tables for all default tasks"
+)]
+pub struct InitArgs {
+    /// Output folder for the tables.
+    pub output: String,
+    /// Output table format.
+    #[arg(long, value_enum, default_value = "deltalake")]
+    pub output_format: OutputFormat,
+    /// Memory budget for table operations, e.g. 512MiB.
+    #[arg(long)]
+    pub memory: Option<String>,
+}
+
+/// `cumulus-etl convert` arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cumulus-etl convert",
+    about = "Load an NDJSON output folder into Delta Lake tables"
+)]
+pub struct ConvertArgs {
+    /// An output folder of an earlier `--output-format=ndjson` run.
+    pub original: String,
+    /// The Delta Lake output folder to load into (new or existing).
+    pub target: String,
+    /// Memory budget for table operations, e.g. 512MiB.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Skip compaction and VACUUM at the end.
+    #[arg(long)]
+    pub no_table_optimization: bool,
+}
+
+/// Parses a command's arguments, printing clap's message and giving its exit code on failure.
+fn parse<T: Parser>(args: &[String]) -> Result<T, i32> {
+    T::try_parse_from(args).map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            ExitCode::Usage as i32
+        } else {
+            0
+        }
+    })
+}
+
+fn memory_option(memory: &Option<String>) -> Result<u64, Fatal> {
+    match memory {
+        Some(m) => {
+            parse_size(m).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("--memory: {e}")))
+        }
+        None => Ok(default_budget()),
+    }
+}
+
+fn local_folder(s: &str) -> Result<PathBuf, Fatal> {
+    Location::parse(s)
+        .map(|l| l.local_path().to_path_buf())
+        .map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()))
+}
+
+fn run_init(args: &[String]) -> i32 {
+    let a: InitArgs = match parse(args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    finish_command(memory_option(&a.memory).and_then(|memory| {
+        crate::commands::init(&local_folder(&a.output)?, a.output_format, memory)
+    }))
+}
+
+fn run_convert(args: &[String]) -> i32 {
+    let a: ConvertArgs = match parse(args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    finish_command(memory_option(&a.memory).and_then(|memory| {
+        crate::commands::convert(
+            &local_folder(&a.original)?,
+            &local_folder(&a.target)?,
+            memory,
+            !a.no_table_optimization,
+        )
+    }))
+}
+
+fn finish_command(result: Result<(), Fatal>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(fatal) => {
+            eprintln!("{}", fatal.message);
+            fatal.code as i32
+        }
+    }
 }
 
 /// Parses arguments and runs; returns the process exit code.
@@ -96,6 +197,11 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
         && SUBCOMMANDS.contains(&args[pos].as_str())
     {
         let sub = args.remove(pos);
+        match sub.as_str() {
+            "init" => return run_init(&args),
+            "convert" => return run_convert(&args),
+            _ => {}
+        }
         if sub != "etl" {
             let code = if matches!(sub.as_str(), "export" | "inline") {
                 ExitCode::FeatureRemoved
@@ -106,16 +212,9 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
             return code as i32;
         }
     }
-    let parsed = match EtlArgs::try_parse_from(&args) {
+    let parsed: EtlArgs = match parse(&args) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::Usage as i32
-            } else {
-                0
-            };
-        }
+        Err(code) => return code,
     };
     match options_from(parsed).and_then(|o| crate::etl::run(&o)) {
         Ok(code) => code as i32,
@@ -162,6 +261,7 @@ fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
         allow_missing_resources: a.allow_missing_resources,
         engine: EngineConfig { workers },
         memory,
+        optimize_tables: !a.no_table_optimization,
         progress_interval: Duration::from_secs(a.progress_interval.max(1)),
     })
 }

@@ -24,7 +24,7 @@ use crate::etl::rows::{SkipReason, Skipped, TableChunk, TaskContext};
 use crate::input::InputFile;
 use crate::input::bundles::WorkItem;
 use crate::output::job::TableSummary;
-use crate::output::{OutputFormat, TableKind, TableWriter, open_table};
+use crate::output::{Outputs, TableKind, TableWriter};
 use crate::tasks::COMPLETION_ENCOUNTERS_TABLE;
 
 /// Warnings printed per skip reason before the rest are only counted.
@@ -83,8 +83,7 @@ pub struct RunShared {
     pub queue: Mutex<VecDeque<WorkItem>>,
     pub tasks: Vec<TaskContext>,
     pub task_by_resource: HashMap<String, u32>,
-    pub format: OutputFormat,
-    pub output: PathBuf,
+    pub outputs: Outputs,
     pub errors_dir: Option<PathBuf>,
     pub batch_size: usize,
     pub bundle_bytes: usize,
@@ -102,8 +101,7 @@ impl RunShared {
         budget: MemoryBudget,
         work: Vec<WorkItem>,
         tasks: Vec<TaskContext>,
-        format: OutputFormat,
-        output: PathBuf,
+        outputs: Outputs,
         errors_dir: Option<PathBuf>,
         batch_size: usize,
         bundle_bytes: usize,
@@ -119,8 +117,7 @@ impl RunShared {
             queue: Mutex::new(work.into()),
             tasks,
             task_by_resource,
-            format,
-            output,
+            outputs,
             errors_dir,
             batch_size,
             bundle_bytes,
@@ -145,7 +142,7 @@ impl RunShared {
         } else {
             TableKind::Fhir(resource_type.to_string())
         };
-        open_table(self.format, &self.output, table, kind)
+        self.outputs.open(table, kind)
     }
 
     /// Prints a skipped line (file, line, reason; never its content), up to a limit per reason.

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use super::dataflow::RunShared;
 use crate::etl::rows::TableChunk;
 use crate::fhir::Shape;
-use crate::output::{RowBatch, TableWriter};
+use crate::output::{OnWritten, RowBatch, TableWriter};
 
 /// Pending rows and open writers of the tasks routed to one worker.
 pub struct SinkState {
@@ -125,47 +125,77 @@ impl SinkState {
             let Some(chunks) = task.pending.remove(&table) else {
                 continue;
             };
+            let chunks = Arc::new(chunks);
             let reserved: u64 = chunks.iter().map(|c| c.reserved).sum();
             let rows = unique_rows(&chunks);
-            if !rows.is_empty() {
-                let mut shape = Shape::default();
-                chunks.iter().for_each(|c| shape.merge(&c.shape));
-                let writer = match task.writers.get_mut(&table) {
-                    Some(w) => Ok(w),
-                    None => shared
-                        .open_writer(&table, &ctx.resource_type)
-                        .map(|w| task.writers.entry(table.clone()).or_insert(w)),
-                };
-                let result = writer.and_then(|w| {
-                    w.write_batch(&RowBatch {
-                        rows: rows.clone(),
-                        shape: &shape,
-                    })
-                });
-                let n = rows.len() as u64;
-                let mut stats = shared.stats.lock().unwrap();
-                let summary = stats.summary(&table);
-                summary.attempt += n;
-                match result {
-                    Ok(()) => {
-                        summary.success += n;
-                        drop(stats);
-                        shared.progress.add_written(&table, n);
-                    }
-                    Err(e) => {
-                        summary.had_errors = true;
-                        drop(stats);
-                        eprintln!("error: could not write batch {batch_index} of {table}: {e:#}");
-                        shared.save_failed_batch(&table, batch_index, &rows);
-                    }
-                }
+            if rows.is_empty() {
+                shared.budget.release(reserved);
+                continue;
             }
-            shared.budget.release(reserved);
+            let mut shape = Shape::default();
+            chunks.iter().for_each(|c| shape.merge(&c.shape));
+            let on_written = written_callback(
+                shared.clone(),
+                table.clone(),
+                batch_index,
+                chunks.clone(),
+                reserved,
+            );
+            let writer = match task.writers.get_mut(&table) {
+                Some(w) => Ok(w),
+                None => shared
+                    .open_writer(&table, &ctx.resource_type)
+                    .map(|w| task.writers.entry(table.clone()).or_insert(w)),
+            };
+            match writer {
+                Ok(w) => w.write_batch(
+                    &RowBatch {
+                        rows,
+                        shape: &shape,
+                    },
+                    on_written,
+                ),
+                Err(e) => on_written(Err(e)),
+            }
         }
         task.pending.clear();
         task.pending_rows = 0;
         shared.progress.batches.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// What happens once a batch is durable or failed: counts, the errors folder, and the release
+/// of its memory (only now, so a slow commit holds back the readers).
+fn written_callback(
+    shared: Arc<RunShared>,
+    table: String,
+    batch_index: usize,
+    chunks: Arc<Vec<TableChunk>>,
+    reserved: u64,
+) -> OnWritten {
+    Box::new(move |result| {
+        let rows = unique_rows(&chunks);
+        let n = rows.len() as u64;
+        let mut stats = shared.stats.lock().unwrap();
+        let summary = stats.summary(&table);
+        summary.attempt += n;
+        match result {
+            Ok(()) => {
+                summary.success += n;
+                drop(stats);
+                shared.progress.add_written(&table, n);
+            }
+            Err(e) => {
+                summary.had_errors = true;
+                drop(stats);
+                eprintln!("error: could not write batch {batch_index} of {table}: {e:#}");
+                shared.save_failed_batch(&table, batch_index, &rows);
+            }
+        }
+        drop(rows);
+        drop(chunks);
+        shared.budget.release(reserved);
+    })
 }
 
 /// The rows of a batch with duplicate ids removed: the last occurrence wins, order is kept.

@@ -4,7 +4,7 @@
 pub mod rows;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,9 @@ use crate::fhir::{ElementModel, Shape};
 use crate::input::deleted::read_deleted_ids;
 use crate::input::export_log::read_export_log;
 use crate::input::{bundles, discover};
+use crate::output::delta::DeltaSettings;
 use crate::output::job::{self, JobConfig};
-use crate::output::{OutputFormat, RowBatch, TableKind, open_table};
+use crate::output::{OutputFormat, Outputs, RowBatch, TableKind, write_and_wait};
 use crate::store::{self, Location};
 use crate::tasks::{self, COMPLETION_TABLE, Task};
 use crate::time::PyDateTime;
@@ -43,6 +44,8 @@ pub struct EtlOptions {
     pub allow_missing_resources: bool,
     pub engine: EngineConfig,
     pub memory: u64,
+    /// Compact and vacuum Delta tables at the end (`--no-table-optimization` turns it off).
+    pub optimize_tables: bool,
     pub progress_interval: Duration,
 }
 
@@ -57,13 +60,6 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         return Err(Fatal::new(
             ExitCode::FolderDoesNotExist,
             format!("The input folder '{}' does not exist.", input.display()),
-        ));
-    }
-    if opts.output_format == OutputFormat::Deltalake {
-        return Err(Fatal::new(
-            ExitCode::ArgsInvalid,
-            "The Delta Lake output format is not available yet in this version. \
-             Use --output-format=ndjson or --output-format=parquet.",
         ));
     }
     if opts.batch_size == 0 {
@@ -180,7 +176,8 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             ),
         ));
     }
-    if !store::is_empty_dir(output)? {
+    // Delta tables are updated in place; the file formats need a fresh folder, as upstream.
+    if opts.output_format != OutputFormat::Deltalake && !store::is_empty_dir(output)? {
         return Err(Fatal::new(
             ExitCode::FolderNotEmpty,
             format!(
@@ -260,13 +257,20 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         None => None,
     };
     let scrubber = Scrubber::new(Rules::embedded()?, codebook.clone(), true);
+    let outputs = Outputs::new(
+        opts.output_format,
+        output,
+        DeltaSettings {
+            memory_limit: (opts.memory / 2).max(64 << 20) as usize,
+            run_id: format!("cumulus-etl/{}", started.folder_name()),
+        },
+    )?;
     let shared = Arc::new(RunShared::new(
         scrubber,
         budget,
         work,
         contexts,
-        opts.output_format,
-        output.to_path_buf(),
+        outputs,
         opts.errors_to.clone(),
         opts.batch_size,
         bundle_bytes,
@@ -290,10 +294,13 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             let has_rows = shared.stats.lock().unwrap().tables.contains_key(&table);
             if !has_rows {
                 let mut writer = shared.open_writer(&table, &task.resource)?;
-                writer.write_batch(&RowBatch {
-                    rows: Vec::new(),
-                    shape: &Shape::default(),
-                })?;
+                write_and_wait(
+                    writer.as_mut(),
+                    &RowBatch {
+                        rows: Vec::new(),
+                        shape: &Shape::default(),
+                    },
+                )?;
                 shared.stats.lock().unwrap().summary(&table);
             }
         }
@@ -311,8 +318,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             );
         }
         write_completion_row(
-            opts.output_format,
-            output,
+            &shared.outputs,
             task,
             &group,
             &export_time,
@@ -328,6 +334,19 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             shared.stats.lock().unwrap().summary(&task.name).had_errors = true;
         })
         .ok();
+    }
+    if opts.output_format == OutputFormat::Deltalake {
+        eprintln!(
+            "Finishing Delta tables ({})...",
+            if opts.optimize_tables {
+                "compaction, vacuum, checkpoint, manifest"
+            } else {
+                "checkpoint, manifest"
+            }
+        );
+    }
+    for (table, e) in shared.outputs.finish(opts.optimize_tables) {
+        eprintln!("warning: table maintenance of {table} failed: {e:#}");
     }
     codebook.save()?;
     let stats = shared.stats.lock().unwrap();
@@ -353,8 +372,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
 
 #[allow(clippy::too_many_arguments)]
 fn write_completion_row(
-    format: OutputFormat,
-    output: &Path,
+    outputs: &Outputs,
     task: &Task,
     group: &str,
     export_time: &PyDateTime,
@@ -373,11 +391,14 @@ fn write_completion_row(
     });
     let mut text = Vec::new();
     crate::output::json::write_compact_ascii(&mut text, &strip_nulls(row));
-    let mut writer = open_table(format, output, COMPLETION_TABLE, TableKind::Completion)?;
-    writer.write_batch(&RowBatch {
-        rows: vec![&text],
-        shape: &Shape::default(),
-    })
+    let mut writer = outputs.open(COMPLETION_TABLE, TableKind::Completion)?;
+    write_and_wait(
+        writer.as_mut(),
+        &RowBatch {
+            rows: vec![&text],
+            shape: &Shape::default(),
+        },
+    )
 }
 
 fn strip_nulls(mut v: serde_json::Value) -> serde_json::Value {

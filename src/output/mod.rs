@@ -1,12 +1,15 @@
 //! Table outputs: a writer per table that turns batches of rows into files (NDJSON, Parquet), the
 //! completion tables, and the run metadata (job config, summaries, context).
 
+pub mod arrow_rows;
+pub mod delta;
 pub mod job;
 pub mod json;
 pub mod ndjson;
 pub mod parquet;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Result;
 
@@ -48,27 +51,72 @@ pub struct RowBatch<'a> {
     pub shape: &'a Shape,
 }
 
+/// Called exactly once when a batch is durable or has failed. File formats call it before
+/// `write_batch` returns; Delta calls it after the commit, from its own runtime, so a caller
+/// must not hold resources (memory budget, rows for the errors folder) past this point.
+pub type OnWritten = Box<dyn FnOnce(Result<()>) + Send>;
+
 /// Writes batches of one table.
 pub trait TableWriter: Send {
-    /// Writes one batch as one file (an empty batch still creates the table).
-    fn write_batch(&mut self, batch: &RowBatch<'_>) -> Result<()>;
-    /// Records ids deleted by the export (already anonymized).
+    /// Writes one batch (an empty batch still creates the table) and reports through
+    /// `on_written`; writers may return before the batch is durable.
+    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten);
+    /// Records ids deleted by the export (already anonymized); returns once they are applied.
     fn delete_ids(&mut self, ids: &[String]) -> Result<()>;
 }
 
-/// Creates the writer for a table in the chosen format.
-pub fn open_table(
-    format: OutputFormat,
-    root: &Path,
-    table: &str,
-    kind: TableKind,
-) -> Result<Box<dyn TableWriter>> {
-    let files = BatchedFiles::new(root, table, format.name());
-    Ok(match format {
-        OutputFormat::Ndjson => Box::new(ndjson::NdjsonTable::new(files)),
-        OutputFormat::Parquet => Box::new(parquet::ParquetTable::new(files, kind)),
-        OutputFormat::Deltalake => anyhow::bail!("the Delta Lake output is not available yet"),
-    })
+/// Writes one batch and waits until it is durable (for writes outside the dataflow).
+pub fn write_and_wait(writer: &mut dyn TableWriter, batch: &RowBatch<'_>) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    writer.write_batch(
+        batch,
+        Box::new(move |result| {
+            let _ = tx.send(result);
+        }),
+    );
+    rx.recv()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the table writer stopped before reporting")))
+}
+
+/// Where a run's tables go: the format, the root folder, and for Delta the shared committers.
+pub struct Outputs {
+    pub format: OutputFormat,
+    pub root: PathBuf,
+    delta: Option<Arc<delta::DeltaOutput>>,
+}
+
+impl Outputs {
+    /// The outputs of a run; Delta starts its commit runtime here.
+    pub fn new(format: OutputFormat, root: &Path, delta: delta::DeltaSettings) -> Result<Outputs> {
+        let delta = match format {
+            OutputFormat::Deltalake => Some(Arc::new(delta::DeltaOutput::new(root, delta)?)),
+            _ => None,
+        };
+        Ok(Outputs {
+            format,
+            root: root.to_path_buf(),
+            delta,
+        })
+    }
+
+    /// The writer of one table.
+    pub fn open(&self, table: &str, kind: TableKind) -> Result<Box<dyn TableWriter>> {
+        let files = BatchedFiles::new(&self.root, table, self.format.name());
+        Ok(match (self.format, &self.delta) {
+            (OutputFormat::Ndjson, _) => Box::new(ndjson::NdjsonTable::new(files)),
+            (OutputFormat::Parquet, _) => Box::new(parquet::ParquetTable::new(files, kind)),
+            (OutputFormat::Deltalake, Some(delta)) => delta.writer(table, kind),
+            (OutputFormat::Deltalake, None) => unreachable!("Delta outputs have a committer"),
+        })
+    }
+
+    /// Waits for every pending commit, then runs table maintenance (Delta only).
+    pub fn finish(&self, optimize: bool) -> Vec<(String, anyhow::Error)> {
+        match &self.delta {
+            Some(delta) => delta.finish(optimize),
+            None => Vec::new(),
+        }
+    }
 }
 
 /// `<root>/<table>/<table>.NNN.<ext>`, numbered from the next free index.

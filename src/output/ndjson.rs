@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 
-use super::{BatchedFiles, RowBatch, TableWriter};
+use super::{BatchedFiles, OnWritten, RowBatch, TableWriter};
 
 /// A table written as NDJSON files.
 pub struct NdjsonTable {
@@ -19,7 +19,17 @@ impl NdjsonTable {
 }
 
 impl TableWriter for NdjsonTable {
-    fn write_batch(&mut self, batch: &RowBatch<'_>) -> Result<()> {
+    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
+        on_written(self.write_file(batch));
+    }
+
+    fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
+        self.files.record_deletes(ids)
+    }
+}
+
+impl NdjsonTable {
+    fn write_file(&mut self, batch: &RowBatch<'_>) -> Result<()> {
         let path = self.files.next_path()?;
         let file =
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -31,9 +41,5 @@ impl TableWriter for NdjsonTable {
         out.flush()
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
-    }
-
-    fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
-        self.files.record_deletes(ids)
     }
 }

@@ -2,6 +2,8 @@
 
 mod bad_input;
 mod deid_fixtures;
+mod delta;
+mod delta_runs;
 mod etl_runs;
 mod reference;
 mod support;

@@ -61,3 +61,84 @@ pub fn phi_with_salt(dir: &Path, salt: &str) {
     )
     .unwrap();
 }
+
+/// The data files a Delta table's log says are live, read from `_delta_log/*.json` directly
+/// (add minus remove), so the check does not trust the writer's own reader.
+pub fn delta_live_files(table: &Path) -> Vec<PathBuf> {
+    let mut commits: Vec<PathBuf> = std::fs::read_dir(table.join("_delta_log"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    commits.sort();
+    let mut live = std::collections::BTreeSet::new();
+    for commit in commits {
+        for line in std::fs::read_to_string(&commit).unwrap().lines() {
+            let action: Value = serde_json::from_str(line).unwrap();
+            if let Some(path) = action["add"]["path"].as_str() {
+                live.insert(percent_decode(path));
+            }
+            if let Some(path) = action["remove"]["path"].as_str() {
+                live.remove(&percent_decode(path));
+            }
+        }
+    }
+    live.into_iter().map(|p| table.join(p)).collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Every live row of a Delta table as JSON (nulls left out), in file order.
+pub fn read_delta_rows(table: &Path) -> Vec<Value> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut rows = Vec::new();
+    for file in delta_live_files(table) {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+            writer.write(&batch).unwrap();
+            writer.finish().unwrap();
+            let text = writer.into_inner();
+            for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                rows.push(serde_json::from_slice(line).unwrap());
+            }
+        }
+    }
+    rows
+}
+
+/// The live rows of a Delta table keyed by `key`; panics on a duplicate key.
+pub fn read_delta(table: &Path, key: &str) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for row in read_delta_rows(table) {
+        let k = row[key].as_str().expect("string key").to_string();
+        assert!(
+            out.insert(k.clone(), row).is_none(),
+            "duplicate {key} {k} in {}",
+            table.display()
+        );
+    }
+    out
+}

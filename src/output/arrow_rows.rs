@@ -1,0 +1,85 @@
+//! Rows to Arrow: the Cumulus schema of a batch (the FHIR R4 wide-shallow schema plus what the
+//! batch holds, or a completion table's fixed schema) and the decoding of its JSON rows.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::json::ReaderBuilder;
+use arrow::record_batch::RecordBatch;
+
+use super::{RowBatch, TableKind};
+use crate::fhir::{ElementModel, resource_schema};
+
+/// The Arrow schema of one batch of a table.
+pub fn batch_schema(kind: &TableKind, batch: &RowBatch<'_>) -> Arc<Schema> {
+    Arc::new(match kind {
+        TableKind::Fhir(resource_type) => {
+            resource_schema(ElementModel::r4(), resource_type, batch.shape)
+        }
+        other => completion_schema(other).expect("completion table"),
+    })
+}
+
+/// One batch of a table as an Arrow record batch.
+pub fn to_record_batch(kind: &TableKind, batch: &RowBatch<'_>) -> Result<RecordBatch> {
+    rows_to_record_batch(batch_schema(kind, batch), &batch.rows)
+        .context("rows do not fit the table's FHIR schema")
+}
+
+/// The fixed schemas of the completion tables (all strings, as upstream).
+pub fn completion_schema(kind: &TableKind) -> Option<Schema> {
+    let names: &[&str] = match kind {
+        TableKind::CompletionEncounters => &[
+            "encounter_id",
+            "group_name",
+            "export_time",
+            "excluded_resources",
+        ],
+        TableKind::Completion => &[
+            "table_name",
+            "group_name",
+            "export_time",
+            "export_url",
+            "etl_version",
+            "etl_time",
+            "excluded_resources",
+        ],
+        TableKind::Fhir(_) => return None,
+    };
+    Some(Schema::new(
+        names
+            .iter()
+            .map(|n| Field::new(*n, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// Decodes compact JSON rows into one record batch of `schema`.
+pub fn rows_to_record_batch(schema: Arc<Schema>, rows: &[&[u8]]) -> Result<RecordBatch> {
+    let mut decoder = ReaderBuilder::new(schema.clone())
+        .with_batch_size(rows.len().max(1))
+        .build_decoder()?;
+    let mut batches = Vec::new();
+    for row in rows {
+        let mut buf: &[u8] = row;
+        while !buf.is_empty() {
+            let used = decoder.decode(buf)?;
+            if used == 0 {
+                if let Some(b) = decoder.flush()? {
+                    batches.push(b);
+                }
+                continue;
+            }
+            buf = &buf[used..];
+        }
+        decoder.decode(b"\n")?;
+    }
+    if let Some(b) = decoder.flush()? {
+        batches.push(b);
+    }
+    if batches.is_empty() {
+        return Ok(RecordBatch::new_empty(schema));
+    }
+    arrow::compute::concat_batches(&schema, &batches).map_err(|e| anyhow!(e))
+}

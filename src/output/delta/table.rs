@@ -1,0 +1,353 @@
+//! One Cumulus table in Delta Lake and the operations Cumulus ETL performs on it: upsert on the
+//! uniqueness fields with the `meta.lastUpdated` guard, the group-field delete, deletions by id,
+//! and end-of-run maintenance. Every data commit carries a (run, sequence) transaction so a
+//! retried commit is recognised instead of applied twice.
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use arrow::array::{Array, StringArray};
+use arrow::datatypes::{DataType, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use deltalake::DeltaTable;
+use deltalake::datafusion::common::Column;
+use deltalake::datafusion::execution::context::SessionContext;
+use deltalake::datafusion::functions::core::expr_fn::get_field;
+use deltalake::datafusion::logical_expr::{Expr, cast, lit};
+use deltalake::delta_datafusion::create_session_state_with_spill_config;
+use deltalake::kernel::Transaction;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::operations::optimize::OptimizeType;
+use deltalake::operations::write::SchemaMode;
+use deltalake::protocol::SaveMode;
+use url::Url;
+
+use super::conform::{conform_batch, union_schema};
+use crate::output::TableKind;
+
+/// Ids per DELETE statement; Cumulus ETL saw out-of-memory errors with much larger lists.
+const DELETE_CHUNK: usize = 50_000;
+
+/// How a table is keyed and updated, as Cumulus ETL's output tables define it.
+#[derive(Debug, Clone)]
+pub struct TableSpec {
+    pub name: String,
+    /// Columns that identify a row (MERGE predicate).
+    pub uniqueness: Vec<String>,
+    /// False keeps the first row ever written for a key (`etl__completion_encounters`).
+    pub update_existing: bool,
+    /// A top-level column whose touched values replace all their stored rows.
+    pub group_field: Option<String>,
+}
+
+impl TableSpec {
+    /// The spec of a table of the given kind.
+    pub fn for_kind(name: &str, kind: &TableKind) -> TableSpec {
+        let (uniqueness, update_existing): (&[&str], bool) = match kind {
+            TableKind::Fhir(_) => (&["id"], true),
+            TableKind::CompletionEncounters => (&["encounter_id", "group_name"], false),
+            TableKind::Completion => (
+                &["table_name", "group_name", "export_time", "etl_time"],
+                true,
+            ),
+        };
+        TableSpec {
+            name: name.to_string(),
+            uniqueness: uniqueness.iter().map(|s| s.to_string()).collect(),
+            update_existing,
+            group_field: None,
+        }
+    }
+}
+
+/// Settings shared by all Delta tables of a run.
+#[derive(Debug, Clone)]
+pub struct DeltaSettings {
+    /// Bytes DataFusion may hold for MERGE, DELETE and OPTIMIZE before spilling.
+    pub memory_limit: usize,
+    /// Identifies this run in the tables' transaction log (`txn.appId`).
+    pub run_id: String,
+}
+
+/// A table being written by this run.
+pub struct CumulusTable {
+    spec: TableSpec,
+    table: DeltaTable,
+    settings: Arc<DeltaSettings>,
+    /// True while the table holds only rows this run appended, so new keys can be appended
+    /// instead of merged.
+    append_only: bool,
+    /// Fingerprints of the keys (and groups) this run has written.
+    written_keys: HashSet<u64>,
+    /// Data commits made by this run (the transaction version of the next is this plus one).
+    commits: i64,
+}
+
+impl CumulusTable {
+    /// Opens the table under `root`, which need not exist yet.
+    pub async fn open(root: &Path, spec: TableSpec, settings: Arc<DeltaSettings>) -> Result<Self> {
+        let dir = root.join(&spec.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = dir.canonicalize()?;
+        let url = Url::from_directory_path(&dir)
+            .map_err(|_| anyhow!("{} is not a usable table path", dir.display()))?;
+        let table = DeltaTable::try_from_url(url)
+            .await
+            .with_context(|| format!("opening the Delta table {}", dir.display()))?;
+        let append_only = match table.version() {
+            None => true,
+            Some(_) => table.get_file_uris()?.next().is_none(),
+        };
+        Ok(CumulusTable {
+            spec,
+            table,
+            settings,
+            append_only,
+            written_keys: HashSet::new(),
+            commits: 0,
+        })
+    }
+
+    /// The underlying table (for tests and read-back).
+    pub fn delta(&self) -> &DeltaTable {
+        &self.table
+    }
+
+    fn exists(&self) -> bool {
+        self.table.version().is_some()
+    }
+
+    fn session(&self) -> deltalake::datafusion::execution::context::SessionState {
+        create_session_state_with_spill_config(Some(self.settings.memory_limit), None)
+    }
+
+    fn commit_properties(&mut self) -> CommitProperties {
+        self.commits += 1;
+        CommitProperties::default()
+            .with_application_transaction(Transaction::new(&self.settings.run_id, self.commits))
+    }
+
+    /// Upserts a batch: inserts new keys; replaces stored rows unless theirs is newer
+    /// (`meta.lastUpdated`); deletes stored rows of `groups` the batch no longer has. An empty
+    /// batch only creates the table (with its schema) when it does not exist yet.
+    pub async fn upsert(&mut self, batch: RecordBatch, groups: &[String]) -> Result<()> {
+        if batch.num_rows() == 0 && groups.is_empty() && self.exists() {
+            return Ok(());
+        }
+        let schema = match self.exists() {
+            true => union_schema(
+                &self.table.snapshot()?.snapshot().arrow_schema(),
+                &batch.schema(),
+            )?,
+            false => batch.schema(),
+        };
+        let batch = conform_batch(&batch, &schema)?;
+        let keys = self.key_fingerprints(&batch, groups)?;
+        let fresh = self.append_only && keys.iter().all(|k| !self.written_keys.contains(k));
+        if !self.exists() || fresh {
+            self.append(batch).await?;
+        } else {
+            self.merge(batch, groups).await?;
+            self.append_only = false;
+        }
+        self.written_keys.extend(keys);
+        Ok(())
+    }
+
+    async fn append(&mut self, batch: RecordBatch) -> Result<()> {
+        let props = self.commit_properties();
+        let table = self
+            .table
+            .clone()
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Append)
+            .with_schema_mode(SchemaMode::Merge)
+            .with_table_name(&self.spec.name)
+            .with_commit_properties(props)
+            .await
+            .with_context(|| format!("appending to {}", self.spec.name))?;
+        self.table = table;
+        Ok(())
+    }
+
+    async fn merge(&mut self, batch: RecordBatch, groups: &[String]) -> Result<()> {
+        let props = self.commit_properties();
+        let state = self.session();
+        let fields: Vec<String> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let guard = self
+            .spec
+            .update_existing
+            .then(|| last_updated_guard(&batch))
+            .flatten();
+        let source = SessionContext::new_with_state(state.clone()).read_batch(batch)?;
+        let predicate = self
+            .spec
+            .uniqueness
+            .iter()
+            .map(|f| qualified("target", f).eq(qualified("source", f)))
+            .reduce(Expr::and)
+            .expect("a table has uniqueness fields");
+        let mut builder = self
+            .table
+            .clone()
+            .merge(source, predicate)
+            .with_source_alias("source")
+            .with_target_alias("target")
+            .with_merge_schema(true)
+            .with_session_state(Arc::new(state))
+            .with_commit_properties(props);
+        if self.spec.update_existing {
+            builder = builder.when_matched_update(|update| {
+                let update = match guard {
+                    Some(guard) => update.predicate(guard),
+                    None => update,
+                };
+                fields.iter().fold(update, |u, f| {
+                    u.update(Column::new_unqualified(f), qualified("source", f))
+                })
+            })?;
+        }
+        builder = builder.when_not_matched_insert(|insert| {
+            fields.iter().fold(insert, |i, f| {
+                i.set(Column::new_unqualified(f), qualified("source", f))
+            })
+        })?;
+        if let Some(group_field) = &self.spec.group_field
+            && !groups.is_empty()
+        {
+            let touched = qualified("target", group_field)
+                .in_list(groups.iter().map(|g| lit(g.as_str())).collect(), false);
+            builder = builder.when_not_matched_by_source_delete(|d| d.predicate(touched))?;
+        }
+        let (table, _metrics) = builder
+            .await
+            .with_context(|| format!("merging into {}", self.spec.name))?;
+        self.table = table;
+        Ok(())
+    }
+
+    /// Deletes rows by id (the export's deleted resources), in chunks.
+    pub async fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
+        if !self.exists() || ids.is_empty() {
+            return Ok(());
+        }
+        for chunk in ids.chunks(DELETE_CHUNK) {
+            let predicate = Expr::Column(Column::new_unqualified("id"))
+                .in_list(chunk.iter().map(|id| lit(id.as_str())).collect(), false);
+            let (table, _metrics) = self
+                .table
+                .clone()
+                .delete()
+                .with_predicate(predicate)
+                .with_session_state(Arc::new(self.session()))
+                .await
+                .with_context(|| format!("deleting ids from {}", self.spec.name))?;
+            self.table = table;
+        }
+        self.append_only = false;
+        Ok(())
+    }
+
+    /// End-of-run maintenance: compaction and VACUUM (when `optimize`), then a checkpoint and
+    /// the symlink manifest Athena reads, so both describe the final files.
+    pub async fn maintain(&mut self, optimize: bool) -> Result<()> {
+        if !self.exists() {
+            return Ok(());
+        }
+        if optimize {
+            let (table, _metrics) = self
+                .table
+                .clone()
+                .optimize()
+                .with_type(OptimizeType::Compact)
+                .with_session_state(Arc::new(self.session()))
+                .await
+                .with_context(|| format!("compacting {}", self.spec.name))?;
+            let (table, _metrics) = table
+                .vacuum()
+                .await
+                .with_context(|| format!("vacuuming {}", self.spec.name))?;
+            self.table = table;
+        }
+        deltalake::checkpoints::create_checkpoint(&self.table, None)
+            .await
+            .with_context(|| format!("checkpointing {}", self.spec.name))?;
+        self.table = self
+            .table
+            .clone()
+            .generate()
+            .await
+            .with_context(|| format!("writing the symlink manifest of {}", self.spec.name))?;
+        Ok(())
+    }
+
+    /// Fingerprints of the batch's keys and of the groups it touches.
+    fn key_fingerprints(&self, batch: &RecordBatch, groups: &[String]) -> Result<Vec<u64>> {
+        let columns = self
+            .spec
+            .uniqueness
+            .iter()
+            .map(|name| {
+                let column = batch
+                    .column_by_name(name)
+                    .ok_or_else(|| anyhow!("the batch has no '{name}' column"))?;
+                arrow::compute::cast(column, &DataType::Utf8)
+                    .map_err(|e| anyhow!("'{name}' is not a usable key: {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let columns: Vec<&StringArray> = columns
+            .iter()
+            .map(|c| c.as_any().downcast_ref::<StringArray>().expect("utf8"))
+            .collect();
+        let mut keys: Vec<u64> = (0..batch.num_rows())
+            .map(|row| {
+                let mut hasher = std::hash::DefaultHasher::new();
+                for column in &columns {
+                    column.is_valid(row).hash(&mut hasher);
+                    column.value(row).hash(&mut hasher);
+                }
+                hasher.finish()
+            })
+            .collect();
+        keys.extend(groups.iter().map(|g| {
+            let mut hasher = std::hash::DefaultHasher::new();
+            ("group", g).hash(&mut hasher);
+            hasher.finish()
+        }));
+        Ok(keys)
+    }
+}
+
+/// `target.<name>` or `source.<name>`, case kept.
+fn qualified(relation: &str, name: &str) -> Expr {
+    Expr::Column(Column::new(Some(relation), name))
+}
+
+/// Cumulus ETL's rule: update unless the stored `meta.lastUpdated` is newer than the incoming
+/// one; rows missing either timestamp are updated. None when the schema has no such field.
+fn last_updated_guard(batch: &RecordBatch) -> Option<Expr> {
+    let schema = batch.schema();
+    let (_, meta) = schema.column_with_name("meta")?;
+    let DataType::Struct(children) = meta.data_type() else {
+        return None;
+    };
+    children.find("lastUpdated")?;
+    let timestamp = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let stored = get_field(qualified("target", "meta"), "lastUpdated");
+    let incoming = get_field(qualified("source", "meta"), "lastUpdated");
+    Some(
+        stored
+            .clone()
+            .is_null()
+            .or(incoming.clone().is_null())
+            .or(cast(stored, timestamp.clone()).lt_eq(cast(incoming, timestamp))),
+    )
+}

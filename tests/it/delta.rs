@@ -1,0 +1,258 @@
+//! Delta Lake tables: the table operations on real tables in temporary folders (upsert, the
+//! `meta.lastUpdated` matrix, group deletes, deleted ids, schema evolution), and whole runs.
+
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use cumulus_etl::output::TableKind;
+use cumulus_etl::output::delta::{CumulusTable, DeltaSettings, TableSpec};
+use serde_json::{Value, json};
+
+use crate::support::read_delta;
+
+fn settings() -> Arc<DeltaSettings> {
+    Arc::new(DeltaSettings {
+        memory_limit: 64 << 20,
+        run_id: "test-run".into(),
+    })
+}
+
+/// Rows as a record batch, with the schema arrow infers from them.
+fn batch(rows: &[Value]) -> RecordBatch {
+    let text: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    let schema =
+        arrow::json::reader::infer_json_schema_from_iterator(rows.iter().map(|r| Ok(r.clone())))
+            .unwrap();
+    let mut decoder = arrow::json::ReaderBuilder::new(Arc::new(schema))
+        .build_decoder()
+        .unwrap();
+    decoder.decode(text.join("\n").as_bytes()).unwrap();
+    decoder.flush().unwrap().unwrap()
+}
+
+fn fhir_spec(name: &str) -> TableSpec {
+    TableSpec::for_kind(name, &TableKind::Fhir("Observation".into()))
+}
+
+/// Writes each batch in turn (a new table handle per run, as separate runs would).
+fn write_runs(root: &std::path::Path, spec: &TableSpec, runs: &[Vec<Value>]) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for rows in runs {
+        rt.block_on(async {
+            let mut table = CumulusTable::open(root, spec.clone(), settings())
+                .await
+                .unwrap();
+            table.upsert(batch(rows), &[]).await.unwrap();
+        });
+    }
+}
+
+#[test]
+fn upsert_inserts_new_rows_and_replaces_stored_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    write_runs(
+        tmp.path(),
+        &spec,
+        &[
+            vec![
+                json!({"id": "1", "status": "a"}),
+                json!({"id": "2", "status": "a"}),
+            ],
+            vec![
+                json!({"id": "2", "status": "b"}),
+                json!({"id": "3", "status": "b"}),
+            ],
+        ],
+    );
+    let rows = read_delta(&tmp.path().join("observation"), "id");
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows["1"]["status"], "a");
+    assert_eq!(rows["2"]["status"], "b");
+    assert_eq!(rows["3"]["status"], "b");
+}
+
+#[test]
+fn repeated_keys_within_one_run_are_merged_not_appended_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut table = CumulusTable::open(tmp.path(), spec, settings())
+            .await
+            .unwrap();
+        table
+            .upsert(batch(&[json!({"id": "1", "status": "a"})]), &[])
+            .await
+            .unwrap();
+        table
+            .upsert(batch(&[json!({"id": "1", "status": "b"})]), &[])
+            .await
+            .unwrap();
+    });
+    let rows = crate::support::read_delta_rows(&tmp.path().join("observation"));
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["status"], "b");
+}
+
+#[test]
+fn last_updated_matrix_follows_cumulus_etl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let row = |id: &str, when: Option<&str>, status: &str| match when {
+        Some(t) => json!({"id": id, "meta": {"lastUpdated": t}, "status": status}),
+        None => json!({"id": id, "meta": {"versionId": "1"}, "status": status}),
+    };
+    let stored = vec![
+        row("older-incoming", Some("2020-01-02T00:00:00Z"), "stored"),
+        row("equal", Some("2020-01-01T00:00:00+00:00"), "stored"),
+        row("newer-incoming", Some("2020-01-01T00:00:00Z"), "stored"),
+        row(
+            "newer-by-offset",
+            Some("2020-01-01T10:00:00+00:00"),
+            "stored",
+        ),
+        row("stored-missing", None, "stored"),
+        row("incoming-missing", Some("2020-01-01T00:00:00Z"), "stored"),
+    ];
+    let incoming = vec![
+        row("older-incoming", Some("2020-01-01T00:00:00Z"), "incoming"),
+        row("equal", Some("2020-01-01T00:00:00+00:00"), "incoming"),
+        row("newer-incoming", Some("2020-01-02T00:00:00Z"), "incoming"),
+        row(
+            "newer-by-offset",
+            Some("2020-01-01T06:00:00-05:00"),
+            "incoming",
+        ),
+        row("stored-missing", Some("2020-01-01T00:00:00Z"), "incoming"),
+        row("incoming-missing", None, "incoming"),
+        row("new", Some("2020-01-01T00:00:00Z"), "incoming"),
+    ];
+    write_runs(tmp.path(), &spec, &[stored, incoming]);
+    let rows = read_delta(&tmp.path().join("observation"), "id");
+    let status = |id: &str| rows[id]["status"].as_str().unwrap().to_string();
+    assert_eq!(status("older-incoming"), "stored");
+    assert_eq!(status("equal"), "incoming");
+    assert_eq!(status("newer-incoming"), "incoming");
+    assert_eq!(status("newer-by-offset"), "incoming");
+    assert_eq!(status("stored-missing"), "incoming");
+    assert_eq!(status("incoming-missing"), "incoming");
+    assert_eq!(status("new"), "incoming");
+    assert_eq!(rows.len(), 7);
+}
+
+#[test]
+fn completion_encounters_keep_the_first_export_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = TableSpec::for_kind(
+        "etl__completion_encounters",
+        &TableKind::CompletionEncounters,
+    );
+    let row = |t: &str| json!({"encounter_id": "e1", "group_name": "g", "export_time": t});
+    write_runs(tmp.path(), &spec, &[vec![row("2020")], vec![row("2021")]]);
+    let rows = crate::support::read_delta_rows(&tmp.path().join("etl__completion_encounters"));
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["export_time"], "2020");
+}
+
+#[test]
+fn group_field_replaces_the_rows_of_touched_groups_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = fhir_spec("covid_symptom__nlp_results");
+    spec.group_field = Some("docref_id".into());
+    let row = |id: &str, group: &str| json!({"id": id, "docref_id": group});
+    let quoted = "doc'1";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut table = CumulusTable::open(tmp.path(), spec.clone(), settings())
+            .await
+            .unwrap();
+        let first = batch(&[
+            row("a.0", quoted),
+            row("a.1", quoted),
+            row("b.0", "doc2"),
+            row("c.0", "doc3"),
+        ]);
+        table.upsert(first, &[]).await.unwrap();
+        // A new batch for doc'1 keeps only a.1; doc3 is touched with no rows at all.
+        let second = batch(&[row("a.1", quoted)]);
+        table
+            .upsert(second, &[quoted.to_string(), "doc3".to_string()])
+            .await
+            .unwrap();
+    });
+    let rows = read_delta(&tmp.path().join("covid_symptom__nlp_results"), "id");
+    let ids: Vec<&str> = rows.keys().map(String::as_str).collect();
+    assert_eq!(ids, ["a.1", "b.0"]);
+}
+
+#[test]
+fn deleted_ids_are_removed_from_the_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut table = CumulusTable::open(tmp.path(), spec, settings())
+            .await
+            .unwrap();
+        let rows: Vec<Value> = (0..5).map(|i| json!({"id": format!("id{i}")})).collect();
+        table.upsert(batch(&rows), &[]).await.unwrap();
+        table
+            .delete_ids(&["id1".into(), "id3".into(), "unknown".into()])
+            .await
+            .unwrap();
+    });
+    let rows = read_delta(&tmp.path().join("observation"), "id");
+    let ids: Vec<&str> = rows.keys().map(String::as_str).collect();
+    assert_eq!(ids, ["id0", "id2", "id4"]);
+}
+
+#[test]
+fn a_later_batch_with_new_fields_evolves_the_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    write_runs(
+        tmp.path(),
+        &spec,
+        &[
+            vec![json!({"id": "1", "code": {"text": "a"}})],
+            vec![
+                json!({"id": "2", "code": {"text": "b", "coding": [{"code": "x"}]}, "valueInteger": 7}),
+            ],
+            vec![json!({"id": "1", "status": "final"})],
+        ],
+    );
+    let rows = read_delta(&tmp.path().join("observation"), "id");
+    assert_eq!(rows["2"]["code"]["coding"][0]["code"], "x");
+    assert_eq!(rows["2"]["valueInteger"], 7);
+    // Row 1 was replaced by its new version, which has no code.
+    assert_eq!(rows["1"]["status"], "final");
+    assert!(rows["1"].get("code").is_none_or(Value::is_null));
+}
+
+#[test]
+fn an_incompatible_type_change_fails_that_batch_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut table = CumulusTable::open(tmp.path(), spec, settings())
+            .await
+            .unwrap();
+        table
+            .upsert(batch(&[json!({"id": "1", "value": "text"})]), &[])
+            .await
+            .unwrap();
+        let err = table
+            .upsert(batch(&[json!({"id": "2", "value": {"a": 1}})]), &[])
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("'value'"), "{err:#}");
+        table
+            .upsert(batch(&[json!({"id": "3", "value": "more"})]), &[])
+            .await
+            .unwrap();
+    });
+    let rows = read_delta(&tmp.path().join("observation"), "id");
+    assert_eq!(rows.keys().collect::<Vec<_>>(), ["1", "3"]);
+}
