@@ -42,7 +42,9 @@ fn write_runs(root: &std::path::Path, spec: &TableSpec, runs: &[Vec<Value>]) {
             let mut table = CumulusTable::open(root, spec.clone(), settings())
                 .await
                 .unwrap();
-            table.upsert(batch(rows), &[]).await.unwrap();
+            if let Err(e) = table.upsert(batch(rows), &[]).await {
+                panic!("{e:#}");
+            }
         });
     }
 }
@@ -255,4 +257,28 @@ fn an_incompatible_type_change_fails_that_batch_only() {
     });
     let rows = read_delta(&tmp.path().join("observation"), "id");
     assert_eq!(rows.keys().collect::<Vec<_>>(), ["1", "3"]);
+}
+
+#[test]
+fn an_unchanged_batch_rewrites_no_files_and_a_changed_row_rewrites_its_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let table_dir = tmp.path().join("observation");
+    let rows = |status: &str| -> Vec<Value> {
+        (0..50)
+            .map(|i| {
+                json!({"id": format!("id{i}"), "status": if i == 7 { status } else { "x" },
+                            "code": {"coding": [{"code": "c", "system": "s"}]}})
+            })
+            .collect()
+    };
+    write_runs(tmp.path(), &spec, &[rows("a")]);
+    let first = crate::support::delta_live_files(&table_dir);
+    write_runs(tmp.path(), &spec, &[rows("a")]);
+    assert_eq!(crate::support::delta_live_files(&table_dir), first);
+    write_runs(tmp.path(), &spec, &[rows("b")]);
+    assert_ne!(crate::support::delta_live_files(&table_dir), first);
+    let stored = read_delta(&table_dir, "id");
+    assert_eq!(stored.len(), 50);
+    assert_eq!(stored["id7"]["status"], "b");
 }

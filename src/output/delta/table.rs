@@ -16,7 +16,7 @@ use deltalake::DeltaTable;
 use deltalake::datafusion::common::Column;
 use deltalake::datafusion::execution::context::SessionContext;
 use deltalake::datafusion::functions::core::expr_fn::get_field;
-use deltalake::datafusion::logical_expr::{Expr, cast, lit};
+use deltalake::datafusion::logical_expr::{Expr, Operator, binary_expr, cast, lit};
 use deltalake::delta_datafusion::create_session_state_with_spill_config;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
@@ -182,11 +182,28 @@ impl CumulusTable {
             .iter()
             .map(|f| f.name().clone())
             .collect();
-        let guard = self
-            .spec
-            .update_existing
-            .then(|| last_updated_guard(&batch))
-            .flatten();
+        // Updating a row with an identical one changes nothing but still rewrites its file, so
+        // only rows that differ count as updates: a re-run of an unchanged export rewrites no
+        // files at all. (Not when this batch evolves the schema: old and new column types
+        // cannot be compared, and the rows differ anyway.)
+        let evolving =
+            self.table.snapshot()?.snapshot().arrow_schema().fields() != batch.schema().fields();
+        let differs = fields
+            .iter()
+            .map(|f| {
+                binary_expr(
+                    qualified("target", f),
+                    Operator::IsNotDistinctFrom,
+                    qualified("source", f),
+                )
+            })
+            .reduce(Expr::and)
+            .filter(|_| !evolving)
+            .map(|same| !same);
+        let guard = match (last_updated_guard(&batch), differs) {
+            (Some(g), Some(d)) => Some(g.and(d)),
+            (g, d) => g.or(d),
+        };
         let source = SessionContext::new_with_state(state.clone()).read_batch(batch)?;
         let predicate = self
             .spec
