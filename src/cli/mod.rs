@@ -41,9 +41,9 @@ pub struct EtlArgs {
     pub output: String,
     /// PHI folder: codebook and run context (keep it private).
     pub phi: String,
-    /// Input format (only ndjson is available in this version).
-    #[arg(long, default_value = "ndjson")]
-    pub input_format: String,
+    /// Input format: a FHIR bulk export (ndjson) or i2b2 CSV files.
+    #[arg(long, value_enum, default_value = "ndjson")]
+    pub input_format: crate::etl::InputFormat,
     /// Output table format.
     #[arg(long, value_enum, default_value = "deltalake")]
     pub output_format: OutputFormat,
@@ -226,15 +226,6 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
 }
 
 fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
-    if a.input_format != "ndjson" {
-        return Err(Fatal::new(
-            ExitCode::ArgsInvalid,
-            format!(
-                "--input-format {} is not available yet; use ndjson.",
-                a.input_format
-            ),
-        ));
-    }
     let memory = match &a.memory {
         Some(m) => parse_size(m)
             .map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("--memory: {e}")))?,
@@ -250,6 +241,7 @@ fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
         input: loc(&a.input)?,
         output: loc(&a.output)?,
         phi: loc(&a.phi)?,
+        input_format: a.input_format,
         output_format: a.output_format,
         batch_size: a.batch_size,
         tasks: a.task,

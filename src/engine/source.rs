@@ -57,6 +57,7 @@ impl SourceState {
             }
             let mut buf = Vec::with_capacity(bundle_bytes + 4096);
             let (first_line, error) = reader.next_bundle(&mut buf, bundle_bytes);
+            self.note_bad_rows(&file, std::mem::take(&mut reader.bad_rows));
             let chunks = self.process(&file, &buf, first_line, reserved);
             if let Some((line, message)) = error {
                 self.shared.note_unreadable(&file, line, &message);
@@ -121,6 +122,36 @@ impl SourceState {
                     }
                 }
             }
+        }
+    }
+
+    /// Counts and reports i2b2 rows that could not be converted (line and reason only).
+    fn note_bad_rows(&self, file: &InputFile, rows: Vec<crate::input::i2b2::BadRow>) {
+        if rows.is_empty() {
+            return;
+        }
+        let path = file.path.display().to_string();
+        let mut counts: BTreeMap<SkipReason, u64> = BTreeMap::new();
+        for row in rows {
+            let reason = if row.duplicate {
+                SkipReason::DuplicateId
+            } else {
+                SkipReason::BadCsvRow
+            };
+            *counts.entry(reason).or_default() += 1;
+            self.shared.warn_skip(
+                &path,
+                &Skipped {
+                    line_no: row.line,
+                    reason,
+                    detail: row.reason,
+                    raw: &[],
+                },
+            );
+        }
+        let mut stats = self.shared.stats.lock().unwrap();
+        for (reason, n) in counts {
+            *stats.skipped.entry(reason).or_default() += n;
         }
     }
 

@@ -18,7 +18,8 @@ use crate::engine::{EngineConfig, MemoryBudget, RunShared, run_dataflow};
 use crate::fhir::{ElementModel, Shape};
 use crate::input::deleted::read_deleted_ids;
 use crate::input::export_log::read_export_log;
-use crate::input::{bundles, discover};
+use crate::input::i2b2::discover_i2b2;
+use crate::input::{Discovery, bundles, discover};
 use crate::output::delta::DeltaSettings;
 use crate::output::job::{self, JobConfig};
 use crate::output::{OutputFormat, Outputs, RowBatch, TableKind, write_and_wait};
@@ -33,6 +34,7 @@ pub struct EtlOptions {
     pub input: Location,
     pub output: Location,
     pub phi: Location,
+    pub input_format: InputFormat,
     pub output_format: OutputFormat,
     pub batch_size: usize,
     pub tasks: Vec<String>,
@@ -47,6 +49,15 @@ pub struct EtlOptions {
     /// Compact and vacuum Delta tables at the end (`--no-table-optimization` turns it off).
     pub optimize_tables: bool,
     pub progress_interval: Duration,
+}
+
+/// The input formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InputFormat {
+    /// A FHIR bulk export: NDJSON files, optionally gzipped.
+    Ndjson,
+    /// An i2b2 warehouse export: `patient_dimension.csv`, `visit_dimension.csv`, ...
+    I2b2,
 }
 
 /// Runs the ETL; the returned code is 0 or 19 (some batch failed to write).
@@ -82,7 +93,13 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
 
     let model = ElementModel::r4();
     let wanted: HashSet<String> = selected.iter().map(|t| t.resource.clone()).collect();
-    let found = discover(input, Some(&wanted), model)?;
+    let found = match opts.input_format {
+        InputFormat::Ndjson => discover(input, Some(&wanted), model)?,
+        InputFormat::I2b2 => Discovery {
+            files: discover_i2b2(input, &wanted),
+            unreadable: Vec::new(),
+        },
+    };
     for u in &found.unreadable {
         eprintln!("warning: {}: skipped: {}", u.path.display(), u.reason);
     }
@@ -116,7 +133,10 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         }
     }
 
-    let (deleted, bad_deleted) = read_deleted_ids(input)?;
+    let (deleted, bad_deleted) = match opts.input_format {
+        InputFormat::Ndjson => read_deleted_ids(input)?,
+        InputFormat::I2b2 => Default::default(),
+    };
     if bad_deleted > 0 {
         eprintln!(
             "warning: {bad_deleted} unreadable lines in {}",
@@ -202,7 +222,11 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         dir_output: opts.output.display(),
         dir_phi: opts.phi.display(),
         path: job_dir.join("job_config.json").display().to_string(),
-        input_format: "ndjson".into(),
+        input_format: match opts.input_format {
+            InputFormat::Ndjson => "ndjson",
+            InputFormat::I2b2 => "i2b2",
+        }
+        .into(),
         output_format: opts.output_format.name().into(),
         comment: opts.comment.clone(),
         batch_size: opts.batch_size,

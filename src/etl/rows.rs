@@ -23,6 +23,8 @@ pub enum SkipReason {
     UnknownModifierExtension,
     UnexpectedStructure,
     UnreadableFile,
+    BadCsvRow,
+    DuplicateId,
 }
 
 impl SkipReason {
@@ -39,6 +41,8 @@ impl SkipReason {
             SkipReason::UnknownModifierExtension => "unknown modifierExtension",
             SkipReason::UnexpectedStructure => "unexpected structure",
             SkipReason::UnreadableFile => "unreadable or truncated file",
+            SkipReason::BadCsvRow => "i2b2 row that cannot be converted",
+            SkipReason::DuplicateId => "duplicate id in an i2b2 file (first kept)",
         }
     }
 }

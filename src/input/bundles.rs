@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use memmap2::Mmap;
 
 use super::discovery::InputFile;
+use super::i2b2::{BadRow, CsvToFhir, is_i2b2_csv};
 use crate::store;
 
 /// A unit of work handed to a source.
@@ -21,7 +22,7 @@ pub enum WorkItem {
         end: usize,
         first_line: u64,
     },
-    /// A compressed file, read as a stream.
+    /// A compressed file or an i2b2 CSV, read as a stream by one worker.
     Stream { file: Arc<InputFile> },
 }
 
@@ -39,7 +40,7 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
     let mut items = Vec::new();
     for f in files {
         let file = Arc::new(f.clone());
-        if store::is_gz(&f.path) {
+        if store::is_gz(&f.path) || super::i2b2::is_i2b2_csv(&f.path) {
             items.push(WorkItem::Stream { file });
             continue;
         }
@@ -76,31 +77,49 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
     Ok(items)
 }
 
-/// Reads a compressed file a bundle of lines at a time.
+/// Reads a compressed NDJSON file, or an i2b2 CSV converted to NDJSON, a bundle at a time.
 pub struct StreamReader {
     reader: BufReader<Box<dyn Read + Send>>,
+    csv: Option<CsvToFhir>,
     pub next_line: u64,
     pub finished: bool,
+    /// CSV rows skipped while reading the last bundle.
+    pub bad_rows: Vec<BadRow>,
 }
 
 impl StreamReader {
     /// Opens the file for streaming.
     pub fn open(file: &InputFile) -> Result<StreamReader> {
+        let csv = if is_i2b2_csv(&file.path) {
+            Some(CsvToFhir::open(file, store::open_maybe_gz(&file.path)?)?)
+        } else {
+            None
+        };
         Ok(StreamReader {
             reader: BufReader::with_capacity(1 << 20, store::open_maybe_gz(&file.path)?),
+            csv,
             next_line: 1,
             finished: false,
+            bad_rows: Vec::new(),
         })
     }
 
     /// Appends whole lines to `buf` until it holds at least `bundle_bytes` (or the file ends).
-    /// Returns the 1-based number of the first line read. A read error (a truncated or corrupt
-    /// archive) ends the stream and is returned with the line it happened on.
+    /// Returns the 1-based number of the first line read (for a CSV, the line of the first
+    /// record). A read error (a truncated or corrupt archive) ends the stream and is returned
+    /// with the line it happened on.
     pub fn next_bundle(
         &mut self,
         buf: &mut Vec<u8>,
         bundle_bytes: usize,
     ) -> (u64, Option<(u64, String)>) {
+        if let Some(csv) = &mut self.csv {
+            let first = csv.next_line;
+            let (bad, error) = csv.next_bundle(buf, bundle_bytes);
+            self.bad_rows = bad;
+            self.finished = csv.finished;
+            return (first, error);
+        }
         let first = self.next_line;
         while buf.len() < bundle_bytes {
             match self.reader.read_until(b'\n', buf) {

@@ -4,5 +4,6 @@ pub mod bundles;
 pub mod deleted;
 pub mod discovery;
 pub mod export_log;
+pub mod i2b2;
 
 pub use discovery::{Discovery, InputFile, discover};

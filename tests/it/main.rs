@@ -5,5 +5,6 @@ mod deid_fixtures;
 mod delta;
 mod delta_runs;
 mod etl_runs;
+mod i2b2;
 mod reference;
 mod support;
