@@ -25,10 +25,10 @@ pub fn table_kind(table: &str) -> Option<TableKind> {
 }
 
 fn settings(memory: u64, what: &str) -> DeltaSettings {
-    DeltaSettings {
-        memory_limit: (memory / 2).max(64 << 20) as usize,
-        run_id: format!("cumulus-etl/{what}"),
-    }
+    DeltaSettings::new(
+        (memory / 2).max(64 << 20) as usize,
+        format!("cumulus-etl/{what}"),
+    )
 }
 
 /// `init OUTPUT`: creates every default task's tables (and the completion table) empty, with

@@ -284,10 +284,10 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let outputs = Outputs::new(
         opts.output_format,
         output,
-        DeltaSettings {
-            memory_limit: (opts.memory / 2).max(64 << 20) as usize,
-            run_id: format!("cumulus-etl/{}", started.folder_name()),
-        },
+        DeltaSettings::new(
+            (opts.memory / 2).max(64 << 20) as usize,
+            format!("cumulus-etl/{}", started.folder_name()),
+        ),
     )?;
     let shared = Arc::new(RunShared::new(
         scrubber,

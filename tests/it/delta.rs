@@ -11,10 +11,7 @@ use serde_json::{Value, json};
 use crate::support::read_delta;
 
 fn settings() -> Arc<DeltaSettings> {
-    Arc::new(DeltaSettings {
-        memory_limit: 64 << 20,
-        run_id: "test-run".into(),
-    })
+    Arc::new(DeltaSettings::new(64 << 20, "test-run"))
 }
 
 /// Rows as a record batch, with the schema arrow infers from them.

@@ -15,18 +15,25 @@ use arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
 use deltalake::datafusion::common::Column;
 use deltalake::datafusion::execution::context::SessionContext;
+use deltalake::datafusion::execution::context::SessionState;
+use deltalake::datafusion::execution::runtime_env::RuntimeEnv;
 use deltalake::datafusion::functions::core::expr_fn::get_field;
 use deltalake::datafusion::logical_expr::{Expr, Operator, binary_expr, cast, lit};
-use deltalake::delta_datafusion::create_session_state_with_spill_config;
+use deltalake::delta_datafusion::{DeltaRuntimeEnvBuilder, DeltaSessionContext};
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::optimize::OptimizeType;
 use deltalake::operations::write::SchemaMode;
+use deltalake::parquet::basic::Compression;
+use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
 use url::Url;
 
 use super::conform::{conform_batch, union_schema};
 use crate::output::TableKind;
+
+/// Rows per record batch of a MERGE source.
+const SOURCE_SLICE_ROWS: usize = 8192;
 
 /// Ids per DELETE statement; Cumulus ETL saw out-of-memory errors with much larger lists.
 const DELETE_CHUNK: usize = 50_000;
@@ -64,12 +71,29 @@ impl TableSpec {
 }
 
 /// Settings shared by all Delta tables of a run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DeltaSettings {
-    /// Bytes DataFusion may hold for MERGE, DELETE and OPTIMIZE before spilling.
-    pub memory_limit: usize,
     /// Identifies this run in the tables' transaction log (`txn.appId`).
     pub run_id: String,
+    /// One DataFusion memory pool for every table's MERGE, DELETE and OPTIMIZE, so the total
+    /// stays bounded however many tables commit at once.
+    runtime: Arc<RuntimeEnv>,
+    /// One MERGE or DELETE at a time: they share the pool, and two joins that each need most
+    /// of it would both fail. (OPTIMIZE streams and spills, so tables compact in parallel.)
+    heavy: Arc<tokio::sync::Semaphore>,
+}
+
+impl DeltaSettings {
+    /// Settings whose DataFusion operations share `memory_limit` bytes (spilling beyond).
+    pub fn new(memory_limit: usize, run_id: impl Into<String>) -> DeltaSettings {
+        DeltaSettings {
+            run_id: run_id.into(),
+            runtime: DeltaRuntimeEnvBuilder::new()
+                .with_max_spill_size(memory_limit)
+                .build(),
+            heavy: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
 }
 
 /// A table being written by this run.
@@ -120,8 +144,13 @@ impl CumulusTable {
         self.table.version().is_some()
     }
 
-    fn session(&self) -> deltalake::datafusion::execution::context::SessionState {
-        create_session_state_with_spill_config(Some(self.settings.memory_limit), None)
+    /// A DataFusion session on the shared memory pool. Hash joins are fastest but cannot
+    /// spill; `hash_join = false` plans sort-merge joins, which can.
+    fn session(&self, hash_join: bool) -> SessionState {
+        let mut state =
+            DeltaSessionContext::with_runtime_env(self.settings.runtime.clone()).state();
+        state.config_mut().options_mut().optimizer.prefer_hash_join = hash_join;
+        state
     }
 
     fn commit_properties(&mut self) -> CommitProperties {
@@ -150,7 +179,9 @@ impl CumulusTable {
         if !self.exists() || fresh {
             self.append(batch).await?;
         } else {
-            self.merge(batch, groups).await?;
+            let heavy = self.settings.heavy.clone();
+            let _turn = heavy.acquire().await?;
+            self.merge_within_memory(batch, groups).await?;
             self.append_only = false;
         }
         self.written_keys.extend(keys);
@@ -173,9 +204,30 @@ impl CumulusTable {
         Ok(())
     }
 
-    async fn merge(&mut self, batch: RecordBatch, groups: &[String]) -> Result<()> {
+    /// MERGE as a hash join; if that does not fit the memory pool, again as a sort-merge join,
+    /// which can spill. A failed attempt has committed nothing.
+    async fn merge_within_memory(&mut self, batch: RecordBatch, groups: &[String]) -> Result<()> {
+        let out_of_memory = |e: &anyhow::Error| {
+            let text = format!("{e:#}");
+            text.contains("Resources exhausted") || text.contains("Not enough memory")
+        };
+        match self.merge(batch.clone(), groups, true).await {
+            Err(e) if out_of_memory(&e) => self
+                .merge(batch, groups, false)
+                .await
+                .map_err(|e2| e2.context(format!("as a hash join: {e:#}"))),
+            result => result,
+        }
+    }
+
+    async fn merge(
+        &mut self,
+        batch: RecordBatch,
+        groups: &[String],
+        hash_join: bool,
+    ) -> Result<()> {
         let props = self.commit_properties();
-        let state = self.session();
+        let state = self.session(hash_join);
         let fields: Vec<String> = batch
             .schema()
             .fields()
@@ -204,7 +256,12 @@ impl CumulusTable {
             (Some(g), Some(d)) => Some(g.and(d)),
             (g, d) => g.or(d),
         };
-        let source = SessionContext::new_with_state(state.clone()).read_batch(batch)?;
+        // Small source batches let a sort spill run by run.
+        let slices: Vec<RecordBatch> = (0..batch.num_rows())
+            .step_by(SOURCE_SLICE_ROWS)
+            .map(|start| batch.slice(start, SOURCE_SLICE_ROWS.min(batch.num_rows() - start)))
+            .collect();
+        let source = SessionContext::new_with_state(state.clone()).read_batches(slices)?;
         let predicate = self
             .spec
             .uniqueness
@@ -256,6 +313,8 @@ impl CumulusTable {
         if !self.exists() || ids.is_empty() {
             return Ok(());
         }
+        let heavy = self.settings.heavy.clone();
+        let _turn = heavy.acquire().await?;
         for chunk in ids.chunks(DELETE_CHUNK) {
             let predicate = Expr::Column(Column::new_unqualified("id"))
                 .in_list(chunk.iter().map(|id| lit(id.as_str())).collect(), false);
@@ -264,7 +323,7 @@ impl CumulusTable {
                 .clone()
                 .delete()
                 .with_predicate(predicate)
-                .with_session_state(Arc::new(self.session()))
+                .with_session_state(Arc::new(self.session(true)))
                 .await
                 .with_context(|| format!("deleting ids from {}", self.spec.name))?;
             self.table = table;
@@ -285,7 +344,13 @@ impl CumulusTable {
                 .clone()
                 .optimize()
                 .with_type(OptimizeType::Compact)
-                .with_session_state(Arc::new(self.session()))
+                // Snappy like the data files: compaction should not cost more than writing.
+                .with_writer_properties(
+                    WriterProperties::builder()
+                        .set_compression(Compression::SNAPPY)
+                        .build(),
+                )
+                .with_session_state(Arc::new(self.session(true)))
                 .await
                 .with_context(|| format!("compacting {}", self.spec.name))?;
             let (table, _metrics) = table
