@@ -114,6 +114,7 @@ impl SourceState {
                             );
                         }
                         let chunks = self.process(&file, &map[start..end], first_line, reserved);
+                        crate::input::bundles::release_pages(&map, start, end);
                         self.shared
                             .progress
                             .bytes_read

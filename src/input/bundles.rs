@@ -63,6 +63,8 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
                 None => map.len(),
             };
             let lines = memchr::memchr_iter(b'\n', &map[start..end]).count() as u64;
+            // Planning reads the whole file once; without this its pages would stay resident.
+            release_pages(&map, start, end);
             items.push(WorkItem::Slice {
                 file: file.clone(),
                 map: map.clone(),
@@ -75,6 +77,18 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
         }
     }
     Ok(items)
+}
+
+/// Drops a slice's pages from this process's resident set once read, so RSS follows the
+/// memory budget rather than the input size. The mapping is read-only and file-backed: a later
+/// touch (a neighbouring slice sharing a page) reads the same bytes again from the page cache.
+pub fn release_pages(map: &Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let aligned = start / PAGE * PAGE;
+    // SAFETY: MADV_DONTNEED on a read-only shared file mapping never changes its contents.
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, end - aligned)
+    };
 }
 
 /// Reads a compressed NDJSON file, or an i2b2 CSV converted to NDJSON, a bundle at a time.
