@@ -31,18 +31,38 @@ fn fhir_spec(name: &str) -> TableSpec {
     TableSpec::for_kind(name, &TableKind::Fhir("Observation".into()))
 }
 
+/// A table under a folder, driven synchronously on its own runtime.
+struct TestTable {
+    rt: tokio::runtime::Runtime,
+    table: CumulusTable,
+}
+
+impl TestTable {
+    fn open(root: &std::path::Path, spec: &TableSpec) -> TestTable {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let table = rt
+            .block_on(CumulusTable::open(root, spec.clone(), settings()))
+            .unwrap();
+        TestTable { rt, table }
+    }
+
+    fn upsert(&mut self, rows: &[Value], groups: &[&str]) -> anyhow::Result<()> {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        self.rt.block_on(self.table.upsert(batch(rows), &groups))
+    }
+
+    fn delete(&mut self, ids: &[&str]) {
+        let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        self.rt.block_on(self.table.delete_ids(&ids)).unwrap();
+    }
+}
+
 /// Writes each batch in turn (a new table handle per run, as separate runs would).
 fn write_runs(root: &std::path::Path, spec: &TableSpec, runs: &[Vec<Value>]) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
     for rows in runs {
-        rt.block_on(async {
-            let mut table = CumulusTable::open(root, spec.clone(), settings())
-                .await
-                .unwrap();
-            if let Err(e) = table.upsert(batch(rows), &[]).await {
-                panic!("{e:#}");
-            }
-        });
+        if let Err(e) = TestTable::open(root, spec).upsert(rows, &[]) {
+            panic!("{e:#}");
+        }
     }
 }
 
@@ -75,20 +95,13 @@ fn upsert_inserts_new_rows_and_replaces_stored_ones() {
 fn repeated_keys_within_one_run_are_merged_not_appended_twice() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = fhir_spec("observation");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut table = CumulusTable::open(tmp.path(), spec, settings())
-            .await
-            .unwrap();
-        table
-            .upsert(batch(&[json!({"id": "1", "status": "a"})]), &[])
-            .await
-            .unwrap();
-        table
-            .upsert(batch(&[json!({"id": "1", "status": "b"})]), &[])
-            .await
-            .unwrap();
-    });
+    let mut table = TestTable::open(tmp.path(), &spec);
+    table
+        .upsert(&[json!({"id": "1", "status": "a"})], &[])
+        .unwrap();
+    table
+        .upsert(&[json!({"id": "1", "status": "b"})], &[])
+        .unwrap();
     let rows = crate::support::read_delta_rows(&tmp.path().join("observation"));
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["status"], "b");
@@ -161,25 +174,18 @@ fn group_field_replaces_the_rows_of_touched_groups_only() {
     spec.group_field = Some("docref_id".into());
     let row = |id: &str, group: &str| json!({"id": id, "docref_id": group});
     let quoted = "doc'1";
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut table = CumulusTable::open(tmp.path(), spec.clone(), settings())
-            .await
-            .unwrap();
-        let first = batch(&[
-            row("a.0", quoted),
-            row("a.1", quoted),
-            row("b.0", "doc2"),
-            row("c.0", "doc3"),
-        ]);
-        table.upsert(first, &[]).await.unwrap();
-        // A new batch for doc'1 keeps only a.1; doc3 is touched with no rows at all.
-        let second = batch(&[row("a.1", quoted)]);
-        table
-            .upsert(second, &[quoted.to_string(), "doc3".to_string()])
-            .await
-            .unwrap();
-    });
+    let mut table = TestTable::open(tmp.path(), &spec);
+    let first = [
+        row("a.0", quoted),
+        row("a.1", quoted),
+        row("b.0", "doc2"),
+        row("c.0", "doc3"),
+    ];
+    table.upsert(&first, &[]).unwrap();
+    // A new batch for doc'1 keeps only a.1; doc3 is touched with no rows at all.
+    table
+        .upsert(&[row("a.1", quoted)], &[quoted, "doc3"])
+        .unwrap();
     let rows = read_delta(&tmp.path().join("covid_symptom__nlp_results"), "id");
     let ids: Vec<&str> = rows.keys().map(String::as_str).collect();
     assert_eq!(ids, ["a.1", "b.0"]);
@@ -189,18 +195,10 @@ fn group_field_replaces_the_rows_of_touched_groups_only() {
 fn deleted_ids_are_removed_from_the_table() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = fhir_spec("observation");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut table = CumulusTable::open(tmp.path(), spec, settings())
-            .await
-            .unwrap();
-        let rows: Vec<Value> = (0..5).map(|i| json!({"id": format!("id{i}")})).collect();
-        table.upsert(batch(&rows), &[]).await.unwrap();
-        table
-            .delete_ids(&["id1".into(), "id3".into(), "unknown".into()])
-            .await
-            .unwrap();
-    });
+    let mut table = TestTable::open(tmp.path(), &spec);
+    let rows: Vec<Value> = (0..5).map(|i| json!({"id": format!("id{i}")})).collect();
+    table.upsert(&rows, &[]).unwrap();
+    table.delete(&["id1", "id3", "unknown"]);
     let rows = read_delta(&tmp.path().join("observation"), "id");
     let ids: Vec<&str> = rows.keys().map(String::as_str).collect();
     assert_eq!(ids, ["id0", "id2", "id4"]);
@@ -233,25 +231,17 @@ fn a_later_batch_with_new_fields_evolves_the_schema() {
 fn an_incompatible_type_change_fails_that_batch_only() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = fhir_spec("observation");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut table = CumulusTable::open(tmp.path(), spec, settings())
-            .await
-            .unwrap();
-        table
-            .upsert(batch(&[json!({"id": "1", "value": "text"})]), &[])
-            .await
-            .unwrap();
-        let err = table
-            .upsert(batch(&[json!({"id": "2", "value": {"a": 1}})]), &[])
-            .await
-            .unwrap_err();
-        assert!(format!("{err:#}").contains("'value'"), "{err:#}");
-        table
-            .upsert(batch(&[json!({"id": "3", "value": "more"})]), &[])
-            .await
-            .unwrap();
-    });
+    let mut table = TestTable::open(tmp.path(), &spec);
+    table
+        .upsert(&[json!({"id": "1", "value": "text"})], &[])
+        .unwrap();
+    let err = table
+        .upsert(&[json!({"id": "2", "value": {"a": 1}})], &[])
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("'value'"), "{err:#}");
+    table
+        .upsert(&[json!({"id": "3", "value": "more"})], &[])
+        .unwrap();
     let rows = read_delta(&tmp.path().join("observation"), "id");
     assert_eq!(rows.keys().collect::<Vec<_>>(), ["1", "3"]);
 }
