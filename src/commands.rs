@@ -24,13 +24,6 @@ pub fn table_kind(table: &str) -> Option<TableKind> {
     }
 }
 
-fn settings(memory: u64, what: &str) -> DeltaSettings {
-    DeltaSettings::new(
-        (memory / 2).max(64 << 20) as usize,
-        format!("cumulus-etl/{what}"),
-    )
-}
-
 /// `init OUTPUT`: creates every default task's tables (and the completion table) empty, with
 /// their schemas, plus an empty `JobConfig/` folder.
 pub fn init(output: &Path, format: OutputFormat, memory: u64) -> Result<(), Fatal> {
@@ -40,7 +33,7 @@ pub fn init(output: &Path, format: OutputFormat, memory: u64) -> Result<(), Fata
             format!("creating {}: {e}", output.display()),
         )
     })?;
-    let outputs = Outputs::new(format, output, settings(memory, "init"))?;
+    let outputs = Outputs::new(format, output, DeltaSettings::for_budget(memory, "init"))?;
     let mut tables: Vec<String> = tasks::select_tasks(&[], &[])?
         .iter()
         .flat_map(|t| t.tables())
@@ -94,7 +87,11 @@ pub fn convert(original: &Path, target: &Path, memory: u64, optimize: bool) -> R
             format!("creating {}: {e}", target.display()),
         )
     })?;
-    let outputs = Outputs::new(OutputFormat::Deltalake, target, settings(memory, "convert"))?;
+    let outputs = Outputs::new(
+        OutputFormat::Deltalake,
+        target,
+        DeltaSettings::for_budget(memory, "convert"),
+    )?;
     let mut failed = false;
     for dir in sorted_entries(original)?.into_iter().filter(|p| p.is_dir()) {
         let table = dir.file_name().unwrap().to_string_lossy().into_owned();

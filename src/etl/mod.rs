@@ -284,10 +284,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let outputs = Outputs::new(
         opts.output_format,
         output,
-        DeltaSettings::new(
-            (opts.memory / 2).max(64 << 20) as usize,
-            format!("cumulus-etl/{}", started.folder_name()),
-        ),
+        DeltaSettings::for_budget(opts.memory, &started.folder_name()),
     )?;
     let shared = Arc::new(RunShared::new(
         scrubber,

@@ -69,7 +69,6 @@ pub struct CsvToFhir {
     records: csv::StringRecordsIntoIter<Box<dyn Read + Send>>,
     header: Vec<String>,
     kind: &'static str,
-    file_name: String,
     /// Fingerprints of the ids written so far: the first row with an id wins, as upstream.
     seen: HashSet<u64>,
     pub finished: bool,
@@ -101,7 +100,6 @@ impl CsvToFhir {
             records: csv.into_records(),
             header,
             kind,
-            file_name,
             seen: HashSet::new(),
             finished: false,
             next_line: 2,
@@ -165,11 +163,6 @@ impl CsvToFhir {
             }
         }
         (bad, None)
-    }
-
-    /// The file's name, for messages.
-    pub fn file_name(&self) -> &str {
-        &self.file_name
     }
 }
 

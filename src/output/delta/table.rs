@@ -84,6 +84,15 @@ pub struct DeltaSettings {
 }
 
 impl DeltaSettings {
+    /// Settings for a run under the global `--memory` budget: DataFusion gets half of it (at
+    /// least 64 MiB); `run` names the run in the transaction log.
+    pub fn for_budget(budget: u64, run: &str) -> DeltaSettings {
+        DeltaSettings::new(
+            (budget / 2).max(64 << 20) as usize,
+            format!("cumulus-etl/{run}"),
+        )
+    }
+
     /// Settings whose DataFusion operations share `memory_limit` bytes (spilling beyond).
     pub fn new(memory_limit: usize, run_id: impl Into<String>) -> DeltaSettings {
         DeltaSettings {
@@ -133,11 +142,6 @@ impl CumulusTable {
             written_keys: HashSet::new(),
             commits: 0,
         })
-    }
-
-    /// The underlying table (for tests and read-back).
-    pub fn delta(&self) -> &DeltaTable {
-        &self.table
     }
 
     fn exists(&self) -> bool {
