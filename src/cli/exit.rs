@@ -8,7 +8,9 @@ pub enum ExitCode {
     Success = 0,
     Failure = 1,
     Usage = 2,
+    CtakesMissing = 14,
     TaskUnknown = 17,
+    CnlpMissing = 18,
     TaskFailed = 19,
     ArgsConflict = 22,
     ArgsInvalid = 23,
@@ -17,6 +19,7 @@ pub enum ExitCode {
     TaskHelp = 35,
     MissingRequestedResources = 36,
     WrongPhiFolder = 41,
+    TaskMismatch = 43,
     FolderDoesNotExist = 54,
     FeatureRemoved = 59,
 }

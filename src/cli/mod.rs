@@ -11,6 +11,8 @@ use clap::Parser;
 use crate::engine::EngineConfig;
 use crate::engine::budget::{default_budget, parse_size};
 use crate::etl::EtlOptions;
+use crate::nlp::ctakes::RetryPolicy;
+use crate::nlp::run::NlpOptions;
 use crate::output::OutputFormat;
 use crate::store::Location;
 use exit::{ExitCode, Fatal};
@@ -28,7 +30,7 @@ const SUBCOMMANDS: [&str; 8] = [
 ];
 
 /// `cumulus-etl etl` arguments.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "cumulus-etl",
     version,
@@ -83,9 +85,79 @@ pub struct EtlArgs {
     /// Skip compaction and VACUUM of Delta tables at the end of the run.
     #[arg(long)]
     pub no_table_optimization: bool,
-    /// Accepted for compatibility; this tool needs no external checks at start.
-    #[arg(long, hide = true)]
+    /// Skip the start-up check that NLP servers accept connections.
+    #[arg(long)]
     pub skip_init_checks: bool,
+    #[command(flatten)]
+    pub nlp: NlpEngineArgs,
+}
+
+/// NLP engine options, shared by `nlp` and the 2023-style `etl --task covid_symptom__...`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NlpEngineArgs {
+    /// NLP engine: the embedded dictionary and negation detector, or cTAKES and cNLP servers
+    /// (URL_CTAKES_REST, URL_CNLP_NEGATION, URL_CNLP_TERM_EXISTS).
+    #[arg(long, value_enum, default_value = "embedded")]
+    pub nlp_engine: crate::nlp::run::EngineKind,
+    /// Notes in flight to the NLP servers at once.
+    #[arg(long, default_value_t = 32)]
+    pub nlp_concurrency: usize,
+    /// Retries of a server request after a timeout, a 429 or a 5xx answer.
+    #[arg(long, default_value_t = 4)]
+    pub nlp_retries: u32,
+    /// First retry delay in milliseconds (doubles with each retry).
+    #[arg(long, default_value_t = 500, hide = true)]
+    pub nlp_retry_delay_ms: u64,
+    /// Seconds before a server request times out.
+    #[arg(long, default_value_t = 300)]
+    pub nlp_timeout: u64,
+    /// Milliseconds between the start-up connection checks.
+    #[arg(long, default_value_t = 3000, hide = true)]
+    pub init_check_interval_ms: u64,
+}
+
+/// `cumulus-etl nlp` arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cumulus-etl nlp",
+    about = "Run an NLP study (e.g. covid symptoms) on the clinical notes of a FHIR export"
+)]
+pub struct NlpArgs {
+    /// Input folder of the FHIR bulk export (DocumentReference NDJSON).
+    pub input: String,
+    /// Output folder for the results table.
+    pub output: String,
+    /// PHI folder: codebook and NLP cache (keep it private).
+    pub phi: String,
+    /// NLP task(s) to run, comma-separated; `--task help` lists them.
+    #[arg(long = "task", required = true)]
+    pub task: Vec<String>,
+    /// Output table format.
+    #[arg(long, value_enum, default_value = "parquet")]
+    pub output_format: OutputFormat,
+    /// Rows per output batch.
+    #[arg(long, default_value_t = 50_000)]
+    pub batch_size: usize,
+    /// Folder (empty or new) for notes that could not be analysed and rejected rows. Holds PHI.
+    #[arg(long)]
+    pub errors_to: Option<PathBuf>,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Global memory budget, e.g. 512MiB or 2GiB.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Seconds between progress lines.
+    #[arg(long, default_value_t = 5)]
+    pub progress_interval: u64,
+    /// Skip compaction and VACUUM of a Delta table at the end of the run.
+    #[arg(long)]
+    pub no_table_optimization: bool,
+    /// Skip the start-up check that the NLP servers accept connections.
+    #[arg(long)]
+    pub skip_init_checks: bool,
+    #[command(flatten)]
+    pub nlp: NlpEngineArgs,
 }
 
 /// `cumulus-etl init` arguments.
@@ -200,6 +272,7 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
         match sub.as_str() {
             "init" => return run_init(&args),
             "convert" => return run_convert(&args),
+            "nlp" => return run_nlp(&args),
             _ => {}
         }
         if sub != "etl" {
@@ -216,7 +289,19 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
-    match options_from(parsed).and_then(|o| crate::etl::run(&o)) {
+    // The 2023 invocation: `etl --task covid_symptom__nlp_results` runs the NLP study.
+    match crate::nlp::run::names_nlp_tasks(&parsed.task) {
+        Ok(true) => {
+            return finish_run(nlp_options_from_etl(parsed).and_then(|o| crate::nlp::run::run(&o)));
+        }
+        Ok(false) => {}
+        Err(fatal) => return finish_run(Err(fatal)),
+    }
+    finish_run(options_from(parsed).and_then(|o| crate::etl::run(&o)))
+}
+
+fn finish_run(result: Result<ExitCode, Fatal>) -> i32 {
+    match result {
         Ok(code) => code as i32,
         Err(fatal) => {
             eprintln!("{}", fatal.message);
@@ -225,16 +310,78 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
     }
 }
 
-fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
-    let memory = match &a.memory {
-        Some(m) => parse_size(m)
-            .map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("--memory: {e}")))?,
-        None => default_budget(),
+fn run_nlp(args: &[String]) -> i32 {
+    let a: NlpArgs = match parse(args) {
+        Ok(a) => a,
+        Err(code) => return code,
     };
-    let workers = a
-        .workers
+    let loc =
+        |s: &str| Location::parse(s).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()));
+    let options = (|| {
+        Ok(NlpOptions {
+            input: loc(&a.input)?,
+            output: loc(&a.output)?,
+            phi: loc(&a.phi)?,
+            output_format: a.output_format,
+            batch_size: a.batch_size,
+            tasks: a.task.clone(),
+            errors_to: a.errors_to.clone(),
+            engine_kind: a.nlp.nlp_engine,
+            concurrency: a.nlp.nlp_concurrency.max(1),
+            retry: retry_policy(&a.nlp),
+            init_checks: !a.skip_init_checks,
+            init_check_interval: Duration::from_millis(a.nlp.init_check_interval_ms),
+            engine: EngineConfig {
+                workers: workers(a.workers),
+            },
+            memory: memory_option(&a.memory)?,
+            optimize_tables: !a.no_table_optimization,
+            progress_interval: Duration::from_secs(a.progress_interval.max(1)),
+        })
+    })();
+    finish_run(options.and_then(|o| crate::nlp::run::run(&o)))
+}
+
+fn retry_policy(a: &NlpEngineArgs) -> RetryPolicy {
+    RetryPolicy {
+        retries: a.nlp_retries,
+        base_delay: Duration::from_millis(a.nlp_retry_delay_ms),
+        timeout: Duration::from_secs(a.nlp_timeout.max(1)),
+    }
+}
+
+fn workers(requested: Option<usize>) -> usize {
+    requested
         .unwrap_or_else(EngineConfig::default_workers)
-        .max(1);
+        .max(1)
+}
+
+/// The NLP options of a 2023-style `etl --task covid_symptom__...` run.
+fn nlp_options_from_etl(a: EtlArgs) -> Result<NlpOptions, Fatal> {
+    let etl = options_from(a.clone())?;
+    Ok(NlpOptions {
+        input: etl.input,
+        output: etl.output,
+        phi: etl.phi,
+        output_format: etl.output_format,
+        batch_size: etl.batch_size,
+        tasks: etl.tasks,
+        errors_to: etl.errors_to,
+        engine_kind: a.nlp.nlp_engine,
+        concurrency: a.nlp.nlp_concurrency.max(1),
+        retry: retry_policy(&a.nlp),
+        init_checks: !a.skip_init_checks,
+        init_check_interval: Duration::from_millis(a.nlp.init_check_interval_ms),
+        engine: etl.engine,
+        memory: etl.memory,
+        optimize_tables: etl.optimize_tables,
+        progress_interval: etl.progress_interval,
+    })
+}
+
+fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
+    let memory = memory_option(&a.memory)?;
+    let workers = workers(a.workers);
     let loc =
         |s: &str| Location::parse(s).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()));
     Ok(EtlOptions {

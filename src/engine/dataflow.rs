@@ -18,7 +18,7 @@ use timely::dataflow::operators::generic::operator::source;
 use super::budget::MemoryBudget;
 use super::config::EngineConfig;
 use super::sink::{SinkState, write_failed_batch};
-use super::source::{SourceState, Step};
+use super::source::{RowProducer, SourceState, Step};
 use crate::deid::{ExtensionReport, Scrubber};
 use crate::etl::rows::{SkipReason, Skipped, TableChunk, TaskContext};
 use crate::input::InputFile;
@@ -136,11 +136,11 @@ impl RunShared {
     }
 
     /// Opens the writer of one of a task's tables.
-    pub fn open_writer(&self, table: &str, resource_type: &str) -> Result<Box<dyn TableWriter>> {
+    pub fn open_writer(&self, table: &str, ctx: &TaskContext) -> Result<Box<dyn TableWriter>> {
         let kind = if table == COMPLETION_ENCOUNTERS_TABLE {
             TableKind::CompletionEncounters
         } else {
-            TableKind::Fhir(resource_type.to_string())
+            ctx.kind.clone()
         };
         self.outputs.open(table, kind)
     }
@@ -197,16 +197,24 @@ impl RunShared {
     }
 }
 
+/// Makes each worker's row producer (given the worker's index).
+pub type ProducerFactory = Arc<dyn Fn(usize) -> Box<dyn RowProducer> + Send + Sync>;
+
 /// Runs the dataflow to completion on `engine.workers` threads.
-pub fn run_dataflow(shared: Arc<RunShared>, engine: &EngineConfig) -> Result<()> {
+pub fn run_dataflow(
+    shared: Arc<RunShared>,
+    engine: &EngineConfig,
+    producers: ProducerFactory,
+) -> Result<()> {
     let guards = timely::execute(engine.timely_config(), move |worker| {
         let shared = shared.clone();
+        let producer = producers(worker.index());
         worker.dataflow::<u64, _, _>(|scope| {
             let source_shared = shared.clone();
             let chunks = source(scope, "ReadAndDeidentify", move |capability, info| {
                 let activator = scope.activator_for(info.address);
                 let mut cap = Some(capability);
-                let mut state = SourceState::new(source_shared);
+                let mut state = SourceState::new(source_shared, producer);
                 move |output| {
                     let Some(c) = cap.as_mut() else { return };
                     match state.step() {

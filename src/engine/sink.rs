@@ -42,6 +42,18 @@ impl SinkState {
     pub fn accept(&mut self, mut chunk: TableChunk) {
         let task_id = chunk.task;
         let batch_size = self.shared.batch_size;
+        if self.shared.tasks[task_id as usize].whole_chunks {
+            let task = self.tasks.entry(task_id).or_default();
+            task.pending_rows += chunk.len();
+            task.pending
+                .entry(chunk.table.clone())
+                .or_default()
+                .push(chunk);
+            if task.pending_rows >= batch_size {
+                self.flush(task_id);
+            }
+            return;
+        }
         if chunk.table != self.shared.tasks[task_id as usize].table {
             let task = self.tasks.entry(task_id).or_default();
             task.pending
@@ -144,7 +156,7 @@ impl SinkState {
             let writer = match task.writers.get_mut(&table) {
                 Some(w) => Ok(w),
                 None => shared
-                    .open_writer(&table, &ctx.resource_type)
+                    .open_writer(&table, ctx)
                     .map(|w| task.writers.entry(table.clone()).or_insert(w)),
             };
             match writer {

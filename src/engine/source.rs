@@ -1,5 +1,6 @@
 //! The source side of a worker: takes bundles from the shared work queue, reserves budget,
-//! turns lines into de-identified rows, and reports skipped lines.
+//! hands each bundle to a `RowProducer` (de-identified FHIR rows, or NLP results), and reports
+//! skipped lines.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -9,7 +10,9 @@ use std::sync::atomic::Ordering;
 use super::budget::Reservation;
 use super::dataflow::RunShared;
 use crate::deid::ExtensionReport;
-use crate::etl::rows::{SkipReason, Skipped, TableChunk, process_bundle, write_rejected};
+use crate::etl::rows::{
+    SkipReason, Skipped, TableChunk, TaskContext, process_bundle, write_rejected,
+};
 use crate::input::InputFile;
 use crate::input::bundles::{StreamReader, WorkItem};
 
@@ -23,19 +26,89 @@ pub enum Step {
     Done,
 }
 
+/// One bundle of input lines for a task, with the budget bytes reserved for it.
+pub struct Bundle<'a> {
+    pub shared: &'a RunShared,
+    pub ctx: &'a TaskContext,
+    /// The input file, for messages.
+    pub path: &'a str,
+    pub bytes: &'a [u8],
+    pub first_line: u64,
+    pub reserved: u64,
+}
+
+/// Turns bundles into table chunks, now or later. The chunks of a bundle carry its reserved
+/// bytes, so the budget is released only once they are written.
+pub trait RowProducer: Send {
+    /// Processes a bundle; returns the chunks that are ready now.
+    fn process(
+        &mut self,
+        bundle: Bundle<'_>,
+        report: &mut ExtensionReport,
+        on_skip: &mut dyn FnMut(Skipped<'_>),
+    ) -> Vec<TableChunk>;
+
+    /// Chunks finished since the last call (for producers that wait on servers).
+    fn poll(&mut self) -> Vec<TableChunk> {
+        Vec::new()
+    }
+
+    /// Whether some bundle is still being worked on elsewhere.
+    fn in_flight(&self) -> bool {
+        false
+    }
+}
+
+/// The ETL producer: de-identified resources (and completion rows for encounters).
+pub struct FhirRows;
+
+impl RowProducer for FhirRows {
+    fn process(
+        &mut self,
+        b: Bundle<'_>,
+        report: &mut ExtensionReport,
+        on_skip: &mut dyn FnMut(Skipped<'_>),
+    ) -> Vec<TableChunk> {
+        let mut main = TableChunk::new(b.ctx.task, &b.ctx.table);
+        main.reserved = b.reserved;
+        let mut completion = b
+            .ctx
+            .completion
+            .as_ref()
+            .map(|_| TableChunk::new(b.ctx.task, crate::tasks::COMPLETION_ENCOUNTERS_TABLE));
+        process_bundle(
+            b.ctx,
+            &b.shared.scrubber,
+            b.bytes,
+            b.first_line,
+            &mut main,
+            &mut completion,
+            report,
+            on_skip,
+        );
+        b.shared.progress.add_read(b.ctx.task, main.len() as u64);
+        let mut out = Vec::with_capacity(2);
+        out.extend(completion);
+        out.push(main);
+        out
+    }
+}
+
 /// Per-worker reading state.
 pub struct SourceState {
     shared: Arc<RunShared>,
     stream: Option<(Arc<InputFile>, StreamReader)>,
+    producer: Box<dyn RowProducer>,
     pub extensions: ExtensionReport,
 }
 
 impl SourceState {
     /// A source over the run's shared work queue.
-    pub fn new(shared: Arc<RunShared>) -> SourceState {
+    pub fn new(shared: Arc<RunShared>, producer: Box<dyn RowProducer>) -> SourceState {
         SourceState {
             shared,
             stream: None,
+            producer,
             extensions: ExtensionReport::default(),
         }
     }
@@ -47,6 +120,10 @@ impl SourceState {
 
     /// Reads and processes one bundle, if memory allows.
     pub fn step(&mut self) -> Step {
+        let ready = self.producer.poll();
+        if !ready.is_empty() {
+            return Step::Emit(ready);
+        }
         let budget = &self.shared.budget;
         let bundle_bytes = self.shared.bundle_bytes;
         if let Some((file, mut reader)) = self.stream.take() {
@@ -72,7 +149,11 @@ impl SourceState {
             return Step::Emit(chunks);
         }
         let Some(item) = self.shared.queue.lock().unwrap().pop_front() else {
-            return Step::Done;
+            return if self.producer.in_flight() {
+                Step::Wait
+            } else {
+                Step::Done
+            };
         };
         match item {
             WorkItem::Stream { file } => match StreamReader::open(&file) {
@@ -168,12 +249,6 @@ impl SourceState {
             shared.budget.release(reserved);
             return Vec::new();
         };
-        let mut main = TableChunk::new(ctx.task, &ctx.table);
-        main.reserved = reserved;
-        let mut completion = ctx
-            .completion
-            .as_ref()
-            .map(|_| TableChunk::new(ctx.task, crate::tasks::COMPLETION_ENCOUNTERS_TABLE));
         let mut skipped: BTreeMap<SkipReason, u64> = BTreeMap::new();
         let path = file.path.display().to_string();
         let mut on_skip = |s: Skipped<'_>| {
@@ -184,29 +259,24 @@ impl SourceState {
                 let _ = write_rejected(&mut *out, &path, &s).and_then(|_| out.flush());
             }
         };
-        process_bundle(
+        let bundle = Bundle {
+            shared,
             ctx,
-            &shared.scrubber,
+            path: &path,
             bytes,
             first_line,
-            &mut main,
-            &mut completion,
-            &mut self.extensions,
-            &mut on_skip,
-        );
-        shared.progress.add_read(ctx.task, main.len() as u64);
+            reserved,
+        };
+        let chunks = self
+            .producer
+            .process(bundle, &mut self.extensions, &mut on_skip);
         if !skipped.is_empty() {
             let mut stats = shared.stats.lock().unwrap();
             for (reason, n) in skipped {
                 *stats.skipped.entry(reason).or_default() += n;
             }
         }
-        let mut out = Vec::with_capacity(2);
-        if let Some(c) = completion {
-            out.push(c);
-        }
-        out.push(main);
-        out
+        chunks
     }
 }
 

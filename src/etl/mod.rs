@@ -82,14 +82,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let mut selected = tasks::select_tasks(&opts.tasks, &opts.exclusions)?;
     print_config(opts, &started, &selected);
 
-    if let Some(errors) = &opts.errors_to
-        && !store::is_empty_dir(errors)?
-    {
-        return Err(Fatal::new(
-            ExitCode::FolderNotEmpty,
-            format!("The errors folder '{}' is not empty.", errors.display()),
-        ));
-    }
+    let rejected = open_errors_folder(&opts.errors_to)?;
 
     let model = ElementModel::r4();
     let wanted: HashSet<String> = selected.iter().map(|t| t.resource.clone()).collect();
@@ -256,30 +249,15 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             task: i as u32,
             table: t.name.clone(),
             resource_type: t.resource.clone(),
+            kind: TableKind::Fhir(t.resource.clone()),
+            whole_chunks: false,
             completion: t.tracks_encounters.then(|| template.clone()),
         })
         .collect();
     let budget = MemoryBudget::new(opts.memory);
-    // Small enough that every worker has several bundles in flight within the budget.
-    let bundle_bytes =
-        ((opts.memory / (4 * opts.engine.workers as u64).max(1)) as usize).clamp(64 << 10, 8 << 20);
+    let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
     let work = bundles::plan(&found.files, bundle_bytes)?;
     let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();
-    let rejected = match &opts.errors_to {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Fatal::new(
-                    ExitCode::Failure,
-                    format!("creating {}: {e}", dir.display()),
-                )
-            })?;
-            Some(
-                std::fs::File::create(dir.join("rejected-rows.ndjson"))
-                    .map_err(|e| Fatal::new(ExitCode::Failure, e.to_string()))?,
-            )
-        }
-        None => None,
-    };
     let scrubber = Scrubber::new(Rules::embedded()?, codebook.clone(), true);
     let outputs = Outputs::new(
         opts.output_format,
@@ -305,16 +283,18 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         human_bytes(opts.memory)
     );
     let progress = ProgressPrinter::start(shared.clone(), total_bytes, opts.progress_interval);
-    let outcome = run_dataflow(shared.clone(), &opts.engine);
+    let producers: crate::engine::dataflow::ProducerFactory =
+        Arc::new(|_| Box::new(crate::engine::source::FhirRows));
+    let outcome = run_dataflow(shared.clone(), &opts.engine, producers);
     progress.stop();
     outcome?;
 
     // Finishing: tables that got no rows, deletions, completion rows, summaries.
-    for task in &selected {
+    for (task, ctx) in selected.iter().zip(&shared.tasks) {
         for table in task.tables() {
             let has_rows = shared.stats.lock().unwrap().tables.contains_key(&table);
             if !has_rows {
-                let mut writer = shared.open_writer(&table, &task.resource)?;
+                let mut writer = shared.open_writer(&table, ctx)?;
                 write_and_wait(
                     writer.as_mut(),
                     &RowBatch {
@@ -330,7 +310,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
                 .iter()
                 .map(|id| codebook.fake_id(&task.resource, id, false))
                 .collect();
-            let mut writer = shared.open_writer(&task.name, &task.resource)?;
+            let mut writer = shared.open_writer(&task.name, ctx)?;
             writer.delete_ids(&hashed)?;
             eprintln!(
                 "  {} ids deleted from {} (from the export's deleted/ folder)",
@@ -389,6 +369,34 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         eprintln!("⭐ All tasks completed successfully! ⭐");
         Ok(ExitCode::Success)
     }
+}
+
+/// Input bytes per bundle: small enough that every worker has several bundles in flight within
+/// the budget.
+pub fn bundle_size(memory: u64, workers: usize) -> usize {
+    ((memory / (4 * workers as u64).max(1)) as usize).clamp(64 << 10, 8 << 20)
+}
+
+/// Creates the errors folder (which must be new or empty) and its rejected-rows file.
+pub fn open_errors_folder(errors_to: &Option<PathBuf>) -> Result<Option<std::fs::File>, Fatal> {
+    let Some(dir) = errors_to else {
+        return Ok(None);
+    };
+    if !store::is_empty_dir(dir)? {
+        return Err(Fatal::new(
+            ExitCode::FolderNotEmpty,
+            format!("The errors folder '{}' is not empty.", dir.display()),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Fatal::new(
+            ExitCode::Failure,
+            format!("creating {}: {e}", dir.display()),
+        )
+    })?;
+    std::fs::File::create(dir.join("rejected-rows.ndjson"))
+        .map(Some)
+        .map_err(|e| Fatal::new(ExitCode::Failure, e.to_string()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -465,7 +473,7 @@ fn print_config(opts: &EtlOptions, started: &PyDateTime, tasks: &[Task]) {
     }
 }
 
-fn print_extension_report(report: &crate::deid::ExtensionReport) {
+pub fn print_extension_report(report: &crate::deid::ExtensionReport) {
     if !report.dropped.is_empty() {
         eprintln!("Unrecognized extensions dropped from resources:");
         for ((rtype, url), n) in &report.dropped {
@@ -486,7 +494,7 @@ fn print_extension_report(report: &crate::deid::ExtensionReport) {
     }
 }
 
-fn print_summary(
+pub fn print_summary(
     stats: &crate::engine::dataflow::RunStats,
     elapsed: Duration,
     bytes: u64,

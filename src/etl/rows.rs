@@ -28,6 +28,18 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// The reason a resource the scrubber rejected is skipped.
+    pub fn of_rejection(rejection: &crate::deid::Rejection) -> SkipReason {
+        match rejection {
+            crate::deid::Rejection::NotAResource => SkipReason::NotAnObject,
+            crate::deid::Rejection::UnknownModifierExtension(_) => {
+                SkipReason::UnknownModifierExtension
+            }
+            crate::deid::Rejection::StructureMismatch(_) => SkipReason::UnexpectedStructure,
+            crate::deid::Rejection::BadReference(_) => SkipReason::BadReference,
+        }
+    }
+
     /// How the end-of-run summary names this reason.
     pub fn label(self) -> &'static str {
         match self {
@@ -129,6 +141,10 @@ pub struct TaskContext {
     pub task: u32,
     pub table: String,
     pub resource_type: String,
+    /// The kind of the main table (its schema and keys).
+    pub kind: crate::output::TableKind,
+    /// Chunks hold whole groups (all rows of one note), so batches are never cut inside one.
+    pub whole_chunks: bool,
     /// For the encounter task: the completion-row template (group, export time, exclusions).
     pub completion: Option<CompletionTemplate>,
 }
@@ -187,15 +203,7 @@ pub fn process_bundle(
             continue;
         }
         if let Err(rejection) = scrubber.scrub(&mut value, report) {
-            let reason = match rejection {
-                crate::deid::Rejection::NotAResource => SkipReason::NotAnObject,
-                crate::deid::Rejection::UnknownModifierExtension(_) => {
-                    SkipReason::UnknownModifierExtension
-                }
-                crate::deid::Rejection::StructureMismatch(_) => SkipReason::UnexpectedStructure,
-                crate::deid::Rejection::BadReference(_) => SkipReason::BadReference,
-            };
-            skip(reason, rejection.detail());
+            skip(SkipReason::of_rejection(&rejection), rejection.detail());
             continue;
         }
         let Some(id) = value.get("id").and_then(Value::as_str).map(str::to_string) else {
@@ -215,7 +223,7 @@ pub fn process_bundle(
     }
 }
 
-fn trim_ascii(b: &[u8]) -> &[u8] {
+pub fn trim_ascii(b: &[u8]) -> &[u8] {
     let start = b
         .iter()
         .position(|c| !c.is_ascii_whitespace())
@@ -227,7 +235,7 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
-fn classify_json_error(raw: &[u8], e: &serde_json::Error) -> (SkipReason, String) {
+pub fn classify_json_error(raw: &[u8], e: &serde_json::Error) -> (SkipReason, String) {
     let msg = e.to_string();
     let at = format!("column {}", e.column());
     if msg.contains("recursion limit") {

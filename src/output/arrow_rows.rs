@@ -17,8 +17,40 @@ pub fn batch_schema(kind: &TableKind, batch: &RowBatch<'_>) -> Arc<Schema> {
         TableKind::Fhir(resource_type) => {
             resource_schema(ElementModel::r4(), resource_type, batch.shape)
         }
+        TableKind::NlpSymptoms { .. } => nlp_symptom_schema(),
         other => completion_schema(other).expect("completion table"),
     })
+}
+
+/// The schema of covid symptom results, as Cumulus ETL declares it.
+pub fn nlp_symptom_schema() -> Schema {
+    let text = |name: &str| Field::new(name, DataType::Utf8, true);
+    let concept =
+        DataType::Struct(vec![text("code"), text("codingScheme"), text("cui"), text("tui")].into());
+    let matched = DataType::Struct(
+        vec![
+            Field::new("begin", DataType::Int32, true),
+            Field::new("end", DataType::Int32, true),
+            text("text"),
+            Field::new("polarity", DataType::Int8, true),
+            text("type"),
+            Field::new(
+                "conceptAttributes",
+                DataType::List(Arc::new(Field::new("item", concept, true))),
+                true,
+            ),
+        ]
+        .into(),
+    );
+    Schema::new(vec![
+        text("id"),
+        text("docref_id"),
+        text("encounter_id"),
+        text("subject_id"),
+        text("generated_on"),
+        Field::new("task_version", DataType::Int32, true),
+        Field::new("match", matched, true),
+    ])
 }
 
 /// One batch of a table as an Arrow record batch.
@@ -45,7 +77,7 @@ pub fn completion_schema(kind: &TableKind) -> Option<Schema> {
             "etl_time",
             "excluded_resources",
         ],
-        TableKind::Fhir(_) => return None,
+        TableKind::Fhir(_) | TableKind::NlpSymptoms { .. } => return None,
     };
     Some(Schema::new(
         names

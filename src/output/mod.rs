@@ -6,6 +6,7 @@ pub mod delta;
 pub mod job;
 pub mod json;
 pub mod ndjson;
+pub mod nlp_files;
 pub mod parquet;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,18 @@ pub enum TableKind {
     CompletionEncounters,
     /// `etl__completion`.
     Completion,
+    /// Covid symptom NLP results (`<study>__<table>`), grouped by note.
+    NlpSymptoms { task_version: i32 },
+}
+
+impl TableKind {
+    /// The column whose touched values replace all their stored rows (Delta MERGE).
+    pub fn group_field(&self) -> Option<&'static str> {
+        match self {
+            TableKind::NlpSymptoms { .. } => Some("docref_id"),
+            _ => None,
+        }
+    }
 }
 
 /// One batch of rows to write: compact JSON lines and their combined shape.
@@ -101,6 +114,13 @@ impl Outputs {
 
     /// The writer of one table.
     pub fn open(&self, table: &str, kind: TableKind) -> Result<Box<dyn TableWriter>> {
+        if let (
+            TableKind::NlpSymptoms { task_version },
+            OutputFormat::Ndjson | OutputFormat::Parquet,
+        ) = (&kind, self.format)
+        {
+            return Ok(nlp_files::open(self, table, *task_version, kind.clone()));
+        }
         let files = BatchedFiles::new(&self.root, table, self.format.name());
         Ok(match (self.format, &self.delta) {
             (OutputFormat::Ndjson, _) => Box::new(ndjson::NdjsonTable::new(files)),
@@ -130,9 +150,14 @@ pub struct BatchedFiles {
 impl BatchedFiles {
     /// Files of `table` under `root`.
     pub fn new(root: &Path, table: &str, ext: &'static str) -> BatchedFiles {
+        BatchedFiles::in_dir(root.join(table), table, ext)
+    }
+
+    /// Files named `<name>.NNN.<ext>` in `dir`.
+    pub fn in_dir(dir: PathBuf, name: &str, ext: &'static str) -> BatchedFiles {
         BatchedFiles {
-            dir: root.join(table),
-            table: table.to_string(),
+            dir,
+            table: name.to_string(),
             ext,
             next_index: None,
         }

@@ -160,9 +160,13 @@ impl TableWriter for DeltaTableWriter {
             Ok(b) => b,
             Err(e) => return on_written(Err(e)),
         };
+        let groups = match self.kind.group_field() {
+            Some(field) => distinct_strings(&batch, field),
+            None => Vec::new(),
+        };
         let job = Job::Write {
             batch,
-            groups: Vec::new(),
+            groups,
             on_written,
         };
         if let Err(mpsc::error::SendError(job)) = self.jobs.send(job)
@@ -184,4 +188,16 @@ impl TableWriter for DeltaTableWriter {
             .recv()
             .map_err(|_| anyhow!("the table's committer stopped before deleting"))?
     }
+}
+
+/// The distinct values of a string column (the groups a batch touches).
+fn distinct_strings(batch: &arrow::record_batch::RecordBatch, column: &str) -> Vec<String> {
+    let Some(values) = batch
+        .column_by_name(column)
+        .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+    else {
+        return Vec::new();
+    };
+    let set: std::collections::BTreeSet<&str> = values.iter().flatten().collect();
+    set.into_iter().map(str::to_string).collect()
 }

@@ -54,7 +54,7 @@ impl TableSpec {
     /// The spec of a table of the given kind.
     pub fn for_kind(name: &str, kind: &TableKind) -> TableSpec {
         let (uniqueness, update_existing): (&[&str], bool) = match kind {
-            TableKind::Fhir(_) => (&["id"], true),
+            TableKind::Fhir(_) | TableKind::NlpSymptoms { .. } => (&["id"], true),
             TableKind::CompletionEncounters => (&["encounter_id", "group_name"], false),
             TableKind::Completion => (
                 &["table_name", "group_name", "export_time", "etl_time"],
@@ -65,7 +65,7 @@ impl TableSpec {
             name: name.to_string(),
             uniqueness: uniqueness.iter().map(|s| s.to_string()).collect(),
             update_existing,
-            group_field: None,
+            group_field: kind.group_field().map(str::to_string),
         }
     }
 }

@@ -1,0 +1,356 @@
+//! Clinical notes: which resources a study reads (status and emergency-department codes), the
+//! note text (best attachment, base64 with its charset, HTML to text) and the ids a result row
+//! needs. Everything here works on the resource only; nothing is logged from its content.
+
+use anyhow::{Result, anyhow, bail};
+use base64::Engine as _;
+use serde_json::Value;
+
+use super::study::NoteSource;
+
+/// Why a note's text could not be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TextError {
+    /// The text is only available by URL (it is not fetched).
+    RemoteOnly,
+    /// No usable attachment, bad base64, or an undecodable charset.
+    Unreadable(String),
+}
+
+/// Whether the study reads this resource: type, status rules and an ED coding.
+pub fn is_selected(source: &NoteSource, note: &Value) -> bool {
+    let Some(rtype) = note.get("resourceType").and_then(Value::as_str) else {
+        return false;
+    };
+    if !source.resources.iter().any(|r| r == rtype) || note.get("id").is_none() {
+        return false;
+    }
+    let allowed = |field: &str, values: &[String]| match note.get(field).and_then(Value::as_str) {
+        None => note.get(field).is_none_or(Value::is_null),
+        Some(v) => values.iter().any(|a| a == v),
+    };
+    allowed("status", &source.status)
+        && allowed("docStatus", &source.doc_status)
+        && is_ed_note(source, note)
+}
+
+fn is_ed_note(source: &NoteSource, note: &Value) -> bool {
+    let categories = note
+        .get("category")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("coding").and_then(Value::as_array))
+        .flatten();
+    let types = note
+        .pointer("/type/coding")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    categories.chain(types).any(|coding| {
+        let field = |k: &str| coding.get(k).and_then(Value::as_str);
+        match (field("system"), field("code")) {
+            (Some(system), Some(code)) => source
+                .ed_codes
+                .get(system)
+                .is_some_and(|codes| codes.contains(code)),
+            _ => false,
+        }
+    })
+}
+
+/// The note's text: the best attachment (text/plain, then HTML, then XHTML), decoded with its
+/// charset; HTML becomes plain text; `¿` (a mis-decoded space) becomes a space; trimmed.
+pub fn note_text(note: &Value) -> Result<String, TextError> {
+    let attachments: Vec<&Value> = match note.get("resourceType").and_then(Value::as_str) {
+        Some("DiagnosticReport") => note
+            .get("presentedForm")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().collect())
+            .unwrap_or_default(),
+        _ => note
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("attachment"))
+            .collect(),
+    };
+    let mut best: Option<(u8, &Value, ContentType)> = None;
+    for a in attachments {
+        let Some(ct) = a.get("contentType").and_then(Value::as_str) else {
+            continue;
+        };
+        let ct = ContentType::parse(ct);
+        let priority = match ct.mimetype.as_str() {
+            "text/plain" => 3,
+            "text/html" => 2,
+            "application/xhtml+xml" => 1,
+            _ => 0,
+        };
+        if priority > best.as_ref().map_or(0, |b| b.0) {
+            best = Some((priority, a, ct));
+        }
+    }
+    let Some((_, attachment, ct)) = best else {
+        return Err(TextError::Unreadable("no textual attachment".into()));
+    };
+    let text = match attachment.get("data").and_then(Value::as_str) {
+        Some(data) => {
+            decode(data, &ct.charset).map_err(|e| TextError::Unreadable(e.to_string()))?
+        }
+        None if attachment.get("url").is_some() => return Err(TextError::RemoteOnly),
+        None => {
+            return Err(TextError::Unreadable(
+                "no data or url in the attachment".into(),
+            ));
+        }
+    };
+    let text = if ct.mimetype == "text/plain" {
+        text
+    } else {
+        html_to_text(&text)
+    };
+    Ok(text.replace('¿', " ").trim().to_string())
+}
+
+/// A parsed `Content-Type` value.
+struct ContentType {
+    mimetype: String,
+    charset: String,
+}
+
+impl ContentType {
+    fn parse(value: &str) -> ContentType {
+        let mut parts = value.split(';');
+        let mimetype = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let charset = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("charset"))
+            .map(|(_, v)| v.trim().trim_matches('"').to_ascii_lowercase())
+            .unwrap_or_else(|| "utf-8".into());
+        ContentType { mimetype, charset }
+    }
+}
+
+fn decode(data: &str, charset: &str) -> Result<String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| anyhow!("invalid base64 data: {e}"))?;
+    match charset {
+        "utf-8" | "utf8" | "us-ascii" | "ascii" => {
+            String::from_utf8(bytes).map_err(|e| anyhow!("text is not valid {charset}: {e}"))
+        }
+        "iso-8859-1" | "latin1" | "latin-1" | "windows-1252" | "cp1252" => {
+            Ok(bytes.iter().map(|&b| b as char).collect())
+        }
+        other => bail!("unsupported charset {other}"),
+    }
+}
+
+/// A readable plain-text version of an HTML note: block elements become line breaks, scripts
+/// and styles disappear, entities are decoded.
+pub fn html_to_text(html: &str) -> String {
+    let mut out = String::with_capacity(html.len());
+    let mut rest = html;
+    while let Some(lt) = rest.find('<') {
+        out.push_str(&decode_entities(&rest[..lt]));
+        let Some(gt) = rest[lt..].find('>') else {
+            rest = "";
+            break;
+        };
+        let tag = rest[lt + 1..lt + gt].trim().to_ascii_lowercase();
+        rest = &rest[lt + gt + 1..];
+        let name: String = tag
+            .trim_start_matches('/')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        if (name == "script" || name == "style") && !tag.starts_with('/') {
+            let close = format!("</{name}");
+            let end = rest.to_ascii_lowercase().find(&close).unwrap_or(rest.len());
+            rest = &rest[end..];
+            continue;
+        }
+        if matches!(
+            name.as_str(),
+            "br" | "p"
+                | "div"
+                | "li"
+                | "tr"
+                | "h1"
+                | "h2"
+                | "h3"
+                | "h4"
+                | "h5"
+                | "h6"
+                | "table"
+                | "ul"
+                | "ol"
+                | "pre"
+                | "blockquote"
+                | "hr"
+                | "title"
+        ) && !out.ends_with('\n')
+        {
+            out.push('\n');
+        } else if matches!(name.as_str(), "td" | "th") {
+            out.push(' ');
+        }
+    }
+    out.push_str(&decode_entities(rest));
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn decode_entities(s: &str) -> String {
+    if !s.contains('&') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        rest = &rest[amp..];
+        let entity = rest[1..]
+            .find(';')
+            .filter(|&e| e <= 10)
+            .map(|e| &rest[1..e + 1]);
+        let decoded = entity.and_then(|e| match e {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            "nbsp" => Some(' '),
+            _ => e
+                .strip_prefix("#x")
+                .or_else(|| e.strip_prefix("#X"))
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .or_else(|| e.strip_prefix('#').and_then(|d| d.parse().ok()))
+                .and_then(char::from_u32),
+        });
+        match (entity, decoded) {
+            (Some(e), Some(c)) => {
+                out.push(c);
+                rest = &rest[e.len() + 2..];
+            }
+            _ => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The anonymized ids of a scrubbed note that a result row carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoteIds {
+    pub note_id: String,
+    pub encounter_id: String,
+    pub subject_id: String,
+}
+
+/// The note's id, its first encounter and its subject (a typed reference); an error names
+/// what is missing.
+pub fn note_ids(note: &Value) -> Result<NoteIds, String> {
+    let note_id = note
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or("note without id")?
+        .to_string();
+    let encounter = note
+        .pointer("/context/encounter/0/reference")
+        .or_else(|| note.pointer("/encounter/reference"))
+        .and_then(Value::as_str)
+        .and_then(|r| r.rsplit_once('/'))
+        .map(|(_, id)| id.to_string());
+    let Some(encounter_id) = encounter else {
+        return Err("no encounter".into());
+    };
+    let subject = note
+        .pointer("/subject/reference")
+        .and_then(Value::as_str)
+        .and_then(|r| r.split_once('/'))
+        .filter(|(t, id)| !t.is_empty() && !id.is_empty() && !t.starts_with('#'))
+        .map(|(_, id)| id.rsplit('/').next().unwrap_or(id).to_string());
+    let Some(subject_id) = subject else {
+        return Err("no typed subject reference".into());
+    };
+    Ok(NoteIds {
+        note_id,
+        encounter_id,
+        subject_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn b64(s: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn best_attachment_and_charset() {
+        let note = json!({"resourceType": "DocumentReference", "content": [
+            {"attachment": {"contentType": "text/html", "data": b64(b"<p>html</p>")}},
+            {"attachment": {"contentType": "text/plain; charset=iso-8859-1", "data": b64(b"caf\xe9 \xbf ok ")}},
+        ]});
+        assert_eq!(note_text(&note).unwrap(), "café   ok");
+        let html = json!({"resourceType": "DocumentReference", "content": [
+            {"attachment": {"contentType": "application/xhtml+xml", "data": b64(b"x")}},
+            {"attachment": {"contentType": "text/html", "data": b64(b"<html><style>p{}</style><p>Denies&nbsp;fever</p><p>Cough &amp; cold</p></html>")}},
+        ]});
+        assert_eq!(note_text(&html).unwrap(), "Denies fever\nCough & cold");
+        let remote = json!({"resourceType": "DocumentReference", "content": [
+            {"attachment": {"contentType": "text/plain", "url": "http://x"}}]});
+        assert_eq!(note_text(&remote), Err(TextError::RemoteOnly));
+        let report = json!({"resourceType": "DiagnosticReport", "presentedForm": [
+            {"contentType": "text/plain", "data": b64(b" report ")}]});
+        assert_eq!(note_text(&report).unwrap(), "report");
+        let bad = json!({"resourceType": "DocumentReference", "content": [
+            {"attachment": {"contentType": "text/plain", "data": b64(b"\xff")}}]});
+        assert!(matches!(note_text(&bad), Err(TextError::Unreadable(_))));
+    }
+
+    #[test]
+    fn selection_needs_status_and_an_ed_code() {
+        let study = crate::nlp::study::find_study("covid_symptom__nlp_results").unwrap();
+        let mut note = json!({"resourceType": "DocumentReference", "id": "1",
+            "type": {"coding": [{"system": "http://loinc.org", "code": "34111-5"}]}});
+        assert!(is_selected(&study.source, &note));
+        note["status"] = json!("superseded");
+        assert!(!is_selected(&study.source, &note));
+        note["status"] = json!("current");
+        note["docStatus"] = json!("preliminary");
+        assert!(!is_selected(&study.source, &note));
+        let by_category = json!({"resourceType": "DocumentReference", "id": "1", "docStatus": "final",
+            "category": [{"coding": [{"system": "http://cumulus.smarthealthit.org/i2b2", "code": "NOTE:3807712"}]}]});
+        assert!(is_selected(&study.source, &by_category));
+        let other = json!({"resourceType": "DocumentReference", "id": "1",
+            "type": {"coding": [{"system": "http://loinc.org", "code": "11506-3"}]}});
+        assert!(!is_selected(&study.source, &other));
+    }
+
+    #[test]
+    fn ids_of_a_note() {
+        let note = json!({"id": "d", "context": {"encounter": [{"reference": "Encounter/e"}]},
+            "subject": {"reference": "Patient/p"}});
+        assert_eq!(
+            note_ids(&note).unwrap(),
+            NoteIds {
+                note_id: "d".into(),
+                encounter_id: "e".into(),
+                subject_id: "p".into()
+            }
+        );
+        assert_eq!(note_ids(&json!({"id": "d"})).unwrap_err(), "no encounter");
+    }
+}

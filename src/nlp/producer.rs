@@ -1,0 +1,343 @@
+//! The NLP step of the dataflow: each worker turns a bundle of notes into result rows. The
+//! embedded engine runs right on the worker; a server engine's notes are spawned on the NLP
+//! runtime (many in flight, bounded by the engine) and the worker collects finished bundles on
+//! later activations, so it never blocks waiting for a server.
+
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use super::engine::{EmbeddedSymptoms, Finding, SymptomEngine};
+use super::note::{NoteIds, TextError, is_selected, note_ids, note_text};
+use super::study::Study;
+use crate::deid::ExtensionReport;
+use crate::engine::source::{Bundle, RowProducer};
+use crate::etl::rows::{SkipReason, Skipped, TableChunk, classify_json_error, trim_ascii};
+
+/// Where notes go to be analysed.
+pub enum Dispatch {
+    /// On the worker that read them.
+    Inline(EmbeddedSymptoms),
+    /// On the NLP runtime.
+    Spawn(Arc<dyn SymptomEngine>, tokio::runtime::Handle),
+}
+
+/// Note counters for the end-of-run report.
+#[derive(Debug, Default)]
+pub struct NoteStats {
+    /// Notes of the study's resource types read.
+    pub seen: AtomicU64,
+    /// ... that passed the status and note-type rules.
+    pub selected: AtomicU64,
+    /// ... whose text could be read.
+    pub with_text: AtomicU64,
+    /// ... that the engine analysed.
+    pub analysed: AtomicU64,
+    /// Notes sent to the errors folder (no text, no encounter, engine failure).
+    pub failed: AtomicU64,
+}
+
+/// What every worker's producer shares.
+pub struct NlpShared {
+    pub study: Study,
+    pub dispatch: Dispatch,
+    /// UTC time stamped on result rows.
+    pub generated_on: String,
+    pub stats: NoteStats,
+    /// `--errors-to/<task>/nlp-errors.ndjson`: the original notes that failed (PHI).
+    pub errors: Option<Mutex<BufWriter<std::fs::File>>>,
+    warned_remote: AtomicBool,
+}
+
+impl NlpShared {
+    /// Shared NLP state of a run.
+    pub fn new(
+        study: Study,
+        dispatch: Dispatch,
+        generated_on: String,
+        errors: Option<std::fs::File>,
+    ) -> NlpShared {
+        NlpShared {
+            study,
+            dispatch,
+            generated_on,
+            stats: NoteStats::default(),
+            errors: errors.map(|f| Mutex::new(BufWriter::new(f))),
+            warned_remote: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a failed note, warns (file and line, never the text) and keeps the original.
+    fn fail(&self, path: &str, line: u64, why: &str, raw: &[u8]) {
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        eprintln!("warning: {path}:{line}: note not analysed: {why}");
+        if let Some(out) = &self.errors {
+            let mut out = out.lock().unwrap();
+            let _ = out
+                .write_all(raw)
+                .and_then(|_| out.write_all(b"\n"))
+                .and_then(|_| out.flush());
+        }
+    }
+
+    /// The rows of one analysed note: one per positive finding, or a placeholder `<id>.0`
+    /// with no match so downstream queries know the note was processed.
+    pub fn result_rows(&self, ids: &NoteIds, findings: &[Finding]) -> Vec<(String, Value)> {
+        let row = |index: usize, matched: Option<&super::mention::Mention>| {
+            let id = format!("{}.{index}", ids.note_id);
+            let mut value = json!({
+                "id": id,
+                "docref_id": ids.note_id,
+                "encounter_id": ids.encounter_id,
+                "subject_id": ids.subject_id,
+                "generated_on": self.generated_on,
+                "task_version": self.study.task_version,
+            });
+            if let Some(m) = matched {
+                value["match"] = serde_json::to_value(m).expect("mentions serialize");
+            }
+            (id, value)
+        };
+        if findings.is_empty() {
+            return vec![row(0, None)];
+        }
+        findings
+            .iter()
+            .map(|f| row(f.index, Some(&f.mention)))
+            .collect()
+    }
+}
+
+/// A note waiting for its engine.
+struct NoteJob {
+    ids: NoteIds,
+    text: String,
+    line: u64,
+    /// The original line, kept for the errors folder.
+    raw: Vec<u8>,
+}
+
+/// A bundle whose notes are still being analysed.
+struct PendingBundle {
+    task: u32,
+    table: String,
+    path: String,
+    reserved: u64,
+    jobs: Vec<Option<NoteJob>>,
+    results: Vec<Option<Vec<(String, Value)>>>,
+    remaining: usize,
+}
+
+type Outcome = (u64, usize, Result<Vec<Finding>>);
+
+/// One worker's NLP producer.
+pub struct NoteRows {
+    shared: Arc<NlpShared>,
+    pending: HashMap<u64, PendingBundle>,
+    next_bundle: u64,
+    done_tx: Sender<Outcome>,
+    done_rx: Receiver<Outcome>,
+}
+
+impl NoteRows {
+    /// A producer over the run's shared NLP state.
+    pub fn new(shared: Arc<NlpShared>) -> NoteRows {
+        let (done_tx, done_rx) = channel();
+        NoteRows {
+            shared,
+            pending: HashMap::new(),
+            next_bundle: 0,
+            done_tx,
+            done_rx,
+        }
+    }
+
+    /// Selects, de-identifies and reads the notes of a bundle.
+    fn read_notes(
+        &self,
+        b: &Bundle<'_>,
+        report: &mut ExtensionReport,
+        on_skip: &mut dyn FnMut(Skipped<'_>),
+    ) -> Vec<NoteJob> {
+        let nlp = &self.shared;
+        let mut jobs = Vec::new();
+        for (line, raw) in (b.first_line..).zip(b.bytes.split(|&c| c == b'\n')) {
+            let raw = trim_ascii(raw);
+            if raw.is_empty() {
+                continue;
+            }
+            let mut skip = |reason, detail: String| {
+                on_skip(Skipped {
+                    line_no: line,
+                    reason,
+                    detail,
+                    raw,
+                })
+            };
+            let mut note: Value = match serde_json::from_slice(raw) {
+                Ok(v) => v,
+                Err(e) => {
+                    let (reason, detail) = classify_json_error(raw, &e);
+                    skip(reason, detail);
+                    continue;
+                }
+            };
+            if note.get("resourceType").and_then(Value::as_str)
+                != Some(b.ctx.resource_type.as_str())
+            {
+                skip(
+                    SkipReason::WrongResourceType,
+                    format!("expected {}", b.ctx.resource_type),
+                );
+                continue;
+            }
+            nlp.stats.seen.fetch_add(1, Ordering::Relaxed);
+            if !is_selected(&nlp.study.source, &note) {
+                continue;
+            }
+            if let Err(rejection) = b.shared.scrubber.scrub(&mut note, report) {
+                skip(SkipReason::of_rejection(&rejection), rejection.detail());
+                continue;
+            }
+            nlp.stats.selected.fetch_add(1, Ordering::Relaxed);
+            let ids = match note_ids(&note) {
+                Ok(ids) => ids,
+                Err(why) => {
+                    nlp.fail(b.path, line, &why, raw);
+                    continue;
+                }
+            };
+            let text = match note_text(&note) {
+                Ok(t) => t,
+                Err(TextError::RemoteOnly) => {
+                    if !nlp.warned_remote.swap(true, Ordering::Relaxed) {
+                        eprintln!(
+                            "warning: some note texts are only available by URL and are not \
+                             fetched; inline them in the export first (they go to the errors folder)"
+                        );
+                    }
+                    nlp.fail(b.path, line, "text only available by URL", raw);
+                    continue;
+                }
+                Err(TextError::Unreadable(why)) => {
+                    nlp.fail(b.path, line, &format!("text unreadable: {why}"), raw);
+                    continue;
+                }
+            };
+            nlp.stats.with_text.fetch_add(1, Ordering::Relaxed);
+            jobs.push(NoteJob {
+                ids,
+                text,
+                line,
+                raw: raw.to_vec(),
+            });
+        }
+        jobs
+    }
+
+    /// Stores a finished note; returns the bundle's chunk when it was the last one.
+    fn finish_note(
+        &mut self,
+        bundle: u64,
+        note: usize,
+        outcome: Result<Vec<Finding>>,
+    ) -> Option<TableChunk> {
+        let p = self.pending.get_mut(&bundle)?;
+        let job = p.jobs[note].take()?;
+        match outcome {
+            Ok(findings) => {
+                self.shared.stats.analysed.fetch_add(1, Ordering::Relaxed);
+                p.results[note] = Some(self.shared.result_rows(&job.ids, &findings));
+            }
+            Err(e) => self
+                .shared
+                .fail(&p.path, job.line, &format!("{e:#}"), &job.raw),
+        }
+        p.remaining -= 1;
+        if p.remaining > 0 {
+            return None;
+        }
+        let p = self.pending.remove(&bundle)?;
+        let mut chunk = TableChunk::new(p.task, &p.table);
+        chunk.reserved = p.reserved;
+        for (id, row) in p.results.into_iter().flatten().flatten() {
+            chunk.push(id, &row);
+        }
+        Some(chunk)
+    }
+}
+
+impl RowProducer for NoteRows {
+    fn process(
+        &mut self,
+        b: Bundle<'_>,
+        report: &mut ExtensionReport,
+        on_skip: &mut dyn FnMut(Skipped<'_>),
+    ) -> Vec<TableChunk> {
+        let jobs = self.read_notes(&b, report, on_skip);
+        b.shared.progress.add_read(b.ctx.task, jobs.len() as u64);
+        let id = self.next_bundle;
+        self.next_bundle += 1;
+        let count = jobs.len();
+        self.pending.insert(
+            id,
+            PendingBundle {
+                task: b.ctx.task,
+                table: b.ctx.table.clone(),
+                path: b.path.to_string(),
+                reserved: b.reserved,
+                results: (0..count).map(|_| None).collect(),
+                jobs: jobs.into_iter().map(Some).collect(),
+                remaining: count,
+            },
+        );
+        if count == 0 {
+            let p = self.pending.remove(&id).expect("just inserted");
+            let mut chunk = TableChunk::new(p.task, &p.table);
+            chunk.reserved = p.reserved;
+            return vec![chunk];
+        }
+        let shared = self.shared.clone();
+        match &shared.dispatch {
+            Dispatch::Inline(engine) => {
+                let mut out = Vec::new();
+                for note in 0..count {
+                    let text = &self.pending[&id].jobs[note].as_ref().expect("queued").text;
+                    let findings = engine.find_now(text);
+                    out.extend(self.finish_note(id, note, Ok(findings)));
+                }
+                out
+            }
+            Dispatch::Spawn(engine, runtime) => {
+                let pending = self.pending.get_mut(&id).expect("just inserted");
+                for (note, job) in pending.jobs.iter_mut().enumerate() {
+                    let text = std::mem::take(&mut job.as_mut().expect("queued").text);
+                    let engine = engine.clone();
+                    let done = self.done_tx.clone();
+                    runtime.spawn(async move {
+                        let outcome = engine.find(&text).await;
+                        let _ = done.send((id, note, outcome));
+                    });
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn poll(&mut self) -> Vec<TableChunk> {
+        let mut out = Vec::new();
+        while let Ok((bundle, note, outcome)) = self.done_rx.try_recv() {
+            out.extend(self.finish_note(bundle, note, outcome));
+        }
+        out
+    }
+
+    fn in_flight(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}

@@ -1,0 +1,407 @@
+//! One NLP run (`cumulus-etl nlp`, or `etl --task covid_symptom__...`): select the study, find
+//! the notes, start the engine (checking the servers first), run the dataflow with the NLP
+//! producer, finish the table and report what happened to every note.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::cli::exit::{ExitCode, Fatal};
+use crate::cli::progress::ProgressPrinter;
+use crate::deid::{Codebook, Rules, Scrubber};
+use crate::engine::dataflow::ProducerFactory;
+use crate::engine::source::human_bytes;
+use crate::engine::{EngineConfig, MemoryBudget, RunShared, run_dataflow};
+use crate::etl::rows::TaskContext;
+use crate::etl::{bundle_size, open_errors_folder, print_extension_report, print_summary};
+use crate::fhir::{ElementModel, Shape};
+use crate::input::{bundles, discover};
+use crate::output::delta::DeltaSettings;
+use crate::output::{OutputFormat, Outputs, RowBatch, TableKind, job, write_and_wait};
+use crate::store::{self, Location};
+use crate::time::PyDateTime;
+
+use super::cache::NlpCache;
+use super::ctakes::{CtakesSymptoms, RetryPolicy, ServerUrls, check_reachable};
+use super::embedded::EmbeddedEngine;
+use super::engine::EmbeddedSymptoms;
+use super::producer::{Dispatch, NlpShared, NoteRows};
+use super::study::{Study, all_studies, find_study};
+
+/// Which engine analyses the notes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// Dictionary matching and negation detection in process (no server).
+    Embedded,
+    /// cTAKES REST plus cNLP transformers servers.
+    Ctakes,
+}
+
+/// The options of an NLP run.
+#[derive(Debug, Clone)]
+pub struct NlpOptions {
+    pub input: Location,
+    pub output: Location,
+    pub phi: Location,
+    pub output_format: OutputFormat,
+    pub batch_size: usize,
+    pub tasks: Vec<String>,
+    pub errors_to: Option<PathBuf>,
+    pub engine_kind: EngineKind,
+    /// Notes in flight to the servers at once.
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    /// Check that the servers accept connections before starting (6 tries).
+    pub init_checks: bool,
+    pub init_check_interval: Duration,
+    pub engine: EngineConfig,
+    pub memory: u64,
+    pub optimize_tables: bool,
+    pub progress_interval: Duration,
+}
+
+/// Whether every named task is an NLP study (and at least one is named). Mixing NLP and
+/// other tasks is an error, as upstream.
+pub fn names_nlp_tasks(names: &[String]) -> Result<bool, Fatal> {
+    let names = crate::tasks::expand_names(names);
+    let nlp = names.iter().filter(|n| find_study(n).is_some()).count();
+    if nlp > 0 && nlp < names.len() {
+        return Err(Fatal::new(
+            ExitCode::TaskMismatch,
+            "NLP tasks cannot be mixed with other tasks; run them with `cumulus-etl nlp`.",
+        ));
+    }
+    Ok(nlp > 0)
+}
+
+/// Picks the studies named by `--task`.
+fn select_studies(names: &[String]) -> Result<Vec<Study>, Fatal> {
+    let names = crate::tasks::expand_names(names);
+    let all = all_studies();
+    if names.is_empty() || names.iter().any(|n| n == "help") {
+        let list: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        let code = if names.is_empty() {
+            ExitCode::ArgsInvalid
+        } else {
+            ExitCode::TaskHelp
+        };
+        return Err(Fatal::new(
+            code,
+            format!("Available NLP tasks:\n  {}", list.join("\n  ")),
+        ));
+    }
+    if crate::tasks::select_tasks(&names, &[]).is_ok() {
+        return Err(Fatal::new(
+            ExitCode::TaskMismatch,
+            "`cumulus-etl nlp` runs NLP tasks only; run FHIR tasks with `cumulus-etl etl`.",
+        ));
+    }
+    names_nlp_tasks(&names)?;
+    let mut picked = Vec::new();
+    for n in &names {
+        match find_study(n) {
+            Some(s) if !picked.iter().any(|p: &Study| p.name == s.name) => picked.push(s),
+            Some(_) => {}
+            None => {
+                return Err(Fatal::new(
+                    ExitCode::TaskUnknown,
+                    format!("Unknown task '{n}' requested. Use --task=help to list the tasks."),
+                ));
+            }
+        }
+    }
+    Ok(picked)
+}
+
+/// Runs the selected NLP tasks one after the other; 0, or 19 when a note or batch failed.
+pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
+    let started_at = Instant::now();
+    let started = PyDateTime::now_utc();
+    let input = opts.input.local_path();
+    let output = opts.output.local_path();
+    let phi = opts.phi.local_path();
+    if !input.is_dir() {
+        return Err(Fatal::new(
+            ExitCode::FolderDoesNotExist,
+            format!("The input folder '{}' does not exist.", input.display()),
+        ));
+    }
+    if opts.batch_size == 0 {
+        return Err(Fatal::new(
+            ExitCode::ArgsInvalid,
+            "--batch-size must be at least 1.",
+        ));
+    }
+    let studies = select_studies(&opts.tasks)?;
+    let rejected = open_errors_folder(&opts.errors_to)?;
+    let wanted: HashSet<String> = studies
+        .iter()
+        .flat_map(|s| s.source.resources.iter().cloned())
+        .collect();
+    let found = discover(input, Some(&wanted), ElementModel::r4())?;
+    for u in &found.unreadable {
+        eprintln!("warning: {}: skipped: {}", u.path.display(), u.reason);
+    }
+    if found.files.is_empty() {
+        return Err(Fatal::new(
+            ExitCode::MissingRequestedResources,
+            format!(
+                "No {} files found in {}.",
+                wanted.into_iter().collect::<Vec<_>>().join(" or "),
+                input.display()
+            ),
+        ));
+    }
+    if opts.output_format != OutputFormat::Deltalake && !store::is_empty_dir(output)? {
+        return Err(Fatal::new(
+            ExitCode::FolderNotEmpty,
+            format!(
+                "The target folder '{}' already has contents. Use an empty folder for {} output, \
+                 or --output-format=deltalake to update existing tables.",
+                output.display(),
+                opts.output_format.name()
+            ),
+        ));
+    }
+    for dir in [output, phi] {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Fatal::new(
+                ExitCode::Failure,
+                format!("creating {}: {e}", dir.display()),
+            )
+        })?;
+    }
+    // NLP runs never record new Patient/Encounter mappings, as upstream.
+    let codebook = Arc::new(Codebook::open(phi, false)?);
+    if let Some(previous) = job::latest_codebook_id(output)
+        && previous != codebook.codebook_id()
+    {
+        return Err(Fatal::new(
+            ExitCode::WrongPhiFolder,
+            format!(
+                "The output folder '{}' is already associated with a different PHI folder.",
+                output.display()
+            ),
+        ));
+    }
+    codebook.save()?;
+    let runtime = match opts.engine_kind {
+        EngineKind::Ctakes => Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .thread_name("cumulus-nlp")
+                .build()
+                .map_err(|e| {
+                    Fatal::new(ExitCode::Failure, format!("starting the NLP runtime: {e}"))
+                })?,
+        ),
+        EngineKind::Embedded => None,
+    };
+    eprintln!("NLP configuration:");
+    eprintln!("  Input path:  {}", opts.input.display());
+    eprintln!(
+        "  Output path: {} ({})",
+        opts.output.display(),
+        opts.output_format.name()
+    );
+    eprintln!("  PHI path:    {}", opts.phi.display());
+    eprintln!(
+        "  Engine:      {}",
+        match opts.engine_kind {
+            EngineKind::Embedded => "embedded (dictionary + negation detection)".to_string(),
+            EngineKind::Ctakes => format!("cTAKES + cNLP, {} notes in flight", opts.concurrency),
+        }
+    );
+
+    let mut failed = false;
+    let mut rejected = rejected;
+    for study in studies {
+        let outcome = run_study(opts, &study, &codebook, runtime.as_ref(), rejected.take())?;
+        failed |= outcome;
+    }
+    eprintln!("Finished in {:.1}s.", started_at.elapsed().as_secs_f64());
+    let _ = started;
+    if failed {
+        eprintln!("🚨 One or more tasks above did not 100% complete! 🚨");
+        Ok(ExitCode::TaskFailed)
+    } else {
+        eprintln!("⭐ All tasks completed successfully! ⭐");
+        Ok(ExitCode::Success)
+    }
+}
+
+/// Runs one study; returns whether anything failed.
+fn run_study(
+    opts: &NlpOptions,
+    study: &Study,
+    codebook: &Arc<Codebook>,
+    runtime: Option<&tokio::runtime::Runtime>,
+    rejected: Option<std::fs::File>,
+) -> Result<bool, Fatal> {
+    let started_at = Instant::now();
+    let started = PyDateTime::now_utc();
+    let input = opts.input.local_path();
+    let output = opts.output.local_path();
+    let phi = opts.phi.local_path();
+    eprintln!("Running {}...", study.name);
+    let dictionary = study.dictionary();
+    let covid_cuis = Arc::new(dictionary.cuis.clone());
+    let server = match runtime {
+        Some(rt) => {
+            let urls = ServerUrls::from_env(study.engine.polarity);
+            if opts.init_checks {
+                for (url, code, what) in [
+                    (&urls.ctakes, ExitCode::CtakesMissing, "cTAKES"),
+                    (&urls.cnlp, ExitCode::CnlpMissing, "cNLP"),
+                ] {
+                    rt.block_on(check_reachable(url, 6, opts.init_check_interval))
+                        .map_err(|e| {
+                            Fatal::new(
+                                code,
+                                format!("A running {what} server was not found at {url}: {e}"),
+                            )
+                        })?;
+                }
+            }
+            Some(Arc::new(
+                CtakesSymptoms::new(
+                    urls,
+                    study.engine.clone(),
+                    NlpCache::new(phi),
+                    covid_cuis.clone(),
+                    opts.concurrency,
+                    opts.retry,
+                )
+                .map_err(Fatal::from)?,
+            ))
+        }
+        None => None,
+    };
+    let dispatch = match (&server, runtime) {
+        (Some(engine), Some(rt)) => Dispatch::Spawn(engine.clone(), rt.handle().clone()),
+        _ => Dispatch::Inline(EmbeddedSymptoms {
+            engine: Arc::new(EmbeddedEngine::new(&dictionary)),
+            covid_cuis,
+            model: study.engine.polarity,
+        }),
+    };
+    let errors = match &opts.errors_to {
+        Some(dir) => {
+            let dir = dir.join(&study.name);
+            std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::File::create(dir.join("nlp-errors.ndjson")))
+                .map(Some)
+                .map_err(|e| {
+                    Fatal::new(
+                        ExitCode::Failure,
+                        format!("creating {}: {e}", dir.display()),
+                    )
+                })?
+        }
+        None => None,
+    };
+    let nlp = Arc::new(NlpShared::new(
+        study.clone(),
+        dispatch,
+        started.isoformat(),
+        errors,
+    ));
+
+    let wanted: HashSet<String> = study.source.resources.iter().cloned().collect();
+    let found = discover(input, Some(&wanted), ElementModel::r4())?;
+    let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
+    let work = bundles::plan(&found.files, bundle_bytes)?;
+    let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();
+    let kind = TableKind::NlpSymptoms {
+        task_version: study.task_version,
+    };
+    let contexts: Vec<TaskContext> = study
+        .source
+        .resources
+        .iter()
+        .enumerate()
+        .map(|(i, resource)| TaskContext {
+            task: i as u32,
+            table: study.name.clone(),
+            resource_type: resource.clone(),
+            kind: kind.clone(),
+            whole_chunks: true,
+            completion: None,
+        })
+        .collect();
+    let outputs = Outputs::new(
+        opts.output_format,
+        output,
+        DeltaSettings::for_budget(opts.memory, &started.folder_name()),
+    )?;
+    let shared = Arc::new(RunShared::new(
+        Scrubber::new(Rules::embedded()?, codebook.clone(), false),
+        MemoryBudget::new(opts.memory),
+        work,
+        contexts,
+        outputs,
+        opts.errors_to.clone(),
+        opts.batch_size,
+        bundle_bytes,
+        rejected,
+    ));
+    let producer_state = nlp.clone();
+    let producers: ProducerFactory =
+        Arc::new(move |_| Box::new(NoteRows::new(producer_state.clone())));
+    let progress = ProgressPrinter::start(shared.clone(), total_bytes, opts.progress_interval);
+    let outcome = run_dataflow(shared.clone(), &opts.engine, producers);
+    progress.stop();
+    outcome?;
+
+    let has_rows = shared
+        .stats
+        .lock()
+        .unwrap()
+        .tables
+        .contains_key(&study.name);
+    if !has_rows {
+        let mut writer = shared.open_writer(&study.name, &shared.tasks[0])?;
+        write_and_wait(
+            writer.as_mut(),
+            &RowBatch {
+                rows: Vec::new(),
+                shape: &Shape::default(),
+            },
+        )?;
+        shared.stats.lock().unwrap().summary(&study.name);
+    }
+    for (table, e) in shared.outputs.finish(opts.optimize_tables) {
+        eprintln!("warning: table maintenance of {table} failed: {e:#}");
+    }
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let s = &nlp.stats;
+    eprintln!(
+        "Notes: {} read, {} selected (ED notes with a valid status), {} with text, {} analysed, {} failed",
+        n(&s.seen),
+        n(&s.selected),
+        n(&s.with_text),
+        n(&s.analysed),
+        n(&s.failed)
+    );
+    if let Some(server) = &server {
+        eprintln!(
+            "Servers: {} requests, {} retries, {} answers from the cache",
+            n(&server.stats.requests),
+            n(&server.stats.retries),
+            n(&server.stats.cache_hits)
+        );
+    }
+    let stats = shared.stats.lock().unwrap();
+    print_extension_report(&stats.extensions);
+    print_summary(&stats, started_at.elapsed(), total_bytes, &shared.budget);
+    let failed = n(&s.failed) > 0
+        || stats
+            .tables
+            .values()
+            .any(|t| t.had_errors || t.success < t.attempt);
+    let _ = human_bytes;
+    Ok(failed)
+}

@@ -1,0 +1,80 @@
+//! The file layout of NLP results (Cumulus ETL's NLP formats): `<root>/<study>/<name>_v<N>/
+//! <name>_v<N>.NNN.<ext>`, plus `<name>_v<N>.ids` listing the notes (groups) whose rows are
+//! written, appended after every successful batch.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use super::{BatchedFiles, OnWritten, OutputFormat, Outputs, RowBatch, TableKind, TableWriter};
+
+/// The writer of an NLP table in a file format.
+pub fn open(outputs: &Outputs, table: &str, version: i32, kind: TableKind) -> Box<dyn TableWriter> {
+    let (study, short) = table.split_once("__").unwrap_or((table, table));
+    let name = format!("{short}_v{version}");
+    let study_dir = outputs.root.join(study);
+    let files = BatchedFiles::in_dir(study_dir.join(&name), &name, outputs.format.name());
+    let inner: Box<dyn TableWriter> = match outputs.format {
+        OutputFormat::Parquet => Box::new(super::parquet::ParquetTable::new(files, kind)),
+        _ => Box::new(super::ndjson::NdjsonTable::new(files)),
+    };
+    Box::new(GroupIdsWriter {
+        inner,
+        ids_path: study_dir.join(format!("{name}.ids")),
+    })
+}
+
+/// Records the groups of each written batch next to the table.
+struct GroupIdsWriter {
+    inner: Box<dyn TableWriter>,
+    ids_path: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct GroupOf<'a> {
+    #[serde(borrow)]
+    docref_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl TableWriter for GroupIdsWriter {
+    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
+        let mut groups: Vec<String> = batch
+            .rows
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<GroupOf>(r).ok()?.docref_id)
+            .map(|g| g.into_owned())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        let ids_path = self.ids_path.clone();
+        self.inner.write_batch(
+            batch,
+            Box::new(move |result| {
+                let result = result.and_then(|()| append_groups(&ids_path, &groups));
+                on_written(result)
+            }),
+        );
+    }
+
+    fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
+        self.inner.delete_ids(ids)
+    }
+}
+
+fn append_groups(path: &std::path::Path, groups: &[String]) -> Result<()> {
+    if groups.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path.parent().expect("ids files have a folder"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut text = groups.join("\n");
+    text.push('\n');
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
