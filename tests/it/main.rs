@@ -6,5 +6,7 @@ mod delta;
 mod delta_runs;
 mod etl_runs;
 mod i2b2;
+mod nlp;
+mod nlp_server;
 mod reference;
 mod support;

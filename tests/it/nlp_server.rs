@@ -1,0 +1,205 @@
+//! A fake cTAKES + cNLP server for the tests: a real HTTP/1.1 server on a local port (keep-alive,
+//! Content-Length bodies) whose answers follow Cumulus ETL's test mock: word 2 of a note is a
+//! fever (two SNOMED codes) and a nausea concept on the same span, word 3 an itch (not a covid
+//! symptom), word 1 an IdentifiedAnnotation. cNLP negation says every span is positive;
+//! termexists says the first span is negative. It records requests and the peak number in
+//! flight, can answer slowly, and can fail the first requests with a chosen status.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One request the server received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+/// How the server behaves and what it saw.
+#[derive(Default)]
+pub struct ServerState {
+    pub delay: Duration,
+    /// Statuses to answer the first requests with, in order (e.g. 503, 429).
+    pub failures: Mutex<Vec<u16>>,
+    pub requests: Mutex<Vec<Seen>>,
+    pub in_flight: AtomicUsize,
+    pub peak_in_flight: AtomicUsize,
+}
+
+/// A running fake server (stops with its runtime when dropped).
+pub struct FakeNlpServer {
+    pub addr: SocketAddr,
+    pub state: Arc<ServerState>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl FakeNlpServer {
+    /// Starts a server answering after `delay`, failing the first requests with `failures`.
+    pub fn start(delay: Duration, failures: Vec<u16>) -> FakeNlpServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let state = Arc::new(ServerState {
+            delay,
+            failures: Mutex::new(failures),
+            ..Default::default()
+        });
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = state.clone();
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_connection(stream, shared.clone()));
+            }
+        });
+        FakeNlpServer {
+            addr,
+            state,
+            _runtime: runtime,
+        }
+    }
+
+    /// `URL_CTAKES_REST` for this server.
+    pub fn ctakes_url(&self) -> String {
+        format!("http://{}/ctakes-web-rest/service/analyze", self.addr)
+    }
+
+    /// `URL_CNLP_NEGATION` for this server.
+    pub fn negation_url(&self) -> String {
+        format!("http://{}/negation/process", self.addr)
+    }
+
+    /// `URL_CNLP_TERM_EXISTS` for this server.
+    pub fn term_exists_url(&self) -> String {
+        format!("http://{}/termexists/process", self.addr)
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.state.requests.lock().unwrap().clone()
+    }
+}
+
+async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .to_string();
+        let mut length = 0usize;
+        let mut content_type = String::new();
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                match name.trim().to_ascii_lowercase().as_str() {
+                    "content-length" => length = value.trim().parse().unwrap_or(0),
+                    "content-type" => content_type = value.trim().to_string(),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        state.requests.lock().unwrap().push(Seen {
+            path: path.clone(),
+            content_type,
+            body: body.clone(),
+        });
+        tokio::time::sleep(state.delay).await;
+        let failure = {
+            let mut f = state.failures.lock().unwrap();
+            (!f.is_empty()).then(|| f.remove(0))
+        };
+        let (status, answer) = match failure {
+            Some(code) => (code, json!({"error": "injected"})),
+            None => (200, answer(&path, &body)),
+        };
+        state.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let text = answer.to_string();
+        let reason = if status == 200 { "OK" } else { "Error" };
+        let response = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if reader
+            .get_mut()
+            .write_all(response.as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn answer(path: &str, body: &[u8]) -> Value {
+    if path.contains("negation") || path.contains("termexists") {
+        let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let spans = request["entities"].as_array().map_or(0, Vec::len);
+        let statuses: Vec<i64> = if path.contains("negation") {
+            vec![-1; spans]
+        } else {
+            (0..spans).map(|i| if i == 0 { -1 } else { 1 }).collect()
+        };
+        return json!({ "statuses": statuses });
+    }
+    ctakes_answer(&String::from_utf8_lossy(body))
+}
+
+/// The mock cTAKES answer (UTF-16 offsets, as the Java server reports them).
+fn ctakes_answer(note: &str) -> Value {
+    let words: Vec<&str> = note.split_whitespace().collect();
+    if words.len() < 3 {
+        return json!({});
+    }
+    let len16 = |s: &str| s.encode_utf16().count() as i64;
+    let fever_begin = len16(words[0]) + 1;
+    let fever_end = fever_begin + len16(words[1]);
+    let itch_begin = fever_end + 1;
+    let itch_end = itch_begin + len16(words[2]);
+    let concept = |code: &str, cui: &str| json!({"code": code, "cui": cui, "codingScheme": "SNOMEDCT_US", "tui": "T184"});
+    let mention = |b: i64, e: i64, text: &str, concepts: Vec<Value>| {
+        json!({"begin": b, "end": e, "text": text, "polarity": 0,
+               "conceptAttributes": concepts, "type": "SignSymptomMention"})
+    };
+    json!({
+        "SignSymptomMention": [
+            mention(fever_begin, fever_end, words[1],
+                vec![concept("386661006", "C0015967"), concept("50177009", "C0015967")]),
+            mention(fever_begin, fever_end, words[1], vec![concept("422587007", "C0027497")]),
+            mention(itch_begin, itch_end, words[2],
+                vec![concept("418290006", "C0033774"), concept("279333002", "C0033774")]),
+        ],
+        "IdentifiedAnnotation": [
+            {"begin": 0, "end": len16(words[0]), "text": words[0], "polarity": 0,
+             "conceptAttributes": [{"code": "n/a", "cui": "CE_64", "codingScheme": "custom", "tui": "T0NA"}],
+             "type": "IdentifiedAnnotation"}
+        ]
+    })
+}
