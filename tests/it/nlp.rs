@@ -367,3 +367,78 @@ fn embedded_engine_on_synthea_and_negation() {
         "note b has no positive symptom: {found:?}"
     );
 }
+
+#[test]
+fn delta_results_replace_a_notes_earlier_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = phi_from_fixture(tmp.path());
+    let out = tmp.path().join("out");
+    let table = out.join("covid_symptom__nlp_results");
+    let run_with = |text_a: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(
+            dir.path(),
+            &[ed_note("a", text_a), ed_note("b", "Sore throat.")],
+        );
+        // The 2023 invocation (`etl --task ...`) runs the NLP study too.
+        let run = super::support::run_etl(&[
+            "etl",
+            input.to_str().unwrap(),
+            out.to_str().unwrap(),
+            phi.to_str().unwrap(),
+            "--task=covid_symptom__nlp_results",
+            "--output-format=deltalake",
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let rows = super::support::read_delta(&table, "id");
+        let mut texts: Vec<(String, Option<String>)> = rows
+            .values()
+            .map(|r| {
+                let id = r["id"].as_str().unwrap();
+                (
+                    id[id.len() - 2..].to_string(),
+                    r["match"]["text"].as_str().map(str::to_string),
+                )
+            })
+            .collect();
+        texts.sort();
+        texts
+    };
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        run_with("Fever and cough."),
+        [
+            (".0".into(), some("Fever")),
+            (".0".into(), some("Sore throat")),
+            (".1".into(), some("cough"))
+        ]
+    );
+    // Note a lost its symptoms: its two rows become one placeholder; note b is untouched.
+    assert_eq!(
+        run_with("Feels well."),
+        [(".0".into(), None), (".0".into(), some("Sore throat"))]
+    );
+}
+
+#[test]
+fn nlp_and_fhir_tasks_do_not_mix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = super::support::run_etl(&[
+        synthea().to_str().unwrap(),
+        tmp.path().join("out").to_str().unwrap(),
+        tmp.path().join("phi").to_str().unwrap(),
+        "--task=patient,covid_symptom__nlp_results",
+    ]);
+    assert_eq!(run.status.code(), Some(43), "{}", stderr(&run));
+    let run = run_nlp(
+        None,
+        &[
+            synthea().to_str().unwrap(),
+            tmp.path().join("out").to_str().unwrap(),
+            tmp.path().join("phi").to_str().unwrap(),
+            "--task=help",
+        ],
+    );
+    assert_eq!(run.status.code(), Some(35));
+    assert!(stderr(&run).contains("covid_symptom__nlp_results_term_exists"));
+}
