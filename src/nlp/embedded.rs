@@ -420,3 +420,56 @@ mod tests {
         assert_eq!(exists[0].polarity, -1);
     }
 }
+
+/// Precision and recall of the embedded engine on the hand-labelled notes in
+/// `tests/data/nlp/labelled_notes.ndjson` (each note lists the symptom texts that are present).
+#[cfg(test)]
+mod labelled {
+    use super::*;
+    use crate::nlp::engine::EmbeddedSymptoms;
+    use std::sync::Arc;
+
+    #[test]
+    fn precision_and_recall_on_the_labelled_notes() {
+        let d = Dictionary::covid();
+        let engine = EmbeddedSymptoms {
+            engine: Arc::new(EmbeddedEngine::new(&d)),
+            covid_cuis: Arc::new(d.cuis.clone()),
+            model: PolarityModel::Negation,
+        };
+        let text = include_str!("../../tests/data/nlp/labelled_notes.ndjson");
+        let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let note: serde_json::Value = serde_json::from_str(line).unwrap();
+            let expected: Vec<String> = note["positive"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_lowercase())
+                .collect();
+            let mut found: Vec<String> = engine
+                .find_now(note["text"].as_str().unwrap())
+                .into_iter()
+                .map(|f| f.mention.text.to_lowercase())
+                .collect();
+            found.dedup();
+            tp += found.iter().filter(|f| expected.contains(f)).count();
+            fp += found.iter().filter(|f| !expected.contains(f)).count();
+            fn_ += expected.iter().filter(|e| !found.contains(e)).count();
+            for f in found.iter().filter(|f| !expected.contains(f)) {
+                eprintln!("false positive {f:?} in {:?}", note["text"]);
+            }
+            for e in expected.iter().filter(|e| !found.contains(e)) {
+                eprintln!("missed {e:?} in {:?}", note["text"]);
+            }
+        }
+        let precision = tp as f64 / (tp + fp).max(1) as f64;
+        let recall = tp as f64 / (tp + fn_).max(1) as f64;
+        eprintln!(
+            "labelled notes: tp {tp}, fp {fp}, fn {fn_}; precision {precision:.2}, recall {recall:.2}"
+        );
+        // The figures documented in docs/nlp.md; a change to the rules must not lower them.
+        assert!(precision >= 0.90, "precision {precision:.2}");
+        assert!(recall >= 0.85, "recall {recall:.2}");
+    }
+}
