@@ -12,7 +12,6 @@ use crate::cli::exit::{ExitCode, Fatal};
 use crate::cli::progress::ProgressPrinter;
 use crate::deid::{Codebook, Rules, Scrubber};
 use crate::engine::dataflow::ProducerFactory;
-use crate::engine::source::human_bytes;
 use crate::engine::{EngineConfig, MemoryBudget, RunShared, run_dataflow};
 use crate::etl::rows::TaskContext;
 use crate::etl::{bundle_size, open_errors_folder, print_extension_report, print_summary};
@@ -118,7 +117,6 @@ fn select_studies(names: &[String]) -> Result<Vec<Study>, Fatal> {
 /// Runs the selected NLP tasks one after the other; 0, or 19 when a note or batch failed.
 pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     let started_at = Instant::now();
-    let started = PyDateTime::now_utc();
     let input = opts.input.local_path();
     let output = opts.output.local_path();
     let phi = opts.phi.local_path();
@@ -219,11 +217,23 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     let mut failed = false;
     let mut rejected = rejected;
     for study in studies {
-        let outcome = run_study(opts, &study, &codebook, runtime.as_ref(), rejected.take())?;
+        let files: Vec<_> = found
+            .files
+            .iter()
+            .filter(|f| study.source.resources.contains(&f.resource_type))
+            .cloned()
+            .collect();
+        let outcome = run_study(
+            opts,
+            &study,
+            &files,
+            &codebook,
+            runtime.as_ref(),
+            rejected.take(),
+        )?;
         failed |= outcome;
     }
     eprintln!("Finished in {:.1}s.", started_at.elapsed().as_secs_f64());
-    let _ = started;
     if failed {
         eprintln!("🚨 One or more tasks above did not 100% complete! 🚨");
         Ok(ExitCode::TaskFailed)
@@ -237,13 +247,13 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
 fn run_study(
     opts: &NlpOptions,
     study: &Study,
+    files: &[crate::input::InputFile],
     codebook: &Arc<Codebook>,
     runtime: Option<&tokio::runtime::Runtime>,
     rejected: Option<std::fs::File>,
 ) -> Result<bool, Fatal> {
     let started_at = Instant::now();
     let started = PyDateTime::now_utc();
-    let input = opts.input.local_path();
     let output = opts.output.local_path();
     let phi = opts.phi.local_path();
     eprintln!("Running {}...", study.name);
@@ -310,11 +320,9 @@ fn run_study(
         errors,
     ));
 
-    let wanted: HashSet<String> = study.source.resources.iter().cloned().collect();
-    let found = discover(input, Some(&wanted), ElementModel::r4())?;
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
-    let work = bundles::plan(&found.files, bundle_bytes)?;
-    let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();
+    let work = bundles::plan(files, bundle_bytes)?;
+    let total_bytes: u64 = files.iter().map(|f| f.size).sum();
     let kind = TableKind::NlpSymptoms {
         task_version: study.task_version,
     };
@@ -402,6 +410,5 @@ fn run_study(
             .tables
             .values()
             .any(|t| t.had_errors || t.success < t.attempt);
-    let _ = human_bytes;
     Ok(failed)
 }

@@ -203,6 +203,14 @@ fn many_notes_are_in_flight_at_once() {
         .peak_in_flight
         .load(std::sync::atomic::Ordering::SeqCst);
     assert!((4..=8).contains(&peak), "peak in flight {peak}");
+    let connections = server
+        .state
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        connections <= 16,
+        "{connections} connections for 48 requests: they are reused"
+    );
     assert_eq!(results(&out.join("covid_symptom/nlp_results_v4")).len(), 48);
 }
 

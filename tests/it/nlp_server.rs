@@ -31,6 +31,8 @@ pub struct ServerState {
     pub requests: Mutex<Vec<Seen>>,
     pub in_flight: AtomicUsize,
     pub peak_in_flight: AtomicUsize,
+    /// TCP connections accepted (fewer than requests when the client reuses them).
+    pub connections: AtomicUsize,
 }
 
 /// A running fake server (stops with its runtime when dropped).
@@ -58,6 +60,7 @@ impl FakeNlpServer {
         let shared = state.clone();
         runtime.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                shared.connections.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(serve_connection(stream, shared.clone()));
             }
         });
