@@ -244,6 +244,86 @@ fn failed_requests_are_retried() {
 }
 
 #[test]
+fn a_request_that_times_out_is_retried() {
+    let server = FakeNlpServer::start(Duration::ZERO, vec![0]);
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = phi_from_fixture(tmp.path());
+    let input = write_input(tmp.path(), &[ed_note("n1", "Patient fever itch")]);
+    let out = tmp.path().join("out");
+    let run = run_nlp(
+        Some(&server),
+        &[
+            input.to_str().unwrap(),
+            out.to_str().unwrap(),
+            phi.to_str().unwrap(),
+            "--task=covid_symptom__nlp_results",
+            "--nlp-engine=ctakes",
+            "--nlp-timeout=1",
+            "--nlp-retry-delay-ms=10",
+            "--output-format=ndjson",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stderr(&run).contains("1 retries"), "{}", stderr(&run));
+    assert_eq!(server.requests().len(), 3, "stalled cTAKES, cTAKES, cNLP");
+    assert_eq!(results(&out.join("covid_symptom/nlp_results_v4")).len(), 2);
+}
+
+#[test]
+fn parquet_results_have_the_upstream_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = phi_from_fixture(tmp.path());
+    let input = write_input(
+        tmp.path(),
+        &[
+            ed_note("a", "Fever and cough."),
+            ed_note("b", "Feels well."),
+        ],
+    );
+    let out = tmp.path().join("out");
+    let run = run_nlp(
+        None,
+        &[
+            input.to_str().unwrap(),
+            out.to_str().unwrap(),
+            phi.to_str().unwrap(),
+            "--task=covid_symptom__nlp_results",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let file = out.join("covid_symptom/nlp_results_v4/nlp_results_v4.000.parquet");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(&file).unwrap(),
+    )
+    .unwrap();
+    let schema = reader.schema().clone();
+    let batches: Vec<_> = reader.build().unwrap().map(Result::unwrap).collect();
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 3);
+    use arrow::datatypes::DataType;
+    assert_eq!(
+        schema.field_with_name("task_version").unwrap().data_type(),
+        &DataType::Int32
+    );
+    let DataType::Struct(fields) = schema.field_with_name("match").unwrap().data_type() else {
+        panic!("match is a struct");
+    };
+    let names: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "begin",
+            "end",
+            "text",
+            "polarity",
+            "type",
+            "conceptAttributes"
+        ]
+    );
+    assert_eq!(fields[3].data_type(), &DataType::Int8);
+    assert!(matches!(fields[5].data_type(), DataType::List(_)));
+}
+
+#[test]
 fn servers_that_are_down() {
     let tmp = tempfile::tempdir().unwrap();
     let phi = phi_from_fixture(tmp.path());

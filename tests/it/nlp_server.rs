@@ -14,6 +14,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+/// How long a stalled request waits before answering.
+pub const STALL: Duration = Duration::from_millis(2500);
+
 /// One request the server received.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -26,7 +29,8 @@ pub struct Seen {
 #[derive(Default)]
 pub struct ServerState {
     pub delay: Duration,
-    /// Statuses to answer the first requests with, in order (e.g. 503, 429).
+    /// Statuses to answer the first requests with, in order (e.g. 503, 429); 0 stalls for
+    /// `STALL` (longer than a 1 s client timeout), then answers normally.
     pub failures: Mutex<Vec<u16>>,
     pub requests: Mutex<Vec<Seen>>,
     pub in_flight: AtomicUsize,
@@ -140,6 +144,10 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
             (!f.is_empty()).then(|| f.remove(0))
         };
         let (status, answer) = match failure {
+            Some(0) => {
+                tokio::time::sleep(STALL).await;
+                (200, answer(&path, &body))
+            }
             Some(code) => (code, json!({"error": "injected"})),
             None => (200, answer(&path, &body)),
         };
