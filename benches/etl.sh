@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The end-to-end benchmark: grows the bundled Synthea sample to SIZE_MB (deterministically,
+# ids and references consistent), runs the release binary once per output format, and prints
+# input MB, resources, wall time, MB/s, resources/s, peak RSS and the memory budget per run.
+# Where the reference Python Cumulus ETL is installed, it runs it on the same input (NDJSON
+# output, the only one it can write here) and prints our throughput and RSS as ratios of its.
+#
+#   benches/etl.sh [SIZE_MB] [etl options, e.g. --memory 256MiB]
+#
+# Env: BENCH_DIR (inputs and reference timings, default ~/.cache/cumulus-etl-bench),
+#      FORMATS (default "ndjson parquet deltalake deltalake-rerun"),
+#      REFERENCE (path of the reference `cumulus-etl`, default its venv from
+#      ../shared/tools/reference-cumulus.sh; "none" skips it), REFERENCE_RERUN=1 (time it again
+#      instead of reusing the cached timing for this input).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size_mb=${1:-1000}
+shift || true
+extra=("$@")
+bench_dir=${BENCH_DIR:-$HOME/.cache/cumulus-etl-bench}
+input="$bench_dir/synthea-${size_mb}mb"
+formats=${FORMATS:-"ndjson parquet deltalake deltalake-rerun"}
+reference=${REFERENCE:-$HOME/.cache/reference-cumulus/venv/bin/cumulus-etl}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+if [ ! -d "$input" ]; then
+    mkdir -p "$bench_dir"
+    python3 ../shared/tools/replicate_bulk.py --target-mb "$size_mb" tests/data/synthea-10 "$input.tmp"
+    mv "$input.tmp" "$input"
+fi
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/cumulus-etl-target}
+cargo build --release --locked --quiet
+bin="$CARGO_TARGET_DIR/release/cumulus-etl"
+input_mb=$(du -sm --apparent-size "$input" | cut -f1)
+resources=$(find "$input" -name '*.ndjson' ! -name log.ndjson -exec cat {} + | grep -c .)
+
+printf '%-16s %8s %10s %9s %9s %12s %10s %10s\n' run "input MB" resources "wall s" "MB/s" \
+    "resources/s" "peak RSS" budget
+# row LABEL SECONDS KIB BUDGET: one line of the table.
+row() {
+    printf '%-16s %8d %10d %9.1f %9.1f %12.0f %6d MiB %10s\n' "$1" "$input_mb" "$resources" "$2" \
+        "$(echo "$input_mb / $2" | bc -l)" "$(echo "$resources / $2" | bc -l)" "$(($3 / 1024))" "$4"
+}
+
+# run LABEL FORMAT OUTPUT: one timed run of ours; sets $seconds and $kib.
+run() {
+    local label=$1 format=$2 out=$3
+    /usr/bin/time -f '%e %M' -o "$work/time" "$bin" etl --output-format="$format" \
+        --progress-interval 60 "${extra[@]}" "$input" "$out" "$work/phi" >"$work/$label.log" 2>&1 \
+        || { echo "run '$label' failed:"; tail -20 "$work/$label.log"; exit 1; }
+    read -r seconds kib <"$work/time"
+    local budget
+    budget=$(grep -o 'a [0-9.]* [KMG]iB memory budget' "$work/$label.log" | head -1 \
+        | sed 's/^a //; s/ memory budget//')
+    row "$label" "$seconds" "$kib" "$budget"
+}
+
+declare -A secs rss
+for f in $formats; do
+    case $f in
+        deltalake-rerun) run "$f" deltalake "$work/deltalake" ;;
+        *) run "$f" "$f" "$work/$f" ;;
+    esac
+    secs[$f]=$seconds
+    rss[$f]=$kib
+done
+
+if [ -n "${secs[deltalake]:-}" ] && [ -n "${secs[ndjson]:-}" ]; then
+    printf 'delta first load / ndjson: %.2fx\n' "$(echo "${secs[deltalake]} / ${secs[ndjson]}" | bc -l)"
+fi
+if [ -n "${secs[deltalake-rerun]:-}" ] && [ -n "${secs[deltalake]:-}" ]; then
+    printf 'delta re-run / first load: %.2fx\n' "$(echo "${secs[deltalake-rerun]} / ${secs[deltalake]}" | bc -l)"
+fi
+
+if [ "$reference" = none ] || [ ! -x "$reference" ]; then
+    echo "reference: not installed (../shared/tools/reference-cumulus.sh installs it); no ratios"
+    exit 0
+fi
+# The reference takes minutes per GB, so its timing is kept per input.
+ref_file="$bench_dir/reference-synthea-${size_mb}mb.time"
+if [ ! -s "$ref_file" ] || [ -n "${REFERENCE_RERUN:-}" ]; then
+    mkdir -p "$work/ref-phi"
+    cp "$work/phi/codebook.json" "$work/ref-phi/" 2>/dev/null || true
+    /usr/bin/time -f '%e %M' -o "$ref_file.tmp" "$reference" etl --output-format=ndjson \
+        --skip-init-checks "$input" "$work/ref-out" "$work/ref-phi" >"$work/reference.log" 2>&1 \
+        || { echo "the reference run failed:"; tail -20 "$work/reference.log"; exit 1; }
+    mv "$ref_file.tmp" "$ref_file"
+fi
+read -r ref_s ref_kib <"$ref_file"
+row reference "$ref_s" "$ref_kib" "-"
+for f in "${!secs[@]}"; do
+    printf '%-16s %6.1fx the reference throughput, %.2fx its peak RSS\n' "$f" \
+        "$(echo "$ref_s / ${secs[$f]}" | bc -l)" "$(echo "${rss[$f]} / $ref_kib" | bc -l)"
+done | sort
