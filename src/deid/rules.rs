@@ -1,7 +1,7 @@
 //! The allow-list rules, loaded once from the embedded `allow_list.toml` and flattened so the
 //! scrubber never walks inheritance chains on the hot path.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -51,19 +51,25 @@ impl Treatment {
 #[derive(Debug, Clone)]
 pub struct Filter {
     pub field: String,
-    pub values: HashSet<String>,
+    pub values: FastSet<String>,
 }
 
+/// Maps looked up for every field of every resource: foldhash, not SipHash (the keys are our
+/// own rule names, so hash flooding is not a concern).
+pub type FastMap<K, V> = foldhash::HashMap<K, V>;
+/// Sets looked up for every extension and filtered list element.
+pub type FastSet<T> = foldhash::HashSet<T>;
+
 /// The flattened field table of one type (its own fields plus everything inherited).
-pub type FieldRules = HashMap<String, Treatment>;
+pub type FieldRules = FastMap<String, Treatment>;
 
 /// All rules: per-type field tables and the extension URL lists.
 #[derive(Debug)]
 pub struct Rules {
-    types: HashMap<String, FieldRules>,
-    pub allowed_extensions: HashSet<String>,
-    pub ignored_extensions: HashSet<String>,
-    pub allowed_modifier_extensions: HashSet<String>,
+    types: FastMap<String, FieldRules>,
+    pub allowed_extensions: FastSet<String>,
+    pub ignored_extensions: FastSet<String>,
+    pub allowed_modifier_extensions: FastSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -119,7 +125,7 @@ impl Rules {
         let raw: RawFile = toml::from_str(text).context("invalid de-identification rules file")?;
         let mut own: HashMap<String, (Option<String>, FieldRules)> = HashMap::new();
         for (name, t) in &raw.types {
-            let mut fields = FieldRules::new();
+            let mut fields = FieldRules::default();
             let leafs: [(&Vec<String>, Treatment); 10] = [
                 (&t.keep, Treatment::Keep),
                 (&t.mask, Treatment::Mask),
@@ -169,9 +175,9 @@ impl Rules {
                 bail!("field {parent}.{child} is listed twice in the rules");
             }
         }
-        let mut types = HashMap::new();
+        let mut types = FastMap::default();
         for name in own.keys() {
-            let mut flat = FieldRules::new();
+            let mut flat = FieldRules::default();
             let mut current = Some(name.clone());
             let mut depth = 0;
             while let Some(n) = current {

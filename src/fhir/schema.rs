@@ -41,7 +41,12 @@ impl Shape {
             Value::Array(items) => items.iter().for_each(|i| self.add(i)),
             Value::Object(map) => {
                 for (k, v) in map {
-                    self.children.entry(k.clone()).or_default().add(v);
+                    // Look up before inserting: most keys are already known, and `entry` would
+                    // allocate a copy of every key of every row.
+                    match self.children.get_mut(k) {
+                        Some(child) => child.add(v),
+                        None => self.children.entry(k.clone()).or_default().add(v),
+                    }
                 }
             }
             _ => {}
