@@ -4,7 +4,7 @@
 pub mod rows;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -170,42 +170,8 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         }
     };
 
-    std::fs::create_dir_all(phi).map_err(|e| {
-        Fatal::new(
-            ExitCode::Failure,
-            format!("creating {}: {e}", phi.display()),
-        )
-    })?;
-    let codebook = Arc::new(Codebook::open(phi, true)?);
-    if let Some(previous) = job::latest_codebook_id(output)
-        && previous != codebook.codebook_id()
-    {
-        return Err(Fatal::new(
-            ExitCode::WrongPhiFolder,
-            format!(
-                "The output folder '{}' is already associated with a different PHI folder. \
-                 You must always use the same PHI folder for a given output folder.",
-                output.display()
-            ),
-        ));
-    }
-    // Delta tables are updated in place; the file formats need a fresh folder, as upstream.
-    if opts.output_format != OutputFormat::Deltalake && !store::is_empty_dir(output)? {
-        return Err(Fatal::new(
-            ExitCode::FolderNotEmpty,
-            format!(
-                "The target folder '{}' already has contents. Use an empty folder for {} output.",
-                output.display(),
-                opts.output_format.name()
-            ),
-        ));
-    }
-    std::fs::create_dir_all(output).map_err(|e| {
-        Fatal::new(
-            ExitCode::Failure,
-            format!("creating {}: {e}", output.display()),
-        )
-    })?;
+    let codebook = open_codebook(phi, output, true)?;
+    prepare_output(output, opts.output_format)?;
     codebook.save()?;
 
     let exclusions = tasks::expand_names(&opts.exclusions).join(",");
@@ -371,6 +337,52 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     }
 }
 
+/// Creates the PHI folder, opens its codebook and checks that `output` was not written with
+/// another PHI folder (exit 41). `cache_ids` records new Patient/Encounter mappings (not in NLP).
+pub fn open_codebook(phi: &Path, output: &Path, cache_ids: bool) -> Result<Arc<Codebook>, Fatal> {
+    create_folder(phi)?;
+    let codebook = Arc::new(Codebook::open(phi, cache_ids)?);
+    if let Some(previous) = job::latest_codebook_id(output)
+        && previous != codebook.codebook_id()
+    {
+        return Err(Fatal::new(
+            ExitCode::WrongPhiFolder,
+            format!(
+                "The output folder '{}' is already associated with a different PHI folder. \
+                 You must always use the same PHI folder for a given output folder.",
+                output.display()
+            ),
+        ));
+    }
+    Ok(codebook)
+}
+
+/// Creates the output folder. Delta tables are updated in place; the file formats need a new
+/// or empty folder, as upstream (exit 26).
+pub fn prepare_output(output: &Path, format: OutputFormat) -> Result<(), Fatal> {
+    if format != OutputFormat::Deltalake && !store::is_empty_dir(output)? {
+        return Err(Fatal::new(
+            ExitCode::FolderNotEmpty,
+            format!(
+                "The target folder '{}' already has contents. Use an empty folder for {} output, \
+                 or --output-format=deltalake to update existing tables.",
+                output.display(),
+                format.name()
+            ),
+        ));
+    }
+    create_folder(output)
+}
+
+fn create_folder(dir: &Path) -> Result<(), Fatal> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Fatal::new(
+            ExitCode::Failure,
+            format!("creating {}: {e}", dir.display()),
+        )
+    })
+}
+
 /// Input bytes per bundle: small enough that every worker has several bundles in flight within
 /// the budget.
 pub fn bundle_size(memory: u64, workers: usize) -> usize {
@@ -388,12 +400,7 @@ pub fn open_errors_folder(errors_to: &Option<PathBuf>) -> Result<Option<std::fs:
             format!("The errors folder '{}' is not empty.", dir.display()),
         ));
     }
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Fatal::new(
-            ExitCode::Failure,
-            format!("creating {}: {e}", dir.display()),
-        )
-    })?;
+    create_folder(dir)?;
     std::fs::File::create(dir.join("rejected-rows.ndjson"))
         .map(Some)
         .map_err(|e| Fatal::new(ExitCode::Failure, e.to_string()))

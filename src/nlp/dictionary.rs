@@ -57,17 +57,6 @@ impl Dictionary {
         }
         Ok(Dictionary { phrases, cuis })
     }
-
-    /// The 4-column `CUI|TUI|STR|PREF` file cTAKES reads its custom dictionary from.
-    pub fn ctakes_bsv(text: &str) -> String {
-        text.lines()
-            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-            .filter_map(|l| {
-                let c: Vec<&str> = l.split('|').collect();
-                (c.len() == 6).then(|| format!("{}|{}|{}|{}\n", c[0], c[1], c[4], c[5]))
-            })
-            .collect()
-    }
 }
 
 /// Lower-case words of a phrase joined by single spaces (punctuation separates words).

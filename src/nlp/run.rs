@@ -14,12 +14,15 @@ use crate::deid::{Codebook, Rules, Scrubber};
 use crate::engine::dataflow::ProducerFactory;
 use crate::engine::{EngineConfig, MemoryBudget, RunShared, run_dataflow};
 use crate::etl::rows::TaskContext;
-use crate::etl::{bundle_size, open_errors_folder, print_extension_report, print_summary};
+use crate::etl::{
+    bundle_size, open_codebook, open_errors_folder, prepare_output, print_extension_report,
+    print_summary,
+};
 use crate::fhir::{ElementModel, Shape};
 use crate::input::{bundles, discover};
 use crate::output::delta::DeltaSettings;
-use crate::output::{OutputFormat, Outputs, RowBatch, TableKind, job, write_and_wait};
-use crate::store::{self, Location};
+use crate::output::{OutputFormat, Outputs, RowBatch, TableKind, write_and_wait};
+use crate::store::Location;
 use crate::time::PyDateTime;
 
 use super::cache::NlpCache;
@@ -152,38 +155,9 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
             ),
         ));
     }
-    if opts.output_format != OutputFormat::Deltalake && !store::is_empty_dir(output)? {
-        return Err(Fatal::new(
-            ExitCode::FolderNotEmpty,
-            format!(
-                "The target folder '{}' already has contents. Use an empty folder for {} output, \
-                 or --output-format=deltalake to update existing tables.",
-                output.display(),
-                opts.output_format.name()
-            ),
-        ));
-    }
-    for dir in [output, phi] {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Fatal::new(
-                ExitCode::Failure,
-                format!("creating {}: {e}", dir.display()),
-            )
-        })?;
-    }
+    prepare_output(output, opts.output_format)?;
     // NLP runs never record new Patient/Encounter mappings, as upstream.
-    let codebook = Arc::new(Codebook::open(phi, false)?);
-    if let Some(previous) = job::latest_codebook_id(output)
-        && previous != codebook.codebook_id()
-    {
-        return Err(Fatal::new(
-            ExitCode::WrongPhiFolder,
-            format!(
-                "The output folder '{}' is already associated with a different PHI folder.",
-                output.display()
-            ),
-        ));
-    }
+    let codebook = open_codebook(phi, output, false)?;
     codebook.save()?;
     let runtime = match opts.engine_kind {
         EngineKind::Ctakes => Some(
