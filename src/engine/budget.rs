@@ -169,3 +169,15 @@ mod tests {
         assert!(parse_size("lots").is_err());
     }
 }
+
+/// Makes glibc's allocator give freed memory back to the system once 1 MiB is free at the top
+/// of a heap (its default adapts upwards to 32 MiB per arena and more), so peak RSS follows the
+/// memory budget. Measured on 1 GB with `--memory 256MiB`: peak RSS 378 MiB before, 333 MiB
+/// after, with no loss of speed (`docs/performance.md`).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+    }
+}
