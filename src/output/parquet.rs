@@ -6,7 +6,14 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use super::arrow_rows::to_record_batch;
+use arrow::record_batch::RecordBatch;
+
+use super::arrow_rows::{batch_schema, rows_to_record_batch};
+
+/// Rows decoded into Arrow at a time.
+const SLICE_ROWS: usize = 8192;
+/// Rows per Parquet row group (the writer buffers one row group in memory).
+const ROW_GROUP_ROWS: usize = 65_536;
 use super::{BatchedFiles, OnWritten, RowBatch, TableKind, TableWriter};
 
 /// A table written as Parquet files.
@@ -34,16 +41,25 @@ impl TableWriter for ParquetTable {
 
 impl ParquetTable {
     fn write_file(&mut self, batch: &RowBatch<'_>) -> Result<()> {
-        let record_batch = to_record_batch(&self.kind, batch)?;
-        let schema = record_batch.schema();
+        // One schema for the whole batch (upstream's rule), but decoded and written a slice at
+        // a time with bounded row groups, so memory does not grow with --batch-size.
+        let schema = batch_schema(&self.kind, batch);
         let path = self.files.next_path()?;
         let file =
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .build();
-        let mut writer = ArrowWriter::try_new(file, schema, Some(props))?;
-        writer.write(&record_batch)?;
+        let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
+        if batch.rows.is_empty() {
+            writer.write(&RecordBatch::new_empty(schema.clone()))?;
+        }
+        for rows in batch.rows.chunks(SLICE_ROWS) {
+            let record_batch = rows_to_record_batch(schema.clone(), rows)
+                .context("rows do not fit the table's schema")?;
+            writer.write(&record_batch)?;
+        }
         writer
             .close()
             .with_context(|| format!("writing {}", path.display()))?;
