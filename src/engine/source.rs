@@ -127,7 +127,7 @@ impl SourceState {
         let budget = &self.shared.budget;
         let bundle_bytes = self.shared.bundle_bytes;
         if let Some((file, mut reader)) = self.stream.take() {
-            let reserved = bundle_bytes as u64;
+            let reserved = bundle_bytes as u64 * self.shared.outputs.format.budget_factor();
             if budget.try_reserve(reserved) == Reservation::Refused {
                 self.stream = Some((file, reader));
                 return Step::Wait;
@@ -173,7 +173,7 @@ impl SourceState {
                 end,
                 first_line,
             } => {
-                let reserved = (end - start) as u64;
+                let reserved = (end - start) as u64 * self.shared.outputs.format.budget_factor();
                 match budget.try_reserve(reserved) {
                     Reservation::Refused => {
                         let item = WorkItem::Slice {
@@ -190,7 +190,7 @@ impl SourceState {
                         if granted == Reservation::GrantedAlone {
                             eprintln!(
                                 "note: a bundle of {} in {} is larger than the memory budget; processing it alone",
-                                human_bytes(reserved),
+                                human_bytes((end - start) as u64),
                                 file.path.display()
                             );
                         }
@@ -199,7 +199,7 @@ impl SourceState {
                         self.shared
                             .progress
                             .bytes_read
-                            .fetch_add(reserved, Ordering::Relaxed);
+                            .fetch_add((end - start) as u64, Ordering::Relaxed);
                         Step::Emit(chunks)
                     }
                 }

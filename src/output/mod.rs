@@ -33,6 +33,17 @@ impl OutputFormat {
             OutputFormat::Ndjson => "ndjson",
         }
     }
+
+    /// Budget bytes reserved per input byte in flight. Rows written as text cost about their
+    /// input size; Arrow conversion, Parquet encoding and Delta commits hold several copies of
+    /// a batch, which the budget must count for peak RSS to follow `--memory`.
+    pub fn budget_factor(self) -> u64 {
+        match self {
+            OutputFormat::Ndjson => 1,
+            OutputFormat::Parquet => 2,
+            OutputFormat::Deltalake => 3,
+        }
+    }
 }
 
 /// What kind of rows a table holds, which decides its schema.
