@@ -37,7 +37,7 @@ fn context(resource: &str) -> TaskContext {
 }
 
 fn hot_paths(c: &mut Criterion) {
-    for resource in ["Observation", "Encounter", "Patient"] {
+    for resource in ["MedicationRequest", "Encounter", "Patient"] {
         let bytes = sample(resource);
         let lines: Vec<&[u8]> = bytes
             .split(|&b| b == b'\n')
@@ -131,7 +131,7 @@ fn hot_paths(c: &mut Criterion) {
     group.bench_function("fake_id", |b| {
         b.iter(|| {
             ids.iter()
-                .map(|id| codebook.fake_id("Observation", id, false).len())
+                .map(|id| codebook.fake_id("Condition", id, false).len())
                 .sum::<usize>()
         })
     });
