@@ -19,6 +19,9 @@ use crate::deid::ExtensionReport;
 use crate::engine::source::{Bundle, RowProducer};
 use crate::etl::rows::{SkipReason, Skipped, TableChunk, classify_json_error, trim_ascii};
 
+/// Failed notes warned about one by one before the rest are only counted.
+const FAILURE_WARNINGS: u64 = 20;
+
 /// Where notes go to be analysed.
 pub enum Dispatch {
     /// On the worker that read them.
@@ -74,8 +77,12 @@ impl NlpShared {
 
     /// Counts a failed note, warns (file and line, never the text) and keeps the original.
     fn fail(&self, path: &str, line: u64, why: &str, raw: &[u8]) {
-        self.stats.failed.fetch_add(1, Ordering::Relaxed);
-        eprintln!("warning: {path}:{line}: note not analysed: {why}");
+        let failed = self.stats.failed.fetch_add(1, Ordering::Relaxed) + 1;
+        if failed <= FAILURE_WARNINGS {
+            eprintln!("warning: {path}:{line}: note not analysed: {why}");
+        } else if failed == FAILURE_WARNINGS + 1 {
+            eprintln!("warning: more notes were not analysed; they are counted in the summary");
+        }
         if let Some(out) = &self.errors {
             let mut out = out.lock().unwrap();
             let _ = out
