@@ -21,6 +21,7 @@ fn batch(rows: &[Value]) -> RecordBatch {
         arrow::json::reader::infer_json_schema_from_iterator(rows.iter().map(|r| Ok(r.clone())))
             .unwrap();
     let mut decoder = arrow::json::ReaderBuilder::new(Arc::new(schema))
+        .with_batch_size(rows.len().max(1))
         .build_decoder()
         .unwrap();
     decoder.decode(text.join("\n").as_bytes()).unwrap();
@@ -39,9 +40,17 @@ struct TestTable {
 
 impl TestTable {
     fn open(root: &std::path::Path, spec: &TableSpec) -> TestTable {
+        TestTable::open_with(root, spec, settings())
+    }
+
+    fn open_with(
+        root: &std::path::Path,
+        spec: &TableSpec,
+        settings: Arc<DeltaSettings>,
+    ) -> TestTable {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let table = rt
-            .block_on(CumulusTable::open(root, spec.clone(), settings()))
+            .block_on(CumulusTable::open(root, spec.clone(), settings))
             .unwrap();
         TestTable { rt, table }
     }
@@ -268,4 +277,40 @@ fn an_unchanged_batch_rewrites_no_files_and_a_changed_row_rewrites_its_file() {
     let stored = read_delta(&table_dir, "id");
     assert_eq!(stored.len(), 50);
     assert_eq!(stored["id7"]["status"], "b");
+}
+
+#[test]
+fn a_merge_that_does_not_fit_the_memory_pool_loses_no_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let filler = "x".repeat(200);
+    let stored: Vec<Value> = (0..30_000)
+        .map(|i| json!({"id": format!("id{i:05}"), "status": "old", "note": filler}))
+        .collect();
+    write_runs(tmp.path(), &spec, &[stored]);
+    assert_eq!(
+        read_delta(&tmp.path().join("observation"), "id").len(),
+        30_000
+    );
+    // A 1 MiB pool cannot hold the 6 MB table side of the join: the MERGE may fail, but it
+    // must either apply whole or not at all.
+    let tiny = Arc::new(DeltaSettings::new(1 << 20, "tiny-run"));
+    let mut table = TestTable::open_with(tmp.path(), &spec, tiny);
+    let update: Vec<Value> = (29_995..30_005)
+        .map(|i| json!({"id": format!("id{i:05}"), "status": "new", "note": "n"}))
+        .collect();
+    let outcome = table.upsert(&update, &[]);
+    let rows = read_delta(&tmp.path().join("observation"), "id");
+    match outcome {
+        Ok(()) => {
+            assert_eq!(rows.len(), 30_005);
+            assert_eq!(rows["id29995"]["status"], "new");
+        }
+        Err(e) => {
+            assert!(format!("{e:#}").contains("merging"), "{e:#}");
+            assert_eq!(rows.len(), 30_000);
+            assert_eq!(rows["id29995"]["status"], "old");
+        }
+    }
+    assert_eq!(rows["id29994"]["status"], "old");
 }
