@@ -145,6 +145,23 @@ impl RunShared {
         self.outputs.open(table, kind)
     }
 
+    /// Creates a table that got no rows in this run (with its schema), as upstream does.
+    pub fn touch_if_empty(&self, table: &str, ctx: &TaskContext) -> Result<()> {
+        let has_rows = self.stats.lock().unwrap().tables.contains_key(table);
+        if !has_rows {
+            let mut writer = self.open_writer(table, ctx)?;
+            crate::output::write_and_wait(
+                writer.as_mut(),
+                &crate::output::RowBatch {
+                    rows: Vec::new(),
+                    shape: &crate::fhir::Shape::default(),
+                },
+            )?;
+            self.stats.lock().unwrap().summary(table);
+        }
+        Ok(())
+    }
+
     /// Prints a skipped line (file, line, reason; never its content), up to a limit per reason.
     pub fn warn_skip(&self, path: &str, s: &Skipped<'_>) {
         let mut warned = self.warnings.lock().unwrap();

@@ -67,18 +67,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let input = opts.input.local_path();
     let output = opts.output.local_path();
     let phi = opts.phi.local_path();
-    if !input.is_dir() {
-        return Err(Fatal::new(
-            ExitCode::FolderDoesNotExist,
-            format!("The input folder '{}' does not exist.", input.display()),
-        ));
-    }
-    if opts.batch_size == 0 {
-        return Err(Fatal::new(
-            ExitCode::ArgsInvalid,
-            "--batch-size must be at least 1.",
-        ));
-    }
+    check_run_arguments(input, opts.batch_size)?;
     let mut selected = tasks::select_tasks(&opts.tasks, &opts.exclusions)?;
     print_config(opts, &started, &selected);
 
@@ -258,18 +247,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     // Finishing: tables that got no rows, deletions, completion rows, summaries.
     for (task, ctx) in selected.iter().zip(&shared.tasks) {
         for table in task.tables() {
-            let has_rows = shared.stats.lock().unwrap().tables.contains_key(&table);
-            if !has_rows {
-                let mut writer = shared.open_writer(&table, ctx)?;
-                write_and_wait(
-                    writer.as_mut(),
-                    &RowBatch {
-                        rows: Vec::new(),
-                        shape: &Shape::default(),
-                    },
-                )?;
-                shared.stats.lock().unwrap().summary(&table);
-            }
+            shared.touch_if_empty(&table, ctx)?;
         }
         if let Some(ids) = deleted.get(&task.resource) {
             let hashed: Vec<String> = ids
@@ -335,6 +313,23 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         eprintln!("⭐ All tasks completed successfully! ⭐");
         Ok(ExitCode::Success)
     }
+}
+
+/// The checks every run starts with: the input folder exists (exit 54), batches hold rows.
+pub fn check_run_arguments(input: &Path, batch_size: usize) -> Result<(), Fatal> {
+    if !input.is_dir() {
+        return Err(Fatal::new(
+            ExitCode::FolderDoesNotExist,
+            format!("The input folder '{}' does not exist.", input.display()),
+        ));
+    }
+    if batch_size == 0 {
+        return Err(Fatal::new(
+            ExitCode::ArgsInvalid,
+            "--batch-size must be at least 1.",
+        ));
+    }
+    Ok(())
 }
 
 /// Creates the PHI folder, opens its codebook and checks that `output` was not written with

@@ -15,13 +15,13 @@ use crate::engine::dataflow::ProducerFactory;
 use crate::engine::{EngineConfig, MemoryBudget, RunShared, run_dataflow};
 use crate::etl::rows::TaskContext;
 use crate::etl::{
-    bundle_size, open_codebook, open_errors_folder, prepare_output, print_extension_report,
-    print_summary,
+    bundle_size, check_run_arguments, open_codebook, open_errors_folder, prepare_output,
+    print_extension_report, print_summary,
 };
-use crate::fhir::{ElementModel, Shape};
+use crate::fhir::ElementModel;
 use crate::input::{bundles, discover};
 use crate::output::delta::DeltaSettings;
-use crate::output::{OutputFormat, Outputs, RowBatch, TableKind, write_and_wait};
+use crate::output::{OutputFormat, Outputs, TableKind};
 use crate::store::Location;
 use crate::time::PyDateTime;
 
@@ -123,18 +123,7 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     let input = opts.input.local_path();
     let output = opts.output.local_path();
     let phi = opts.phi.local_path();
-    if !input.is_dir() {
-        return Err(Fatal::new(
-            ExitCode::FolderDoesNotExist,
-            format!("The input folder '{}' does not exist.", input.display()),
-        ));
-    }
-    if opts.batch_size == 0 {
-        return Err(Fatal::new(
-            ExitCode::ArgsInvalid,
-            "--batch-size must be at least 1.",
-        ));
-    }
+    check_run_arguments(input, opts.batch_size)?;
     let studies = select_studies(&opts.tasks)?;
     let rejected = open_errors_folder(&opts.errors_to)?;
     let wanted: HashSet<String> = studies
@@ -338,23 +327,7 @@ fn run_study(
     progress.stop();
     outcome?;
 
-    let has_rows = shared
-        .stats
-        .lock()
-        .unwrap()
-        .tables
-        .contains_key(&study.name);
-    if !has_rows {
-        let mut writer = shared.open_writer(&study.name, &shared.tasks[0])?;
-        write_and_wait(
-            writer.as_mut(),
-            &RowBatch {
-                rows: Vec::new(),
-                shape: &Shape::default(),
-            },
-        )?;
-        shared.stats.lock().unwrap().summary(&study.name);
-    }
+    shared.touch_if_empty(&study.name, &shared.tasks[0])?;
     for (table, e) in shared.outputs.finish(opts.optimize_tables) {
         eprintln!("warning: table maintenance of {table} failed: {e:#}");
     }
