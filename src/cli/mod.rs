@@ -58,9 +58,6 @@ pub struct EtlArgs {
     /// Tasks to leave out, comma-separated.
     #[arg(long = "exclude-resources")]
     pub exclude_resources: Vec<String>,
-    /// Folder (empty or new) that receives rejected input rows and failed batches. Holds PHI.
-    #[arg(long)]
-    pub errors_to: Option<PathBuf>,
     /// Free-text comment recorded in the job config.
     #[arg(long)]
     pub comment: Option<String>,
@@ -73,6 +70,19 @@ pub struct EtlArgs {
     /// Run the selected tasks even when their input files are absent.
     #[arg(long)]
     pub allow_missing_resources: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub nlp: NlpEngineArgs,
+}
+
+/// Options of every run, ETL or NLP.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Folder (empty or new) that receives rejected input rows, failed batches and notes that
+    /// could not be analysed. Holds PHI.
+    #[arg(long)]
+    pub errors_to: Option<PathBuf>,
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -85,11 +95,9 @@ pub struct EtlArgs {
     /// Skip compaction and VACUUM of Delta tables at the end of the run.
     #[arg(long)]
     pub no_table_optimization: bool,
-    /// Skip the start-up check that NLP servers accept connections.
+    /// Skip the start-up check that the NLP servers accept connections.
     #[arg(long)]
     pub skip_init_checks: bool,
-    #[command(flatten)]
-    pub nlp: NlpEngineArgs,
 }
 
 /// NLP engine options, shared by `nlp` and the 2023-style `etl --task covid_symptom__...`.
@@ -138,24 +146,8 @@ pub struct NlpArgs {
     /// Rows per output batch.
     #[arg(long, default_value_t = 50_000)]
     pub batch_size: usize,
-    /// Folder (empty or new) for notes that could not be analysed and rejected rows. Holds PHI.
-    #[arg(long)]
-    pub errors_to: Option<PathBuf>,
-    /// Worker threads (default: one per core).
-    #[arg(long)]
-    pub workers: Option<usize>,
-    /// Global memory budget, e.g. 512MiB or 2GiB.
-    #[arg(long)]
-    pub memory: Option<String>,
-    /// Seconds between progress lines.
-    #[arg(long, default_value_t = 5)]
-    pub progress_interval: u64,
-    /// Skip compaction and VACUUM of a Delta table at the end of the run.
-    #[arg(long)]
-    pub no_table_optimization: bool,
-    /// Skip the start-up check that the NLP servers accept connections.
-    #[arg(long)]
-    pub skip_init_checks: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
     #[command(flatten)]
     pub nlp: NlpEngineArgs,
 }
@@ -218,9 +210,7 @@ fn memory_option(memory: &Option<String>) -> Result<u64, Fatal> {
 }
 
 fn local_folder(s: &str) -> Result<PathBuf, Fatal> {
-    Location::parse(s)
-        .map(|l| l.local_path().to_path_buf())
-        .map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()))
+    location(s).map(|l| l.local_path().to_path_buf())
 }
 
 fn run_init(args: &[String]) -> i32 {
@@ -315,92 +305,110 @@ fn run_nlp(args: &[String]) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let loc =
-        |s: &str| Location::parse(s).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()));
-    let options = (|| {
-        Ok(NlpOptions {
-            input: loc(&a.input)?,
-            output: loc(&a.output)?,
-            phi: loc(&a.phi)?,
-            output_format: a.output_format,
-            batch_size: a.batch_size,
-            tasks: a.task.clone(),
-            errors_to: a.errors_to.clone(),
-            engine_kind: a.nlp.nlp_engine,
-            concurrency: a.nlp.nlp_concurrency.max(1),
-            retry: retry_policy(&a.nlp),
-            init_checks: !a.skip_init_checks,
-            init_check_interval: Duration::from_millis(a.nlp.init_check_interval_ms),
-            engine: EngineConfig {
-                workers: workers(a.workers),
-            },
-            memory: memory_option(&a.memory)?,
-            optimize_tables: !a.no_table_optimization,
-            progress_interval: Duration::from_secs(a.progress_interval.max(1)),
-        })
-    })();
+    let options = nlp_options(
+        [&a.input, &a.output, &a.phi],
+        a.output_format,
+        a.batch_size,
+        a.task.clone(),
+        &a.run,
+        &a.nlp,
+    );
     finish_run(options.and_then(|o| crate::nlp::run::run(&o)))
 }
 
-fn retry_policy(a: &NlpEngineArgs) -> RetryPolicy {
-    RetryPolicy {
-        retries: a.nlp_retries,
-        base_delay: Duration::from_millis(a.nlp_retry_delay_ms),
-        timeout: Duration::from_secs(a.nlp_timeout.max(1)),
+fn location(s: &str) -> Result<Location, Fatal> {
+    Location::parse(s).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()))
+}
+
+/// The settings every run shares: engine layout, budget, table maintenance, progress.
+struct RunSettings {
+    engine: EngineConfig,
+    memory: u64,
+    optimize_tables: bool,
+    progress_interval: Duration,
+}
+
+impl RunArgs {
+    fn settings(&self) -> Result<RunSettings, Fatal> {
+        Ok(RunSettings {
+            engine: EngineConfig {
+                workers: self
+                    .workers
+                    .unwrap_or_else(EngineConfig::default_workers)
+                    .max(1),
+            },
+            memory: memory_option(&self.memory)?,
+            optimize_tables: !self.no_table_optimization,
+            progress_interval: Duration::from_secs(self.progress_interval.max(1)),
+        })
     }
 }
 
-fn workers(requested: Option<usize>) -> usize {
-    requested
-        .unwrap_or_else(EngineConfig::default_workers)
-        .max(1)
+/// The options of an NLP run, from `nlp` or from a 2023-style `etl --task covid_symptom__...`.
+fn nlp_options(
+    [input, output, phi]: [&str; 3],
+    output_format: OutputFormat,
+    batch_size: usize,
+    tasks: Vec<String>,
+    run: &RunArgs,
+    nlp: &NlpEngineArgs,
+) -> Result<NlpOptions, Fatal> {
+    let settings = run.settings()?;
+    Ok(NlpOptions {
+        input: location(input)?,
+        output: location(output)?,
+        phi: location(phi)?,
+        output_format,
+        batch_size,
+        tasks,
+        errors_to: run.errors_to.clone(),
+        engine_kind: nlp.nlp_engine,
+        concurrency: nlp.nlp_concurrency.max(1),
+        retry: RetryPolicy {
+            retries: nlp.nlp_retries,
+            base_delay: Duration::from_millis(nlp.nlp_retry_delay_ms),
+            timeout: Duration::from_secs(nlp.nlp_timeout.max(1)),
+        },
+        init_checks: !run.skip_init_checks,
+        init_check_interval: Duration::from_millis(nlp.init_check_interval_ms),
+        engine: settings.engine,
+        memory: settings.memory,
+        optimize_tables: settings.optimize_tables,
+        progress_interval: settings.progress_interval,
+    })
 }
 
 /// The NLP options of a 2023-style `etl --task covid_symptom__...` run.
 fn nlp_options_from_etl(a: EtlArgs) -> Result<NlpOptions, Fatal> {
-    let etl = options_from(a.clone())?;
-    Ok(NlpOptions {
-        input: etl.input,
-        output: etl.output,
-        phi: etl.phi,
-        output_format: etl.output_format,
-        batch_size: etl.batch_size,
-        tasks: etl.tasks,
-        errors_to: etl.errors_to,
-        engine_kind: a.nlp.nlp_engine,
-        concurrency: a.nlp.nlp_concurrency.max(1),
-        retry: retry_policy(&a.nlp),
-        init_checks: !a.skip_init_checks,
-        init_check_interval: Duration::from_millis(a.nlp.init_check_interval_ms),
-        engine: etl.engine,
-        memory: etl.memory,
-        optimize_tables: etl.optimize_tables,
-        progress_interval: etl.progress_interval,
-    })
+    nlp_options(
+        [&a.input, &a.output, &a.phi],
+        a.output_format,
+        a.batch_size,
+        a.task,
+        &a.run,
+        &a.nlp,
+    )
 }
 
 fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
-    let memory = memory_option(&a.memory)?;
-    let workers = workers(a.workers);
-    let loc =
-        |s: &str| Location::parse(s).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()));
+    let settings = a.run.settings()?;
     Ok(EtlOptions {
-        input: loc(&a.input)?,
-        output: loc(&a.output)?,
-        phi: loc(&a.phi)?,
+        input: location(&a.input)?,
+        output: location(&a.output)?,
+        phi: location(&a.phi)?,
         input_format: a.input_format,
         output_format: a.output_format,
         batch_size: a.batch_size,
         tasks: a.task,
         exclusions: a.exclude_resources,
-        errors_to: a.errors_to,
+        errors_to: a.run.errors_to,
         comment: a.comment,
         export_group: a.export_group,
         export_timestamp: a.export_timestamp,
         allow_missing_resources: a.allow_missing_resources,
-        engine: EngineConfig { workers },
-        memory,
-        optimize_tables: !a.no_table_optimization,
-        progress_interval: Duration::from_secs(a.progress_interval.max(1)),
+        engine: settings.engine,
+        memory: settings.memory,
+        optimize_tables: settings.optimize_tables,
+        progress_interval: settings.progress_interval,
     })
 }
