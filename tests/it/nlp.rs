@@ -75,6 +75,30 @@ fn write_input(dir: &Path, lines: &[String]) -> PathBuf {
     input
 }
 
+/// A `--nlp-engine=ctakes` run of the covid task on `notes` in folder `tmp`, NDJSON output,
+/// with `extra` options; returns the run and the folder of its result files.
+fn server_run(
+    server: &FakeNlpServer,
+    tmp: &Path,
+    notes: &[String],
+    extra: &[&str],
+) -> (Output, PathBuf) {
+    let phi = phi_from_fixture(tmp);
+    let input = write_input(tmp, notes);
+    let out = tmp.join("out");
+    let mut args = vec![
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        phi.to_str().unwrap(),
+        "--task=covid_symptom__nlp_results",
+        "--nlp-engine=ctakes",
+        "--output-format=ndjson",
+    ];
+    args.extend_from_slice(extra);
+    let run = run_nlp(Some(server), &args);
+    (run, out.join("covid_symptom/nlp_results_v4"))
+}
+
 #[test]
 fn covid_fixture_matches_upstream_with_both_polarity_models() {
     let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
@@ -176,26 +200,16 @@ fn requests_have_the_protocol_shapes_and_a_rerun_uses_the_cache() {
 
 #[test]
 fn many_notes_are_in_flight_at_once() {
-    let server = FakeNlpServer::start(Duration::from_millis(150), Vec::new());
     let tmp = tempfile::tempdir().unwrap();
-    let phi = phi_from_fixture(tmp.path());
+    let server = FakeNlpServer::start(Duration::from_millis(150), Vec::new());
     let notes: Vec<String> = (0..24)
         .map(|i| ed_note(&format!("n{i}"), &format!("Note{i} fever itch")))
         .collect();
-    let input = write_input(tmp.path(), &notes);
-    let out = tmp.path().join("out");
-    let run = run_nlp(
-        Some(&server),
-        &[
-            input.to_str().unwrap(),
-            out.to_str().unwrap(),
-            phi.to_str().unwrap(),
-            "--task=covid_symptom__nlp_results",
-            "--nlp-engine=ctakes",
-            "--nlp-concurrency=8",
-            "--workers=1",
-            "--output-format=ndjson",
-        ],
+    let (run, table) = server_run(
+        &server,
+        tmp.path(),
+        &notes,
+        &["--nlp-concurrency=8", "--workers=1"],
     );
     assert!(run.status.success(), "{}", stderr(&run));
     let peak = server
@@ -211,28 +225,15 @@ fn many_notes_are_in_flight_at_once() {
         connections <= 16,
         "{connections} connections for 48 requests: they are reused"
     );
-    assert_eq!(results(&out.join("covid_symptom/nlp_results_v4")).len(), 48);
+    assert_eq!(results(&table).len(), 48);
 }
 
 #[test]
 fn failed_requests_are_retried() {
-    let server = FakeNlpServer::start(Duration::ZERO, vec![503, 429, 500]);
     let tmp = tempfile::tempdir().unwrap();
-    let phi = phi_from_fixture(tmp.path());
-    let input = write_input(tmp.path(), &[ed_note("n1", "Patient fever itch")]);
-    let out = tmp.path().join("out");
-    let run = run_nlp(
-        Some(&server),
-        &[
-            input.to_str().unwrap(),
-            out.to_str().unwrap(),
-            phi.to_str().unwrap(),
-            "--task=covid_symptom__nlp_results",
-            "--nlp-engine=ctakes",
-            "--nlp-retry-delay-ms=10",
-            "--output-format=ndjson",
-        ],
-    );
+    let server = FakeNlpServer::start(Duration::ZERO, vec![503, 429, 500]);
+    let notes = [ed_note("n1", "Patient fever itch")];
+    let (run, table) = server_run(&server, tmp.path(), &notes, &["--nlp-retry-delay-ms=10"]);
     assert!(run.status.success(), "{}", stderr(&run));
     assert_eq!(
         server.requests().len(),
@@ -240,33 +241,24 @@ fn failed_requests_are_retried() {
         "3 failures, then cTAKES and cNLP"
     );
     assert!(stderr(&run).contains("3 retries"), "{}", stderr(&run));
-    assert_eq!(results(&out.join("covid_symptom/nlp_results_v4")).len(), 2);
+    assert_eq!(results(&table).len(), 2);
 }
 
 #[test]
 fn a_request_that_times_out_is_retried() {
-    let server = FakeNlpServer::start(Duration::ZERO, vec![0]);
     let tmp = tempfile::tempdir().unwrap();
-    let phi = phi_from_fixture(tmp.path());
-    let input = write_input(tmp.path(), &[ed_note("n1", "Patient fever itch")]);
-    let out = tmp.path().join("out");
-    let run = run_nlp(
-        Some(&server),
-        &[
-            input.to_str().unwrap(),
-            out.to_str().unwrap(),
-            phi.to_str().unwrap(),
-            "--task=covid_symptom__nlp_results",
-            "--nlp-engine=ctakes",
-            "--nlp-timeout=1",
-            "--nlp-retry-delay-ms=10",
-            "--output-format=ndjson",
-        ],
+    let server = FakeNlpServer::start(Duration::ZERO, vec![0]);
+    let notes = [ed_note("n1", "Patient fever itch")];
+    let (run, table) = server_run(
+        &server,
+        tmp.path(),
+        &notes,
+        &["--nlp-timeout=1", "--nlp-retry-delay-ms=10"],
     );
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(stderr(&run).contains("1 retries"), "{}", stderr(&run));
     assert_eq!(server.requests().len(), 3, "stalled cTAKES, cTAKES, cNLP");
-    assert_eq!(results(&out.join("covid_symptom/nlp_results_v4")).len(), 2);
+    assert_eq!(results(&table).len(), 2);
 }
 
 #[test]
