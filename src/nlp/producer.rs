@@ -140,6 +140,18 @@ struct PendingBundle {
     remaining: usize,
 }
 
+impl PendingBundle {
+    /// The bundle's rows, in note order, carrying its budget reservation to the sink.
+    fn into_chunk(self) -> TableChunk {
+        let mut chunk = TableChunk::new(self.task, &self.table);
+        chunk.reserved = self.reserved;
+        for (id, row) in self.results.into_iter().flatten().flatten() {
+            chunk.push(id, &row);
+        }
+        chunk
+    }
+}
+
 type Outcome = (u64, usize, Result<Vec<Finding>>);
 
 /// One worker's NLP producer.
@@ -269,13 +281,7 @@ impl NoteRows {
         if p.remaining > 0 {
             return None;
         }
-        let p = self.pending.remove(&bundle)?;
-        let mut chunk = TableChunk::new(p.task, &p.table);
-        chunk.reserved = p.reserved;
-        for (id, row) in p.results.into_iter().flatten().flatten() {
-            chunk.push(id, &row);
-        }
-        Some(chunk)
+        self.pending.remove(&bundle).map(PendingBundle::into_chunk)
     }
 }
 
@@ -304,10 +310,12 @@ impl RowProducer for NoteRows {
             },
         );
         if count == 0 {
-            let p = self.pending.remove(&id).expect("just inserted");
-            let mut chunk = TableChunk::new(p.task, &p.table);
-            chunk.reserved = p.reserved;
-            return vec![chunk];
+            return self
+                .pending
+                .remove(&id)
+                .map(PendingBundle::into_chunk)
+                .into_iter()
+                .collect();
         }
         let shared = self.shared.clone();
         match &shared.dispatch {
