@@ -3,10 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 
 use crate::cli::exit::{ExitCode, Fatal};
 use crate::fhir::Shape;
+use crate::json::Tape;
 use crate::output::delta::DeltaSettings;
 use crate::output::job::latest_codebook_id;
 use crate::output::{OutputFormat, Outputs, RowBatch, TableKind, write_and_wait};
@@ -140,14 +141,16 @@ fn convert_table(outputs: &Outputs, dir: &Path, table: &str, kind: TableKind) ->
     for file in &files {
         let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let mut shape = Shape::default();
+        let mut tape = Tape::default();
         let mut rows = Vec::new();
         for (i, line) in text.split(|&b| b == b'\n').enumerate() {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let value: serde_json::Value = serde_json::from_slice(line)
-                .with_context(|| format!("{}:{}: not JSON", file.display(), i + 1))?;
-            shape.add_row(&value);
+            let doc = tape
+                .parse(line)
+                .map_err(|_| anyhow!("{}:{}: not JSON", file.display(), i + 1))?;
+            shape.add_row(&doc);
             rows.push(line);
         }
         total += rows.len() as u64;

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod etl;
 pub mod fhir;
 pub mod input;
+pub mod json;
 pub mod nlp;
 pub mod output;
 pub mod store;

@@ -1,16 +1,19 @@
-//! Applies the allow-list rules to one resource, in place: drops what is not allowed, hashes ids
-//! and references, generalizes dates and zips, masks notes, and rejects resources it cannot
-//! safely understand.
+//! Applies the allow-list rules to one resource while copying it from its JSON text to compact
+//! ASCII JSON: drops what is not allowed, hashes ids and references, generalizes dates and zips,
+//! masks notes, and rejects resources it cannot safely understand. It walks a token tape of the
+//! input, so kept values are copied as they are and no tree is built.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde_json::{Map, Value, json};
-
 use super::codebook::Codebook;
 use super::rules::{FieldRules, Filter, Rules, Treatment};
+use crate::json::{Doc, Kind, write_compact_ascii};
 
 const DATA_ABSENT_URL: &str = "http://hl7.org/fhir/StructureDefinition/data-absent-reason";
+/// The marker left where a value was masked, as compact JSON.
+const MASKED_EXTENSION: &[u8] =
+    br#"{"url":"http://hl7.org/fhir/StructureDefinition/data-absent-reason","valueCode":"masked"}"#;
 const EPIC_CUSTOM_SYSTEM_PREFIX: &str = "urn:oid:1.2.840.114350.";
 const RESTRICTED_ZIP_PREFIXES: [&str; 14] = [
     "036", "059", "102", "203", "205", "369", "556", "692", "821", "823", "878", "879", "884",
@@ -79,15 +82,45 @@ pub struct Scrubber {
     backbone: Treatment,
 }
 
+/// Why a value was left out; only `Resource` leaves out the whole resource.
 enum Skip {
-    /// Drop this value.
+    /// Drop this value (masked values and Epic custom codes too: their markers are planned
+    /// before the node is written).
     Value,
-    /// Drop this value and mark its `_field` as masked.
-    Mask,
-    /// Drop this value and mark the parent element as masked (Epic custom codes).
-    MarkParent,
     /// Drop the whole resource.
     Resource(Rejection),
+}
+
+impl From<Rejection> for Skip {
+    fn from(r: Rejection) -> Skip {
+        Skip::Resource(r)
+    }
+}
+
+/// State of one `scrub` call.
+struct Pass<'r> {
+    report: &'r mut ExtensionReport,
+    /// The resource's anonymous id, once written.
+    id: Option<String>,
+}
+
+/// One field of a node being written: where its key and value are, and what to do with it.
+struct Entry<'t> {
+    key: usize,
+    value: usize,
+    treatment: &'t Treatment,
+    /// Identifies the rule (and so the key) for duplicate detection.
+    slot: (usize, bool),
+    /// The value must end up carrying the masked marker (`_field` of a masked field).
+    marked: bool,
+}
+
+/// Keys added after a node's own fields, in the order the tree of the reference gains them.
+enum Appended {
+    /// `_field` for a masked field without one.
+    Sunder(usize),
+    /// `extension` for an Epic custom code on a node without extensions.
+    Extension,
 }
 
 impl Scrubber {
@@ -110,215 +143,422 @@ impl Scrubber {
         &self.codebook
     }
 
-    /// De-identifies `resource` in place, or says why it must be left out.
+    /// De-identifies the resource at the root of `doc`, appending it to `out` as compact ASCII
+    /// JSON, and returns its anonymous id (None if it has none). On a rejection `out` is left
+    /// as it was.
     pub fn scrub(
         &self,
-        resource: &mut Value,
+        doc: &Doc<'_>,
+        out: &mut Vec<u8>,
         report: &mut ExtensionReport,
-    ) -> Result<(), Rejection> {
-        match self.scrub_resource(resource, report) {
-            Ok(()) => Ok(()),
-            Err(Skip::Resource(r)) => Err(r),
-            Err(_) => Err(Rejection::NotAResource),
+    ) -> Result<Option<String>, Rejection> {
+        let start = out.len();
+        let mut pass = Pass { report, id: None };
+        let result = if doc.token(0).kind == Kind::Object {
+            self.resource(doc, 0, true, out, &mut pass)
+        } else {
+            Err(Skip::Value)
+        };
+        match result {
+            Ok(()) => Ok(pass.id),
+            Err(skip) => {
+                out.truncate(start);
+                Err(match skip {
+                    Skip::Resource(r) => r,
+                    Skip::Value => Rejection::NotAResource,
+                })
+            }
         }
     }
 
-    fn scrub_resource(&self, node: &mut Value, report: &mut ExtensionReport) -> Result<(), Skip> {
-        let Value::Object(map) = node else {
-            return Err(Skip::Value);
-        };
-        let resource_type = match map.get("resourceType") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(v) if is_truthy(v) => return Err(Skip::Resource(mismatch("resourceType"))),
+    fn resource(
+        &self,
+        doc: &Doc<'_>,
+        node: usize,
+        top: bool,
+        out: &mut Vec<u8>,
+        pass: &mut Pass<'_>,
+    ) -> Result<(), Skip> {
+        let resource_type = match doc.get(node, "resourceType") {
+            Some(v) if doc.token(v).kind == Kind::String && doc.raw(v).is_empty() => {
+                return Err(Skip::Value);
+            }
+            Some(v) if doc.token(v).kind == Kind::String => doc.str(v),
+            Some(v) if doc.is_truthy(v) => return Err(mismatch("resourceType").into()),
             _ => return Err(Skip::Value),
         };
         let (rtype, fields) = self.rules.resource_fields(&resource_type);
-        let rtype = rtype.to_string();
-        self.scrub_node(&rtype, fields, map, None, false, report)
+        self.node(doc, node, rtype, fields, None, false, false, top, out, pass)
     }
 
-    fn scrub_node(
+    /// Writes one object with the rules of its type. `marked` asks for the masked marker in its
+    /// `extension` list; `top` says it is the resource itself (whose id is kept).
+    #[allow(clippy::too_many_arguments)]
+    fn node(
         &self,
+        doc: &Doc<'_>,
+        node: usize,
         rtype: &str,
         fields: &FieldRules,
-        node: &mut Map<String, Value>,
         filter: Option<&Filter>,
         inside_extension: bool,
-        report: &mut ExtensionReport,
+        marked: bool,
+        top: bool,
+        out: &mut Vec<u8>,
+        pass: &mut Pass<'_>,
     ) -> Result<(), Skip> {
         if let Some(filter) = filter {
-            let matches = match node.get(&filter.field) {
-                Some(Value::String(s)) => filter.values.contains(s),
-                _ => false,
-            };
+            let matches = doc
+                .get_str(node, &filter.field)
+                .is_some_and(|v| filter.values.contains(v.as_ref()));
             if !matches {
                 return Err(Skip::Value);
             }
         }
-        let keys: Vec<String> = node.keys().cloned().collect();
-        for key in keys {
-            let Some(slot) = node.get_mut(&key) else {
-                continue;
-            };
-            let value = std::mem::take(slot);
-            if value.is_null() {
-                node.shift_remove(&key);
-                continue;
+        let mut entries = self.entries(doc, node, fields);
+        let epic = self.epic_verdict(doc, node, &entries);
+        let (appended, needs_marker) = self.plan_markers(doc, &mut entries, epic, marked);
+        let start = out.len();
+        out.push(b'{');
+        let mut written = 0;
+        for entry in &entries {
+            let mark = out.len();
+            if written > 0 {
+                out.push(b',');
             }
-            let treatment = match key.strip_prefix('_') {
-                Some(base) if fields.contains_key(base) => Some(&self.backbone),
-                Some(_) => None,
-                None => fields.get(&key),
-            };
-            let Some(treatment) = treatment else {
-                node.shift_remove(&key);
-                continue;
-            };
-            let (is_list, items) = match value {
-                Value::Array(items) => (true, items),
-                other => (false, vec![other]),
-            };
-            let mut kept = Vec::with_capacity(items.len());
-            for item in items {
-                let outcome =
-                    self.scrub_value(rtype, treatment, node, &key, item, inside_extension, report);
-                match outcome {
-                    Ok(v) => kept.push(v),
-                    Err(Skip::Value) => {}
-                    Err(Skip::Mask) => {
-                        let marker = node.entry(format!("_{key}")).or_insert_with(|| json!({}));
-                        if let Value::Object(m) = marker {
-                            add_data_absent_extension(m);
-                        }
+            write_key(doc, entry.key, out);
+            let key = doc.str(entry.key);
+            let is_list = doc.token(entry.value).kind == Kind::Array;
+            let add_marker = needs_marker && key == "extension" && is_list;
+            let kept = if is_list {
+                out.push(b'[');
+                let mut items = 0;
+                for item in doc.items(entry.value) {
+                    let item_mark = out.len();
+                    if items > 0 {
+                        out.push(b',');
                     }
-                    Err(Skip::MarkParent) => add_data_absent_extension(node),
-                    Err(skip @ Skip::Resource(_)) => return Err(skip),
+                    let ctx = ValueCtx {
+                        rtype,
+                        node,
+                        key: &key,
+                        inside_extension,
+                        marked: entry.marked,
+                        epic,
+                        top: false,
+                    };
+                    match self.value(doc, &ctx, entry.treatment, item, out, pass) {
+                        Ok(()) => items += 1,
+                        Err(Skip::Value) => out.truncate(item_mark),
+                        Err(skip) => return Err(skip),
+                    }
                 }
-            }
-            if kept.is_empty() {
-                node.shift_remove(&key);
-            } else if let Some(slot) = node.get_mut(&key) {
-                *slot = if is_list {
-                    Value::Array(kept)
-                } else {
-                    kept.pop().expect("one value")
+                if add_marker && !has_masked_marker(doc, entry.value) {
+                    if items > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(MASKED_EXTENSION);
+                    items += 1;
+                }
+                out.push(b']');
+                items > 0
+            } else {
+                let ctx = ValueCtx {
+                    rtype,
+                    node,
+                    key: &key,
+                    inside_extension,
+                    marked: entry.marked,
+                    epic,
+                    top,
                 };
+                match self.value(doc, &ctx, entry.treatment, entry.value, out, pass) {
+                    Ok(()) => true,
+                    Err(Skip::Value) => false,
+                    Err(skip) => return Err(skip),
+                }
+            };
+            if kept {
+                written += 1;
+            } else {
+                out.truncate(mark);
             }
         }
-        if node.is_empty() {
-            Err(Skip::Value)
-        } else {
-            Ok(())
+        for key in appended {
+            if written > 0 {
+                out.push(b',');
+            }
+            written += 1;
+            match key {
+                Appended::Sunder(k) => {
+                    out.extend_from_slice(b"\"_");
+                    write_key_text(doc, k, out);
+                    out.extend_from_slice(b"\":{\"extension\":[");
+                    out.extend_from_slice(MASKED_EXTENSION);
+                    out.extend_from_slice(b"]}");
+                }
+                Appended::Extension => {
+                    out.extend_from_slice(b"\"extension\":[");
+                    out.extend_from_slice(MASKED_EXTENSION);
+                    out.push(b']');
+                }
+            }
+        }
+        if written == 0 {
+            out.truncate(start);
+            return Err(Skip::Value);
+        }
+        out.push(b'}');
+        Ok(())
+    }
+
+    /// The fields of `node` the rules know, non-null, one per key (the last value wins and
+    /// takes the first one's place, as a JSON object read by Python or serde_json does).
+    fn entries<'s>(&'s self, doc: &Doc<'_>, node: usize, fields: &'s FieldRules) -> Vec<Entry<'s>> {
+        let mut entries: Vec<Entry<'s>> = Vec::new();
+        for (key, value) in doc.entries(node) {
+            let name = doc.str(key);
+            let found = match name.strip_prefix('_') {
+                Some(base) => fields
+                    .get_key_value(base)
+                    .map(|(k, _)| (k.as_ptr() as usize, true, &self.backbone)),
+                None => fields
+                    .get_key_value(name.as_ref())
+                    .map(|(k, t)| (k.as_ptr() as usize, false, t)),
+            };
+            let Some((ptr, sunder, treatment)) = found else {
+                continue;
+            };
+            let slot = (ptr, sunder);
+            if let Some(earlier) = entries.iter_mut().find(|e| e.slot == slot) {
+                earlier.value = value;
+                continue;
+            }
+            entries.push(Entry {
+                key,
+                value,
+                treatment,
+                slot,
+                marked: false,
+            });
+        }
+        entries.retain(|e| doc.token(e.value).kind != Kind::Null);
+        entries
+    }
+
+    /// Decides which masked markers this node gets: existing `_field` siblings are marked,
+    /// missing ones appended; an Epic custom code marks the node itself. Returns the keys to
+    /// append and whether the node's own `extension` list needs the marker.
+    fn plan_markers(
+        &self,
+        doc: &Doc<'_>,
+        entries: &mut [Entry<'_>],
+        epic: Option<EpicVerdict>,
+        marked: bool,
+    ) -> (Vec<Appended>, bool) {
+        let mut appended = Vec::new();
+        let mut needs_marker = marked;
+        for i in 0..entries.len() {
+            let entry = &entries[i];
+            if entry.slot.1 {
+                continue;
+            }
+            if self.masks(doc, entry) {
+                let sunder = (entry.slot.0, true);
+                match entries.iter_mut().find(|e| e.slot == sunder) {
+                    Some(s) if doc.token(s.value).kind == Kind::Object => s.marked = true,
+                    Some(_) => {}
+                    None => appended.push(Appended::Sunder(entries[i].key)),
+                }
+            } else if let (Some(epic), Treatment::Coded(_)) = (epic, entry.treatment) {
+                let has_items = doc.token(entry.value).kind != Kind::Array
+                    || doc.items(entry.value).next().is_some();
+                if has_items && !epic.allows(&doc.str(entry.key)) {
+                    needs_marker = true;
+                }
+            }
+        }
+        let has_extension_list = entries
+            .iter()
+            .any(|e| doc.key_is(e.key, "extension") && doc.token(e.value).kind == Kind::Array);
+        let has_extension = entries.iter().any(|e| doc.key_is(e.key, "extension"));
+        if needs_marker && !has_extension {
+            appended.push(Appended::Extension);
+            needs_marker = false;
+        } else if !has_extension_list {
+            needs_marker = false;
+        }
+        (appended, needs_marker)
+    }
+
+    /// Whether this field's value is dropped and replaced by the masked marker.
+    fn masks(&self, doc: &Doc<'_>, entry: &Entry<'_>) -> bool {
+        let masked = match entry.treatment {
+            Treatment::Mask => true,
+            Treatment::MaskNote => self.mask_notes,
+            _ => false,
+        };
+        if !masked {
+            return false;
+        }
+        let maskable = |i: usize| match doc.token(i).kind {
+            Kind::String => !doc.str(i).trim().is_empty(),
+            _ => true,
+        };
+        match doc.token(entry.value).kind {
+            Kind::Array => doc.items(entry.value).any(maskable),
+            _ => maskable(entry.value),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn scrub_value(
+    /// For a coding in an Epic custom-code system, which of code and display may be kept.
+    fn epic_verdict(
         &self,
-        rtype: &str,
-        treatment: &Treatment,
-        parent: &Map<String, Value>,
-        key: &str,
-        mut value: Value,
-        inside_extension: bool,
-        report: &mut ExtensionReport,
-    ) -> Result<Value, Skip> {
-        let is_node = value.is_object();
-        if treatment.is_leaf() == is_node {
-            return Err(Skip::Resource(mismatch(key)));
+        doc: &Doc<'_>,
+        node: usize,
+        entries: &[Entry<'_>],
+    ) -> Option<EpicVerdict> {
+        if !entries
+            .iter()
+            .any(|e| matches!(e.treatment, Treatment::Coded(_)))
+        {
+            return None;
         }
-        if treatment.is_leaf() {
-            let mut treatment = treatment;
-            if let Treatment::Coded(inner) = treatment {
-                if !system_allows(key, &value, parent) {
-                    return Err(Skip::MarkParent);
+        let system = doc.get_str(node, "system")?;
+        if !system.trim().starts_with(EPIC_CUSTOM_SYSTEM_PREFIX) {
+            return None;
+        }
+        let code = doc.get(node, "code").filter(|&v| doc.is_truthy(v));
+        let display = doc.get(node, "display").filter(|&v| doc.is_truthy(v));
+        let (code_ok, display_ok) = match code {
+            None => (true, display.is_none()),
+            Some(c) if doc.token(c).kind == Kind::String => {
+                let text = doc.str(c);
+                if text == "0" && display.is_some() {
+                    (true, false)
+                } else if text.trim().parse::<i64>().is_err() {
+                    (false, false)
+                } else {
+                    (true, true)
                 }
-                treatment = inner;
             }
-            let raw = value.clone();
-            if let Value::String(s) = &mut value {
-                let trimmed = s.trim();
-                if trimmed.is_empty() {
-                    return Err(Skip::Value);
-                }
-                if trimmed.len() != s.len() {
-                    *s = trimmed.to_string();
-                }
-            }
+            Some(c) if doc.token(c).kind == Kind::Number => (true, true),
+            Some(_) => (false, false),
+        };
+        Some(EpicVerdict {
+            code_ok,
+            display_ok,
+        })
+    }
+
+    /// Writes one value (a field's value or one list item) under `treatment`.
+    fn value(
+        &self,
+        doc: &Doc<'_>,
+        ctx: &ValueCtx<'_>,
+        treatment: &Treatment,
+        item: usize,
+        out: &mut Vec<u8>,
+        pass: &mut Pass<'_>,
+    ) -> Result<(), Skip> {
+        let token = doc.token(item);
+        let is_node = token.kind == Kind::Object;
+        if treatment.is_leaf() == is_node {
+            return Err(mismatch(ctx.key).into());
+        }
+        if !treatment.is_leaf() {
             return match treatment {
-                Treatment::Keep | Treatment::FreeText => Ok(value),
-                Treatment::Mask => Err(Skip::Mask),
-                Treatment::MaskNote if self.mask_notes => Err(Skip::Mask),
-                Treatment::MaskNote => Ok(value),
-                Treatment::AnonId => {
-                    let id = value
-                        .as_str()
-                        .ok_or_else(|| Skip::Resource(mismatch(key)))?;
-                    Ok(Value::String(self.codebook.fake_id(rtype, id, true)))
+                Treatment::Resource => self.resource(doc, item, false, out, pass),
+                Treatment::Nested { type_name, filter } => {
+                    let fields = self
+                        .rules
+                        .fields(type_name)
+                        .expect("rules validated at load");
+                    let mut inside = ctx.inside_extension;
+                    if type_name.as_ref() == "Extension" && !ctx.inside_extension {
+                        self.check_extension(doc, ctx.rtype, ctx.key, item, pass.report)?;
+                        inside = true;
+                    }
+                    self.node(
+                        doc,
+                        item,
+                        ctx.rtype,
+                        fields,
+                        filter.as_ref(),
+                        inside,
+                        ctx.marked,
+                        false,
+                        out,
+                        pass,
+                    )
                 }
-                Treatment::AnonRef => self.anon_ref(&raw, parent, key).map(Value::String),
-                Treatment::Year => {
-                    let s = value
-                        .as_str()
-                        .ok_or_else(|| Skip::Resource(mismatch(key)))?;
-                    Ok(Value::String(s.chars().take(4).collect()))
-                }
-                Treatment::Zip => {
-                    let s = value
-                        .as_str()
-                        .ok_or_else(|| Skip::Resource(mismatch(key)))?;
-                    Ok(Value::String(generalize_zip(s)))
-                }
-                Treatment::Coded(_) | Treatment::Nested { .. } | Treatment::Resource => {
-                    Err(Skip::Resource(mismatch(key)))
-                }
+                _ => Err(mismatch(ctx.key).into()),
             };
         }
-        match treatment {
-            Treatment::Resource => {
-                self.scrub_resource(&mut value, report)?;
-                Ok(value)
+        let mut treatment = treatment;
+        if let Treatment::Coded(inner) = treatment {
+            if ctx.epic.is_some_and(|e| !e.allows(ctx.key)) {
+                return Err(Skip::Value);
             }
-            Treatment::Nested { type_name, filter } => {
-                let fields = self
-                    .rules
-                    .fields(type_name)
-                    .expect("rules validated at load");
-                let Value::Object(map) = &mut value else {
-                    unreachable!("checked is_node")
-                };
-                let mut inside = inside_extension;
-                if type_name.as_ref() == "Extension" && !inside_extension {
-                    self.check_extension(rtype, key, map, report)?;
-                    inside = true;
-                }
-                self.scrub_node(rtype, fields, map, filter.as_ref(), inside, report)?;
-                Ok(value)
-            }
-            _ => Err(Skip::Resource(mismatch(key))),
+            treatment = inner;
         }
+        let text = (token.kind == Kind::String).then(|| doc.str(item));
+        let trimmed = text.as_deref().map(str::trim);
+        if trimmed == Some("") {
+            return Err(Skip::Value);
+        }
+        let need_str = || trimmed.ok_or_else(|| Skip::from(mismatch(ctx.key)));
+        match treatment {
+            Treatment::Keep | Treatment::FreeText => write_kept(doc, item, trimmed, out),
+            Treatment::Mask => return Err(Skip::Value),
+            Treatment::MaskNote if self.mask_notes => return Err(Skip::Value),
+            Treatment::MaskNote => write_kept(doc, item, trimmed, out),
+            Treatment::AnonId => {
+                let id = self.codebook.fake_id(ctx.rtype, need_str()?, true);
+                write_plain_str(&id, out);
+                if ctx.top && ctx.key == "id" {
+                    pass.id = Some(id);
+                }
+            }
+            Treatment::AnonRef => {
+                let reference = self.anon_ref(doc, ctx, text.as_deref())?;
+                write_compact_ascii(out, &reference);
+            }
+            Treatment::Year => {
+                let year: String = need_str()?.chars().take(4).collect();
+                write_compact_ascii(out, &year);
+            }
+            Treatment::Zip => write_compact_ascii(out, &generalize_zip(need_str()?)),
+            Treatment::Coded(_) | Treatment::Nested { .. } | Treatment::Resource => {
+                return Err(mismatch(ctx.key).into());
+            }
+        }
+        Ok(())
     }
 
     /// Only the outermost extension of a chain is checked against the URL lists.
     fn check_extension(
         &self,
+        doc: &Doc<'_>,
         rtype: &str,
         key: &str,
-        ext: &Map<String, Value>,
+        ext: usize,
         report: &mut ExtensionReport,
     ) -> Result<(), Skip> {
-        let url = ext.get("url").and_then(Value::as_str).unwrap_or("");
-        let count_key = (rtype.to_string(), url.to_string());
+        let url = doc.get_str(ext, "url").unwrap_or_default();
+        let count_key = || (rtype.to_string(), url.to_string());
         if key == "modifierExtension" {
-            if !self.rules.allowed_modifier_extensions.contains(url) {
-                *report.skipped_modifiers.entry(count_key).or_default() += 1;
-                return Err(Skip::Resource(Rejection::UnknownModifierExtension(
-                    url.to_string(),
-                )));
+            if !self
+                .rules
+                .allowed_modifier_extensions
+                .contains(url.as_ref())
+            {
+                *report.skipped_modifiers.entry(count_key()).or_default() += 1;
+                return Err(Rejection::UnknownModifierExtension(url.to_string()).into());
             }
-        } else if !self.rules.allowed_extensions.contains(url) {
-            if !self.rules.ignored_extensions.contains(url) {
-                *report.dropped.entry(count_key).or_default() += 1;
+        } else if !self.rules.allowed_extensions.contains(url.as_ref()) {
+            if !self.rules.ignored_extensions.contains(url.as_ref()) {
+                *report.dropped.entry(count_key()).or_default() += 1;
             }
             return Err(Skip::Value);
         }
@@ -328,22 +568,23 @@ impl Scrubber {
     /// `Type/id`, `Type?query`, `#contained`, or a bare id with a sibling `type`.
     fn anon_ref(
         &self,
-        raw: &Value,
-        parent: &Map<String, Value>,
-        key: &str,
+        doc: &Doc<'_>,
+        ctx: &ValueCtx<'_>,
+        raw: Option<&str>,
     ) -> Result<String, Skip> {
-        let bad = || Skip::Resource(Rejection::BadReference(key.to_string()));
-        let reference = raw.as_str().ok_or_else(bad)?;
+        let bad = || Skip::Resource(Rejection::BadReference(ctx.key.to_string()));
+        let reference = raw.ok_or_else(bad)?;
         if let Some(contained) = reference.strip_prefix('#') {
             if contained.is_empty() {
                 return Err(bad());
             }
             return Ok(format!("#{}", self.codebook.hash(contained)));
         }
-        let sibling_type = match parent.get("type") {
-            Some(Value::String(s)) if !s.is_empty() => Some(s.as_str()),
-            _ => None,
-        };
+        let sibling_type = doc.get_str(ctx.node, "type");
+        let sibling_type = sibling_type
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
         if !is_relative_reference(reference) && sibling_type.is_none() {
             return Err(bad());
         }
@@ -369,18 +610,133 @@ impl Scrubber {
     }
 }
 
+/// What a value's treatment needs to know about where it sits.
+struct ValueCtx<'k> {
+    rtype: &'k str,
+    /// The object holding the field (for sibling lookups).
+    node: usize,
+    key: &'k str,
+    inside_extension: bool,
+    /// The value (an object) must carry the masked marker.
+    marked: bool,
+    epic: Option<EpicVerdict>,
+    /// The field belongs to the resource itself.
+    top: bool,
+}
+
+/// Epic lets sites add free-text codes to its own code systems; such codes or displays can carry
+/// PHI. Which of the coding's `code` and `display` may stay.
+#[derive(Clone, Copy)]
+struct EpicVerdict {
+    code_ok: bool,
+    display_ok: bool,
+}
+
+impl EpicVerdict {
+    fn allows(self, key: &str) -> bool {
+        match key {
+            "code" => self.code_ok,
+            "display" => self.display_ok,
+            _ => true,
+        }
+    }
+}
+
 fn mismatch(key: &str) -> Rejection {
     Rejection::StructureMismatch(key.to_string())
 }
 
-fn is_truthy(v: &Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-        Value::Number(n) => n.as_f64() != Some(0.0),
+/// Whether an extension list already holds a data-absent-reason extension.
+fn has_masked_marker(doc: &Doc<'_>, list: usize) -> bool {
+    doc.items(list).any(|item| {
+        doc.token(item).kind == Kind::Object
+            && doc.get_str(item, "url").as_deref() == Some(DATA_ABSENT_URL)
+    })
+}
+
+/// Writes `"key":`.
+fn write_key(doc: &Doc<'_>, key: usize, out: &mut Vec<u8>) {
+    if doc.token(key).plain {
+        out.push(b'"');
+        out.extend_from_slice(doc.raw(key));
+        out.push(b'"');
+    } else {
+        write_compact_ascii(out, doc.str(key).as_ref());
+    }
+    out.push(b':');
+}
+
+/// Writes a key's text escaped but without quotes (to build `_key`).
+fn write_key_text(doc: &Doc<'_>, key: usize, out: &mut Vec<u8>) {
+    if doc.token(key).plain {
+        out.extend_from_slice(doc.raw(key));
+    } else {
+        let mut quoted = Vec::new();
+        write_compact_ascii(&mut quoted, doc.str(key).as_ref());
+        out.extend_from_slice(&quoted[1..quoted.len() - 1]);
+    }
+}
+
+/// Writes a string known to be printable ASCII (hex ids).
+fn write_plain_str(s: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
+/// Writes a kept primitive: strings trimmed, other values as serde_json would print them.
+fn write_kept(doc: &Doc<'_>, item: usize, trimmed: Option<&str>, out: &mut Vec<u8>) {
+    let token = doc.token(item);
+    match (token.kind, trimmed) {
+        (Kind::String, Some(t)) if token.plain && t.len() == doc.raw(item).len() => {
+            out.push(b'"');
+            out.extend_from_slice(doc.raw(item));
+            out.push(b'"');
+        }
+        (Kind::String, Some(t)) => write_compact_ascii(out, t),
+        _ => write_verbatim(doc, item, out),
+    }
+}
+
+/// Writes any value unchanged in meaning, in serde_json's compact form (nested lists kept by a
+/// `keep` rule, numbers, literals).
+fn write_verbatim(doc: &Doc<'_>, i: usize, out: &mut Vec<u8>) {
+    let token = doc.token(i);
+    match token.kind {
+        Kind::Object => {
+            out.push(b'{');
+            for (n, (k, v)) in doc.entries(i).enumerate() {
+                if n > 0 {
+                    out.push(b',');
+                }
+                write_key(doc, k, out);
+                write_verbatim(doc, v, out);
+            }
+            out.push(b'}');
+        }
+        Kind::Array => {
+            out.push(b'[');
+            for (n, item) in doc.items(i).enumerate() {
+                if n > 0 {
+                    out.push(b',');
+                }
+                write_verbatim(doc, item, out);
+            }
+            out.push(b']');
+        }
+        Kind::String | Kind::Key if token.plain => {
+            out.push(b'"');
+            out.extend_from_slice(doc.raw(i));
+            out.push(b'"');
+        }
+        Kind::String | Kind::Key => write_compact_ascii(out, doc.str(i).as_ref()),
+        Kind::Number if token.plain => out.extend_from_slice(doc.raw(i)),
+        Kind::Number => {
+            let number: serde_json::Number =
+                serde_json::from_slice(doc.raw(i)).expect("validated number");
+            write_compact_ascii(out, &number);
+        }
+        Kind::True | Kind::False | Kind::Null => out.extend_from_slice(doc.raw(i)),
     }
 }
 
@@ -388,48 +744,6 @@ fn is_truthy(v: &Value) -> bool {
 fn is_relative_reference(s: &str) -> bool {
     let letters = s.bytes().take_while(u8::is_ascii_alphabetic).count();
     letters > 0 && matches!(s.as_bytes().get(letters), Some(b'/' | b'?')) && s.len() > letters + 1
-}
-
-fn add_data_absent_extension(node: &mut Map<String, Value>) {
-    let list = node.entry("extension").or_insert_with(|| json!([]));
-    let Value::Array(list) = list else { return };
-    let present = list
-        .iter()
-        .any(|e| e.get("url").and_then(Value::as_str) == Some(DATA_ABSENT_URL));
-    if !present {
-        list.push(json!({"url": DATA_ABSENT_URL, "valueCode": "masked"}));
-    }
-}
-
-/// Epic lets sites add free-text codes to its own code systems; such codes or displays can carry
-/// PHI. Returns false when this `code`/`display` must be dropped.
-/// `value` is the field being checked: its slot in `parent` is empty while it is scrubbed.
-fn system_allows(key: &str, value: &Value, parent: &Map<String, Value>) -> bool {
-    let system = parent.get("system").and_then(Value::as_str).unwrap_or("");
-    if !system.starts_with(EPIC_CUSTOM_SYSTEM_PREFIX) {
-        return true;
-    }
-    let sibling = |name: &str| {
-        if key == name {
-            Some(value)
-        } else {
-            parent.get(name)
-        }
-    };
-    let code = sibling("code").filter(|v| is_truthy(v));
-    let display = sibling("display").filter(|v| is_truthy(v));
-    let (code_ok, display_ok) = match code {
-        None => (true, display.is_none()),
-        Some(Value::String(c)) if c == "0" && display.is_some() => (true, false),
-        Some(Value::String(c)) if c.trim().parse::<i64>().is_err() => (false, false),
-        Some(Value::String(_)) | Some(Value::Number(_)) => (true, true),
-        Some(_) => (false, false),
-    };
-    match key {
-        "code" => code_ok,
-        "display" => display_ok,
-        _ => true,
-    }
 }
 
 /// Three-digit zip: restricted low-population prefixes become 000, later digits become 0.
@@ -450,10 +764,27 @@ pub fn generalize_zip(zip: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json::Tape;
+    use serde_json::{Value, json};
 
     fn scrubber() -> Scrubber {
         let cb = Arc::new(Codebook::in_memory("1234").unwrap());
         Scrubber::new(Rules::embedded().unwrap(), cb, true)
+    }
+
+    /// Scrubs `resource`, returning the output as a value and the resource id.
+    fn scrub(s: &Scrubber, resource: &Value) -> Result<(Value, Option<String>), Rejection> {
+        let text = resource.to_string();
+        let mut tape = Tape::default();
+        let doc = tape.parse(text.as_bytes()).unwrap();
+        let mut out = b"prefix".to_vec();
+        let mut report = ExtensionReport::default();
+        let result = s.scrub(&doc, &mut out, &mut report);
+        if result.is_err() {
+            assert_eq!(out, b"prefix", "a rejection leaves the output as it was");
+        }
+        let id = result?;
+        Ok((serde_json::from_slice(&out[6..]).unwrap(), id))
     }
 
     #[test]
@@ -468,12 +799,15 @@ mod tests {
     #[test]
     fn references_are_rewritten_or_rejected() {
         let s = scrubber();
-        let mut r = ExtensionReport::default();
-        let mut ok = json!({"resourceType": "Condition", "id": "c",
-            "subject": {"reference": "Patient?identifier=x"},
-            "encounter": {"reference": "123", "type": "Encounter"}});
-        s.scrub(&mut ok, &mut r).unwrap();
+        let (ok, id) = scrub(
+            &s,
+            &json!({"resourceType": "Condition", "id": "c",
+                "subject": {"reference": "Patient?identifier=x"},
+                "encounter": {"reference": "123", "type": "Encounter"}}),
+        )
+        .unwrap();
         let cb = s.codebook();
+        assert_eq!(id.unwrap(), cb.fake_id("Condition", "c", true));
         assert_eq!(
             ok["subject"]["reference"],
             format!("Patient/{}", cb.hash("identifier=x"))
@@ -483,10 +817,9 @@ mod tests {
             format!("Encounter/{}", cb.hash("123"))
         );
         for bad in ["http://x.org/Patient/1", "1234"] {
-            let mut v =
-                json!({"resourceType": "Condition", "id": "c", "subject": {"reference": bad}});
+            let v = json!({"resourceType": "Condition", "id": "c", "subject": {"reference": bad}});
             assert!(
-                matches!(s.scrub(&mut v, &mut r), Err(Rejection::BadReference(_))),
+                matches!(scrub(&s, &v), Err(Rejection::BadReference(_))),
                 "{bad}"
             );
         }
@@ -495,16 +828,24 @@ mod tests {
     #[test]
     fn unknown_modifier_extension_rejects_and_counts() {
         let s = scrubber();
-        let mut r = ExtensionReport::default();
-        let mut v = json!({"resourceType": "Patient", "id": "p",
-            "modifierExtension": [{"url": "http://example.com/weird", "valueBoolean": true}]});
-        let err = s.scrub(&mut v, &mut r).unwrap_err();
+        let text = json!({"resourceType": "Patient", "id": "p",
+            "modifierExtension": [{"url": "http://example.com/weird", "valueBoolean": true}]})
+        .to_string();
+        let mut tape = Tape::default();
+        let mut report = ExtensionReport::default();
+        let err = s
+            .scrub(
+                &tape.parse(text.as_bytes()).unwrap(),
+                &mut Vec::new(),
+                &mut report,
+            )
+            .unwrap_err();
         assert_eq!(
             err,
             Rejection::UnknownModifierExtension("http://example.com/weird".into())
         );
         assert_eq!(
-            r.skipped_modifiers[&("Patient".into(), "http://example.com/weird".into())],
+            report.skipped_modifiers[&("Patient".into(), "http://example.com/weird".into())],
             1
         );
     }
@@ -512,10 +853,12 @@ mod tests {
     #[test]
     fn epic_custom_codes_are_masked_on_the_coding() {
         let s = scrubber();
-        let mut r = ExtensionReport::default();
-        let mut v = json!({"resourceType": "Encounter", "id": "e", "class":
-            {"system": "urn:oid:1.2.840.114350.1", "code": "Dr. Smith", "display": "Dr. Smith"}});
-        s.scrub(&mut v, &mut r).unwrap();
+        let (v, _) = scrub(
+            &s,
+            &json!({"resourceType": "Encounter", "id": "e", "class":
+                {"system": "urn:oid:1.2.840.114350.1", "code": "Dr. Smith", "display": "Dr. Smith"}}),
+        )
+        .unwrap();
         assert_eq!(
             v["class"],
             json!({"system": "urn:oid:1.2.840.114350.1", "extension":
@@ -524,12 +867,75 @@ mod tests {
     }
 
     #[test]
+    fn masked_fields_leave_one_marker_in_their_sunder_sibling() {
+        let s = scrubber();
+        let (v, _) = scrub(
+            &s,
+            &json!({"resourceType": "DocumentReference", "id": "d", "content": [
+                {"attachment": {"_data": {"extension": [{"url": DATA_ABSENT_URL, "valueCode": "masked"}]}, "data": "c2VjcmV0"}},
+                {"attachment": {"url": "http://notes/1", "contentType": "text/plain"}}]}),
+        )
+        .unwrap();
+        let marker = json!([{"url": DATA_ABSENT_URL, "valueCode": "masked"}]);
+        assert_eq!(
+            v["content"][0]["attachment"],
+            json!({"_data": {"extension": marker}})
+        );
+        assert_eq!(
+            v["content"][1]["attachment"],
+            json!({"contentType": "text/plain", "_url": {"extension": marker}})
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_keep_the_last_value_in_the_first_place() {
+        let s = scrubber();
+        let text = br#"{"resourceType":"Patient","gender":"male","id":"p","gender":"female"}"#;
+        let mut tape = Tape::default();
+        let mut out = Vec::new();
+        s.scrub(
+            &tape.parse(text).unwrap(),
+            &mut out,
+            &mut ExtensionReport::default(),
+        )
+        .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with(r#"{"resourceType":"Patient","gender":"female","id":""#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn values_are_copied_in_serde_json_form() {
+        let s = scrubber();
+        let text = r#"{"resourceType":"Observation","id":"o","status":" final ","valueQuantity":{"value":1.50,"comparator":"\u003c","unit":"B\u00e5t"},"valueInteger":-0}"#;
+        let mut tape = Tape::default();
+        let mut out = Vec::new();
+        s.scrub(
+            &tape.parse(text.as_bytes()).unwrap(),
+            &mut out,
+            &mut ExtensionReport::default(),
+        )
+        .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains(r#""status":"final""#), "{out}");
+        assert!(
+            out.contains(r#""valueQuantity":{"value":1.5,"comparator":"<","unit":"B\u00e5t"}"#),
+            "{out}"
+        );
+        assert!(out.contains(r#""valueInteger":-0.0"#), "{out}");
+    }
+
+    #[test]
     fn empty_containers_and_nulls_are_removed() {
         let s = scrubber();
-        let mut r = ExtensionReport::default();
-        let mut v = json!({"resourceType": "Patient", "id": "p", "active": null,
-            "maritalStatus": {"text": "  "}, "address": [{"city": "Boston"}]});
-        s.scrub(&mut v, &mut r).unwrap();
+        let (v, _) = scrub(
+            &s,
+            &json!({"resourceType": "Patient", "id": "p", "active": null,
+                "maritalStatus": {"text": "  "}, "address": [{"city": "Boston"}]}),
+        )
+        .unwrap();
         assert_eq!(
             v.as_object().unwrap().keys().collect::<Vec<_>>(),
             ["resourceType", "id"]

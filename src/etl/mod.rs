@@ -421,7 +421,7 @@ fn write_completion_row(
         "excluded_resources": exclusions,
     });
     let mut text = Vec::new();
-    crate::output::json::write_compact_ascii(&mut text, &strip_nulls(row));
+    crate::json::write_compact_ascii(&mut text, &strip_nulls(row));
     let mut writer = outputs.open(COMPLETION_TABLE, TableKind::Completion)?;
     write_and_wait(
         writer.as_mut(),

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::deid::{ExtensionReport, Scrubber};
 use crate::fhir::Shape;
-use crate::output::json::write_compact_ascii;
+use crate::json::{Kind, Tape, write_compact_ascii};
 
 /// Why an input line was skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -70,6 +70,9 @@ pub struct TableChunk {
     pub data: Vec<u8>,
     pub shape: Shape,
     pub reserved: u64,
+    /// Scratch space for reading rows back into the shape.
+    #[serde(skip)]
+    tape: Tape,
 }
 
 impl TableChunk {
@@ -82,11 +85,22 @@ impl TableChunk {
         }
     }
 
-    /// Appends one row.
+    /// Appends one row given as a JSON value (completion and NLP rows).
     pub fn push(&mut self, id: String, row: &Value) {
+        let start = self.data.len();
         write_compact_ascii(&mut self.data, row);
+        self.commit_row(id, start);
+    }
+
+    /// Takes the row just written at `data[start..]` (compact JSON, no newline yet): ends the
+    /// line and records its id and shape.
+    pub fn commit_row(&mut self, id: String, start: usize) {
+        let doc = self
+            .tape
+            .parse(&self.data[start..])
+            .expect("rows are written as valid JSON");
+        self.shape.add_row(&doc);
         self.data.push(b'\n');
-        self.shape.add_row(row);
         self.ids.push(id);
     }
 
@@ -117,6 +131,7 @@ impl TableChunk {
             data: self.data.split_off(cut),
             shape: self.shape.clone(),
             reserved: self.reserved,
+            tape: Tape::default(),
         };
         self.reserved = 0;
         tail
@@ -170,6 +185,7 @@ pub fn process_bundle(
     report: &mut ExtensionReport,
     on_skip: &mut dyn FnMut(Skipped<'_>),
 ) {
+    let mut tape = Tape::default();
     for (this_line, raw) in (first_line..).zip(bytes.split(|&b| b == b'\n')) {
         let trimmed = trim_ascii(raw);
         if trimmed.is_empty() {
@@ -183,32 +199,37 @@ pub fn process_bundle(
                 raw: trimmed,
             })
         };
-        let mut value: Value = match serde_json::from_slice(trimmed) {
-            Ok(v) => v,
-            Err(e) => {
-                let (reason, detail) = classify_json_error(trimmed, &e);
+        let doc = match tape.parse(trimmed) {
+            Ok(doc) => doc,
+            Err(_) => {
+                let (reason, detail) = classify_invalid_json(trimmed);
                 skip(reason, detail);
                 continue;
             }
         };
-        if !value.is_object() {
+        if doc.token(0).kind != Kind::Object {
             skip(SkipReason::NotAnObject, String::new());
             continue;
         }
-        if value.get("resourceType").and_then(Value::as_str) != Some(ctx.resource_type.as_str()) {
+        if doc.get_str(0, "resourceType").as_deref() != Some(ctx.resource_type.as_str()) {
             skip(
                 SkipReason::WrongResourceType,
                 format!("expected {}", ctx.resource_type),
             );
             continue;
         }
-        if let Err(rejection) = scrubber.scrub(&mut value, report) {
-            skip(SkipReason::of_rejection(&rejection), rejection.detail());
-            continue;
-        }
-        let Some(id) = value.get("id").and_then(Value::as_str).map(str::to_string) else {
-            skip(SkipReason::MissingId, String::new());
-            continue;
+        let start = main.data.len();
+        let id = match scrubber.scrub(&doc, &mut main.data, report) {
+            Ok(Some(id)) => id,
+            Ok(None) => {
+                main.data.truncate(start);
+                skip(SkipReason::MissingId, String::new());
+                continue;
+            }
+            Err(rejection) => {
+                skip(SkipReason::of_rejection(&rejection), rejection.detail());
+                continue;
+            }
         };
         if let (Some(tpl), Some(chunk)) = (&ctx.completion, completion.as_mut()) {
             let row = serde_json::json!({
@@ -219,7 +240,7 @@ pub fn process_bundle(
             });
             chunk.push(id.clone(), &row);
         }
-        main.push(id, &value);
+        main.commit_row(id, start);
     }
 }
 
@@ -233,6 +254,18 @@ pub fn trim_ascii(b: &[u8]) -> &[u8] {
         .rposition(|c| !c.is_ascii_whitespace())
         .map_or(start, |e| e + 1);
     &b[start..end]
+}
+
+/// Why a line the tape refused is not valid JSON, in serde_json's words (a rare path: the
+/// message is worth a second parse).
+pub fn classify_invalid_json(raw: &[u8]) -> (SkipReason, String) {
+    match serde_json::from_slice::<Value>(raw) {
+        Err(e) => classify_json_error(raw, &e),
+        Ok(_) => (
+            SkipReason::InvalidJson,
+            "JSON the reader does not support".into(),
+        ),
+    }
 }
 
 pub fn classify_json_error(raw: &[u8], e: &serde_json::Error) -> (SkipReason, String) {

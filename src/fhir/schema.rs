@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Fields, Schema};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use super::model::{ElementModel, Kind, Property};
+use super::model::{ElementModel, Kind as ModelKind, Property};
+use crate::json::{Doc, Kind};
 
 const LEVEL_INCLUSION: usize = 1;
 const FULL_SCHEMA_TYPES: [&str; 4] = ["CodeableConcept", "Coding", "Period", "Reference"];
@@ -24,28 +24,39 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// Adds one row (a resource) to the shape.
-    pub fn add_row(&mut self, row: &Value) {
-        self.add(row);
-        if let Some(Value::Array(contained)) = row.get("contained") {
-            for c in contained {
-                if let Some(t) = c.get("resourceType").and_then(Value::as_str) {
-                    self.contained_types.insert(t.to_string());
-                }
+    /// Adds one row (a resource, as a parsed JSON document) to the shape.
+    pub fn add_row(&mut self, row: &Doc<'_>) {
+        self.add(row, 0);
+        let Some(contained) = row.get(0, "contained") else {
+            return;
+        };
+        if row.token(contained).kind != Kind::Array {
+            return;
+        }
+        for c in row.items(contained) {
+            if row.token(c).kind == Kind::Object
+                && let Some(t) = row.get_str(c, "resourceType")
+            {
+                self.contained_types.insert(t.into_owned());
             }
         }
     }
 
-    fn add(&mut self, item: &Value) {
-        match item {
-            Value::Array(items) => items.iter().for_each(|i| self.add(i)),
-            Value::Object(map) => {
-                for (k, v) in map {
+    fn add(&mut self, doc: &Doc<'_>, i: usize) {
+        match doc.token(i).kind {
+            Kind::Array => doc.items(i).for_each(|item| self.add(doc, item)),
+            Kind::Object => {
+                for (k, v) in doc.entries(i) {
+                    let key = doc.str(k);
                     // Look up before inserting: most keys are already known, and `entry` would
                     // allocate a copy of every key of every row.
-                    match self.children.get_mut(k) {
-                        Some(child) => child.add(v),
-                        None => self.children.entry(k.clone()).or_default().add(v),
+                    match self.children.get_mut(key.as_ref()) {
+                        Some(child) => child.add(doc, v),
+                        None => self
+                            .children
+                            .entry(key.into_owned())
+                            .or_default()
+                            .add(doc, v),
                     }
                 }
             }
@@ -106,7 +117,7 @@ fn type_fields(
         if let Some(sub) = shape.and_then(|s| s.children.get(&sunder)) {
             let element = Property {
                 name: sunder.clone(),
-                kind: Kind::Struct("Element".into()),
+                kind: ModelKind::Struct("Element".into()),
                 is_list: prop.is_list,
             };
             let mut holder = Shape::default();
@@ -128,10 +139,10 @@ fn property_field(
     level: usize,
 ) -> Option<Field> {
     let shape = parent_shape.and_then(|s| s.children.get(&prop.name));
-    let is_extension = prop.kind == Kind::Struct("Extension".into());
+    let is_extension = prop.kind == ModelKind::Struct("Extension".into());
     let include = shape.is_some() || (inside_full && !is_extension);
     let data_type = match &prop.kind {
-        Kind::Struct(type_name) => {
+        ModelKind::Struct(type_name) => {
             if level >= LEVEL_INCLUSION && !include {
                 return None;
             }
@@ -146,9 +157,9 @@ fn property_field(
                 return None;
             }
             match primitive {
-                Kind::Int => DataType::Int32,
-                Kind::Float => DataType::Float64,
-                Kind::Bool => DataType::Boolean,
+                ModelKind::Int => DataType::Int32,
+                ModelKind::Float => DataType::Float64,
+                ModelKind::Bool => DataType::Boolean,
                 _ => DataType::Utf8,
             }
         }
@@ -168,15 +179,18 @@ fn list_of(item: DataType) -> DataType {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json::Tape;
     use serde_json::json;
 
     #[test]
     fn schema_is_wide_at_top_and_shallow_below() {
         let model = ElementModel::r4();
         let mut shape = Shape::default();
-        shape.add_row(&json!({"resourceType": "Patient", "id": "x",
+        let row = json!({"resourceType": "Patient", "id": "x",
             "maritalStatus": {"coding": [{"code": "M"}]},
-            "address": [{"postalCode": "021", "_postalCode": {"extension": [{"url": "u"}]}}]}));
+            "address": [{"postalCode": "021", "_postalCode": {"extension": [{"url": "u"}]}}]})
+        .to_string();
+        shape.add_row(&Tape::default().parse(row.as_bytes()).unwrap());
         let schema = resource_schema(model, "Patient", &shape);
         // every top-level element is present
         for name in [

@@ -17,7 +17,10 @@ use super::note::{NoteIds, TextError, is_selected, note_ids, note_text};
 use super::study::Study;
 use crate::deid::ExtensionReport;
 use crate::engine::source::{Bundle, RowProducer};
-use crate::etl::rows::{SkipReason, Skipped, TableChunk, classify_json_error, trim_ascii};
+use crate::etl::rows::{
+    SkipReason, Skipped, TableChunk, classify_invalid_json, classify_json_error, trim_ascii,
+};
+use crate::json::Tape;
 
 /// Failed notes warned about one by one before the rest are only counted.
 const FAILURE_WARNINGS: u64 = 20;
@@ -185,6 +188,8 @@ impl NoteRows {
     ) -> Vec<NoteJob> {
         let nlp = &self.shared;
         let mut jobs = Vec::new();
+        let mut tape = Tape::default();
+        let mut scrubbed = Vec::new();
         for (line, raw) in (b.first_line..).zip(b.bytes.split(|&c| c == b'\n')) {
             let raw = trim_ascii(raw);
             if raw.is_empty() {
@@ -198,7 +203,7 @@ impl NoteRows {
                     raw,
                 })
             };
-            let mut note: Value = match serde_json::from_slice(raw) {
+            let note: Value = match serde_json::from_slice(raw) {
                 Ok(v) => v,
                 Err(e) => {
                     let (reason, detail) = classify_json_error(raw, &e);
@@ -219,10 +224,18 @@ impl NoteRows {
             if !is_selected(&nlp.study.source, &note) {
                 continue;
             }
-            if let Err(rejection) = b.shared.scrubber.scrub(&mut note, report) {
+            let Ok(doc) = tape.parse(raw) else {
+                let (reason, detail) = classify_invalid_json(raw);
+                skip(reason, detail);
+                continue;
+            };
+            scrubbed.clear();
+            if let Err(rejection) = b.shared.scrubber.scrub(&doc, &mut scrubbed, report) {
                 skip(SkipReason::of_rejection(&rejection), rejection.detail());
                 continue;
             }
+            let note: Value =
+                serde_json::from_slice(&scrubbed).expect("the scrubber writes valid JSON");
             nlp.stats.selected.fetch_add(1, Ordering::Relaxed);
             let ids = match note_ids(&note) {
                 Ok(ids) => ids,

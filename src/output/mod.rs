@@ -4,7 +4,6 @@
 pub mod arrow_rows;
 pub mod delta;
 pub mod job;
-pub mod json;
 pub mod ndjson;
 pub mod nlp_files;
 pub mod parquet;

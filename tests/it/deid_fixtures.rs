@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cumulus_etl::deid::{Codebook, ExtensionReport, Rules, Scrubber};
+use cumulus_etl::json::Tape;
 use serde_json::Value;
 
 #[test]
@@ -20,19 +21,21 @@ fn every_fixture_pair_matches_the_reference_output() {
     assert_eq!(names.len(), 28);
     let mut failures = Vec::new();
     for name in names {
-        let mut input: Value =
-            serde_json::from_slice(&std::fs::read(root.join("input").join(&name)).unwrap())
-                .unwrap();
+        let input = std::fs::read(root.join("input").join(&name)).unwrap();
         let expected: Value =
             serde_json::from_slice(&std::fs::read(root.join("output").join(&name)).unwrap())
                 .unwrap();
+        let mut tape = Tape::default();
+        let doc = tape.parse(&input).unwrap();
+        let mut out = Vec::new();
         let mut report = ExtensionReport::default();
-        match scrubber.scrub(&mut input, &mut report) {
-            Ok(()) if input == expected => {}
-            Ok(()) => failures.push(format!(
+        match scrubber.scrub(&doc, &mut out, &mut report) {
+            // Key order may differ from the reference's (tables are keyed by column name).
+            Ok(_) if serde_json::from_slice::<Value>(&out).unwrap() == expected => {}
+            Ok(_) => failures.push(format!(
                 "{}:\n  got      {}\n  expected {}",
                 name.to_string_lossy(),
-                input,
+                String::from_utf8_lossy(&out),
                 expected
             )),
             Err(e) => failures.push(format!("{}: rejected ({e:?})", name.to_string_lossy())),

@@ -1,0 +1,482 @@
+//! A flat token tape of one JSON document: validated once, then walked by index without building
+//! a tree. Strings stay as spans of the input, so the scrubber copies most values as they are
+//! instead of decoding and re-encoding them.
+
+use std::borrow::Cow;
+
+/// Nesting deeper than this is refused, as serde_json refuses it.
+pub const MAX_DEPTH: usize = 128;
+
+/// What a token is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Object,
+    Array,
+    Key,
+    String,
+    Number,
+    True,
+    False,
+    Null,
+}
+
+/// One token. Containers store the index just past their last token in `end` and their entry
+/// count in `start`; strings, keys and numbers store their byte span (strings without quotes).
+#[derive(Debug, Clone, Copy)]
+pub struct Token {
+    pub kind: Kind,
+    /// Strings and keys: printable ASCII without escapes, so the raw bytes are the value.
+    /// Numbers: a plain integer that prints back unchanged.
+    pub plain: bool,
+    pub start: u32,
+    pub end: u32,
+}
+
+/// Why a document is not JSON the tape accepts (the caller asks serde_json for the message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Invalid;
+
+/// The tokens of one document and the text they point into.
+#[derive(Debug, Default, Clone)]
+pub struct Tape {
+    tokens: Vec<Token>,
+}
+
+/// A borrowed view of a tape and its text.
+#[derive(Clone, Copy)]
+pub struct Doc<'a> {
+    pub text: &'a [u8],
+    pub tokens: &'a [Token],
+}
+
+impl Tape {
+    /// Tokenizes `text`, which must hold exactly one JSON value (surrounding whitespace allowed).
+    pub fn parse<'a>(&'a mut self, text: &'a [u8]) -> Result<Doc<'a>, Invalid> {
+        self.tokens.clear();
+        if text.len() >= u32::MAX as usize || std::str::from_utf8(text).is_err() {
+            return Err(Invalid);
+        }
+        let mut parser = Parser {
+            text,
+            pos: 0,
+            tokens: &mut self.tokens,
+        };
+        parser.value(0)?;
+        parser.skip_ws();
+        if parser.pos != text.len() {
+            return Err(Invalid);
+        }
+        Ok(Doc {
+            text,
+            tokens: &self.tokens,
+        })
+    }
+}
+
+impl Tape {
+    /// The document this tape was last parsed from; `text` must be that same text.
+    pub fn doc<'a>(&'a self, text: &'a [u8]) -> Doc<'a> {
+        Doc {
+            text,
+            tokens: &self.tokens,
+        }
+    }
+}
+
+struct Parser<'a, 't> {
+    text: &'a [u8],
+    pos: usize,
+    tokens: &'t mut Vec<Token>,
+}
+
+impl Parser<'_, '_> {
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.text.get(self.pos) {
+            self.pos += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.skip_ws();
+        self.text.get(self.pos).copied()
+    }
+
+    fn push(&mut self, kind: Kind, plain: bool, start: usize, end: usize) -> usize {
+        self.tokens.push(Token {
+            kind,
+            plain,
+            start: start as u32,
+            end: end as u32,
+        });
+        self.tokens.len() - 1
+    }
+
+    fn value(&mut self, depth: usize) -> Result<(), Invalid> {
+        match self.peek().ok_or(Invalid)? {
+            b'{' => self.container(depth, Kind::Object),
+            b'[' => self.container(depth, Kind::Array),
+            b'"' => self.string(Kind::String),
+            b't' => self.literal(b"true", Kind::True),
+            b'f' => self.literal(b"false", Kind::False),
+            b'n' => self.literal(b"null", Kind::Null),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => Err(Invalid),
+        }
+    }
+
+    fn container(&mut self, depth: usize, kind: Kind) -> Result<(), Invalid> {
+        if depth >= MAX_DEPTH {
+            return Err(Invalid);
+        }
+        let close = if kind == Kind::Object { b'}' } else { b']' };
+        let at = self.push(kind, false, 0, 0);
+        self.pos += 1;
+        let mut count = 0u32;
+        if self.peek() == Some(close) {
+            self.pos += 1;
+        } else {
+            loop {
+                if kind == Kind::Object {
+                    if self.peek() != Some(b'"') {
+                        return Err(Invalid);
+                    }
+                    self.string(Kind::Key)?;
+                    if self.peek() != Some(b':') {
+                        return Err(Invalid);
+                    }
+                    self.pos += 1;
+                }
+                self.value(depth + 1)?;
+                count += 1;
+                match self.peek() {
+                    Some(b',') => self.pos += 1,
+                    Some(c) if c == close => {
+                        self.pos += 1;
+                        break;
+                    }
+                    _ => return Err(Invalid),
+                }
+            }
+        }
+        let end = self.tokens.len() as u32;
+        self.tokens[at].start = count;
+        self.tokens[at].end = end;
+        Ok(())
+    }
+
+    fn string(&mut self, kind: Kind) -> Result<(), Invalid> {
+        let start = self.pos + 1;
+        let mut at = start;
+        let mut escaped = false;
+        loop {
+            let rel = memchr::memchr2(b'"', b'\\', &self.text[at..]).ok_or(Invalid)?;
+            at += rel;
+            if self.text[at] == b'"' {
+                break;
+            }
+            escaped = true;
+            at = self.escape(at)?;
+        }
+        let span = &self.text[start..at];
+        if span.iter().any(|&b| b < 0x20) {
+            return Err(Invalid);
+        }
+        let plain = !escaped && span.iter().all(|&b| b < 0x7f);
+        self.push(kind, plain, start, at);
+        self.pos = at + 1;
+        Ok(())
+    }
+
+    /// Checks the escape at `at` (a backslash) and returns the position after it.
+    fn escape(&self, at: usize) -> Result<usize, Invalid> {
+        match self.text.get(at + 1).ok_or(Invalid)? {
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok(at + 2),
+            b'u' => {
+                let hex = self.text.get(at + 2..at + 6).ok_or(Invalid)?;
+                if hex.iter().all(u8::is_ascii_hexdigit) {
+                    Ok(at + 6)
+                } else {
+                    Err(Invalid)
+                }
+            }
+            _ => Err(Invalid),
+        }
+    }
+
+    fn literal(&mut self, word: &[u8], kind: Kind) -> Result<(), Invalid> {
+        if !self.text[self.pos..].starts_with(word) {
+            return Err(Invalid);
+        }
+        let start = self.pos;
+        self.pos += word.len();
+        self.push(kind, true, start, self.pos);
+        Ok(())
+    }
+
+    fn number(&mut self) -> Result<(), Invalid> {
+        let text = self.text;
+        let start = self.pos;
+        let mut at = start;
+        let negative = text[at] == b'-';
+        if negative {
+            at += 1;
+        }
+        let digits = |mut at: usize| {
+            while text.get(at).is_some_and(u8::is_ascii_digit) {
+                at += 1;
+            }
+            at
+        };
+        let int_end = match text.get(at) {
+            Some(b'0') => at + 1,
+            Some(b'1'..=b'9') => digits(at + 1),
+            _ => return Err(Invalid),
+        };
+        let int_digits = int_end - at;
+        at = int_end;
+        let mut integer = true;
+        if text.get(at) == Some(&b'.') {
+            let end = digits(at + 1);
+            if end == at + 1 {
+                return Err(Invalid);
+            }
+            at = end;
+            integer = false;
+        }
+        let has_exponent = matches!(text.get(at), Some(b'e' | b'E'));
+        if has_exponent {
+            at += 1;
+            if let Some(b'+' | b'-') = text.get(at) {
+                at += 1;
+            }
+            let end = digits(at);
+            if end == at {
+                return Err(Invalid);
+            }
+            at = end;
+            integer = false;
+        }
+        // Integers that fit i64 print back as written; "-0" and the rest go through serde_json,
+        // which also refuses numbers out of f64's range (only possible with an exponent or
+        // hundreds of digits).
+        let plain = integer && int_digits <= 18 && !(negative && text[int_end - 1] == b'0');
+        if (has_exponent || at - start > 300)
+            && serde_json::from_slice::<serde_json::Number>(&text[start..at]).is_err()
+        {
+            return Err(Invalid);
+        }
+        self.push(Kind::Number, plain, start, at);
+        self.pos = at;
+        Ok(())
+    }
+}
+
+impl<'a> Doc<'a> {
+    /// The token at `i`.
+    pub fn token(&self, i: usize) -> Token {
+        self.tokens[i]
+    }
+
+    /// The index just past the value starting at `i`.
+    pub fn skip(&self, i: usize) -> usize {
+        let t = self.tokens[i];
+        match t.kind {
+            Kind::Object | Kind::Array => t.end as usize,
+            _ => i + 1,
+        }
+    }
+
+    /// The raw bytes of a string, key or number token (strings without quotes).
+    pub fn raw(&self, i: usize) -> &'a [u8] {
+        let t = self.tokens[i];
+        &self.text[t.start as usize..t.end as usize]
+    }
+
+    /// The decoded text of a string or key token.
+    pub fn str(&self, i: usize) -> Cow<'a, str> {
+        let t = self.tokens[i];
+        let raw = self.raw(i);
+        if t.plain || !raw.contains(&b'\\') {
+            // The whole document was checked to be UTF-8 and spans end at ASCII quotes.
+            return Cow::Borrowed(std::str::from_utf8(raw).expect("validated UTF-8"));
+        }
+        let quoted = &self.text[t.start as usize - 1..t.end as usize + 1];
+        Cow::Owned(serde_json::from_slice(quoted).expect("validated string"))
+    }
+
+    /// Whether key token `i` is exactly `name`.
+    pub fn key_is(&self, i: usize, name: &str) -> bool {
+        let t = self.tokens[i];
+        if t.plain {
+            self.raw(i) == name.as_bytes()
+        } else {
+            self.str(i) == name
+        }
+    }
+
+    /// The entries of the object at `i`: (key token, value token), in document order.
+    pub fn entries(&self, i: usize) -> Entries<'a> {
+        let t = self.tokens[i];
+        debug_assert_eq!(t.kind, Kind::Object);
+        Entries {
+            doc: *self,
+            at: i + 1,
+            end: t.end as usize,
+        }
+    }
+
+    /// The items of the array at `i`.
+    pub fn items(&self, i: usize) -> Items<'a> {
+        let t = self.tokens[i];
+        debug_assert_eq!(t.kind, Kind::Array);
+        Items {
+            doc: *self,
+            at: i + 1,
+            end: t.end as usize,
+        }
+    }
+
+    /// The value of the last entry named `name` in the object at `i` (last wins, as in serde_json
+    /// and Python).
+    pub fn get(&self, i: usize, name: &str) -> Option<usize> {
+        self.entries(i)
+            .filter(|&(k, _)| self.key_is(k, name))
+            .last()
+            .map(|(_, v)| v)
+    }
+
+    /// The string value of entry `name`, if it is a string.
+    pub fn get_str(&self, i: usize, name: &str) -> Option<Cow<'a, str>> {
+        let v = self.get(i, name)?;
+        (self.tokens[v].kind == Kind::String).then(|| self.str(v))
+    }
+
+    /// Python's truthiness of the value at `i`.
+    pub fn is_truthy(&self, i: usize) -> bool {
+        let t = self.tokens[i];
+        match t.kind {
+            Kind::Null | Kind::False => false,
+            Kind::True => true,
+            Kind::String => t.end > t.start,
+            Kind::Object | Kind::Array => t.start > 0,
+            Kind::Number => std::str::from_utf8(self.raw(i))
+                .ok()
+                .and_then(|n| n.parse::<f64>().ok())
+                .is_none_or(|n| n != 0.0),
+            Kind::Key => true,
+        }
+    }
+}
+
+/// Iterator over an object's entries.
+pub struct Entries<'a> {
+    doc: Doc<'a>,
+    at: usize,
+    end: usize,
+}
+
+impl Iterator for Entries<'_> {
+    type Item = (usize, usize);
+    fn next(&mut self) -> Option<(usize, usize)> {
+        if self.at >= self.end {
+            return None;
+        }
+        let key = self.at;
+        let value = key + 1;
+        self.at = self.doc.skip(value);
+        Some((key, value))
+    }
+}
+
+/// Iterator over an array's items.
+pub struct Items<'a> {
+    doc: Doc<'a>,
+    at: usize,
+    end: usize,
+}
+
+impl Iterator for Items<'_> {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        if self.at >= self.end {
+            return None;
+        }
+        let item = self.at;
+        self.at = self.doc.skip(item);
+        Some(item)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> usize {
+        let mut tape = Tape::default();
+        tape.parse(text.as_bytes()).map(|d| d.tokens.len()).unwrap()
+    }
+
+    #[test]
+    fn accepts_what_serde_json_accepts() {
+        for ok in [
+            r#"{"a":[1,-2.5e3,true,false,null,"x\"\u00e5"],"b":{}}"#,
+            " [ ] ",
+            "0",
+            r#""\/\b\f\n\r\t""#,
+            "-0.0E+1",
+            "1e300",
+        ] {
+            parse_ok(ok);
+            serde_json::from_str::<serde_json::Value>(ok).unwrap();
+        }
+    }
+
+    #[test]
+    fn refuses_what_serde_json_refuses() {
+        let deep = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
+        for bad in [
+            "{",
+            "[1,]",
+            "{\"a\" 1}",
+            "01",
+            "1.",
+            "-",
+            "1e",
+            "tru",
+            "\"a\tb\"",
+            "\"\\x\"",
+            "\"\\u12\"",
+            "{} x",
+            "",
+            "{\"a\":1,}",
+            "1e400",
+            &deep,
+        ] {
+            let mut tape = Tape::default();
+            assert!(tape.parse(bad.as_bytes()).is_err(), "{bad}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        let mut tape = Tape::default();
+        assert!(tape.parse(b"\"\xff\"").is_err());
+    }
+
+    #[test]
+    fn walks_entries_with_last_key_winning() {
+        let mut tape = Tape::default();
+        let doc = tape
+            .parse(br#"{"a":{"x":[1,2]},"b":"\u0062","a":"last","c":0.0}"#)
+            .unwrap();
+        let keys: Vec<String> = doc.entries(0).map(|(k, _)| doc.str(k).into()).collect();
+        assert_eq!(keys, ["a", "b", "a", "c"]);
+        assert_eq!(doc.get_str(0, "a").unwrap(), "last");
+        assert_eq!(doc.get_str(0, "b").unwrap(), "b");
+        assert!(!doc.token(doc.get(0, "b").unwrap()).plain);
+        assert!(!doc.is_truthy(doc.get(0, "c").unwrap()));
+        let first_a = doc.entries(0).next().unwrap().1;
+        let x = doc.get(first_a, "x").unwrap();
+        assert_eq!(doc.items(x).count(), 2);
+    }
+}
