@@ -98,13 +98,17 @@ impl From<Rejection> for Skip {
 }
 
 /// State of one `scrub` call.
-struct Pass<'r> {
+struct Pass<'r, 's> {
     report: &'r mut ExtensionReport,
     /// The resource's anonymous id, once written.
     id: Option<String>,
+    /// The entries of the nodes being written, innermost last (one allocation per resource,
+    /// not one per node).
+    entries: Vec<Entry<'s>>,
 }
 
 /// One field of a node being written: where its key and value are, and what to do with it.
+#[derive(Clone, Copy)]
 struct Entry<'t> {
     key: usize,
     value: usize,
@@ -153,7 +157,11 @@ impl Scrubber {
         report: &mut ExtensionReport,
     ) -> Result<Option<String>, Rejection> {
         let start = out.len();
-        let mut pass = Pass { report, id: None };
+        let mut pass = Pass {
+            report,
+            id: None,
+            entries: Vec::new(),
+        };
         let result = if doc.token(0).kind == Kind::Object {
             self.resource(doc, 0, true, out, &mut pass)
         } else {
@@ -171,13 +179,13 @@ impl Scrubber {
         }
     }
 
-    fn resource(
-        &self,
+    fn resource<'s>(
+        &'s self,
         doc: &Doc<'_>,
         node: usize,
         top: bool,
         out: &mut Vec<u8>,
-        pass: &mut Pass<'_>,
+        pass: &mut Pass<'_, 's>,
     ) -> Result<(), Skip> {
         let resource_type = match doc.get(node, "resourceType") {
             Some(v) if doc.token(v).kind == Kind::String && doc.raw(v).is_empty() => {
@@ -194,18 +202,18 @@ impl Scrubber {
     /// Writes one object with the rules of its type. `marked` asks for the masked marker in its
     /// `extension` list; `top` says it is the resource itself (whose id is kept).
     #[allow(clippy::too_many_arguments)]
-    fn node(
-        &self,
+    fn node<'s>(
+        &'s self,
         doc: &Doc<'_>,
         node: usize,
         rtype: &str,
-        fields: &FieldRules,
+        fields: &'s FieldRules,
         filter: Option<&Filter>,
         inside_extension: bool,
         marked: bool,
         top: bool,
         out: &mut Vec<u8>,
-        pass: &mut Pass<'_>,
+        pass: &mut Pass<'_, 's>,
     ) -> Result<(), Skip> {
         if let Some(filter) = filter {
             let matches = doc
@@ -215,13 +223,48 @@ impl Scrubber {
                 return Err(Skip::Value);
             }
         }
-        let mut entries = self.entries(doc, node, fields);
-        let epic = self.epic_verdict(doc, node, &entries);
-        let (appended, needs_marker) = self.plan_markers(doc, &mut entries, epic, marked);
+        let base = pass.entries.len();
+        self.push_entries(doc, node, fields, &mut pass.entries);
+        let epic = self.epic_verdict(doc, node, &pass.entries[base..]);
+        let (appended, needs_marker) =
+            self.plan_markers(doc, &mut pass.entries[base..], epic, marked);
+        let result = self.write_node(
+            doc,
+            node,
+            rtype,
+            base,
+            inside_extension,
+            epic,
+            (appended, needs_marker),
+            top,
+            out,
+            pass,
+        );
+        pass.entries.truncate(base);
+        result
+    }
+
+    /// Writes the node whose planned entries start at `pass.entries[base]`.
+    #[allow(clippy::too_many_arguments)]
+    fn write_node<'s>(
+        &'s self,
+        doc: &Doc<'_>,
+        node: usize,
+        rtype: &str,
+        base: usize,
+        inside_extension: bool,
+        epic: Option<EpicVerdict>,
+        (appended, needs_marker): (Vec<Appended>, bool),
+        top: bool,
+        out: &mut Vec<u8>,
+        pass: &mut Pass<'_, 's>,
+    ) -> Result<(), Skip> {
+        let count = pass.entries.len() - base;
         let start = out.len();
         out.push(b'{');
         let mut written = 0;
-        for entry in &entries {
+        for n in 0..count {
+            let entry = pass.entries[base + n];
             let mark = out.len();
             if written > 0 {
                 out.push(b',');
@@ -312,10 +355,16 @@ impl Scrubber {
         Ok(())
     }
 
-    /// The fields of `node` the rules know, non-null, one per key (the last value wins and
-    /// takes the first one's place, as a JSON object read by Python or serde_json does).
-    fn entries<'s>(&'s self, doc: &Doc<'_>, node: usize, fields: &'s FieldRules) -> Vec<Entry<'s>> {
-        let mut entries: Vec<Entry<'s>> = Vec::new();
+    /// Pushes the fields of `node` the rules know, non-null, one per key (the last value wins
+    /// and takes the first one's place, as a JSON object read by Python or serde_json does).
+    fn push_entries<'s>(
+        &'s self,
+        doc: &Doc<'_>,
+        node: usize,
+        fields: &'s FieldRules,
+        stack: &mut Vec<Entry<'s>>,
+    ) {
+        let base = stack.len();
         for (key, value) in doc.entries(node) {
             let name = doc.str(key);
             let found = match name.strip_prefix('_') {
@@ -330,11 +379,11 @@ impl Scrubber {
                 continue;
             };
             let slot = (ptr, sunder);
-            if let Some(earlier) = entries.iter_mut().find(|e| e.slot == slot) {
+            if let Some(earlier) = stack[base..].iter_mut().find(|e| e.slot == slot) {
                 earlier.value = value;
                 continue;
             }
-            entries.push(Entry {
+            stack.push(Entry {
                 key,
                 value,
                 treatment,
@@ -342,8 +391,14 @@ impl Scrubber {
                 marked: false,
             });
         }
-        entries.retain(|e| doc.token(e.value).kind != Kind::Null);
-        entries
+        let mut kept = base;
+        for i in base..stack.len() {
+            if doc.token(stack[i].value).kind != Kind::Null {
+                stack[kept] = stack[i];
+                kept += 1;
+            }
+        }
+        stack.truncate(kept);
     }
 
     /// Decides which masked markers this node gets: existing `_field` siblings are marked,
@@ -452,14 +507,14 @@ impl Scrubber {
     }
 
     /// Writes one value (a field's value or one list item) under `treatment`.
-    fn value(
-        &self,
+    fn value<'s>(
+        &'s self,
         doc: &Doc<'_>,
         ctx: &ValueCtx<'_>,
-        treatment: &Treatment,
+        treatment: &'s Treatment,
         item: usize,
         out: &mut Vec<u8>,
-        pass: &mut Pass<'_>,
+        pass: &mut Pass<'_, 's>,
     ) -> Result<(), Skip> {
         let token = doc.token(item);
         let is_node = token.kind == Kind::Object;

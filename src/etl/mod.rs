@@ -206,6 +206,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             resource_type: t.resource.clone(),
             kind: TableKind::Fhir(t.resource.clone()),
             whole_chunks: false,
+            needs_shape: opts.output_format != OutputFormat::Ndjson,
             completion: t.tracks_encounters.then(|| template.clone()),
         })
         .collect();

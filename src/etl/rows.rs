@@ -85,21 +85,24 @@ impl TableChunk {
         }
     }
 
-    /// Appends one row given as a JSON value (completion and NLP rows).
+    /// Appends one row given as a JSON value (completion and NLP rows, whose tables have fixed
+    /// schemas, so no shape is tracked).
     pub fn push(&mut self, id: String, row: &Value) {
         let start = self.data.len();
         write_compact_ascii(&mut self.data, row);
-        self.commit_row(id, start);
+        self.commit_row(id, start, false);
     }
 
     /// Takes the row just written at `data[start..]` (compact JSON, no newline yet): ends the
-    /// line and records its id and shape.
-    pub fn commit_row(&mut self, id: String, start: usize) {
-        let doc = self
-            .tape
-            .parse(&self.data[start..])
-            .expect("rows are written as valid JSON");
-        self.shape.add_row(&doc);
+    /// line and records its id and, `with_shape`, its shape.
+    pub fn commit_row(&mut self, id: String, start: usize, with_shape: bool) {
+        if with_shape {
+            let doc = self
+                .tape
+                .parse(&self.data[start..])
+                .expect("rows are written as valid JSON");
+            self.shape.add_row(&doc);
+        }
         self.data.push(b'\n');
         self.ids.push(id);
     }
@@ -160,6 +163,8 @@ pub struct TaskContext {
     pub kind: crate::output::TableKind,
     /// Chunks hold whole groups (all rows of one note), so batches are never cut inside one.
     pub whole_chunks: bool,
+    /// Rows are read back into the chunk's `Shape` (the Arrow formats need it; NDJSON does not).
+    pub needs_shape: bool,
     /// For the encounter task: the completion-row template (group, export time, exclusions).
     pub completion: Option<CompletionTemplate>,
 }
@@ -240,7 +245,7 @@ pub fn process_bundle(
             });
             chunk.push(id.clone(), &row);
         }
-        main.commit_row(id, start);
+        main.commit_row(id, start, ctx.needs_shape);
     }
 }
 

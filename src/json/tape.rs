@@ -45,15 +45,16 @@ pub struct Tape {
 /// A borrowed view of a tape and its text.
 #[derive(Clone, Copy)]
 pub struct Doc<'a> {
-    pub text: &'a [u8],
-    pub tokens: &'a [Token],
+    /// Private: only `Tape::parse` makes a `Doc`, so its spans are known to be valid UTF-8.
+    text: &'a [u8],
+    tokens: &'a [Token],
 }
 
 impl Tape {
     /// Tokenizes `text`, which must hold exactly one JSON value (surrounding whitespace allowed).
     pub fn parse<'a>(&'a mut self, text: &'a [u8]) -> Result<Doc<'a>, Invalid> {
         self.tokens.clear();
-        if text.len() >= u32::MAX as usize || std::str::from_utf8(text).is_err() {
+        if text.len() >= u32::MAX as usize {
             return Err(Invalid);
         }
         let mut parser = Parser {
@@ -70,16 +71,6 @@ impl Tape {
             text,
             tokens: &self.tokens,
         })
-    }
-}
-
-impl Tape {
-    /// The document this tape was last parsed from; `text` must be that same text.
-    pub fn doc<'a>(&'a self, text: &'a [u8]) -> Doc<'a> {
-        Doc {
-            text,
-            tokens: &self.tokens,
-        }
     }
 }
 
@@ -178,10 +169,18 @@ impl Parser<'_, '_> {
             at = self.escape(at)?;
         }
         let span = &self.text[start..at];
-        if span.iter().any(|&b| b < 0x20) {
+        // One branch-free pass (it vectorizes): control characters are invalid, bytes above
+        // ASCII need a UTF-8 check. Outside strings the grammar only accepts ASCII, so these
+        // checks are all the document needs.
+        let (mut control, mut high) = (0u8, 0u8);
+        for &b in span {
+            control |= u8::from(b < 0x20);
+            high |= u8::from(b > 0x7e);
+        }
+        if control != 0 || (high != 0 && std::str::from_utf8(span).is_err()) {
             return Err(Invalid);
         }
-        let plain = !escaped && span.iter().all(|&b| b < 0x7f);
+        let plain = !escaped && high == 0;
         self.push(kind, plain, start, at);
         self.pos = at + 1;
         Ok(())
@@ -272,6 +271,11 @@ impl Parser<'_, '_> {
 }
 
 impl<'a> Doc<'a> {
+    /// How many tokens the document has.
+    pub fn token_count(&self) -> usize {
+        self.tokens.len()
+    }
+
     /// The token at `i`.
     pub fn token(&self, i: usize) -> Token {
         self.tokens[i]
@@ -297,8 +301,9 @@ impl<'a> Doc<'a> {
         let t = self.tokens[i];
         let raw = self.raw(i);
         if t.plain || !raw.contains(&b'\\') {
-            // The whole document was checked to be UTF-8 and spans end at ASCII quotes.
-            return Cow::Borrowed(std::str::from_utf8(raw).expect("validated UTF-8"));
+            // SAFETY: `Tape::parse` checked every string span with non-ASCII bytes to be UTF-8,
+            // and the other spans are ASCII.
+            return Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(raw) });
         }
         let quoted = &self.text[t.start as usize - 1..t.end as usize + 1];
         Cow::Owned(serde_json::from_slice(quoted).expect("validated string"))
@@ -413,7 +418,9 @@ mod tests {
 
     fn parse_ok(text: &str) -> usize {
         let mut tape = Tape::default();
-        tape.parse(text.as_bytes()).map(|d| d.tokens.len()).unwrap()
+        tape.parse(text.as_bytes())
+            .map(|d| d.token_count())
+            .unwrap()
     }
 
     #[test]

@@ -300,6 +300,7 @@ fn run_study(
             resource_type: resource.clone(),
             kind: kind.clone(),
             whole_chunks: true,
+            needs_shape: false,
             completion: None,
         })
         .collect();
