@@ -1,7 +1,7 @@
 //! The codebook: the salt that makes anonymous ids, plus the reversible Patient/Encounter
 //! mappings, stored in the PHI folder in the same files Cumulus ETL uses.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -11,6 +11,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
+use super::rules::FastMap;
 use crate::store;
 
 const CODEBOOK_FILE: &str = "codebook.json";
@@ -26,7 +27,9 @@ pub struct Codebook {
     /// HMAC state keyed with the salt, cloned per hash rather than re-keyed.
     keyed: Hmac<Sha256>,
     legacy: [HashMap<String, String>; 2],
-    cached: Option<RwLock<[Map<String, Value>; 2]>>,
+    /// Real id -> anonymous id per reversible type, looked up for every Patient and Encounter
+    /// reference (foldhash, randomly seeded: much cheaper than SipHash on short ids).
+    cached: Option<RwLock<[FastMap<String, String>; 2]>>,
     settings_modified: AtomicBool,
     mappings_modified: AtomicBool,
 }
@@ -65,13 +68,13 @@ impl Codebook {
     /// A codebook that lives only in memory with the given salt (tests, fixture checks).
     pub fn in_memory(salt_hex: &str) -> Result<Codebook> {
         let saved = json!({"version": 1, "id_salt": salt_hex, "codebook_id": "in-memory"});
-        Codebook::build(None, Some(saved), Some([Map::new(), Map::new()]))
+        Codebook::build(None, Some(saved), Some(Default::default()))
     }
 
     fn build(
         dir: Option<PathBuf>,
         saved: Option<Value>,
-        cached: Option<[Map<String, Value>; 2]>,
+        cached: Option<[FastMap<String, String>; 2]>,
     ) -> Result<Codebook> {
         let mut settings = Map::new();
         settings.insert("version".into(), json!(1));
@@ -150,12 +153,9 @@ impl Codebook {
         }
         let fake = self.hash(real_id);
         if let (true, Some(cached)) = (cache, &self.cached) {
-            let known = cached.read().unwrap()[slot]
-                .get(real_id)
-                .and_then(Value::as_str)
-                == Some(fake.as_str());
+            let known = cached.read().unwrap()[slot].get(real_id) == Some(&fake);
             if !known {
-                cached.write().unwrap()[slot].insert(real_id.to_string(), json!(fake));
+                cached.write().unwrap()[slot].insert(real_id.to_string(), fake.clone());
                 self.mappings_modified.store(true, Ordering::Release);
             }
         }
@@ -174,10 +174,12 @@ impl Codebook {
             && let Some(cached) = &self.cached
         {
             let guard = cached.read().unwrap();
-            let mut out = Map::new();
+            // Sorted, so the file does not depend on which worker saw an id first.
+            let mut out: BTreeMap<&str, BTreeMap<&str, &str>> = BTreeMap::new();
             for (i, t) in REVERSIBLE_TYPES.iter().enumerate() {
                 if !guard[i].is_empty() {
-                    out.insert(t.to_string(), Value::Object(guard[i].clone()));
+                    let ids = guard[i].iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                    out.insert(t, ids.collect());
                 }
             }
             let text = serde_json::to_vec(&out)?;
@@ -187,11 +189,15 @@ impl Codebook {
     }
 }
 
-fn split_by_type(m: &Value) -> [Map<String, Value>; 2] {
+fn split_by_type(m: &Value) -> [FastMap<String, String>; 2] {
     REVERSIBLE_TYPES.map(|t| {
         m.get(t)
             .and_then(Value::as_object)
-            .cloned()
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
             .unwrap_or_default()
     })
 }

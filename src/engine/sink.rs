@@ -1,12 +1,13 @@
 //! The sink side of a worker: gathers each task's rows into batches of `--batch-size`, drops
 //! duplicate ids (last wins), saves the codebook, writes the batch, and releases its budget.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::dataflow::RunShared;
+use crate::deid::rules::FastSet;
 use crate::etl::rows::TableChunk;
 use crate::fhir::Shape;
 use crate::output::{OnWritten, RowBatch, TableWriter};
@@ -151,6 +152,7 @@ impl SinkState {
                 table.clone(),
                 batch_index,
                 chunks.clone(),
+                rows.len() as u64,
                 reserved,
             );
             let writer = match task.writers.get_mut(&table) {
@@ -183,11 +185,10 @@ fn written_callback(
     table: String,
     batch_index: usize,
     chunks: Arc<Vec<TableChunk>>,
+    n: u64,
     reserved: u64,
 ) -> OnWritten {
     Box::new(move |result| {
-        let rows = unique_rows(&chunks);
-        let n = rows.len() as u64;
         let mut stats = shared.stats.lock().unwrap();
         let summary = stats.summary(&table);
         summary.attempt += n;
@@ -201,10 +202,9 @@ fn written_callback(
                 summary.had_errors = true;
                 drop(stats);
                 eprintln!("error: could not write batch {batch_index} of {table}: {e:#}");
-                shared.save_failed_batch(&table, batch_index, &rows);
+                shared.save_failed_batch(&table, batch_index, &unique_rows(&chunks));
             }
         }
-        drop(rows);
         drop(chunks);
         shared.budget.release(reserved);
     })
@@ -216,7 +216,7 @@ fn unique_rows(chunks: &[TableChunk]) -> Vec<&[u8]> {
         .iter()
         .flat_map(|c| c.ids.iter().map(String::as_str).zip(c.rows()))
         .collect();
-    let mut seen = HashSet::with_capacity(all.len());
+    let mut seen = FastSet::with_capacity_and_hasher(all.len(), Default::default());
     let mut out: Vec<&[u8]> = all
         .iter()
         .rev()

@@ -18,7 +18,8 @@ use super::study::Study;
 use crate::deid::ExtensionReport;
 use crate::engine::source::{Bundle, RowProducer};
 use crate::etl::rows::{
-    SkipReason, Skipped, TableChunk, classify_invalid_json, classify_json_error, trim_ascii,
+    SkipReason, Skipped, TableChunk, classify_invalid_json, classify_json_error, split_lines,
+    trim_ascii,
 };
 use crate::json::Tape;
 
@@ -190,7 +191,7 @@ impl NoteRows {
         let mut jobs = Vec::new();
         let mut tape = Tape::default();
         let mut scrubbed = Vec::new();
-        for (line, raw) in (b.first_line..).zip(b.bytes.split(|&c| c == b'\n')) {
+        for (line, raw) in (b.first_line..).zip(split_lines(b.bytes)) {
             let raw = trim_ascii(raw);
             if raw.is_empty() {
                 continue;
