@@ -10,6 +10,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema};
 use serde::{Deserialize, Serialize};
 
 use super::model::{ElementModel, Kind as ModelKind, Property};
+use crate::deid::rules::FastMap;
 use crate::json::{Doc, Kind};
 
 const LEVEL_INCLUSION: usize = 1;
@@ -18,7 +19,8 @@ const FULL_SCHEMA_TYPES: [&str; 4] = ["CodeableConcept", "Coding", "Period", "Re
 /// The union of keys over a batch of rows and list items: which fields the batch really has.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Shape {
-    pub children: BTreeMap<String, Shape>,
+    /// Looked up for every key of every row (foldhash: cheaper than ordered string compares).
+    pub children: FastMap<String, Shape>,
     /// Resource types of contained resources, tracked at the top level only.
     pub contained_types: BTreeSet<String>,
 }

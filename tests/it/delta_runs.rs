@@ -295,3 +295,28 @@ os._exit(0)  # skip interpreter teardown while the reader's threads may still ru
     let input = std::fs::read_to_string(synthea().join("Encounter.000.ndjson")).unwrap();
     assert_eq!(counts["encounter"].0, input.lines().count());
 }
+
+#[test]
+fn only_tables_with_many_files_are_compacted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    phi_with_salt(&phi, "1234");
+    let out = tmp.path().join("delta");
+    // 50-row batches: encounter (1,215 rows) gets 25 files, immunization (161 rows) 4.
+    let extra = ["--batch-size", "50", "--task", "encounter,immunization"];
+    let run = run_etl(&etl_args(&synthea(), &out, &phi, &extra));
+    assert!(run.status.success(), "{}", stderr(&run));
+    let live = |table: &str| crate::support::delta_live_files(&out.join(table)).len();
+    let min = cumulus_etl::output::delta::COMPACTION_MIN_FILES;
+    assert_eq!(live("encounter"), 1, "compacted into one file");
+    let few = live("immunization");
+    assert!((2..min).contains(&few), "left as written: {few} files");
+    assert_eq!(
+        crate::support::read_delta_rows(&out.join("encounter")).len(),
+        1215
+    );
+    assert_eq!(
+        crate::support::read_delta_rows(&out.join("immunization")).len(),
+        161
+    );
+}

@@ -15,7 +15,7 @@ use arrow::record_batch::RecordBatch;
 use tokio::sync::mpsc;
 
 pub use conform::{conform_batch, union_schema};
-pub use table::{CumulusTable, DeltaSettings, TableSpec};
+pub use table::{COMPACTION_MIN_FILES, CumulusTable, DeltaSettings, TableSpec};
 
 use super::arrow_rows::to_record_batch;
 use super::{OnWritten, RowBatch, TableKind, TableWriter};

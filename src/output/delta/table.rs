@@ -32,6 +32,11 @@ use url::Url;
 use super::conform::{conform_batch, union_schema};
 use crate::output::TableKind;
 
+/// Compaction rewrites the whole table, so it waits until a table has this many files: a
+/// handful of batch-sized files reads as fast as one, and a first load of a large export
+/// should not pay for writing its data twice.
+pub const COMPACTION_MIN_FILES: usize = 8;
+
 /// Rows per record batch of a MERGE source.
 const SOURCE_SLICE_ROWS: usize = 8192;
 
@@ -336,28 +341,34 @@ impl CumulusTable {
         Ok(())
     }
 
-    /// End-of-run maintenance: compaction and VACUUM (when `optimize`), then a checkpoint and
-    /// the symlink manifest Athena reads, so both describe the final files.
+    /// End-of-run maintenance: compaction and VACUUM (when `optimize` and the table has at
+    /// least `COMPACTION_MIN_FILES` files), then a checkpoint and the symlink manifest Athena
+    /// reads, so both describe the final files.
     pub async fn maintain(&mut self, optimize: bool) -> Result<()> {
         if !self.exists() {
             return Ok(());
         }
         if optimize {
+            if self.table.get_file_uris()?.count() >= COMPACTION_MIN_FILES {
+                let (table, _metrics) = self
+                    .table
+                    .clone()
+                    .optimize()
+                    .with_type(OptimizeType::Compact)
+                    // Snappy like the data files: compaction should not cost more than writing.
+                    .with_writer_properties(
+                        WriterProperties::builder()
+                            .set_compression(Compression::SNAPPY)
+                            .build(),
+                    )
+                    .with_session_state(Arc::new(self.session(true)))
+                    .await
+                    .with_context(|| format!("compacting {}", self.spec.name))?;
+                self.table = table;
+            }
             let (table, _metrics) = self
                 .table
                 .clone()
-                .optimize()
-                .with_type(OptimizeType::Compact)
-                // Snappy like the data files: compaction should not cost more than writing.
-                .with_writer_properties(
-                    WriterProperties::builder()
-                        .set_compression(Compression::SNAPPY)
-                        .build(),
-                )
-                .with_session_state(Arc::new(self.session(true)))
-                .await
-                .with_context(|| format!("compacting {}", self.spec.name))?;
-            let (table, _metrics) = table
                 .vacuum()
                 .await
                 .with_context(|| format!("vacuuming {}", self.spec.name))?;
