@@ -273,6 +273,16 @@ impl Scrubber {
             let key = doc.str(entry.key);
             let is_list = doc.token(entry.value).kind == Kind::Array;
             let add_marker = needs_marker && key == "extension" && is_list;
+            let ctx = ValueCtx {
+                rtype,
+                node,
+                key: &key,
+                inside_extension,
+                marked: entry.marked,
+                epic,
+                // The resource's own id is a single value of the top node.
+                top: top && !is_list,
+            };
             let kept = if is_list {
                 out.push(b'[');
                 let mut items = 0;
@@ -281,15 +291,6 @@ impl Scrubber {
                     if items > 0 {
                         out.push(b',');
                     }
-                    let ctx = ValueCtx {
-                        rtype,
-                        node,
-                        key: &key,
-                        inside_extension,
-                        marked: entry.marked,
-                        epic,
-                        top: false,
-                    };
                     match self.value(doc, &ctx, entry.treatment, item, out, pass) {
                         Ok(()) => items += 1,
                         Err(Skip::Value) => out.truncate(item_mark),
@@ -306,15 +307,6 @@ impl Scrubber {
                 out.push(b']');
                 items > 0
             } else {
-                let ctx = ValueCtx {
-                    rtype,
-                    node,
-                    key: &key,
-                    inside_extension,
-                    marked: entry.marked,
-                    epic,
-                    top,
-                };
                 match self.value(doc, &ctx, entry.treatment, entry.value, out, pass) {
                     Ok(()) => true,
                     Err(Skip::Value) => false,
