@@ -285,7 +285,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         eprintln!(
             "Finishing Delta tables ({})...",
             if opts.optimize_tables {
-                "compaction, vacuum, checkpoint, manifest"
+                "compaction of tables with 8+ files, vacuum, checkpoint, manifest"
             } else {
                 "checkpoint, manifest"
             }
