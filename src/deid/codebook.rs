@@ -28,8 +28,9 @@ pub struct Codebook {
     keyed: Hmac<Sha256>,
     legacy: [HashMap<String, String>; 2],
     /// Real id -> anonymous id per reversible type, looked up for every Patient and Encounter
-    /// reference (foldhash, randomly seeded: much cheaper than SipHash on short ids).
-    cached: Option<RwLock<[FastMap<String, String>; 2]>>,
+    /// reference (foldhash, randomly seeded: much cheaper than SipHash on short ids). An entry
+    /// marked checked was hashed in this run, so later references reuse it without hashing.
+    cached: Option<RwLock<[FastMap<String, Mapping>; 2]>>,
     settings_modified: AtomicBool,
     mappings_modified: AtomicBool,
 }
@@ -74,7 +75,7 @@ impl Codebook {
     fn build(
         dir: Option<PathBuf>,
         saved: Option<Value>,
-        cached: Option<[FastMap<String, String>; 2]>,
+        cached: Option<[FastMap<String, Mapping>; 2]>,
     ) -> Result<Codebook> {
         let mut settings = Map::new();
         settings.insert("version".into(), json!(1));
@@ -151,11 +152,27 @@ impl Codebook {
         if let Some(fake) = self.legacy[slot].get(real_id) {
             return fake.clone();
         }
+        let (true, Some(cached)) = (cache, &self.cached) else {
+            return self.hash(real_id);
+        };
+        if let Some(Mapping {
+            fake,
+            checked: true,
+        }) = cached.read().unwrap()[slot].get(real_id)
+        {
+            return fake.clone();
+        }
+        // First time this run: hash, and check (or record) the saved mapping.
         let fake = self.hash(real_id);
-        if let (true, Some(cached)) = (cache, &self.cached) {
-            let known = cached.read().unwrap()[slot].get(real_id) == Some(&fake);
-            if !known {
-                cached.write().unwrap()[slot].insert(real_id.to_string(), fake.clone());
+        let mut guard = cached.write().unwrap();
+        match guard[slot].get_mut(real_id) {
+            Some(saved) if saved.fake == fake => saved.checked = true,
+            _ => {
+                let mapping = Mapping {
+                    fake: fake.clone(),
+                    checked: true,
+                };
+                guard[slot].insert(real_id.to_string(), mapping);
                 self.mappings_modified.store(true, Ordering::Release);
             }
         }
@@ -178,7 +195,7 @@ impl Codebook {
             let mut out: BTreeMap<&str, BTreeMap<&str, &str>> = BTreeMap::new();
             for (i, t) in REVERSIBLE_TYPES.iter().enumerate() {
                 if !guard[i].is_empty() {
-                    let ids = guard[i].iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                    let ids = guard[i].iter().map(|(k, m)| (k.as_str(), m.fake.as_str()));
                     out.insert(t, ids.collect());
                 }
             }
@@ -189,13 +206,29 @@ impl Codebook {
     }
 }
 
-fn split_by_type(m: &Value) -> [FastMap<String, String>; 2] {
+/// One saved Patient/Encounter mapping.
+struct Mapping {
+    fake: String,
+    /// Hashed again in this run and found equal (or recorded in this run).
+    checked: bool,
+}
+
+fn split_by_type(m: &Value) -> [FastMap<String, Mapping>; 2] {
     REVERSIBLE_TYPES.map(|t| {
         m.get(t)
             .and_then(Value::as_object)
             .map(|ids| {
                 ids.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .filter_map(|(k, v)| {
+                        let fake = v.as_str()?.to_string();
+                        Some((
+                            k.clone(),
+                            Mapping {
+                                fake,
+                                checked: false,
+                            },
+                        ))
+                    })
                     .collect()
             })
             .unwrap_or_default()
@@ -267,6 +300,36 @@ mod tests {
         let cb = Codebook::in_memory("9876").unwrap();
         let h = cb.hash("323456");
         assert!(h.starts_with("49fbb06b") && h.ends_with("4764a7"), "{h}");
+    }
+
+    #[test]
+    fn saved_mappings_are_checked_once_and_corrected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CODEBOOK_FILE),
+            r#"{"version":1,"id_salt":"1234","codebook_id":"x"}"#,
+        )
+        .unwrap();
+        let cb = Codebook::open(dir.path(), true).unwrap();
+        let good = cb.hash("good");
+        std::fs::write(
+            dir.path().join(CACHED_MAPPINGS_FILE),
+            json!({"Encounter": {"good": good, "bad": "not-its-hash"}}).to_string(),
+        )
+        .unwrap();
+        let cb = Codebook::open(dir.path(), true).unwrap();
+        for _ in 0..2 {
+            assert_eq!(cb.fake_id("Encounter", "good", true), good);
+            assert_eq!(cb.fake_id("Encounter", "bad", true), cb.hash("bad"));
+        }
+        cb.save().unwrap();
+        let cached: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(CACHED_MAPPINGS_FILE)).unwrap())
+                .unwrap();
+        assert_eq!(
+            cached,
+            json!({"Encounter": {"good": good, "bad": cb.hash("bad")}})
+        );
     }
 
     #[test]
