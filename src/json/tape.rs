@@ -296,7 +296,7 @@ impl<'a> Doc<'a> {
         &self.text[t.start as usize..t.end as usize]
     }
 
-    /// The decoded text of a string or key token.
+    /// The decoded text of a string or key token, or a number token as written.
     pub fn str(&self, i: usize) -> Cow<'a, str> {
         let t = self.tokens[i];
         let raw = self.raw(i);

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use arrow::datatypes::{DataType, Field, Schema};
-use arrow::json::ReaderBuilder;
 use arrow::record_batch::RecordBatch;
 
+use super::columns::rows_to_record_batch;
 use super::{RowBatch, TableKind};
 use crate::fhir::{ElementModel, resource_schema};
 
@@ -85,33 +85,4 @@ pub fn completion_schema(kind: &TableKind) -> Option<Schema> {
             .map(|n| Field::new(*n, DataType::Utf8, true))
             .collect::<Vec<_>>(),
     ))
-}
-
-/// Decodes compact JSON rows into one record batch of `schema`.
-pub fn rows_to_record_batch(schema: Arc<Schema>, rows: &[&[u8]]) -> Result<RecordBatch> {
-    let mut decoder = ReaderBuilder::new(schema.clone())
-        .with_batch_size(rows.len().max(1))
-        .build_decoder()?;
-    let mut batches = Vec::new();
-    for row in rows {
-        let mut buf: &[u8] = row;
-        while !buf.is_empty() {
-            let used = decoder.decode(buf)?;
-            if used == 0 {
-                if let Some(b) = decoder.flush()? {
-                    batches.push(b);
-                }
-                continue;
-            }
-            buf = &buf[used..];
-        }
-        decoder.decode(b"\n")?;
-    }
-    if let Some(b) = decoder.flush()? {
-        batches.push(b);
-    }
-    if batches.is_empty() {
-        return Ok(RecordBatch::new_empty(schema));
-    }
-    arrow::compute::concat_batches(&schema, &batches).map_err(|e| anyhow!(e))
 }

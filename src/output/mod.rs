@@ -2,6 +2,7 @@
 //! completion tables, and the run metadata (job config, summaries, context).
 
 pub mod arrow_rows;
+pub mod columns;
 pub mod delta;
 pub mod job;
 pub mod ndjson;

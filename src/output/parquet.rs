@@ -8,7 +8,8 @@ use parquet::file::properties::WriterProperties;
 
 use arrow::record_batch::RecordBatch;
 
-use super::arrow_rows::{batch_schema, rows_to_record_batch};
+use super::arrow_rows::batch_schema;
+use super::columns::rows_to_record_batch;
 
 /// Rows decoded into Arrow at a time.
 const SLICE_ROWS: usize = 8192;
