@@ -27,6 +27,13 @@ struct TaskSink {
     batches: usize,
 }
 
+impl TaskSink {
+    /// Budget bytes held by the rows waiting to be written.
+    fn pending_reserved(&self) -> u64 {
+        self.pending.values().flatten().map(|c| c.reserved).sum()
+    }
+}
+
 impl SinkState {
     /// A sink writing with the run's settings.
     pub fn new(shared: Arc<RunShared>) -> SinkState {
@@ -99,12 +106,23 @@ impl SinkState {
         }
     }
 
-    /// Writes early when a source is waiting for memory, so the budget can drain.
+    /// Writes early when a source is waiting for memory, so the budget can drain: the task
+    /// holding the most budget first, one per sign of pressure. Writing every task at once
+    /// would cut all tables into small batches (small files, many Delta commits) where one
+    /// large batch frees as much.
     pub fn relieve_pressure(&mut self) {
         let pressure = self.shared.budget.pressure();
         if pressure != self.seen_pressure {
             self.seen_pressure = pressure;
-            self.flush_all();
+            let largest = self
+                .tasks
+                .iter()
+                .map(|(id, task)| (task.pending_reserved(), *id))
+                .filter(|(reserved, _)| *reserved > 0)
+                .max();
+            if let Some((_, task_id)) = largest {
+                self.flush(task_id);
+            }
         }
     }
 

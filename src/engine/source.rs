@@ -71,6 +71,8 @@ impl RowProducer for FhirRows {
     ) -> Vec<TableChunk> {
         let mut main = TableChunk::new(b.ctx.task, &b.ctx.table);
         main.reserved = b.reserved;
+        // De-identified rows are about as long as the input or shorter: one allocation.
+        main.data.reserve(b.bytes.len());
         let mut completion = b
             .ctx
             .completion
@@ -90,7 +92,27 @@ impl RowProducer for FhirRows {
         let mut out = Vec::with_capacity(2);
         out.extend(completion);
         out.push(main);
+        out.iter_mut().for_each(TableChunk::shrink_to_fit);
+        right_size_reservation(b.shared, &mut out);
         out
+    }
+}
+
+/// Shrinks the reservation a bundle's chunks carry to what they hold, times the output format's
+/// factor. A bundle is reserved at its input size before it is read, but de-identified rows are
+/// often much smaller (notes lose their attachments), and budget held for bytes that no longer
+/// exist only makes the sinks write smaller batches under pressure.
+fn right_size_reservation(shared: &RunShared, chunks: &mut [TableChunk]) {
+    let reserved: u64 = chunks.iter().map(|c| c.reserved).sum();
+    let held: u64 = chunks.iter().map(TableChunk::held_bytes).sum::<u64>()
+        * shared.outputs.format.budget_factor();
+    if held >= reserved {
+        return;
+    }
+    shared.budget.release(reserved - held);
+    let last = chunks.len() - 1;
+    for (n, chunk) in chunks.iter_mut().enumerate() {
+        chunk.reserved = if n == last { held } else { 0 };
     }
 }
 

@@ -107,6 +107,19 @@ impl TableChunk {
         self.ids.push(id);
     }
 
+    /// Gives back the spare capacity of a finished chunk. Its rows wait in the sink until the
+    /// batch is written, and a buffer grown by doubling is up to half empty.
+    pub fn shrink_to_fit(&mut self) {
+        self.data.shrink_to_fit();
+        self.ids.shrink_to_fit();
+    }
+
+    /// Heap bytes the chunk holds while it waits in the sink (rows, ids and their strings).
+    pub fn held_bytes(&self) -> u64 {
+        let ids: usize = self.ids.iter().map(String::capacity).sum();
+        (self.data.capacity() + self.ids.capacity() * std::mem::size_of::<String>() + ids) as u64
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         self.ids.len()
