@@ -89,11 +89,15 @@ pub struct DeltaSettings {
 }
 
 impl DeltaSettings {
-    /// Settings for a run under the global `--memory` budget: DataFusion gets half of it (at
-    /// least 64 MiB); `run` names the run in the transaction log.
+    /// Settings for a run under the global `--memory` budget: DataFusion gets half of it, but
+    /// at least an eighth of the machine's memory (64 MiB to 2 GiB). A MERGE into an existing
+    /// table builds its join over the whole table, so its memory grows with the table, not
+    /// with the batch; a pool sized from a small streaming budget failed the MERGE batches of
+    /// a re-run (100,000-row tables at 256 MiB). `run` names the run in the transaction log.
     pub fn for_budget(budget: u64, run: &str) -> DeltaSettings {
+        let floor = (crate::engine::budget::physical_memory() / 8).clamp(64 << 20, 2 << 30);
         DeltaSettings::new(
-            (budget / 2).max(64 << 20) as usize,
+            (budget / 2).max(floor) as usize,
             format!("cumulus-etl/{run}"),
         )
     }
