@@ -214,6 +214,39 @@ impl RunShared {
     }
 }
 
+/// The worker whose sink writes each task. Sinks write their tasks serially, so tasks are
+/// spread by input size, largest first onto the least loaded worker; routing by task id had
+/// put the three largest tables of a Synthea export (notes, encounters, medication requests)
+/// on one worker, which then wrote alone at the end of the run while the other waited.
+fn sink_workers(shared: &RunShared, workers: usize) -> Vec<u64> {
+    let mut bytes = vec![0u64; shared.tasks.len()];
+    for item in shared.queue.lock().unwrap().iter() {
+        if let Some(&task) = shared.task_by_resource.get(&item.file().resource_type) {
+            bytes[task as usize] += match item {
+                WorkItem::Slice { start, end, .. } => (end - start) as u64,
+                WorkItem::Stream { file } => file.size,
+            };
+        }
+    }
+    balance(&bytes, workers)
+}
+
+/// Assigns each load to one of `workers` bins, largest first onto the lightest bin.
+fn balance(loads: &[u64], workers: usize) -> Vec<u64> {
+    let mut order: Vec<usize> = (0..loads.len()).collect();
+    order.sort_by_key(|&t| (std::cmp::Reverse(loads[t]), t));
+    let mut bins = vec![0u64; workers.max(1)];
+    let mut assigned = vec![0u64; loads.len()];
+    for t in order {
+        let lightest = (0..bins.len())
+            .min_by_key(|&w| (bins[w], w))
+            .expect("a bin");
+        bins[lightest] += loads[t];
+        assigned[t] = lightest as u64;
+    }
+    assigned
+}
+
 /// Makes each worker's row producer (given the worker's index).
 pub type ProducerFactory = Arc<dyn Fn(usize) -> Box<dyn RowProducer> + Send + Sync>;
 
@@ -223,8 +256,10 @@ pub fn run_dataflow(
     engine: &EngineConfig,
     producers: ProducerFactory,
 ) -> Result<()> {
+    let sinks = Arc::new(sink_workers(&shared, engine.workers));
     let guards = timely::execute(engine.timely_config(), move |worker| {
         let shared = shared.clone();
+        let sinks = sinks.clone();
         let producer = producers(worker.index());
         worker.dataflow::<u64, _, _>(|scope| {
             let source_shared = shared.clone();
@@ -264,7 +299,7 @@ pub fn run_dataflow(
 
             let sink_shared = shared.clone();
             chunks.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
-                Exchange::new(|chunk: &TableChunk| chunk.task as u64),
+                Exchange::new(move |chunk: &TableChunk| sinks[chunk.task as usize]),
                 "WriteTables",
                 move |_capability, info| {
                     sink_shared
@@ -306,4 +341,25 @@ pub fn read_by_table(shared: &RunShared) -> BTreeMap<String, u64> {
 /// Bytes read so far.
 pub fn bytes_read(shared: &RunShared) -> u64 {
     shared.progress.bytes_read.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_tasks_go_to_different_workers() {
+        // Task ids 0, 6 and 12 are the large ones: by id parity all three met on worker 0.
+        let mut loads = vec![1u64; 14];
+        loads[0] = 189;
+        loads[6] = 382;
+        loads[12] = 189;
+        loads[3] = 54;
+        let sinks = balance(&loads, 2);
+        assert_ne!(sinks[0], sinks[6]);
+        assert_ne!(sinks[12], sinks[6]);
+        let load = |w: u64| -> u64 { (0..14).filter(|&t| sinks[t] == w).map(|t| loads[t]).sum() };
+        assert!(load(0).abs_diff(load(1)) <= 54, "{} {}", load(0), load(1));
+        assert!(balance(&loads, 1).iter().all(|&w| w == 0));
+    }
 }
