@@ -86,7 +86,8 @@ pub struct RunArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Global memory budget, e.g. 512MiB or 2GiB (default: a sixteenth of RAM, 256MiB-384MiB).
+    /// Global memory budget, e.g. 512MiB or 2GiB (default: a sixteenth of RAM, 256MiB-384MiB;
+    /// for Delta Lake a quarter of RAM, 256MiB-4GiB).
     #[arg(long)]
     pub memory: Option<String>,
     /// Seconds between progress lines.
@@ -200,12 +201,12 @@ fn parse<T: Parser>(args: &[String]) -> Result<T, i32> {
     })
 }
 
-fn memory_option(memory: &Option<String>) -> Result<u64, Fatal> {
+fn memory_option(memory: &Option<String>, format: OutputFormat) -> Result<u64, Fatal> {
     match memory {
         Some(m) => {
             parse_size(m).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("--memory: {e}")))
         }
-        None => Ok(default_budget()),
+        None => Ok(default_budget(format)),
     }
 }
 
@@ -218,7 +219,7 @@ fn run_init(args: &[String]) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
-    finish_command(memory_option(&a.memory).and_then(|memory| {
+    finish_command(memory_option(&a.memory, a.output_format).and_then(|memory| {
         crate::commands::init(&local_folder(&a.output)?, a.output_format, memory)
     }))
 }
@@ -228,7 +229,7 @@ fn run_convert(args: &[String]) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
-    finish_command(memory_option(&a.memory).and_then(|memory| {
+    finish_command(memory_option(&a.memory, OutputFormat::Deltalake).and_then(|memory| {
         crate::commands::convert(
             &local_folder(&a.original)?,
             &local_folder(&a.target)?,
@@ -329,7 +330,8 @@ struct RunSettings {
 }
 
 impl RunArgs {
-    fn settings(&self) -> Result<RunSettings, Fatal> {
+    /// The settings of a run writing `format` (which decides the default budget).
+    fn settings(&self, format: OutputFormat) -> Result<RunSettings, Fatal> {
         Ok(RunSettings {
             engine: EngineConfig {
                 workers: self
@@ -337,7 +339,7 @@ impl RunArgs {
                     .unwrap_or_else(EngineConfig::default_workers)
                     .max(1),
             },
-            memory: memory_option(&self.memory)?,
+            memory: memory_option(&self.memory, format)?,
             optimize_tables: !self.no_table_optimization,
             progress_interval: Duration::from_secs(self.progress_interval.max(1)),
         })
@@ -353,7 +355,7 @@ fn nlp_options(
     run: &RunArgs,
     nlp: &NlpEngineArgs,
 ) -> Result<NlpOptions, Fatal> {
-    let settings = run.settings()?;
+    let settings = run.settings(output_format)?;
     Ok(NlpOptions {
         input: location(input)?,
         output: location(output)?,
@@ -391,7 +393,7 @@ fn nlp_options_from_etl(a: EtlArgs) -> Result<NlpOptions, Fatal> {
 }
 
 fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
-    let settings = a.run.settings()?;
+    let settings = a.run.settings(a.output_format)?;
     Ok(EtlOptions {
         input: location(&a.input)?,
         output: location(&a.output)?,

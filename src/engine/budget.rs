@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use timely::scheduling::SyncActivator;
 
+use crate::output::OutputFormat;
+
 /// The global memory budget.
 pub struct MemoryBudget {
     limit: u64,
@@ -128,12 +130,21 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-/// The default budget: a sixteenth of physical memory, between 256 MiB and 384 MiB. Throughput
-/// stops growing with the budget well below that (1 GB export, 2 workers: the same wall time at
-/// 384 MiB as at 4 GiB, `docs/performance.md`), and a small default keeps peak RSS at about a
-/// third of the reference tool's, on any machine.
-pub fn default_budget() -> u64 {
-    (physical_memory() / 16).clamp(256 << 20, 384 << 20)
+/// The default budget for an output format. NDJSON and Parquet: a sixteenth of physical
+/// memory, between 256 MiB and 384 MiB; throughput stops growing with the budget well below
+/// that (1 GB export, 2 workers: the same wall time at 384 MiB as at 4 GiB), and peak RSS
+/// stays at about a third of the reference tool's. Delta Lake: a quarter of physical memory,
+/// between 256 MiB and 4 GiB, because a MERGE into an existing table reads the whole table, so
+/// a re-run costs in proportion to the number of batches, and a small budget cuts batches
+/// short (1 GB re-run: 67 s at 384 MiB, 24 s at 1 GiB, 19.5 s at 4 GiB;
+/// `docs/performance.md`).
+pub fn default_budget(format: OutputFormat) -> u64 {
+    match format {
+        OutputFormat::Ndjson | OutputFormat::Parquet => {
+            (physical_memory() / 16).clamp(256 << 20, 384 << 20)
+        }
+        OutputFormat::Deltalake => (physical_memory() / 4).clamp(256 << 20, 4 << 30),
+    }
 }
 
 /// The machine's memory in bytes (8 GiB when it cannot be read).
