@@ -219,9 +219,11 @@ fn run_init(args: &[String]) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
-    finish_command(memory_option(&a.memory, a.output_format).and_then(|memory| {
-        crate::commands::init(&local_folder(&a.output)?, a.output_format, memory)
-    }))
+    finish_command(
+        memory_option(&a.memory, a.output_format).and_then(|memory| {
+            crate::commands::init(&local_folder(&a.output)?, a.output_format, memory)
+        }),
+    )
 }
 
 fn run_convert(args: &[String]) -> i32 {
@@ -229,14 +231,16 @@ fn run_convert(args: &[String]) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
-    finish_command(memory_option(&a.memory, OutputFormat::Deltalake).and_then(|memory| {
-        crate::commands::convert(
-            &local_folder(&a.original)?,
-            &local_folder(&a.target)?,
-            memory,
-            !a.no_table_optimization,
-        )
-    }))
+    finish_command(
+        memory_option(&a.memory, OutputFormat::Deltalake).and_then(|memory| {
+            crate::commands::convert(
+                &local_folder(&a.original)?,
+                &local_folder(&a.target)?,
+                memory,
+                !a.no_table_optimization,
+            )
+        }),
+    )
 }
 
 fn finish_command(result: Result<(), Fatal>) -> i32 {
