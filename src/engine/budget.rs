@@ -192,6 +192,15 @@ mod tests {
     }
 
     #[test]
+    fn default_budgets_are_small_for_files_and_larger_for_delta() {
+        let files = default_budget(OutputFormat::Ndjson);
+        assert!(((256 << 20)..=(384 << 20)).contains(&files), "{files}");
+        assert_eq!(default_budget(OutputFormat::Parquet), files);
+        let delta = default_budget(OutputFormat::Deltalake);
+        assert!(delta >= files && delta <= 4 << 30, "{delta}");
+    }
+
+    #[test]
     fn sizes_parse_with_units() {
         assert_eq!(parse_size("256MiB").unwrap(), 256 << 20);
         assert_eq!(parse_size("2g").unwrap(), 2 << 30);

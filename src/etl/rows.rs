@@ -96,7 +96,7 @@ impl TableChunk {
     /// Takes the row just written at `data[start..]` (compact JSON, no newline yet): ends the
     /// line and records its id and, `with_shape`, its shape.
     pub fn commit_row(&mut self, id: String, start: usize, with_shape: bool) {
-        if with_shape {
+        if with_shape && !self.shape.add_compact_row(&self.data[start..]) {
             let doc = self
                 .tape
                 .parse(&self.data[start..])

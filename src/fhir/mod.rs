@@ -2,6 +2,7 @@
 
 pub mod model;
 pub mod schema;
+mod shape_scan;
 
 pub use model::ElementModel;
 pub use schema::{Shape, resource_schema};

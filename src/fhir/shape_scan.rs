@@ -1,0 +1,301 @@
+//! Reads the keys of a row the scrubber wrote into a batch `Shape`, straight from its bytes.
+//! The rows are compact JSON we produced ourselves (no whitespace, valid, ASCII-escaped), so
+//! they need no tokenizing or validation: tokenizing every written row again cost about an
+//! eighth of a Parquet run. Anything unexpected makes the scan give up, and the caller falls
+//! back to the tape (`Shape::add_row`), so the shape is the same either way.
+
+use super::schema::Shape;
+
+/// Why a row could not be scanned (the caller tokenizes it instead).
+struct Unexpected;
+
+type Scan<T> = Result<T, Unexpected>;
+
+impl Shape {
+    /// Adds one compact row to the shape, as `add_row` would. Returns false if the row is not
+    /// the compact JSON object the scrubber writes (or has a key with escapes); the shape may
+    /// then hold some of the row's keys already, and the caller adds the row with `add_row`.
+    pub fn add_compact_row(&mut self, row: &[u8]) -> bool {
+        let mut scanner = Scanner { bytes: row, pos: 0 };
+        scanner.top_object(self).is_ok() && scanner.pos == row.len()
+    }
+}
+
+struct Scanner<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn peek(&self) -> Scan<u8> {
+        self.bytes.get(self.pos).copied().ok_or(Unexpected)
+    }
+
+    fn expect(&mut self, byte: u8) -> Scan<()> {
+        if self.peek()? != byte {
+            return Err(Unexpected);
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    /// The resource itself: like any object, but the resource types of its `contained` list
+    /// are recorded too.
+    fn top_object(&mut self, shape: &mut Shape) -> Scan<()> {
+        self.expect(b'{')?;
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            let key = self.key()?;
+            if key == "contained" && self.peek()? == b'[' {
+                let mut types = Vec::new();
+                with_child(shape, key, |child| self.contained(child, &mut types))?;
+                shape.contained_types.extend(types);
+            } else {
+                with_child(shape, key, |child| self.value(child))?;
+            }
+            if self.entry_end()? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A `contained` list: every item into `shape`, object items' `resourceType` into `types`.
+    fn contained(&mut self, shape: &mut Shape, types: &mut Vec<String>) -> Scan<()> {
+        self.expect(b'[')?;
+        if self.peek()? == b']' {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            if self.peek()? == b'{' {
+                if let Some(t) = self.object(shape, true)? {
+                    types.push(t.to_string());
+                }
+            } else {
+                self.value(shape)?;
+            }
+            if self.item_end()? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn value(&mut self, shape: &mut Shape) -> Scan<()> {
+        match self.peek()? {
+            b'{' => self.object(shape, false).map(drop),
+            b'[' => {
+                self.pos += 1;
+                if self.peek()? == b']' {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.value(shape)?;
+                    if self.item_end()? {
+                        return Ok(());
+                    }
+                }
+            }
+            b'"' => self.skip_string(),
+            _ => {
+                // A number or literal: up to the next delimiter.
+                let rest = &self.bytes[self.pos..];
+                let len = rest
+                    .iter()
+                    .position(|b| matches!(b, b',' | b'}' | b']'))
+                    .unwrap_or(rest.len());
+                if len == 0 {
+                    return Err(Unexpected);
+                }
+                self.pos += len;
+                Ok(())
+            }
+        }
+    }
+
+    /// An object's entries into `shape`; with `want_type`, returns its `resourceType` (the
+    /// last one, as a JSON reader keeps it).
+    fn object(&mut self, shape: &mut Shape, want_type: bool) -> Scan<Option<&'a str>> {
+        self.expect(b'{')?;
+        let mut resource_type = None;
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            return Ok(None);
+        }
+        loop {
+            let key = self.key()?;
+            if want_type && key == "resourceType" {
+                resource_type = None;
+                if self.peek()? == b'"' {
+                    with_child(shape, key, |_| ());
+                    resource_type = Some(self.plain_string()?);
+                } else {
+                    with_child(shape, key, |child| self.value(child))?;
+                }
+            } else {
+                with_child(shape, key, |child| self.value(child))?;
+            }
+            if self.entry_end()? {
+                return Ok(resource_type);
+            }
+        }
+    }
+
+    /// After an entry: true at the object's end, false before the next entry.
+    fn entry_end(&mut self) -> Scan<bool> {
+        self.end_or_next(b'}')
+    }
+
+    /// After a list item: true at the list's end, false before the next item.
+    fn item_end(&mut self) -> Scan<bool> {
+        self.end_or_next(b']')
+    }
+
+    fn end_or_next(&mut self, close: u8) -> Scan<bool> {
+        match self.peek()? {
+            b',' => {
+                self.pos += 1;
+                Ok(false)
+            }
+            c if c == close => {
+                self.pos += 1;
+                Ok(true)
+            }
+            _ => Err(Unexpected),
+        }
+    }
+
+    /// A key and its colon.
+    fn key(&mut self) -> Scan<&'a str> {
+        let text = self.plain_string()?;
+        self.expect(b':')?;
+        Ok(text)
+    }
+
+    /// A string without escapes, as text. Keys are plain ASCII in practice; one with escapes
+    /// makes the scan give up.
+    fn plain_string(&mut self) -> Scan<&'a str> {
+        self.expect(b'"')?;
+        let bytes: &'a [u8] = self.bytes;
+        let rest = &bytes[self.pos..];
+        let end = memchr::memchr2(b'"', b'\\', rest).ok_or(Unexpected)?;
+        if rest[end] == b'\\' {
+            return Err(Unexpected);
+        }
+        self.pos += end + 1;
+        std::str::from_utf8(&rest[..end]).map_err(|_| Unexpected)
+    }
+
+    /// Any string value, escapes included.
+    fn skip_string(&mut self) -> Scan<()> {
+        self.expect(b'"')?;
+        loop {
+            let rest = &self.bytes[self.pos..];
+            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(Unexpected)?;
+            if rest[at] == b'"' {
+                self.pos += at + 1;
+                return Ok(());
+            }
+            // A backslash and the character it escapes (`\u` is followed by plain hex).
+            self.pos += at + 2;
+        }
+    }
+}
+
+/// Runs `f` on the child shape for `key`, created on first sight (looked up before inserting,
+/// so known keys are not copied).
+fn with_child<R>(shape: &mut Shape, key: &str, f: impl FnOnce(&mut Shape) -> R) -> R {
+    match shape.children.get_mut(key) {
+        Some(child) => f(child),
+        None => f(shape.children.entry(key.to_string()).or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::json::Tape;
+
+    use super::*;
+
+    fn by_tape(rows: &[&[u8]]) -> Shape {
+        let mut shape = Shape::default();
+        let mut tape = Tape::default();
+        for row in rows {
+            shape.add_row(&tape.parse(row).unwrap());
+        }
+        shape
+    }
+
+    fn by_scan(rows: &[&[u8]]) -> (Shape, usize) {
+        let mut shape = Shape::default();
+        let mut tape = Tape::default();
+        let mut fallbacks = 0;
+        for row in rows {
+            if !shape.add_compact_row(row) {
+                fallbacks += 1;
+                shape.add_row(&tape.parse(row).unwrap());
+            }
+        }
+        (shape, fallbacks)
+    }
+
+    #[test]
+    fn scanning_gives_the_shape_tokenizing_gives() {
+        let rows: Vec<&[u8]> = vec![
+            br#"{"resourceType":"Observation","id":"a","code":{"coding":[{"system":"s","code":"1"}]},"valueQuantity":{"value":1.5e3},"component":[],"x":[[1,2],[{"y":true}]],"z":null}"#,
+            br#"{"resourceType":"Condition","contained":[{"resourceType":"Patient","id":"p","name":[{"family":"F"}]},{"resourceType":"Practitioner","active":false},"odd"],"note":[{"text":"caf\u00e9"}]}"#,
+            br#"{}"#,
+            br#"{"_status":{"extension":[{"url":"u","valueCode":"masked"}]},"a\"b":1}"#,
+        ];
+        let (scanned, fallbacks) = by_scan(&rows);
+        assert_eq!(scanned, by_tape(&rows));
+        // Only the row with an escaped key was tokenized instead.
+        assert_eq!(fallbacks, 1);
+        assert!(scanned.contained_types.contains("Patient"));
+        assert!(scanned.children["contained"].children.contains_key("name"));
+    }
+
+    #[test]
+    fn rows_that_are_not_compact_objects_are_refused() {
+        let mut shape = Shape::default();
+        for row in [
+            &b"[1]"[..],
+            b"{\"a\":1",
+            b"{\"a\" :1}",
+            b"{\"a\":1}x",
+            b"{\"a\":}",
+        ] {
+            assert!(
+                !shape.add_compact_row(row),
+                "{}",
+                String::from_utf8_lossy(row)
+            );
+        }
+        assert!(shape.add_compact_row(b"{\"a\":[1,{\"b\":\"\\\"\"}]}"));
+        assert!(shape.children["a"].children.contains_key("b"));
+    }
+
+    #[test]
+    fn the_synthea_sample_scans_as_it_tokenizes() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/synthea-10");
+        let mut rows = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "ndjson") {
+                let text = std::fs::read(&path).unwrap();
+                for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                    // Compact it as the scrubber writes rows.
+                    let value: serde_json::Value = serde_json::from_slice(line).unwrap();
+                    rows.push(serde_json::to_vec(&value).unwrap());
+                }
+            }
+        }
+        let rows: Vec<&[u8]> = rows.iter().map(Vec::as_slice).collect();
+        assert!(rows.len() > 1000);
+        let (scanned, _) = by_scan(&rows);
+        assert_eq!(scanned, by_tape(&rows));
+    }
+}
