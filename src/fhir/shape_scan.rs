@@ -16,14 +16,38 @@ impl Shape {
     /// the compact JSON object the scrubber writes (or has a key with escapes); the shape may
     /// then hold some of the row's keys already, and the caller adds the row with `add_row`.
     pub fn add_compact_row(&mut self, row: &[u8]) -> bool {
-        let mut scanner = Scanner { bytes: row, pos: 0 };
-        scanner.top_object(self).is_ok() && scanner.pos == row.len()
+        let mut scanner = Scanner {
+            bytes: row,
+            pos: 0,
+            contained_types: Vec::new(),
+        };
+        if scanner.peek().ok() != Some(b'{')
+            || scanner.value(self, Place::Top).is_err()
+            || scanner.pos != row.len()
+        {
+            return false;
+        }
+        let types = scanner.contained_types.iter().map(|t| t.to_string());
+        self.contained_types.extend(types);
+        true
     }
+}
+
+/// Where a value sits: the resource, its `contained` list, an item of that list (whose
+/// `resourceType` is recorded), or anywhere else.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Top,
+    ContainedList,
+    ContainedItem,
+    Nested,
 }
 
 struct Scanner<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// `resourceType` of each object in the resource's `contained` list.
+    contained_types: Vec<&'a str>,
 }
 
 impl<'a> Scanner<'a> {
@@ -39,62 +63,23 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    /// The resource itself: like any object, but the resource types of its `contained` list
-    /// are recorded too.
-    fn top_object(&mut self, shape: &mut Shape) -> Scan<()> {
-        self.expect(b'{')?;
-        if self.peek()? == b'}' {
-            self.pos += 1;
-            return Ok(());
-        }
-        loop {
-            let key = self.key()?;
-            if key == "contained" && self.peek()? == b'[' {
-                let mut types = Vec::new();
-                with_child(shape, key, |child| self.contained(child, &mut types))?;
-                shape.contained_types.extend(types);
-            } else {
-                with_child(shape, key, |child| self.value(child))?;
-            }
-            if self.entry_end()? {
-                return Ok(());
-            }
-        }
-    }
-
-    /// A `contained` list: every item into `shape`, object items' `resourceType` into `types`.
-    fn contained(&mut self, shape: &mut Shape, types: &mut Vec<String>) -> Scan<()> {
-        self.expect(b'[')?;
-        if self.peek()? == b']' {
-            self.pos += 1;
-            return Ok(());
-        }
-        loop {
-            if self.peek()? == b'{' {
-                if let Some(t) = self.object(shape, true)? {
-                    types.push(t.to_string());
-                }
-            } else {
-                self.value(shape)?;
-            }
-            if self.item_end()? {
-                return Ok(());
-            }
-        }
-    }
-
-    fn value(&mut self, shape: &mut Shape) -> Scan<()> {
+    /// A value at `place` into `shape` (a list's items share the list's shape).
+    fn value(&mut self, shape: &mut Shape, place: Place) -> Scan<()> {
         match self.peek()? {
-            b'{' => self.object(shape, false).map(drop),
+            b'{' => self.object(shape, place),
             b'[' => {
                 self.pos += 1;
                 if self.peek()? == b']' {
                     self.pos += 1;
                     return Ok(());
                 }
+                let items = match place {
+                    Place::ContainedList => Place::ContainedItem,
+                    _ => Place::Nested,
+                };
                 loop {
-                    self.value(shape)?;
-                    if self.item_end()? {
+                    self.value(shape, items)?;
+                    if self.end_or_next(b']')? {
                         return Ok(());
                     }
                 }
@@ -116,44 +101,43 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// An object's entries into `shape`; with `want_type`, returns its `resourceType` (the
-    /// last one, as a JSON reader keeps it).
-    fn object(&mut self, shape: &mut Shape, want_type: bool) -> Scan<Option<&'a str>> {
+    /// An object's entries into `shape`. The resource's `contained` list is scanned as such;
+    /// a contained object's `resourceType` (the last one, as a JSON reader keeps it) is
+    /// recorded when it is a string.
+    fn object(&mut self, shape: &mut Shape, place: Place) -> Scan<()> {
         self.expect(b'{')?;
-        let mut resource_type = None;
         if self.peek()? == b'}' {
             self.pos += 1;
-            return Ok(None);
+            return Ok(());
         }
+        let mut resource_type = None;
         loop {
             let key = self.key()?;
-            if want_type && key == "resourceType" {
+            if place == Place::ContainedItem && key == "resourceType" {
                 resource_type = None;
                 if self.peek()? == b'"' {
                     with_child(shape, key, |_| ());
                     resource_type = Some(self.plain_string()?);
-                } else {
-                    with_child(shape, key, |child| self.value(child))?;
+                    if self.end_or_next(b'}')? {
+                        break;
+                    }
+                    continue;
                 }
-            } else {
-                with_child(shape, key, |child| self.value(child))?;
             }
-            if self.entry_end()? {
-                return Ok(resource_type);
+            let inner = match (place, key) {
+                (Place::Top, "contained") if self.peek()? == b'[' => Place::ContainedList,
+                _ => Place::Nested,
+            };
+            with_child(shape, key, |child| self.value(child, inner))?;
+            if self.end_or_next(b'}')? {
+                break;
             }
         }
+        self.contained_types.extend(resource_type);
+        Ok(())
     }
 
-    /// After an entry: true at the object's end, false before the next entry.
-    fn entry_end(&mut self) -> Scan<bool> {
-        self.end_or_next(b'}')
-    }
-
-    /// After a list item: true at the list's end, false before the next item.
-    fn item_end(&mut self) -> Scan<bool> {
-        self.end_or_next(b']')
-    }
-
+    /// After an entry or item: true at the container's end (`close`), false before the next.
     fn end_or_next(&mut self, close: u8) -> Scan<bool> {
         match self.peek()? {
             b',' => {
@@ -246,7 +230,7 @@ mod tests {
     fn scanning_gives_the_shape_tokenizing_gives() {
         let rows: Vec<&[u8]> = vec![
             br#"{"resourceType":"Observation","id":"a","code":{"coding":[{"system":"s","code":"1"}]},"valueQuantity":{"value":1.5e3},"component":[],"x":[[1,2],[{"y":true}]],"z":null}"#,
-            br#"{"resourceType":"Condition","contained":[{"resourceType":"Patient","id":"p","name":[{"family":"F"}]},{"resourceType":"Practitioner","active":false},"odd"],"note":[{"text":"caf\u00e9"}]}"#,
+            br#"{"resourceType":"Condition","contained":[{"resourceType":"Patient","id":"p","name":[{"family":"F"}]},{"resourceType":"Practitioner","active":false},"odd",[{"resourceType":"Device"}]],"note":[{"text":"caf\u00e9"}]}"#,
             br#"{}"#,
             br#"{"_status":{"extension":[{"url":"u","valueCode":"masked"}]},"a\"b":1}"#,
         ];
@@ -255,6 +239,8 @@ mod tests {
         // Only the row with an escaped key was tokenized instead.
         assert_eq!(fallbacks, 1);
         assert!(scanned.contained_types.contains("Patient"));
+        // Only the list's own items count as contained resources, as with the tape.
+        assert!(!scanned.contained_types.contains("Device"));
         assert!(scanned.children["contained"].children.contains_key("name"));
     }
 
