@@ -86,8 +86,7 @@ pub struct RunArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Global memory budget, e.g. 512MiB or 2GiB (default: a sixteenth of RAM, 256MiB-384MiB;
-    /// for Delta Lake a quarter of RAM, 256MiB-4GiB).
+    /// Global memory budget, e.g. 512MiB or 2GiB (default: a sixteenth of RAM, 256MiB-384MiB).
     #[arg(long)]
     pub memory: Option<String>,
     /// Seconds between progress lines.
@@ -201,12 +200,12 @@ fn parse<T: Parser>(args: &[String]) -> Result<T, i32> {
     })
 }
 
-fn memory_option(memory: &Option<String>, format: OutputFormat) -> Result<u64, Fatal> {
+fn memory_option(memory: &Option<String>) -> Result<u64, Fatal> {
     match memory {
         Some(m) => {
             parse_size(m).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("--memory: {e}")))
         }
-        None => Ok(default_budget(format)),
+        None => Ok(default_budget()),
     }
 }
 
@@ -219,11 +218,9 @@ fn run_init(args: &[String]) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
-    finish_command(
-        memory_option(&a.memory, a.output_format).and_then(|memory| {
-            crate::commands::init(&local_folder(&a.output)?, a.output_format, memory)
-        }),
-    )
+    finish_command(memory_option(&a.memory).and_then(|memory| {
+        crate::commands::init(&local_folder(&a.output)?, a.output_format, memory)
+    }))
 }
 
 fn run_convert(args: &[String]) -> i32 {
@@ -231,16 +228,14 @@ fn run_convert(args: &[String]) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
-    finish_command(
-        memory_option(&a.memory, OutputFormat::Deltalake).and_then(|memory| {
-            crate::commands::convert(
-                &local_folder(&a.original)?,
-                &local_folder(&a.target)?,
-                memory,
-                !a.no_table_optimization,
-            )
-        }),
-    )
+    finish_command(memory_option(&a.memory).and_then(|memory| {
+        crate::commands::convert(
+            &local_folder(&a.original)?,
+            &local_folder(&a.target)?,
+            memory,
+            !a.no_table_optimization,
+        )
+    }))
 }
 
 fn finish_command(result: Result<(), Fatal>) -> i32 {
@@ -334,8 +329,8 @@ struct RunSettings {
 }
 
 impl RunArgs {
-    /// The settings of a run writing `format` (which decides the default budget).
-    fn settings(&self, format: OutputFormat) -> Result<RunSettings, Fatal> {
+    /// The settings of a run.
+    fn settings(&self) -> Result<RunSettings, Fatal> {
         Ok(RunSettings {
             engine: EngineConfig {
                 workers: self
@@ -343,7 +338,7 @@ impl RunArgs {
                     .unwrap_or_else(EngineConfig::default_workers)
                     .max(1),
             },
-            memory: memory_option(&self.memory, format)?,
+            memory: memory_option(&self.memory)?,
             optimize_tables: !self.no_table_optimization,
             progress_interval: Duration::from_secs(self.progress_interval.max(1)),
         })
@@ -359,7 +354,7 @@ fn nlp_options(
     run: &RunArgs,
     nlp: &NlpEngineArgs,
 ) -> Result<NlpOptions, Fatal> {
-    let settings = run.settings(output_format)?;
+    let settings = run.settings()?;
     Ok(NlpOptions {
         input: location(input)?,
         output: location(output)?,
@@ -397,7 +392,7 @@ fn nlp_options_from_etl(a: EtlArgs) -> Result<NlpOptions, Fatal> {
 }
 
 fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
-    let settings = a.run.settings(a.output_format)?;
+    let settings = a.run.settings()?;
     Ok(EtlOptions {
         input: location(&a.input)?,
         output: location(&a.output)?,

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use super::dataflow::RunShared;
 use crate::deid::rules::FastSet;
@@ -187,7 +187,7 @@ impl SinkState {
                     },
                     on_written,
                 ),
-                Err(e) => on_written(Err(e)),
+                Err(e) => on_written.done(Err(e)),
             }
         }
         task.pending.clear();
@@ -197,7 +197,8 @@ impl SinkState {
 }
 
 /// What happens once a batch is durable or failed: counts, the errors folder, and the release
-/// of its memory (only now, so a slow commit holds back the readers).
+/// of its memory: only then, so a slow commit holds back the readers, unless the writer stages
+/// the rows (Delta MERGE batches on local disk), which frees them at once.
 fn written_callback(
     shared: Arc<RunShared>,
     table: String,
@@ -206,7 +207,10 @@ fn written_callback(
     n: u64,
     reserved: u64,
 ) -> OnWritten {
-    Box::new(move |result| {
+    let held = Arc::new(Mutex::new(Some(chunks)));
+    let (staged_held, staged_shared) = (held.clone(), shared.clone());
+    OnWritten::new(move |result| {
+        let chunks = held.lock().unwrap().take();
         let mut stats = shared.stats.lock().unwrap();
         let summary = stats.summary(&table);
         summary.attempt += n;
@@ -216,15 +220,31 @@ fn written_callback(
                 drop(stats);
                 shared.progress.add_written(&table, n);
             }
-            Err(e) => {
+            Err(failure) => {
                 summary.had_errors = true;
                 drop(stats);
+                let e = failure.error;
                 eprintln!("error: could not write batch {batch_index} of {table}: {e:#}");
-                shared.save_failed_batch(&table, batch_index, &unique_rows(&chunks));
+                match (&chunks, &failure.rows) {
+                    (Some(chunks), _) => {
+                        shared.save_failed_batch(&table, batch_index, &unique_rows(chunks))
+                    }
+                    (None, Some(rows)) => {
+                        let rows: Vec<&[u8]> = rows.iter().map(Vec::as_slice).collect();
+                        shared.save_failed_batch(&table, batch_index, &rows)
+                    }
+                    (None, None) => {}
+                }
             }
         }
-        drop(chunks);
-        shared.budget.release(reserved);
+        if chunks.is_some() {
+            shared.budget.release(reserved);
+        }
+    })
+    .on_staged(move || {
+        if staged_held.lock().unwrap().take().is_some() {
+            staged_shared.budget.release(reserved);
+        }
     })
 }
 

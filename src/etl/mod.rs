@@ -218,7 +218,8 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let outputs = Outputs::new(
         opts.output_format,
         output,
-        DeltaSettings::for_budget(opts.memory, &started.folder_name()),
+        DeltaSettings::for_budget(opts.memory, &started.folder_name())
+            .with_merge_rows(opts.batch_size),
     )?;
     let shared = Arc::new(RunShared::new(
         scrubber,

@@ -307,7 +307,8 @@ fn run_study(
     let outputs = Outputs::new(
         opts.output_format,
         output,
-        DeltaSettings::for_budget(opts.memory, &started.folder_name()),
+        DeltaSettings::for_budget(opts.memory, &started.folder_name())
+            .with_merge_rows(opts.batch_size),
     )?;
     let shared = Arc::new(RunShared::new(
         Scrubber::new(Rules::embedded()?, codebook.clone(), false),

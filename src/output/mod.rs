@@ -8,6 +8,7 @@ pub mod job;
 pub mod ndjson;
 pub mod nlp_files;
 pub mod parquet;
+pub mod report;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -76,18 +77,18 @@ pub struct RowBatch<'a> {
     pub shape: &'a Shape,
 }
 
-/// Called exactly once when a batch is durable or has failed. File formats call it before
-/// `write_batch` returns; Delta calls it after the commit, from its own runtime, so a caller
-/// must not hold resources (memory budget, rows for the errors folder) past this point.
-pub type OnWritten = Box<dyn FnOnce(Result<()>) + Send>;
+pub use report::{OnWritten, WriteFailure};
 
 /// Writes batches of one table.
 pub trait TableWriter: Send {
     /// Writes one batch (an empty batch still creates the table) and reports through
-    /// `on_written`; writers may return before the batch is durable.
+    /// `on_written`: file formats before returning; Delta later, from its own runtime, so a
+    /// caller must not hold resources (memory budget, rows for the errors folder) past it.
     fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten);
     /// Records ids deleted by the export (already anonymized); returns once they are applied.
     fn delete_ids(&mut self, ids: &[String]) -> Result<()>;
+    /// Applies any batches the writer has staged and returns once they are reported.
+    fn flush(&mut self) {}
 }
 
 /// Writes one batch and waits until it is durable (for writes outside the dataflow).
@@ -95,10 +96,11 @@ pub fn write_and_wait(writer: &mut dyn TableWriter, batch: &RowBatch<'_>) -> Res
     let (tx, rx) = std::sync::mpsc::channel();
     writer.write_batch(
         batch,
-        Box::new(move |result| {
-            let _ = tx.send(result);
+        OnWritten::new(move |result| {
+            let _ = tx.send(result.map_err(|failure| failure.error));
         }),
     );
+    writer.flush();
     rx.recv()
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the table writer stopped before reporting")))
 }

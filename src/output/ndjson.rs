@@ -20,7 +20,7 @@ impl NdjsonTable {
 
 impl TableWriter for NdjsonTable {
     fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
-        on_written(self.write_file(batch));
+        on_written.done(self.write_file(batch));
     }
 
     fn delete_ids(&mut self, ids: &[String]) -> Result<()> {

@@ -51,15 +51,17 @@ impl TableWriter for GroupIdsWriter {
         let ids_path = self.ids_path.clone();
         self.inner.write_batch(
             batch,
-            Box::new(move |result| {
-                let result = result.and_then(|()| append_groups(&ids_path, &groups));
-                on_written(result)
-            }),
+            on_written
+                .then(move |result| result.and_then(|()| Ok(append_groups(&ids_path, &groups)?))),
         );
     }
 
     fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
         self.inner.delete_ids(ids)
+    }
+
+    fn flush(&mut self) {
+        self.inner.flush()
     }
 }
 

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
-use cumulus_etl::output::TableKind;
 use cumulus_etl::output::delta::{CumulusTable, DeltaSettings, TableSpec};
+use cumulus_etl::output::{OnWritten, TableKind};
 use serde_json::{Value, json};
 
 use crate::support::read_delta;
@@ -60,10 +60,47 @@ impl TestTable {
         self.rt.block_on(self.table.upsert(batch(rows), &groups))
     }
 
+    /// Submits rows through the staging path; `log` hears "staged N", "done N" or "failed N:
+    /// <rows>" for batch N.
+    fn submit(&mut self, n: usize, rows: &[Value], log: &Log) {
+        let (staged, done) = (log.clone(), log.clone());
+        let report = OnWritten::new(move |result| {
+            done.lock().unwrap().push(match result {
+                Ok(()) => format!("done {n}"),
+                Err(f) => {
+                    let rows = f.rows.unwrap_or_default();
+                    let rows: Vec<String> = rows
+                        .iter()
+                        .map(|r| String::from_utf8_lossy(r).into())
+                        .collect();
+                    format!("failed {n}: {}", rows.join(" "))
+                }
+            })
+        })
+        .on_staged(move || staged.lock().unwrap().push(format!("staged {n}")));
+        self.rt
+            .block_on(self.table.submit(batch(rows), Vec::new(), report));
+    }
+
+    fn flush(&mut self) {
+        self.rt.block_on(self.table.flush_staged());
+    }
+
     fn delete(&mut self, ids: &[&str]) {
         let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
         self.rt.block_on(self.table.delete_ids(&ids)).unwrap();
     }
+}
+
+type Log = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Commits in a table's log.
+fn commits(table_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(table_dir.join("_delta_log"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .count()
 }
 
 /// Writes each batch in turn (a new table handle per run, as separate runs would).
@@ -313,4 +350,118 @@ fn a_merge_that_does_not_fit_the_memory_pool_loses_no_rows() {
         }
     }
     assert_eq!(rows["id29994"]["status"], "old");
+}
+
+#[test]
+fn merge_batches_wait_on_disk_and_commit_as_one_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let dir = tmp.path().join("observation");
+    let row = |id: u32, status: &str| json!({"id": format!("id{id}"), "status": status});
+    write_runs(
+        tmp.path(),
+        &spec,
+        &[(0..6).map(|i| row(i, "old")).collect()],
+    );
+    let before = commits(&dir);
+    let log = Log::default();
+    let mut table = TestTable::open(tmp.path(), &spec);
+    table.submit(1, &[row(1, "new"), row(7, "new")], &log);
+    table.submit(2, &[row(2, "new"), json!({"id": "id8", "extra": 1})], &log);
+    table.submit(3, &[row(3, "new")], &log);
+    // Staged (the caller's memory is free) but not committed yet.
+    assert_eq!(*log.lock().unwrap(), ["staged 1", "staged 2", "staged 3"]);
+    assert_eq!(commits(&dir), before);
+    table.flush();
+    assert_eq!(log.lock().unwrap()[3..], ["done 1", "done 2", "done 3"]);
+    assert_eq!(commits(&dir), before + 1, "one MERGE for three batches");
+    let rows = read_delta(&dir, "id");
+    assert_eq!(rows.len(), 8);
+    for id in ["id1", "id2", "id3", "id7"] {
+        assert_eq!(rows[id]["status"], "new", "{id}");
+    }
+    assert_eq!(rows["id0"]["status"], "old");
+    assert_eq!(rows["id8"]["extra"], 1);
+}
+
+#[test]
+fn a_batch_touching_staged_keys_merges_after_them_and_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let dir = tmp.path().join("observation");
+    write_runs(
+        tmp.path(),
+        &spec,
+        &[vec![json!({"id": "1", "status": "old"})]],
+    );
+    let before = commits(&dir);
+    let log = Log::default();
+    let mut table = TestTable::open(tmp.path(), &spec);
+    table.submit(1, &[json!({"id": "1", "status": "first"})], &log);
+    table.submit(2, &[json!({"id": "1", "status": "second"})], &log);
+    assert_eq!(*log.lock().unwrap(), ["staged 1", "done 1", "staged 2"]);
+    // A type conflict with a staged batch also merges what waits first, so only it fails.
+    table.submit(3, &[json!({"id": "2", "code": "text"})], &log);
+    table.submit(4, &[json!({"id": "3", "code": {"text": "t"}})], &log);
+    table.flush();
+    let log = log.lock().unwrap();
+    assert_eq!(
+        log[3..7],
+        ["staged 3", "done 2", "done 3", "staged 4"],
+        "{log:?}"
+    );
+    assert!(log[7].starts_with("failed 4"), "{log:?}");
+    assert_eq!(commits(&dir), before + 2);
+    let rows = read_delta(&dir, "id");
+    assert_eq!(rows["1"]["status"], "second");
+    assert_eq!(rows["2"]["code"], "text");
+    assert!(!rows.contains_key("3"));
+}
+
+#[test]
+fn staged_batches_merge_once_they_reach_the_batch_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    write_runs(tmp.path(), &spec, &[vec![json!({"id": "0"})]]);
+    let settings = Arc::new(DeltaSettings::new(64 << 20, "small-batches").with_merge_rows(3));
+    let mut table = TestTable::open_with(tmp.path(), &spec, settings);
+    let log = Log::default();
+    for n in 1..=3 {
+        let rows: Vec<Value> = (0..2).map(|i| json!({"id": format!("{n}.{i}")})).collect();
+        table.submit(n, &rows, &log);
+    }
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["staged 1", "staged 2", "done 1", "done 2", "staged 3"]
+    );
+}
+
+#[test]
+fn a_failed_staged_merge_hands_the_rows_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let dir = tmp.path().join("observation");
+    write_runs(
+        tmp.path(),
+        &spec,
+        &[vec![json!({"id": "1", "status": "old"})]],
+    );
+    let log = Log::default();
+    let mut table = TestTable::open(tmp.path(), &spec);
+    table.submit(
+        1,
+        &[json!({"id": "1", "status": "new"}), json!({"id": "2"})],
+        &log,
+    );
+    // The storage loses the table's data file before the MERGE reads it.
+    for file in crate::support::delta_live_files(&dir) {
+        std::fs::remove_file(dir.join(file)).unwrap();
+    }
+    table.flush();
+    let log = log.lock().unwrap();
+    assert_eq!(log[0], "staged 1");
+    assert_eq!(
+        log[1], r#"failed 1: {"id":"1","status":"new"} {"id":"2"}"#,
+        "{log:?}"
+    );
 }

@@ -4,6 +4,7 @@
 //! parallel) and reports each batch once committed, which is when the sink releases its memory.
 
 mod conform;
+mod stage;
 mod table;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,8 @@ enum Job {
         ids: Vec<String>,
         reply: std::sync::mpsc::Sender<Result<()>>,
     },
+    /// Merge what is staged now.
+    Flush { reply: std::sync::mpsc::Sender<()> },
 }
 
 struct Committer {
@@ -131,8 +134,11 @@ async fn commit_loop(
         let Some(t) = table.as_mut() else {
             let e = anyhow!("the Delta table {name} could not be opened");
             match job {
-                Job::Write { on_written, .. } => on_written(Err(e)),
+                Job::Write { on_written, .. } => on_written.done(Err(e)),
                 Job::Delete { reply, .. } => drop(reply.send(Err(e))),
+                Job::Flush { reply } => {
+                    let _ = reply.send(());
+                }
             }
             continue;
         };
@@ -141,9 +147,16 @@ async fn commit_loop(
                 batch,
                 groups,
                 on_written,
-            } => on_written(t.upsert(batch, &groups).await),
+            } => t.submit(batch, groups, on_written).await,
             Job::Delete { ids, reply } => drop(reply.send(t.delete_ids(&ids).await)),
+            Job::Flush { reply } => {
+                t.flush_staged().await;
+                let _ = reply.send(());
+            }
         }
+    }
+    if let Some(t) = table.as_mut() {
+        t.flush_staged().await;
     }
     table
 }
@@ -158,7 +171,7 @@ impl TableWriter for DeltaTableWriter {
     fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
         let batch = match to_record_batch(&self.kind, batch) {
             Ok(b) => b,
-            Err(e) => return on_written(Err(e)),
+            Err(e) => return on_written.done(Err(e)),
         };
         let groups = match self.kind.group_field() {
             Some(field) => distinct_strings(&batch, field),
@@ -172,7 +185,7 @@ impl TableWriter for DeltaTableWriter {
         if let Err(mpsc::error::SendError(job)) = self.jobs.send(job)
             && let Job::Write { on_written, .. } = job
         {
-            on_written(Err(anyhow!("the table's committer has stopped")));
+            on_written.done(Err(anyhow!("the table's committer has stopped")));
         }
     }
 
@@ -187,6 +200,13 @@ impl TableWriter for DeltaTableWriter {
         answer
             .recv()
             .map_err(|_| anyhow!("the table's committer stopped before deleting"))?
+    }
+
+    fn flush(&mut self) {
+        let (reply, answer) = std::sync::mpsc::channel();
+        if self.jobs.send(Job::Flush { reply }).is_ok() {
+            let _ = answer.recv();
+        }
     }
 }
 

@@ -30,7 +30,8 @@ use deltalake::protocol::SaveMode;
 use url::Url;
 
 use super::conform::{conform_batch, union_schema};
-use crate::output::TableKind;
+use super::stage::{MergeStage, json_lines};
+use crate::output::{OnWritten, TableKind};
 
 /// Compaction rewrites the whole table, so it waits until a table has this many files: a
 /// handful of batch-sized files reads as fast as one, and a first load of a large export
@@ -39,6 +40,9 @@ pub const COMPACTION_MIN_FILES: usize = 8;
 
 /// Rows per record batch of a MERGE source.
 const SOURCE_SLICE_ROWS: usize = 8192;
+
+/// Rows per MERGE when a run does not say (Cumulus ETL's default `--batch-size`).
+const DEFAULT_MERGE_ROWS: usize = 100_000;
 
 /// Ids per DELETE statement; Cumulus ETL saw out-of-memory errors with much larger lists.
 const DELETE_CHUNK: usize = 50_000;
@@ -86,6 +90,10 @@ pub struct DeltaSettings {
     /// One MERGE or DELETE at a time: they share the pool, and two joins that each need most
     /// of it would both fail. (OPTIMIZE streams and spills, so tables compact in parallel.)
     heavy: Arc<tokio::sync::Semaphore>,
+    /// Staged MERGE rows of a table are merged once they reach this many rows (`--batch-size`)...
+    merge_rows: usize,
+    /// ...or this many bytes of Arrow data, a quarter of the pool the MERGE joins in.
+    merge_bytes: usize,
 }
 
 impl DeltaSettings {
@@ -110,7 +118,16 @@ impl DeltaSettings {
                 .with_max_spill_size(memory_limit)
                 .build(),
             heavy: Arc::new(tokio::sync::Semaphore::new(1)),
+            merge_rows: DEFAULT_MERGE_ROWS,
+            merge_bytes: memory_limit / 4,
         }
+    }
+
+    /// Merges staged batches once they reach `rows` rows (the run's `--batch-size`, so a
+    /// re-run makes as many MERGEs as Cumulus ETL, whatever `--memory` is).
+    pub fn with_merge_rows(mut self, rows: usize) -> DeltaSettings {
+        self.merge_rows = rows.max(1);
+        self
     }
 }
 
@@ -126,6 +143,8 @@ pub struct CumulusTable {
     written_keys: HashSet<u64>,
     /// Data commits made by this run (the transaction version of the next is this plus one).
     commits: i64,
+    /// Batches waiting to be merged together.
+    stage: MergeStage,
 }
 
 impl CumulusTable {
@@ -150,6 +169,7 @@ impl CumulusTable {
             append_only,
             written_keys: HashSet::new(),
             commits: 0,
+            stage: MergeStage::default(),
         })
     }
 
@@ -174,10 +194,102 @@ impl CumulusTable {
 
     /// Upserts a batch: inserts new keys; replaces stored rows unless theirs is newer
     /// (`meta.lastUpdated`); deletes stored rows of `groups` the batch no longer has. An empty
-    /// batch only creates the table (with its schema) when it does not exist yet.
+    /// batch only creates the table (with its schema) when it does not exist yet. Applied at
+    /// once (after anything staged).
     pub async fn upsert(&mut self, batch: RecordBatch, groups: &[String]) -> Result<()> {
+        self.flush_staged().await;
+        match self.prepare(batch, groups)? {
+            Prepared::Nothing => Ok(()),
+            Prepared::Append(batch, keys) => self.append_keyed(batch, keys).await,
+            Prepared::Merge(batch, keys) => {
+                let heavy = self.settings.heavy.clone();
+                let _turn = heavy.acquire().await?;
+                self.merge_within_memory(vec![batch], groups).await?;
+                self.append_only = false;
+                self.written_keys.extend(keys);
+                Ok(())
+            }
+        }
+    }
+
+    /// Like [`Self::upsert`], but a batch that needs a MERGE is staged on local disk (and
+    /// `report` told so, which frees the caller's memory) to be merged together with the
+    /// batches that follow; `report` hears the outcome once it is committed.
+    pub async fn submit(&mut self, batch: RecordBatch, groups: Vec<String>, report: OnWritten) {
+        let prepared = match self.prepare(batch, &groups) {
+            Ok(p) => p,
+            Err(e) => return report.done(Err(e)),
+        };
+        match prepared {
+            Prepared::Nothing => report.done(Ok(())),
+            Prepared::Append(batch, keys) => report.done(self.append_keyed(batch, keys).await),
+            Prepared::Merge(batch, keys) => {
+                if self.stage.overlaps(&keys) || !self.stage.fits(&batch.schema()) {
+                    self.flush_staged().await;
+                }
+                match self.stage.push(&batch, &keys, &groups, report) {
+                    Ok(()) => {
+                        self.append_only = false;
+                        self.written_keys.extend(keys);
+                    }
+                    Err((e, report)) => {
+                        eprintln!(
+                            "warning: could not stage a batch of {} ({e:#}); merging it alone",
+                            self.spec.name
+                        );
+                        self.flush_staged().await;
+                        return report.done(self.upsert(batch, &groups).await);
+                    }
+                }
+                if self
+                    .stage
+                    .is_full(self.settings.merge_rows, self.settings.merge_bytes)
+                {
+                    self.flush_staged().await;
+                }
+            }
+        }
+    }
+
+    /// Merges everything staged as one MERGE and reports each staged batch's outcome; a
+    /// failed batch's rows go back with the error, for the errors folder.
+    pub async fn flush_staged(&mut self) {
+        if self.stage.is_empty() {
+            return;
+        }
+        let staged = self.stage.take();
+        if staged.batches.is_empty() {
+            return;
+        }
+        let (batches, reports): (Vec<RecordBatch>, Vec<OnWritten>) =
+            staged.batches.into_iter().unzip();
+        let result = self.merge_staged(&batches, &staged.groups).await;
+        for (batch, report) in batches.iter().zip(reports) {
+            match &result {
+                Ok(()) => report.done(Ok(())),
+                Err(e) => report.failed_with_rows(anyhow!("{e:#}"), json_lines(batch)),
+            }
+        }
+    }
+
+    async fn merge_staged(&mut self, batches: &[RecordBatch], groups: &[String]) -> Result<()> {
+        let mut schema = self.table.snapshot()?.snapshot().arrow_schema();
+        for batch in batches {
+            schema = union_schema(&schema, &batch.schema())?;
+        }
+        let batches = batches
+            .iter()
+            .map(|batch| conform_batch(batch, &schema))
+            .collect::<Result<Vec<_>>>()?;
+        let heavy = self.settings.heavy.clone();
+        let _turn = heavy.acquire().await?;
+        self.merge_within_memory(batches, groups).await
+    }
+
+    /// Conforms the batch to the table and decides how it is applied.
+    fn prepare(&mut self, batch: RecordBatch, groups: &[String]) -> Result<Prepared> {
         if batch.num_rows() == 0 && groups.is_empty() && self.exists() {
-            return Ok(());
+            return Ok(Prepared::Nothing);
         }
         let schema = match self.exists() {
             true => union_schema(
@@ -189,14 +301,14 @@ impl CumulusTable {
         let batch = conform_batch(&batch, &schema)?;
         let keys = self.key_fingerprints(&batch, groups)?;
         let fresh = self.append_only && keys.iter().all(|k| !self.written_keys.contains(k));
-        if !self.exists() || fresh {
-            self.append(batch).await?;
-        } else {
-            let heavy = self.settings.heavy.clone();
-            let _turn = heavy.acquire().await?;
-            self.merge_within_memory(batch, groups).await?;
-            self.append_only = false;
-        }
+        Ok(match !self.exists() || fresh {
+            true => Prepared::Append(batch, keys),
+            false => Prepared::Merge(batch, keys),
+        })
+    }
+
+    async fn append_keyed(&mut self, batch: RecordBatch, keys: Vec<u64>) -> Result<()> {
+        self.append(batch).await?;
         self.written_keys.extend(keys);
         Ok(())
     }
@@ -219,40 +331,40 @@ impl CumulusTable {
 
     /// MERGE as a hash join; if that does not fit the memory pool, again as a sort-merge join,
     /// which can spill. A failed attempt has committed nothing.
-    async fn merge_within_memory(&mut self, batch: RecordBatch, groups: &[String]) -> Result<()> {
+    async fn merge_within_memory(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        groups: &[String],
+    ) -> Result<()> {
         let out_of_memory = |e: &anyhow::Error| {
             let text = format!("{e:#}");
             text.contains("Resources exhausted") || text.contains("Not enough memory")
         };
-        match self.merge(batch.clone(), groups, true).await {
+        match self.merge(batches.clone(), groups, true).await {
             Err(e) if out_of_memory(&e) => self
-                .merge(batch, groups, false)
+                .merge(batches, groups, false)
                 .await
                 .map_err(|e2| e2.context(format!("as a hash join: {e:#}"))),
             result => result,
         }
     }
 
+    /// One MERGE of `batches` (one schema, disjoint keys).
     async fn merge(
         &mut self,
-        batch: RecordBatch,
+        batches: Vec<RecordBatch>,
         groups: &[String],
         hash_join: bool,
     ) -> Result<()> {
         let props = self.commit_properties();
         let state = self.session(hash_join);
-        let fields: Vec<String> = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
+        let schema = batches.first().context("a MERGE has a batch")?.schema();
+        let fields: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
         // Updating a row with an identical one changes nothing but still rewrites its file, so
         // only rows that differ count as updates: a re-run of an unchanged export rewrites no
         // files at all. (Not when this batch evolves the schema: old and new column types
         // cannot be compared, and the rows differ anyway.)
-        let evolving =
-            self.table.snapshot()?.snapshot().arrow_schema().fields() != batch.schema().fields();
+        let evolving = self.table.snapshot()?.snapshot().arrow_schema().fields() != schema.fields();
         let differs = fields
             .iter()
             .map(|f| {
@@ -265,14 +377,20 @@ impl CumulusTable {
             .reduce(Expr::and)
             .filter(|_| !evolving)
             .map(|same| !same);
-        let guard = match (last_updated_guard(&batch), differs) {
+        let guard = match (last_updated_guard(&schema), differs) {
             (Some(g), Some(d)) => Some(g.and(d)),
             (g, d) => g.or(d),
         };
         // Small source batches let a sort spill run by run.
-        let slices: Vec<RecordBatch> = (0..batch.num_rows())
-            .step_by(SOURCE_SLICE_ROWS)
-            .map(|start| batch.slice(start, SOURCE_SLICE_ROWS.min(batch.num_rows() - start)))
+        let slices: Vec<RecordBatch> = batches
+            .iter()
+            .flat_map(|batch| {
+                (0..batch.num_rows())
+                    .step_by(SOURCE_SLICE_ROWS)
+                    .map(|start| {
+                        batch.slice(start, SOURCE_SLICE_ROWS.min(batch.num_rows() - start))
+                    })
+            })
             .collect();
         let source = SessionContext::new_with_state(state.clone()).read_batches(slices)?;
         let predicate = self
@@ -323,6 +441,7 @@ impl CumulusTable {
 
     /// Deletes rows by id (the export's deleted resources), in chunks.
     pub async fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
+        self.flush_staged().await;
         if !self.exists() || ids.is_empty() {
             return Ok(());
         }
@@ -349,6 +468,7 @@ impl CumulusTable {
     /// least `COMPACTION_MIN_FILES` files), then a checkpoint and the symlink manifest Athena
     /// reads, so both describe the final files.
     pub async fn maintain(&mut self, optimize: bool) -> Result<()> {
+        self.flush_staged().await;
         if !self.exists() {
             return Ok(());
         }
@@ -427,6 +547,16 @@ impl CumulusTable {
     }
 }
 
+/// How a batch reaches the table.
+enum Prepared {
+    /// An empty batch for a table that exists.
+    Nothing,
+    /// New keys only, on a table with nothing but this run's appends.
+    Append(RecordBatch, Vec<u64>),
+    /// Everything else.
+    Merge(RecordBatch, Vec<u64>),
+}
+
 /// `target.<name>` or `source.<name>`, case kept.
 fn qualified(relation: &str, name: &str) -> Expr {
     Expr::Column(Column::new(Some(relation), name))
@@ -434,8 +564,7 @@ fn qualified(relation: &str, name: &str) -> Expr {
 
 /// Cumulus ETL's rule: update unless the stored `meta.lastUpdated` is newer than the incoming
 /// one; rows missing either timestamp are updated. None when the schema has no such field.
-fn last_updated_guard(batch: &RecordBatch) -> Option<Expr> {
-    let schema = batch.schema();
+fn last_updated_guard(schema: &arrow::datatypes::Schema) -> Option<Expr> {
     let (_, meta) = schema.column_with_name("meta")?;
     let DataType::Struct(children) = meta.data_type() else {
         return None;

@@ -1,0 +1,223 @@
+//! MERGE batches waiting on local disk, so that many small batches become one MERGE.
+//!
+//! A MERGE reads the whole target table whatever the size of its source, so a re-run that
+//! merges every batch as it comes pays for the table once per batch, and the number of batches
+//! grows as `--memory` shrinks. Staged batches leave memory at once (Arrow IPC files in a
+//! private temporary folder) and are merged together once they reach `--batch-size` rows, a
+//! byte limit, or the end of the run.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::FileReader;
+use arrow::ipc::writer::FileWriter;
+use arrow::record_batch::RecordBatch;
+
+use super::conform::union_schema;
+
+use crate::output::OnWritten;
+
+/// Batches staged for one table, with the reports to send once they are merged.
+#[derive(Default)]
+pub struct MergeStage {
+    dir: Option<tempfile::TempDir>,
+    entries: Vec<(PathBuf, OnWritten)>,
+    keys: HashSet<u64>,
+    groups: Vec<String>,
+    rows: usize,
+    bytes: usize,
+    files_made: usize,
+    /// The union of the staged batches' schemas, which one MERGE will use.
+    schema: Option<SchemaRef>,
+}
+
+/// Staged batches read back, in the order they came, each with its report.
+pub struct Staged {
+    pub batches: Vec<(RecordBatch, OnWritten)>,
+    pub groups: Vec<String>,
+}
+
+impl MergeStage {
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// True when a batch with these key (and group) fingerprints touches a staged one: one
+    /// MERGE cannot apply two rows to the same key in order, so the staged rows go first.
+    pub fn overlaps(&self, keys: &[u64]) -> bool {
+        keys.iter().any(|k| self.keys.contains(k))
+    }
+
+    /// True when a batch of this schema can join one MERGE with the staged batches (a type
+    /// conflict between them would fail them all, where in turn only the later one fails).
+    pub fn fits(&self, schema: &SchemaRef) -> bool {
+        match &self.schema {
+            Some(staged) => union_schema(staged, schema).is_ok(),
+            None => true,
+        }
+    }
+
+    /// True once the staged rows should be merged.
+    pub fn is_full(&self, max_rows: usize, max_bytes: usize) -> bool {
+        self.rows >= max_rows || self.bytes >= max_bytes
+    }
+
+    /// Writes the batch to disk, then tells the caller it may free its copy. On error the
+    /// batch was not staged and `report` is handed back untouched.
+    pub fn push(
+        &mut self,
+        batch: &RecordBatch,
+        keys: &[u64],
+        groups: &[String],
+        mut report: OnWritten,
+    ) -> Result<(), (anyhow::Error, OnWritten)> {
+        let path = match self.write(batch) {
+            Ok(path) => path,
+            Err(e) => return Err((e, report)),
+        };
+        report.staged();
+        self.schema = Some(match self.schema.take() {
+            Some(staged) => union_schema(&staged, &batch.schema()).unwrap_or(staged),
+            None => batch.schema(),
+        });
+        self.entries.push((path, report));
+        self.keys.extend(keys);
+        self.groups.extend(groups.iter().cloned());
+        self.rows += batch.num_rows();
+        self.bytes += batch.get_array_memory_size();
+        Ok(())
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<PathBuf> {
+        if self.dir.is_none() {
+            let dir = tempfile::Builder::new()
+                .prefix("cumulus-etl-merge-")
+                .tempdir()
+                .context("creating a folder for staged MERGE batches")?;
+            self.dir = Some(dir);
+        }
+        let dir = self.dir.as_ref().expect("made above").path();
+        let path = dir.join(format!("batch-{:05}.arrow", self.files_made));
+        self.files_made += 1;
+        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut writer = FileWriter::try_new(BufWriter::new(file), &batch.schema())?;
+        writer.write(batch)?;
+        writer
+            .finish()
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Everything staged, read back into memory; the stage is empty afterwards. Batches that
+    /// cannot be read are reported failed here (their rows are lost with the file, which the
+    /// error says), and the rest returned.
+    pub fn take(&mut self) -> Staged {
+        let entries = std::mem::take(&mut self.entries);
+        let groups = std::mem::take(&mut self.groups);
+        self.keys.clear();
+        self.schema = None;
+        self.rows = 0;
+        self.bytes = 0;
+        let mut batches = Vec::with_capacity(entries.len());
+        for (path, report) in entries {
+            match read_batch(&path) {
+                Ok(batch) => batches.push((batch, report)),
+                Err(e) => report.done(Err(e.context(format!(
+                    "reading the staged batch {} back (its rows are lost)",
+                    path.display()
+                )))),
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        // The folder goes too: a run that stops (or exits) before dropping the stage leaves
+        // nothing behind but what a later batch stages.
+        self.dir = None;
+        let mut groups = groups;
+        groups.sort();
+        groups.dedup();
+        Staged { batches, groups }
+    }
+}
+
+fn read_batch(path: &std::path::Path) -> Result<RecordBatch> {
+    let reader = FileReader::try_new(BufReader::new(File::open(path)?), None)?;
+    let schema = reader.schema();
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok(arrow::compute::concat_batches(&schema, &batches)?)
+}
+
+/// A batch's rows as JSON lines (nulls left out), for the errors folder.
+pub fn json_lines(batch: &RecordBatch) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+    if writer.write(batch).and_then(|()| writer.finish()).is_err() {
+        return Vec::new();
+    }
+    out.split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::{Arc, Mutex};
+
+    fn batch(ids: &[&str]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, true),
+        ]));
+        let n: Vec<Option<i64>> = (0..ids.len() as i64)
+            .map(|i| (i > 0).then_some(i))
+            .collect();
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(ids.to_vec())),
+                Arc::new(Int64Array::from(n)),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn batches_come_back_in_order_after_leaving_memory() {
+        let staged_count = Arc::new(Mutex::new(0));
+        let mut stage = MergeStage::default();
+        for (i, ids) in [&["a", "b"][..], &["c"][..]].iter().enumerate() {
+            let count = staged_count.clone();
+            let report = OnWritten::new(|_| {}).on_staged(move || *count.lock().unwrap() += 1);
+            stage
+                .push(&batch(ids), &[i as u64], &[format!("g{i}")], report)
+                .unwrap_or_else(|_| panic!("staging failed"));
+        }
+        assert_eq!(*staged_count.lock().unwrap(), 2);
+        assert!(stage.overlaps(&[9, 1]) && !stage.overlaps(&[2]));
+        assert!(stage.is_full(3, usize::MAX) && !stage.is_full(4, usize::MAX));
+        let dir = stage.dir.as_ref().unwrap().path().to_path_buf();
+        let staged = stage.take();
+        assert!(stage.is_empty() && !stage.overlaps(&[0]));
+        assert!(!dir.exists(), "files and folder removed once read back");
+        assert_eq!(staged.groups, ["g0", "g1"]);
+        let got: Vec<RecordBatch> = staged.batches.into_iter().map(|(b, _)| b).collect();
+        assert_eq!(got, [batch(&["a", "b"]), batch(&["c"])]);
+    }
+
+    #[test]
+    fn json_lines_leave_out_nulls() {
+        let lines = json_lines(&batch(&["a", "b"]));
+        assert_eq!(
+            lines,
+            [br#"{"id":"a"}"#.to_vec(), br#"{"id":"b","n":1}"#.to_vec()]
+        );
+    }
+}

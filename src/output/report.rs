@@ -1,0 +1,113 @@
+//! How a table writer reports a batch back to the caller that holds its rows and memory.
+//!
+//! Most writers finish a batch before `write_batch` returns. Delta may instead stage a batch on
+//! local disk and commit it later together with others (one MERGE for many batches): it then
+//! says so first, so the caller can free the batch's memory long before the commit, and, should
+//! the commit fail, hands the rows back because the caller no longer has them.
+
+use anyhow::Result;
+
+/// Why a batch was not written. `rows` are the batch's rows as JSON lines when the writer had
+/// taken them over (staged them), so they can still go to the errors folder.
+pub struct WriteFailure {
+    pub error: anyhow::Error,
+    pub rows: Option<Vec<Vec<u8>>>,
+}
+
+impl From<anyhow::Error> for WriteFailure {
+    fn from(error: anyhow::Error) -> Self {
+        WriteFailure { error, rows: None }
+    }
+}
+
+type Done = Box<dyn FnOnce(Result<(), WriteFailure>) + Send>;
+
+/// The report hooks of one batch: `staged` at most once, then `done` exactly once.
+pub struct OnWritten {
+    staged: Option<Box<dyn FnOnce() + Send>>,
+    done: Done,
+}
+
+impl OnWritten {
+    /// Hooks that learn only the outcome.
+    pub fn new(done: impl FnOnce(Result<(), WriteFailure>) + Send + 'static) -> OnWritten {
+        OnWritten {
+            staged: None,
+            done: Box::new(done),
+        }
+    }
+
+    /// Adds the hook run when the writer has taken the rows over (before the outcome).
+    pub fn on_staged(mut self, staged: impl FnOnce() + Send + 'static) -> OnWritten {
+        self.staged = Some(Box::new(staged));
+        self
+    }
+
+    /// Wraps the outcome, e.g. to do more work once the batch is durable; keeps `staged`.
+    pub fn then(
+        self,
+        next: impl FnOnce(Result<(), WriteFailure>) -> Result<(), WriteFailure> + Send + 'static,
+    ) -> OnWritten {
+        let done = self.done;
+        OnWritten {
+            staged: self.staged,
+            done: Box::new(move |result| done(next(result))),
+        }
+    }
+
+    /// The writer now holds the rows itself; the caller may free its copy.
+    pub fn staged(&mut self) {
+        if let Some(staged) = self.staged.take() {
+            staged();
+        }
+    }
+
+    /// The batch is durable (`Ok`) or failed with the caller's rows still in its hands.
+    pub fn done(self, result: Result<()>) {
+        (self.done)(result.map_err(WriteFailure::from))
+    }
+
+    /// The batch failed after it was staged: its rows come back with the error.
+    pub fn failed_with_rows(self, error: anyhow::Error, rows: Vec<Vec<u8>>) {
+        (self.done)(Err(WriteFailure {
+            error,
+            rows: Some(rows),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn staged_runs_once_before_done_and_then_keeps_it() {
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (a, b, c) = (log.clone(), log.clone(), log.clone());
+        let mut report = OnWritten::new(move |r| {
+            a.lock().unwrap().push(format!(
+                "done {}",
+                r.err().map(|f| f.error.to_string()).unwrap_or_default()
+            ))
+        })
+        .on_staged(move || b.lock().unwrap().push("staged".into()))
+        .then(move |r| {
+            c.lock().unwrap().push("then".into());
+            r.and(Err(anyhow::anyhow!("late").into()))
+        });
+        report.staged();
+        report.staged();
+        report.done(Ok(()));
+        assert_eq!(*log.lock().unwrap(), ["staged", "then", "done late"]);
+    }
+
+    #[test]
+    fn failed_rows_reach_the_caller() {
+        let got = Arc::new(Mutex::new(None));
+        let g = got.clone();
+        let report = OnWritten::new(move |r| *g.lock().unwrap() = r.err().and_then(|f| f.rows));
+        report.failed_with_rows(anyhow::anyhow!("merge failed"), vec![b"{}".to_vec()]);
+        assert_eq!(*got.lock().unwrap(), Some(vec![b"{}".to_vec()]));
+    }
+}
