@@ -12,6 +12,13 @@ use crate::etl::rows::TableChunk;
 use crate::fhir::Shape;
 use crate::output::{OnWritten, RowBatch, TableWriter};
 
+/// A task holding this fraction of the budget is written without waiting for a source to run
+/// out of memory. Waiting meant the other worker sat idle while this one wrote a batch that
+/// held the whole budget (1 GB to Parquet: one worker idle for about 0.75 s of a 5 s run);
+/// written at a quarter, the other three quarters keep the readers going. Not for NDJSON:
+/// writing text is quick, and the early writes only raised its peak RSS (485 vs 395 MiB).
+const LARGE_TASK_FRACTION: u64 = 4;
+
 /// Pending rows and open writers of the tasks routed to one worker.
 pub struct SinkState {
     shared: Arc<RunShared>,
@@ -106,23 +113,26 @@ impl SinkState {
         }
     }
 
-    /// Writes early when a source is waiting for memory, so the budget can drain: the task
-    /// holding the most budget first, one per sign of pressure. Writing every task at once
-    /// would cut all tables into small batches (small files, many Delta commits) where one
-    /// large batch frees as much.
+    /// Writes early, so the budget can drain: the task holding the most budget, once a source
+    /// is waiting for memory or once that task holds a quarter of the budget. Writing every
+    /// task at once would cut all tables into small batches (small files, many Delta commits)
+    /// where one large batch frees as much.
     pub fn relieve_pressure(&mut self) {
         let pressure = self.shared.budget.pressure();
-        if pressure != self.seen_pressure {
+        let largest = self
+            .tasks
+            .iter()
+            .map(|(id, task)| (task.pending_reserved(), *id))
+            .filter(|(reserved, _)| *reserved > 0)
+            .max();
+        let Some((reserved, task_id)) = largest else {
+            return;
+        };
+        let large = self.shared.outputs.format.budget_factor() > 1
+            && reserved >= self.shared.budget.limit() / LARGE_TASK_FRACTION;
+        if pressure != self.seen_pressure || large {
             self.seen_pressure = pressure;
-            let largest = self
-                .tasks
-                .iter()
-                .map(|(id, task)| (task.pending_reserved(), *id))
-                .filter(|(reserved, _)| *reserved > 0)
-                .max();
-            if let Some((_, task_id)) = largest {
-                self.flush(task_id);
-            }
+            self.flush(task_id);
         }
     }
 
