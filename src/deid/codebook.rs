@@ -1,9 +1,10 @@
 //! The codebook: the salt that makes anonymous ids, plus the reversible Patient/Encounter
 //! mappings, stored in the PHI folder in the same files Cumulus ETL uses.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use anyhow::{Context, Result, bail};
@@ -20,8 +21,45 @@ const CACHED_MAPPINGS_FILE: &str = "codebook-cached-mappings.json";
 /// Resource types whose real-to-fake id mappings are kept so a site can trace a finding back.
 const REVERSIBLE_TYPES: [&str; 2] = ["Patient", "Encounter"];
 
+/// Slots of the per-thread memo of reference ids (about 2 MiB per thread when full).
+const RECENT_SLOTS: usize = 1 << 14;
+
+/// Numbers codebooks, so a thread's memo never answers for another codebook (another salt).
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// Recently made anonymous ids of references, per thread. References repeat throughout an
+    /// export (the same practitioners, organizations and locations), and HMAC is the costliest
+    /// step of de-identifying one.
+    static RECENT: RefCell<RecentIds> = RefCell::new(RecentIds::default());
+}
+
+/// A direct-mapped memo: each (type slot, real id) has one place, and a newcomer replaces
+/// what was there, so it stays small and needs no sweeping.
+#[derive(Default)]
+struct RecentIds {
+    instance: u64,
+    entries: Vec<Option<RecentId>>,
+}
+
+#[derive(Clone)]
+struct RecentId {
+    slot: usize,
+    real_id: Box<str>,
+    fake: Box<str>,
+}
+
+impl RecentIds {
+    fn place(slot: usize, real_id: &str) -> usize {
+        use std::hash::BuildHasher;
+        foldhash::fast::FixedState::with_seed(0).hash_one((slot, real_id)) as usize
+            & (RECENT_SLOTS - 1)
+    }
+}
+
 /// Maps real ids to anonymous ids; shared by all workers of a run.
 pub struct Codebook {
+    instance: u64,
     dir: Option<PathBuf>,
     settings: Mutex<Map<String, Value>>,
     /// HMAC state keyed with the salt, cloned per hash rather than re-keyed.
@@ -117,6 +155,7 @@ impl Codebook {
                 .unwrap_or_default()
         });
         Ok(Codebook {
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             dir,
             settings: Mutex::new(settings),
             keyed,
@@ -141,6 +180,42 @@ impl Codebook {
         let mut mac = self.keyed.clone();
         mac.update(real_id.as_bytes());
         lower_hex(&mac.finalize().into_bytes())
+    }
+
+    /// The anonymous id for the target of a reference, as `fake_id(.., true)`, remembered per
+    /// thread for the references that follow.
+    pub fn fake_ref_id(&self, resource_type: &str, real_id: &str) -> String {
+        let slot = REVERSIBLE_TYPES
+            .iter()
+            .position(|t| *t == resource_type)
+            .unwrap_or(REVERSIBLE_TYPES.len());
+        let place = RecentIds::place(slot, real_id);
+        let hit = RECENT.with_borrow(|recent| match recent.entries.get(place) {
+            Some(Some(known))
+                if recent.instance == self.instance
+                    && known.slot == slot
+                    && *known.real_id == *real_id =>
+            {
+                Some(known.fake.to_string())
+            }
+            _ => None,
+        });
+        if let Some(fake) = hit {
+            return fake;
+        }
+        let fake = self.fake_id(resource_type, real_id, true);
+        RECENT.with_borrow_mut(|recent| {
+            if recent.instance != self.instance || recent.entries.is_empty() {
+                recent.entries = vec![None; RECENT_SLOTS];
+                recent.instance = self.instance;
+            }
+            recent.entries[place] = Some(RecentId {
+                slot,
+                real_id: real_id.into(),
+                fake: fake.as_str().into(),
+            });
+        });
+        fake
     }
 
     /// The anonymous id for a resource id. Patient and Encounter ids use a legacy mapping when
@@ -390,6 +465,36 @@ mod tests {
         std::fs::write(dir.path().join(CODEBOOK_FILE), r#"{"version":7}"#).unwrap();
         let err = Codebook::open(dir.path(), true).err().unwrap().to_string();
         assert!(err.contains("Unknown codebook version"), "{err}");
+    }
+
+    #[test]
+    fn remembered_ids_belong_to_their_codebook_and_never_skip_a_recording() {
+        let (a, b) = (
+            Codebook::in_memory("01").unwrap(),
+            Codebook::in_memory("02").unwrap(),
+        );
+        assert_ne!(a.hash("x"), b.hash("x"));
+        for _ in 0..2 {
+            assert_eq!(a.fake_ref_id("Practitioner", "x"), a.hash("x"));
+            assert_eq!(b.fake_ref_id("Practitioner", "x"), b.hash("x"));
+        }
+        // Ids that share a place replace each other; answers stay the same.
+        for round in 0..2 {
+            for i in 0..RECENT_SLOTS * 2 {
+                let id = i.to_string();
+                assert_eq!(a.fake_ref_id("Location", &id), a.hash(&id), "{round}");
+            }
+        }
+        // A call that must not record (a deleted id) does not spare a reference its recording.
+        let dir = tempfile::tempdir().unwrap();
+        let cb = Codebook::open(dir.path(), true).unwrap();
+        cb.fake_id("Encounter", "e1", false);
+        cb.fake_ref_id("Encounter", "e1");
+        cb.save().unwrap();
+        let cached: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(CACHED_MAPPINGS_FILE)).unwrap())
+                .unwrap();
+        assert_eq!(cached, json!({"Encounter": {"e1": cb.hash("e1")}}));
     }
 
     #[test]

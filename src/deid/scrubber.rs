@@ -647,7 +647,7 @@ impl Scrubber {
             return Err(bad());
         }
         let fake = match ref_type {
-            Some(t) => self.codebook.fake_id(t, real_id, true),
+            Some(t) => self.codebook.fake_ref_id(t, real_id),
             None => self.codebook.hash(real_id),
         };
         Ok(match ref_type {
