@@ -87,8 +87,8 @@ pub struct DeltaSettings {
     /// One DataFusion memory pool for every table's MERGE, DELETE and OPTIMIZE, so the total
     /// stays bounded however many tables commit at once.
     runtime: Arc<RuntimeEnv>,
-    /// One MERGE or DELETE at a time: they share the pool, and two joins that each need most
-    /// of it would both fail. (OPTIMIZE streams and spills, so tables compact in parallel.)
+    /// One MERGE, DELETE or compaction at a time: they share the pool, and two joins that each
+    /// need most of it would both fail.
     heavy: Arc<tokio::sync::Semaphore>,
     /// Staged MERGE rows of a table are merged once they reach this many rows (`--batch-size`)...
     merge_rows: usize,
@@ -474,6 +474,10 @@ impl CumulusTable {
         }
         if optimize {
             if self.table.get_file_uris()?.count() >= COMPACTION_MIN_FILES {
+                // One table at a time: compactions in parallel set the run's peak RSS at small
+                // budgets (up to 424 MiB at `--memory 256MiB` on 1 GB).
+                let heavy = self.settings.heavy.clone();
+                let _turn = heavy.acquire().await?;
                 let (table, _metrics) = self
                     .table
                     .clone()
