@@ -44,9 +44,16 @@ row() {
         "$(echo "$input_mb / $2" | bc -l)" "$(echo "$resources / $2" | bc -l)" "$(($3 / 1024))" "$4"
 }
 
+# Reads the input once, untimed, so every run (ours and the reference's) starts with it in the
+# page cache: a build between runs can evict it, and a first run then also timed the disk.
+warm_input() {
+    find "$input" -type f -exec cat {} + >/dev/null
+}
+
 # run LABEL FORMAT OUTPUT: one timed run of ours; sets $seconds and $kib.
 run() {
     local label=$1 format=$2 out=$3
+    warm_input
     /usr/bin/time -f '%e %M' -o "$work/time" "$bin" etl --output-format="$format" \
         --progress-interval 60 "${extra[@]}" "$input" "$out" "$work/phi" >"$work/$label.log" 2>&1 \
         || { echo "run '$label' failed:"; tail -20 "$work/$label.log"; exit 1; }
@@ -83,6 +90,7 @@ ref_file="$bench_dir/reference-synthea-${size_mb}mb.time"
 if [ ! -s "$ref_file" ] || [ -n "${REFERENCE_RERUN:-}" ]; then
     mkdir -p "$work/ref-phi"
     cp "$work/phi/codebook.json" "$work/ref-phi/" 2>/dev/null || true
+    warm_input
     /usr/bin/time -f '%e %M' -o "$ref_file.tmp" "$reference" etl --output-format=ndjson \
         --skip-init-checks "$input" "$work/ref-out" "$work/ref-phi" >"$work/reference.log" 2>&1 \
         || { echo "the reference run failed:"; tail -20 "$work/reference.log"; exit 1; }
