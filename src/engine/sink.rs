@@ -121,9 +121,8 @@ impl SinkState {
 
     /// Writes early, so the budget can drain: the task holding the most budget, once a source
     /// is waiting for memory or once that task holds a quarter of a large enough budget (see
-    /// `MIN_EARLY_WRITE`). Writing every
-    /// task at once would cut all tables into small batches (small files, many Delta commits)
-    /// where one large batch frees as much.
+    /// `MIN_EARLY_WRITE`). Writing every task at once would cut all tables into small batches
+    /// (small files, many Delta commits) where one large batch frees as much.
     pub fn relieve_pressure(&mut self) {
         let pressure = self.shared.budget.pressure();
         let largest = self
