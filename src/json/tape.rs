@@ -105,6 +105,91 @@ fn bytes_below(x: u64, n: u8) -> bool {
     x.wrapping_sub(ONES * u64::from(n)) & !x & HIGHS != 0
 }
 
+/// A JSON string whose text starts at `start` (just past its opening quote), checked.
+pub struct StringScan {
+    /// Where its closing quote is.
+    pub end: usize,
+    /// No escapes and only printable ASCII: the bytes are the text.
+    pub plain: bool,
+    /// It has escapes (to decode).
+    pub escaped: bool,
+}
+
+/// Finds the end of the string starting at `start` and checks it as JSON requires: no control
+/// characters, valid escapes, and UTF-8 where a byte is above ASCII. (Outside strings the grammar
+/// only accepts ASCII, so these checks are all a document needs.) Most strings are short keys and
+/// codes: eight bytes are checked at a time, in one pass, without a search call per string.
+pub fn scan_string(text: &[u8], start: usize) -> Result<StringScan, Invalid> {
+    let mut at = start;
+    let (mut escaped, mut control, mut high) = (false, false, false);
+    loop {
+        let mut words = 0;
+        while let Some(word) = text.get(at..at + 8) {
+            let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+            let stops = zero_bytes(x ^ QUOTES) | zero_bytes(x ^ BACKSLASHES);
+            if stops != 0 {
+                let n = (stops.trailing_zeros() / 8) as usize;
+                for &b in &word[..n] {
+                    control |= b < 0x20;
+                    high |= b > 0x7e;
+                }
+                at += n;
+                break;
+            }
+            control |= bytes_below(x, 0x20);
+            high |= x & HIGHS != 0 || zero_bytes(x ^ DELETES) != 0;
+            at += 8;
+            words += 1;
+            if words == LONG_STRING_WORDS {
+                // A long string (note text, attachment data): a vectorized search for its
+                // end, then one vectorized pass over what it skipped.
+                let rel = memchr::memchr2(b'"', b'\\', &text[at..]).ok_or(Invalid)?;
+                let (c, h) = scan_span(&text[at..at + rel]);
+                control |= c;
+                high |= h;
+                at += rel;
+                break;
+            }
+        }
+        match *text.get(at).ok_or(Invalid)? {
+            b'"' => break,
+            b'\\' => {
+                escaped = true;
+                at = escape_end(text, at)?;
+            }
+            b => {
+                control |= b < 0x20;
+                high |= b > 0x7e;
+                at += 1;
+            }
+        }
+    }
+    if control || (high && std::str::from_utf8(&text[start..at]).is_err()) {
+        return Err(Invalid);
+    }
+    Ok(StringScan {
+        end: at,
+        plain: !escaped && !high,
+        escaped,
+    })
+}
+
+/// Checks the escape at `at` (a backslash) and returns the position after it.
+fn escape_end(text: &[u8], at: usize) -> Result<usize, Invalid> {
+    match text.get(at + 1).ok_or(Invalid)? {
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok(at + 2),
+        b'u' => {
+            let hex = text.get(at + 2..at + 6).ok_or(Invalid)?;
+            if hex.iter().all(u8::is_ascii_hexdigit) {
+                Ok(at + 6)
+            } else {
+                Err(Invalid)
+            }
+        }
+        _ => Err(Invalid),
+    }
+}
+
 struct Parser<'a, 't> {
     text: &'a [u8],
     pos: usize,
@@ -187,80 +272,10 @@ impl Parser<'_, '_> {
     }
 
     fn string(&mut self, kind: Kind) -> Result<(), Invalid> {
-        let text = self.text;
-        let start = self.pos + 1;
-        let mut at = start;
-        // Control characters are invalid; bytes above printable ASCII need a UTF-8 check and
-        // make the string not plain. Outside strings the grammar only accepts ASCII, so these
-        // checks are all the document needs. Most strings are short keys and codes: eight
-        // bytes are checked at a time, in one pass, without a search call per string.
-        let (mut escaped, mut control, mut high) = (false, false, false);
-        loop {
-            let mut words = 0;
-            while let Some(word) = text.get(at..at + 8) {
-                let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
-                let stops = zero_bytes(x ^ QUOTES) | zero_bytes(x ^ BACKSLASHES);
-                if stops != 0 {
-                    let n = (stops.trailing_zeros() / 8) as usize;
-                    for &b in &word[..n] {
-                        control |= b < 0x20;
-                        high |= b > 0x7e;
-                    }
-                    at += n;
-                    break;
-                }
-                control |= bytes_below(x, 0x20);
-                high |= x & HIGHS != 0 || zero_bytes(x ^ DELETES) != 0;
-                at += 8;
-                words += 1;
-                if words == LONG_STRING_WORDS {
-                    // A long string (note text, attachment data): a vectorized search for its
-                    // end, then one vectorized pass over what it skipped.
-                    let rel = memchr::memchr2(b'"', b'\\', &text[at..]).ok_or(Invalid)?;
-                    let (c, h) = scan_span(&text[at..at + rel]);
-                    control |= c;
-                    high |= h;
-                    at += rel;
-                    break;
-                }
-            }
-            match *text.get(at).ok_or(Invalid)? {
-                b'"' => break,
-                b'\\' => {
-                    escaped = true;
-                    at = self.escape(at)?;
-                }
-                b => {
-                    control |= b < 0x20;
-                    high |= b > 0x7e;
-                    at += 1;
-                }
-            }
-        }
-        let span = &text[start..at];
-        if control || (high && std::str::from_utf8(span).is_err()) {
-            return Err(Invalid);
-        }
-        let plain = !escaped && !high;
-        self.push(kind, plain, start, at);
-        self.pos = at + 1;
+        let scan = scan_string(self.text, self.pos + 1)?;
+        self.push(kind, scan.plain, self.pos + 1, scan.end);
+        self.pos = scan.end + 1;
         Ok(())
-    }
-
-    /// Checks the escape at `at` (a backslash) and returns the position after it.
-    fn escape(&self, at: usize) -> Result<usize, Invalid> {
-        match self.text.get(at + 1).ok_or(Invalid)? {
-            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok(at + 2),
-            b'u' => {
-                let hex = self.text.get(at + 2..at + 6).ok_or(Invalid)?;
-                if hex.iter().all(u8::is_ascii_hexdigit) {
-                    Ok(at + 6)
-                } else {
-                    Err(Invalid)
-                }
-            }
-            _ => Err(Invalid),
-        }
     }
 
     fn literal(&mut self, word: &[u8], kind: Kind) -> Result<(), Invalid> {

@@ -19,10 +19,37 @@ use arrow::datatypes::{DataType, FieldRef, Fields, Schema};
 use arrow::record_batch::RecordBatch;
 
 use crate::deid::rules::FastMap;
+use crate::json::tape::scan_string;
 use crate::json::{Doc, Kind, Tape};
 
-/// Decodes compact JSON rows (one object each) into one record batch of `schema`.
+/// Decodes compact JSON rows (one object each) into one record batch of `schema`. The rows are
+/// read straight from their bytes; a slice with anything the byte walker does not take (a type
+/// mismatch, whitespace, a repeated key, malformed JSON) is read again through the token tape,
+/// which gives the same columns or the precise error.
 pub fn rows_to_record_batch(schema: Arc<Schema>, rows: &[&[u8]]) -> Result<RecordBatch> {
+    match walk_rows(schema.clone(), rows) {
+        Some(batch) => Ok(batch),
+        None => tape_rows(schema, rows),
+    }
+}
+
+/// The byte walker over every row, or None where it gives up.
+fn walk_rows(schema: Arc<Schema>, rows: &[&[u8]]) -> Option<RecordBatch> {
+    let mut columns = StructColumns::new(schema.fields().clone(), rows.len());
+    for row in rows {
+        let mut walker = Walker { bytes: row, pos: 0 };
+        columns.walk_entries(&mut walker).ok()?;
+        if walker.pos != row.len() {
+            return None;
+        }
+    }
+    let children = columns.finish_children();
+    let options = arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows.len()));
+    RecordBatch::try_new_with_options(schema, children, &options).ok()
+}
+
+/// Each row tokenized into a tape, then appended.
+fn tape_rows(schema: Arc<Schema>, rows: &[&[u8]]) -> Result<RecordBatch> {
     let mut columns = StructColumns::new(schema.fields().clone(), rows.len());
     let mut tape = Tape::default();
     for (n, row) in rows.iter().enumerate() {
@@ -109,6 +136,80 @@ impl Column {
         Ok(())
     }
 
+    /// Appends the value the walker is at (see [`Walker`]).
+    fn walk(&mut self, w: &mut Walker<'_>) -> Walk<()> {
+        match w.peek()? {
+            b'n' => {
+                w.literal(b"null")?;
+                self.append_null();
+            }
+            b'"' => {
+                let text = w.string()?;
+                match self {
+                    Column::Utf8(b) => b.append_value(&text),
+                    Column::Int8(b) => {
+                        b.append_value(int_in(&text, i8::MIN.into(), i8::MAX.into())? as i8)
+                    }
+                    Column::Int32(b) => {
+                        b.append_value(int_in(&text, i32::MIN.into(), i32::MAX.into())? as i32)
+                    }
+                    Column::Float64(b) => {
+                        b.append_value(text.parse::<f64>().map_err(|_| Unsupported)?)
+                    }
+                    _ => return Err(Unsupported),
+                }
+            }
+            c @ (b't' | b'f') => {
+                let value = c == b't';
+                w.literal(if value { b"true" } else { b"false" })?;
+                match self {
+                    Column::Boolean(b) => b.append_value(value),
+                    _ => return Err(Unsupported),
+                }
+            }
+            b'{' => match self {
+                Column::Struct(s) => {
+                    s.nulls.append_non_null();
+                    s.walk_entries(w)?;
+                }
+                _ => return Err(Unsupported),
+            },
+            b'[' => match self {
+                Column::List(l) => {
+                    w.pos += 1;
+                    if w.peek()? == b']' {
+                        w.pos += 1;
+                    } else {
+                        loop {
+                            l.item.walk(w)?;
+                            if w.end_or_next(b']')? {
+                                break;
+                            }
+                        }
+                    }
+                    l.close(true).map_err(|_| Unsupported)?;
+                }
+                _ => return Err(Unsupported),
+            },
+            _ => {
+                let text = w.number()?;
+                match self {
+                    Column::Int8(b) => {
+                        b.append_value(int_in(text, i8::MIN.into(), i8::MAX.into())? as i8)
+                    }
+                    Column::Int32(b) => {
+                        b.append_value(int_in(text, i32::MIN.into(), i32::MAX.into())? as i32)
+                    }
+                    Column::Float64(b) => {
+                        b.append_value(text.parse::<f64>().map_err(|_| Unsupported)?)
+                    }
+                    _ => return Err(Unsupported),
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn append_null(&mut self) {
         self.append_nulls(1);
     }
@@ -180,6 +281,10 @@ struct StructColumns {
     /// their nulls are appended in runs when a value comes (or at the end), not one by one.
     missing: Vec<usize>,
     nulls: NullBufferBuilder,
+    /// Per child, the `stamp` of the last object that had it (byte walker only).
+    seen: Vec<u32>,
+    /// Counts the objects walked.
+    stamp: u32,
 }
 
 const NONE: usize = usize::MAX;
@@ -199,6 +304,8 @@ impl StructColumns {
             slots: vec![NONE; fields.len()],
             missing: vec![0; fields.len()],
             nulls: NullBufferBuilder::new(capacity),
+            seen: vec![0; fields.len()],
+            stamp: 0,
             fields,
         }
     }
@@ -232,6 +339,51 @@ impl StructColumns {
             if let Err(e) = child.append(doc, slot) {
                 self.slots.iter_mut().for_each(|s| *s = NONE);
                 return Err(e.context(format!("field '{}'", self.fields[n].name())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the entries of the object the walker is at (its own null bit is the caller's),
+    /// as `append_entries` does from a tape.
+    fn walk_entries(&mut self, w: &mut Walker<'_>) -> Walk<()> {
+        w.eat(b'{')?;
+        self.stamp = self.stamp.wrapping_add(1).max(1);
+        let stamp = self.stamp;
+        if w.peek()? == b'}' {
+            w.pos += 1;
+        } else {
+            let mut next = 0;
+            loop {
+                let key = w.string()?;
+                w.eat(b':')?;
+                let found = match self.fields.get(next) {
+                    Some(f) if f.name() == key.as_ref() => Some(next),
+                    _ => self.by_name.get(key.as_ref()).copied(),
+                };
+                match found {
+                    Some(n) => {
+                        if self.seen[n] == stamp {
+                            return Err(Unsupported); // a repeated key: the last one wins
+                        }
+                        self.seen[n] = stamp;
+                        let owed = std::mem::take(&mut self.missing[n]);
+                        if owed > 0 {
+                            self.children[n].append_nulls(owed);
+                        }
+                        self.children[n].walk(w)?;
+                        next = n + 1;
+                    }
+                    None => w.skip_value()?,
+                }
+                if w.end_or_next(b'}')? {
+                    break;
+                }
+            }
+        }
+        for (seen, missing) in self.seen.iter().zip(self.missing.iter_mut()) {
+            if *seen != stamp {
+                *missing += 1;
             }
         }
         Ok(())
@@ -302,10 +454,136 @@ impl Column {
     }
 }
 
+/// Why the byte walker stopped: the slice is read again through the tape.
+struct Unsupported;
+
+type Walk<T> = std::result::Result<T, Unsupported>;
+
+/// Reads a compact JSON row (no whitespace) value by value, without a tape.
+struct Walker<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Walker<'a> {
+    fn peek(&self) -> Walk<u8> {
+        self.bytes.get(self.pos).copied().ok_or(Unsupported)
+    }
+
+    fn eat(&mut self, byte: u8) -> Walk<()> {
+        if self.peek()? != byte {
+            return Err(Unsupported);
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    fn literal(&mut self, text: &[u8]) -> Walk<()> {
+        if !self.bytes[self.pos..].starts_with(text) {
+            return Err(Unsupported);
+        }
+        self.pos += text.len();
+        Ok(())
+    }
+
+    /// A string, checked as the tape checks one, escapes decoded as a JSON reader decodes them.
+    fn string(&mut self) -> Walk<std::borrow::Cow<'a, str>> {
+        let bytes: &'a [u8] = self.bytes;
+        self.eat(b'"')?;
+        let start = self.pos;
+        let scan = scan_string(bytes, start).map_err(|_| Unsupported)?;
+        self.pos = scan.end + 1;
+        if scan.escaped {
+            return serde_json::from_slice::<String>(&bytes[start - 1..self.pos])
+                .map(std::borrow::Cow::Owned)
+                .map_err(|_| Unsupported);
+        }
+        // SAFETY: `scan_string` checked the span to be UTF-8 where a byte is above ASCII.
+        Ok(std::borrow::Cow::Borrowed(unsafe {
+            std::str::from_utf8_unchecked(&bytes[start..scan.end])
+        }))
+    }
+
+    /// A number's text, up to the next delimiter (JSON's characters only).
+    fn number(&mut self) -> Walk<&'a str> {
+        let bytes: &'a [u8] = self.bytes;
+        let rest = &bytes[self.pos..];
+        let len = rest
+            .iter()
+            .position(|b| matches!(b, b',' | b'}' | b']'))
+            .unwrap_or(rest.len());
+        let text = &rest[..len];
+        let json_number = text
+            .first()
+            .is_some_and(|&b| b == b'-' || b.is_ascii_digit())
+            && text.last().is_some_and(u8::is_ascii_digit)
+            && text
+                .iter()
+                .all(|&b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'));
+        if !json_number {
+            return Err(Unsupported);
+        }
+        self.pos += len;
+        Ok(std::str::from_utf8(text).expect("ASCII"))
+    }
+
+    /// Any value, unread (a key the schema does not have).
+    fn skip_value(&mut self) -> Walk<()> {
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'n' => self.literal(b"null"),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            open @ (b'{' | b'[') => {
+                let close = if open == b'{' { b'}' } else { b']' };
+                self.pos += 1;
+                if self.peek()? == close {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                loop {
+                    if open == b'{' {
+                        self.string()?;
+                        self.eat(b':')?;
+                    }
+                    self.skip_value()?;
+                    if self.end_or_next(close)? {
+                        return Ok(());
+                    }
+                }
+            }
+            _ => self.number().map(drop),
+        }
+    }
+
+    /// After an entry or item: true at the container's end (`close`), false before the next.
+    fn end_or_next(&mut self, close: u8) -> Walk<bool> {
+        match self.peek()? {
+            b',' => {
+                self.pos += 1;
+                Ok(false)
+            }
+            c if c == close => {
+                self.pos += 1;
+                Ok(true)
+            }
+            _ => Err(Unsupported),
+        }
+    }
+}
+
+/// `parse_int` for the walker.
+fn int_in(text: &str, min: i64, max: i64) -> Walk<i64> {
+    int_text(text, min, max).map_err(|_| Unsupported)
+}
+
 /// An integer in `[min, max]` as arrow-json reads one: exact, or a float in range truncated
 /// toward zero.
 fn parse_int(doc: &Doc<'_>, i: usize, min: i64, max: i64) -> Result<i64> {
-    let text = doc.str(i);
+    int_text(&doc.str(i), min, max)
+}
+
+fn int_text(text: &str, min: i64, max: i64) -> Result<i64> {
     match text.parse::<i64>() {
         Ok(n) if (min..=max).contains(&n) => return Ok(n),
         _ => {}
@@ -433,11 +711,40 @@ mod tests {
                 shape.add_row(&tape.parse(row).unwrap());
             }
             let schema = Arc::new(resource_schema(ElementModel::r4(), resource_type, &shape));
-            let ours = rows_to_record_batch(schema.clone(), &rows).unwrap();
+            let ours = walk_rows(schema.clone(), &rows).expect("the byte walker takes them");
             assert_eq!(ours, reference(schema, &rows), "{resource_type}");
             checked += rows.len();
         }
         assert!(checked > 1000, "{checked}");
+    }
+
+    #[test]
+    fn the_byte_walker_gives_the_tapes_columns_or_steps_aside() {
+        let walked: Vec<&[u8]> = vec![
+            br#"{"id":"a\"b\\c","count":-3,"value":2.5e-3,"unknown":[{"x":[null,true]},"y"],"names":["\u00e9"]}"#,
+            r#"{"code":{"coding":[],"text":"café"},"active":true,"polarity":"1"}"#.as_bytes(),
+        ];
+        let batch = walk_rows(schema(), &walked).expect("the walker takes these rows");
+        assert_eq!(batch, tape_rows(schema(), &walked).unwrap());
+        assert_eq!(batch, reference(schema(), &walked));
+        // Whitespace, a repeated key, a type mismatch, a truncated row, a bad number: the tape.
+        for row in [
+            &br#"{ "id": "a" }"#[..],
+            br#"{"id":"a","id":"b"}"#,
+            br#"{"count":"many"}"#,
+            br#"{"id":"a"#,
+            br#"{"value":1.5.5}"#,
+            br#"{"id":"a\"#,
+        ] {
+            assert!(
+                walk_rows(schema(), &[row]).is_none(),
+                "{}",
+                String::from_utf8_lossy(row)
+            );
+        }
+        let spaced: Vec<&[u8]> = vec![br#"{ "id": "a", "id": "b" }"#];
+        let batch = rows_to_record_batch(schema(), &spaced).unwrap();
+        assert_eq!(batch, tape_rows(schema(), &spaced).unwrap());
     }
 
     #[test]
