@@ -5,11 +5,7 @@
 //! back to the tape (`Shape::add_row`), so the shape is the same either way.
 
 use super::schema::Shape;
-
-/// Why a row could not be scanned (the caller tokenizes it instead).
-struct Unexpected;
-
-type Scan<T> = Result<T, Unexpected>;
+use crate::json::compact::{Cursor, Step};
 
 impl Shape {
     /// Adds one compact row to the shape, as `add_row` would. Returns false if the row is not
@@ -17,13 +13,12 @@ impl Shape {
     /// then hold some of the row's keys already, and the caller adds the row with `add_row`.
     pub fn add_compact_row(&mut self, row: &[u8]) -> bool {
         let mut scanner = Scanner {
-            bytes: row,
-            pos: 0,
+            at: Cursor::new(row),
             contained_types: Vec::new(),
         };
-        if scanner.peek().ok() != Some(b'{')
+        if scanner.at.peek().ok() != Some(b'{')
             || scanner.value(self, Place::Top).is_err()
-            || scanner.pos != row.len()
+            || !scanner.at.at_end()
         {
             return false;
         }
@@ -44,33 +39,20 @@ enum Place {
 }
 
 struct Scanner<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+    at: Cursor<'a>,
     /// `resourceType` of each object in the resource's `contained` list.
     contained_types: Vec<&'a str>,
 }
 
 impl<'a> Scanner<'a> {
-    fn peek(&self) -> Scan<u8> {
-        self.bytes.get(self.pos).copied().ok_or(Unexpected)
-    }
-
-    fn expect(&mut self, byte: u8) -> Scan<()> {
-        if self.peek()? != byte {
-            return Err(Unexpected);
-        }
-        self.pos += 1;
-        Ok(())
-    }
-
     /// A value at `place` into `shape` (a list's items share the list's shape).
-    fn value(&mut self, shape: &mut Shape, place: Place) -> Scan<()> {
-        match self.peek()? {
+    fn value(&mut self, shape: &mut Shape, place: Place) -> Step<()> {
+        match self.at.peek()? {
             b'{' => self.object(shape, place),
             b'[' => {
-                self.pos += 1;
-                if self.peek()? == b']' {
-                    self.pos += 1;
+                self.at.pos += 1;
+                if self.at.peek()? == b']' {
+                    self.at.pos += 1;
                     return Ok(());
                 }
                 let items = match place {
@@ -79,113 +61,51 @@ impl<'a> Scanner<'a> {
                 };
                 loop {
                     self.value(shape, items)?;
-                    if self.end_or_next(b']')? {
+                    if self.at.end_or_next(b']')? {
                         return Ok(());
                     }
                 }
             }
-            b'"' => self.skip_string(),
-            _ => {
-                // A number or literal: up to the next delimiter.
-                let rest = &self.bytes[self.pos..];
-                let len = rest
-                    .iter()
-                    .position(|b| matches!(b, b',' | b'}' | b']'))
-                    .unwrap_or(rest.len());
-                if len == 0 {
-                    return Err(Unexpected);
-                }
-                self.pos += len;
-                Ok(())
-            }
+            // Strings, numbers and literals add nothing to the shape.
+            _ => self.at.skip_value(),
         }
     }
 
     /// An object's entries into `shape`. The resource's `contained` list is scanned as such;
     /// a contained object's `resourceType` (the last one, as a JSON reader keeps it) is
-    /// recorded when it is a string.
-    fn object(&mut self, shape: &mut Shape, place: Place) -> Scan<()> {
-        self.expect(b'{')?;
-        if self.peek()? == b'}' {
-            self.pos += 1;
+    /// recorded when it is a string. Keys with escapes stop the scan.
+    fn object(&mut self, shape: &mut Shape, place: Place) -> Step<()> {
+        self.at.eat(b'{')?;
+        if self.at.peek()? == b'}' {
+            self.at.pos += 1;
             return Ok(());
         }
         let mut resource_type = None;
         loop {
-            let key = self.key()?;
+            let key = self.at.plain_string()?;
+            self.at.eat(b':')?;
             if place == Place::ContainedItem && key == "resourceType" {
                 resource_type = None;
-                if self.peek()? == b'"' {
+                if self.at.peek()? == b'"' {
                     with_child(shape, key, |_| ());
-                    resource_type = Some(self.plain_string()?);
-                    if self.end_or_next(b'}')? {
+                    resource_type = Some(self.at.plain_string()?);
+                    if self.at.end_or_next(b'}')? {
                         break;
                     }
                     continue;
                 }
             }
             let inner = match (place, key) {
-                (Place::Top, "contained") if self.peek()? == b'[' => Place::ContainedList,
+                (Place::Top, "contained") if self.at.peek()? == b'[' => Place::ContainedList,
                 _ => Place::Nested,
             };
             with_child(shape, key, |child| self.value(child, inner))?;
-            if self.end_or_next(b'}')? {
+            if self.at.end_or_next(b'}')? {
                 break;
             }
         }
         self.contained_types.extend(resource_type);
         Ok(())
-    }
-
-    /// After an entry or item: true at the container's end (`close`), false before the next.
-    fn end_or_next(&mut self, close: u8) -> Scan<bool> {
-        match self.peek()? {
-            b',' => {
-                self.pos += 1;
-                Ok(false)
-            }
-            c if c == close => {
-                self.pos += 1;
-                Ok(true)
-            }
-            _ => Err(Unexpected),
-        }
-    }
-
-    /// A key and its colon.
-    fn key(&mut self) -> Scan<&'a str> {
-        let text = self.plain_string()?;
-        self.expect(b':')?;
-        Ok(text)
-    }
-
-    /// A string without escapes, as text. Keys are plain ASCII in practice; one with escapes
-    /// makes the scan give up.
-    fn plain_string(&mut self) -> Scan<&'a str> {
-        self.expect(b'"')?;
-        let bytes: &'a [u8] = self.bytes;
-        let rest = &bytes[self.pos..];
-        let end = memchr::memchr2(b'"', b'\\', rest).ok_or(Unexpected)?;
-        if rest[end] == b'\\' {
-            return Err(Unexpected);
-        }
-        self.pos += end + 1;
-        std::str::from_utf8(&rest[..end]).map_err(|_| Unexpected)
-    }
-
-    /// Any string value, escapes included.
-    fn skip_string(&mut self) -> Scan<()> {
-        self.expect(b'"')?;
-        loop {
-            let rest = &self.bytes[self.pos..];
-            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(Unexpected)?;
-            if rest[at] == b'"' {
-                self.pos += at + 1;
-                return Ok(());
-            }
-            // A backslash and the character it escapes (`\u` is followed by plain hex).
-            self.pos += at + 2;
-        }
     }
 }
 

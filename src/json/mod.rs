@@ -1,7 +1,9 @@
-//! JSON in and out without trees: a validating token tape for reading, and compact ASCII-only
+//! JSON in and out without trees: a validating token tape for reading, a cursor over the compact
+//! rows we wrote, and compact ASCII-only
 //! writing that matches Python's `json.dumps` as Cumulus ETL writes NDJSON.
 
 pub mod ascii;
+pub mod compact;
 pub mod tape;
 
 pub use ascii::write_compact_ascii;

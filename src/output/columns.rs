@@ -20,7 +20,7 @@ use arrow::datatypes::{DataType, FieldRef, Fields, Schema};
 use arrow::record_batch::RecordBatch;
 
 use crate::deid::rules::FastMap;
-use crate::json::tape::scan_string;
+use crate::json::compact::{Cursor, NotCompact, Step};
 use crate::json::{Doc, Kind, Tape};
 
 /// Decodes compact JSON rows (one object each) into one record batch of `schema`. The rows are
@@ -38,9 +38,9 @@ pub fn rows_to_record_batch(schema: Arc<Schema>, rows: &[&[u8]]) -> Result<Recor
 fn walk_rows(schema: Arc<Schema>, rows: &[&[u8]]) -> Option<RecordBatch> {
     let mut columns = StructColumns::new(schema.fields().clone(), rows.len());
     for row in rows {
-        let mut walker = Walker { bytes: row, pos: 0 };
+        let mut walker = Cursor::new(row);
         columns.walk_entries(&mut walker).ok()?;
-        if walker.pos != row.len() {
+        if !walker.at_end() {
             return None;
         }
     }
@@ -137,8 +137,8 @@ impl Column {
         Ok(())
     }
 
-    /// Appends the value the walker is at (see [`Walker`]).
-    fn walk(&mut self, w: &mut Walker<'_>) -> Walk<()> {
+    /// Appends the value the cursor is at (the byte walker).
+    fn walk(&mut self, w: &mut Cursor<'_>) -> Step<()> {
         match w.peek()? {
             b'n' => {
                 w.literal(b"null")?;
@@ -155,9 +155,9 @@ impl Column {
                         b.append_value(int_in(&text, i32::MIN.into(), i32::MAX.into())? as i32)
                     }
                     Column::Float64(b) => {
-                        b.append_value(text.parse::<f64>().map_err(|_| Unsupported)?)
+                        b.append_value(text.parse::<f64>().map_err(|_| NotCompact)?)
                     }
-                    _ => return Err(Unsupported),
+                    _ => return Err(NotCompact),
                 }
             }
             c @ (b't' | b'f') => {
@@ -165,7 +165,7 @@ impl Column {
                 w.literal(if value { b"true" } else { b"false" })?;
                 match self {
                     Column::Boolean(b) => b.append_value(value),
-                    _ => return Err(Unsupported),
+                    _ => return Err(NotCompact),
                 }
             }
             b'{' => match self {
@@ -173,7 +173,7 @@ impl Column {
                     s.nulls.append_non_null();
                     s.walk_entries(w)?;
                 }
-                _ => return Err(Unsupported),
+                _ => return Err(NotCompact),
             },
             b'[' => match self {
                 Column::List(l) => {
@@ -188,9 +188,9 @@ impl Column {
                             }
                         }
                     }
-                    l.close(true).map_err(|_| Unsupported)?;
+                    l.close(true).map_err(|_| NotCompact)?;
                 }
-                _ => return Err(Unsupported),
+                _ => return Err(NotCompact),
             },
             _ => {
                 let text = w.number()?;
@@ -202,9 +202,9 @@ impl Column {
                         b.append_value(int_in(text, i32::MIN.into(), i32::MAX.into())? as i32)
                     }
                     Column::Float64(b) => {
-                        b.append_value(text.parse::<f64>().map_err(|_| Unsupported)?)
+                        b.append_value(text.parse::<f64>().map_err(|_| NotCompact)?)
                     }
-                    _ => return Err(Unsupported),
+                    _ => return Err(NotCompact),
                 }
             }
         }
@@ -347,7 +347,7 @@ impl StructColumns {
 
     /// Appends the entries of the object the walker is at (its own null bit is the caller's),
     /// as `append_entries` does from a tape.
-    fn walk_entries(&mut self, w: &mut Walker<'_>) -> Walk<()> {
+    fn walk_entries(&mut self, w: &mut Cursor<'_>) -> Step<()> {
         w.eat(b'{')?;
         self.stamp = self.stamp.wrapping_add(1).max(1);
         let stamp = self.stamp;
@@ -365,7 +365,7 @@ impl StructColumns {
                 match found {
                     Some(n) => {
                         if self.seen[n] == stamp {
-                            return Err(Unsupported); // a repeated key: the last one wins
+                            return Err(NotCompact); // a repeated key: the last one wins
                         }
                         self.seen[n] = stamp;
                         let owed = std::mem::take(&mut self.missing[n]);
@@ -455,127 +455,9 @@ impl Column {
     }
 }
 
-/// Why the byte walker stopped: the slice is read again through the tape.
-struct Unsupported;
-
-type Walk<T> = std::result::Result<T, Unsupported>;
-
-/// Reads a compact JSON row (no whitespace) value by value, without a tape.
-struct Walker<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Walker<'a> {
-    fn peek(&self) -> Walk<u8> {
-        self.bytes.get(self.pos).copied().ok_or(Unsupported)
-    }
-
-    fn eat(&mut self, byte: u8) -> Walk<()> {
-        if self.peek()? != byte {
-            return Err(Unsupported);
-        }
-        self.pos += 1;
-        Ok(())
-    }
-
-    fn literal(&mut self, text: &[u8]) -> Walk<()> {
-        if !self.bytes[self.pos..].starts_with(text) {
-            return Err(Unsupported);
-        }
-        self.pos += text.len();
-        Ok(())
-    }
-
-    /// A string, checked as the tape checks one, escapes decoded as a JSON reader decodes them.
-    fn string(&mut self) -> Walk<std::borrow::Cow<'a, str>> {
-        let bytes: &'a [u8] = self.bytes;
-        self.eat(b'"')?;
-        let start = self.pos;
-        let scan = scan_string(bytes, start).map_err(|_| Unsupported)?;
-        self.pos = scan.end + 1;
-        if scan.escaped {
-            return serde_json::from_slice::<String>(&bytes[start - 1..self.pos])
-                .map(std::borrow::Cow::Owned)
-                .map_err(|_| Unsupported);
-        }
-        // SAFETY: `scan_string` checked the span to be UTF-8 where a byte is above ASCII.
-        Ok(std::borrow::Cow::Borrowed(unsafe {
-            std::str::from_utf8_unchecked(&bytes[start..scan.end])
-        }))
-    }
-
-    /// A number's text, up to the next delimiter (JSON's characters only).
-    fn number(&mut self) -> Walk<&'a str> {
-        let bytes: &'a [u8] = self.bytes;
-        let rest = &bytes[self.pos..];
-        let len = rest
-            .iter()
-            .position(|b| matches!(b, b',' | b'}' | b']'))
-            .unwrap_or(rest.len());
-        let text = &rest[..len];
-        let json_number = text
-            .first()
-            .is_some_and(|&b| b == b'-' || b.is_ascii_digit())
-            && text.last().is_some_and(u8::is_ascii_digit)
-            && text
-                .iter()
-                .all(|&b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'));
-        if !json_number {
-            return Err(Unsupported);
-        }
-        self.pos += len;
-        Ok(std::str::from_utf8(text).expect("ASCII"))
-    }
-
-    /// Any value, unread (a key the schema does not have).
-    fn skip_value(&mut self) -> Walk<()> {
-        match self.peek()? {
-            b'"' => self.string().map(drop),
-            b'n' => self.literal(b"null"),
-            b't' => self.literal(b"true"),
-            b'f' => self.literal(b"false"),
-            open @ (b'{' | b'[') => {
-                let close = if open == b'{' { b'}' } else { b']' };
-                self.pos += 1;
-                if self.peek()? == close {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                loop {
-                    if open == b'{' {
-                        self.string()?;
-                        self.eat(b':')?;
-                    }
-                    self.skip_value()?;
-                    if self.end_or_next(close)? {
-                        return Ok(());
-                    }
-                }
-            }
-            _ => self.number().map(drop),
-        }
-    }
-
-    /// After an entry or item: true at the container's end (`close`), false before the next.
-    fn end_or_next(&mut self, close: u8) -> Walk<bool> {
-        match self.peek()? {
-            b',' => {
-                self.pos += 1;
-                Ok(false)
-            }
-            c if c == close => {
-                self.pos += 1;
-                Ok(true)
-            }
-            _ => Err(Unsupported),
-        }
-    }
-}
-
 /// `parse_int` for the walker.
-fn int_in(text: &str, min: i64, max: i64) -> Walk<i64> {
-    int_text(text, min, max).map_err(|_| Unsupported)
+fn int_in(text: &str, min: i64, max: i64) -> Step<i64> {
+    int_text(text, min, max).map_err(|_| NotCompact)
 }
 
 /// An integer in `[min, max]` as arrow-json reads one: exact, or a float in range truncated

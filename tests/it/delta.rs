@@ -94,6 +94,16 @@ impl TestTable {
 
 type Log = Arc<std::sync::Mutex<Vec<String>>>;
 
+/// An `observation` table under `root` holding `stored` (written by an earlier run).
+fn stored_observations(
+    root: &std::path::Path,
+    stored: Vec<Value>,
+) -> (TableSpec, std::path::PathBuf) {
+    let spec = fhir_spec("observation");
+    write_runs(root, &spec, &[stored]);
+    (spec, root.join("observation"))
+}
+
 /// Commits in a table's log.
 fn commits(table_dir: &std::path::Path) -> usize {
     std::fs::read_dir(table_dir.join("_delta_log"))
@@ -355,14 +365,8 @@ fn a_merge_that_does_not_fit_the_memory_pool_loses_no_rows() {
 #[test]
 fn merge_batches_wait_on_disk_and_commit_as_one_merge() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = fhir_spec("observation");
-    let dir = tmp.path().join("observation");
     let row = |id: u32, status: &str| json!({"id": format!("id{id}"), "status": status});
-    write_runs(
-        tmp.path(),
-        &spec,
-        &[(0..6).map(|i| row(i, "old")).collect()],
-    );
+    let (spec, dir) = stored_observations(tmp.path(), (0..6).map(|i| row(i, "old")).collect());
     let before = commits(&dir);
     let log = Log::default();
     let mut table = TestTable::open(tmp.path(), &spec);
@@ -387,13 +391,7 @@ fn merge_batches_wait_on_disk_and_commit_as_one_merge() {
 #[test]
 fn a_batch_touching_staged_keys_merges_after_them_and_wins() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = fhir_spec("observation");
-    let dir = tmp.path().join("observation");
-    write_runs(
-        tmp.path(),
-        &spec,
-        &[vec![json!({"id": "1", "status": "old"})]],
-    );
+    let (spec, dir) = stored_observations(tmp.path(), vec![json!({"id": "1", "status": "old"})]);
     let before = commits(&dir);
     let log = Log::default();
     let mut table = TestTable::open(tmp.path(), &spec);
@@ -439,13 +437,7 @@ fn staged_batches_merge_once_they_reach_the_batch_size() {
 #[test]
 fn a_failed_staged_merge_hands_the_rows_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = fhir_spec("observation");
-    let dir = tmp.path().join("observation");
-    write_runs(
-        tmp.path(),
-        &spec,
-        &[vec![json!({"id": "1", "status": "old"})]],
-    );
+    let (spec, dir) = stored_observations(tmp.path(), vec![json!({"id": "1", "status": "old"})]);
     let log = Log::default();
     let mut table = TestTable::open(tmp.path(), &spec);
     table.submit(

@@ -1,0 +1,207 @@
+//! A cursor over one compact JSON row (no whitespace), read in place without a tape. The batch
+//! shape scanner and the Arrow column walker read the rows the scrubber wrote with it; anything
+//! it does not take stops it, and those callers read the row through the tape instead.
+
+use std::borrow::Cow;
+
+use super::tape::scan_string;
+
+/// The row is not compact JSON as the cursor reads it.
+#[derive(Debug)]
+pub struct NotCompact;
+
+/// A step of reading.
+pub type Step<T> = Result<T, NotCompact>;
+
+/// A position in a compact JSON row.
+pub struct Cursor<'a> {
+    pub bytes: &'a [u8],
+    pub pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    /// A cursor at the start of `bytes`.
+    pub fn new(bytes: &'a [u8]) -> Cursor<'a> {
+        Cursor { bytes, pos: 0 }
+    }
+
+    /// True once every byte is read.
+    pub fn at_end(&self) -> bool {
+        self.pos == self.bytes.len()
+    }
+
+    /// The next byte, unread.
+    pub fn peek(&self) -> Step<u8> {
+        self.bytes.get(self.pos).copied().ok_or(NotCompact)
+    }
+
+    /// Reads `byte`.
+    pub fn eat(&mut self, byte: u8) -> Step<()> {
+        if self.peek()? != byte {
+            return Err(NotCompact);
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    /// Reads `text` (`null`, `true`, `false`).
+    pub fn literal(&mut self, text: &[u8]) -> Step<()> {
+        if !self.bytes[self.pos..].starts_with(text) {
+            return Err(NotCompact);
+        }
+        self.pos += text.len();
+        Ok(())
+    }
+
+    /// After an entry or item: true at the container's end (`close`), false before the next.
+    pub fn end_or_next(&mut self, close: u8) -> Step<bool> {
+        match self.peek()? {
+            b',' => {
+                self.pos += 1;
+                Ok(false)
+            }
+            c if c == close => {
+                self.pos += 1;
+                Ok(true)
+            }
+            _ => Err(NotCompact),
+        }
+    }
+
+    /// A string, checked as the tape checks one; returns its raw text and whether it has
+    /// escapes.
+    fn raw_string(&mut self) -> Step<(&'a str, bool)> {
+        let bytes: &'a [u8] = self.bytes;
+        self.eat(b'"')?;
+        let start = self.pos;
+        let scan = scan_string(bytes, start).map_err(|_| NotCompact)?;
+        self.pos = scan.end + 1;
+        // SAFETY: `scan_string` checked the span to be UTF-8 where a byte is above ASCII.
+        let raw = unsafe { std::str::from_utf8_unchecked(&bytes[start..scan.end]) };
+        Ok((raw, scan.escaped))
+    }
+
+    /// A string, escapes decoded as a JSON reader decodes them.
+    pub fn string(&mut self) -> Step<Cow<'a, str>> {
+        let start = self.pos;
+        match self.raw_string()? {
+            (raw, false) => Ok(Cow::Borrowed(raw)),
+            (_, true) => serde_json::from_slice::<String>(&self.bytes[start..self.pos])
+                .map(Cow::Owned)
+                .map_err(|_| NotCompact),
+        }
+    }
+
+    /// A string without escapes (keys, in practice); one with escapes stops the cursor.
+    pub fn plain_string(&mut self) -> Step<&'a str> {
+        match self.raw_string()? {
+            (raw, false) => Ok(raw),
+            (_, true) => Err(NotCompact),
+        }
+    }
+
+    /// Any string, unread and unchecked (rows we wrote hold valid strings): a search for its
+    /// closing quote, hopping over escapes (`\u` is followed by plain hex).
+    pub fn skip_string(&mut self) -> Step<()> {
+        self.eat(b'"')?;
+        loop {
+            let rest = &self.bytes[self.pos..];
+            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(NotCompact)?;
+            if rest[at] == b'"' {
+                self.pos += at + 1;
+                return Ok(());
+            }
+            if self.pos + at + 2 > self.bytes.len() {
+                return Err(NotCompact);
+            }
+            self.pos += at + 2;
+        }
+    }
+
+    /// A number's text, up to the next delimiter (JSON's characters only).
+    pub fn number(&mut self) -> Step<&'a str> {
+        let bytes: &'a [u8] = self.bytes;
+        let rest = &bytes[self.pos..];
+        let len = rest
+            .iter()
+            .position(|b| matches!(b, b',' | b'}' | b']'))
+            .unwrap_or(rest.len());
+        let text = &rest[..len];
+        let json_number = text
+            .first()
+            .is_some_and(|&b| b == b'-' || b.is_ascii_digit())
+            && text.last().is_some_and(u8::is_ascii_digit)
+            && text
+                .iter()
+                .all(|&b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'));
+        if !json_number {
+            return Err(NotCompact);
+        }
+        self.pos += len;
+        Ok(std::str::from_utf8(text).expect("ASCII"))
+    }
+
+    /// Any value, unread.
+    pub fn skip_value(&mut self) -> Step<()> {
+        match self.peek()? {
+            b'"' => self.skip_string(),
+            b'n' => self.literal(b"null"),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            open @ (b'{' | b'[') => {
+                let close = if open == b'{' { b'}' } else { b']' };
+                self.pos += 1;
+                if self.peek()? == close {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                loop {
+                    if open == b'{' {
+                        self.skip_string()?;
+                        self.eat(b':')?;
+                    }
+                    self.skip_value()?;
+                    if self.end_or_next(close)? {
+                        return Ok(());
+                    }
+                }
+            }
+            _ => self.number().map(drop),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_read_and_skipped_as_json_has_them() {
+        let row = br#"{"a\"b":"x\u00e9","n":-1.5e3,"l":[true,false,null,{"k":[]}],"p":"plain"}"#;
+        let mut c = Cursor::new(row);
+        c.eat(b'{').unwrap();
+        assert!(c.plain_string().is_err(), "a key with escapes stops it");
+        let mut c = Cursor::new(row);
+        c.eat(b'{').unwrap();
+        assert_eq!(c.string().unwrap(), "a\"b");
+        c.eat(b':').unwrap();
+        assert_eq!(c.string().unwrap(), "x\u{e9}");
+        assert!(!c.end_or_next(b'}').unwrap());
+        assert_eq!(c.plain_string().unwrap(), "n");
+        c.eat(b':').unwrap();
+        assert_eq!(c.number().unwrap(), "-1.5e3");
+        assert!(!c.end_or_next(b'}').unwrap());
+        c.skip_string().unwrap();
+        c.eat(b':').unwrap();
+        c.skip_value().unwrap();
+        assert!(!c.end_or_next(b'}').unwrap());
+        c.skip_string().unwrap();
+        c.eat(b':').unwrap();
+        c.skip_value().unwrap();
+        assert!(c.end_or_next(b'}').unwrap());
+        assert!(c.at_end());
+        for bad in [&b"1.5.x"[..], b"+1", b"1.", b"\"open", b"\"a\\"] {
+            assert!(Cursor::new(bad).skip_value().is_err(), "{bad:?}");
+        }
+    }
+}
