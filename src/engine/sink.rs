@@ -20,9 +20,9 @@ use crate::output::{OnWritten, OutputFormat, RowBatch, TableWriter};
 const LARGE_TASK_FRACTION: u64 = 4;
 
 /// Early writes happen only when that quarter is at least this large (a budget of 384 MiB or
-/// more): smaller early batches cost more in files and commits than the idle time they save (1 GB to Delta, four runs each: at 384 MiB 6.55 s and 345 MiB
-/// with early writes against 7.08 s and 377 MiB without; at 256 MiB 9.06 s and 343 MiB against
-/// 8.39 s and 312 MiB).
+/// more): smaller early batches cost more in files and commits than the idle time they save
+/// (1 GB to Delta, four runs each: at 384 MiB 6.55 s and 345 MiB with early writes against
+/// 7.08 s and 377 MiB without; at 256 MiB 9.06 s and 343 MiB against 8.39 s and 312 MiB).
 const MIN_EARLY_WRITE: u64 = 96 << 20;
 
 /// Pending rows and open writers of the tasks routed to one worker.

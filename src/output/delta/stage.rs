@@ -39,6 +39,8 @@ pub struct MergeStage {
 pub struct Staged {
     pub batches: Vec<(RecordBatch, OnWritten)>,
     pub groups: Vec<String>,
+    /// The union of their schemas.
+    pub schema: Option<SchemaRef>,
 }
 
 impl MergeStage {
@@ -120,7 +122,7 @@ impl MergeStage {
         let entries = std::mem::take(&mut self.entries);
         let groups = std::mem::take(&mut self.groups);
         self.keys.clear();
-        self.schema = None;
+        let schema = self.schema.take();
         self.rows = 0;
         self.bytes = 0;
         let mut batches = Vec::with_capacity(entries.len());
@@ -140,7 +142,11 @@ impl MergeStage {
         let mut groups = groups;
         groups.sort();
         groups.dedup();
-        Staged { batches, groups }
+        Staged {
+            batches,
+            groups,
+            schema,
+        }
     }
 }
 
@@ -208,6 +214,7 @@ mod tests {
         assert!(stage.is_empty() && !stage.overlaps(&[0]));
         assert!(!dir.exists(), "files and folder removed once read back");
         assert_eq!(staged.groups, ["g0", "g1"]);
+        assert_eq!(staged.schema, Some(batch(&["c"]).schema()));
         let got: Vec<RecordBatch> = staged.batches.into_iter().map(|(b, _)| b).collect();
         assert_eq!(got, [batch(&["a", "b"]), batch(&["c"])]);
     }

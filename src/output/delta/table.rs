@@ -263,7 +263,9 @@ impl CumulusTable {
         }
         let (batches, reports): (Vec<RecordBatch>, Vec<OnWritten>) =
             staged.batches.into_iter().unzip();
-        let result = self.merge_staged(&batches, &staged.groups).await;
+        let result = self
+            .merge_staged(&batches, staged.schema, &staged.groups)
+            .await;
         for (batch, report) in batches.iter().zip(reports) {
             match &result {
                 Ok(()) => report.done(Ok(())),
@@ -272,10 +274,15 @@ impl CumulusTable {
         }
     }
 
-    async fn merge_staged(&mut self, batches: &[RecordBatch], groups: &[String]) -> Result<()> {
+    async fn merge_staged(
+        &mut self,
+        batches: &[RecordBatch],
+        staged_schema: Option<arrow::datatypes::SchemaRef>,
+        groups: &[String],
+    ) -> Result<()> {
         let mut schema = self.table.snapshot()?.snapshot().arrow_schema();
-        for batch in batches {
-            schema = union_schema(&schema, &batch.schema())?;
+        if let Some(staged) = staged_schema {
+            schema = union_schema(&schema, &staged)?;
         }
         let batches = batches
             .iter()
