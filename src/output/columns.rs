@@ -148,16 +148,7 @@ impl Column {
                 let text = w.string()?;
                 match self {
                     Column::Utf8(b) => b.append_value(&text),
-                    Column::Int8(b) => {
-                        b.append_value(int_in(&text, i8::MIN.into(), i8::MAX.into())? as i8)
-                    }
-                    Column::Int32(b) => {
-                        b.append_value(int_in(&text, i32::MIN.into(), i32::MAX.into())? as i32)
-                    }
-                    Column::Float64(b) => {
-                        b.append_value(text.parse::<f64>().map_err(|_| NotCompact)?)
-                    }
-                    _ => return Err(NotCompact),
+                    numeric => numeric.append_number(&text)?,
                 }
             }
             c @ (b't' | b'f') => {
@@ -194,19 +185,21 @@ impl Column {
             },
             _ => {
                 let text = w.number()?;
-                match self {
-                    Column::Int8(b) => {
-                        b.append_value(int_in(text, i8::MIN.into(), i8::MAX.into())? as i8)
-                    }
-                    Column::Int32(b) => {
-                        b.append_value(int_in(text, i32::MIN.into(), i32::MAX.into())? as i32)
-                    }
-                    Column::Float64(b) => {
-                        b.append_value(text.parse::<f64>().map_err(|_| NotCompact)?)
-                    }
-                    _ => return Err(NotCompact),
-                }
+                self.append_number(text)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Appends a number given as text (a JSON number, or a numeric string) to a numeric column.
+    fn append_number(&mut self, text: &str) -> Step<()> {
+        match self {
+            Column::Int8(b) => b.append_value(int_in(text, i8::MIN.into(), i8::MAX.into())? as i8),
+            Column::Int32(b) => {
+                b.append_value(int_in(text, i32::MIN.into(), i32::MAX.into())? as i32)
+            }
+            Column::Float64(b) => b.append_value(text.parse::<f64>().map_err(|_| NotCompact)?),
+            _ => return Err(NotCompact),
         }
         Ok(())
     }
