@@ -6,5 +6,5 @@ pub mod ascii;
 pub mod compact;
 pub mod tape;
 
-pub use ascii::write_compact_ascii;
+pub use ascii::{write_compact_ascii, write_str};
 pub use tape::{Doc, Kind, Tape, Token};
