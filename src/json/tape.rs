@@ -79,6 +79,7 @@ const HIGHS: u64 = 0x8080_8080_8080_8080;
 const QUOTES: u64 = ONES * b'"' as u64;
 const BACKSLASHES: u64 = ONES * b'\\' as u64;
 const DELETES: u64 = ONES * 0x7f;
+const LETTERS: u64 = ONES * b'a' as u64;
 
 /// Marks the zero bytes of `x` by their high bit. Only bytes above a marked byte can be
 /// marked wrongly, so the lowest mark is exact.
@@ -128,12 +129,13 @@ pub fn scan_string(text: &[u8], start: usize) -> Result<StringScan, Invalid> {
             let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
             let stops = zero_bytes(x ^ QUOTES) | zero_bytes(x ^ BACKSLASHES);
             if stops != 0 {
-                let n = (stops.trailing_zeros() / 8) as usize;
-                for &b in &word[..n] {
-                    control |= b < 0x20;
-                    high |= b > 0x7e;
-                }
-                at += n;
+                let n = stops.trailing_zeros() / 8;
+                // The bytes before the stop, the rest filled with a harmless letter.
+                let before = (1u64 << (n * 8)) - 1;
+                let x = (x & before) | (LETTERS & !before);
+                control |= bytes_below(x, 0x20);
+                high |= x & HIGHS != 0 || zero_bytes(x ^ DELETES) != 0;
+                at += n as usize;
                 break;
             }
             control |= bytes_below(x, 0x20);
