@@ -7,4 +7,4 @@ pub mod scrubber;
 
 pub use codebook::Codebook;
 pub use rules::Rules;
-pub use scrubber::{ExtensionReport, Rejection, Scrubber};
+pub use scrubber::{ExtensionReport, Rejection, Scrubbed, Scrubber};

@@ -6,7 +6,7 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::deid::{ExtensionReport, Scrubber};
+use crate::deid::{ExtensionReport, Scrubbed, Scrubber};
 use crate::fhir::Shape;
 use crate::json::{Kind, Tape, write_compact_ascii};
 
@@ -237,9 +237,13 @@ pub fn process_bundle(
             continue;
         }
         let start = main.data.len();
-        let id = match scrubber.scrub(&doc, &mut main.data, report) {
-            Ok(Some(id)) => id,
-            Ok(None) => {
+        let known = ctx.needs_shape.then_some(&main.shape);
+        let (id, novel) = match scrubber.scrub_within(&doc, &mut main.data, report, known) {
+            Ok(Scrubbed {
+                id: Some(id),
+                novel,
+            }) => (id, novel),
+            Ok(Scrubbed { id: None, .. }) => {
                 main.data.truncate(start);
                 skip(SkipReason::MissingId, String::new());
                 continue;
@@ -258,7 +262,8 @@ pub fn process_bundle(
             });
             chunk.push(id.clone(), &row);
         }
-        main.commit_row(id, start, ctx.needs_shape);
+        // A row whose keys the shape already has would add nothing to it.
+        main.commit_row(id, start, ctx.needs_shape && novel);
     }
 }
 
@@ -335,7 +340,102 @@ pub fn write_rejected(out: &mut impl Write, file: &str, s: &Skipped<'_>) -> std:
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::deid::{Codebook, Rules};
+    use crate::json::Tape;
+
+    /// Processes `bytes` with shapes tracked and checks the chunk's shape against one read
+    /// from every row it holds (rows the scrubber found known are not read into it).
+    fn assert_shape_is_complete(resource_type: &str, bytes: &[u8]) -> usize {
+        let codebook = Arc::new(Codebook::in_memory("1234").unwrap());
+        let scrubber = Scrubber::new(Rules::embedded().unwrap(), codebook, true);
+        let ctx = TaskContext {
+            task: 0,
+            table: resource_type.to_lowercase(),
+            resource_type: resource_type.to_string(),
+            kind: crate::output::TableKind::Fhir(resource_type.to_string()),
+            whole_chunks: false,
+            needs_shape: true,
+            completion: None,
+        };
+        let mut main = TableChunk::new(0, &ctx.table);
+        let mut report = ExtensionReport::default();
+        let mut skipped = 0;
+        process_bundle(
+            &ctx,
+            &scrubber,
+            bytes,
+            1,
+            &mut main,
+            &mut None,
+            &mut report,
+            &mut |_| skipped += 1,
+        );
+        assert_eq!(skipped, 0, "{resource_type}");
+        let mut read = Shape::default();
+        let mut tape = Tape::default();
+        for row in main.rows() {
+            read.add_row(&tape.parse(row).unwrap());
+        }
+        assert_eq!(main.shape, read, "{resource_type}");
+        main.len()
+    }
+
+    #[test]
+    fn the_shape_has_every_key_of_the_synthea_sample() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/synthea-10");
+        let mut rows = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if let Some((resource_type, _)) = name.split_once(".000.ndjson") {
+                rows += assert_shape_is_complete(resource_type, &std::fs::read(&path).unwrap());
+            }
+        }
+        assert!(rows > 1000);
+    }
+
+    #[test]
+    fn markers_contained_resources_and_dropped_values_keep_the_shape_complete() {
+        let lines = [
+            r#"{"resourceType":"DocumentReference","id":"1","status":"current"}"#,
+            r#"{"resourceType":"DocumentReference","id":"2","status":"current"}"#,
+            // An appended `_data` marker, then a `_url` one whose key is known but not below.
+            r#"{"resourceType":"DocumentReference","id":"3","content":[{"attachment":{"data":"eA=="}}]}"#,
+            r#"{"resourceType":"DocumentReference","id":"4","content":[{"attachment":{"_url":{"id":"u"},"url":"x"}}]}"#,
+            // A marker added to an existing extension list.
+            r#"{"resourceType":"DocumentReference","id":"5","content":[{"attachment":{"_url":{"extension":[{"url":"http://x","valueString":"y"}]},"url":"x"}}]}"#,
+            // A value dropped after its keys were written (an unknown extension).
+            r#"{"resourceType":"DocumentReference","id":"6","context":{"extension":[{"url":"http://unknown","valueString":"z"}]}}"#,
+            r#"{"resourceType":"DocumentReference","id":"7","contained":[{"resourceType":"Practitioner","id":"p","gender":"other"}]}"#,
+            // Only the contained resource's type is new.
+            r#"{"resourceType":"DocumentReference","id":"8","contained":[{"resourceType":"Patient","id":"p","gender":"other"}]}"#,
+            r#"{"resourceType":"DocumentReference","id":"9","status":"current"}"#,
+        ];
+        let text = lines.join("\n");
+        assert_eq!(
+            assert_shape_is_complete("DocumentReference", text.as_bytes()),
+            9
+        );
+        // An extension list whose items are known without `valueCode`, then the marker added
+        // to it: only the marker's `valueCode` is new.
+        let extension = r#"{"extension":[{"url":"http://hl7.org/fhir/StructureDefinition/annotationType","valueString":"v"}]}"#;
+        let lines = [
+            format!(
+                r#"{{"resourceType":"DocumentReference","id":"1","content":[{{"attachment":{{"_url":{extension}}}}}]}}"#
+            ),
+            format!(
+                r#"{{"resourceType":"DocumentReference","id":"2","content":[{{"attachment":{{"url":"x","_url":{extension}}}}}]}}"#
+            ),
+        ];
+        let text = lines.join("\n");
+        assert_eq!(
+            assert_shape_is_complete("DocumentReference", text.as_bytes()),
+            2
+        );
+    }
 
     #[test]
     fn split_lines_matches_splitting_on_newlines() {
