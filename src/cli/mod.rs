@@ -86,7 +86,7 @@ pub struct RunArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Global memory budget, e.g. 512MiB or 2GiB (default: a sixteenth of RAM, 256MiB-384MiB).
+    /// Global memory budget, e.g. 512MiB or 2GiB (default: a sixteenth of RAM, 256MiB-352MiB).
     #[arg(long)]
     pub memory: Option<String>,
     /// Seconds between progress lines.

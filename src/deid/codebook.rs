@@ -71,7 +71,12 @@ pub struct Codebook {
     cached: Option<RwLock<[FastMap<String, Mapping>; 2]>>,
     settings_modified: AtomicBool,
     mappings_modified: AtomicBool,
+    /// Text bytes of the id mappings held (legacy and cached), for `held_bytes`.
+    mapping_text: AtomicU64,
 }
+
+/// Heap bytes an id mapping takes beyond its text: two string allocations and a hash map slot.
+const MAPPING_OVERHEAD: u64 = 96;
 
 impl Codebook {
     /// Opens (or starts) the codebook of a PHI folder. With `cache_ids`, new Patient/Encounter
@@ -154,6 +159,18 @@ impl Codebook {
                 })
                 .unwrap_or_default()
         });
+        let text = |k: &String, fake: &String| (k.len() + fake.len()) as u64 + MAPPING_OVERHEAD;
+        let mapping_text = legacy
+            .iter()
+            .flatten()
+            .map(|(k, v)| text(k, v))
+            .sum::<u64>()
+            + cached
+                .iter()
+                .flatten()
+                .flatten()
+                .map(|(k, m)| text(k, &m.fake))
+                .sum::<u64>();
         Ok(Codebook {
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             dir,
@@ -163,6 +180,7 @@ impl Codebook {
             cached: cached.map(RwLock::new),
             settings_modified: AtomicBool::new(settings_modified),
             mappings_modified: AtomicBool::new(false),
+            mapping_text: AtomicU64::new(mapping_text),
         })
     }
 
@@ -247,11 +265,22 @@ impl Codebook {
                     fake: fake.clone(),
                     checked: true,
                 };
-                guard[slot].insert(real_id.to_string(), mapping);
+                if guard[slot].insert(real_id.to_string(), mapping).is_none() {
+                    let bytes = (real_id.len() + fake.len()) as u64 + MAPPING_OVERHEAD;
+                    self.mapping_text.fetch_add(bytes, Ordering::Relaxed);
+                }
                 self.mappings_modified.store(true, Ordering::Release);
             }
         }
         fake
+    }
+
+    /// Memory the codebook holds for the whole run: its Patient and Encounter id mappings, and
+    /// as much again for the copy a save builds. It grows with the number of patients and
+    /// encounters, not with the batch, so the memory budget counts it apart (a million
+    /// encounters take about 200 MiB).
+    pub fn held_bytes(&self) -> u64 {
+        2 * self.mapping_text.load(Ordering::Relaxed)
     }
 
     /// Writes whatever changed since the last save. Called before every batch write, so the
@@ -404,6 +433,27 @@ mod tests {
         assert_eq!(
             cached,
             json!({"Encounter": {"good": good, "bad": cb.hash("bad")}})
+        );
+    }
+
+    #[test]
+    fn held_bytes_count_each_mapping_once_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cb = Codebook::open(dir.path(), true).unwrap();
+        assert_eq!(cb.held_bytes(), 0);
+        cb.fake_id("Encounter", "e1", true);
+        let one = cb.held_bytes();
+        assert_eq!(one, 2 * ("e1".len() as u64 + 64 + MAPPING_OVERHEAD));
+        cb.fake_id("Encounter", "e1", true);
+        cb.fake_id("Condition", "c1", true); // not a reversible type: nothing kept
+        cb.fake_id("Patient", "p1", false); // not cached
+        assert_eq!(cb.held_bytes(), one);
+        cb.fake_id("Patient", "p1", true);
+        assert_eq!(cb.held_bytes(), 2 * one);
+        cb.save().unwrap();
+        assert_eq!(
+            Codebook::open(dir.path(), true).unwrap().held_bytes(),
+            2 * one
         );
     }
 
