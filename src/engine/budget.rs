@@ -12,6 +12,8 @@ pub struct MemoryBudget {
     used: Mutex<u64>,
     /// Memory held for the whole run outside any reservation (the codebook's id mappings).
     standing: AtomicU64,
+    /// Standing memory has passed half the budget (said once).
+    standing_warned: std::sync::atomic::AtomicBool,
     /// Bumped whenever a reservation is refused; sinks flush early when they see it change.
     pressure: AtomicU64,
     peak: AtomicU64,
@@ -35,6 +37,7 @@ impl MemoryBudget {
             limit,
             used: Mutex::new(0),
             standing: AtomicU64::new(0),
+            standing_warned: std::sync::atomic::AtomicBool::new(false),
             pressure: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             oversized: AtomicU64::new(0),
@@ -79,8 +82,18 @@ impl MemoryBudget {
     /// Sets the memory held for the whole run outside any reservation (the codebook's id
     /// mappings, which grow with the patients and encounters seen). Sources then have that
     /// much less to reserve, so peak RSS keeps following the budget.
-    pub fn set_standing(&self, bytes: u64) {
+    /// Returns a warning the first time it passes half the budget: rows then get little room,
+    /// and a run whose standing memory fills the budget reads one bundle at a time.
+    pub fn set_standing(&self, bytes: u64) -> Option<String> {
         self.standing.store(bytes, Ordering::Relaxed);
+        (bytes > self.limit / 2 && !self.standing_warned.swap(true, Ordering::AcqRel)).then(|| {
+            format!(
+                "warning: the codebook's Patient and Encounter id mappings take {:.0} MiB of the \
+                 {:.0} MiB memory budget; a larger --memory keeps the run fast",
+                bytes as f64 / (1 << 20) as f64,
+                self.limit as f64 / (1 << 20) as f64
+            )
+        })
     }
 
     /// Returns bytes to the budget.
@@ -201,13 +214,18 @@ mod tests {
     #[test]
     fn standing_memory_narrows_what_can_be_reserved() {
         let b = MemoryBudget::new(100);
-        b.set_standing(50);
+        assert!(
+            b.set_standing(50).is_none(),
+            "half the budget is not yet a warning"
+        );
         assert_eq!(b.try_reserve(40), Reservation::Granted);
         assert_eq!(b.try_reserve(20), Reservation::Refused);
         assert_eq!(b.peak(), 90);
         b.release(40);
         // Standing memory alone never blocks a bundle, and does not make it oversized.
-        b.set_standing(150);
+        let warning = b.set_standing(150).expect("a warning past half the budget");
+        assert!(warning.contains("--memory"), "{warning}");
+        assert!(b.set_standing(160).is_none(), "said once");
         assert_eq!(b.try_reserve(40), Reservation::GrantedAlone);
         assert_eq!(b.oversized_count(), 0);
     }

@@ -165,7 +165,9 @@ impl SinkState {
         if let Err(e) = codebook.save() {
             eprintln!("error: could not save the codebook: {e:#}");
         }
-        shared.budget.set_standing(codebook.held_bytes());
+        if let Some(warning) = shared.budget.set_standing(codebook.held_bytes()) {
+            eprintln!("{warning}");
+        }
         let ctx = &shared.tasks[task_id as usize];
         let mut tables = vec![ctx.table.clone()];
         if ctx.completion.is_some() {
