@@ -128,6 +128,8 @@ struct Entry<'t> {
     slot: (usize, bool),
     /// The value must end up carrying the masked marker (`_field` of a masked field).
     marked: bool,
+    /// The key is `extension` (asked twice per node when markers are planned).
+    extension: bool,
 }
 
 /// Keys added after a node's own fields, in the order the tree of the reference gains them.
@@ -426,6 +428,7 @@ impl Scrubber {
                 treatment,
                 slot,
                 marked: false,
+                extension: name == "extension",
             });
         }
         let mut kept = base;
@@ -472,8 +475,8 @@ impl Scrubber {
         }
         let has_extension_list = entries
             .iter()
-            .any(|e| doc.key_is(e.key, "extension") && doc.token(e.value).kind == Kind::Array);
-        let has_extension = entries.iter().any(|e| doc.key_is(e.key, "extension"));
+            .any(|e| e.extension && doc.token(e.value).kind == Kind::Array);
+        let has_extension = entries.iter().any(|e| e.extension);
         if needs_marker && !has_extension {
             appended.push(Appended::Extension);
             needs_marker = false;
