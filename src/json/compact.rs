@@ -92,6 +92,22 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// Reads `"name":` if the next key is exactly `name` (which has no quotes or backslashes,
+    /// as field names do not), comparing bytes without scanning the key; leaves the cursor
+    /// where it was otherwise.
+    pub fn eat_key(&mut self, name: &str) -> bool {
+        let (rest, n) = (&self.bytes[self.pos..], name.len());
+        let matches = rest.len() > n + 2
+            && rest[0] == b'"'
+            && &rest[1..=n] == name.as_bytes()
+            && rest[n + 1] == b'"'
+            && rest[n + 2] == b':';
+        if matches {
+            self.pos += n + 3;
+        }
+        matches
+    }
+
     /// A string without escapes (keys, in practice); one with escapes stops the cursor.
     pub fn plain_string(&mut self) -> Step<&'a str> {
         match self.raw_string()? {
@@ -200,6 +216,19 @@ mod tests {
         c.skip_value().unwrap();
         assert!(c.end_or_next(b'}').unwrap());
         assert!(c.at_end());
+        let mut c = Cursor::new(br#""identifier":1,"id":2,"i\u0064":3,"id""#);
+        assert!(!c.eat_key("id"), "a longer key is not the name");
+        assert!(c.eat_key("identifier"));
+        assert_eq!(c.number().unwrap(), "1");
+        c.eat(b',').unwrap();
+        assert!(c.eat_key("id"));
+        assert_eq!(c.number().unwrap(), "2");
+        c.eat(b',').unwrap();
+        assert!(!c.eat_key("id"), "a key with escapes is left to be read");
+        assert_eq!(c.string().unwrap(), "id");
+        c.pos += 3;
+        assert!(!c.eat_key("id"), "a key without its colon is not taken");
+        assert_eq!(c.pos, 34);
         for bad in [&b"1.5.x"[..], b"+1", b"1.", b"\"open", b"\"a\\"] {
             assert!(Cursor::new(bad).skip_value().is_err(), "{bad:?}");
         }

@@ -277,6 +277,10 @@ struct StructColumns {
     nulls: NullBufferBuilder,
     /// Per child, the `stamp` of the last object that had it (byte walker only).
     seen: Vec<u32>,
+    /// Per child, the child whose key came next in the last object walked; the last place is
+    /// for the first key (byte walker only). Rows of a table list their keys in much the same
+    /// order, so the guess is compared in place and the key is rarely scanned and hashed.
+    follows: Vec<usize>,
     /// Counts the objects walked.
     stamp: u32,
 }
@@ -299,6 +303,7 @@ impl StructColumns {
             missing: vec![0; fields.len()],
             nulls: NullBufferBuilder::new(capacity),
             seen: vec![0; fields.len()],
+            follows: vec![NONE; fields.len() + 1],
             stamp: 0,
             fields,
         }
@@ -347,13 +352,16 @@ impl StructColumns {
         if w.peek()? == b'}' {
             w.pos += 1;
         } else {
-            let mut next = 0;
+            let mut previous = self.fields.len();
             loop {
-                let key = w.string()?;
-                w.eat(b':')?;
-                let found = match self.fields.get(next) {
-                    Some(f) if f.name() == key.as_ref() => Some(next),
-                    _ => self.by_name.get(key.as_ref()).copied(),
+                let guess = self.follows[previous];
+                let found = match self.fields.get(guess) {
+                    Some(f) if w.eat_key(f.name()) => Some(guess),
+                    _ => {
+                        let key = w.string()?;
+                        w.eat(b':')?;
+                        self.by_name.get(key.as_ref()).copied()
+                    }
                 };
                 match found {
                     Some(n) => {
@@ -361,12 +369,13 @@ impl StructColumns {
                             return Err(NotCompact); // a repeated key: the last one wins
                         }
                         self.seen[n] = stamp;
+                        self.follows[previous] = n;
+                        previous = n;
                         let owed = std::mem::take(&mut self.missing[n]);
                         if owed > 0 {
                             self.children[n].append_nulls(owed);
                         }
                         self.children[n].walk(w)?;
-                        next = n + 1;
                     }
                     None => w.skip_value()?,
                 }
