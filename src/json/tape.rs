@@ -87,8 +87,77 @@ fn zero_bytes(x: u64) -> u64 {
     x.wrapping_sub(ONES) & !x & HIGHS
 }
 
-/// Words checked one by one before a string counts as long.
-const LONG_STRING_WORDS: usize = 4;
+/// Blocks checked one by one before a string counts as long.
+const LONG_STRING_BLOCKS: usize = 4;
+
+/// The bytes of a string block before its first quote or backslash (all of them if it has
+/// none), and what they hold.
+struct Block {
+    len: usize,
+    stopped: bool,
+    control: bool,
+    /// Bytes above printable ASCII (DEL included).
+    high: bool,
+}
+
+/// Reads the next block of a string from `rest`: 16 bytes with SSE2 (part of every x86-64
+/// CPU), else a word of 8; None when fewer than 8 bytes are left.
+fn read_block(rest: &[u8]) -> Option<Block> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(bytes) = rest.first_chunk::<16>() {
+        return Some(read_sse2(bytes));
+    }
+    rest.first_chunk::<8>().map(read_word)
+}
+
+/// Reads 16 bytes of a string with SSE2 compares.
+#[cfg(target_arch = "x86_64")]
+fn read_sse2(bytes: &[u8; 16]) -> Block {
+    use std::arch::x86_64::*;
+    // SAFETY: SSE2 is part of the x86-64 baseline, and the unaligned load reads exactly the 16
+    // bytes of the array.
+    let (stops, high, deletes, below_space) = unsafe {
+        let v = _mm_loadu_si128(bytes.as_ptr().cast::<__m128i>());
+        let quotes = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+        let backslashes = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+        (
+            _mm_movemask_epi8(_mm_or_si128(quotes, backslashes)) as u32,
+            // The sign bit: bytes from 0x80.
+            _mm_movemask_epi8(v) as u32,
+            _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(0x7f))) as u32,
+            // A signed compare: bytes below 0x20, and those from 0x80 (taken out below).
+            _mm_movemask_epi8(_mm_cmplt_epi8(v, _mm_set1_epi8(0x20))) as u32,
+        )
+    };
+    let len = stops.trailing_zeros().min(16);
+    let before = (1u32 << len) - 1;
+    Block {
+        len: len as usize,
+        stopped: stops != 0,
+        control: below_space & !high & before != 0,
+        high: (high | deletes) & before != 0,
+    }
+}
+
+/// Reads 8 bytes of a string as one 64-bit word (SWAR).
+fn read_word(bytes: &[u8; 8]) -> Block {
+    let x = u64::from_le_bytes(*bytes);
+    let stops = zero_bytes(x ^ QUOTES) | zero_bytes(x ^ BACKSLASHES);
+    let n = (stops.trailing_zeros() / 8).min(8);
+    // The bytes before the stop, the rest filled with a harmless letter.
+    let before = if n == 8 {
+        u64::MAX
+    } else {
+        (1u64 << (n * 8)) - 1
+    };
+    let x = (x & before) | (LETTERS & !before);
+    Block {
+        len: n as usize,
+        stopped: stops != 0,
+        control: bytes_below(x, 0x20),
+        high: x & HIGHS != 0 || zero_bytes(x ^ DELETES) != 0,
+    }
+}
 
 /// Whether `span` has control characters, and bytes above printable ASCII (branch free, so it
 /// vectorizes).
@@ -124,25 +193,16 @@ pub fn scan_string(text: &[u8], start: usize) -> Result<StringScan, Invalid> {
     let mut at = start;
     let (mut escaped, mut control, mut high) = (false, false, false);
     loop {
-        let mut words = 0;
-        while let Some(word) = text.get(at..at + 8) {
-            let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
-            let stops = zero_bytes(x ^ QUOTES) | zero_bytes(x ^ BACKSLASHES);
-            if stops != 0 {
-                let n = stops.trailing_zeros() / 8;
-                // The bytes before the stop, the rest filled with a harmless letter.
-                let before = (1u64 << (n * 8)) - 1;
-                let x = (x & before) | (LETTERS & !before);
-                control |= bytes_below(x, 0x20);
-                high |= x & HIGHS != 0 || zero_bytes(x ^ DELETES) != 0;
-                at += n as usize;
+        let mut blocks = 0;
+        while let Some(block) = read_block(&text[at..]) {
+            control |= block.control;
+            high |= block.high;
+            at += block.len;
+            if block.stopped {
                 break;
             }
-            control |= bytes_below(x, 0x20);
-            high |= x & HIGHS != 0 || zero_bytes(x ^ DELETES) != 0;
-            at += 8;
-            words += 1;
-            if words == LONG_STRING_WORDS {
+            blocks += 1;
+            if blocks == LONG_STRING_BLOCKS {
                 // A long string (note text, attachment data): a vectorized search for its
                 // end, then one vectorized pass over what it skipped.
                 let rel = memchr::memchr2(b'"', b'\\', &text[at..]).ok_or(Invalid)?;
@@ -565,18 +625,23 @@ mod tests {
             "x",
         ];
         let mut tape = Tape::default();
-        for pad in [
-            0, 1, 5, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 41, 47, 48, 49, 100,
-        ] {
+        let pads = [
+            0, 1, 5, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 41, 47, 48, 49, 63, 64, 65, 80, 100,
+        ];
+        // Alone (the string ends the text) and followed by more text, so blocks both run out
+        // and reach past the closing quote.
+        let wrappings = [("", "", 0), ("[", r#","0123456789abcdefghij"]"#, 1)];
+        for (pad, (open, close, token)) in pads.into_iter().flat_map(|p| wrappings.map(|w| (p, w)))
+        {
             for special in specials {
-                for tail in [0, 1, 7, 8, 9] {
+                for tail in [0, 1, 7, 8, 9, 15, 16] {
                     let body = format!("{}{special}{}", "a".repeat(pad), "b".repeat(tail));
-                    let text = format!("\"{body}\"");
+                    let text = format!("{open}\"{body}\"{close}");
                     let ours = tape.parse(text.as_bytes()).map(|d| {
-                        let t = d.token(0);
-                        (d.str(0).into_owned(), t.plain)
+                        let t = d.token(token);
+                        (d.str(token).into_owned(), t.plain)
                     });
-                    match serde_json::from_str::<String>(&text) {
+                    match serde_json::from_str::<String>(&format!("\"{body}\"")) {
                         Ok(value) => {
                             let (decoded, plain) = ours.expect(&text);
                             assert_eq!(decoded, value, "{text}");
