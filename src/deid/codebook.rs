@@ -203,23 +203,35 @@ impl Codebook {
     /// The anonymous id for the target of a reference, as `fake_id(.., true)`, remembered per
     /// thread for the references that follow.
     pub fn fake_ref_id(&self, resource_type: &str, real_id: &str) -> String {
+        self.with_fake_ref_id(resource_type, real_id, str::to_string)
+    }
+
+    /// As `fake_ref_id`, handing the id to `use_it` instead of copying it out of the memo (the
+    /// scrubber writes it straight into the row).
+    pub fn with_fake_ref_id<R>(
+        &self,
+        resource_type: &str,
+        real_id: &str,
+        use_it: impl FnOnce(&str) -> R,
+    ) -> R {
         let slot = REVERSIBLE_TYPES
             .iter()
             .position(|t| *t == resource_type)
             .unwrap_or(REVERSIBLE_TYPES.len());
         let place = RecentIds::place(slot, real_id);
+        let mut use_it = Some(use_it);
         let hit = RECENT.with_borrow(|recent| match recent.entries.get(place) {
             Some(Some(known))
                 if recent.instance == self.instance
                     && known.slot == slot
                     && *known.real_id == *real_id =>
             {
-                Some(known.fake.to_string())
+                use_it.take().map(|f| f(&known.fake))
             }
             _ => None,
         });
-        if let Some(fake) = hit {
-            return fake;
+        if let Some(result) = hit {
+            return result;
         }
         let fake = self.fake_id(resource_type, real_id, true);
         RECENT.with_borrow_mut(|recent| {
@@ -233,7 +245,7 @@ impl Codebook {
                 fake: fake.as_str().into(),
             });
         });
-        fake
+        (use_it.take().expect("not used on a miss"))(&fake)
     }
 
     /// The anonymous id for a resource id. Patient and Encounter ids use a legacy mapping when

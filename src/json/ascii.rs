@@ -53,18 +53,30 @@ pub fn write_compact_ascii<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) 
 /// escapes (references, ids, dates: nearly every string the scrubber writes). serde_json's
 /// escaping loop cost about 700 instructions per reference.
 pub fn write_str(out: &mut Vec<u8>, text: &str) {
-    // Branch free over the whole string, so it vectorizes.
-    let needs_escape = text.bytes().fold(false, |any, b| {
-        any | !(0x20..0x7f).contains(&b) | (b == b'"') | (b == b'\\')
-    });
-    if needs_escape {
-        write_compact_ascii(out, text);
+    write_str_parts(out, &[text]);
+}
+
+/// Appends the concatenation of `parts` as one JSON string (a reference from its type, a slash
+/// and an id), without building it first when no part needs escapes.
+pub fn write_str_parts(out: &mut Vec<u8>, parts: &[&str]) {
+    if parts.iter().any(|p| needs_escape(p)) {
+        write_compact_ascii(out, &parts.concat());
     } else {
-        out.reserve(text.len() + 2);
+        out.reserve(parts.iter().map(|p| p.len()).sum::<usize>() + 2);
         out.push(b'"');
-        out.extend_from_slice(text.as_bytes());
+        parts
+            .iter()
+            .for_each(|p| out.extend_from_slice(p.as_bytes()));
         out.push(b'"');
     }
+}
+
+/// Whether `text` has a character JSON escapes or that is not printable ASCII (branch free
+/// over the whole string, so it vectorizes).
+fn needs_escape(text: &str) -> bool {
+    text.bytes().fold(false, |any, b| {
+        any | !(0x20..0x7f).contains(&b) | (b == b'"') | (b == b'\\')
+    })
 }
 
 #[cfg(test)]
@@ -87,6 +99,17 @@ mod tests {
             write_str(&mut fast, text);
             write_compact_ascii(&mut slow, text);
             assert_eq!(fast, slow, "{text:?}");
+        }
+        for parts in [
+            &["Patient", "/", "", "abc"][..],
+            &["#", "x"],
+            &["a\"", "/", "b"],
+            &["caf\u{e9}", "/1"],
+        ] {
+            let (mut fast, mut slow) = (Vec::new(), Vec::new());
+            write_str_parts(&mut fast, parts);
+            write_compact_ascii(&mut slow, &parts.concat());
+            assert_eq!(fast, slow, "{parts:?}");
         }
     }
 

@@ -6,5 +6,5 @@ pub mod ascii;
 pub mod compact;
 pub mod tape;
 
-pub use ascii::{write_compact_ascii, write_str};
+pub use ascii::{write_compact_ascii, write_str, write_str_parts};
 pub use tape::{Doc, Kind, Tape, Token};
