@@ -218,7 +218,7 @@ impl Column {
             Column::Boolean(b) => b.append_nulls(n),
             Column::Struct(s) => {
                 s.nulls.append_n_nulls(n);
-                s.missing.iter_mut().for_each(|m| *m += n);
+                s.entries += n;
             }
             Column::List(l) => l.close_nulls(n).expect("empty lists always fit"),
         }
@@ -271,9 +271,12 @@ struct StructColumns {
     by_name: FastMap<String, usize>,
     /// Per child, the token of its value in the object being appended (`NONE`: absent).
     slots: Vec<usize>,
-    /// Per child, nulls owed to it: a wide schema has hundreds of columns a row lacks, so
-    /// their nulls are appended in runs when a value comes (or at the end), not one by one.
-    missing: Vec<usize>,
+    /// Entries (objects and nulls) the struct has; each child is brought up to it lazily.
+    entries: usize,
+    /// Per child, the entries it has. A wide schema has hundreds of columns a row lacks, so
+    /// their nulls are appended in runs when a value comes (or at the end), and an object costs
+    /// only its own keys, not a pass over every column.
+    filled: Vec<usize>,
     nulls: NullBufferBuilder,
     /// Per child, the `stamp` of the last object that had it (byte walker only).
     seen: Vec<u32>,
@@ -300,7 +303,8 @@ impl StructColumns {
                 .map(|(n, f)| (f.name().clone(), n))
                 .collect(),
             slots: vec![NONE; fields.len()],
-            missing: vec![0; fields.len()],
+            entries: 0,
+            filled: vec![0; fields.len()],
             nulls: NullBufferBuilder::new(capacity),
             seen: vec![0; fields.len()],
             follows: vec![NONE; fields.len() + 1],
@@ -328,18 +332,19 @@ impl StructColumns {
         for (n, child) in self.children.iter_mut().enumerate() {
             let slot = std::mem::replace(&mut self.slots[n], NONE);
             if slot == NONE {
-                self.missing[n] += 1;
                 continue;
             }
-            let owed = std::mem::take(&mut self.missing[n]);
+            let owed = self.entries - self.filled[n];
             if owed > 0 {
                 child.append_nulls(owed);
             }
+            self.filled[n] = self.entries + 1;
             if let Err(e) = child.append(doc, slot) {
                 self.slots.iter_mut().for_each(|s| *s = NONE);
                 return Err(e.context(format!("field '{}'", self.fields[n].name())));
             }
         }
+        self.entries += 1;
         Ok(())
     }
 
@@ -371,10 +376,11 @@ impl StructColumns {
                         self.seen[n] = stamp;
                         self.follows[previous] = n;
                         previous = n;
-                        let owed = std::mem::take(&mut self.missing[n]);
+                        let owed = self.entries - self.filled[n];
                         if owed > 0 {
                             self.children[n].append_nulls(owed);
                         }
+                        self.filled[n] = self.entries + 1;
                         self.children[n].walk(w)?;
                     }
                     None => w.skip_value()?,
@@ -384,21 +390,18 @@ impl StructColumns {
                 }
             }
         }
-        for (seen, missing) in self.seen.iter().zip(self.missing.iter_mut()) {
-            if *seen != stamp {
-                *missing += 1;
-            }
-        }
+        self.entries += 1;
         Ok(())
     }
 
     /// Appends the nulls still owed to each child, so every child has the struct's length.
     fn settle(&mut self) {
-        for (child, owed) in self.children.iter_mut().zip(self.missing.iter_mut()) {
-            let owed = std::mem::take(owed);
+        for (child, filled) in self.children.iter_mut().zip(self.filled.iter_mut()) {
+            let owed = self.entries - *filled;
             if owed > 0 {
                 child.append_nulls(owed);
             }
+            *filled = self.entries;
         }
     }
 
