@@ -194,6 +194,7 @@ impl SourceState {
                 start,
                 end,
                 first_line,
+                lines,
             } => {
                 let reserved = (end - start) as u64 * self.shared.outputs.format.budget_factor();
                 match budget.try_reserve(reserved) {
@@ -204,6 +205,7 @@ impl SourceState {
                             start,
                             end,
                             first_line,
+                            lines,
                         };
                         self.shared.queue.lock().unwrap().push_front(item);
                         Step::Wait

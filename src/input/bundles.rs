@@ -14,13 +14,15 @@ use crate::store;
 
 /// A unit of work handed to a source.
 pub enum WorkItem {
-    /// Lines `[start, end)` of a memory-mapped file; `first_line` is 1-based.
+    /// Lines `[start, end)` of a memory-mapped file; `first_line` is 1-based, and `lines`
+    /// counts the newlines in the slice.
     Slice {
         file: Arc<InputFile>,
         map: Arc<Mmap>,
         start: usize,
         end: usize,
         first_line: u64,
+        lines: u64,
     },
     /// A compressed file or an i2b2 CSV, read as a stream by one worker.
     Stream { file: Arc<InputFile> },
@@ -71,6 +73,7 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
                 start,
                 end,
                 first_line: line,
+                lines,
             });
             line += lines;
             start = end;
@@ -183,6 +186,7 @@ mod tests {
                 start,
                 end,
                 first_line,
+                lines,
                 ..
             } = item
             else {
@@ -190,7 +194,9 @@ mod tests {
             };
             assert_eq!(*first_line, expected_line);
             assert!(map[*end - 1] == b'\n');
-            expected_line += map[*start..*end].iter().filter(|&&b| b == b'\n').count() as u64;
+            let newlines = map[*start..*end].iter().filter(|&&b| b == b'\n').count() as u64;
+            assert_eq!(*lines, newlines);
+            expected_line += newlines;
             joined.extend_from_slice(&map[*start..*end]);
         }
         assert_eq!(joined, text.as_bytes());
