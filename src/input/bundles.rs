@@ -55,8 +55,8 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
         // the README); a concurrent writer would be a misuse we cannot guard against.
         let map = Arc::new(unsafe { Mmap::map(&handle) }?);
         let _ = map.advise(memmap2::Advice::Sequential);
+        let mut bounds = Vec::new();
         let mut start = 0;
-        let mut line = 1u64;
         while start < map.len() {
             let target = (start + bundle_bytes).min(map.len());
             let end = match memchr::memchr(b'\n', &map[target.saturating_sub(1)..]) {
@@ -64,9 +64,11 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
                 Some(off) => target - 1 + off + 1,
                 None => map.len(),
             };
-            let lines = memchr::memchr_iter(b'\n', &map[start..end]).count() as u64;
-            // Planning reads the whole file once; without this its pages would stay resident.
-            release_pages(&map, start, end);
+            bounds.push((start, end));
+            start = end;
+        }
+        let mut line = 1u64;
+        for ((start, end), lines) in bounds.iter().copied().zip(count_lines(&map, &bounds)) {
             items.push(WorkItem::Slice {
                 file: file.clone(),
                 map: map.clone(),
@@ -76,10 +78,37 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
                 lines,
             });
             line += lines;
-            start = end;
         }
     }
     Ok(items)
+}
+
+/// The newlines of each slice, counted on every core (the workers start only once planning
+/// is done), each slice's pages released once read: without that, planning's one read of the
+/// whole file would leave its pages resident.
+fn count_lines(map: &Mmap, bounds: &[(usize, usize)]) -> Vec<u64> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = bounds.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let counting: Vec<_> = bounds
+            .chunks(per_thread)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|&(start, end)| {
+                            let lines = memchr::memchr_iter(b'\n', &map[start..end]).count();
+                            release_pages(map, start, end);
+                            lines as u64
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        counting
+            .into_iter()
+            .flat_map(|t| t.join().expect("counting lines does not panic"))
+            .collect()
+    })
 }
 
 /// Drops a slice's pages from this process's resident set once read, so RSS follows the
