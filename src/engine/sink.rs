@@ -10,21 +10,7 @@ use super::dataflow::RunShared;
 use crate::deid::rules::FastSet;
 use crate::etl::rows::TableChunk;
 use crate::fhir::Shape;
-use crate::output::{OnWritten, OutputFormat, RowBatch, TableWriter};
-
-/// A task holding this fraction of the budget is written without waiting for a source to run
-/// out of memory. Waiting meant the other worker sat idle while this one wrote a batch that
-/// held the whole budget (1 GB to Parquet: one worker idle for about 0.75 s of a 5 s run);
-/// written at a quarter, the other three quarters keep the readers going. Not for NDJSON:
-/// writing text is quick, and early writes only raised its peak RSS (485 vs 395 MiB).
-const LARGE_TASK_FRACTION: u64 = 4;
-
-/// Early writes happen only when that quarter is at least this large (a budget of 320 MiB or
-/// more, so the default budget has them): smaller early batches cost more in files and commits
-/// than the idle time they save
-/// (1 GB to Delta, four runs each: at 384 MiB 6.55 s and 345 MiB with early writes against
-/// 7.08 s and 377 MiB without; at 256 MiB 9.06 s and 343 MiB against 8.39 s and 312 MiB).
-const MIN_EARLY_WRITE: u64 = 80 << 20;
+use crate::output::{OnWritten, RowBatch, TableWriter};
 
 /// Pending rows and open writers of the tasks routed to one worker.
 pub struct SinkState {
@@ -121,25 +107,27 @@ impl SinkState {
     }
 
     /// Writes early, so the budget can drain: the task holding the most budget, once a source
-    /// is waiting for memory or once that task holds a quarter of a large enough budget (see
-    /// `MIN_EARLY_WRITE`). Writing every task at once would cut all tables into small batches
-    /// (small files, many Delta commits) where one large batch frees as much.
+    /// is waiting for memory. Writing every task at once would cut all tables into small
+    /// batches (small files, many Delta commits) where one large batch frees as much.
+    ///
+    /// Writing a task once it held a quarter of the budget, without waiting for pressure, was
+    /// tried and removed: with sinks balanced by resources it no longer saved idle time
+    /// (Parquet, four alternating pairs: 4.13 to 4.94 s either way), and its smaller Delta
+    /// batches gave medication requests nine files, so the end of the run compacted them
+    /// (1.2 s on one core; Delta, four pairs: 5.71 to 7.04 s and 8.2 to 10.1 s of user CPU
+    /// without, 6.14 to 6.70 s and 9.3 to 10.6 s with).
     pub fn relieve_pressure(&mut self) {
         let pressure = self.shared.budget.pressure();
+        if pressure == self.seen_pressure {
+            return;
+        }
         let largest = self
             .tasks
             .iter()
             .map(|(id, task)| (task.pending_reserved(), *id))
             .filter(|(reserved, _)| *reserved > 0)
             .max();
-        let Some((reserved, task_id)) = largest else {
-            return;
-        };
-        let early = self.shared.budget.limit() / LARGE_TASK_FRACTION;
-        let large = self.shared.outputs.format != OutputFormat::Ndjson
-            && early >= MIN_EARLY_WRITE
-            && reserved >= early;
-        if pressure != self.seen_pressure || large {
+        if let Some((_, task_id)) = largest {
             self.seen_pressure = pressure;
             self.flush(task_id);
         }
