@@ -13,4 +13,6 @@ pub mod nlp;
 pub mod output;
 pub mod store;
 pub mod tasks;
+#[cfg(test)]
+mod test_data;
 pub mod time;

@@ -78,6 +78,11 @@ pub struct Codebook {
 /// Heap bytes an id mapping takes beyond its text: two string allocations and a hash map slot.
 const MAPPING_OVERHEAD: u64 = 96;
 
+/// Heap bytes one id mapping holds.
+fn mapping_bytes(real_id: &str, fake: &str) -> u64 {
+    (real_id.len() + fake.len()) as u64 + MAPPING_OVERHEAD
+}
+
 impl Codebook {
     /// Opens (or starts) the codebook of a PHI folder. With `cache_ids`, new Patient/Encounter
     /// mappings are recorded in `codebook-cached-mappings.json`.
@@ -159,18 +164,12 @@ impl Codebook {
                 })
                 .unwrap_or_default()
         });
-        let text = |k: &String, fake: &String| (k.len() + fake.len()) as u64 + MAPPING_OVERHEAD;
-        let mapping_text = legacy
-            .iter()
-            .flatten()
-            .map(|(k, v)| text(k, v))
-            .sum::<u64>()
-            + cached
-                .iter()
-                .flatten()
-                .flatten()
-                .map(|(k, m)| text(k, &m.fake))
-                .sum::<u64>();
+        let legacy_ids = legacy.iter().flatten();
+        let cached_ids = cached.iter().flatten().flatten().map(|(k, m)| (k, &m.fake));
+        let mapping_text = legacy_ids
+            .chain(cached_ids)
+            .map(|(k, fake)| mapping_bytes(k, fake))
+            .sum();
         Ok(Codebook {
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             dir,
@@ -278,7 +277,7 @@ impl Codebook {
                     checked: true,
                 };
                 if guard[slot].insert(real_id.to_string(), mapping).is_none() {
-                    let bytes = (real_id.len() + fake.len()) as u64 + MAPPING_OVERHEAD;
+                    let bytes = mapping_bytes(real_id, &fake);
                     self.mapping_text.fetch_add(bytes, Ordering::Relaxed);
                 }
                 self.mappings_modified.store(true, Ordering::Release);

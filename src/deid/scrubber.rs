@@ -306,7 +306,7 @@ impl Scrubber {
             write_key(doc, entry.key, out);
             let key = doc.str(entry.key);
             let is_list = doc.token(entry.value).kind == Kind::Array;
-            let add_marker = needs_marker && key == "extension" && is_list;
+            let add_marker = needs_marker && entry.extension && is_list;
             let shape = pass.known_child(frame.shape, &key);
             if add_marker {
                 pass.note_marker(shape);
@@ -622,7 +622,7 @@ impl Scrubber {
             Treatment::MaskNote => write_kept(doc, item, trimmed, out),
             Treatment::AnonId => {
                 let id = self.codebook.fake_id(ctx.rtype, need_str()?, true);
-                write_plain_str(&id, out);
+                write_str(out, &id);
                 if ctx.top && ctx.key == "id" {
                     pass.id = Some(id);
                 }
@@ -829,13 +829,6 @@ fn write_key_text(doc: &Doc<'_>, key: usize, out: &mut Vec<u8>) {
         write_str(&mut quoted, &doc.str(key));
         out.extend_from_slice(&quoted[1..quoted.len() - 1]);
     }
-}
-
-/// Writes a string known to be printable ASCII (hex ids).
-fn write_plain_str(s: &str, out: &mut Vec<u8>) {
-    out.push(b'"');
-    out.extend_from_slice(s.as_bytes());
-    out.push(b'"');
 }
 
 /// Writes a kept primitive: strings trimmed, other values as serde_json would print them.

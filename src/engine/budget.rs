@@ -2,7 +2,7 @@
 //! sinks release after the rows are written, so input is only read as fast as it is written.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use timely::scheduling::SyncActivator;
 
@@ -13,7 +13,7 @@ pub struct MemoryBudget {
     /// Memory held for the whole run outside any reservation (the codebook's id mappings).
     standing: AtomicU64,
     /// Standing memory has passed half the budget (said once).
-    standing_warned: std::sync::atomic::AtomicBool,
+    standing_warned: AtomicBool,
     /// Bumped whenever a reservation is refused; sinks flush early when they see it change.
     pressure: AtomicU64,
     peak: AtomicU64,
@@ -37,7 +37,7 @@ impl MemoryBudget {
             limit,
             used: Mutex::new(0),
             standing: AtomicU64::new(0),
-            standing_warned: std::sync::atomic::AtomicBool::new(false),
+            standing_warned: AtomicBool::new(false),
             pressure: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             oversized: AtomicU64::new(0),
@@ -100,6 +100,14 @@ impl MemoryBudget {
     pub fn release(&self, bytes: u64) {
         let mut used = self.used.lock().unwrap();
         *used = used.saturating_sub(bytes);
+    }
+
+    /// Counts the codebook's id mappings as standing memory (at the start of a run and after
+    /// every codebook save), saying so once they take more than half the budget.
+    pub fn hold_codebook(&self, codebook: &crate::deid::Codebook) {
+        if let Some(warning) = self.set_standing(codebook.held_bytes()) {
+            eprintln!("{warning}");
+        }
     }
 
     /// Bytes currently reserved (standing memory not included).

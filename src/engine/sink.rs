@@ -153,9 +153,7 @@ impl SinkState {
         if let Err(e) = codebook.save() {
             eprintln!("error: could not save the codebook: {e:#}");
         }
-        if let Some(warning) = shared.budget.set_standing(codebook.held_bytes()) {
-            eprintln!("{warning}");
-        }
+        shared.budget.hold_codebook(codebook);
         let ctx = &shared.tasks[task_id as usize];
         let mut tables = vec![ctx.table.clone()];
         if ctx.completion.is_some() {

@@ -211,9 +211,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         })
         .collect();
     let budget = MemoryBudget::new(opts.memory);
-    if let Some(warning) = budget.set_standing(codebook.held_bytes()) {
-        eprintln!("{warning}");
-    }
+    budget.hold_codebook(&codebook);
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
     let work = bundles::plan(&found.files, bundle_bytes)?;
     let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();

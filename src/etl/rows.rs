@@ -385,15 +385,10 @@ mod tests {
 
     #[test]
     fn the_shape_has_every_key_of_the_synthea_sample() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/synthea-10");
-        let mut rows = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            if let Some((resource_type, _)) = name.split_once(".000.ndjson") {
-                rows += assert_shape_is_complete(resource_type, &std::fs::read(&path).unwrap());
-            }
-        }
+        let rows: usize = crate::test_data::synthea_files()
+            .iter()
+            .map(|(resource_type, bytes)| assert_shape_is_complete(resource_type, bytes))
+            .sum();
         assert!(rows > 1000);
     }
 

@@ -186,17 +186,12 @@ mod tests {
 
     #[test]
     fn the_synthea_sample_scans_as_it_tokenizes() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/synthea-10");
         let mut rows = Vec::new();
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "ndjson") {
-                let text = std::fs::read(&path).unwrap();
-                for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                    // Compact it as the scrubber writes rows.
-                    let value: serde_json::Value = serde_json::from_slice(line).unwrap();
-                    rows.push(serde_json::to_vec(&value).unwrap());
-                }
+        for (_, text) in crate::test_data::synthea_files() {
+            for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                // Compact it as the scrubber writes rows.
+                let value: serde_json::Value = serde_json::from_slice(line).unwrap();
+                rows.push(serde_json::to_vec(&value).unwrap());
             }
         }
         let rows: Vec<&[u8]> = rows.iter().map(Vec::as_slice).collect();

@@ -310,9 +310,11 @@ fn run_study(
         DeltaSettings::for_budget(opts.memory, &started.folder_name())
             .with_merge_rows(opts.batch_size),
     )?;
+    let budget = MemoryBudget::new(opts.memory);
+    budget.hold_codebook(codebook);
     let shared = Arc::new(RunShared::new(
         Scrubber::new(Rules::embedded()?, codebook.clone(), false),
-        MemoryBudget::new(opts.memory),
+        budget,
         work,
         contexts,
         outputs,

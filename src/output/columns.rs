@@ -579,15 +579,9 @@ mod tests {
     #[test]
     fn synthea_rows_decode_as_arrow_json_decodes_them() {
         use crate::fhir::{ElementModel, Shape, resource_schema};
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/synthea-10");
         let mut checked = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            let Some(resource_type) = name.strip_suffix(".000.ndjson") else {
-                continue;
-            };
-            let text = std::fs::read(&path).unwrap();
+        for (resource_type, text) in crate::test_data::synthea_files() {
+            let resource_type = resource_type.as_str();
             let rows: Vec<&[u8]> = text
                 .split(|&b| b == b'\n')
                 .filter(|l| !l.is_empty())
