@@ -118,7 +118,7 @@ impl SinkState {
     /// without, 6.14 to 6.70 s and 9.3 to 10.6 s with).
     pub fn relieve_pressure(&mut self) {
         let pressure = self.shared.budget.pressure();
-        if pressure == self.seen_pressure {
+        if pressure == self.seen_pressure || self.shared.budget.mostly_writing() {
             return;
         }
         let largest = self
@@ -172,6 +172,7 @@ impl SinkState {
                 shared.budget.release(reserved);
                 continue;
             }
+            shared.budget.start_writing(reserved);
             let mut shape = Shape::default();
             chunks.iter().for_each(|c| shape.merge(&c.shape));
             let on_written = written_callback(
@@ -247,12 +248,12 @@ fn written_callback(
             }
         }
         if chunks.is_some() {
-            shared.budget.release(reserved);
+            shared.budget.release_written(reserved);
         }
     })
     .on_staged(move || {
         if staged_held.lock().unwrap().take().is_some() {
-            staged_shared.budget.release(reserved);
+            staged_shared.budget.release_written(reserved);
         }
     })
 }
