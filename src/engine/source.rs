@@ -98,14 +98,16 @@ impl RowProducer for FhirRows {
     }
 }
 
-/// Shrinks the reservation a bundle's chunks carry to what they hold, times the output format's
-/// factor. A bundle is reserved at its input size before it is read, but de-identified rows are
+/// Shrinks the reservation a bundle's chunks carry to what they hold, as the output format reserves
+/// it. A bundle is reserved at its input size before it is read, but de-identified rows are
 /// often much smaller (notes lose their attachments), and budget held for bytes that no longer
 /// exist only makes the sinks write smaller batches under pressure.
 fn right_size_reservation(shared: &RunShared, chunks: &mut [TableChunk]) {
     let reserved: u64 = chunks.iter().map(|c| c.reserved).sum();
-    let held: u64 = chunks.iter().map(TableChunk::held_bytes).sum::<u64>()
-        * shared.outputs.format.budget_factor();
+    let held = shared
+        .outputs
+        .format
+        .reservation(chunks.iter().map(TableChunk::held_bytes).sum());
     if held >= reserved {
         return;
     }
@@ -149,7 +151,7 @@ impl SourceState {
         let budget = &self.shared.budget;
         let bundle_bytes = self.shared.bundle_bytes;
         if let Some((file, mut reader)) = self.stream.take() {
-            let reserved = bundle_bytes as u64 * self.shared.outputs.format.budget_factor();
+            let reserved = self.shared.outputs.format.reservation(bundle_bytes as u64);
             if budget.try_reserve(reserved) == Reservation::Refused {
                 self.stream = Some((file, reader));
                 return Step::Wait;
@@ -196,7 +198,7 @@ impl SourceState {
                 first_line,
                 lines,
             } => {
-                let reserved = (end - start) as u64 * self.shared.outputs.format.budget_factor();
+                let reserved = self.shared.outputs.format.reservation((end - start) as u64);
                 match budget.try_reserve(reserved) {
                     Reservation::Refused => {
                         let item = WorkItem::Slice {

@@ -35,16 +35,20 @@ impl OutputFormat {
         }
     }
 
-    /// Budget bytes reserved per byte of rows in flight. Rows written as text cost their size;
-    /// Arrow conversion, Parquet encoding and Delta commits hold several copies of a batch,
-    /// which the budget must count for peak RSS to follow `--memory`. (Delta at 3 peaked at
-    /// 430 to 445 MiB with a 384 MiB budget on 1 GB, at 4 at 343 to 366 MiB, as fast.)
-    pub fn budget_factor(self) -> u64 {
-        match self {
-            OutputFormat::Ndjson => 1,
-            OutputFormat::Parquet => 2,
-            OutputFormat::Deltalake => 4,
-        }
+    /// Budget bytes reserved for `bytes` of input or rows in flight. Rows written as text
+    /// cost their size plus what comes with them (ids, batch shapes, allocator slack: at 1x,
+    /// NDJSON's peak RSS ran 60 to 75 MiB over a 352 MiB budget on 1 GB, 416 to 427 MiB, and
+    /// at 5/4 it stays near the budget, as fast). Arrow conversion, Parquet encoding and Delta
+    /// commits hold several copies of a batch, which the budget must count for peak RSS to
+    /// follow `--memory`. (Delta at 3x peaked at 430 to 445 MiB with a 384 MiB budget on 1 GB,
+    /// at 4x at 343 to 366 MiB, as fast.)
+    pub fn reservation(self, bytes: u64) -> u64 {
+        let quarters = match self {
+            OutputFormat::Ndjson => 5,
+            OutputFormat::Parquet => 8,
+            OutputFormat::Deltalake => 16,
+        };
+        bytes * quarters / 4
     }
 }
 
