@@ -265,6 +265,11 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
                 task.name
             );
         }
+        // Delta commits run beside the workers: the completion row, which tells readers the
+        // task's rows are loaded, waits until they are committed.
+        for table in task.tables() {
+            shared.open_writer(&table, ctx)?.flush();
+        }
         write_completion_row(
             &shared.outputs,
             task,
