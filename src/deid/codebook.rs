@@ -1,6 +1,7 @@
 //! The codebook: the salt that makes anonymous ids, plus the reversible Patient/Encounter
 //! mappings, stored in the PHI folder in the same files Cumulus ETL uses.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
 use super::rules::FastMap;
+use super::sorted_mappings::SortedMappings;
 use crate::{json, store};
 
 const CODEBOOK_FILE: &str = "codebook.json";
@@ -71,6 +73,11 @@ pub struct Codebook {
     cached: Option<RwLock<[FastMap<String, Mapping>; 2]>>,
     settings_modified: AtomicBool,
     mappings_modified: AtomicBool,
+    /// Real ids whose cached mapping was added or corrected since the last save, per type.
+    unsaved: Mutex<[Vec<String>; 2]>,
+    /// The cached mappings as last saved, sorted, per type; locked through a save, so saves
+    /// are written in turn and the last one written is the newest.
+    saved: Mutex<[SortedMappings; 2]>,
     /// Text bytes of the id mappings held (legacy and cached), for `held_bytes`.
     mapping_text: AtomicU64,
 }
@@ -164,6 +171,12 @@ impl Codebook {
                 })
                 .unwrap_or_default()
         });
+        // Mappings read from the file go into the first save, which sorts them all once (the
+        // file may come from Cumulus ETL, which keeps them in the order it met them).
+        let unsaved = cached
+            .as_ref()
+            .map(|maps| maps.each_ref().map(|ids| ids.keys().cloned().collect()))
+            .unwrap_or_default();
         let legacy_ids = legacy.iter().flatten();
         let cached_ids = cached.iter().flatten().flatten().map(|(k, m)| (k, &m.fake));
         let mapping_text = legacy_ids
@@ -179,6 +192,8 @@ impl Codebook {
             cached: cached.map(RwLock::new),
             settings_modified: AtomicBool::new(settings_modified),
             mappings_modified: AtomicBool::new(false),
+            unsaved: Mutex::new(unsaved),
+            saved: Mutex::default(),
             mapping_text: AtomicU64::new(mapping_text),
         })
     }
@@ -280,6 +295,7 @@ impl Codebook {
                     let bytes = mapping_bytes(real_id, &fake);
                     self.mapping_text.fetch_add(bytes, Ordering::Relaxed);
                 }
+                self.unsaved.lock().unwrap()[slot].push(real_id.to_string());
                 self.mappings_modified.store(true, Ordering::Release);
             }
         }
@@ -287,7 +303,7 @@ impl Codebook {
     }
 
     /// Memory the codebook holds for the whole run: its Patient and Encounter id mappings, and
-    /// as much again for the copy a save builds. It grows with the number of patients and
+    /// about as much again for their sorted text kept for saves and the copy a save builds. It grows with the number of patients and
     /// encounters, not with the batch, so the memory budget counts it apart (a million
     /// encounters take about 200 MiB).
     pub fn held_bytes(&self) -> u64 {
@@ -305,57 +321,67 @@ impl Codebook {
         if self.mappings_modified.swap(false, Ordering::AcqRel)
             && let Some(cached) = &self.cached
         {
-            let text = mappings_json(&cached.read().unwrap());
-            store::write_atomic(&dir.join(CACHED_MAPPINGS_FILE), &text)?;
+            let mut saved = self.saved.lock().unwrap();
+            let unsaved = std::mem::take(&mut *self.unsaved.lock().unwrap());
+            {
+                let maps = cached.read().unwrap();
+                for (slot, ids) in unsaved.iter().enumerate() {
+                    saved[slot].merge(&sorted_mappings(&maps[slot], ids));
+                }
+            }
+            let parts = mappings_json(&saved);
+            let parts: Vec<&[u8]> = parts.iter().map(AsRef::as_ref).collect();
+            store::write_atomic_parts(&dir.join(CACHED_MAPPINGS_FILE), &parts)?;
         }
         Ok(())
     }
 }
 
-/// The cached mappings as `codebook-cached-mappings.json` holds them: `{type: {real: fake}}`,
-/// types and ids sorted, so the file does not depend on which worker saw an id first.
-/// Written by hand: a save comes before every batch write and holds every mapping of the run
-/// (13 MB on a 1 GB export), and through serde's maps it took 5% of a run's CPU time.
-fn mappings_json(maps: &[FastMap<String, Mapping>; 2]) -> Vec<u8> {
-    let mut types: Vec<(&str, &FastMap<String, Mapping>)> = REVERSIBLE_TYPES
+/// The current mappings of `ids`, sorted by real id, without repeats. Sorting on an 8-byte
+/// prefix held in the vector touches each id's own memory only on ties.
+fn sorted_mappings<'m>(
+    map: &'m FastMap<String, Mapping>,
+    ids: &[String],
+) -> Vec<(&'m str, &'m str)> {
+    let mut sorted: Vec<(u64, &str, &str)> = ids
+        .iter()
+        .filter_map(|id| map.get_key_value(id.as_str()))
+        .map(|(real, m)| (sort_prefix(real), real.as_str(), m.fake.as_str()))
+        .collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    sorted.dedup_by(|a, b| a.1 == b.1);
+    sorted
+        .into_iter()
+        .map(|(_, real, fake)| (real, fake))
+        .collect()
+}
+
+/// `codebook-cached-mappings.json` in pieces: `{type: {real: fake}}`, types and ids sorted, so
+/// the file does not depend on which worker saw an id first. The sorted mappings are written as
+/// they are kept, not copied into one buffer.
+fn mappings_json(saved: &[SortedMappings; 2]) -> Vec<Cow<'_, [u8]>> {
+    let mut types: Vec<(&str, &SortedMappings)> = REVERSIBLE_TYPES
         .iter()
         .copied()
-        .zip(maps)
+        .zip(saved)
         .filter(|(_, ids)| !ids.is_empty())
         .collect();
     types.sort_unstable_by_key(|(t, _)| *t);
-    let bytes: usize = maps
-        .iter()
-        .flatten()
-        .map(|(k, m)| k.len() + m.fake.len() + 6)
-        .sum();
-    let mut out = Vec::with_capacity(bytes + 32);
-    out.push(b'{');
+    let mut parts = Vec::new();
     for (n, (resource_type, ids)) in types.into_iter().enumerate() {
-        if n > 0 {
-            out.push(b',');
-        }
-        json::write_str(&mut out, resource_type);
-        out.extend_from_slice(b":{");
-        // Sorting on an 8-byte prefix held in the vector first touches each id's own memory
-        // only on ties, instead of at every comparison.
-        let mut sorted: Vec<(u64, &str, &str)> = ids
-            .iter()
-            .map(|(real, m)| (sort_prefix(real), real.as_str(), m.fake.as_str()))
-            .collect();
-        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-        for (i, (_, real, fake)) in sorted.into_iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            json::write_str(&mut out, real);
-            out.push(b':');
-            json::write_str(&mut out, fake);
-        }
-        out.push(b'}');
+        let mut head = vec![if n == 0 { b'{' } else { b',' }];
+        json::write_str(&mut head, resource_type);
+        head.extend_from_slice(b":{");
+        parts.push(Cow::Owned(head));
+        parts.push(Cow::Borrowed(ids.body()));
+        parts.push(Cow::Borrowed(&b"}"[..]));
     }
-    out.push(b'}');
-    out
+    parts.push(Cow::Borrowed(if parts.is_empty() {
+        &b"{}"[..]
+    } else {
+        &b"}"[..]
+    }));
+    parts
 }
 
 /// The first 8 bytes of `text`, zero-padded, as a big-endian number: ordering by it and then
@@ -545,6 +571,42 @@ mod tests {
             String::from_utf8(saved).unwrap(),
             serde_json::to_string(&expected).unwrap()
         );
+    }
+
+    #[test]
+    fn saves_merge_new_mappings_into_a_file_kept_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // As Cumulus ETL leaves it: ids in the order they were met.
+        std::fs::write(
+            dir.path().join(CACHED_MAPPINGS_FILE),
+            r#"{"Patient":{"z":"fz","a":"fa"}}"#,
+        )
+        .unwrap();
+        let cb = Codebook::open(dir.path(), true).unwrap();
+        let mut expected: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+        expected.insert(
+            "Patient",
+            [("z", "fz"), ("a", "fa")]
+                .map(|(k, v)| (k.into(), v.into()))
+                .into(),
+        );
+        for round in [&["m", "b"][..], &["zz", "a0"][..], &["c"][..]] {
+            for id in round {
+                let fake = cb.fake_id("Patient", id, true);
+                expected
+                    .get_mut("Patient")
+                    .unwrap()
+                    .insert(id.to_string(), fake);
+            }
+            let encounter = cb.fake_id("Encounter", &format!("e-{}", round[0]), true);
+            expected
+                .entry("Encounter")
+                .or_default()
+                .insert(format!("e-{}", round[0]), encounter);
+            cb.save().unwrap();
+            let saved = std::fs::read_to_string(dir.path().join(CACHED_MAPPINGS_FILE)).unwrap();
+            assert_eq!(saved, serde_json::to_string(&expected).unwrap());
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod codebook;
 pub mod rules;
 pub mod scrubber;
+mod sorted_mappings;
 
 pub use codebook::Codebook;
 pub use rules::Rules;

@@ -68,6 +68,11 @@ pub fn is_empty_dir(path: &Path) -> Result<bool> {
 
 /// Writes a file so that readers see either the old or the new content, never a torn one.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_parts(path, &[data])
+}
+
+/// As `write_atomic`, for content in pieces (large files need not be joined in memory first).
+pub fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = path
@@ -77,7 +82,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     {
         let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(data)?;
+        for part in parts {
+            f.write_all(part)?;
+        }
         f.sync_all().ok();
     }
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
