@@ -248,6 +248,14 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     outcome?;
 
     // Finishing: tables that got no rows, deletions, completion rows, summaries.
+    let completion = Completion {
+        group: &group,
+        export_time: &export_time,
+        export_url: export_url.as_deref(),
+        started: &started,
+        exclusions: &exclusions,
+    };
+    let mut completion_rows = Vec::new();
     for (task, ctx) in selected.iter().zip(&shared.tasks) {
         for table in task.tables() {
             shared.touch_if_empty(&table, ctx)?;
@@ -270,24 +278,17 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         for table in task.tables() {
             shared.open_writer(&table, ctx)?.flush();
         }
-        write_completion_row(
-            &shared.outputs,
-            task,
-            &group,
-            &export_time,
-            export_url.as_deref(),
-            &started,
-            &exclusions,
-        )
-        .map_err(|e| {
-            eprintln!(
-                "error: could not write {COMPLETION_TABLE} for {}: {e:#}",
-                task.name
-            );
-            shared.stats.lock().unwrap().summary(&task.name).had_errors = true;
-        })
-        .ok();
+        let row = completion.row(task);
+        if opts.output_format == OutputFormat::Deltalake {
+            completion_rows.push((task, row));
+        } else {
+            // Batched-file formats get a file per task, as Cumulus ETL writes them.
+            write_completion_rows(&shared, &[(task, row)]);
+        }
     }
+    // Delta gets the run's completion rows in one commit, not one per task: fourteen one-row
+    // commits cost more than the rows, and their files made every run compact the table.
+    write_completion_rows(&shared, &completion_rows);
     if opts.output_format == OutputFormat::Deltalake {
         eprintln!(
             "Finishing Delta tables ({})...",
@@ -409,35 +410,60 @@ pub fn open_errors_folder(errors_to: &Option<PathBuf>) -> Result<Option<std::fs:
         .map_err(|e| Fatal::new(ExitCode::Failure, e.to_string()))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_completion_row(
-    outputs: &Outputs,
-    task: &Task,
-    group: &str,
-    export_time: &PyDateTime,
-    export_url: Option<&str>,
-    started: &PyDateTime,
-    exclusions: &str,
-) -> anyhow::Result<()> {
-    let row = json!({
-        "table_name": task.name,
-        "group_name": group,
-        "export_time": export_time.isoformat(),
-        "export_url": export_url,
-        "etl_version": env!("CARGO_PKG_VERSION"),
-        "etl_time": started.isoformat(),
-        "excluded_resources": exclusions,
-    });
-    let mut text = Vec::new();
-    crate::json::write_compact_ascii(&mut text, &strip_nulls(row));
-    let mut writer = outputs.open(COMPLETION_TABLE, TableKind::Completion)?;
-    write_and_wait(
-        writer.as_mut(),
-        &RowBatch {
-            rows: vec![&text],
-            shape: &Shape::default(),
-        },
-    )
+/// What the run's `etl__completion` rows share.
+struct Completion<'a> {
+    group: &'a str,
+    export_time: &'a PyDateTime,
+    export_url: Option<&'a str>,
+    started: &'a PyDateTime,
+    exclusions: &'a str,
+}
+
+impl Completion<'_> {
+    /// The completion row of a task, as compact JSON.
+    fn row(&self, task: &Task) -> Vec<u8> {
+        let row = json!({
+            "table_name": task.name,
+            "group_name": self.group,
+            "export_time": self.export_time.isoformat(),
+            "export_url": self.export_url,
+            "etl_version": env!("CARGO_PKG_VERSION"),
+            "etl_time": self.started.isoformat(),
+            "excluded_resources": self.exclusions,
+        });
+        let mut text = Vec::new();
+        crate::json::write_compact_ascii(&mut text, &strip_nulls(row));
+        text
+    }
+}
+
+/// Writes completion rows as one batch and waits for it; a failure is reported and flags the
+/// summaries of the tasks whose rows it held.
+fn write_completion_rows(shared: &RunShared, rows: &[(&Task, Vec<u8>)]) {
+    if rows.is_empty() {
+        return;
+    }
+    let written = shared
+        .outputs
+        .open(COMPLETION_TABLE, TableKind::Completion)
+        .and_then(|mut writer| {
+            write_and_wait(
+                writer.as_mut(),
+                &RowBatch {
+                    rows: rows.iter().map(|(_, row)| row.as_slice()).collect(),
+                    shape: &Shape::default(),
+                },
+            )
+        });
+    if let Err(e) = written {
+        for (task, _) in rows {
+            eprintln!(
+                "error: could not write {COMPLETION_TABLE} for {}: {e:#}",
+                task.name
+            );
+            shared.stats.lock().unwrap().summary(&task.name).had_errors = true;
+        }
+    }
 }
 
 fn strip_nulls(mut v: serde_json::Value) -> serde_json::Value {

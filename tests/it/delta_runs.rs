@@ -99,8 +99,16 @@ fn synthea_into_delta_matches_ndjson_and_a_second_run_changes_nothing() {
     assert_eq!(manifest.lines().count(), delta_live_files(&patient).len());
     assert!(patient.join("_delta_log/_last_checkpoint").exists());
     let completion_rows = || crate::support::read_delta_rows(&dl.join("etl__completion")).len();
+    // One completion row per task (every table but the etl__ ones), committed together.
+    let mut logged: Vec<String> = crate::support::read_delta_rows(&dl.join("etl__completion"))
+        .iter()
+        .map(|row| row["table_name"].as_str().unwrap().to_string())
+        .collect();
+    logged.sort();
+    let task_tables: Vec<&String> = first.keys().filter(|t| !t.starts_with("etl__")).collect();
+    assert_eq!(logged.iter().collect::<Vec<_>>(), task_tables);
+    assert_eq!(delta_live_files(&dl.join("etl__completion")).len(), 1);
     let tasks = completion_rows();
-    assert!(tasks > 0);
 
     // The same export again: every table keeps its rows and their content.
     let run = run_etl(&etl_args(&synthea(), &dl, &phi, &["--batch-size", "400"]));
