@@ -22,10 +22,13 @@ impl From<anyhow::Error> for WriteFailure {
 
 type Done = Box<dyn FnOnce(Result<(), WriteFailure>) + Send>;
 
-/// The report hooks of one batch: `staged` at most once, then `done` exactly once.
+/// The report hooks of one batch: `staged` at most once, then `done` exactly once. A report
+/// dropped unanswered (a writer that panicked, a queue torn down) answers itself with a
+/// failure, so the batch's memory is released and its rows reach the errors folder instead of
+/// holding the budget for the rest of the run.
 pub struct OnWritten {
     staged: Option<Box<dyn FnOnce() + Send>>,
-    done: Done,
+    done: Option<Done>,
 }
 
 impl OnWritten {
@@ -33,7 +36,7 @@ impl OnWritten {
     pub fn new(done: impl FnOnce(Result<(), WriteFailure>) + Send + 'static) -> OnWritten {
         OnWritten {
             staged: None,
-            done: Box::new(done),
+            done: Some(Box::new(done)),
         }
     }
 
@@ -45,13 +48,13 @@ impl OnWritten {
 
     /// Wraps the outcome, e.g. to do more work once the batch is durable; keeps `staged`.
     pub fn then(
-        self,
+        mut self,
         next: impl FnOnce(Result<(), WriteFailure>) -> Result<(), WriteFailure> + Send + 'static,
     ) -> OnWritten {
-        let done = self.done;
+        let done = self.done.take();
         OnWritten {
-            staged: self.staged,
-            done: Box::new(move |result| done(next(result))),
+            staged: self.staged.take(),
+            done: done.map(|done| -> Done { Box::new(move |result| done(next(result))) }),
         }
     }
 
@@ -63,16 +66,30 @@ impl OnWritten {
     }
 
     /// The batch is durable (`Ok`) or failed with the caller's rows still in its hands.
-    pub fn done(self, result: Result<()>) {
-        (self.done)(result.map_err(WriteFailure::from))
+    pub fn done(mut self, result: Result<()>) {
+        self.answer(result.map_err(WriteFailure::from));
     }
 
     /// The batch failed after it was staged: its rows come back with the error.
-    pub fn failed_with_rows(self, error: anyhow::Error, rows: Vec<Vec<u8>>) {
-        (self.done)(Err(WriteFailure {
+    pub fn failed_with_rows(mut self, error: anyhow::Error, rows: Vec<Vec<u8>>) {
+        self.answer(Err(WriteFailure {
             error,
             rows: Some(rows),
-        }))
+        }));
+    }
+
+    fn answer(&mut self, result: Result<(), WriteFailure>) {
+        if let Some(done) = self.done.take() {
+            done(result);
+        }
+    }
+}
+
+impl Drop for OnWritten {
+    fn drop(&mut self) {
+        self.answer(Err(WriteFailure::from(anyhow::anyhow!(
+            "the table writer stopped before reporting this batch"
+        ))));
     }
 }
 
@@ -100,6 +117,29 @@ mod tests {
         report.staged();
         report.done(Ok(()));
         assert_eq!(*log.lock().unwrap(), ["staged", "then", "done late"]);
+    }
+
+    #[test]
+    fn a_report_dropped_unanswered_reports_a_failure_once() {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        let report = OnWritten::new(move |r| {
+            g.lock()
+                .unwrap()
+                .push(r.err().map(|f| f.error.to_string()).unwrap_or_default())
+        });
+        drop(report);
+        assert_eq!(
+            *got.lock().unwrap(),
+            ["the table writer stopped before reporting this batch"]
+        );
+        let g = got.clone();
+        OnWritten::new(move |_| g.lock().unwrap().push("answered".into())).done(Ok(()));
+        assert_eq!(
+            got.lock().unwrap().len(),
+            2,
+            "an answered report says nothing more"
+        );
     }
 
     #[test]
