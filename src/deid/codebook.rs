@@ -303,9 +303,9 @@ impl Codebook {
     }
 
     /// Memory the codebook holds for the whole run: its Patient and Encounter id mappings, and
-    /// about as much again for their sorted text kept for saves and the copy a save builds. It grows with the number of patients and
-    /// encounters, not with the batch, so the memory budget counts it apart (a million
-    /// encounters take about 200 MiB).
+    /// about as much again for their sorted text kept for saves and the copy a save builds. It
+    /// grows with the number of patients and encounters, not with the batch, so the memory
+    /// budget counts it apart (a million encounters take about 200 MiB).
     pub fn held_bytes(&self) -> u64 {
         2 * self.mapping_text.load(Ordering::Relaxed)
     }
@@ -331,7 +331,11 @@ impl Codebook {
             }
             let parts = mappings_json(&saved);
             let parts: Vec<&[u8]> = parts.iter().map(AsRef::as_ref).collect();
-            store::write_atomic_parts(&dir.join(CACHED_MAPPINGS_FILE), &parts)?;
+            if let Err(e) = store::write_atomic_parts(&dir.join(CACHED_MAPPINGS_FILE), &parts) {
+                // The merged mappings stay in memory; the next save writes them again.
+                self.mappings_modified.store(true, Ordering::Release);
+                return Err(e);
+            }
         }
         Ok(())
     }

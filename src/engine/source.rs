@@ -98,10 +98,10 @@ impl RowProducer for FhirRows {
     }
 }
 
-/// Shrinks the reservation a bundle's chunks carry to what they hold, as the output format reserves
-/// it. A bundle is reserved at its input size before it is read, but de-identified rows are
-/// often much smaller (notes lose their attachments), and budget held for bytes that no longer
-/// exist only makes the sinks write smaller batches under pressure.
+/// Shrinks the reservation a bundle's chunks carry to what the output format reserves for the
+/// bytes they hold. A bundle is reserved at its input size before it is read, but de-identified
+/// rows are often much smaller (notes lose their attachments), and budget held for bytes that
+/// no longer exist only makes the sinks write smaller batches under pressure.
 fn right_size_reservation(shared: &RunShared, chunks: &mut [TableChunk]) {
     let reserved: u64 = chunks.iter().map(|c| c.reserved).sum();
     let held = shared

@@ -273,13 +273,13 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
                 task.name
             );
         }
-        // Delta commits run beside the workers: the completion row, which tells readers the
-        // task's rows are loaded, waits until they are committed.
-        for table in task.tables() {
-            shared.open_writer(&table, ctx)?.flush();
-        }
         let row = completion.row(task);
         if opts.output_format == OutputFormat::Deltalake {
+            // Delta commits run beside the workers: the completion row, which tells readers
+            // the task's rows are loaded, waits until they are committed.
+            for table in task.tables() {
+                shared.open_writer(&table, ctx)?.flush();
+            }
             completion_rows.push((task, row));
         } else {
             // Batched-file formats get a file per task, as Cumulus ETL writes them.
