@@ -326,7 +326,11 @@ impl Codebook {
             {
                 let maps = cached.read().unwrap();
                 for (slot, ids) in unsaved.iter().enumerate() {
-                    saved[slot].merge(&sorted_mappings(&maps[slot], ids));
+                    let new = ids
+                        .iter()
+                        .filter_map(|id| maps[slot].get_key_value(id.as_str()))
+                        .map(|(real, m)| (real.as_str(), m.fake.as_str()));
+                    saved[slot].add(new.collect());
                 }
             }
             let parts = mappings_json(&saved);
@@ -339,25 +343,6 @@ impl Codebook {
         }
         Ok(())
     }
-}
-
-/// The current mappings of `ids`, sorted by real id, without repeats. Sorting on an 8-byte
-/// prefix held in the vector touches each id's own memory only on ties.
-fn sorted_mappings<'m>(
-    map: &'m FastMap<String, Mapping>,
-    ids: &[String],
-) -> Vec<(&'m str, &'m str)> {
-    let mut sorted: Vec<(u64, &str, &str)> = ids
-        .iter()
-        .filter_map(|id| map.get_key_value(id.as_str()))
-        .map(|(real, m)| (sort_prefix(real), real.as_str(), m.fake.as_str()))
-        .collect();
-    sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-    sorted.dedup_by(|a, b| a.1 == b.1);
-    sorted
-        .into_iter()
-        .map(|(_, real, fake)| (real, fake))
-        .collect()
 }
 
 /// `codebook-cached-mappings.json` in pieces: `{type: {real: fake}}`, types and ids sorted, so
@@ -386,15 +371,6 @@ fn mappings_json(saved: &[SortedMappings; 2]) -> Vec<Cow<'_, [u8]>> {
         &b"}"[..]
     }));
     parts
-}
-
-/// The first 8 bytes of `text`, zero-padded, as a big-endian number: ordering by it and then
-/// by the whole text is the same as ordering by the text.
-fn sort_prefix(text: &str) -> u64 {
-    let mut prefix = [0u8; 8];
-    let head = &text.as_bytes()[..text.len().min(8)];
-    prefix[..head.len()].copy_from_slice(head);
-    u64::from_be_bytes(prefix)
 }
 
 /// One saved Patient/Encounter mapping.
@@ -611,24 +587,6 @@ mod tests {
             let saved = std::fs::read_to_string(dir.path().join(CACHED_MAPPINGS_FILE)).unwrap();
             assert_eq!(saved, serde_json::to_string(&expected).unwrap());
         }
-    }
-
-    #[test]
-    fn sort_prefix_orders_like_the_text() {
-        let mut texts = [
-            "",
-            "a",
-            "a\0",
-            "ab",
-            "aa\u{ff}",
-            "abcdefgh",
-            "abcdefgg\u{ff}",
-            "b",
-        ];
-        let mut by_prefix = texts;
-        by_prefix.sort_by(|a, b| sort_prefix(a).cmp(&sort_prefix(b)).then_with(|| a.cmp(b)));
-        texts.sort();
-        assert_eq!(by_prefix, texts);
     }
 
     #[test]

@@ -29,9 +29,22 @@ impl SortedMappings {
         self.len == 0
     }
 
-    /// Merges `new` mappings, sorted by real id and without repeats, into the body; a new
-    /// mapping replaces a saved one of the same real id.
-    pub fn merge(&mut self, new: &[(&str, &str)]) {
+    /// Adds `(real, fake)` mappings in any order, repeats allowed; a new mapping replaces a
+    /// saved one of the same real id. Sorting on an 8-byte prefix held in the vector touches
+    /// each id's own memory only on ties.
+    pub fn add(&mut self, new: Vec<(&str, &str)>) {
+        let mut sorted: Vec<(u64, &str, &str)> = new
+            .into_iter()
+            .map(|(real, fake)| (sort_prefix(real), real, fake))
+            .collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+        sorted.dedup_by(|a, b| a.1 == b.1);
+        let sorted: Vec<(&str, &str)> = sorted.into_iter().map(|(_, r, f)| (r, f)).collect();
+        self.merge(&sorted);
+    }
+
+    /// Merges `new` mappings, sorted by real id and without repeats, into the body.
+    fn merge(&mut self, new: &[(&str, &str)]) {
         if new.is_empty() {
             return;
         }
@@ -70,6 +83,15 @@ impl SortedMappings {
         self.body = out;
         self.len = len;
     }
+}
+
+/// The first 8 bytes of `text`, zero-padded, as a big-endian number: ordering by it and then
+/// by the whole text is the same as ordering by the text.
+fn sort_prefix(text: &str) -> u64 {
+    let mut prefix = [0u8; 8];
+    let head = &text.as_bytes()[..text.len().min(8)];
+    prefix[..head.len()].copy_from_slice(head);
+    u64::from_be_bytes(prefix)
 }
 
 /// Bytes an entry takes at most when written (ids without escapes; a guess for sizing only).
@@ -122,18 +144,36 @@ mod tests {
     }
 
     #[test]
+    fn sort_prefix_orders_like_the_text() {
+        let mut texts = [
+            "",
+            "a",
+            "a\0",
+            "ab",
+            "aa\u{ff}",
+            "abcdefgh",
+            "abcdefgg\u{ff}",
+            "b",
+        ];
+        let mut by_prefix = texts;
+        by_prefix.sort_by(|a, b| sort_prefix(a).cmp(&sort_prefix(b)).then_with(|| a.cmp(b)));
+        texts.sort();
+        assert_eq!(by_prefix, texts);
+    }
+
+    #[test]
     fn merging_keeps_the_body_sorted_and_lets_new_mappings_win() {
         let mut saved = SortedMappings::default();
         let mut expected = BTreeMap::new();
         let rounds: [&[(&str, &str)]; 4] = [
-            &[("b", "1"), ("d", "2")],
-            &[("a", "3"), ("c", "4"), ("e", "5")],
+            &[("d", "2"), ("b", "1"), ("d", "2")],
+            &[("e", "5"), ("a", "3"), ("c", "4")],
             // Escaped ids sort by their text, not by their escapes.
             &[("b", "6"), ("q\"x", "7"), ("q\\x", "8")],
             &[],
         ];
         for round in rounds {
-            saved.merge(round);
+            saved.add(round.to_vec());
             expected.extend(round.iter().copied());
             assert_eq!(object(&saved), serde_json::to_string(&expected).unwrap());
             assert_eq!(saved.is_empty(), expected.is_empty());

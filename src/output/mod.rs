@@ -83,6 +83,11 @@ pub struct RowBatch<'a> {
 
 pub use report::{OnWritten, WriteFailure};
 
+/// Rows turned into Arrow and handed to the Parquet encoder at a time, by the Parquet output
+/// and by Delta appends. Each encoder call walks every column of the (deeply nested) schema,
+/// so small slices spend more on the walk than on the rows (delta-rs's default is 1,024).
+pub const ENCODE_SLICE_ROWS: usize = 8192;
+
 /// Writes batches of one table.
 pub trait TableWriter: Send {
     /// Writes one batch (an empty batch still creates the table) and reports through

@@ -11,8 +11,6 @@ use arrow::record_batch::RecordBatch;
 use super::arrow_rows::batch_schema;
 use super::columns::rows_to_record_batch;
 
-/// Rows decoded into Arrow at a time.
-const SLICE_ROWS: usize = 8192;
 /// Rows per Parquet row group (the writer buffers one row group in memory).
 const ROW_GROUP_ROWS: usize = 65_536;
 use super::{BatchedFiles, OnWritten, RowBatch, TableKind, TableWriter};
@@ -56,7 +54,7 @@ impl ParquetTable {
         if batch.rows.is_empty() {
             writer.write(&RecordBatch::new_empty(schema.clone()))?;
         }
-        for rows in batch.rows.chunks(SLICE_ROWS) {
+        for rows in batch.rows.chunks(super::ENCODE_SLICE_ROWS) {
             let record_batch = rows_to_record_batch(schema.clone(), rows)
                 .context("rows do not fit the table's schema")?;
             writer.write(&record_batch)?;

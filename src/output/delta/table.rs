@@ -38,11 +38,6 @@ use crate::output::{OnWritten, TableKind};
 /// should not pay for writing its data twice.
 pub const COMPACTION_MIN_FILES: usize = 8;
 
-/// Rows handed to the Parquet encoder per call when appending. Each call walks every column
-/// of the (deeply nested) schema, so delta-rs's default of 1,024 spent more on the walk than
-/// our Parquet output, which encodes 8,192 rows at a time.
-const WRITE_SLICE_ROWS: usize = 8192;
-
 /// Rows per record batch of a MERGE source.
 const SOURCE_SLICE_ROWS: usize = 8192;
 
@@ -333,7 +328,7 @@ impl CumulusTable {
             .write(vec![batch])
             .with_save_mode(SaveMode::Append)
             .with_schema_mode(SchemaMode::Merge)
-            .with_write_batch_size(WRITE_SLICE_ROWS)
+            .with_write_batch_size(crate::output::ENCODE_SLICE_ROWS)
             .with_table_name(&self.spec.name)
             .with_commit_properties(props)
             .await
