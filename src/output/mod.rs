@@ -148,7 +148,7 @@ impl Outputs {
         Ok(match (self.format, &self.delta) {
             (OutputFormat::Ndjson, _) => Box::new(ndjson::NdjsonTable::new(files)),
             (OutputFormat::Parquet, _) => Box::new(parquet::ParquetTable::new(files, kind)),
-            (OutputFormat::Deltalake, Some(delta)) => delta.writer(table, kind),
+            (OutputFormat::Deltalake, Some(delta)) => delta.writer(table, kind)?,
             (OutputFormat::Deltalake, None) => unreachable!("Delta outputs have a committer"),
         })
     }

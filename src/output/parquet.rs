@@ -38,6 +38,16 @@ impl TableWriter for ParquetTable {
     }
 }
 
+/// How table files are encoded, by the Parquet output and by Delta appends: Snappy, as Spark
+/// writes them (cheap to encode and to read), and bounded row groups, which is what the
+/// writer holds in memory.
+pub fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .build()
+}
+
 impl ParquetTable {
     fn write_file(&mut self, batch: &RowBatch<'_>) -> Result<()> {
         // One schema for the whole batch (upstream's rule), but decoded and written a slice at
@@ -46,11 +56,7 @@ impl ParquetTable {
         let path = self.files.next_path()?;
         let file =
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-            .build();
-        let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
+        let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties()))?;
         if batch.rows.is_empty() {
             writer.write(&RecordBatch::new_empty(schema.clone()))?;
         }

@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
+use cumulus_etl::fhir::Shape;
+use cumulus_etl::json::Tape;
 use cumulus_etl::output::delta::{CumulusTable, DeltaSettings, TableSpec};
-use cumulus_etl::output::{OnWritten, TableKind};
+use cumulus_etl::output::{OnWritten, OutputFormat, Outputs, RowBatch, TableKind, write_and_wait};
 use serde_json::{Value, json};
 
 use crate::support::read_delta;
@@ -455,5 +457,129 @@ fn a_failed_staged_merge_hands_the_rows_back() {
     assert_eq!(
         log[1], r#"failed 1: {"id":"1","status":"new"} {"id":"2"}"#,
         "{log:?}"
+    );
+}
+
+/// Writes `rows` (FHIR Conditions as JSON) through a table writer of `outputs`, as a sink does.
+fn write_rows(outputs: &Outputs, rows: &[Value]) {
+    let text: Vec<Vec<u8>> = rows.iter().map(|r| r.to_string().into_bytes()).collect();
+    let mut tape = Tape::default();
+    let mut shape = Shape::default();
+    for row in &text {
+        shape.add_row(&tape.parse(row).unwrap());
+    }
+    let mut writer = outputs
+        .open("condition", TableKind::Fhir("Condition".into()))
+        .unwrap();
+    let batch = RowBatch {
+        rows: text.iter().map(Vec::as_slice).collect(),
+        shape: &shape,
+    };
+    if let Err(e) = write_and_wait(writer.as_mut(), &batch) {
+        panic!("{e:#}");
+    }
+}
+
+/// The actions of each commit in a table's log, in order.
+fn log_actions(table_dir: &std::path::Path) -> Vec<Vec<Value>> {
+    let mut commits: Vec<_> = std::fs::read_dir(table_dir.join("_delta_log"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    commits.sort();
+    commits
+        .iter()
+        .map(|c| {
+            std::fs::read_to_string(c)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn writers_append_their_own_files_evolve_the_schema_and_merge_repeated_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outputs = Outputs::new(
+        OutputFormat::Deltalake,
+        tmp.path(),
+        DeltaSettings::new(64 << 20, "test-run"),
+    )
+    .unwrap();
+    let coding = |code: &str| json!({"coding": [{"system": "s", "code": code}]});
+    write_rows(
+        &outputs,
+        &[
+            json!({"resourceType": "Condition", "id": "a", "code": coding("1")}),
+            json!({"resourceType": "Condition", "id": "b", "code": coding("2")}),
+        ],
+    );
+    // New ids with a field the table lacks (evidence.detail): appended, the schema evolves.
+    write_rows(
+        &outputs,
+        &[
+            json!({"resourceType": "Condition", "id": "c", "code": coding("3"),
+                 "evidence": [{"detail": [{"reference": "Observation/x", "display": "three"}]}]}),
+        ],
+    );
+    // A repeated id: merged, not appended twice.
+    write_rows(
+        &outputs,
+        &[json!({"resourceType": "Condition", "id": "a", "code": coding("9")})],
+    );
+    assert!(outputs.finish(false).is_empty());
+
+    let dir = tmp.path().join("condition");
+    let commits = log_actions(&dir);
+    let adds = |commit: &[Value]| -> Vec<Value> {
+        commit
+            .iter()
+            .filter_map(|a| a.get("add").cloned())
+            .collect()
+    };
+    let has = |commit: &[Value], action: &str| commit.iter().any(|a| a.get(action).is_some());
+    assert!(has(&commits[0], "protocol") && has(&commits[0], "metaData"));
+    let first = adds(&commits[0]);
+    assert_eq!(first.len(), 1, "one data file per batch: {first:?}");
+    let stats: Value = serde_json::from_str(first[0]["stats"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        stats["numRecords"], 2,
+        "file statistics are recorded: {stats}"
+    );
+    assert!(
+        has(&commits[1], "metaData"),
+        "the second batch evolves the schema"
+    );
+    assert!(
+        commits[1][..]
+            .iter()
+            .filter_map(|a| a["metaData"]["schemaString"].as_str())
+            .any(|s| s.contains("\"detail\"")),
+        "the new schema has evidence.detail"
+    );
+    assert_eq!(adds(&commits[1]).len(), 1);
+    for commit in &commits {
+        let txn: Vec<&Value> = commit.iter().filter_map(|a| a.get("txn")).collect();
+        assert_eq!(txn.len(), 1, "every data commit names the run: {commit:?}");
+        assert_eq!(txn[0]["appId"], "test-run");
+    }
+    let rows = read_delta(&dir, "id");
+    assert_eq!(rows.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(rows["a"]["code"]["coding"][0]["code"], "9");
+    assert_eq!(rows["c"]["evidence"][0]["detail"][0]["display"], "three");
+    // The file written for the merged batch was dropped, not left beside the table.
+    let on_disk = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+        .count();
+    assert_eq!(
+        on_disk,
+        crate::support::delta_live_files(&dir).len() + 1,
+        "the live files plus the one the MERGE replaced (vacuum was not run)"
     );
 }

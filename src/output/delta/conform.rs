@@ -60,6 +60,25 @@ fn union_type(old: &DataType, new: &DataType, path: &str) -> Result<DataType> {
     })
 }
 
+/// True when `batch` has a field (at any depth) that `table` lacks, or gives a column of the
+/// null type a real one: the table's schema must then evolve. Types that differ otherwise are
+/// not new fields ([`union_schema`] keeps the stored type).
+pub fn adds_fields(table: &Fields, batch: &Fields) -> bool {
+    batch.iter().any(|field| match table.find(field.name()) {
+        None => true,
+        Some((_, stored)) => type_adds_fields(stored.data_type(), field.data_type()),
+    })
+}
+
+fn type_adds_fields(stored: &DataType, new: &DataType) -> bool {
+    match (stored, new) {
+        (DataType::Struct(a), DataType::Struct(b)) => adds_fields(a, b),
+        (DataType::List(a), DataType::List(b)) => type_adds_fields(a.data_type(), b.data_type()),
+        (DataType::Null, other) => *other != DataType::Null,
+        _ => false,
+    }
+}
+
 fn join(path: &str, name: &str) -> String {
     if path.is_empty() {
         name.to_string()
@@ -139,6 +158,37 @@ mod tests {
 
     fn schema(fields: Vec<Field>) -> Schema {
         Schema::new(fields)
+    }
+
+    #[test]
+    fn new_fields_are_found_at_any_depth_and_narrower_types_are_not_new() {
+        let item = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
+        let coding = |names: &[&str]| {
+            DataType::Struct(
+                names
+                    .iter()
+                    .map(|n| Field::new(*n, DataType::Utf8, true))
+                    .collect::<Vec<_>>()
+                    .into(),
+            )
+        };
+        let table = schema(vec![
+            Field::new("n", DataType::Int64, true),
+            Field::new("code", item(coding(&["system", "code"])), false),
+        ]);
+        let same = schema(vec![
+            Field::new("n", DataType::Int32, true),
+            Field::new("code", item(coding(&["code"])), true),
+        ]);
+        assert!(!adds_fields(table.fields(), same.fields()));
+        let deeper = schema(vec![Field::new(
+            "code",
+            item(coding(&["code", "display"])),
+            true,
+        )]);
+        assert!(adds_fields(table.fields(), deeper.fields()));
+        let wider = schema(vec![Field::new("status", DataType::Utf8, true)]);
+        assert!(adds_fields(table.fields(), wider.fields()));
     }
 
     #[test]

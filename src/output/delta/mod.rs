@@ -1,9 +1,14 @@
 //! Delta Lake output: one committer per table on a tokio runtime beside the timely workers.
-//! Writers (on worker threads) only turn rows into Arrow and queue them; each table's committer
-//! applies its queue in order (one table's commits are serial, different tables run in
-//! parallel) and reports each batch once committed, which is when the sink releases its memory.
+//! Writers (on worker threads) route each batch when they queue it: a batch appended to a table
+//! holding only this run's fresh rows (a first load) is encoded into a data file by the writer
+//! itself and queued as that file; anything else is turned into Arrow and queued for a MERGE.
+//! Each table's committer applies its queue in order (one table's commits are serial, different
+//! tables run in parallel) and reports each batch once committed, which is when the sink
+//! releases its memory.
 
 mod conform;
+mod files;
+mod ledger;
 mod stage;
 mod table;
 
@@ -16,9 +21,14 @@ use arrow::record_batch::RecordBatch;
 use tokio::sync::mpsc;
 
 pub use conform::{conform_batch, union_schema};
+pub use ledger::Route;
 pub use table::{COMPACTION_MIN_FILES, CumulusTable, DeltaSettings, TableSpec};
 
-use super::arrow_rows::to_record_batch;
+use anyhow::Context;
+use files::{TableFiles, WrittenFiles};
+use ledger::{Ledger, key_fingerprints};
+
+use super::arrow_rows::{batch_schema, to_record_batch};
 use super::{OnWritten, RowBatch, TableKind, TableWriter};
 
 /// Threads of the commit runtime: commits mostly wait on storage, and Parquet encoding of
@@ -26,9 +36,17 @@ use super::{OnWritten, RowBatch, TableKind, TableWriter};
 const COMMIT_THREADS: usize = 2;
 
 enum Job {
+    /// A batch for the committer to conform and apply, routed when it was queued.
     Write {
         batch: RecordBatch,
         groups: Vec<String>,
+        route: Route,
+        keys: Vec<u64>,
+        on_written: OnWritten,
+    },
+    /// Data files a writer has written, to record in the log.
+    Commit {
+        files: WrittenFiles,
         on_written: OnWritten,
     },
     Delete {
@@ -41,7 +59,10 @@ enum Job {
 
 struct Committer {
     jobs: mpsc::UnboundedSender<Job>,
-    done: tokio::task::JoinHandle<Option<CumulusTable>>,
+    done: tokio::task::JoinHandle<CumulusTable>,
+    ledger: Arc<Mutex<Ledger>>,
+    files: Arc<TableFiles>,
+    uniqueness: Arc<[String]>,
 }
 
 /// The Delta tables of one run.
@@ -68,24 +89,39 @@ impl DeltaOutput {
         })
     }
 
-    /// A writer that queues to the table's committer (started on first use).
-    pub fn writer(&self, table: &str, kind: TableKind) -> Box<dyn TableWriter> {
+    /// A writer that queues to the table's committer. The first writer of a table opens it
+    /// (reads its log) and starts the committer; it must not be asked for from within an
+    /// async runtime.
+    pub fn writer(&self, table: &str, kind: TableKind) -> Result<Box<dyn TableWriter>> {
         let mut committers = self.committers.lock().unwrap();
-        let committer = committers.entry(table.to_string()).or_insert_with(|| {
-            let (jobs, queue) = mpsc::unbounded_channel();
+        if !committers.contains_key(table) {
             let spec = TableSpec::for_kind(table, &kind);
-            let done = self.runtime.spawn(commit_loop(
-                self.root.clone(),
-                spec,
-                self.settings.clone(),
-                queue,
-            ));
-            Committer { jobs, done }
-        });
-        Box::new(DeltaTableWriter {
+            let uniqueness: Arc<[String]> = spec.uniqueness.clone().into();
+            let opened = self
+                .runtime
+                .block_on(CumulusTable::open(&self.root, spec, self.settings.clone()))
+                .with_context(|| format!("could not open the Delta table {table}"))?;
+            let ledger = opened.ledger();
+            let files = Arc::new(opened.files(self.runtime.handle().clone()));
+            let (jobs, queue) = mpsc::unbounded_channel();
+            let done = self.runtime.spawn(commit_loop(opened, queue));
+            let committer = Committer {
+                jobs,
+                done,
+                ledger,
+                files,
+                uniqueness,
+            };
+            committers.insert(table.to_string(), committer);
+        }
+        let committer = &committers[table];
+        Ok(Box::new(DeltaTableWriter {
             kind,
             jobs: committer.jobs.clone(),
-        })
+            ledger: committer.ledger.clone(),
+            files: committer.files.clone(),
+            uniqueness: committer.uniqueness.clone(),
+        }))
     }
 
     /// Waits for every queued commit, then maintains each table (in parallel). Returns the
@@ -97,8 +133,7 @@ impl DeltaOutput {
             for (name, committer) in committers {
                 drop(committer.jobs);
                 match committer.done.await {
-                    Ok(Some(table)) => tables.push((name, table)),
-                    Ok(None) => {}
+                    Ok(table) => tables.push((name, table)),
                     Err(e) => eprintln!("error: the committer of {name} stopped: {e}"),
                 }
             }
@@ -116,48 +151,27 @@ impl DeltaOutput {
 
 /// Applies one table's jobs in order; returns the table for maintenance.
 async fn commit_loop(
-    root: PathBuf,
-    spec: TableSpec,
-    settings: Arc<DeltaSettings>,
+    mut table: CumulusTable,
     mut queue: mpsc::UnboundedReceiver<Job>,
-) -> Option<CumulusTable> {
-    let name = spec.name.clone();
-    let mut table = match CumulusTable::open(&root, spec, settings).await {
-        Ok(t) => Some(t),
-        Err(e) => {
-            let message = format!("{e:#}");
-            eprintln!("error: could not open the Delta table {name}: {message}");
-            None
-        }
-    };
+) -> CumulusTable {
     while let Some(job) = queue.recv().await {
-        let Some(t) = table.as_mut() else {
-            let e = anyhow!("the Delta table {name} could not be opened");
-            match job {
-                Job::Write { on_written, .. } => on_written.done(Err(e)),
-                Job::Delete { reply, .. } => drop(reply.send(Err(e))),
-                Job::Flush { reply } => {
-                    let _ = reply.send(());
-                }
-            }
-            continue;
-        };
         match job {
             Job::Write {
                 batch,
                 groups,
+                route,
+                keys,
                 on_written,
-            } => t.submit(batch, groups, on_written).await,
-            Job::Delete { ids, reply } => drop(reply.send(t.delete_ids(&ids).await)),
+            } => table.apply(batch, groups, route, &keys, on_written).await,
+            Job::Commit { files, on_written } => table.commit_files(files, on_written).await,
+            Job::Delete { ids, reply } => drop(reply.send(table.delete_ids(&ids).await)),
             Job::Flush { reply } => {
-                t.flush_staged().await;
+                table.flush_staged().await;
                 let _ = reply.send(());
             }
         }
     }
-    if let Some(t) = table.as_mut() {
-        t.flush_staged().await;
-    }
+    table.flush_staged().await;
     table
 }
 
@@ -165,10 +179,57 @@ async fn commit_loop(
 struct DeltaTableWriter {
     kind: TableKind,
     jobs: mpsc::UnboundedSender<Job>,
+    ledger: Arc<Mutex<Ledger>>,
+    files: Arc<TableFiles>,
+    uniqueness: Arc<[String]>,
 }
 
-impl TableWriter for DeltaTableWriter {
-    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
+impl DeltaTableWriter {
+    /// Queues a job, or fails its batch when the committer has stopped.
+    fn send(&self, job: Job) {
+        if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
+            let on_written = match job {
+                Job::Write { on_written, .. } | Job::Commit { on_written, .. } => on_written,
+                Job::Delete { .. } | Job::Flush { .. } => return,
+            };
+            on_written.done(Err(anyhow!("the table's committer has stopped")));
+        }
+    }
+
+    /// Encodes the batch into a data file here, then queues the file; a batch whose keys turn
+    /// out to need a MERGE (a repeated key) drops its file and is queued as rows instead.
+    fn write_files(&self, batch: &RowBatch<'_>, on_written: OnWritten) {
+        let schema = batch_schema(&self.kind, batch);
+        let target = match self.ledger.lock().unwrap().widen(&schema) {
+            Ok(target) => target,
+            Err(e) => return on_written.done(Err(e)),
+        };
+        let files = match self
+            .files
+            .write(&batch.rows, &schema, &target, &self.uniqueness)
+        {
+            Ok(files) => files,
+            Err(e) => return on_written.done(Err(e)),
+        };
+        let mut ledger = self.ledger.lock().unwrap();
+        match ledger.route(&files.keys) {
+            // Queued under the ledger's lock, so the committer sees batches in routing order.
+            Route::Append => self.send(Job::Commit { files, on_written }),
+            Route::Merge => {
+                drop(ledger);
+                self.files.discard(&files);
+                self.queue_rows(batch, Some((Route::Merge, files.keys)), on_written);
+            }
+        }
+    }
+
+    /// Queues the batch as Arrow rows for the committer, routed here unless it already is.
+    fn queue_rows(
+        &self,
+        batch: &RowBatch<'_>,
+        routed: Option<(Route, Vec<u64>)>,
+        on_written: OnWritten,
+    ) {
         let batch = match to_record_batch(&self.kind, batch) {
             Ok(b) => b,
             Err(e) => return on_written.done(Err(e)),
@@ -177,15 +238,44 @@ impl TableWriter for DeltaTableWriter {
             Some(field) => distinct_strings(&batch, field),
             None => Vec::new(),
         };
-        let job = Job::Write {
+        let (route, keys) = match routed {
+            Some(routed) => routed,
+            None => {
+                let keys = match key_fingerprints(&self.uniqueness, &batch, &groups) {
+                    Ok(keys) => keys,
+                    Err(e) => return on_written.done(Err(e)),
+                };
+                // Routed and queued under the ledger's lock, so the committer sees batches in
+                // routing order.
+                let mut ledger = self.ledger.lock().unwrap();
+                let route = ledger.route(&keys);
+                return self.send(Job::Write {
+                    batch,
+                    groups,
+                    route,
+                    keys,
+                    on_written,
+                });
+            }
+        };
+        self.send(Job::Write {
             batch,
             groups,
+            route,
+            keys,
             on_written,
-        };
-        if let Err(mpsc::error::SendError(job)) = self.jobs.send(job)
-            && let Job::Write { on_written, .. } = job
-        {
-            on_written.done(Err(anyhow!("the table's committer has stopped")));
+        });
+    }
+}
+
+impl TableWriter for DeltaTableWriter {
+    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
+        let ahead = self.kind.group_field().is_none()
+            && !batch.rows.is_empty()
+            && self.ledger.lock().unwrap().appending();
+        match ahead {
+            true => self.write_files(batch, on_written),
+            false => self.queue_rows(batch, None, on_written),
         }
     }
 

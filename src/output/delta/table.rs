@@ -3,13 +3,10 @@
 //! and end-of-run maintenance. Every data commit carries a (run, sequence) transaction so a
 //! retried commit is recognised instead of applied twice.
 
-use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
-use arrow::array::{Array, StringArray};
 use arrow::datatypes::{DataType, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
@@ -20,16 +17,21 @@ use deltalake::datafusion::execution::runtime_env::RuntimeEnv;
 use deltalake::datafusion::functions::core::expr_fn::get_field;
 use deltalake::datafusion::logical_expr::{Expr, Operator, binary_expr, cast, lit};
 use deltalake::delta_datafusion::{DeltaRuntimeEnvBuilder, DeltaSessionContext};
-use deltalake::kernel::Transaction;
-use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, MetadataExt, StructType, Transaction};
+use deltalake::operations::create::CreateBuilder;
 use deltalake::operations::optimize::OptimizeType;
 use deltalake::operations::write::SchemaMode;
+use deltalake::operations::write::WriterStatsConfig;
 use deltalake::parquet::basic::Compression;
 use deltalake::parquet::file::properties::WriterProperties;
-use deltalake::protocol::SaveMode;
+use deltalake::protocol::{DeltaOperation, SaveMode};
 use url::Url;
 
-use super::conform::{conform_batch, union_schema};
+use super::conform::{adds_fields, conform_batch, union_schema};
+use super::files::{TableFiles, WrittenFiles};
+use super::ledger::{Ledger, Route, key_fingerprints};
 use super::stage::{MergeStage, json_lines};
 use crate::output::{OnWritten, TableKind};
 
@@ -136,11 +138,8 @@ pub struct CumulusTable {
     spec: TableSpec,
     table: DeltaTable,
     settings: Arc<DeltaSettings>,
-    /// True while the table holds only rows this run appended, so new keys can be appended
-    /// instead of merged.
-    append_only: bool,
-    /// Fingerprints of the keys (and groups) this run has written.
-    written_keys: HashSet<u64>,
+    /// How queued batches are routed (append or merge), shared with the table's writers.
+    ledger: Arc<Mutex<Ledger>>,
     /// Data commits made by this run (the transaction version of the next is this plus one).
     commits: i64,
     /// Batches waiting to be merged together.
@@ -158,16 +157,18 @@ impl CumulusTable {
         let table = DeltaTable::try_from_url(url)
             .await
             .with_context(|| format!("opening the Delta table {}", dir.display()))?;
-        let append_only = match table.version() {
-            None => true,
-            Some(_) => table.get_file_uris()?.next().is_none(),
+        let (schema, append_only) = match table.version() {
+            None => (None, true),
+            Some(_) => (
+                Some(table.snapshot()?.snapshot().arrow_schema()),
+                table.get_file_uris()?.next().is_none(),
+            ),
         };
         Ok(CumulusTable {
             spec,
             table,
             settings,
-            append_only,
-            written_keys: HashSet::new(),
+            ledger: Arc::new(Mutex::new(Ledger::new(schema, append_only))),
             commits: 0,
             stage: MergeStage::default(),
         })
@@ -175,6 +176,27 @@ impl CumulusTable {
 
     fn exists(&self) -> bool {
         self.table.version().is_some()
+    }
+
+    /// The table's routing ledger, for the writers that queue its batches.
+    pub fn ledger(&self) -> Arc<Mutex<Ledger>> {
+        self.ledger.clone()
+    }
+
+    /// The table's data files, for writers that encode batches themselves (`runtime` drives
+    /// the uploads), with the table's statistics settings.
+    pub fn files(&self, runtime: tokio::runtime::Handle) -> TableFiles {
+        let stats = match self.table.snapshot() {
+            Ok(state) => WriterStatsConfig::from_config(state.snapshot().table_configuration()),
+            Err(_) => WriterStatsConfig::new(Default::default(), None),
+        };
+        TableFiles::new(self.table.log_store().object_store(None), stats, runtime)
+    }
+
+    /// Routes a batch (records its keys in the ledger); returns the route and the keys.
+    pub fn route(&self, batch: &RecordBatch, groups: &[String]) -> Result<(Route, Vec<u64>)> {
+        let keys = key_fingerprints(&self.spec.uniqueness, batch, groups)?;
+        Ok((self.ledger.lock().unwrap().route(&keys), keys))
     }
 
     /// A DataFusion session on the shared memory pool. Hash joins are fastest but cannot
@@ -198,16 +220,24 @@ impl CumulusTable {
     /// once (after anything staged).
     pub async fn upsert(&mut self, batch: RecordBatch, groups: &[String]) -> Result<()> {
         self.flush_staged().await;
-        match self.prepare(batch, groups)? {
-            Prepared::Nothing => Ok(()),
-            Prepared::Append(batch, keys) => self.append_keyed(batch, keys).await,
-            Prepared::Merge(batch, keys) => {
+        let (route, _) = self.route(&batch, groups)?;
+        self.apply_now(batch, groups, route).await
+    }
+
+    /// Applies a routed batch at once.
+    async fn apply_now(
+        &mut self,
+        batch: RecordBatch,
+        groups: &[String],
+        route: Route,
+    ) -> Result<()> {
+        match self.prepare(batch, groups, route)? {
+            None => Ok(()),
+            Some((batch, Route::Append)) => self.append(batch).await,
+            Some((batch, Route::Merge)) => {
                 let heavy = self.settings.heavy.clone();
                 let _turn = heavy.acquire().await?;
-                self.merge_within_memory(vec![batch], groups).await?;
-                self.append_only = false;
-                self.written_keys.extend(keys);
-                Ok(())
+                self.merge_within_memory(vec![batch], groups).await
             }
         }
     }
@@ -216,30 +246,42 @@ impl CumulusTable {
     /// `report` told so, which frees the caller's memory) to be merged together with the
     /// batches that follow; `report` hears the outcome once it is committed.
     pub async fn submit(&mut self, batch: RecordBatch, groups: Vec<String>, report: OnWritten) {
-        let prepared = match self.prepare(batch, &groups) {
+        match self.route(&batch, &groups) {
+            Ok((route, keys)) => self.apply(batch, groups, route, &keys, report).await,
+            Err(e) => report.done(Err(e)),
+        }
+    }
+
+    /// [`Self::submit`] for a batch already routed (by its writer, when it was queued).
+    pub async fn apply(
+        &mut self,
+        batch: RecordBatch,
+        groups: Vec<String>,
+        route: Route,
+        keys: &[u64],
+        report: OnWritten,
+    ) {
+        let prepared = match self.prepare(batch, &groups, route) {
             Ok(p) => p,
             Err(e) => return report.done(Err(e)),
         };
         match prepared {
-            Prepared::Nothing => report.done(Ok(())),
-            Prepared::Append(batch, keys) => report.done(self.append_keyed(batch, keys).await),
-            Prepared::Merge(batch, keys) => {
-                if self.stage.overlaps(&keys) || !self.stage.fits(&batch.schema()) {
+            None => report.done(Ok(())),
+            Some((batch, Route::Append)) => {
+                self.flush_staged().await;
+                report.done(self.append(batch).await)
+            }
+            Some((batch, Route::Merge)) => {
+                if self.stage.overlaps(keys) || !self.stage.fits(&batch.schema()) {
                     self.flush_staged().await;
                 }
-                match self.stage.push(&batch, &keys, &groups, report) {
-                    Ok(()) => {
-                        self.append_only = false;
-                        self.written_keys.extend(keys);
-                    }
-                    Err((e, report)) => {
-                        eprintln!(
-                            "warning: could not stage a batch of {} ({e:#}); merging it alone",
-                            self.spec.name
-                        );
-                        self.flush_staged().await;
-                        return report.done(self.upsert(batch, &groups).await);
-                    }
+                if let Err((e, report)) = self.stage.push(&batch, keys, &groups, report) {
+                    eprintln!(
+                        "warning: could not stage a batch of {} ({e:#}); merging it alone",
+                        self.spec.name
+                    );
+                    self.flush_staged().await;
+                    return report.done(self.apply_now(batch, &groups, Route::Merge).await);
                 }
                 if self
                     .stage
@@ -293,10 +335,66 @@ impl CumulusTable {
         self.merge_within_memory(batches, groups).await
     }
 
-    /// Conforms the batch to the table and decides how it is applied.
-    fn prepare(&mut self, batch: RecordBatch, groups: &[String]) -> Result<Prepared> {
+    /// Records files a writer has written (see [`TableFiles`]) in one commit, after anything
+    /// staged: it creates the table, or evolves its schema, as the files need.
+    pub async fn commit_files(&mut self, files: WrittenFiles, report: OnWritten) {
+        self.flush_staged().await;
+        let result = self
+            .record_files(files)
+            .await
+            .with_context(|| format!("appending to {}", self.spec.name));
+        report.done(result);
+    }
+
+    async fn record_files(&mut self, files: WrittenFiles) -> Result<()> {
+        let props = self.commit_properties();
+        let adds = files.adds.into_iter().map(Action::Add);
+        if !self.exists() {
+            let schema: StructType = files.schema.as_ref().try_into_kernel()?;
+            self.table = CreateBuilder::new()
+                .with_log_store(self.table.log_store())
+                .with_columns(schema.fields().cloned())
+                .with_table_name(&self.spec.name)
+                .with_actions(adds)
+                .with_commit_properties(props)
+                .await?;
+            return Ok(());
+        }
+        let state = self.table.snapshot()?;
+        let current = state.snapshot().arrow_schema();
+        let mut actions = Vec::new();
+        if adds_fields(current.fields(), files.schema.fields()) {
+            let schema: StructType = union_schema(&current, &files.schema)?
+                .as_ref()
+                .try_into_kernel()?;
+            actions.push(Action::Metadata(
+                state.metadata().clone().with_schema(&schema)?,
+            ));
+        }
+        actions.extend(adds);
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: None,
+            predicate: None,
+        };
+        let commit = CommitBuilder::from(props)
+            .with_actions(actions)
+            .build(Some(state), self.table.log_store(), operation)
+            .await?;
+        self.table.state = Some(commit.snapshot);
+        Ok(())
+    }
+
+    /// Conforms the batch to the table; None when there is nothing to apply. A batch routed
+    /// to a MERGE is appended when the table does not exist (an earlier append failed).
+    fn prepare(
+        &mut self,
+        batch: RecordBatch,
+        groups: &[String],
+        route: Route,
+    ) -> Result<Option<(RecordBatch, Route)>> {
         if batch.num_rows() == 0 && groups.is_empty() && self.exists() {
-            return Ok(Prepared::Nothing);
+            return Ok(None);
         }
         let schema = match self.exists() {
             true => union_schema(
@@ -306,18 +404,8 @@ impl CumulusTable {
             false => batch.schema(),
         };
         let batch = conform_batch(&batch, &schema)?;
-        let keys = self.key_fingerprints(&batch, groups)?;
-        let fresh = self.append_only && keys.iter().all(|k| !self.written_keys.contains(k));
-        Ok(match !self.exists() || fresh {
-            true => Prepared::Append(batch, keys),
-            false => Prepared::Merge(batch, keys),
-        })
-    }
-
-    async fn append_keyed(&mut self, batch: RecordBatch, keys: Vec<u64>) -> Result<()> {
-        self.append(batch).await?;
-        self.written_keys.extend(keys);
-        Ok(())
+        let route = if self.exists() { route } else { Route::Append };
+        Ok(Some((batch, route)))
     }
 
     async fn append(&mut self, batch: RecordBatch) -> Result<()> {
@@ -453,6 +541,7 @@ impl CumulusTable {
         if !self.exists() || ids.is_empty() {
             return Ok(());
         }
+        self.ledger.lock().unwrap().stop_appending();
         let heavy = self.settings.heavy.clone();
         let _turn = heavy.acquire().await?;
         for chunk in ids.chunks(DELETE_CHUNK) {
@@ -468,7 +557,6 @@ impl CumulusTable {
                 .with_context(|| format!("deleting ids from {}", self.spec.name))?;
             self.table = table;
         }
-        self.append_only = false;
         Ok(())
     }
 
@@ -521,52 +609,6 @@ impl CumulusTable {
             .with_context(|| format!("writing the symlink manifest of {}", self.spec.name))?;
         Ok(())
     }
-
-    /// Fingerprints of the batch's keys and of the groups it touches.
-    fn key_fingerprints(&self, batch: &RecordBatch, groups: &[String]) -> Result<Vec<u64>> {
-        let columns = self
-            .spec
-            .uniqueness
-            .iter()
-            .map(|name| {
-                let column = batch
-                    .column_by_name(name)
-                    .ok_or_else(|| anyhow!("the batch has no '{name}' column"))?;
-                arrow::compute::cast(column, &DataType::Utf8)
-                    .map_err(|e| anyhow!("'{name}' is not a usable key: {e}"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let columns: Vec<&StringArray> = columns
-            .iter()
-            .map(|c| c.as_any().downcast_ref::<StringArray>().expect("utf8"))
-            .collect();
-        let mut keys: Vec<u64> = (0..batch.num_rows())
-            .map(|row| {
-                let mut hasher = std::hash::DefaultHasher::new();
-                for column in &columns {
-                    column.is_valid(row).hash(&mut hasher);
-                    column.value(row).hash(&mut hasher);
-                }
-                hasher.finish()
-            })
-            .collect();
-        keys.extend(groups.iter().map(|g| {
-            let mut hasher = std::hash::DefaultHasher::new();
-            ("group", g).hash(&mut hasher);
-            hasher.finish()
-        }));
-        Ok(keys)
-    }
-}
-
-/// How a batch reaches the table.
-enum Prepared {
-    /// An empty batch for a table that exists.
-    Nothing,
-    /// New keys only, on a table with nothing but this run's appends.
-    Append(RecordBatch, Vec<u64>),
-    /// Everything else.
-    Merge(RecordBatch, Vec<u64>),
 }
 
 /// `target.<name>` or `source.<name>`, case kept.

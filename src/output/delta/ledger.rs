@@ -1,0 +1,186 @@
+//! What a run has decided about one Delta table so far, shared by the workers that queue its
+//! batches and the committer that applies them in queue order.
+//!
+//! A batch is routed (appended or merged) when it is queued, not when it is committed: workers
+//! encode appended batches into data files themselves, so the decision must be made before the
+//! committer sees the batch, and every later decision must see it.
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+
+use anyhow::{Result, anyhow};
+use arrow::array::{Array, StringArray};
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::record_batch::RecordBatch;
+
+use super::conform::union_schema;
+
+/// How a batch reaches the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// New keys only, on a table that holds nothing but this run's appends.
+    Append,
+    /// Everything else: a MERGE on the table's keys.
+    Merge,
+}
+
+/// The run's view of one table: its schema grown by every queued batch, whether plain appends
+/// are still safe, and the keys queued so far.
+pub struct Ledger {
+    schema: Option<SchemaRef>,
+    append_only: bool,
+    queued_keys: HashSet<u64>,
+}
+
+impl Ledger {
+    /// A table with `schema` (None: it does not exist yet); `append_only` when it holds no rows.
+    pub fn new(schema: Option<SchemaRef>, append_only: bool) -> Ledger {
+        Ledger {
+            schema,
+            append_only,
+            queued_keys: HashSet::new(),
+        }
+    }
+
+    /// The schema a batch is written with: the table's, grown by the batch's new fields (an
+    /// incompatible type change fails the batch). Later batches start from it.
+    pub fn widen(&mut self, batch: &SchemaRef) -> Result<SchemaRef> {
+        let schema = match &self.schema {
+            Some(known) => union_schema(known, batch)?,
+            None => batch.clone(),
+        };
+        self.schema = Some(schema.clone());
+        Ok(schema)
+    }
+
+    /// Routes a batch with these key fingerprints and records them. Once a batch is merged
+    /// the table no longer holds only this run's fresh rows, so every later batch merges too.
+    pub fn route(&mut self, keys: &[u64]) -> Route {
+        let fresh = self.append_only && keys.iter().all(|k| !self.queued_keys.contains(k));
+        self.queued_keys.extend(keys);
+        if fresh {
+            Route::Append
+        } else {
+            self.append_only = false;
+            Route::Merge
+        }
+    }
+
+    /// Rows were deleted from the table: later batches must merge.
+    pub fn stop_appending(&mut self) {
+        self.append_only = false;
+    }
+
+    /// True while batches are still appended (so writing their files ahead pays).
+    pub fn appending(&self) -> bool {
+        self.append_only
+    }
+}
+
+/// Fingerprints of a batch's keys (its `uniqueness` columns) and of the groups it touches.
+pub fn key_fingerprints(
+    uniqueness: &[String],
+    batch: &RecordBatch,
+    groups: &[String],
+) -> Result<Vec<u64>> {
+    let columns = uniqueness
+        .iter()
+        .map(|name| {
+            let column = batch
+                .column_by_name(name)
+                .ok_or_else(|| anyhow!("the batch has no '{name}' column"))?;
+            arrow::compute::cast(column, &DataType::Utf8)
+                .map_err(|e| anyhow!("'{name}' is not a usable key: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let columns: Vec<&StringArray> = columns
+        .iter()
+        .map(|c| c.as_any().downcast_ref::<StringArray>().expect("utf8"))
+        .collect();
+    let mut keys: Vec<u64> = (0..batch.num_rows())
+        .map(|row| {
+            let mut hasher = std::hash::DefaultHasher::new();
+            for column in &columns {
+                column.is_valid(row).hash(&mut hasher);
+                column.value(row).hash(&mut hasher);
+            }
+            hasher.finish()
+        })
+        .collect();
+    keys.extend(groups.iter().map(|g| {
+        let mut hasher = std::hash::DefaultHasher::new();
+        ("group", g).hash(&mut hasher);
+        hasher.finish()
+    }));
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    fn schema(fields: &[(&str, DataType)]) -> SchemaRef {
+        Arc::new(Schema::new(
+            fields
+                .iter()
+                .map(|(n, t)| Field::new(*n, t.clone(), true))
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    #[test]
+    fn fresh_keys_append_until_one_repeats_then_everything_merges() {
+        let mut ledger = Ledger::new(None, true);
+        assert_eq!(ledger.route(&[1, 2]), Route::Append);
+        assert_eq!(ledger.route(&[3]), Route::Append);
+        assert_eq!(ledger.route(&[4, 2]), Route::Merge);
+        assert_eq!(ledger.route(&[5]), Route::Merge, "no appends after a merge");
+        assert!(!ledger.appending());
+    }
+
+    #[test]
+    fn a_table_with_rows_or_deletes_merges() {
+        assert_eq!(Ledger::new(None, false).route(&[1]), Route::Merge);
+        let mut ledger = Ledger::new(None, true);
+        ledger.stop_appending();
+        assert_eq!(ledger.route(&[1]), Route::Merge);
+    }
+
+    #[test]
+    fn the_schema_grows_with_each_batch_and_keeps_stored_types() {
+        let stored = schema(&[("id", DataType::Utf8), ("n", DataType::Int64)]);
+        let mut ledger = Ledger::new(Some(stored), true);
+        let first = ledger
+            .widen(&schema(&[("n", DataType::Int32), ("a", DataType::Utf8)]))
+            .unwrap();
+        let names: Vec<_> = first.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["id", "n", "a"]);
+        assert_eq!(first.field(1).data_type(), &DataType::Int64);
+        let second = ledger.widen(&schema(&[("b", DataType::Utf8)])).unwrap();
+        assert_eq!(second.fields().len(), 4, "{second:?}");
+        assert!(
+            ledger.widen(&schema(&[("id", DataType::Boolean)])).is_err(),
+            "an incompatible type fails the batch"
+        );
+    }
+
+    #[test]
+    fn keys_differ_by_value_and_groups_by_name() {
+        let batch = RecordBatch::try_new(
+            schema(&[("id", DataType::Utf8)]),
+            vec![Arc::new(StringArray::from(vec![
+                Some("a"),
+                Some("b"),
+                None,
+            ]))],
+        )
+        .unwrap();
+        let keys = key_fingerprints(&["id".into()], &batch, &["a".into()]).unwrap();
+        assert_eq!(keys.len(), 4);
+        let distinct: HashSet<u64> = keys.iter().copied().collect();
+        assert_eq!(distinct.len(), 4, "a group named like a key is another key");
+        assert!(key_fingerprints(&["missing".into()], &batch, &[]).is_err());
+    }
+}
