@@ -480,27 +480,6 @@ fn write_rows(outputs: &Outputs, rows: &[Value]) {
     }
 }
 
-/// The actions of each commit in a table's log, in order.
-fn log_actions(table_dir: &std::path::Path) -> Vec<Vec<Value>> {
-    let mut commits: Vec<_> = std::fs::read_dir(table_dir.join("_delta_log"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    commits.sort();
-    commits
-        .iter()
-        .map(|c| {
-            std::fs::read_to_string(c)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect()
-        })
-        .collect()
-}
-
 #[test]
 fn writers_append_their_own_files_evolve_the_schema_and_merge_repeated_ids() {
     let tmp = tempfile::tempdir().unwrap();
@@ -534,7 +513,7 @@ fn writers_append_their_own_files_evolve_the_schema_and_merge_repeated_ids() {
     assert!(outputs.finish(false).is_empty());
 
     let dir = tmp.path().join("condition");
-    let commits = log_actions(&dir);
+    let commits = crate::support::delta_log_actions(&dir);
     let adds = |commit: &[Value]| -> Vec<Value> {
         commit
             .iter()

@@ -62,9 +62,8 @@ pub fn phi_with_salt(dir: &Path, salt: &str) {
     .unwrap();
 }
 
-/// The data files a Delta table's log says are live, read from `_delta_log/*.json` directly
-/// (add minus remove), so the check does not trust the writer's own reader.
-pub fn delta_live_files(table: &Path) -> Vec<PathBuf> {
+/// The actions of each commit in a Delta table's log (`_delta_log/*.json`), in order.
+pub fn delta_log_actions(table: &Path) -> Vec<Vec<Value>> {
     let mut commits: Vec<PathBuf> = std::fs::read_dir(table.join("_delta_log"))
         .unwrap()
         .flatten()
@@ -72,16 +71,28 @@ pub fn delta_live_files(table: &Path) -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     commits.sort();
+    commits
+        .iter()
+        .map(|commit| {
+            std::fs::read_to_string(commit)
+                .unwrap()
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// The data files a Delta table's log says are live, read from `_delta_log/*.json` directly
+/// (add minus remove), so the check does not trust the writer's own reader.
+pub fn delta_live_files(table: &Path) -> Vec<PathBuf> {
     let mut live = std::collections::BTreeSet::new();
-    for commit in commits {
-        for line in std::fs::read_to_string(&commit).unwrap().lines() {
-            let action: Value = serde_json::from_str(line).unwrap();
-            if let Some(path) = action["add"]["path"].as_str() {
-                live.insert(percent_decode(path));
-            }
-            if let Some(path) = action["remove"]["path"].as_str() {
-                live.remove(&percent_decode(path));
-            }
+    for action in delta_log_actions(table).into_iter().flatten() {
+        if let Some(path) = action["add"]["path"].as_str() {
+            live.insert(percent_decode(path));
+        }
+        if let Some(path) = action["remove"]["path"].as_str() {
+            live.remove(&percent_decode(path));
         }
     }
     live.into_iter().map(|p| table.join(p)).collect()
