@@ -102,7 +102,11 @@ trait TruncateNanos {
 impl TruncateNanos for NaiveDateTime {
     fn with_nanosecond_truncated(self) -> Self {
         use chrono::Timelike;
-        self.with_nanosecond(0).unwrap_or(self)
+        // Microseconds, as Python's datetime keeps: `etl_time` is part of `etl__completion`'s
+        // key, and two runs in the same second once shared it (the second run's rows merged
+        // into the first's).
+        self.with_nanosecond(self.nanosecond() / 1000 * 1000)
+            .unwrap_or(self)
     }
 }
 

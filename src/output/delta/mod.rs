@@ -218,18 +218,14 @@ impl DeltaTableWriter {
             Route::Merge => {
                 drop(ledger);
                 self.files.discard(&files);
-                self.queue_rows(batch, Some((Route::Merge, files.keys)), on_written);
+                self.queue_rows(batch, Some(files.keys), on_written);
             }
         }
     }
 
-    /// Queues the batch as Arrow rows for the committer, routed here unless it already is.
-    fn queue_rows(
-        &self,
-        batch: &RowBatch<'_>,
-        routed: Option<(Route, Vec<u64>)>,
-        on_written: OnWritten,
-    ) {
+    /// Queues the batch as Arrow rows for the committer: routed here, or a MERGE already
+    /// routed (with these keys) when its data file was dropped.
+    fn queue_rows(&self, batch: &RowBatch<'_>, merged: Option<Vec<u64>>, on_written: OnWritten) {
         let batch = match to_record_batch(&self.kind, batch) {
             Ok(b) => b,
             Err(e) => return on_written.done(Err(e)),
@@ -238,25 +234,20 @@ impl DeltaTableWriter {
             Some(field) => distinct_strings(&batch, field),
             None => Vec::new(),
         };
-        let (route, keys) = match routed {
-            Some(routed) => routed,
-            None => {
-                let keys = match key_fingerprints(&self.uniqueness, &batch, &groups) {
-                    Ok(keys) => keys,
-                    Err(e) => return on_written.done(Err(e)),
-                };
-                // Routed and queued under the ledger's lock, so the committer sees batches in
-                // routing order.
-                let mut ledger = self.ledger.lock().unwrap();
-                let route = ledger.route(&keys);
-                return self.send(Job::Write {
-                    batch,
-                    groups,
-                    route,
-                    keys,
-                    on_written,
-                });
-            }
+        let routed = merged.is_some();
+        let keys = match merged {
+            Some(keys) => keys,
+            None => match key_fingerprints(&self.uniqueness, &batch, &groups) {
+                Ok(keys) => keys,
+                Err(e) => return on_written.done(Err(e)),
+            },
+        };
+        // Routed and queued under the ledger's lock, so the committer sees batches in routing
+        // order.
+        let mut ledger = self.ledger.lock().unwrap();
+        let route = match routed {
+            true => Route::Merge,
+            false => ledger.route(&keys),
         };
         self.send(Job::Write {
             batch,
