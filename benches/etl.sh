@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The end-to-end benchmark: grows the bundled Synthea sample to SIZE_MB (deterministically,
-# ids and references consistent), runs the release binary once per output format, and prints
-# input MB, resources, wall time, MB/s, resources/s, peak RSS and the memory budget per run.
+# ids and references consistent), runs the release binary RUNS times per output format, and
+# prints input MB, resources, wall time, MB/s, resources/s, peak RSS and the memory budget.
 # Where the reference Python Cumulus ETL is installed, it runs it on the same input (NDJSON
 # output, the only one it can write here) and prints our throughput and RSS as ratios of its.
 #
 #   benches/etl.sh [SIZE_MB] [etl options, e.g. --memory 256MiB]
 #
 # Env: BENCH_DIR (inputs and reference timings, default ~/.cache/cumulus-etl-bench),
-#      FORMATS (default "ndjson parquet deltalake deltalake-rerun"),
+#      FORMATS (default "ndjson parquet deltalake deltalake-rerun"), RUNS (timed runs per
+#      format, default 3: the table gives the median wall time (the lower middle one for an even
+#      count) and the highest peak RSS, since
+#      single runs on a shared machine vary by a third),
 #      REFERENCE (path of the reference `cumulus-etl`, default its venv from
 #      ../shared/tools/reference-cumulus.sh; "none" skips it), REFERENCE_RERUN=1 (time it again
 #      instead of reusing the cached timing for this input).
@@ -21,6 +24,7 @@ extra=("$@")
 bench_dir=${BENCH_DIR:-$HOME/.cache/cumulus-etl-bench}
 input="$bench_dir/synthea-${size_mb}mb"
 formats=${FORMATS:-"ndjson parquet deltalake deltalake-rerun"}
+runs=${RUNS:-3}
 reference=${REFERENCE:-$HOME/.cache/reference-cumulus/venv/bin/cumulus-etl}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -50,25 +54,40 @@ warm_input() {
     find "$input" -type f -exec cat {} + >/dev/null
 }
 
-# run LABEL FORMAT OUTPUT: one timed run of ours; sets $seconds and $kib.
-run() {
+# timed_run LABEL FORMAT OUTPUT: one timed run of ours; sets $seconds, $kib and $budget.
+timed_run() {
     local label=$1 format=$2 out=$3
     warm_input
     /usr/bin/time -f '%e %M' -o "$work/time" "$bin" etl --output-format="$format" \
         --progress-interval 60 "${extra[@]}" "$input" "$out" "$work/phi" >"$work/$label.log" 2>&1 \
         || { echo "run '$label' failed:"; tail -20 "$work/$label.log"; exit 1; }
     read -r seconds kib <"$work/time"
-    local budget
     budget=$(grep -o 'a [0-9.]* [KMG]iB memory budget' "$work/$label.log" | head -1 \
         | sed 's/^a //; s/ memory budget//')
+}
+
+# run LABEL FORMAT OUTPUT FRESH: $runs timed runs, into a new OUTPUT each time when FRESH is 1
+# (a first load) or into the same one (a re-run); prints one row with the median wall time and
+# the highest peak RSS, and sets $seconds and $kib to them.
+run() {
+    local label=$1 format=$2 out=$3 fresh=$4 walls=() peak=0
+    for ((i = 1; i <= runs; i++)); do
+        if [ "$fresh" = 1 ]; then rm -rf "$out"; fi
+        timed_run "$label" "$format" "$out"
+        walls+=("$seconds")
+        if ((kib > peak)); then peak=$kib; fi
+    done
+    seconds=$(printf '%s\n' "${walls[@]}" | sort -n | sed -n "$(((runs + 1) / 2))p")
+    kib=$peak
     row "$label" "$seconds" "$kib" "$budget"
+    if ((runs > 1)); then printf '%-16s wall times: %s\n' "" "${walls[*]}"; fi
 }
 
 declare -A secs rss
 for f in $formats; do
     case $f in
-        deltalake-rerun) run "$f" deltalake "$work/deltalake" ;;
-        *) run "$f" "$f" "$work/$f" ;;
+        deltalake-rerun) run "$f" deltalake "$work/deltalake" 0 ;;
+        *) run "$f" "$f" "$work/$f" 1 ;;
     esac
     secs[$f]=$seconds
     rss[$f]=$kib
@@ -81,7 +100,10 @@ if [ -n "${secs[deltalake-rerun]:-}" ] && [ -n "${secs[deltalake]:-}" ]; then
     printf 'delta re-run / first load: %.2fx\n' "$(echo "${secs[deltalake-rerun]} / ${secs[deltalake]}" | bc -l)"
 fi
 
-if [ "$reference" = none ] || [ ! -x "$reference" ]; then
+if [ "$reference" = none ]; then
+    echo "reference: skipped (REFERENCE=none); no ratios"
+    exit 0
+elif [ ! -x "$reference" ]; then
     echo "reference: not installed (../shared/tools/reference-cumulus.sh installs it); no ratios"
     exit 0
 fi
