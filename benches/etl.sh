@@ -10,8 +10,7 @@
 # Env: BENCH_DIR (inputs and reference timings, default ~/.cache/cumulus-etl-bench),
 #      FORMATS (default "ndjson parquet deltalake deltalake-rerun"), RUNS (timed runs per
 #      format, default 3: the table gives the median wall time (the lower middle one for an even
-#      count) and the highest peak RSS, since
-#      single runs on a shared machine vary by a third),
+#      count) and the highest peak RSS, since single runs on a shared machine vary by a third),
 #      REFERENCE (path of the reference `cumulus-etl`, default its venv from
 #      ../shared/tools/reference-cumulus.sh; "none" skips it), REFERENCE_RERUN=1 (time it again
 #      instead of reusing the cached timing for this input).
