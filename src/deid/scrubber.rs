@@ -98,6 +98,10 @@ impl From<Rejection> for Skip {
     }
 }
 
+/// Room for the entries of one resource's nodes, innermost last. Started empty, the stack grew
+/// four times per Synthea resource (2.4% of the instructions of an NDJSON run, callgrind).
+const ENTRIES_PER_RESOURCE: usize = 64;
+
 /// State of one `scrub` call.
 struct Pass<'r, 's> {
     report: &'r mut ExtensionReport,
@@ -187,7 +191,7 @@ impl Scrubber {
         let mut pass = Pass {
             report,
             id: None,
-            entries: Vec::new(),
+            entries: Vec::with_capacity(ENTRIES_PER_RESOURCE),
             novel: known.is_none(),
         };
         let result = if doc.token(0).kind == Kind::Object {
