@@ -12,10 +12,10 @@ pub struct PyDateTime {
 }
 
 impl PyDateTime {
-    /// Now, in UTC, truncated to whole seconds as job timestamps are.
+    /// Now, in UTC, to the microsecond (job folder names show whole seconds).
     pub fn now_utc() -> PyDateTime {
         let now = Utc::now().naive_utc();
-        let naive = now.with_nanosecond_truncated();
+        let naive = to_microseconds(now);
         PyDateTime {
             naive,
             offset: Some(FixedOffset::east_opt(0).unwrap()),
@@ -95,19 +95,12 @@ impl PyDateTime {
     }
 }
 
-trait TruncateNanos {
-    fn with_nanosecond_truncated(self) -> Self;
-}
-
-impl TruncateNanos for NaiveDateTime {
-    fn with_nanosecond_truncated(self) -> Self {
-        use chrono::Timelike;
-        // Microseconds, as Python's datetime keeps: `etl_time` is part of `etl__completion`'s
-        // key, and two runs in the same second once shared it (the second run's rows merged
-        // into the first's).
-        self.with_nanosecond(self.nanosecond() / 1000 * 1000)
-            .unwrap_or(self)
-    }
+/// The time to the microsecond, as Python's datetime keeps it: `etl_time` is part of
+/// `etl__completion`'s key, and two runs started in the same second once shared it (the second
+/// run's rows merged into the first's).
+fn to_microseconds(t: NaiveDateTime) -> NaiveDateTime {
+    use chrono::Timelike;
+    t.with_nanosecond(t.nanosecond() / 1000 * 1000).unwrap_or(t)
 }
 
 #[cfg(test)]

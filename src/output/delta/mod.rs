@@ -234,20 +234,20 @@ impl DeltaTableWriter {
             Some(field) => distinct_strings(&batch, field),
             None => Vec::new(),
         };
-        let routed = merged.is_some();
-        let keys = match merged {
-            Some(keys) => keys,
+        let (keys, already_merged) = match merged {
+            Some(keys) => (keys, true),
             None => match key_fingerprints(&self.uniqueness, &batch, &groups) {
-                Ok(keys) => keys,
+                Ok(keys) => (keys, false),
                 Err(e) => return on_written.done(Err(e)),
             },
         };
         // Routed and queued under the ledger's lock, so the committer sees batches in routing
         // order.
         let mut ledger = self.ledger.lock().unwrap();
-        let route = match routed {
-            true => Route::Merge,
-            false => ledger.route(&keys),
+        let route = if already_merged {
+            Route::Merge
+        } else {
+            ledger.route(&keys)
         };
         self.send(Job::Write {
             batch,
