@@ -328,6 +328,90 @@ fn an_unchanged_batch_rewrites_no_files_and_a_changed_row_rewrites_its_file() {
     assert_eq!(stored["id7"]["status"], "b");
 }
 
+/// The operations recorded in a table's log, oldest first.
+fn operations(table_dir: &std::path::Path) -> Vec<String> {
+    crate::support::delta_log_actions(table_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["commitInfo"]["operation"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_merge_rewrites_only_the_files_whose_rows_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let table_dir = tmp.path().join("observation");
+    let rows = |range: std::ops::Range<u32>| -> Vec<Value> {
+        range
+            .map(|i| json!({"id": format!("id{i:03}"), "status": "stored", "n": i}))
+            .collect()
+    };
+    // Three files of 100 rows each, one per run; the third lacks the column `n`.
+    let third: Vec<Value> = (200..300)
+        .map(|i| json!({"id": format!("id{i:03}"), "status": "stored"}))
+        .collect();
+    write_runs(tmp.path(), &spec, &[rows(0..100), rows(100..200), third]);
+    let before = crate::support::delta_live_files(&table_dir);
+    assert_eq!(before.len(), 3);
+    let commits_before = commits(&table_dir);
+
+    // Unchanged rows of every file: nothing to commit at all.
+    write_runs(tmp.path(), &spec, &[rows(50..60)]);
+    assert_eq!(commits(&table_dir), commits_before);
+    assert_eq!(crate::support::delta_live_files(&table_dir), before);
+
+    // One changed row in the second file, one in the third (which gains `n`), one new row.
+    let update = vec![
+        json!({"id": "id150", "status": "changed", "n": 150}),
+        json!({"id": "id250", "status": "changed", "n": 250}),
+        json!({"id": "id300", "status": "new", "n": 300}),
+    ];
+    write_runs(tmp.path(), &spec, &[update]);
+    let after = crate::support::delta_live_files(&table_dir);
+    let kept: Vec<_> = before.iter().filter(|f| after.contains(f)).collect();
+    assert_eq!(kept.len(), 1, "only the untouched file stays: {after:?}");
+    assert_eq!(after.len(), 4, "two rewritten files and one of inserts");
+    assert_eq!(
+        operations(&table_dir).last().map(String::as_str),
+        Some("MERGE")
+    );
+    let stored = read_delta(&table_dir, "id");
+    assert_eq!(stored.len(), 301);
+    assert_eq!(stored["id150"]["status"], "changed");
+    assert_eq!(stored["id250"]["status"], "changed");
+    assert_eq!(stored["id250"]["n"], 250);
+    assert_eq!(stored["id251"]["status"], "stored");
+    assert_eq!(stored["id300"]["status"], "new");
+    assert_eq!(stored["id149"]["n"], 149);
+}
+
+#[test]
+fn a_group_delete_that_empties_a_file_removes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = fhir_spec("covid_symptom__nlp_results");
+    spec.group_field = Some("docref_id".into());
+    let table_dir = tmp.path().join("covid_symptom__nlp_results");
+    let row = |id: &str, group: &str| json!({"id": id, "docref_id": group});
+    write_runs(
+        tmp.path(),
+        &spec,
+        &[
+            vec![row("a.0", "doc1"), row("a.1", "doc1")],
+            vec![row("b.0", "doc2")],
+        ],
+    );
+    let before = crate::support::delta_live_files(&table_dir);
+    // doc1 is touched with no rows: its file goes, and no empty file replaces it.
+    let mut table = TestTable::open(tmp.path(), &spec);
+    table.upsert(&[row("b.0", "doc2")], &["doc1"]).unwrap();
+    let after = crate::support::delta_live_files(&table_dir);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(before.contains(&after[0]));
+    let rows = read_delta(&table_dir, "id");
+    assert_eq!(rows.keys().collect::<Vec<_>>(), ["b.0"]);
+}
+
 #[test]
 fn a_merge_that_does_not_fit_the_memory_pool_loses_no_rows() {
     let tmp = tempfile::tempdir().unwrap();

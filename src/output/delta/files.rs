@@ -57,16 +57,7 @@ impl TableFiles {
         target: &SchemaRef,
         uniqueness: &[String],
     ) -> Result<WrittenFiles> {
-        let config = WriterConfig::new(
-            target.clone(),
-            Vec::new(),
-            Some(crate::output::parquet::writer_properties()),
-            None,
-            Some(ENCODE_SLICE_ROWS),
-            self.stats.num_indexed_cols,
-            self.stats.stats_columns.clone(),
-        );
-        let mut writer = DeltaWriter::new(self.store.clone(), config);
+        let mut writer = self.writer(target);
         let mut keys = Vec::with_capacity(rows.len());
         let encoded = self.runtime.block_on(async {
             for slice in rows.chunks(ENCODE_SLICE_ROWS) {
@@ -92,15 +83,34 @@ impl TableFiles {
         })
     }
 
+    /// A writer of data files of `schema` for this table (one file until it is closed), with
+    /// the table's statistics settings and this project's Parquet settings.
+    pub fn writer(&self, schema: &SchemaRef) -> DeltaWriter {
+        let config = WriterConfig::new(
+            schema.clone(),
+            Vec::new(),
+            Some(crate::output::parquet::writer_properties()),
+            None,
+            Some(ENCODE_SLICE_ROWS),
+            self.stats.num_indexed_cols,
+            self.stats.stats_columns.clone(),
+        );
+        DeltaWriter::new(self.store.clone(), config)
+    }
+
     /// Removes files that will not be committed (their batch is merged instead).
     pub fn discard(&self, files: &WrittenFiles) {
-        self.runtime.block_on(async {
-            for add in &files.adds {
-                let path = deltalake::Path::from(add.path.as_str());
-                if let Err(e) = self.store.delete(&path).await {
-                    eprintln!("warning: could not remove the unused data file {path}: {e}");
-                }
+        self.runtime.block_on(self.remove(&files.adds));
+    }
+
+    /// Removes written files that will not be committed; a file that cannot be removed is
+    /// only reported (it is not in the table, and VACUUM removes it later).
+    pub async fn remove(&self, adds: &[Add]) {
+        for add in adds {
+            let path = deltalake::Path::from(add.path.as_str());
+            if let Err(e) = self.store.delete(&path).await {
+                eprintln!("warning: could not remove the unused data file {path}: {e}");
             }
-        });
+        }
     }
 }

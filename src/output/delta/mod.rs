@@ -7,6 +7,7 @@
 //! releases its memory.
 
 mod conform;
+mod file_merge;
 mod files;
 mod ledger;
 mod stage;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
-use arrow::datatypes::{DataType, TimeUnit};
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
 use deltalake::datafusion::common::Column;
@@ -26,10 +26,11 @@ use deltalake::operations::write::SchemaMode;
 use deltalake::operations::write::WriterStatsConfig;
 use deltalake::parquet::basic::Compression;
 use deltalake::parquet::file::properties::WriterProperties;
-use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::protocol::{DeltaOperation, MergePredicate, SaveMode};
 use url::Url;
 
 use super::conform::{adds_fields, conform_batch, union_schema};
+use super::file_merge::{self, MergeRules};
 use super::files::{TableFiles, WrittenFiles};
 use super::ledger::{Ledger, Route, key_fingerprints};
 use super::stage::{MergeStage, json_lines};
@@ -144,6 +145,8 @@ pub struct CumulusTable {
     commits: i64,
     /// Batches waiting to be merged together.
     stage: MergeStage,
+    /// The table cannot be merged file by file, and the run has said so.
+    warned_unsupported: bool,
 }
 
 impl CumulusTable {
@@ -171,6 +174,7 @@ impl CumulusTable {
             ledger: Arc::new(Mutex::new(Ledger::new(schema, append_only))),
             commits: 0,
             stage: MergeStage::default(),
+            warned_unsupported: false,
         })
     }
 
@@ -360,23 +364,37 @@ impl CumulusTable {
                 .await?;
             return Ok(());
         }
-        let state = self.table.snapshot()?;
-        let current = state.snapshot().arrow_schema();
-        let mut actions = Vec::new();
-        if adds_fields(current.fields(), files.schema.fields()) {
-            let schema: StructType = union_schema(&current, &files.schema)?
-                .as_ref()
-                .try_into_kernel()?;
-            actions.push(Action::Metadata(
-                state.metadata().clone().with_schema(&schema)?,
-            ));
-        }
+        let mut actions: Vec<Action> = self.schema_change(&files.schema)?.into_iter().collect();
         actions.extend(adds);
         let operation = DeltaOperation::Write {
             mode: SaveMode::Append,
             partition_by: None,
             predicate: None,
         };
+        self.commit(props, actions, operation).await
+    }
+
+    /// The metadata action that grows the table's schema to `schema`, if it adds fields.
+    fn schema_change(&self, schema: &SchemaRef) -> Result<Option<Action>> {
+        let state = self.table.snapshot()?;
+        let current = state.snapshot().arrow_schema();
+        if !adds_fields(current.fields(), schema.fields()) {
+            return Ok(None);
+        }
+        let grown: StructType = union_schema(&current, schema)?.as_ref().try_into_kernel()?;
+        Ok(Some(Action::Metadata(
+            state.metadata().clone().with_schema(&grown)?,
+        )))
+    }
+
+    /// Commits `actions` on the snapshot the table holds (a conflicting commit fails).
+    async fn commit(
+        &mut self,
+        props: CommitProperties,
+        actions: Vec<Action>,
+        operation: DeltaOperation,
+    ) -> Result<()> {
+        let state = self.table.snapshot()?;
         let commit = CommitBuilder::from(props)
             .with_actions(actions)
             .build(Some(state), self.table.log_store(), operation)
@@ -432,6 +450,18 @@ impl CumulusTable {
         batches: Vec<RecordBatch>,
         groups: &[String],
     ) -> Result<()> {
+        match file_merge::unsupported(&self.table)? {
+            None => return self.merge_by_file(batches, groups).await,
+            Some(feature) if !self.warned_unsupported => {
+                self.warned_unsupported = true;
+                eprintln!(
+                    "note: {} uses {feature}, so it is merged by delta-rs, whose memory grows \
+                     with the table",
+                    self.spec.name
+                );
+            }
+            Some(_) => {}
+        }
         let out_of_memory = |e: &anyhow::Error| {
             let text = format!("{e:#}");
             text.contains("Resources exhausted") || text.contains("Not enough memory")
@@ -445,7 +475,74 @@ impl CumulusTable {
         }
     }
 
-    /// One MERGE of `batches` (one schema, disjoint keys).
+    /// One MERGE of `batches` (one schema, disjoint keys), file by file
+    /// ([`file_merge`]); commits only if a row changed or the schema grew.
+    async fn merge_by_file(&mut self, batches: Vec<RecordBatch>, groups: &[String]) -> Result<()> {
+        let schema = batches.first().context("a MERGE has a batch")?.schema();
+        let files = self.files(tokio::runtime::Handle::current());
+        let rules = MergeRules {
+            spec: &self.spec,
+            groups,
+        };
+        let outcome = file_merge::merge_by_file(&self.table, &files, rules, &schema, batches)
+            .await
+            .with_context(|| format!("merging into {}", self.spec.name))?;
+        let mut actions: Vec<Action> = self.schema_change(&schema)?.into_iter().collect();
+        if actions.is_empty() && outcome.actions.is_empty() {
+            return Ok(());
+        }
+        let added: Vec<_> = outcome
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Add(add) => Some(add.clone()),
+                _ => None,
+            })
+            .collect();
+        actions.extend(outcome.actions);
+        let props = self.commit_properties();
+        let operation = self.merge_operation(groups);
+        let committed = self.commit(props, actions, operation).await;
+        if committed.is_err() {
+            files.remove(&added).await;
+        }
+        committed.with_context(|| format!("committing a MERGE into {}", self.spec.name))
+    }
+
+    /// How the log describes a MERGE (as delta-rs's MERGE would have).
+    fn merge_operation(&self, groups: &[String]) -> DeltaOperation {
+        let predicate = self
+            .spec
+            .uniqueness
+            .iter()
+            .map(|f| format!("target.{f} = source.{f}"))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let clause = |action: &str| MergePredicate {
+            action_type: action.to_string(),
+            predicate: None,
+        };
+        let matched = match self.spec.update_existing {
+            true => vec![clause("update")],
+            false => vec![],
+        };
+        let by_source = match (&self.spec.group_field, groups.is_empty()) {
+            (Some(field), false) => vec![MergePredicate {
+                action_type: "delete".to_string(),
+                predicate: Some(format!("target.{field} IN ({} groups)", groups.len())),
+            }],
+            _ => vec![],
+        };
+        DeltaOperation::Merge {
+            predicate: None,
+            merge_predicate: Some(predicate),
+            matched_predicates: matched,
+            not_matched_predicates: vec![clause("insert")],
+            not_matched_by_source_predicates: by_source,
+        }
+    }
+
+    /// One MERGE of `batches` (one schema, disjoint keys), by delta-rs.
     async fn merge(
         &mut self,
         batches: Vec<RecordBatch>,
