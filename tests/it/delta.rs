@@ -646,3 +646,48 @@ fn writers_append_their_own_files_evolve_the_schema_and_merge_repeated_ids() {
         "the live files plus the one the MERGE replaced (vacuum was not run)"
     );
 }
+
+#[test]
+fn a_writer_stages_its_merge_batch_before_handing_it_to_the_committer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outputs = Outputs::new(
+        OutputFormat::Deltalake,
+        tmp.path(),
+        DeltaSettings::new(64 << 20, "test-run"),
+    )
+    .unwrap();
+    let row = |code: &str| json!({"resourceType": "Condition", "id": "a", "code": {"text": code}});
+    write_rows(&outputs, &[row("1")]);
+    let text = row("2").to_string().into_bytes();
+    let mut tape = Tape::default();
+    let mut shape = Shape::default();
+    shape.add_row(&tape.parse(&text).unwrap());
+    let batch = RowBatch {
+        rows: vec![text.as_slice()],
+        shape: &shape,
+    };
+    let log: Log = Default::default();
+    let (staged, done) = (log.clone(), log.clone());
+    let report = OnWritten::new(move |result| {
+        done.lock()
+            .unwrap()
+            .push(format!("done {}", result.is_ok()))
+    })
+    .on_staged(move || staged.lock().unwrap().push("staged".into()));
+    let mut writer = outputs
+        .open("condition", TableKind::Fhir("Condition".into()))
+        .unwrap();
+    writer.write_batch(&batch, report);
+    // The repeated id needs a MERGE: its rows are on local disk (and the caller's memory free)
+    // by the time write_batch returns, whatever the committer is doing.
+    assert_eq!(
+        log.lock().unwrap().first().map(String::as_str),
+        Some("staged")
+    );
+    writer.flush();
+    drop(writer);
+    assert!(outputs.finish(false).is_empty());
+    assert_eq!(*log.lock().unwrap(), ["staged", "done true"]);
+    let rows = read_delta(&tmp.path().join("condition"), "id");
+    assert_eq!(rows["a"]["code"]["text"], "2");
+}

@@ -28,6 +28,7 @@ pub use table::{COMPACTION_MIN_FILES, CumulusTable, DeltaSettings, TableSpec};
 use anyhow::Context;
 use files::{TableFiles, WrittenFiles};
 use ledger::{Ledger, key_fingerprints};
+use stage::{StageDir, StagedFile};
 
 use super::arrow_rows::{batch_schema, to_record_batch};
 use super::{OnWritten, RowBatch, TableKind, TableWriter};
@@ -42,6 +43,13 @@ enum Job {
         batch: RecordBatch,
         groups: Vec<String>,
         route: Route,
+        keys: Vec<u64>,
+        on_written: OnWritten,
+    },
+    /// A MERGE batch its writer has staged on local disk, to merge with the others.
+    Staged {
+        file: StagedFile,
+        groups: Vec<String>,
         keys: Vec<u64>,
         on_written: OnWritten,
     },
@@ -63,6 +71,7 @@ struct Committer {
     done: tokio::task::JoinHandle<CumulusTable>,
     ledger: Arc<Mutex<Ledger>>,
     files: Arc<TableFiles>,
+    stage: Arc<StageDir>,
     uniqueness: Arc<[String]>,
 }
 
@@ -104,6 +113,7 @@ impl DeltaOutput {
                 .with_context(|| format!("could not open the Delta table {table}"))?;
             let ledger = opened.ledger();
             let files = Arc::new(opened.files(self.runtime.handle().clone()));
+            let stage = opened.stage_dir();
             let (jobs, queue) = mpsc::unbounded_channel();
             let done = self.runtime.spawn(commit_loop(opened, queue));
             let committer = Committer {
@@ -111,6 +121,7 @@ impl DeltaOutput {
                 done,
                 ledger,
                 files,
+                stage,
                 uniqueness,
             };
             committers.insert(table.to_string(), committer);
@@ -121,6 +132,7 @@ impl DeltaOutput {
             jobs: committer.jobs.clone(),
             ledger: committer.ledger.clone(),
             files: committer.files.clone(),
+            stage: committer.stage.clone(),
             uniqueness: committer.uniqueness.clone(),
         }))
     }
@@ -164,6 +176,12 @@ async fn commit_loop(
                 keys,
                 on_written,
             } => table.apply(batch, groups, route, &keys, on_written).await,
+            Job::Staged {
+                file,
+                groups,
+                keys,
+                on_written,
+            } => table.apply_staged(file, groups, &keys, on_written).await,
             Job::Commit { files, on_written } => table.commit_files(files, on_written).await,
             Job::Delete { ids, reply } => drop(reply.send(table.delete_ids(&ids).await)),
             Job::Flush { reply } => {
@@ -182,6 +200,7 @@ struct DeltaTableWriter {
     jobs: mpsc::UnboundedSender<Job>,
     ledger: Arc<Mutex<Ledger>>,
     files: Arc<TableFiles>,
+    stage: Arc<StageDir>,
     uniqueness: Arc<[String]>,
 }
 
@@ -190,7 +209,9 @@ impl DeltaTableWriter {
     fn send(&self, job: Job) {
         if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
             let on_written = match job {
-                Job::Write { on_written, .. } | Job::Commit { on_written, .. } => on_written,
+                Job::Write { on_written, .. }
+                | Job::Staged { on_written, .. }
+                | Job::Commit { on_written, .. } => on_written,
                 Job::Delete { .. } | Job::Flush { .. } => return,
             };
             on_written.done(Err(anyhow!("the table's committer has stopped")));
@@ -250,6 +271,26 @@ impl DeltaTableWriter {
         } else {
             ledger.route(&keys)
         };
+        let mut on_written = on_written;
+        if route == Route::Merge && batch.num_rows() > 0 {
+            // Staged here, the batch leaves memory now, rather than waiting in the queue (as
+            // rows and as Arrow) while the committer merges what came before.
+            match self.stage.write(&batch) {
+                Ok(file) => {
+                    on_written.staged();
+                    return self.send(Job::Staged {
+                        file,
+                        groups,
+                        keys,
+                        on_written,
+                    });
+                }
+                Err(e) => eprintln!(
+                    "warning: could not stage a MERGE batch on local disk ({e:#}); it waits \
+                     in memory"
+                ),
+            }
+        }
         self.send(Job::Write {
             batch,
             groups,

@@ -10,6 +10,8 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use arrow::datatypes::SchemaRef;
@@ -21,16 +23,68 @@ use super::conform::union_schema;
 
 use crate::output::OnWritten;
 
+/// A table's private temporary folder for staged batches, shared by the workers that stage
+/// them and the committer that merges them; made when first needed, removed with the table.
+#[derive(Default)]
+pub struct StageDir {
+    dir: Mutex<Option<tempfile::TempDir>>,
+    files_made: AtomicUsize,
+}
+
+/// A batch written to the stage folder, not yet part of a MERGE.
+pub struct StagedFile {
+    pub path: PathBuf,
+    pub schema: SchemaRef,
+    pub rows: usize,
+    /// Its Arrow size in memory, which it takes again when read back for the MERGE.
+    pub bytes: usize,
+}
+
+impl StageDir {
+    /// Writes the batch as an Arrow IPC file in the folder.
+    pub fn write(&self, batch: &RecordBatch) -> Result<StagedFile> {
+        let dir = {
+            let mut dir = self.dir.lock().unwrap();
+            if dir.is_none() {
+                let made = tempfile::Builder::new()
+                    .prefix("cumulus-etl-merge-")
+                    .tempdir()
+                    .context("creating a folder for staged MERGE batches")?;
+                *dir = Some(made);
+            }
+            dir.as_ref().expect("made above").path().to_path_buf()
+        };
+        let n = self.files_made.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("batch-{n:05}.arrow"));
+        let written = (|| {
+            let file = File::create(&path)?;
+            let mut writer = FileWriter::try_new(BufWriter::new(file), &batch.schema())?;
+            writer.write(batch)?;
+            writer.finish()?;
+            anyhow::Ok(())
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(e.context(format!("writing {}", path.display())));
+        }
+        Ok(StagedFile {
+            path,
+            schema: batch.schema(),
+            rows: batch.num_rows(),
+            bytes: batch.get_array_memory_size(),
+        })
+    }
+}
+
 /// Batches staged for one table, with the reports to send once they are merged.
 #[derive(Default)]
 pub struct MergeStage {
-    dir: Option<tempfile::TempDir>,
+    dir: Arc<StageDir>,
     entries: Vec<(PathBuf, OnWritten)>,
     keys: HashSet<u64>,
     groups: Vec<String>,
     rows: usize,
     bytes: usize,
-    files_made: usize,
     /// The union of the staged batches' schemas, which one MERGE will use.
     schema: Option<SchemaRef>,
 }
@@ -69,6 +123,11 @@ impl MergeStage {
         self.rows >= max_rows || self.bytes >= max_bytes
     }
 
+    /// The folder batches are staged in, for workers that stage their own.
+    pub fn dir(&self) -> Arc<StageDir> {
+        self.dir.clone()
+    }
+
     /// Writes the batch to disk, then tells the caller it may free its copy. On error the
     /// batch was not staged and `report` is handed back untouched.
     pub fn push(
@@ -76,43 +135,36 @@ impl MergeStage {
         batch: &RecordBatch,
         keys: &[u64],
         groups: &[String],
-        mut report: OnWritten,
+        report: OnWritten,
     ) -> Result<(), (anyhow::Error, OnWritten)> {
-        let path = match self.write(batch) {
-            Ok(path) => path,
-            Err(e) => return Err((e, report)),
-        };
-        report.staged();
-        self.schema = Some(match self.schema.take() {
-            Some(staged) => union_schema(&staged, &batch.schema()).unwrap_or(staged),
-            None => batch.schema(),
-        });
-        self.entries.push((path, report));
-        self.keys.extend(keys);
-        self.groups.extend(groups.iter().cloned());
-        self.rows += batch.num_rows();
-        self.bytes += batch.get_array_memory_size();
-        Ok(())
+        match self.dir.write(batch) {
+            Ok(file) => {
+                self.adopt(file, keys, groups, report);
+                Ok(())
+            }
+            Err(e) => Err((e, report)),
+        }
     }
 
-    fn write(&mut self, batch: &RecordBatch) -> Result<PathBuf> {
-        if self.dir.is_none() {
-            let dir = tempfile::Builder::new()
-                .prefix("cumulus-etl-merge-")
-                .tempdir()
-                .context("creating a folder for staged MERGE batches")?;
-            self.dir = Some(dir);
-        }
-        let dir = self.dir.as_ref().expect("made above").path();
-        let path = dir.join(format!("batch-{:05}.arrow", self.files_made));
-        self.files_made += 1;
-        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let mut writer = FileWriter::try_new(BufWriter::new(file), &batch.schema())?;
-        writer.write(batch)?;
-        writer
-            .finish()
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(path)
+    /// Takes in a batch already written to the stage folder (by a worker) and tells the
+    /// caller, if it has not been told yet, that it may free its copy.
+    pub fn adopt(
+        &mut self,
+        file: StagedFile,
+        keys: &[u64],
+        groups: &[String],
+        mut report: OnWritten,
+    ) {
+        report.staged();
+        self.schema = Some(match self.schema.take() {
+            Some(staged) => union_schema(&staged, &file.schema).unwrap_or(staged),
+            None => file.schema.clone(),
+        });
+        self.entries.push((file.path, report));
+        self.keys.extend(keys);
+        self.groups.extend(groups.iter().cloned());
+        self.rows += file.rows;
+        self.bytes += file.bytes;
     }
 
     /// Everything staged, read back into memory; the stage is empty afterwards. Batches that
@@ -136,9 +188,6 @@ impl MergeStage {
             }
             let _ = std::fs::remove_file(&path);
         }
-        // The folder goes too: a run that stops (or exits) before dropping the stage leaves
-        // nothing behind but what a later batch stages.
-        self.dir = None;
         let mut groups = groups;
         groups.sort();
         groups.dedup();
@@ -150,7 +199,8 @@ impl MergeStage {
     }
 }
 
-fn read_batch(path: &std::path::Path) -> Result<RecordBatch> {
+/// A staged batch read back (whole).
+pub fn read_batch(path: &std::path::Path) -> Result<RecordBatch> {
     let reader = FileReader::try_new(BufReader::new(File::open(path)?), None)?;
     let schema = reader.schema();
     let batches = reader.collect::<Result<Vec<_>, _>>()?;
@@ -209,10 +259,25 @@ mod tests {
         assert_eq!(*staged_count.lock().unwrap(), 2);
         assert!(stage.overlaps(&[9, 1]) && !stage.overlaps(&[2]));
         assert!(stage.is_full(3, usize::MAX) && !stage.is_full(4, usize::MAX));
-        let dir = stage.dir.as_ref().unwrap().path().to_path_buf();
+        let dir = stage
+            .dir
+            .dir
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .path()
+            .to_path_buf();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
         let staged = stage.take();
         assert!(stage.is_empty() && !stage.overlaps(&[0]));
-        assert!(!dir.exists(), "files and folder removed once read back");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "files removed once read back"
+        );
+        drop(stage);
+        assert!(!dir.exists(), "the folder goes with the table");
         assert_eq!(staged.groups, ["g0", "g1"]);
         let schema = staged
             .schema

@@ -33,7 +33,7 @@ use super::conform::{adds_fields, conform_batch, union_schema};
 use super::file_merge::{self, MergeRules};
 use super::files::{TableFiles, WrittenFiles};
 use super::ledger::{Ledger, Route, key_fingerprints};
-use super::stage::{MergeStage, json_lines};
+use super::stage::{MergeStage, StageDir, StagedFile, json_lines, read_batch};
 use crate::output::{OnWritten, TableKind};
 
 /// Compaction rewrites the whole table, so it waits until a table has this many files: a
@@ -95,22 +95,30 @@ pub struct DeltaSettings {
     heavy: Arc<tokio::sync::Semaphore>,
     /// Staged MERGE rows of a table are merged once they reach this many rows (`--batch-size`)...
     merge_rows: usize,
-    /// ...or this many bytes of Arrow data, a quarter of the pool the MERGE joins in.
+    /// ...or this many bytes of Arrow data (a quarter of the `--memory` budget), since a
+    /// MERGE holds its staged rows in memory.
     merge_bytes: usize,
 }
 
 impl DeltaSettings {
-    /// Settings for a run under the global `--memory` budget: DataFusion gets half of it, but
-    /// at least an eighth of the machine's memory (64 MiB to 2 GiB). A MERGE into an existing
-    /// table builds its join over the whole table, so its memory grows with the table, not
-    /// with the batch; a pool sized from a small streaming budget failed the MERGE batches of
-    /// a re-run (100,000-row tables at 256 MiB). `run` names the run in the transaction log.
+    /// Settings for a run under the global `--memory` budget. DataFusion (DELETE, compaction,
+    /// and delta-rs's MERGE for tables [`file_merge`] cannot read) gets half of it, but at
+    /// least an eighth of the machine's memory (64 MiB to 2 GiB): delta-rs's MERGE builds its
+    /// join over the whole table, and a pool sized from a small budget failed its batches
+    /// (100,000-row tables at 256 MiB). The pool is a ceiling, not a reservation. `run` names
+    /// the run in the transaction log.
     pub fn for_budget(budget: u64, run: &str) -> DeltaSettings {
         let floor = (crate::engine::budget::physical_memory() / 8).clamp(64 << 20, 2 << 30);
-        DeltaSettings::new(
-            (budget / 2).max(floor) as usize,
-            format!("cumulus-etl/{run}"),
-        )
+        DeltaSettings {
+            // Staged batches are read back into memory for their MERGE, beside the budget's
+            // rows in flight: a quarter of the budget kept a re-run of 1 GB at `--memory
+            // 256MiB` at 325 MiB peak RSS (401 MiB when they could reach the pool's quarter).
+            merge_bytes: (budget / 4) as usize,
+            ..DeltaSettings::new(
+                (budget / 2).max(floor) as usize,
+                format!("cumulus-etl/{run}"),
+            )
+        }
     }
 
     /// Settings whose DataFusion operations share `memory_limit` bytes (spilling beyond).
@@ -297,12 +305,51 @@ impl CumulusTable {
         }
     }
 
+    /// The folder this table's MERGE batches are staged in, for writers that stage their own
+    /// (and so free their memory without waiting for the committer).
+    pub fn stage_dir(&self) -> Arc<StageDir> {
+        self.stage.dir()
+    }
+
+    /// [`Self::apply`] for a MERGE batch a writer has staged itself.
+    pub async fn apply_staged(
+        &mut self,
+        file: StagedFile,
+        groups: Vec<String>,
+        keys: &[u64],
+        report: OnWritten,
+    ) {
+        if !self.exists() {
+            // An earlier append failed, so the table is still to be created: apply it alone.
+            let batch = read_batch(&file.path);
+            let _ = std::fs::remove_file(&file.path);
+            return match batch {
+                Ok(batch) => self.apply(batch, groups, Route::Merge, keys, report).await,
+                Err(e) => report.done(Err(e.context("reading a staged batch back"))),
+            };
+        }
+        if self.stage.overlaps(keys) || !self.stage.fits(&file.schema) {
+            self.flush_staged().await;
+        }
+        self.stage.adopt(file, keys, &groups, report);
+        if self
+            .stage
+            .is_full(self.settings.merge_rows, self.settings.merge_bytes)
+        {
+            self.flush_staged().await;
+        }
+    }
+
     /// Merges everything staged as one MERGE and reports each staged batch's outcome; a
     /// failed batch's rows go back with the error, for the errors folder.
     pub async fn flush_staged(&mut self) {
         if self.stage.is_empty() {
             return;
         }
+        // One MERGE at a time across tables, and its turn taken before its batches are read
+        // back, so that only one table's staged rows are in memory at once.
+        let heavy = self.settings.heavy.clone();
+        let _turn = heavy.acquire().await;
         let staged = self.stage.take();
         if staged.batches.is_empty() {
             return;
@@ -334,8 +381,6 @@ impl CumulusTable {
             .iter()
             .map(|batch| conform_batch(batch, &schema))
             .collect::<Result<Vec<_>>>()?;
-        let heavy = self.settings.heavy.clone();
-        let _turn = heavy.acquire().await?;
         self.merge_within_memory(batches, groups).await
     }
 
