@@ -1,7 +1,8 @@
 //! Delta Lake output: one committer per table on a tokio runtime beside the timely workers.
 //! Writers (on worker threads) route each batch when they queue it: a batch appended to a table
 //! holding only this run's fresh rows (a first load) is encoded into a data file by the writer
-//! itself and queued as that file; anything else is turned into Arrow and queued for a MERGE.
+//! itself and queued as that file; anything else is turned into Arrow, staged on local disk by
+//! the writer (so its memory is free at once) and queued for a MERGE.
 //! Each table's committer applies its queue in order (one table's commits are serial, different
 //! tables run in parallel) and reports each batch once committed, which is when the sink
 //! releases its memory.
