@@ -31,7 +31,9 @@ use files::{TableFiles, WrittenFiles};
 use ledger::{Ledger, key_fingerprints};
 use stage::{StageDir, StagedFile};
 
+use super::ENCODE_SLICE_ROWS;
 use super::arrow_rows::{batch_schema, to_record_batch};
+use super::columns::rows_to_record_batch;
 use super::{OnWritten, RowBatch, TableKind, TableWriter};
 
 /// Threads of the commit runtime: commits mostly wait on storage, and Parquet encoding of
@@ -246,6 +248,42 @@ impl DeltaTableWriter {
         }
     }
 
+    /// Stages a batch bound for a MERGE (the table no longer takes plain appends) on local
+    /// disk, decoded a slice at a time, so neither its rows nor a whole Arrow copy of them stay
+    /// in memory; if that fails, it is queued as Arrow rows instead.
+    fn stage_rows(&self, batch: &RowBatch<'_>, mut on_written: OnWritten) {
+        let schema = batch_schema(&self.kind, batch);
+        let mut keys = Vec::with_capacity(batch.rows.len());
+        let slices = batch.rows.chunks(ENCODE_SLICE_ROWS).map(|rows| {
+            let slice = rows_to_record_batch(schema.clone(), rows)
+                .context("rows do not fit the table's FHIR schema")?;
+            keys.extend(key_fingerprints(&self.uniqueness, &slice, &[])?);
+            Ok(slice)
+        });
+        let file = match self.stage.write_slices(&schema, slices) {
+            Ok(file) => file,
+            Err(e) => {
+                eprintln!(
+                    "warning: could not stage a MERGE batch on local disk ({e:#}); it waits \
+                     in memory"
+                );
+                return self.queue_rows(batch, None, on_written);
+            }
+        };
+        on_written.staged();
+        // Routed (a MERGE, since appends have stopped) and queued under the ledger's lock, so
+        // the committer sees batches in routing order.
+        let mut ledger = self.ledger.lock().unwrap();
+        let route = ledger.route(&keys);
+        debug_assert_eq!(route, Route::Merge);
+        self.send(Job::Staged {
+            file,
+            groups: Vec::new(),
+            keys,
+            on_written,
+        });
+    }
+
     /// Queues the batch as Arrow rows for the committer: routed here, or a MERGE already
     /// routed (with these keys) when its data file was dropped.
     fn queue_rows(&self, batch: &RowBatch<'_>, merged: Option<Vec<u64>>, on_written: OnWritten) {
@@ -307,8 +345,14 @@ impl TableWriter for DeltaTableWriter {
         let ahead = self.kind.group_field().is_none()
             && !batch.rows.is_empty()
             && self.ledger.lock().unwrap().appending();
-        match ahead {
-            true => self.write_files(batch, on_written),
+        if ahead {
+            return self.write_files(batch, on_written);
+        }
+        let merging = self.kind.group_field().is_none()
+            && !batch.rows.is_empty()
+            && !self.ledger.lock().unwrap().appending();
+        match merging {
+            true => self.stage_rows(batch, on_written),
             false => self.queue_rows(batch, None, on_written),
         }
     }

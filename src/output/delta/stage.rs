@@ -43,6 +43,16 @@ pub struct StagedFile {
 impl StageDir {
     /// Writes the batch as an Arrow IPC file in the folder.
     pub fn write(&self, batch: &RecordBatch) -> Result<StagedFile> {
+        self.write_slices(&batch.schema(), std::iter::once(Ok(batch.clone())))
+    }
+
+    /// Writes slices of one batch (all of `schema`) as one Arrow IPC file in the folder, so
+    /// that only a slice at a time needs to be in memory as Arrow.
+    pub fn write_slices(
+        &self,
+        schema: &SchemaRef,
+        slices: impl Iterator<Item = Result<RecordBatch>>,
+    ) -> Result<StagedFile> {
         let dir = {
             let mut dir = self.dir.lock().unwrap();
             if dir.is_none() {
@@ -56,22 +66,28 @@ impl StageDir {
         };
         let n = self.files_made.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!("batch-{n:05}.arrow"));
+        let (mut rows, mut bytes) = (0, 0);
         let written = (|| {
             let file = File::create(&path)?;
-            let mut writer = FileWriter::try_new(BufWriter::new(file), &batch.schema())?;
-            writer.write(batch)?;
+            let mut writer = FileWriter::try_new(BufWriter::new(file), schema)?;
+            for slice in slices {
+                let slice = slice?;
+                rows += slice.num_rows();
+                bytes += slice.get_array_memory_size();
+                writer.write(&slice)?;
+            }
             writer.finish()?;
             anyhow::Ok(())
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_file(&path);
-            return Err(e.context(format!("writing {}", path.display())));
+            return Err(e.context(format!("staging a batch in {}", path.display())));
         }
         Ok(StagedFile {
             path,
-            schema: batch.schema(),
-            rows: batch.num_rows(),
-            bytes: batch.get_array_memory_size(),
+            schema: schema.clone(),
+            rows,
+            bytes,
         })
     }
 }
