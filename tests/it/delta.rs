@@ -564,15 +564,20 @@ fn write_rows(outputs: &Outputs, rows: &[Value]) {
     }
 }
 
+/// Delta outputs under `root`, as a run opens them.
+fn delta_outputs(root: &std::path::Path) -> Outputs {
+    Outputs::new(
+        OutputFormat::Deltalake,
+        root,
+        DeltaSettings::new(64 << 20, "test-run"),
+    )
+    .unwrap()
+}
+
 #[test]
 fn writers_append_their_own_files_evolve_the_schema_and_merge_repeated_ids() {
     let tmp = tempfile::tempdir().unwrap();
-    let outputs = Outputs::new(
-        OutputFormat::Deltalake,
-        tmp.path(),
-        DeltaSettings::new(64 << 20, "test-run"),
-    )
-    .unwrap();
+    let outputs = delta_outputs(tmp.path());
     let coding = |code: &str| json!({"coding": [{"system": "s", "code": code}]});
     write_rows(
         &outputs,
@@ -650,12 +655,7 @@ fn writers_append_their_own_files_evolve_the_schema_and_merge_repeated_ids() {
 #[test]
 fn a_writer_stages_its_merge_batch_before_handing_it_to_the_committer() {
     let tmp = tempfile::tempdir().unwrap();
-    let outputs = Outputs::new(
-        OutputFormat::Deltalake,
-        tmp.path(),
-        DeltaSettings::new(64 << 20, "test-run"),
-    )
-    .unwrap();
+    let outputs = delta_outputs(tmp.path());
     let row = |code: &str| json!({"resourceType": "Condition", "id": "a", "code": {"text": code}});
     write_rows(&outputs, &[row("1")]);
     let text = row("2").to_string().into_bytes();
