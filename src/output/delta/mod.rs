@@ -251,34 +251,59 @@ impl DeltaTableWriter {
     /// Stages a batch bound for a MERGE (the table no longer takes plain appends) on local
     /// disk, decoded a slice at a time, so neither its rows nor a whole Arrow copy of them stay
     /// in memory; if that fails, it is queued as Arrow rows instead.
-    fn stage_rows(&self, batch: &RowBatch<'_>, mut on_written: OnWritten) {
+    fn stage_rows(&self, batch: &RowBatch<'_>, on_written: OnWritten) {
         let schema = batch_schema(&self.kind, batch);
         let mut keys = Vec::with_capacity(batch.rows.len());
-        let slices = batch.rows.chunks(ENCODE_SLICE_ROWS).map(|rows| {
+        let mut unfit = None;
+        let slices = batch.rows.chunks(ENCODE_SLICE_ROWS).map_while(|rows| {
             let slice = rows_to_record_batch(schema.clone(), rows)
-                .context("rows do not fit the table's FHIR schema")?;
-            keys.extend(key_fingerprints(&self.uniqueness, &slice, &[])?);
-            Ok(slice)
+                .context("rows do not fit the table's FHIR schema")
+                .and_then(|slice| {
+                    keys.extend(key_fingerprints(&self.uniqueness, &slice, &[])?);
+                    Ok(slice)
+                });
+            match slice {
+                Ok(slice) => Some(Ok(slice)),
+                Err(e) => {
+                    unfit = Some(e);
+                    None
+                }
+            }
         });
-        let file = match self.stage.write_slices(&schema, slices) {
+        let staged = self.stage.write_slices(&schema, slices);
+        if let Some(e) = unfit {
+            if let Ok(file) = staged {
+                let _ = std::fs::remove_file(&file.path);
+            }
+            return on_written.done(Err(e));
+        }
+        let file = match staged {
             Ok(file) => file,
             Err(e) => {
-                eprintln!(
-                    "warning: could not stage a MERGE batch on local disk ({e:#}); it waits \
-                     in memory"
-                );
+                staging_failed(&e);
                 return self.queue_rows(batch, None, on_written);
             }
         };
-        on_written.staged();
         // Routed (a MERGE, since appends have stopped) and queued under the ledger's lock, so
         // the committer sees batches in routing order.
         let mut ledger = self.ledger.lock().unwrap();
         let route = ledger.route(&keys);
         debug_assert_eq!(route, Route::Merge);
+        self.send_staged(file, Vec::new(), keys, on_written);
+    }
+
+    /// Tells the caller its batch is on disk (its memory may go) and queues the file.
+    fn send_staged(
+        &self,
+        file: StagedFile,
+        groups: Vec<String>,
+        keys: Vec<u64>,
+        mut on_written: OnWritten,
+    ) {
+        on_written.staged();
         self.send(Job::Staged {
             file,
-            groups: Vec::new(),
+            groups,
             keys,
             on_written,
         });
@@ -310,24 +335,12 @@ impl DeltaTableWriter {
         } else {
             ledger.route(&keys)
         };
-        let mut on_written = on_written;
         if route == Route::Merge && batch.num_rows() > 0 {
             // Staged here, the batch leaves memory now, rather than waiting in the queue (as
             // rows and as Arrow) while the committer merges what came before.
             match self.stage.write(&batch) {
-                Ok(file) => {
-                    on_written.staged();
-                    return self.send(Job::Staged {
-                        file,
-                        groups,
-                        keys,
-                        on_written,
-                    });
-                }
-                Err(e) => eprintln!(
-                    "warning: could not stage a MERGE batch on local disk ({e:#}); it waits \
-                     in memory"
-                ),
+                Ok(file) => return self.send_staged(file, groups, keys, on_written),
+                Err(e) => staging_failed(&e),
             }
         }
         self.send(Job::Write {
@@ -342,18 +355,13 @@ impl DeltaTableWriter {
 
 impl TableWriter for DeltaTableWriter {
     fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
-        let ahead = self.kind.group_field().is_none()
-            && !batch.rows.is_empty()
-            && self.ledger.lock().unwrap().appending();
-        if ahead {
-            return self.write_files(batch, on_written);
-        }
-        let merging = self.kind.group_field().is_none()
-            && !batch.rows.is_empty()
-            && !self.ledger.lock().unwrap().appending();
-        match merging {
-            true => self.stage_rows(batch, on_written),
-            false => self.queue_rows(batch, None, on_written),
+        // Rows of a table without groups are encoded here: into a data file while the table
+        // takes appends, into a staged MERGE batch once it does not.
+        let plain = self.kind.group_field().is_none() && !batch.rows.is_empty();
+        match (plain, plain && self.ledger.lock().unwrap().appending()) {
+            (true, true) => self.write_files(batch, on_written),
+            (true, false) => self.stage_rows(batch, on_written),
+            (false, _) => self.queue_rows(batch, None, on_written),
         }
     }
 
@@ -376,6 +384,11 @@ impl TableWriter for DeltaTableWriter {
             let _ = answer.recv();
         }
     }
+}
+
+/// A MERGE batch could not be written to local disk: it is queued in memory instead.
+fn staging_failed(e: &anyhow::Error) {
+    eprintln!("warning: could not stage a MERGE batch on local disk ({e:#}); it waits in memory");
 }
 
 /// The distinct values of a string column (the groups a batch touches).

@@ -144,25 +144,7 @@ impl MergeStage {
         self.dir.clone()
     }
 
-    /// Writes the batch to disk, then tells the caller it may free its copy. On error the
-    /// batch was not staged and `report` is handed back untouched.
-    pub fn push(
-        &mut self,
-        batch: &RecordBatch,
-        keys: &[u64],
-        groups: &[String],
-        report: OnWritten,
-    ) -> Result<(), (anyhow::Error, OnWritten)> {
-        match self.dir.write(batch) {
-            Ok(file) => {
-                self.adopt(file, keys, groups, report);
-                Ok(())
-            }
-            Err(e) => Err((e, report)),
-        }
-    }
-
-    /// Takes in a batch already written to the stage folder (by a worker) and tells the
+    /// Takes in a batch written to the stage folder ([`StageDir::write`]) and tells the
     /// caller, if it has not been told yet, that it may free its copy.
     pub fn adopt(
         &mut self,
@@ -268,9 +250,8 @@ mod tests {
         for (i, ids) in [&["a", "b"][..], &["c"][..]].iter().enumerate() {
             let count = staged_count.clone();
             let report = OnWritten::new(|_| {}).on_staged(move || *count.lock().unwrap() += 1);
-            stage
-                .push(&batch(ids), &[i as u64], &[format!("g{i}")], report)
-                .unwrap_or_else(|_| panic!("staging failed"));
+            let file = stage.dir().write(&batch(ids)).unwrap();
+            stage.adopt(file, &[i as u64], &[format!("g{i}")], report);
         }
         assert_eq!(*staged_count.lock().unwrap(), 2);
         assert!(stage.overlaps(&[9, 1]) && !stage.overlaps(&[2]));

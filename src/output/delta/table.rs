@@ -283,25 +283,17 @@ impl CumulusTable {
                 self.flush_staged().await;
                 report.done(self.append(batch).await)
             }
-            Some((batch, Route::Merge)) => {
-                if self.stage.overlaps(keys) || !self.stage.fits(&batch.schema()) {
-                    self.flush_staged().await;
-                }
-                if let Err((e, report)) = self.stage.push(&batch, keys, &groups, report) {
+            Some((batch, Route::Merge)) => match self.stage.dir().write(&batch) {
+                Ok(file) => self.stage_file(file, &groups, keys, report).await,
+                Err(e) => {
                     eprintln!(
                         "warning: could not stage a batch of {} ({e:#}); merging it alone",
                         self.spec.name
                     );
                     self.flush_staged().await;
-                    return report.done(self.apply_now(batch, &groups, Route::Merge).await);
+                    report.done(self.apply_now(batch, &groups, Route::Merge).await)
                 }
-                if self
-                    .stage
-                    .is_full(self.settings.merge_rows, self.settings.merge_bytes)
-                {
-                    self.flush_staged().await;
-                }
-            }
+            },
         }
     }
 
@@ -328,10 +320,22 @@ impl CumulusTable {
                 Err(e) => report.done(Err(e.context("reading a staged batch back"))),
             };
         }
+        self.stage_file(file, &groups, keys, report).await
+    }
+
+    /// Adds a staged file to the next MERGE: what is staged merges first if the file's keys
+    /// touch it or its types conflict with it, and the MERGE runs once the stage is full.
+    async fn stage_file(
+        &mut self,
+        file: StagedFile,
+        groups: &[String],
+        keys: &[u64],
+        report: OnWritten,
+    ) {
         if self.stage.overlaps(keys) || !self.stage.fits(&file.schema) {
             self.flush_staged().await;
         }
-        self.stage.adopt(file, keys, &groups, report);
+        self.stage.adopt(file, keys, groups, report);
         if self
             .stage
             .is_full(self.settings.merge_rows, self.settings.merge_bytes)
