@@ -31,6 +31,7 @@ use futures::StreamExt;
 
 use super::conform::conform_batch;
 use super::files::TableFiles;
+use super::ledger::key_columns;
 use super::table::TableSpec;
 use crate::output::ENCODE_SLICE_ROWS;
 
@@ -237,7 +238,7 @@ impl Changes {
 struct Source {
     batches: Vec<RecordBatch>,
     keys: RowConverter,
-    key_columns: Vec<String>,
+    key_names: Vec<String>,
     index: FastMap<Box<[u8]>, (u32, u32)>,
     matched: Vec<Vec<bool>>,
     /// Each batch's `meta.lastUpdated` as timestamps, when the schema has it.
@@ -249,8 +250,8 @@ struct Source {
 
 impl Source {
     fn new(rules: &MergeRules<'_>, schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<Self> {
-        let key_columns = rules.spec.uniqueness.clone();
-        let fields = key_columns
+        let key_names = rules.spec.uniqueness.clone();
+        let fields = key_names
             .iter()
             .map(|name| {
                 let field = schema
@@ -263,7 +264,7 @@ impl Source {
         let mut index = FastMap::default();
         let mut matched = Vec::with_capacity(batches.len());
         for (b, batch) in batches.iter().enumerate() {
-            let columns = key_arrays(batch, &key_columns)?;
+            let columns = key_columns(batch, &key_names)?;
             let rows = keys.convert_columns(&columns)?;
             for (i, row) in rows.iter().enumerate() {
                 if columns.iter().all(|c| c.is_valid(i)) {
@@ -285,7 +286,7 @@ impl Source {
         Ok(Source {
             batches,
             keys,
-            key_columns,
+            key_names,
             index,
             matched,
             last_updated,
@@ -298,7 +299,7 @@ impl Source {
     /// The fate of each row of a stored slice (conformed to the MERGE's schema); marks the
     /// source rows it matches.
     fn fates(&mut self, stored: &RecordBatch) -> Result<Vec<Fate>> {
-        let columns = key_arrays(stored, &self.key_columns)?;
+        let columns = key_columns(stored, &self.key_names)?;
         let rows = self.keys.convert_columns(&columns)?;
         let stored_times = match &self.last_updated {
             Some(_) => Some(last_updated_times(stored)?),
@@ -391,18 +392,6 @@ impl Source {
         }
         Ok(out)
     }
-}
-
-fn key_arrays(batch: &RecordBatch, names: &[String]) -> Result<Vec<ArrayRef>> {
-    names
-        .iter()
-        .map(|name| {
-            batch
-                .column_by_name(name)
-                .cloned()
-                .with_context(|| format!("a batch lacks the key column '{name}'"))
-        })
-        .collect()
 }
 
 /// Comparators of every column of `stored` against the same column of `incoming` (both of one

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 
 use anyhow::{Result, anyhow};
-use arrow::array::{Array, StringArray};
+use arrow::array::{Array, ArrayRef, StringArray};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
@@ -77,18 +77,29 @@ impl Ledger {
     }
 }
 
+/// A batch's key columns (`uniqueness`, top-level), or an error naming the one it lacks.
+pub fn key_columns(batch: &RecordBatch, uniqueness: &[String]) -> Result<Vec<ArrayRef>> {
+    uniqueness
+        .iter()
+        .map(|name| {
+            batch
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| anyhow!("the batch has no '{name}' column"))
+        })
+        .collect()
+}
+
 /// Fingerprints of a batch's keys (its `uniqueness` columns) and of the groups it touches.
 pub fn key_fingerprints(
     uniqueness: &[String],
     batch: &RecordBatch,
     groups: &[String],
 ) -> Result<Vec<u64>> {
-    let columns = uniqueness
+    let columns = key_columns(batch, uniqueness)?
         .iter()
-        .map(|name| {
-            let column = batch
-                .column_by_name(name)
-                .ok_or_else(|| anyhow!("the batch has no '{name}' column"))?;
+        .zip(uniqueness)
+        .map(|(column, name)| {
             arrow::compute::cast(column, &DataType::Utf8)
                 .map_err(|e| anyhow!("'{name}' is not a usable key: {e}"))
         })
