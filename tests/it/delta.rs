@@ -502,12 +502,21 @@ fn a_batch_touching_staged_keys_merges_after_them_and_wins() {
     assert!(!rows.contains_key("3"));
 }
 
+/// Settings whose file-by-file MERGEs index at most `rows` staged rows (and cache as many
+/// bytes of source slices as those rows' index would take).
+fn merge_index_of(rows: usize) -> Arc<DeltaSettings> {
+    // The index gets half of a quarter of the memory limit.
+    let limit = rows * cumulus_etl::output::delta::MERGE_INDEX_BYTES_PER_ROW * 8;
+    Arc::new(DeltaSettings::new(limit, "small-merges"))
+}
+
 #[test]
-fn staged_batches_merge_once_they_reach_the_batch_size() {
+fn staged_batches_merge_once_their_index_fills_its_memory() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = fhir_spec("observation");
     write_runs(tmp.path(), &spec, &[vec![json!({"id": "0"})]]);
-    let settings = Arc::new(DeltaSettings::new(64 << 20, "small-batches").with_merge_rows(3));
+    // --batch-size does not split a MERGE file by file: memory does.
+    let settings = Arc::new(Arc::unwrap_or_clone(merge_index_of(4)).with_merge_rows(1));
     let mut table = TestTable::open_with(tmp.path(), &spec, settings);
     let log = Log::default();
     for n in 1..=3 {
@@ -518,6 +527,57 @@ fn staged_batches_merge_once_they_reach_the_batch_size() {
         *log.lock().unwrap(),
         ["staged 1", "staged 2", "done 1", "done 2", "staged 3"]
     );
+}
+
+#[test]
+fn a_merge_larger_than_its_cache_reads_source_rows_back_from_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let dir = tmp.path().join("observation");
+    let row = |i: u32, status: &str| json!({"id": format!("id{i:03}"), "status": status});
+    let stored = |range: std::ops::Range<u32>| range.map(|i| row(i, "stored")).collect();
+    write_runs(
+        tmp.path(),
+        &spec,
+        &[stored(0..100), stored(100..200), stored(200..300)],
+    );
+    let before = crate::support::delta_live_files(&dir);
+    let commits_before = commits(&dir);
+    // Room in the index for every row, but the cache holds only a slice or two of them.
+    let mut table = TestTable::open_with(tmp.path(), &spec, merge_index_of(20));
+    let log = Log::default();
+    table.submit(1, &[row(10, "changed"), row(305, "new")], &log);
+    table.submit(2, &[row(150, "changed"), row(250, "stored")], &log);
+    // A key twice in one batch: the later row wins.
+    table.submit(
+        3,
+        &[row(251, "changed"), row(301, "first"), row(301, "second")],
+        &log,
+    );
+    table.submit(4, &[row(20, "changed")], &log);
+    table.flush();
+    let log = log.lock().unwrap();
+    assert_eq!(
+        log[4..],
+        ["done 1", "done 2", "done 3", "done 4"],
+        "{log:?}"
+    );
+    assert_eq!(commits(&dir), commits_before + 1, "one MERGE");
+    let after = crate::support::delta_live_files(&dir);
+    assert!(
+        after.iter().all(|f| !before.contains(f)),
+        "all three rewritten"
+    );
+    assert_eq!(after.len(), 4, "three rewritten files and one of inserts");
+    let rows = read_delta(&dir, "id");
+    assert_eq!(rows.len(), 302);
+    for id in ["id010", "id020", "id150", "id251"] {
+        assert_eq!(rows[id]["status"], "changed", "{id}");
+    }
+    assert_eq!(rows["id301"]["status"], "second");
+    assert_eq!(rows["id305"]["status"], "new");
+    assert_eq!(rows["id250"]["status"], "stored");
+    assert_eq!(rows["id011"]["status"], "stored");
 }
 
 #[test]

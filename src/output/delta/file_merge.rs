@@ -13,25 +13,26 @@
 //! of a touched group that the source no longer has is deleted; `update_existing = false`
 //! keeps matched rows as stored.
 
-use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 
 use anyhow::{Context, Result};
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, DynComparator, RecordBatch, StructArray,
-    TimestampMicrosecondArray, make_comparator,
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StructArray, TimestampMicrosecondArray,
 };
-use arrow::compute::{SortOptions, filter_record_batch, interleave_record_batch};
+use arrow::compute::{filter_record_batch, interleave_record_batch};
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use arrow::row::{RowConverter, SortField};
 use deltalake::datafile::DataFileReader;
 use deltalake::datafile::reader::ParquetFileReader;
 use deltalake::kernel::{Action, Add, Remove};
+use deltalake::operations::write::writer::DeltaWriter;
 use futures::StreamExt;
 
 use super::conform::conform_batch;
 use super::files::TableFiles;
 use super::ledger::key_columns;
+use super::merge_source::MergeSource;
 use super::table::TableSpec;
 use crate::output::ENCODE_SLICE_ROWS;
 
@@ -80,18 +81,17 @@ pub struct MergeRules<'a> {
     pub groups: &'a [String],
 }
 
-/// Merges `batches` (all of `schema`, the table's schema grown by the batches, with disjoint
-/// keys) into the table's active files. Nothing is committed: the caller records the returned
-/// actions. On error, files this call wrote are removed.
+/// Merges `source` (of the table's schema grown by the source, with disjoint keys) into the
+/// table's active files. Nothing is committed: the caller records the returned actions. On
+/// error, files this call wrote are removed.
 pub async fn merge_by_file(
     table: &deltalake::DeltaTable,
     files: &TableFiles,
     rules: MergeRules<'_>,
-    schema: &SchemaRef,
-    batches: Vec<RecordBatch>,
+    source: MergeSource,
 ) -> Result<MergeOutcome> {
     let mut written: Vec<Add> = Vec::new();
-    let result = merge_into(table, files, &rules, schema, batches, &mut written).await;
+    let result = merge_into(table, files, &rules, source, &mut written).await;
     if result.is_err() {
         files.remove(&written).await;
     }
@@ -102,18 +102,18 @@ async fn merge_into(
     table: &deltalake::DeltaTable,
     files: &TableFiles,
     rules: &MergeRules<'_>,
-    schema: &SchemaRef,
-    batches: Vec<RecordBatch>,
+    source: MergeSource,
     written: &mut Vec<Add>,
 ) -> Result<MergeOutcome> {
-    let mut source = Source::new(rules, schema, batches)?;
+    let schema = source.schema().clone();
+    let mut source = Source::new(rules, source)?;
     let reader = ParquetFileReader::new(table.log_store().object_store(None));
     let state = table.snapshot()?;
     let mut outcome = MergeOutcome::default();
     let mut removes: Vec<Remove> = Vec::new();
     for file in state.log_data().iter() {
         let path = file.object_store_path();
-        let read = || read_file(&reader, &path, schema);
+        let read = || read_file(&reader, &path, &schema);
         // First pass: does any row of this file change?
         let mut changes = Changes::default();
         let mut slices = read().await?;
@@ -133,7 +133,7 @@ async fn merge_into(
                 let slice = slice.with_context(|| format!("reading {path}"))?;
                 let fates = source.fates(&slice)?;
                 if let Some(rows) = source.apply(&slice, &fates)? {
-                    let writer = writer.get_or_insert_with(|| files.writer(schema));
+                    let writer = writer.get_or_insert_with(|| files.writer(&schema));
                     writer.write(&rows).await?;
                 }
             }
@@ -158,26 +158,31 @@ async fn merge_into(
         outcome.rows_updated += changes.updated;
         outcome.rows_deleted += changes.deleted;
     }
-    let inserts = source.unmatched()?;
-    if !inserts.is_empty() {
-        let mut writer = files.writer(schema);
-        let encoded = async {
-            for batch in &inserts {
-                for start in (0..batch.num_rows()).step_by(ENCODE_SLICE_ROWS) {
-                    let len = ENCODE_SLICE_ROWS.min(batch.num_rows() - start);
-                    writer.write(&batch.slice(start, len)).await?;
-                }
+    // Source rows no stored row matched, a slice at a time: the inserts.
+    let mut inserts: Option<DeltaWriter> = None;
+    let encoded = async {
+        for n in 0..source.slice_count() {
+            let Some(rows) = source.unmatched(n)? else {
+                continue;
+            };
+            outcome.rows_inserted += rows.num_rows();
+            let writer = inserts.get_or_insert_with(|| files.writer(&schema));
+            for start in (0..rows.num_rows()).step_by(ENCODE_SLICE_ROWS) {
+                let len = ENCODE_SLICE_ROWS.min(rows.num_rows() - start);
+                writer.write(&rows.slice(start, len)).await?;
             }
-            anyhow::Ok(())
         }
-        .await;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Some(writer) = inserts {
         if let Err(e) = encoded {
             let _ = writer.abort().await;
             return Err(e);
         }
         written.extend(writer.close().await.context("writing inserted rows")?);
-        outcome.rows_inserted = inserts.iter().map(RecordBatch::num_rows).sum();
     }
+    encoded?;
     outcome.actions = removes
         .into_iter()
         .map(Action::Remove)
@@ -234,22 +239,44 @@ impl Changes {
     }
 }
 
-/// The MERGE's source rows, indexed by key, with which of them a stored row matched.
+/// A source row's place in the index: where it is, and what a stored row is compared with.
+struct Entry {
+    slice: u32,
+    row: u32,
+    /// Fingerprint of the whole row ([`content_fingerprints`]).
+    content: u64,
+    /// `meta.lastUpdated` in UTC microseconds, [`NO_TIME`] when it is missing.
+    last_updated: i64,
+}
+
+/// Stands for a missing `meta.lastUpdated` in the index.
+const NO_TIME: i64 = i64::MIN;
+
+/// Memory the index takes per source row (an [`Entry`] under a 128-bit key in a hash table
+/// sized for the source, and its matched flag), for callers sizing a MERGE.
+pub const INDEX_BYTES_PER_ROW: usize = 96;
+
+/// The MERGE's source rows, indexed by key, with which of them a stored row matched. Only the
+/// index is in memory for sure: the rows themselves come from [`MergeSource`] when needed.
 struct Source {
-    batches: Vec<RecordBatch>,
+    rows: MergeSource,
     keys: RowConverter,
+    whole: RowConverter,
     key_names: Vec<String>,
-    index: FastMap<Box<[u8]>, (u32, u32)>,
+    index: FastMap<u128, Entry>,
+    /// Per slice, per row: matched by a stored row, or superseded by a later source row of
+    /// the same key; either way not an insert.
     matched: Vec<Vec<bool>>,
-    /// Each batch's `meta.lastUpdated` as timestamps, when the schema has it.
-    last_updated: Option<Vec<TimestampMicrosecondArray>>,
+    /// The schema has `meta.lastUpdated`.
+    last_updated: bool,
     update_existing: bool,
     group_field: Option<String>,
     groups: HashSet<String>,
 }
 
 impl Source {
-    fn new(rules: &MergeRules<'_>, schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<Self> {
+    fn new(rules: &MergeRules<'_>, mut rows: MergeSource) -> Result<Self> {
+        let schema = rows.schema().clone();
         let key_names = rules.spec.uniqueness.clone();
         let fields = key_names
             .iter()
@@ -261,31 +288,41 @@ impl Source {
             })
             .collect::<Result<Vec<_>>>()?;
         let keys = RowConverter::new(fields)?;
-        let mut index = FastMap::default();
-        let mut matched = Vec::with_capacity(batches.len());
-        for (b, batch) in batches.iter().enumerate() {
-            let columns = key_columns(batch, &key_names)?;
-            let rows = keys.convert_columns(&columns)?;
-            for (i, row) in rows.iter().enumerate() {
-                if columns.iter().all(|c| c.is_valid(i)) {
-                    // A later row of the same key wins, as the sink's dedup would have it.
-                    index.insert(Box::<[u8]>::from(row.as_ref()), (b as u32, i as u32));
+        let whole = RowConverter::new(row_fields(&schema))?;
+        let last_updated = last_updated_of(&schema);
+        let mut index: FastMap<u128, Entry> = FastMap::default();
+        let mut matched: Vec<Vec<bool>> = Vec::new();
+        rows.visit(|n, slice| {
+            let columns = key_columns(slice, &key_names)?;
+            let key_rows = keys.convert_columns(&columns)?;
+            let contents = content_fingerprints(&whole, slice)?;
+            let times = match last_updated {
+                true => Some(last_updated_times(slice)?),
+                false => None,
+            };
+            index.reserve(slice.num_rows());
+            matched.push(vec![false; slice.num_rows()]);
+            for (i, key) in key_rows.iter().enumerate() {
+                if !columns.iter().all(|c| c.is_valid(i)) {
+                    continue;
+                }
+                let entry = Entry {
+                    slice: n as u32,
+                    row: i as u32,
+                    content: contents[i],
+                    last_updated: time_at(times.as_ref(), i),
+                };
+                // A later row of the same key wins, as the sink's dedup would have it.
+                if let Some(earlier) = index.insert(key_fingerprint(key.as_ref()), entry) {
+                    matched[earlier.slice as usize][earlier.row as usize] = true;
                 }
             }
-            matched.push(vec![false; batch.num_rows()]);
-        }
-        let last_updated = match last_updated_of(schema) {
-            true => Some(
-                batches
-                    .iter()
-                    .map(last_updated_times)
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-            false => None,
-        };
+            Ok(())
+        })?;
         Ok(Source {
-            batches,
+            rows,
             keys,
+            whole,
             key_names,
             index,
             matched,
@@ -296,53 +333,49 @@ impl Source {
         })
     }
 
+    /// How many slices the source has.
+    fn slice_count(&self) -> usize {
+        self.matched.len()
+    }
+
     /// The fate of each row of a stored slice (conformed to the MERGE's schema); marks the
     /// source rows it matches.
     fn fates(&mut self, stored: &RecordBatch) -> Result<Vec<Fate>> {
         let columns = key_columns(stored, &self.key_names)?;
         let rows = self.keys.convert_columns(&columns)?;
-        let stored_times = match &self.last_updated {
-            Some(_) => Some(last_updated_times(stored)?),
-            None => None,
+        let stored_times = match self.last_updated {
+            true => Some(last_updated_times(stored)?),
+            false => None,
         };
         let groups = match (&self.group_field, self.groups.is_empty()) {
             (Some(field), false) => Some(string_column(stored, field)?),
             _ => None,
         };
-        // Comparators of this slice against each source batch, made when first needed.
-        let mut comparators: Vec<Option<Vec<DynComparator>>> =
-            (0..self.batches.len()).map(|_| None).collect();
+        // The stored rows' fingerprints, made when a first row needs comparing.
+        let mut contents: Option<Vec<u64>> = None;
         let mut fates = Vec::with_capacity(stored.num_rows());
         for (j, row) in rows.iter().enumerate() {
             let matched = columns
                 .iter()
                 .all(|c| c.is_valid(j))
-                .then(|| self.index.get(row.as_ref()).copied())
+                .then(|| self.index.get(&key_fingerprint(row.as_ref())))
                 .flatten();
             let fate = match matched {
-                Some((b, i)) => {
-                    self.matched[b as usize][i as usize] = true;
-                    let newer_stored = match (&stored_times, &self.last_updated) {
-                        (Some(stored), Some(incoming)) => {
-                            let incoming = &incoming[b as usize];
-                            stored.is_valid(j)
-                                && incoming.is_valid(i as usize)
-                                && stored.value(j) > incoming.value(i as usize)
-                        }
-                        _ => false,
-                    };
+                Some(entry) => {
+                    self.matched[entry.slice as usize][entry.row as usize] = true;
+                    let stored_time = time_at(stored_times.as_ref(), j);
+                    let newer_stored = stored_time != NO_TIME
+                        && entry.last_updated != NO_TIME
+                        && stored_time > entry.last_updated;
                     if !self.update_existing || newer_stored {
                         Fate::Keep
                     } else {
-                        let compare = match &mut comparators[b as usize] {
+                        let contents = match &mut contents {
                             Some(c) => c,
-                            slot => {
-                                slot.insert(row_comparators(stored, &self.batches[b as usize])?)
-                            }
+                            slot => slot.insert(content_fingerprints(&self.whole, stored)?),
                         };
-                        let differs = compare.iter().any(|c| c(j, i as usize) != Ordering::Equal);
-                        if differs {
-                            Fate::Replace(b, i)
+                        if contents[j] != entry.content {
+                            Fate::Replace(entry.slice, entry.row)
                         } else {
                             Fate::Keep
                         }
@@ -361,54 +394,85 @@ impl Source {
     }
 
     /// The slice as it is after the MERGE (None when every row is deleted).
-    fn apply(&self, stored: &RecordBatch, fates: &[Fate]) -> Result<Option<RecordBatch>> {
-        let indices: Vec<(usize, usize)> = fates
-            .iter()
-            .enumerate()
-            .filter_map(|(j, fate)| match fate {
-                Fate::Keep => Some((0, j)),
-                Fate::Replace(b, i) => Some((*b as usize + 1, *i as usize)),
-                Fate::Delete => None,
-            })
-            .collect();
+    fn apply(&mut self, stored: &RecordBatch, fates: &[Fate]) -> Result<Option<RecordBatch>> {
+        // The source slices this stored slice takes rows from, each fetched once.
+        let mut inputs = vec![stored.clone()];
+        let mut input_of: FastMap<u32, usize> = FastMap::default();
+        let mut indices: Vec<(usize, usize)> = Vec::with_capacity(fates.len());
+        for (j, fate) in fates.iter().enumerate() {
+            match *fate {
+                Fate::Keep => indices.push((0, j)),
+                Fate::Replace(slice, row) => {
+                    let input = match input_of.get(&slice) {
+                        Some(&input) => input,
+                        None => {
+                            inputs.push(self.rows.slice(slice as usize)?);
+                            input_of.insert(slice, inputs.len() - 1);
+                            inputs.len() - 1
+                        }
+                    };
+                    indices.push((input, row as usize));
+                }
+                Fate::Delete => {}
+            }
+        }
         if indices.is_empty() {
             return Ok(None);
         }
-        let mut inputs = Vec::with_capacity(self.batches.len() + 1);
-        inputs.push(stored);
-        inputs.extend(self.batches.iter());
+        let inputs: Vec<&RecordBatch> = inputs.iter().collect();
         Ok(Some(interleave_record_batch(&inputs, &indices)?))
     }
 
-    /// Source rows no stored row matched: the inserts.
-    fn unmatched(&self) -> Result<Vec<RecordBatch>> {
-        let mut out = Vec::new();
-        for (batch, matched) in self.batches.iter().zip(&self.matched) {
-            let keep = BooleanArray::from(matched.iter().map(|m| !m).collect::<Vec<bool>>());
-            let rows = filter_record_batch(batch, &keep)?;
-            if rows.num_rows() > 0 {
-                out.push(rows);
-            }
+    /// Rows of source slice `n` no stored row matched (None if there are none): inserts.
+    fn unmatched(&mut self, n: usize) -> Result<Option<RecordBatch>> {
+        let matched = &self.matched[n];
+        if matched.iter().all(|&m| m) {
+            return Ok(None);
         }
-        Ok(out)
+        let keep = BooleanArray::from(matched.iter().map(|m| !m).collect::<Vec<bool>>());
+        let slice = self.rows.slice(n)?;
+        Ok(Some(filter_record_batch(&slice, &keep)?))
     }
 }
 
-/// Comparators of every column of `stored` against the same column of `incoming` (both of one
-/// schema). Nulls compare equal to nulls, at any depth, as `IS NOT DISTINCT FROM` does.
-fn row_comparators(stored: &RecordBatch, incoming: &RecordBatch) -> Result<Vec<DynComparator>> {
-    stored
-        .columns()
+/// A 128-bit fingerprint of a key's row encoding: the index keeps these rather than the keys,
+/// and two keys of one table share one with a chance of about 2^-128 per pair.
+fn key_fingerprint(key: &[u8]) -> u128 {
+    let hash = |seed| foldhash::quality::FixedState::with_seed(seed).hash_one(key);
+    (u128::from(hash(0x243f_6a88_85a3_08d3)) << 64) | u128::from(hash(0x1319_8a2e_0370_7344))
+}
+
+/// Fingerprints of each whole row. The row encoding makes equal values equal bytes at any
+/// depth (a null struct encodes the same whatever its children hold), so equal fingerprints
+/// mean equal rows, as `IS NOT DISTINCT FROM` would have it, but for a chance of 2^-64.
+fn content_fingerprints(converter: &RowConverter, batch: &RecordBatch) -> Result<Vec<u64>> {
+    let rows = converter.convert_columns(batch.columns())?;
+    let state = foldhash::quality::FixedState::with_seed(0xa409_3822_299f_31d0);
+    Ok(rows
         .iter()
-        .zip(incoming.columns())
-        .map(|(a, b)| {
-            Ok(make_comparator(
-                a.as_ref(),
-                b.as_ref(),
-                SortOptions::default(),
-            )?)
-        })
+        .map(|row| state.hash_one(row.as_ref()))
+        .collect())
+}
+
+/// Sort fields of every column, for the row encoding of whole rows.
+fn row_fields(schema: &SchemaRef) -> Vec<SortField> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| SortField::new(f.data_type().clone()))
         .collect()
+}
+
+/// Why rows of this schema cannot be fingerprinted (a type the row encoding lacks), if so.
+pub fn unsupported_schema(schema: &SchemaRef) -> Option<&'static str> {
+    (!RowConverter::supports_fields(&row_fields(schema))).then_some("a column type")
+}
+
+fn time_at(times: Option<&TimestampMicrosecondArray>, i: usize) -> i64 {
+    match times {
+        Some(times) if times.is_valid(i) => times.value(i),
+        _ => NO_TIME,
+    }
 }
 
 fn last_updated_of(schema: &SchemaRef) -> bool {

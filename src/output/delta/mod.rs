@@ -11,6 +11,7 @@ mod conform;
 mod file_merge;
 mod files;
 mod ledger;
+mod merge_source;
 mod stage;
 mod table;
 
@@ -23,6 +24,7 @@ use arrow::record_batch::RecordBatch;
 use tokio::sync::mpsc;
 
 pub use conform::{conform_batch, union_schema};
+pub use file_merge::INDEX_BYTES_PER_ROW as MERGE_INDEX_BYTES_PER_ROW;
 pub use ledger::Route;
 pub use table::{COMPACTION_MIN_FILES, CumulusTable, DeltaSettings, TableSpec};
 

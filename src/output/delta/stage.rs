@@ -105,12 +105,48 @@ pub struct MergeStage {
     schema: Option<SchemaRef>,
 }
 
-/// Staged batches read back, in the order they came, each with its report.
+/// Staged batches taken for one MERGE, still on disk, in the order they came, each with its
+/// report.
 pub struct Staged {
-    pub batches: Vec<(RecordBatch, OnWritten)>,
+    pub files: Vec<(PathBuf, OnWritten)>,
     pub groups: Vec<String>,
     /// The union of their schemas.
     pub schema: Option<SchemaRef>,
+}
+
+impl Staged {
+    /// Reports the MERGE's outcome to each batch and removes its file; a failed batch's rows go
+    /// back with the error, for the errors folder.
+    pub fn report(self, result: &Result<()>) {
+        for (path, report) in self.files {
+            match result {
+                Ok(()) => report.done(Ok(())),
+                Err(e) => {
+                    let rows = read_batch(&path)
+                        .map(|b| json_lines(&b))
+                        .unwrap_or_default();
+                    report.failed_with_rows(anyhow::anyhow!("{e:#}"), rows)
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    /// The staged files, in order.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|(path, _)| path.clone()).collect()
+    }
+}
+
+/// Staged batches read back whole, for a MERGE that needs them in memory.
+pub fn read_all(paths: &[PathBuf]) -> Result<Vec<RecordBatch>> {
+    paths
+        .iter()
+        .map(|path| {
+            read_batch(path)
+                .with_context(|| format!("reading the staged batch {} back", path.display()))
+        })
+        .collect()
 }
 
 impl MergeStage {
@@ -165,34 +201,24 @@ impl MergeStage {
         self.bytes += file.bytes;
     }
 
-    /// Everything staged, read back into memory; the stage is empty afterwards. Batches that
-    /// cannot be read are reported failed here (their rows are lost with the file, which the
-    /// error says), and the rest returned.
+    /// Rows staged so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Everything staged (left on disk until its MERGE is reported); the stage is empty
+    /// afterwards.
     pub fn take(&mut self) -> Staged {
-        let entries = std::mem::take(&mut self.entries);
-        let groups = std::mem::take(&mut self.groups);
-        self.keys.clear();
-        let schema = self.schema.take();
-        self.rows = 0;
-        self.bytes = 0;
-        let mut batches = Vec::with_capacity(entries.len());
-        for (path, report) in entries {
-            match read_batch(&path) {
-                Ok(batch) => batches.push((batch, report)),
-                Err(e) => report.done(Err(e.context(format!(
-                    "reading the staged batch {} back (its rows are lost)",
-                    path.display()
-                )))),
-            }
-            let _ = std::fs::remove_file(&path);
-        }
-        let mut groups = groups;
+        let mut groups = std::mem::take(&mut self.groups);
         groups.sort();
         groups.dedup();
+        self.keys.clear();
+        self.rows = 0;
+        self.bytes = 0;
         Staged {
-            batches,
+            files: std::mem::take(&mut self.entries),
             groups,
-            schema,
+            schema: self.schema.take(),
         }
     }
 }
@@ -246,10 +272,16 @@ mod tests {
     #[test]
     fn batches_come_back_in_order_after_leaving_memory() {
         let staged_count = Arc::new(Mutex::new(0));
+        let done = Arc::new(Mutex::new(0));
         let mut stage = MergeStage::default();
         for (i, ids) in [&["a", "b"][..], &["c"][..]].iter().enumerate() {
             let count = staged_count.clone();
-            let report = OnWritten::new(|_| {}).on_staged(move || *count.lock().unwrap() += 1);
+            let done = done.clone();
+            let report = OnWritten::new(move |result| {
+                assert!(result.is_ok());
+                *done.lock().unwrap() += 1;
+            })
+            .on_staged(move || *count.lock().unwrap() += 1);
             let file = stage.dir().write(&batch(ids)).unwrap();
             stage.adopt(file, &[i as u64], &[format!("g{i}")], report);
         }
@@ -267,14 +299,7 @@ mod tests {
             .to_path_buf();
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
         let staged = stage.take();
-        assert!(stage.is_empty() && !stage.overlaps(&[0]));
-        assert_eq!(
-            std::fs::read_dir(&dir).unwrap().count(),
-            0,
-            "files removed once read back"
-        );
-        drop(stage);
-        assert!(!dir.exists(), "the folder goes with the table");
+        assert!(stage.is_empty() && !stage.overlaps(&[0]) && stage.rows() == 0);
         assert_eq!(staged.groups, ["g0", "g1"]);
         let schema = staged
             .schema
@@ -282,8 +307,21 @@ mod tests {
             .expect("a union of the staged schemas");
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         assert_eq!(names, ["id", "n"]);
-        let got: Vec<RecordBatch> = staged.batches.into_iter().map(|(b, _)| b).collect();
-        assert_eq!(got, [batch(&["a", "b"]), batch(&["c"])]);
+        assert_eq!(
+            read_all(&staged.paths()).unwrap(),
+            [batch(&["a", "b"]), batch(&["c"])]
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            2,
+            "files stay until their MERGE is reported"
+        );
+        assert_eq!(*done.lock().unwrap(), 0);
+        staged.report(&Ok(()));
+        assert_eq!(*done.lock().unwrap(), 2, "each batch hears its outcome");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        drop(stage);
+        assert!(!dir.exists(), "the folder goes with the table");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! and end-of-run maintenance. Every data commit carries a (run, sequence) transaction so a
 //! retried commit is recognised instead of applied twice.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
@@ -33,7 +33,8 @@ use super::conform::{adds_fields, conform_batch, union_schema};
 use super::file_merge::{self, MergeRules};
 use super::files::{TableFiles, WrittenFiles};
 use super::ledger::{Ledger, Route, key_fingerprints};
-use super::stage::{MergeStage, StageDir, StagedFile, json_lines, read_batch};
+use super::merge_source::MergeSource;
+use super::stage::{MergeStage, StageDir, StagedFile, read_all, read_batch};
 use crate::output::{OnWritten, TableKind};
 
 /// Compaction rewrites the whole table, so it waits until a table has this many files: a
@@ -93,10 +94,11 @@ pub struct DeltaSettings {
     /// One MERGE, DELETE or compaction at a time: they share the pool, and two joins that each
     /// need most of it would both fail.
     heavy: Arc<tokio::sync::Semaphore>,
-    /// Staged MERGE rows of a table are merged once they reach this many rows (`--batch-size`)...
+    /// Staged rows merged by delta-rs go in MERGEs of at most this many rows (`--batch-size`)...
     merge_rows: usize,
-    /// ...or this many bytes of Arrow data (a quarter of the `--memory` budget), since a
-    /// MERGE holds its staged rows in memory.
+    /// ...or this many bytes of Arrow data, since that MERGE holds its rows in memory. A MERGE
+    /// file by file holds its key index (up to half of this) and a cache of source slices
+    /// (the other half) instead, whatever the number of rows.
     merge_bytes: usize,
 }
 
@@ -110,9 +112,9 @@ impl DeltaSettings {
     pub fn for_budget(budget: u64, run: &str) -> DeltaSettings {
         let floor = (crate::engine::budget::physical_memory() / 8).clamp(64 << 20, 2 << 30);
         DeltaSettings {
-            // Staged batches are read back into memory for their MERGE, beside the budget's
-            // rows in flight: a quarter of the budget kept a re-run of 1 GB at `--memory
-            // 256MiB` at 325 MiB peak RSS (401 MiB when they could reach the pool's quarter).
+            // A MERGE's index and cache sit beside the budget's rows in flight: a quarter of
+            // the budget kept a re-run of 1 GB at `--memory 256MiB` at 325 MiB peak RSS (401
+            // MiB when staged rows could reach the pool's quarter).
             merge_bytes: (budget / 4) as usize,
             ..DeltaSettings::new(
                 (budget / 2).max(floor) as usize,
@@ -134,8 +136,8 @@ impl DeltaSettings {
         }
     }
 
-    /// Merges staged batches once they reach `rows` rows (the run's `--batch-size`, so a
-    /// re-run makes as many MERGEs as Cumulus ETL, whatever `--memory` is).
+    /// Staged batches merged by delta-rs are merged once they reach `rows` rows (the run's
+    /// `--batch-size`, as Cumulus ETL would); a MERGE file by file is bounded by its memory.
     pub fn with_merge_rows(mut self, rows: usize) -> DeltaSettings {
         self.merge_rows = rows.max(1);
         self
@@ -153,6 +155,8 @@ pub struct CumulusTable {
     commits: i64,
     /// Batches waiting to be merged together.
     stage: MergeStage,
+    /// Why the table cannot be merged file by file (None: it can), once known.
+    table_features: Option<Option<&'static str>>,
     /// The table cannot be merged file by file, and the run has said so.
     warned_unsupported: bool,
 }
@@ -182,6 +186,7 @@ impl CumulusTable {
             ledger: Arc::new(Mutex::new(Ledger::new(schema, append_only))),
             commits: 0,
             stage: MergeStage::default(),
+            table_features: None,
             warned_unsupported: false,
         })
     }
@@ -249,7 +254,7 @@ impl CumulusTable {
             Some((batch, Route::Merge)) => {
                 let heavy = self.settings.heavy.clone();
                 let _turn = heavy.acquire().await?;
-                self.merge_within_memory(vec![batch], groups).await
+                self.merge_batches(vec![batch], groups).await
             }
         }
     }
@@ -336,12 +341,30 @@ impl CumulusTable {
             self.flush_staged().await;
         }
         self.stage.adopt(file, keys, groups, report);
-        if self
-            .stage
-            .is_full(self.settings.merge_rows, self.settings.merge_bytes)
-        {
+        if self.stage_is_full() {
             self.flush_staged().await;
         }
+    }
+
+    /// True once the staged rows' MERGE would fill its share of memory: the key index for a
+    /// MERGE file by file, the rows themselves for delta-rs's.
+    fn stage_is_full(&mut self) -> bool {
+        let limit = self.settings.merge_bytes;
+        match self.table_features() {
+            Ok(None) => self.stage.rows() * file_merge::INDEX_BYTES_PER_ROW >= limit / 2,
+            _ => self.stage.is_full(self.settings.merge_rows, limit),
+        }
+    }
+
+    /// Why the table cannot be merged file by file (see [`file_merge::unsupported`]), read
+    /// once: this run's own commits do not change it.
+    fn table_features(&mut self) -> Result<Option<&'static str>> {
+        if let Some(known) = self.table_features {
+            return Ok(known);
+        }
+        Ok(*self
+            .table_features
+            .insert(file_merge::unsupported(&self.table)?))
     }
 
     /// Merges everything staged as one MERGE and reports each staged batch's outcome; a
@@ -350,42 +373,57 @@ impl CumulusTable {
         if self.stage.is_empty() {
             return;
         }
-        // One MERGE at a time across tables, and its turn taken before its batches are read
-        // back, so that only one table's staged rows are in memory at once.
+        // One MERGE at a time across tables, so that only one table's index and cache (or,
+        // merged by delta-rs, its rows) are in memory at once.
         let heavy = self.settings.heavy.clone();
         let _turn = heavy.acquire().await;
         let staged = self.stage.take();
-        if staged.batches.is_empty() {
-            return;
-        }
-        let (batches, reports): (Vec<RecordBatch>, Vec<OnWritten>) =
-            staged.batches.into_iter().unzip();
         let result = self
-            .merge_staged(&batches, staged.schema, &staged.groups)
+            .merge_staged(staged.paths(), staged.schema.clone(), &staged.groups)
             .await;
-        for (batch, report) in batches.iter().zip(reports) {
-            match &result {
-                Ok(()) => report.done(Ok(())),
-                Err(e) => report.failed_with_rows(anyhow!("{e:#}"), json_lines(batch)),
-            }
-        }
+        staged.report(&result);
     }
 
     async fn merge_staged(
         &mut self,
-        batches: &[RecordBatch],
-        staged_schema: Option<arrow::datatypes::SchemaRef>,
+        paths: Vec<PathBuf>,
+        staged_schema: Option<SchemaRef>,
         groups: &[String],
     ) -> Result<()> {
         let mut schema = self.table.snapshot()?.snapshot().arrow_schema();
-        if let Some(staged) = staged_schema {
-            schema = union_schema(&schema, &staged)?;
+        if let Some(staged) = &staged_schema {
+            schema = union_schema(&schema, staged)?;
         }
-        let batches = batches
+        if self.merges_by_file(&schema)? {
+            let cache = self.settings.merge_bytes / 2;
+            let source = MergeSource::staged(&schema, paths, cache);
+            return self.merge_by_file(source, groups).await;
+        }
+        let batches = read_all(&paths)?
             .iter()
             .map(|batch| conform_batch(batch, &schema))
             .collect::<Result<Vec<_>>>()?;
-        self.merge_within_memory(batches, groups).await
+        self.merge_batches(batches, groups).await
+    }
+
+    /// True when the table (and rows of `schema`) can be merged file by file; if not, says
+    /// why once per run, since delta-rs's MERGE holds much more in memory.
+    fn merges_by_file(&mut self, schema: &SchemaRef) -> Result<bool> {
+        let Some(reason) = self
+            .table_features()?
+            .or_else(|| file_merge::unsupported_schema(schema))
+        else {
+            return Ok(true);
+        };
+        if !self.warned_unsupported {
+            self.warned_unsupported = true;
+            eprintln!(
+                "note: {} uses {reason} that its MERGE cannot read file by file, so it is merged \
+                 by delta-rs, whose memory grows with the table",
+                self.spec.name
+            );
+        }
+        Ok(false)
     }
 
     /// Records files a writer has written (see [`TableFiles`]) in one commit, after anything
@@ -492,24 +530,14 @@ impl CumulusTable {
         Ok(())
     }
 
-    /// MERGE as a hash join; if that does not fit the memory pool, again as a sort-merge join,
-    /// which can spill. A failed attempt has committed nothing.
-    async fn merge_within_memory(
-        &mut self,
-        batches: Vec<RecordBatch>,
-        groups: &[String],
-    ) -> Result<()> {
-        match file_merge::unsupported(&self.table)? {
-            None => return self.merge_by_file(batches, groups).await,
-            Some(feature) if !self.warned_unsupported => {
-                self.warned_unsupported = true;
-                eprintln!(
-                    "note: {} uses {feature}, so it is merged by delta-rs, whose memory grows \
-                     with the table",
-                    self.spec.name
-                );
-            }
-            Some(_) => {}
+    /// Merges batches held in memory: file by file where it can, otherwise by delta-rs as a
+    /// hash join and, if that does not fit the memory pool, again as a sort-merge join, which
+    /// can spill. A failed attempt has committed nothing.
+    async fn merge_batches(&mut self, batches: Vec<RecordBatch>, groups: &[String]) -> Result<()> {
+        let schema = batches.first().context("a MERGE has a batch")?.schema();
+        if self.merges_by_file(&schema)? {
+            let source = MergeSource::in_memory(&schema, batches);
+            return self.merge_by_file(source, groups).await;
         }
         let out_of_memory = |e: &anyhow::Error| {
             let text = format!("{e:#}");
@@ -524,16 +552,16 @@ impl CumulusTable {
         }
     }
 
-    /// One MERGE of `batches` (one schema, disjoint keys), file by file
-    /// ([`file_merge`]); commits only if a row changed or the schema grew.
-    async fn merge_by_file(&mut self, batches: Vec<RecordBatch>, groups: &[String]) -> Result<()> {
-        let schema = batches.first().context("a MERGE has a batch")?.schema();
+    /// One MERGE of `source` (disjoint keys), file by file ([`file_merge`]); commits only if
+    /// a row changed or the schema grew.
+    async fn merge_by_file(&mut self, source: MergeSource, groups: &[String]) -> Result<()> {
+        let schema = source.schema().clone();
         let files = self.files(tokio::runtime::Handle::current());
         let rules = MergeRules {
             spec: &self.spec,
             groups,
         };
-        let outcome = file_merge::merge_by_file(&self.table, &files, rules, &schema, batches)
+        let outcome = file_merge::merge_by_file(&self.table, &files, rules, source)
             .await
             .with_context(|| format!("merging into {}", self.spec.name))?;
         let mut actions: Vec<Action> = self.schema_change(&schema)?.into_iter().collect();
