@@ -505,8 +505,8 @@ fn a_batch_touching_staged_keys_merges_after_them_and_wins() {
 /// Settings whose file-by-file MERGEs index at most `rows` staged rows (and cache as many
 /// bytes of source slices as those rows' index would take).
 fn merge_index_of(rows: usize) -> Arc<DeltaSettings> {
-    // The index gets half of a quarter of the memory limit.
-    let limit = rows * cumulus_etl::output::delta::MERGE_INDEX_BYTES_PER_ROW * 8;
+    // Each of two MERGEs at once gets an eighth of the memory limit, half of it for its index.
+    let limit = rows * cumulus_etl::output::delta::MERGE_INDEX_BYTES_PER_ROW * 16;
     Arc::new(DeltaSettings::new(limit, "small-merges"))
 }
 

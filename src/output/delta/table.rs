@@ -45,6 +45,9 @@ pub const COMPACTION_MIN_FILES: usize = 8;
 /// Rows per record batch of a MERGE source.
 const SOURCE_SLICE_ROWS: usize = 8192;
 
+/// MERGEs file by file that run at once; each has its own share of memory (`merge_bytes`).
+const PARALLEL_MERGES: usize = 2;
+
 /// Rows per MERGE when a run does not say (Cumulus ETL's default `--batch-size`).
 const DEFAULT_MERGE_ROWS: usize = 100_000;
 
@@ -94,6 +97,9 @@ pub struct DeltaSettings {
     /// One MERGE, DELETE or compaction at a time: they share the pool, and two joins that each
     /// need most of it would both fail.
     heavy: Arc<tokio::sync::Semaphore>,
+    /// MERGEs file by file in parallel (one per commit thread): each holds its own bounded
+    /// index and cache, and one at a time left a re-run's last MERGEs in a queue on one core.
+    merges: Arc<tokio::sync::Semaphore>,
     /// Staged rows merged by delta-rs go in MERGEs of at most this many rows (`--batch-size`)...
     merge_rows: usize,
     /// ...or this many bytes of Arrow data, since that MERGE holds its rows in memory. A MERGE
@@ -112,10 +118,10 @@ impl DeltaSettings {
     pub fn for_budget(budget: u64, run: &str) -> DeltaSettings {
         let floor = (crate::engine::budget::physical_memory() / 8).clamp(64 << 20, 2 << 30);
         DeltaSettings {
-            // A MERGE's index and cache sit beside the budget's rows in flight: a quarter of
-            // the budget kept a re-run of 1 GB at `--memory 256MiB` at 325 MiB peak RSS (401
-            // MiB when staged rows could reach the pool's quarter).
-            merge_bytes: (budget / 4) as usize,
+            // MERGEs' indexes and caches sit beside the budget's rows in flight: a quarter of
+            // the budget in all (an eighth for each of two) kept a re-run of 1 GB at
+            // `--memory 256MiB` at 325 MiB peak RSS (401 MiB with half the budget).
+            merge_bytes: (budget / 4) as usize / PARALLEL_MERGES,
             ..DeltaSettings::new(
                 (budget / 2).max(floor) as usize,
                 format!("cumulus-etl/{run}"),
@@ -131,8 +137,9 @@ impl DeltaSettings {
                 .with_max_spill_size(memory_limit)
                 .build(),
             heavy: Arc::new(tokio::sync::Semaphore::new(1)),
+            merges: Arc::new(tokio::sync::Semaphore::new(PARALLEL_MERGES)),
             merge_rows: DEFAULT_MERGE_ROWS,
-            merge_bytes: memory_limit / 4,
+            merge_bytes: memory_limit / 4 / PARALLEL_MERGES,
         }
     }
 
@@ -373,10 +380,13 @@ impl CumulusTable {
         if self.stage.is_empty() {
             return;
         }
-        // One MERGE at a time across tables, so that only one table's index and cache (or,
-        // merged by delta-rs, its rows) are in memory at once.
-        let heavy = self.settings.heavy.clone();
-        let _turn = heavy.acquire().await;
+        // A bounded number of MERGEs at a time across tables (one when delta-rs merges), and
+        // the turn taken before anything is read back, so their memory adds up to a bound.
+        let turns = match self.table_features() {
+            Ok(None) => self.settings.merges.clone(),
+            _ => self.settings.heavy.clone(),
+        };
+        let _turn = turns.acquire().await;
         let staged = self.stage.take();
         let result = self
             .merge_staged(staged.paths(), staged.schema.clone(), &staged.groups)
@@ -394,7 +404,7 @@ impl CumulusTable {
         if let Some(staged) = &staged_schema {
             schema = union_schema(&schema, staged)?;
         }
-        if self.merges_by_file(&schema)? {
+        if self.merges_by_file()? {
             let cache = self.settings.merge_bytes / 2;
             let source = MergeSource::staged(&schema, paths, cache);
             return self.merge_by_file(source, groups).await;
@@ -406,20 +416,17 @@ impl CumulusTable {
         self.merge_batches(batches, groups).await
     }
 
-    /// True when the table (and rows of `schema`) can be merged file by file; if not, says
-    /// why once per run, since delta-rs's MERGE holds much more in memory.
-    fn merges_by_file(&mut self, schema: &SchemaRef) -> Result<bool> {
-        let Some(reason) = self
-            .table_features()?
-            .or_else(|| file_merge::unsupported_schema(schema))
-        else {
+    /// True when the table can be merged file by file; if not, says why once per run, since
+    /// delta-rs's MERGE holds much more in memory.
+    fn merges_by_file(&mut self) -> Result<bool> {
+        let Some(reason) = self.table_features()? else {
             return Ok(true);
         };
         if !self.warned_unsupported {
             self.warned_unsupported = true;
             eprintln!(
-                "note: {} uses {reason} that its MERGE cannot read file by file, so it is merged \
-                 by delta-rs, whose memory grows with the table",
+                "note: {} uses {reason}, so it is merged by delta-rs, whose memory grows with \
+                 the table",
                 self.spec.name
             );
         }
@@ -535,7 +542,7 @@ impl CumulusTable {
     /// can spill. A failed attempt has committed nothing.
     async fn merge_batches(&mut self, batches: Vec<RecordBatch>, groups: &[String]) -> Result<()> {
         let schema = batches.first().context("a MERGE has a batch")?.schema();
-        if self.merges_by_file(&schema)? {
+        if self.merges_by_file()? {
             let source = MergeSource::in_memory(&schema, batches);
             return self.merge_by_file(source, groups).await;
         }
