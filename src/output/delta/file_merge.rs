@@ -141,19 +141,7 @@ async fn merge_into(
             anyhow::Ok(())
         }
         .await;
-        if let Some(writer) = writer {
-            if let Err(e) = copied {
-                let _ = writer.abort().await;
-                return Err(e);
-            }
-            written.extend(
-                writer
-                    .close()
-                    .await
-                    .context("writing a rewritten data file")?,
-            );
-        }
-        copied?;
+        close_writer(writer, copied, "writing a rewritten data file", written).await?;
         removes.push(file.remove_action(true));
         outcome.files_rewritten += 1;
         outcome.rows_updated += changes.updated;
@@ -176,20 +164,31 @@ async fn merge_into(
         anyhow::Ok(())
     }
     .await;
-    if let Some(writer) = inserts {
-        if let Err(e) = encoded {
-            let _ = writer.abort().await;
-            return Err(e);
-        }
-        written.extend(writer.close().await.context("writing inserted rows")?);
-    }
-    encoded?;
+    close_writer(inserts, encoded, "writing inserted rows", written).await?;
     outcome.actions = removes
         .into_iter()
         .map(Action::Remove)
         .chain(written.iter().cloned().map(Action::Add))
         .collect();
     Ok(outcome)
+}
+
+/// Closes a writer once its rows are in, recording its files in `written`, or aborts it if
+/// writing them failed; with no writer (no rows), just passes the outcome on.
+async fn close_writer(
+    writer: Option<DeltaWriter>,
+    wrote: Result<()>,
+    what: &'static str,
+    written: &mut Vec<Add>,
+) -> Result<()> {
+    if let Some(writer) = writer {
+        if let Err(e) = wrote {
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+        written.extend(writer.close().await.context(what)?);
+    }
+    wrote
 }
 
 /// A data file's rows in slices, reshaped to `schema` (older files lack newer columns).

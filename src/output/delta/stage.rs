@@ -3,8 +3,9 @@
 //! A MERGE reads the whole target table whatever the size of its source, so a re-run that
 //! merges every batch as it comes pays for the table once per batch, and the number of batches
 //! grows as `--memory` shrinks. Staged batches leave memory at once (Arrow IPC files in a
-//! private temporary folder) and are merged together once they reach `--batch-size` rows, a
-//! byte limit, or the end of the run.
+//! private temporary folder), stay there while their MERGE reads them back, and are merged
+//! together once the MERGE's index would fill its memory (see `CumulusTable::stage_file`), or
+//! at the end of the run.
 
 use std::collections::HashSet;
 use std::fs::File;
