@@ -7,6 +7,7 @@ pub mod deid;
 pub mod engine;
 pub mod etl;
 pub mod fhir;
+pub mod fingerprint;
 pub mod input;
 pub mod json;
 pub mod nlp;

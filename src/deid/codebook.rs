@@ -10,11 +10,13 @@ use std::sync::{Mutex, RwLock};
 
 use anyhow::{Context, Result, bail};
 use hmac::{Hmac, Mac};
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
 use super::rules::FastMap;
 use super::sorted_mappings::SortedMappings;
+use crate::fingerprint::fingerprint128;
 use crate::{json, store};
 
 const CODEBOOK_FILE: &str = "codebook.json";
@@ -67,27 +69,50 @@ pub struct Codebook {
     /// HMAC state keyed with the salt, cloned per hash rather than re-keyed.
     keyed: Hmac<Sha256>,
     legacy: [HashMap<String, String>; 2],
-    /// Real id -> anonymous id per reversible type, looked up for every Patient and Encounter
-    /// reference (foldhash, randomly seeded: much cheaper than SipHash on short ids). An entry
-    /// marked checked was hashed in this run, so later references reuse it without hashing.
-    cached: Option<RwLock<[FastMap<String, Mapping>; 2]>>,
+    /// The Patient and Encounter ids met in this run, per type, looked up for every reference
+    /// to one (None when ids are not cached).
+    seen: Option<RwLock<[SeenIds; 2]>>,
     settings_modified: AtomicBool,
     mappings_modified: AtomicBool,
-    /// Real ids whose cached mapping was added or corrected since the last save, per type.
-    unsaved: Mutex<[Vec<String>; 2]>,
-    /// The cached mappings as last saved, sorted, per type; locked through a save, so saves
-    /// are written in turn and the last one written is the newest.
-    saved: Mutex<[SortedMappings; 2]>,
-    /// Text bytes of the id mappings held (legacy and cached), for `held_bytes`.
-    mapping_text: AtomicU64,
+    /// Mappings met since the last save, per type: the next save merges them into `saved`.
+    unsaved: Mutex<[Vec<MetId>; 2]>,
+    /// The cached mappings as the file holds them, locked through a save, so saves are written
+    /// in turn and the last one written is the newest.
+    saved: Mutex<SavedMappings>,
+    /// Heap bytes held for the whole run, for `held_bytes`: legacy mappings, `seen`, and the
+    /// saved mappings' text twice (a save builds the merged text beside the old).
+    held: AtomicU64,
 }
 
-/// Heap bytes an id mapping takes beyond its text: two string allocations and a hash map slot.
-const MAPPING_OVERHEAD: u64 = 96;
+/// An anonymous id as its HMAC-SHA256 bytes (half the size of its hex text).
+type Mac32 = [u8; 32];
 
-/// Heap bytes one id mapping holds.
-fn mapping_bytes(real_id: &str, fake: &str) -> u64 {
-    (real_id.len() + fake.len()) as u64 + MAPPING_OVERHEAD
+/// A real id met in this run, and its anonymous id.
+type MetId = (Box<str>, Mac32);
+
+/// A fingerprint of each real id met in this run to its anonymous id: 48 bytes a mapping where
+/// two strings took about 250 (a 4 GB export has 470,000 encounters). Foldhash, randomly
+/// seeded, is much cheaper than SipHash on the 16-byte keys.
+type SeenIds = FastMap<u128, Mac32>;
+
+/// Heap bytes one `SeenIds` entry takes, with the hash table's slack.
+const SEEN_ENTRY_BYTES: u64 = 72;
+
+/// Heap bytes a legacy mapping takes beyond its text: two string allocations and a map slot.
+const LEGACY_MAPPING_OVERHEAD: u64 = 96;
+
+/// The saved mappings of both reversible types, and whether the file is behind them (a save
+/// that failed to write, or merged changes).
+#[derive(Default)]
+struct SavedMappings {
+    types: [SortedMappings; 2],
+    stale: bool,
+}
+
+impl SavedMappings {
+    fn text_bytes(&self) -> u64 {
+        self.types.iter().map(|m| m.body().len() as u64).sum()
+    }
 }
 
 impl Codebook {
@@ -107,14 +132,23 @@ impl Codebook {
         };
         let cached = if cache_ids {
             let mpath = dir.join(CACHED_MAPPINGS_FILE);
-            let m = if mpath.exists() {
-                let text = std::fs::read(&mpath)?;
-                serde_json::from_slice::<Value>(&text)
-                    .with_context(|| format!("{} is not valid JSON", mpath.display()))?
-            } else {
-                json!({})
-            };
-            Some(split_by_type(&m))
+            let mut saved = SavedMappings::default();
+            if mpath.exists() {
+                let text = std::fs::read(&mpath)
+                    .with_context(|| format!("reading {}", mpath.display()))?;
+                let file: CachedFile = serde_json::from_slice(&text).with_context(|| {
+                    format!("{} is not a codebook mapping file", mpath.display())
+                })?;
+                for (sorted, pairs) in saved.types.iter_mut().zip(&file.0) {
+                    sorted.add(
+                        pairs
+                            .iter()
+                            .map(|(r, f)| (r.as_ref(), f.as_ref()))
+                            .collect(),
+                    );
+                }
+            }
+            Some(saved)
         } else {
             None
         };
@@ -124,13 +158,14 @@ impl Codebook {
     /// A codebook that lives only in memory with the given salt (tests, fixture checks).
     pub fn in_memory(salt_hex: &str) -> Result<Codebook> {
         let saved = json!({"version": 1, "id_salt": salt_hex, "codebook_id": "in-memory"});
-        Codebook::build(None, Some(saved), Some(Default::default()))
+        Codebook::build(None, Some(saved), Some(SavedMappings::default()))
     }
 
+    /// `cached`: the saved Patient/Encounter mappings, when ids are cached.
     fn build(
         dir: Option<PathBuf>,
         saved: Option<Value>,
-        cached: Option<[FastMap<String, Mapping>; 2]>,
+        cached: Option<SavedMappings>,
     ) -> Result<Codebook> {
         let mut settings = Map::new();
         settings.insert("version".into(), json!(1));
@@ -171,30 +206,28 @@ impl Codebook {
                 })
                 .unwrap_or_default()
         });
-        // Mappings read from the file go into the first save, which sorts them all once (the
-        // file may come from Cumulus ETL, which keeps them in the order it met them).
-        let unsaved = cached
-            .as_ref()
-            .map(|maps| maps.each_ref().map(|ids| ids.keys().cloned().collect()))
-            .unwrap_or_default();
-        let legacy_ids = legacy.iter().flatten();
-        let cached_ids = cached.iter().flatten().flatten().map(|(k, m)| (k, &m.fake));
-        let mapping_text = legacy_ids
-            .chain(cached_ids)
-            .map(|(k, fake)| mapping_bytes(k, fake))
+        let legacy_bytes: u64 = legacy
+            .iter()
+            .flatten()
+            .map(|(k, fake): (&String, &String)| {
+                (k.len() + fake.len()) as u64 + LEGACY_MAPPING_OVERHEAD
+            })
             .sum();
+        let seen = cached.as_ref().map(|_| RwLock::default());
+        let saved = cached.unwrap_or_default();
+        let held = legacy_bytes + 2 * saved.text_bytes();
         Ok(Codebook {
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             dir,
             settings: Mutex::new(settings),
             keyed,
             legacy,
-            cached: cached.map(RwLock::new),
+            seen,
             settings_modified: AtomicBool::new(settings_modified),
             mappings_modified: AtomicBool::new(false),
-            unsaved: Mutex::new(unsaved),
-            saved: Mutex::default(),
-            mapping_text: AtomicU64::new(mapping_text),
+            unsaved: Mutex::default(),
+            saved: Mutex::new(saved),
+            held: AtomicU64::new(held),
         })
     }
 
@@ -209,9 +242,13 @@ impl Codebook {
     /// HMAC-SHA256 of the id under the salt, as 64 lowercase hex characters (the key state is
     /// computed once and cloned per id).
     pub fn hash(&self, real_id: &str) -> String {
+        lower_hex(&self.mac(real_id))
+    }
+
+    fn mac(&self, real_id: &str) -> Mac32 {
         let mut mac = self.keyed.clone();
         mac.update(real_id.as_bytes());
-        lower_hex(&mac.finalize().into_bytes())
+        mac.finalize().into_bytes().into()
     }
 
     /// The anonymous id for the target of a reference, as `fake_id(.., true)`, remembered per
@@ -271,43 +308,29 @@ impl Codebook {
         if let Some(fake) = self.legacy[slot].get(real_id) {
             return fake.clone();
         }
-        let (true, Some(cached)) = (cache, &self.cached) else {
+        let (true, Some(seen)) = (cache, &self.seen) else {
             return self.hash(real_id);
         };
-        if let Some(Mapping {
-            fake,
-            checked: true,
-        }) = cached.read().unwrap()[slot].get(real_id)
-        {
-            return fake.clone();
+        let key = fingerprint128(real_id.as_bytes());
+        if let Some(mac) = seen.read().unwrap()[slot].get(&key) {
+            return lower_hex(mac);
         }
-        // First time this run: hash, and check (or record) the saved mapping.
-        let fake = self.hash(real_id);
-        let mut guard = cached.write().unwrap();
-        match guard[slot].get_mut(real_id) {
-            Some(saved) if saved.fake == fake => saved.checked = true,
-            _ => {
-                let mapping = Mapping {
-                    fake: fake.clone(),
-                    checked: true,
-                };
-                if guard[slot].insert(real_id.to_string(), mapping).is_none() {
-                    let bytes = mapping_bytes(real_id, &fake);
-                    self.mapping_text.fetch_add(bytes, Ordering::Relaxed);
-                }
-                self.unsaved.lock().unwrap()[slot].push(real_id.to_string());
-                self.mappings_modified.store(true, Ordering::Release);
-            }
+        // First time this run: hash, and have the next save check (or record) the mapping.
+        let mac = self.mac(real_id);
+        if seen.write().unwrap()[slot].insert(key, mac).is_none() {
+            self.held.fetch_add(SEEN_ENTRY_BYTES, Ordering::Relaxed);
+            self.unsaved.lock().unwrap()[slot].push((real_id.into(), mac));
+            self.mappings_modified.store(true, Ordering::Release);
         }
-        fake
+        lower_hex(&mac)
     }
 
-    /// Memory the codebook holds for the whole run: its Patient and Encounter id mappings, and
-    /// about as much again for their sorted text kept for saves and the copy a save builds. It
-    /// grows with the number of patients and encounters, not with the batch, so the memory
-    /// budget counts it apart (a million encounters take about 200 MiB).
+    /// Memory the codebook holds for the whole run: the Patient and Encounter ids met in it,
+    /// and the saved mappings' text (twice, for the copy a save builds). It grows with the
+    /// number of patients and encounters, not with the batch, so the memory budget counts it
+    /// apart (a million encounters take about 280 MiB).
     pub fn held_bytes(&self) -> u64 {
-        2 * self.mapping_text.load(Ordering::Relaxed)
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Writes whatever changed since the last save. Called before every batch write, so the
@@ -318,27 +341,30 @@ impl Codebook {
             let text = serde_json::to_vec(&*self.settings.lock().unwrap())?;
             store::write_atomic(&dir.join(CODEBOOK_FILE), &text)?;
         }
-        if self.mappings_modified.swap(false, Ordering::AcqRel)
-            && let Some(cached) = &self.cached
-        {
+        if self.mappings_modified.swap(false, Ordering::AcqRel) && self.seen.is_some() {
             let mut saved = self.saved.lock().unwrap();
             let unsaved = std::mem::take(&mut *self.unsaved.lock().unwrap());
-            {
-                let maps = cached.read().unwrap();
-                for (slot, ids) in unsaved.iter().enumerate() {
-                    let new = ids
-                        .iter()
-                        .filter_map(|id| maps[slot].get_key_value(id.as_str()))
-                        .map(|(real, m)| (real.as_str(), m.fake.as_str()));
-                    saved[slot].add(new.collect());
-                }
+            let before = saved.text_bytes();
+            let mut changed = false;
+            for (sorted, met) in saved.types.iter_mut().zip(&unsaved) {
+                let fakes: Vec<String> = met.iter().map(|(_, mac)| lower_hex(mac)).collect();
+                let pairs = met.iter().zip(&fakes).map(|((r, _), f)| (&**r, f.as_str()));
+                // A mapping the file already holds, unchanged, changes nothing.
+                changed |= sorted.add(pairs.collect());
             }
-            let parts = mappings_json(&saved);
-            let parts: Vec<&[u8]> = parts.iter().map(AsRef::as_ref).collect();
-            if let Err(e) = store::write_atomic_parts(&dir.join(CACHED_MAPPINGS_FILE), &parts) {
-                // The merged mappings stay in memory; the next save writes them again.
-                self.mappings_modified.store(true, Ordering::Release);
-                return Err(e);
+            saved.stale |= changed;
+            let after = saved.text_bytes();
+            self.held
+                .fetch_add(2 * after.saturating_sub(before), Ordering::Relaxed);
+            if saved.stale {
+                let parts = mappings_json(&saved.types);
+                let parts: Vec<&[u8]> = parts.iter().map(AsRef::as_ref).collect();
+                if let Err(e) = store::write_atomic_parts(&dir.join(CACHED_MAPPINGS_FILE), &parts) {
+                    // The merged mappings stay in memory; the next save writes them again.
+                    self.mappings_modified.store(true, Ordering::Release);
+                    return Err(e);
+                }
+                saved.stale = false;
             }
         }
         Ok(())
@@ -373,33 +399,82 @@ fn mappings_json(saved: &[SortedMappings; 2]) -> Vec<Cow<'_, [u8]>> {
     parts
 }
 
-/// One saved Patient/Encounter mapping.
-struct Mapping {
-    fake: String,
-    /// Hashed again in this run and found equal (or recorded in this run).
-    checked: bool,
+/// `codebook-cached-mappings.json` as read: each reversible type's `(real, fake)` pairs, in
+/// file order, borrowed from the file's text where they have no escapes. Read without a
+/// `Value` tree, which for 470,000 encounters took 300 MB on the way to 50 MB of mappings.
+#[derive(Default)]
+struct CachedFile<'a>([Vec<(Cow<'a, str>, Cow<'a, str>)>; 2]);
+
+impl<'de> Deserialize<'de> for CachedFile<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(CachedFileVisitor)
+    }
 }
 
-fn split_by_type(m: &Value) -> [FastMap<String, Mapping>; 2] {
-    REVERSIBLE_TYPES.map(|t| {
-        m.get(t)
-            .and_then(Value::as_object)
-            .map(|ids| {
-                ids.iter()
-                    .filter_map(|(k, v)| {
-                        let fake = v.as_str()?.to_string();
-                        Some((
-                            k.clone(),
-                            Mapping {
-                                fake,
-                                checked: false,
-                            },
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    })
+struct CachedFileVisitor;
+
+impl<'de> Visitor<'de> for CachedFileVisitor {
+    type Value = CachedFile<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object of id mappings by resource type")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut file = CachedFile::default();
+        while let Some(Text(resource_type)) = map.next_key()? {
+            match REVERSIBLE_TYPES.iter().position(|t| *t == resource_type) {
+                Some(slot) => file.0[slot] = map.next_value::<IdPairs>()?.0,
+                None => drop(map.next_value::<IgnoredAny>()?),
+            }
+        }
+        Ok(file)
+    }
+}
+
+/// One type's `{real: fake}` object, as pairs.
+struct IdPairs<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
+
+impl<'de> Deserialize<'de> for IdPairs<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PairsVisitor;
+        impl<'de> Visitor<'de> for PairsVisitor {
+            type Value = IdPairs<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of real ids to anonymous ids")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some((Text(real), Text(fake))) = map.next_entry()? {
+                    pairs.push((real, fake));
+                }
+                Ok(IdPairs(pairs))
+            }
+        }
+        d.deserialize_map(PairsVisitor)
+    }
+}
+
+/// A JSON string, borrowed when it has no escapes (serde's own `Cow<str>` always copies).
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(TextVisitor)
+    }
 }
 
 /// Version 0 kept `{"mrn": {patient: {"deid": fake, "encounter": {enc: {"deid": fake}}}}}`.
@@ -501,24 +576,69 @@ mod tests {
     }
 
     #[test]
-    fn held_bytes_count_each_mapping_once_and_survive_a_reopen() {
+    fn held_bytes_count_ids_met_once_and_saved_text_twice() {
         let dir = tempfile::tempdir().unwrap();
         let cb = Codebook::open(dir.path(), true).unwrap();
         assert_eq!(cb.held_bytes(), 0);
         cb.fake_id("Encounter", "e1", true);
-        let one = cb.held_bytes();
-        assert_eq!(one, 2 * ("e1".len() as u64 + 64 + MAPPING_OVERHEAD));
+        assert_eq!(cb.held_bytes(), SEEN_ENTRY_BYTES);
         cb.fake_id("Encounter", "e1", true);
         cb.fake_id("Condition", "c1", true); // not a reversible type: nothing kept
         cb.fake_id("Patient", "p1", false); // not cached
-        assert_eq!(cb.held_bytes(), one);
+        assert_eq!(cb.held_bytes(), SEEN_ENTRY_BYTES);
         cb.fake_id("Patient", "p1", true);
-        assert_eq!(cb.held_bytes(), 2 * one);
+        assert_eq!(cb.held_bytes(), 2 * SEEN_ENTRY_BYTES);
         cb.save().unwrap();
+        // Each saved entry is `"e1":"<64 hex digits>"`, and a comma between entries.
+        let text = 2 * (4 + 1 + 66);
+        assert_eq!(cb.held_bytes(), 2 * SEEN_ENTRY_BYTES + 2 * text);
         assert_eq!(
             Codebook::open(dir.path(), true).unwrap().held_bytes(),
-            2 * one
+            2 * text
         );
+    }
+
+    #[test]
+    fn a_run_that_meets_only_saved_mappings_leaves_the_file_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cb = Codebook::in_memory("1234").unwrap();
+        let (p, e) = (cb.hash("p"), cb.hash("e"));
+        std::fs::write(
+            dir.path().join(CODEBOOK_FILE),
+            r#"{"version":1,"id_salt":"1234","codebook_id":"x"}"#,
+        )
+        .unwrap();
+        // As Cumulus ETL might leave it: spaced out, in the order it met the ids.
+        let file = format!(
+            "{{\n  \"Patient\": {{\"p\": \"{p}\"}},\n  \"Encounter\": {{\"e\": \"{e}\"}}\n}}"
+        );
+        let path = dir.path().join(CACHED_MAPPINGS_FILE);
+        std::fs::write(&path, &file).unwrap();
+        let cb = Codebook::open(dir.path(), true).unwrap();
+        assert_eq!(cb.fake_id("Patient", "p", true), p);
+        assert_eq!(cb.fake_id("Encounter", "e", true), e);
+        cb.save().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), file);
+    }
+
+    #[test]
+    fn a_mapping_file_of_the_wrong_shape_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CACHED_MAPPINGS_FILE),
+            "{\"Patient\": {\"p\": 7}}",
+        )
+        .unwrap();
+        let err = format!("{:#}", Codebook::open(dir.path(), true).err().unwrap());
+        assert!(err.contains(CACHED_MAPPINGS_FILE), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+        // Other resource types are not ours to read, whatever they hold.
+        std::fs::write(
+            dir.path().join(CACHED_MAPPINGS_FILE),
+            "{\"Other\": [1, {\"x\": null}], \"Patient\": {}}",
+        )
+        .unwrap();
+        assert!(Codebook::open(dir.path(), true).is_ok());
     }
 
     #[test]

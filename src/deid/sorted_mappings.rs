@@ -30,9 +30,10 @@ impl SortedMappings {
     }
 
     /// Adds `(real, fake)` mappings in any order, repeats allowed; a new mapping replaces a
-    /// saved one of the same real id. Sorting on an 8-byte prefix held in the vector touches
-    /// each id's own memory only on ties.
-    pub fn add(&mut self, new: Vec<(&str, &str)>) {
+    /// saved one of the same real id. True when that changed the body: a saved run meets most
+    /// of its ids again, and then has no file to write. Sorting on an 8-byte prefix held in
+    /// the vector touches each id's own memory only on ties.
+    pub fn add(&mut self, new: Vec<(&str, &str)>) -> bool {
         let mut sorted: Vec<(u64, &str, &str)> = new
             .into_iter()
             .map(|(real, fake)| (sort_prefix(real), real, fake))
@@ -40,14 +41,16 @@ impl SortedMappings {
         sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
         sorted.dedup_by(|a, b| a.1 == b.1);
         let sorted: Vec<(&str, &str)> = sorted.into_iter().map(|(_, r, f)| (r, f)).collect();
-        self.merge(&sorted);
+        self.merge(&sorted)
     }
 
-    /// Merges `new` mappings, sorted by real id and without repeats, into the body.
-    fn merge(&mut self, new: &[(&str, &str)]) {
+    /// Merges `new` mappings, sorted by real id and without repeats, into the body; true when
+    /// the body changed.
+    fn merge(&mut self, new: &[(&str, &str)]) -> bool {
         if new.is_empty() {
-            return;
+            return false;
         }
+        let mut changed = false;
         let mut out =
             Vec::with_capacity(self.body.len() + new.iter().map(entry_len).sum::<usize>());
         let mut len = 0;
@@ -64,17 +67,20 @@ impl SortedMappings {
                 push_entry(&mut out, &mut len, |out| out.extend_from_slice(entry));
                 next_saved = saved.next();
             }
-            if next_saved
-                .as_ref()
-                .is_some_and(|(_, saved_real)| saved_real == real)
-            {
+            let replaced = match &next_saved {
+                Some((entry, saved_real)) if saved_real == real => Some(*entry),
+                _ => None,
+            };
+            if replaced.is_some() {
                 next_saved = saved.next();
             }
+            let start = out.len() + usize::from(len > 0);
             push_entry(&mut out, &mut len, |out| {
                 json::write_str(out, real);
                 out.push(b':');
                 json::write_str(out, fake);
             });
+            changed |= replaced != Some(&out[start..]);
         }
         while let Some((entry, _)) = next_saved {
             push_entry(&mut out, &mut len, |out| out.extend_from_slice(entry));
@@ -82,6 +88,7 @@ impl SortedMappings {
         }
         self.body = out;
         self.len = len;
+        changed
     }
 }
 
@@ -165,16 +172,20 @@ mod tests {
     fn merging_keeps_the_body_sorted_and_lets_new_mappings_win() {
         let mut saved = SortedMappings::default();
         let mut expected = BTreeMap::new();
-        let rounds: [&[(&str, &str)]; 4] = [
+        let rounds: [&[(&str, &str)]; 5] = [
             &[("d", "2"), ("b", "1"), ("d", "2")],
             &[("e", "5"), ("a", "3"), ("c", "4")],
             // Escaped ids sort by their text, not by their escapes.
             &[("b", "6"), ("q\"x", "7"), ("q\\x", "8")],
+            // Mappings already saved, unchanged: nothing to write.
+            &[("q\"x", "7"), ("a", "3")],
             &[],
         ];
         for round in rounds {
-            saved.add(round.to_vec());
+            let before = expected.clone();
+            let changed = saved.add(round.to_vec());
             expected.extend(round.iter().copied());
+            assert_eq!(changed, expected != before);
             assert_eq!(object(&saved), serde_json::to_string(&expected).unwrap());
             assert_eq!(saved.is_empty(), expected.is_empty());
         }

@@ -14,7 +14,6 @@
 //! keeps matched rows as stored.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
 
 use anyhow::{Context, Result};
 use arrow::array::{
@@ -35,6 +34,7 @@ use super::files::TableFiles;
 use super::ledger::key_columns;
 use super::merge_source::MergeSource;
 use super::table::TableSpec;
+use crate::fingerprint::fingerprint128;
 use crate::output::ENCODE_SLICE_ROWS;
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -311,7 +311,7 @@ impl Source {
                     last_updated: time_at(times.as_ref(), i),
                 };
                 // A later row of the same key wins, as the sink's dedup would have it.
-                if let Some(earlier) = index.insert(key_fingerprint(key.as_ref()), entry) {
+                if let Some(earlier) = index.insert(fingerprint128(key.as_ref()), entry) {
                     matched[earlier.slice as usize][earlier.row as usize] = true;
                 }
             }
@@ -355,7 +355,7 @@ impl Source {
             let matched = columns
                 .iter()
                 .all(|c| c.is_valid(j))
-                .then(|| self.index.get(&key_fingerprint(row.as_ref())))
+                .then(|| self.index.get(&fingerprint128(row.as_ref())))
                 .flatten();
             let fate = match matched {
                 Some(entry) => {
@@ -430,13 +430,6 @@ impl Source {
         let slice = self.rows.slice(n)?;
         Ok(Some(filter_record_batch(&slice, &keep)?))
     }
-}
-
-/// A 128-bit fingerprint of a key's row encoding: the index keeps these rather than the keys,
-/// and two keys of one table share one with a chance of about 2^-128 per pair.
-fn key_fingerprint(key: &[u8]) -> u128 {
-    let hash = |seed| foldhash::quality::FixedState::with_seed(seed).hash_one(key);
-    (u128::from(hash(0x243f_6a88_85a3_08d3)) << 64) | u128::from(hash(0x1319_8a2e_0370_7344))
 }
 
 /// Fingerprints of whole rows (DataFusion's row hashes, which walk nested columns in place:
