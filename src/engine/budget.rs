@@ -1,18 +1,50 @@
 //! One byte budget for the whole process. Sources reserve before they read a bundle and the table
 //! sinks release after the rows are written, so input is only read as fast as it is written.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use timely::scheduling::SyncActivator;
+
+use super::source::human_bytes;
+
+/// Memory one owner holds for the whole run outside any reservation (the codebook's id
+/// mappings, the Delta tables' routing keys). It grows with the input, not with the batch, so
+/// the budget leaves that much less room for rows in flight. Clones share one count.
+#[derive(Clone, Default, Debug)]
+pub struct HeldMemory(Arc<AtomicU64>);
+
+impl HeldMemory {
+    /// Replaces the count (an owner that measures itself whole).
+    pub fn set(&self, bytes: u64) {
+        self.0.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Moves the count by the change in one of several owners sharing it, from `before` to
+    /// `after` bytes.
+    pub fn change(&self, before: u64, after: u64) {
+        if after >= before {
+            self.0.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.0.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// The bytes held now.
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// The global memory budget.
 pub struct MemoryBudget {
     limit: u64,
     used: Mutex<u64>,
-    /// Memory held for the whole run outside any reservation (the codebook's id mappings).
-    standing: AtomicU64,
-    /// Standing memory has passed half the budget (said once).
+    /// Memory held for the whole run outside any reservation, by owner.
+    held: Mutex<Vec<(&'static str, HeldMemory)>>,
+    /// The codebook's share of `held`.
+    codebook: HeldMemory,
+    /// Held memory has passed half the budget (said once).
     standing_warned: AtomicBool,
     /// Bumped whenever a reservation is refused; sinks flush early when they see it change.
     pressure: AtomicU64,
@@ -35,10 +67,15 @@ pub enum Reservation {
 impl MemoryBudget {
     /// A budget of `limit` bytes.
     pub fn new(limit: u64) -> MemoryBudget {
+        let codebook = HeldMemory::default();
         MemoryBudget {
             limit,
             used: Mutex::new(0),
-            standing: AtomicU64::new(0),
+            held: Mutex::new(vec![(
+                "the codebook's Patient and Encounter id mappings",
+                codebook.clone(),
+            )]),
+            codebook,
             standing_warned: AtomicBool::new(false),
             pressure: AtomicU64::new(0),
             writing: AtomicU64::new(0),
@@ -57,8 +94,8 @@ impl MemoryBudget {
     /// reserved, so an oversized bundle is processed alone instead of deadlocking (and so is
     /// every bundle once standing memory fills the budget).
     pub fn try_reserve(&self, bytes: u64) -> Reservation {
+        let standing = self.standing();
         let mut used = self.used.lock().unwrap();
-        let standing = self.standing.load(Ordering::Relaxed);
         let outcome = if *used + standing + bytes <= self.limit {
             Reservation::Granted
         } else if *used == 0 {
@@ -82,21 +119,42 @@ impl MemoryBudget {
         outcome
     }
 
-    /// Sets the memory held for the whole run outside any reservation (the codebook's id
-    /// mappings, which grow with the patients and encounters seen). Sources then have that
-    /// much less to reserve, so peak RSS keeps following the budget.
-    /// Returns a warning the first time it passes half the budget: rows then get little room,
-    /// and a run whose standing memory fills the budget reads one bundle at a time.
-    pub fn set_standing(&self, bytes: u64) -> Option<String> {
-        self.standing.store(bytes, Ordering::Relaxed);
-        (bytes > self.limit / 2 && !self.standing_warned.swap(true, Ordering::AcqRel)).then(|| {
-            format!(
-                "warning: the codebook's Patient and Encounter id mappings take {:.0} MiB of the \
-                 {:.0} MiB memory budget; a larger --memory keeps the run fast",
-                bytes as f64 / (1 << 20) as f64,
-                self.limit as f64 / (1 << 20) as f64
-            )
-        })
+    /// Counts `held` (named by `what` in the warning) as memory held for the whole run: sources
+    /// then have that much less to reserve, so peak RSS keeps following the budget.
+    pub fn count_held(&self, what: &'static str, held: HeldMemory) {
+        self.held.lock().unwrap().push((what, held));
+    }
+
+    /// Memory held for the whole run, by every owner counted.
+    pub fn standing(&self) -> u64 {
+        self.held
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, h)| h.bytes())
+            .sum()
+    }
+
+    /// A warning, the first time held memory passes half the budget: rows then get little
+    /// room, and a run whose held memory fills the budget reads one bundle at a time.
+    pub fn check_held(&self) -> Option<String> {
+        let held = self.held.lock().unwrap();
+        let total: u64 = held.iter().map(|(_, h)| h.bytes()).sum();
+        if total <= self.limit / 2 || self.standing_warned.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let parts: Vec<String> = held
+            .iter()
+            .filter(|(_, h)| h.bytes() > 0)
+            .map(|(what, h)| format!("{what} {}", human_bytes(h.bytes())))
+            .collect();
+        Some(format!(
+            "warning: memory held for the whole run ({}) takes {} of the {} memory budget; a \
+             larger --memory keeps the run fast",
+            parts.join(", "),
+            human_bytes(total),
+            human_bytes(self.limit)
+        ))
     }
 
     /// Returns bytes to the budget.
@@ -125,10 +183,11 @@ impl MemoryBudget {
         used > 0 && self.writing.load(Ordering::Acquire) * 2 >= used
     }
 
-    /// Counts the codebook's id mappings as standing memory (at the start of a run and after
-    /// every codebook save), saying so once they take more than half the budget.
+    /// Counts the codebook's id mappings as held memory (at the start of a run and after every
+    /// codebook save), saying so once held memory takes more than half the budget.
     pub fn hold_codebook(&self, codebook: &crate::deid::Codebook) {
-        if let Some(warning) = self.set_standing(codebook.held_bytes()) {
+        self.codebook.set(codebook.held_bytes());
+        if let Some(warning) = self.check_held() {
             eprintln!("{warning}");
         }
     }
@@ -258,22 +317,38 @@ mod tests {
     }
 
     #[test]
-    fn standing_memory_narrows_what_can_be_reserved() {
+    fn held_memory_narrows_what_can_be_reserved() {
         let b = MemoryBudget::new(100);
+        let keys = HeldMemory::default();
+        b.count_held("routing keys", keys.clone());
+        b.codebook.set(30);
+        keys.change(0, 20);
+        assert_eq!(b.standing(), 50);
         assert!(
-            b.set_standing(50).is_none(),
+            b.check_held().is_none(),
             "half the budget is not yet a warning"
         );
         assert_eq!(b.try_reserve(40), Reservation::Granted);
         assert_eq!(b.try_reserve(20), Reservation::Refused);
         assert_eq!(b.peak(), 90);
         b.release(40);
-        // Standing memory alone never blocks a bundle, and does not make it oversized.
-        let warning = b.set_standing(150).expect("a warning past half the budget");
+        // Held memory alone never blocks a bundle, and does not make it oversized.
+        keys.change(20, 120);
+        let warning = b.check_held().expect("a warning past half the budget");
         assert!(warning.contains("--memory"), "{warning}");
-        assert!(b.set_standing(160).is_none(), "said once");
+        assert!(
+            warning.contains("routing keys 120 B"),
+            "names each owner: {warning}"
+        );
+        assert!(b.check_held().is_none(), "said once");
         assert_eq!(b.try_reserve(40), Reservation::GrantedAlone);
         assert_eq!(b.oversized_count(), 0);
+        keys.change(120, 0);
+        assert_eq!(
+            b.standing(),
+            30,
+            "an owner that lets go gives its room back"
+        );
     }
 
     #[test]

@@ -216,12 +216,10 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let work = bundles::plan(&found.files, bundle_bytes)?;
     let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();
     let scrubber = Scrubber::new(Rules::embedded()?, codebook.clone(), true);
-    let outputs = Outputs::new(
-        opts.output_format,
-        output,
-        DeltaSettings::for_budget(opts.memory, &started.folder_name())
-            .with_merge_rows(opts.batch_size),
-    )?;
+    let delta = DeltaSettings::for_budget(opts.memory, &started.folder_name())
+        .with_merge_rows(opts.batch_size);
+    delta.count_routing_keys_in(&budget);
+    let outputs = Outputs::new(opts.output_format, output, delta)?;
     let shared = Arc::new(RunShared::new(
         scrubber,
         budget,

@@ -304,14 +304,12 @@ fn run_study(
             completion: None,
         })
         .collect();
-    let outputs = Outputs::new(
-        opts.output_format,
-        output,
-        DeltaSettings::for_budget(opts.memory, &started.folder_name())
-            .with_merge_rows(opts.batch_size),
-    )?;
+    let delta = DeltaSettings::for_budget(opts.memory, &started.folder_name())
+        .with_merge_rows(opts.batch_size);
     let budget = MemoryBudget::new(opts.memory);
+    delta.count_routing_keys_in(&budget);
     budget.hold_codebook(codebook);
+    let outputs = Outputs::new(opts.output_format, output, delta)?;
     let shared = Arc::new(RunShared::new(
         Scrubber::new(Rules::embedded()?, codebook.clone(), false),
         budget,

@@ -286,6 +286,40 @@ fn a_later_batch_with_new_fields_evolves_the_schema() {
 }
 
 #[test]
+fn compaction_joins_files_of_older_schemas_into_one_without_changing_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fhir_spec("observation");
+    let table_dir = tmp.path().join("observation");
+    // Eight runs, one file each; the fifth brings a new top-level and a new nested field,
+    // and the seventh replaces a row of the first file.
+    let runs: Vec<Vec<Value>> = (0..8)
+        .map(|run| {
+            (0..3)
+                .map(|i| match run {
+                    6 if i == 0 => json!({"id": "r0-0", "status": "amended"}),
+                    4.. => json!({"id": format!("r{run}-{i}"), "valueInteger": run,
+                                  "code": {"text": "t", "coding": [{"code": "c"}]}}),
+                    _ => json!({"id": format!("r{run}-{i}"), "code": {"text": "t"}}),
+                })
+                .collect()
+        })
+        .collect();
+    write_runs(tmp.path(), &spec, &runs);
+    let before = read_delta(&table_dir, "id");
+    assert_eq!(crate::support::delta_live_files(&table_dir).len(), 8);
+    let mut table = TestTable::open(tmp.path(), &spec);
+    table.rt.block_on(table.table.maintain(true)).unwrap();
+    assert_eq!(crate::support::delta_live_files(&table_dir).len(), 1);
+    let after = read_delta(&table_dir, "id");
+    assert_eq!(after, before);
+    assert_eq!(after.len(), 23, "the seventh run replaced a row");
+    assert_eq!(after["r5-1"]["code"]["coding"][0]["code"], "c");
+    assert_eq!(after["r0-0"]["status"], "amended");
+    assert!(after["r1-1"].get("valueInteger").is_none_or(Value::is_null));
+    assert!(operations(&table_dir).contains(&"OPTIMIZE".to_string()));
+}
+
+#[test]
 fn an_incompatible_type_change_fails_that_batch_only() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = fhir_spec("observation");

@@ -320,11 +320,54 @@ fn only_tables_with_many_files_are_compacted() {
     let few = live("immunization");
     assert!((2..min).contains(&few), "left as written: {few} files");
     assert_eq!(
-        crate::support::read_delta_rows(&out.join("encounter")).len(),
-        1215
-    );
-    assert_eq!(
         crate::support::read_delta_rows(&out.join("immunization")).len(),
         161
+    );
+    // The compacted table holds the rows the batch files held, value for value.
+    let plain = tmp.path().join("plain");
+    let extra = [&extra[..], &["--no-table-optimization"]].concat();
+    let run = run_etl(&etl_args(&synthea(), &plain, &phi, &extra));
+    assert!(run.status.success(), "{}", stderr(&run));
+    let plain_files = crate::support::delta_live_files(&plain.join("encounter"));
+    assert_eq!(plain_files.len(), 25);
+    let compacted = crate::support::read_delta(&out.join("encounter"), "id");
+    assert_eq!(compacted.len(), 1215);
+    assert_eq!(
+        compacted,
+        crate::support::read_delta(&plain.join("encounter"), "id")
+    );
+    // One OPTIMIZE commit, which changes no data: it removes the 25 batch files and adds one.
+    let log = crate::support::delta_log_actions(&out.join("encounter"));
+    let optimize: Vec<_> = log
+        .iter()
+        .filter(|c| c.iter().any(|a| a["commitInfo"]["operation"] == "OPTIMIZE"))
+        .collect();
+    assert_eq!(optimize.len(), 1);
+    let info = optimize[0]
+        .iter()
+        .find(|a| a.get("commitInfo").is_some())
+        .unwrap();
+    let metrics = &info["commitInfo"]["operationMetrics"];
+    assert_eq!(
+        (&metrics["numFilesAdded"], &metrics["numFilesRemoved"]),
+        (&1.into(), &25.into())
+    );
+    let (adds, removes): (Vec<_>, Vec<_>) = optimize[0]
+        .iter()
+        .filter(|a| a.get("add").is_some() || a.get("remove").is_some())
+        .partition(|a| a.get("add").is_some());
+    assert_eq!((adds.len(), removes.len()), (1, 25));
+    for action in adds
+        .iter()
+        .map(|a| &a["add"])
+        .chain(removes.iter().map(|a| &a["remove"]))
+    {
+        assert_eq!(action["dataChange"], false, "{action}");
+    }
+    assert!(
+        adds[0]["add"]["stats"]
+            .as_str()
+            .unwrap()
+            .contains("\"numRecords\":1215")
     );
 }

@@ -175,7 +175,7 @@ async fn merge_into(
 
 /// Closes a writer once its rows are in, recording its files in `written`, or aborts it if
 /// writing them failed; with no writer (no rows), just passes the outcome on.
-async fn close_writer(
+pub async fn close_writer(
     writer: Option<DeltaWriter>,
     wrote: Result<()>,
     what: &'static str,
@@ -192,7 +192,7 @@ async fn close_writer(
 }
 
 /// A data file's rows in slices, reshaped to `schema` (older files lack newer columns).
-async fn read_file(
+pub async fn read_file(
     reader: &ParquetFileReader,
     path: &deltalake::Path,
     schema: &SchemaRef,

@@ -7,6 +7,7 @@
 //! tables run in parallel) and reports each batch once committed, which is when the sink
 //! releases its memory.
 
+mod compact;
 mod conform;
 mod file_merge;
 mod files;
@@ -155,14 +156,26 @@ impl DeltaOutput {
                     Err(e) => eprintln!("error: the committer of {name} stopped: {e}"),
                 }
             }
-            let runs = tables
+            // Spawned, so tables are maintained on the runtime's threads at once (polled here,
+            // a file-by-file compaction read and encoded on this one thread alone).
+            let runs: Vec<_> = tables
                 .into_iter()
-                .map(|(name, mut table)| async move { (name, table.maintain(optimize).await) });
-            futures::future::join_all(runs)
-                .await
-                .into_iter()
-                .filter_map(|(name, r)| r.err().map(|e| (name, e)))
-                .collect()
+                .map(|(name, mut table)| {
+                    (
+                        name,
+                        tokio::spawn(async move { table.maintain(optimize).await }),
+                    )
+                })
+                .collect();
+            let mut failed = Vec::new();
+            for (name, run) in runs {
+                match run.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => failed.push((name, e)),
+                    Err(e) => failed.push((name, anyhow!("its maintenance stopped: {e}"))),
+                }
+            }
+            failed
         })
     }
 }

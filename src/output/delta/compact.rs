@@ -1,0 +1,137 @@
+//! Compaction file by file: a table's small data files are read back a slice at a time and
+//! written into files of about the table's target size, so compaction holds one slice and one
+//! open row group, whatever the size of the table.
+//!
+//! delta-rs's OPTIMIZE (1.1) reads each bin through a DataFusion scan and writes it with its own
+//! writer; finishing a 4 GB first load, its compactions were the run's peak (450 to 609 MiB
+//! against 395 MiB while reading). Tables that cannot be read file by file
+//! ([`file_merge::unsupported`](super::file_merge::unsupported)) still use it.
+
+use anyhow::{Context, Result};
+use deltalake::DeltaTable;
+use deltalake::datafile::reader::ParquetFileReader;
+use deltalake::kernel::{Action, Add, Remove};
+use futures::StreamExt;
+
+use super::file_merge::{close_writer, read_file};
+use super::files::TableFiles;
+
+/// What a compaction did: the log's actions (removes of the small files, then adds of the files
+/// that replace them, none of them changing data) and how many files each way.
+#[derive(Debug, Default)]
+pub struct Compaction {
+    pub actions: Vec<Action>,
+    pub files_removed: usize,
+    pub files_added: usize,
+}
+
+/// Packs the files (by size, in the log's order) smaller than `target` bytes into bins of at
+/// most `target` bytes, as delta-rs plans them; a bin of one file is left out, since rewriting
+/// it alone gains nothing. Returns each bin's file positions.
+pub fn plan_bins(sizes: &[u64], target: u64) -> Vec<Vec<usize>> {
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut bytes = 0;
+    for (i, &size) in sizes.iter().enumerate().filter(|(_, s)| **s < target) {
+        if !current.is_empty() && bytes + size > target {
+            bins.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(i);
+    }
+    bins.push(current);
+    bins.retain(|bin| bin.len() > 1);
+    bins
+}
+
+/// Compacts the table's active files into files of about `target` bytes. Nothing is
+/// committed: the caller records the returned actions. On error, files this call wrote are
+/// removed.
+pub async fn compact_by_file(
+    table: &DeltaTable,
+    files: &TableFiles,
+    target: u64,
+) -> Result<Compaction> {
+    let state = table.snapshot()?;
+    let schema = state.snapshot().arrow_schema();
+    let stored: Vec<(deltalake::Path, u64, Remove)> = state
+        .log_data()
+        .iter()
+        .map(|f| {
+            let size = u64::try_from(f.size()).unwrap_or(0);
+            (f.object_store_path(), size, f.remove_action(false))
+        })
+        .collect();
+    let sizes: Vec<u64> = stored.iter().map(|(_, size, _)| *size).collect();
+    let reader = ParquetFileReader::new(table.log_store().object_store(None));
+    let mut written: Vec<Add> = Vec::new();
+    let mut removes: Vec<Remove> = Vec::new();
+    let copied = async {
+        for bin in plan_bins(&sizes, target) {
+            let mut writer = Some(files.writer(&schema));
+            let copied = async {
+                for &i in &bin {
+                    let path = &stored[i].0;
+                    let mut slices = read_file(&reader, path, &schema).await?;
+                    while let Some(slice) = slices.next().await {
+                        let slice = slice.with_context(|| format!("reading {path}"))?;
+                        if let Some(writer) = writer.as_mut() {
+                            writer.write(&slice).await?;
+                        }
+                    }
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            close_writer(
+                writer,
+                copied,
+                "writing a compacted data file",
+                &mut written,
+            )
+            .await?;
+            removes.extend(bin.iter().map(|&i| stored[i].2.clone()));
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = copied {
+        files.remove(&written).await;
+        return Err(e);
+    }
+    let files_removed = removes.len();
+    let files_added = written.len();
+    let adds = written.into_iter().map(|mut add| {
+        add.data_change = false;
+        Action::Add(add)
+    });
+    Ok(Compaction {
+        actions: removes
+            .into_iter()
+            .map(Action::Remove)
+            .chain(adds)
+            .collect(),
+        files_removed,
+        files_added,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_files_pack_into_bins_up_to_the_target_and_lone_files_stay() {
+        // Target 100: the 120-byte file is left alone, a bin closes before it would pass 100,
+        // and bins of one file (50, 60, 90) are not rewritten.
+        let sizes = [30, 40, 120, 20, 50, 60, 90];
+        assert_eq!(plan_bins(&sizes, 100), vec![vec![0, 1, 3]]);
+        assert_eq!(
+            plan_bins(&[10, 10, 10, 10], 25),
+            vec![vec![0, 1], vec![2, 3]]
+        );
+        assert!(plan_bins(&[], 100).is_empty());
+        assert!(plan_bins(&[200, 300], 100).is_empty());
+    }
+}
