@@ -751,7 +751,7 @@ impl CumulusTable {
     /// Bin-packs the table's small files into files of the table's target size: file by file
     /// ([`compact`]) where the table allows, with delta-rs's OPTIMIZE where it does not.
     async fn compact(&mut self) -> Result<()> {
-        if !self.merges_by_file()? {
+        if self.table_features()?.is_some() {
             return self.compact_with_delta_rs().await;
         }
         // Two at a time, as MERGEs file by file, each holding one slice and one row group:
