@@ -92,7 +92,7 @@ impl MemoryBudget {
 
     /// Reserves `bytes`. A request that does not fit is granted only when nothing else is
     /// reserved, so an oversized bundle is processed alone instead of deadlocking (and so is
-    /// every bundle once standing memory fills the budget).
+    /// every bundle once held memory fills the budget).
     pub fn try_reserve(&self, bytes: u64) -> Reservation {
         let standing = self.standing();
         let mut used = self.used.lock().unwrap();
@@ -192,7 +192,7 @@ impl MemoryBudget {
         }
     }
 
-    /// Bytes currently reserved (standing memory not included).
+    /// Bytes currently reserved (held memory not included).
     pub fn used(&self) -> u64 {
         *self.used.lock().unwrap()
     }
