@@ -45,7 +45,7 @@ pub struct MemoryBudget {
     /// The codebook's share of `held`.
     codebook: HeldMemory,
     /// Held memory has passed half the budget (said once).
-    standing_warned: AtomicBool,
+    held_warned: AtomicBool,
     /// Bumped whenever a reservation is refused; sinks flush early when they see it change.
     pressure: AtomicU64,
     /// Reserved bytes whose rows are with a writer (released once written or staged).
@@ -76,7 +76,7 @@ impl MemoryBudget {
                 codebook.clone(),
             )]),
             codebook,
-            standing_warned: AtomicBool::new(false),
+            held_warned: AtomicBool::new(false),
             pressure: AtomicU64::new(0),
             writing: AtomicU64::new(0),
             peak: AtomicU64::new(0),
@@ -94,9 +94,9 @@ impl MemoryBudget {
     /// reserved, so an oversized bundle is processed alone instead of deadlocking (and so is
     /// every bundle once held memory fills the budget).
     pub fn try_reserve(&self, bytes: u64) -> Reservation {
-        let standing = self.standing();
+        let held = self.held();
         let mut used = self.used.lock().unwrap();
-        let outcome = if *used + standing + bytes <= self.limit {
+        let outcome = if *used + held + bytes <= self.limit {
             Reservation::Granted
         } else if *used == 0 {
             if bytes > self.limit {
@@ -115,7 +115,7 @@ impl MemoryBudget {
             return outcome;
         }
         *used += bytes;
-        self.peak.fetch_max(*used + standing, Ordering::Relaxed);
+        self.peak.fetch_max(*used + held, Ordering::Relaxed);
         outcome
     }
 
@@ -126,7 +126,7 @@ impl MemoryBudget {
     }
 
     /// Memory held for the whole run, by every owner counted.
-    pub fn standing(&self) -> u64 {
+    pub fn held(&self) -> u64 {
         self.held
             .lock()
             .unwrap()
@@ -140,7 +140,7 @@ impl MemoryBudget {
     pub fn check_held(&self) -> Option<String> {
         let held = self.held.lock().unwrap();
         let total: u64 = held.iter().map(|(_, h)| h.bytes()).sum();
-        if total <= self.limit / 2 || self.standing_warned.swap(true, Ordering::AcqRel) {
+        if total <= self.limit / 2 || self.held_warned.swap(true, Ordering::AcqRel) {
             return None;
         }
         let parts: Vec<String> = held
@@ -323,7 +323,7 @@ mod tests {
         b.count_held("routing keys", keys.clone());
         b.codebook.set(30);
         keys.change(0, 20);
-        assert_eq!(b.standing(), 50);
+        assert_eq!(b.held(), 50);
         assert!(
             b.check_held().is_none(),
             "half the budget is not yet a warning"
@@ -344,11 +344,7 @@ mod tests {
         assert_eq!(b.try_reserve(40), Reservation::GrantedAlone);
         assert_eq!(b.oversized_count(), 0);
         keys.change(120, 0);
-        assert_eq!(
-            b.standing(),
-            30,
-            "an owner that lets go gives its room back"
-        );
+        assert_eq!(b.held(), 30, "an owner that lets go gives its room back");
     }
 
     #[test]

@@ -67,36 +67,29 @@ pub async fn compact_by_file(
     let reader = ParquetFileReader::new(table.log_store().object_store(None));
     let mut written: Vec<Add> = Vec::new();
     let mut removes: Vec<Remove> = Vec::new();
-    let copied = async {
+    let rewritten = async {
         for bin in plan_bins(&sizes, target) {
-            let mut writer = Some(files.writer(&schema));
+            let mut writer = files.writer(&schema);
             let copied = async {
                 for &i in &bin {
                     let path = &stored[i].0;
                     let mut slices = read_file(&reader, path, &schema).await?;
                     while let Some(slice) = slices.next().await {
                         let slice = slice.with_context(|| format!("reading {path}"))?;
-                        if let Some(writer) = writer.as_mut() {
-                            writer.write(&slice).await?;
-                        }
+                        writer.write(&slice).await?;
                     }
                 }
                 anyhow::Ok(())
             }
             .await;
-            close_writer(
-                writer,
-                copied,
-                "writing a compacted data file",
-                &mut written,
-            )
-            .await?;
+            let what = "writing a compacted data file";
+            close_writer(Some(writer), copied, what, &mut written).await?;
             removes.extend(bin.iter().map(|&i| stored[i].2.clone()));
         }
         anyhow::Ok(())
     }
     .await;
-    if let Err(e) = copied {
+    if let Err(e) = rewritten {
         files.remove(&written).await;
         return Err(e);
     }

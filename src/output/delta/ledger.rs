@@ -81,9 +81,10 @@ impl Ledger {
 
     /// Rows were deleted from the table, or a batch merged: later batches must merge.
     pub fn stop_appending(&mut self) {
-        self.append_only = false;
-        let keys = std::mem::take(&mut self.queued_keys);
-        self.held.change(keys.heap_bytes(), 0);
+        if std::mem::replace(&mut self.append_only, false) {
+            let keys = std::mem::take(&mut self.queued_keys);
+            self.held.change(keys.heap_bytes(), 0);
+        }
     }
 
     /// True while batches are still appended (so writing their files ahead pays).
