@@ -12,6 +12,7 @@ pub mod input;
 pub mod json;
 pub mod nlp;
 pub mod output;
+pub mod panic_guard;
 pub mod store;
 pub mod tasks;
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::codebook::Codebook;
 use super::rules::{FieldRules, Filter, Rules, Treatment};
 use crate::fhir::Shape;
+use crate::json::utf16::{python_strip, strip_units, write_units, write_units_unquoted};
 use crate::json::{Doc, Kind, write_compact_ascii, write_str, write_str_parts};
 
 const DATA_ABSENT_URL: &str = "http://hl7.org/fhir/StructureDefinition/data-absent-reason";
@@ -32,6 +33,9 @@ pub enum Rejection {
     StructureMismatch(String),
     /// A reference that is neither relative, contained, nor typed.
     BadReference(String),
+    /// An id, reference, date or zip escapes an unpaired UTF-16 surrogate: it cannot be hashed
+    /// or cut as text (Python's tool fails on it too).
+    UnpairedSurrogate(String),
 }
 
 impl Rejection {
@@ -42,6 +46,7 @@ impl Rejection {
             Rejection::UnknownModifierExtension(_) => "unknown modifierExtension",
             Rejection::StructureMismatch(_) => "unexpected structure",
             Rejection::BadReference(_) => "unparseable reference",
+            Rejection::UnpairedSurrogate(_) => "unpaired surrogate escape",
         }
     }
 
@@ -52,6 +57,9 @@ impl Rejection {
             Rejection::UnknownModifierExtension(url) => url.clone(),
             Rejection::StructureMismatch(field) => format!("field {field}"),
             Rejection::BadReference(field) => format!("field {field}"),
+            Rejection::UnpairedSurrogate(field) => {
+                format!("field {field}, whose value is hashed or cut and must be text")
+            }
         }
     }
 }
@@ -501,7 +509,7 @@ impl Scrubber {
             return false;
         }
         let maskable = |i: usize| match doc.token(i).kind {
-            Kind::String => !doc.str(i).trim().is_empty(),
+            Kind::String => !python_strip(&doc.str(i)).is_empty(),
             _ => true,
         };
         match doc.token(entry.value).kind {
@@ -524,7 +532,7 @@ impl Scrubber {
             return None;
         }
         let system = doc.get_str(node, "system")?;
-        if !system.trim().starts_with(EPIC_CUSTOM_SYSTEM_PREFIX) {
+        if !python_strip(&system).starts_with(EPIC_CUSTOM_SYSTEM_PREFIX) {
             return None;
         }
         let code = doc.get(node, "code").filter(|&v| doc.is_truthy(v));
@@ -535,7 +543,7 @@ impl Scrubber {
                 let text = doc.str(c);
                 if text == "0" && display.is_some() {
                     (true, false)
-                } else if text.trim().parse::<i64>().is_err() {
+                } else if python_strip(&text).parse::<i64>().is_err() {
                     (false, false)
                 } else {
                     (true, true)
@@ -614,9 +622,16 @@ impl Scrubber {
             pass.novel = true;
         }
         let text = (token.kind == Kind::String).then(|| doc.str(item));
-        let trimmed = text.as_deref().map(str::trim);
+        let trimmed = text.as_deref().map(python_strip);
         if trimmed == Some("") {
             return Err(Skip::Value);
+        }
+        let transformed = matches!(
+            treatment,
+            Treatment::AnonId | Treatment::AnonRef | Treatment::Year | Treatment::Zip
+        );
+        if transformed && token.lone_surrogate {
+            return Err(Rejection::UnpairedSurrogate(ctx.key.to_string()).into());
         }
         let need_str = || trimmed.ok_or_else(|| Skip::from(mismatch(ctx.key)));
         match treatment {
@@ -694,7 +709,7 @@ impl Scrubber {
         let sibling_type = doc.get_str(ctx.node, "type");
         let sibling_type = sibling_type
             .as_deref()
-            .map(str::trim)
+            .map(python_strip)
             .filter(|t| !t.is_empty());
         if !is_relative_reference(reference) && sibling_type.is_none() {
             return Err(bad());
@@ -814,20 +829,30 @@ fn has_masked_marker(doc: &Doc<'_>, list: usize) -> bool {
 
 /// Writes `"key":`.
 fn write_key(doc: &Doc<'_>, key: usize, out: &mut Vec<u8>) {
-    if doc.token(key).plain {
-        out.push(b'"');
-        out.extend_from_slice(doc.raw(key));
-        out.push(b'"');
-    } else {
-        write_str(out, &doc.str(key));
-    }
+    write_string(doc, key, out);
     out.push(b':');
+}
+
+/// Writes a string or key token as it is (Python's form, lone surrogates included).
+fn write_string(doc: &Doc<'_>, i: usize, out: &mut Vec<u8>) {
+    let token = doc.token(i);
+    if token.plain {
+        out.push(b'"');
+        out.extend_from_slice(doc.raw(i));
+        out.push(b'"');
+    } else if token.lone_surrogate {
+        write_units(out, &doc.units(i));
+    } else {
+        write_str(out, &doc.str(i));
+    }
 }
 
 /// Writes a key's text escaped but without quotes (to build `_key`).
 fn write_key_text(doc: &Doc<'_>, key: usize, out: &mut Vec<u8>) {
     if doc.token(key).plain {
         out.extend_from_slice(doc.raw(key));
+    } else if doc.token(key).lone_surrogate {
+        write_units_unquoted(out, &doc.units(key));
     } else {
         let mut quoted = Vec::new();
         write_str(&mut quoted, &doc.str(key));
@@ -843,6 +868,9 @@ fn write_kept(doc: &Doc<'_>, item: usize, trimmed: Option<&str>, out: &mut Vec<u
             out.push(b'"');
             out.extend_from_slice(doc.raw(item));
             out.push(b'"');
+        }
+        (Kind::String, _) if token.lone_surrogate => {
+            write_units(out, strip_units(&doc.units(item)))
         }
         (Kind::String, Some(t)) => write_str(out, t),
         _ => write_verbatim(doc, item, out),
@@ -875,18 +903,13 @@ fn write_verbatim(doc: &Doc<'_>, i: usize, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
-        Kind::String | Kind::Key if token.plain => {
-            out.push(b'"');
-            out.extend_from_slice(doc.raw(i));
-            out.push(b'"');
-        }
-        Kind::String | Kind::Key => write_str(out, &doc.str(i)),
+        Kind::String | Kind::Key => write_string(doc, i, out),
         Kind::Number if token.plain => out.extend_from_slice(doc.raw(i)),
-        Kind::Number => {
-            let number: serde_json::Number =
-                serde_json::from_slice(doc.raw(i)).expect("validated number");
-            write_compact_ascii(out, &number);
-        }
+        Kind::Number => match serde_json::from_slice::<serde_json::Number>(doc.raw(i)) {
+            Ok(number) => write_compact_ascii(out, &number),
+            // The tape refuses what serde_json refuses; written as read if that ever changes.
+            Err(_) => out.extend_from_slice(doc.raw(i)),
+        },
         Kind::True | Kind::False | Kind::Null => out.extend_from_slice(doc.raw(i)),
     }
 }

@@ -17,14 +17,16 @@ use timely::dataflow::operators::generic::operator::source;
 
 use super::budget::MemoryBudget;
 use super::config::EngineConfig;
-use super::sink::{SinkState, write_failed_batch};
+use super::sink::{SinkState, write_failed_batch, write_unfit_rows};
 use super::source::{RowProducer, SourceState, Step};
+use super::stop::{StopCause, StopSignal};
 use crate::deid::{ExtensionReport, Scrubber};
 use crate::etl::rows::{SkipReason, Skipped, TableChunk, TaskContext};
 use crate::input::InputFile;
 use crate::input::bundles::WorkItem;
 use crate::output::job::TableSummary;
 use crate::output::{Outputs, TableKind, TableWriter};
+use crate::panic_guard::{self, Site};
 use crate::tasks::COMPLETION_ENCOUNTERS_TABLE;
 
 /// Warnings printed per skip reason before the rest are only counted.
@@ -90,6 +92,8 @@ pub struct RunShared {
     pub stats: Mutex<RunStats>,
     pub progress: Progress,
     pub rejected: Option<Mutex<BufWriter<std::fs::File>>>,
+    /// Set when a panic outside the per-line work stops the run.
+    pub stop: StopSignal,
     warnings: Mutex<BTreeMap<SkipReason, u64>>,
 }
 
@@ -124,6 +128,7 @@ impl RunShared {
             stats: Mutex::new(RunStats::default()),
             progress: Progress::default(),
             rejected: rejected.map(|f| Mutex::new(BufWriter::new(f))),
+            stop: StopSignal::default(),
             warnings: Mutex::new(BTreeMap::new()),
         }
     }
@@ -164,24 +169,26 @@ impl RunShared {
 
     /// Prints a skipped line (file, line, reason; never its content), up to a limit per reason.
     pub fn warn_skip(&self, path: &str, s: &Skipped<'_>) {
+        self.warn(&format!("{path}:{}", s.line_no), s.reason, &s.detail);
+    }
+
+    /// Prints what was skipped where (`place`: a file and line, or a table and row id), up to a
+    /// limit per reason.
+    pub fn warn(&self, place: &str, reason: SkipReason, detail: &str) {
         let mut warned = self.warnings.lock().unwrap();
-        let n = warned.entry(s.reason).or_default();
+        let n = warned.entry(reason).or_default();
         *n += 1;
         if *n <= WARNINGS_PER_REASON {
-            let detail = if s.detail.is_empty() {
+            let detail = if detail.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", s.detail)
+                format!(" ({detail})")
             };
-            eprintln!(
-                "warning: {path}:{}: skipped: {}{detail}",
-                s.line_no,
-                s.reason.label()
-            );
+            eprintln!("warning: {place}: skipped: {}{detail}", reason.label());
         } else if *n == WARNINGS_PER_REASON + 1 {
             eprintln!(
-                "warning: more lines skipped for '{}'; they are counted in the summary",
-                s.reason.label()
+                "warning: more skipped for '{}'; they are counted in the summary",
+                reason.label()
             );
         }
     }
@@ -199,6 +206,37 @@ impl RunShared {
             .skipped
             .entry(SkipReason::UnreadableFile)
             .or_default() += 1;
+    }
+
+    /// Counts, reports and saves (in `<errors>/<table>/unfit-rows.ndjson`) the rows a writer
+    /// left out of a batch of `table` because they do not fit its schema.
+    pub fn note_unfit_rows(&self, table: &str, rows: &[crate::output::UnfitRow]) {
+        *self
+            .stats
+            .lock()
+            .unwrap()
+            .skipped
+            .entry(SkipReason::UnfitForSchema)
+            .or_default() += rows.len() as u64;
+        let mut tape = crate::json::Tape::default();
+        for unfit in rows {
+            // The row is de-identified: its id is an anonymous one.
+            let id = tape
+                .parse(&unfit.row)
+                .ok()
+                .and_then(|doc| doc.get_str(0, "id").map(|id| id.into_owned()))
+                .unwrap_or_default();
+            let place = format!("table {table}, row {id}");
+            self.warn(&place, SkipReason::UnfitForSchema, &unfit.reason);
+        }
+        if let Some(dir) = &self.errors_dir
+            && let Err(e) = write_unfit_rows(dir, table, rows)
+        {
+            eprintln!(
+                "error: could not save rows of {table} to {}: {e}",
+                dir.display()
+            );
+        }
     }
 
     /// Saves a batch that failed to write into the errors folder (de-identified rows).
@@ -253,64 +291,126 @@ fn balance(loads: &[u64], workers: usize) -> Vec<u64> {
 /// Makes each worker's row producer (given the worker's index).
 pub type ProducerFactory = Arc<dyn Fn(usize) -> Box<dyn RowProducer> + Send + Sync>;
 
-/// Runs the dataflow to completion on `engine.workers` threads.
+/// How often an idle worker wakes to see whether the run was stopped.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
+/// Stops the run if the worker thread holding it unwinds (a panic outside every operator), so
+/// the other workers do not wait for it forever.
+struct StopOnUnwind(Arc<RunShared>, usize);
+
+impl Drop for StopOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stop.stop(
+                StopCause::Worker,
+                format!("worker thread {} stopped after an internal error", self.1),
+            );
+        }
+    }
+}
+
+/// Runs the dataflow to completion on `engine.workers` threads. A run stopped early (see
+/// `engine::stop`) returns its `RunStopped` cause as the error, once every worker has let go.
 pub fn run_dataflow(
     shared: Arc<RunShared>,
     engine: &EngineConfig,
     producers: ProducerFactory,
 ) -> Result<()> {
+    panic_guard::install_hook();
     let sinks = Arc::new(sink_workers(&shared, engine.workers));
+    let run = shared.clone();
     let guards = timely::execute(engine.timely_config(), move |worker| {
         let shared = shared.clone();
-        let sinks = sinks.clone();
-        let producer = producers(worker.index());
-        worker.dataflow::<u64, _, _>(|scope| {
-            let source_shared = shared.clone();
-            let chunks = source(scope, "ReadAndDeidentify", move |capability, info| {
-                let activator = scope.activator_for(info.address);
-                let mut cap = Some(capability);
-                let mut state = SourceState::new(source_shared, producer);
-                move |output| {
-                    let Some(c) = cap.as_mut() else { return };
-                    match state.step() {
-                        Step::Emit(chunks) => {
-                            let mut session = output.session(&*c);
-                            for chunk in chunks {
-                                session.give(chunk);
-                            }
-                            drop(session);
-                            let next = *c.time() + 1;
-                            c.downgrade(&next);
-                            activator.activate();
+        let _stop_on_unwind = StopOnUnwind(shared.clone(), worker.index());
+        build_dataflow(worker, &shared, &sinks, producers(worker.index()));
+        panic_guard::inject(Site::Worker, &worker.index().to_string(), 0);
+        while worker.has_dataflows() {
+            if shared.stop.is_stopped() {
+                for dataflow in worker.installed_dataflows() {
+                    worker.drop_dataflow(dataflow);
+                }
+                break;
+            }
+            worker.step_or_park(Some(STOP_CHECK));
+        }
+    })
+    .map_err(|e| anyhow!("could not start the workers: {e}"))?;
+    let died = guards.join().into_iter().any(|r| r.is_err());
+    if let Some(stopped) = run.stop.cause() {
+        return Err(stopped.into());
+    }
+    if died {
+        return Err(anyhow!("a worker thread stopped after an internal error"));
+    }
+    Ok(())
+}
+
+/// Builds one worker's operators: a source that reads and de-identifies, and a sink that writes
+/// the tasks routed to this worker. A panic in either stops the run with what was in hand.
+fn build_dataflow(
+    worker: &mut timely::worker::Worker,
+    shared: &Arc<RunShared>,
+    sinks: &Arc<Vec<u64>>,
+    producer: Box<dyn RowProducer>,
+) {
+    let sinks = sinks.clone();
+    worker.dataflow::<u64, _, _>(|scope| {
+        let source_shared = shared.clone();
+        let chunks = source(scope, "ReadAndDeidentify", move |capability, info| {
+            let activator = scope.activator_for(info.address);
+            let mut cap = Some(capability);
+            let mut state = SourceState::new(source_shared, producer);
+            move |output| {
+                let Some(c) = cap.as_mut() else { return };
+                let step = panic_guard::catch(|| state.step()).unwrap_or_else(|panic| {
+                    let message = format!("{} {panic}", state.in_hand());
+                    state.shared_ref().stop.stop(StopCause::Reading, message);
+                    Step::Done
+                });
+                match step {
+                    Step::Emit(chunks) => {
+                        let mut session = output.session(&*c);
+                        for chunk in chunks {
+                            session.give(chunk);
                         }
-                        Step::Wait => activator.activate_after(Duration::from_millis(2)),
-                        Step::Done => {
-                            let report = std::mem::take(&mut state.extensions);
-                            state
-                                .shared_ref()
-                                .stats
-                                .lock()
-                                .unwrap()
-                                .extensions
-                                .merge(&report);
-                            cap = None;
-                        }
+                        drop(session);
+                        let next = *c.time() + 1;
+                        c.downgrade(&next);
+                        activator.activate();
+                    }
+                    Step::Wait => activator.activate_after(Duration::from_millis(2)),
+                    Step::Done => {
+                        let report = std::mem::take(&mut state.extensions);
+                        state
+                            .shared_ref()
+                            .stats
+                            .lock()
+                            .unwrap()
+                            .extensions
+                            .merge(&report);
+                        cap = None;
                     }
                 }
-            })
-            .container::<Vec<TableChunk>>();
+            }
+        })
+        .container::<Vec<TableChunk>>();
 
-            let sink_shared = shared.clone();
-            chunks.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
-                Exchange::new(move |chunk: &TableChunk| sinks[chunk.task as usize]),
-                "WriteTables",
-                move |_capability, info| {
-                    sink_shared
-                        .budget
-                        .register_sink(scope.worker().sync_activator_for(info.address.to_vec()));
-                    let mut sink = SinkState::new(sink_shared);
-                    let mut finished = false;
-                    move |(input, frontier), _output| {
+        let sink_shared = shared.clone();
+        chunks.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+            Exchange::new(move |chunk: &TableChunk| sinks[chunk.task as usize]),
+            "WriteTables",
+            move |_capability, info| {
+                sink_shared
+                    .budget
+                    .register_sink(scope.worker().sync_activator_for(info.address.to_vec()));
+                let mut sink = SinkState::new(sink_shared);
+                let mut finished = false;
+                move |(input, frontier), _output| {
+                    if sink.stopped() {
+                        input.for_each(|_time, data| data.clear());
+                        return;
+                    }
+                    let result = panic_guard::catch(|| {
                         input.for_each(|_time, data| {
                             for chunk in data.drain(..) {
                                 sink.accept(chunk);
@@ -321,16 +421,14 @@ pub fn run_dataflow(
                             sink.flush_all();
                             finished = true;
                         }
+                    });
+                    if let Err(panic) = result {
+                        sink.stop_after(panic);
                     }
-                },
-            );
-        });
-    })
-    .map_err(|e| anyhow!("could not start the workers: {e}"))?;
-    for result in guards.join() {
-        result.map_err(|e| anyhow!("a worker failed: {e}"))?;
-    }
-    Ok(())
+                }
+            },
+        );
+    });
 }
 
 /// Rows read per task so far (for progress lines), keyed by table.

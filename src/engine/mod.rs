@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataflow;
 pub mod sink;
 pub mod source;
+pub mod stop;
 
 pub use budget::MemoryBudget;
 pub use config::EngineConfig;

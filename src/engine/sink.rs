@@ -3,20 +3,24 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::dataflow::RunShared;
+use super::stop::StopCause;
 use crate::deid::rules::FastSet;
 use crate::etl::rows::TableChunk;
 use crate::fhir::Shape;
 use crate::output::{OnWritten, RowBatch, TableWriter};
+use crate::panic_guard::{self, InternalError, Site};
 
 /// Pending rows and open writers of the tasks routed to one worker.
 pub struct SinkState {
     shared: Arc<RunShared>,
     tasks: HashMap<u32, TaskSink>,
     seen_pressure: u64,
+    /// The table being written, for the message if writing it panics.
+    writing: Option<String>,
 }
 
 #[derive(Default)]
@@ -41,7 +45,22 @@ impl SinkState {
             shared,
             tasks: HashMap::new(),
             seen_pressure: 0,
+            writing: None,
         }
+    }
+
+    /// Whether the run was stopped (the sink then takes nothing more).
+    pub fn stopped(&self) -> bool {
+        self.shared.stop.is_stopped()
+    }
+
+    /// Stops the run after a panic in this sink, naming the table it was writing.
+    pub fn stop_after(&mut self, panic: InternalError) {
+        let message = match self.writing.take() {
+            Some(table) => format!("writing table {table}: {panic}"),
+            None => format!("batching rows for the table writers: {panic}"),
+        };
+        self.shared.stop.stop(StopCause::Writing, message);
     }
 
     /// Takes one chunk; writes a batch each time the task has `--batch-size` rows pending.
@@ -189,16 +208,21 @@ impl SinkState {
                     .open_writer(&table, ctx)
                     .map(|w| task.writers.entry(table.clone()).or_insert(w)),
             };
+            self.writing = Some(table.clone());
             match writer {
-                Ok(w) => w.write_batch(
-                    &RowBatch {
-                        rows,
-                        shape: &shape,
-                    },
-                    on_written,
-                ),
+                Ok(w) => {
+                    panic_guard::inject(Site::Writer, &table, 0);
+                    w.write_batch(
+                        &RowBatch {
+                            rows,
+                            shape: &shape,
+                        },
+                        on_written,
+                    )
+                }
                 Err(e) => on_written.done(Err(e)),
             }
+            self.writing = None;
         }
         task.pending.clear();
         task.pending_rows = 0;
@@ -219,10 +243,14 @@ fn written_callback(
 ) -> OnWritten {
     let held = Arc::new(Mutex::new(Some(chunks)));
     let (staged_held, staged_shared) = (held.clone(), shared.clone());
+    let unfit = Arc::new(AtomicU64::new(0));
+    let (unfit_count, unfit_shared, unfit_table) = (unfit.clone(), shared.clone(), table.clone());
     OnWritten::new(move |result| {
         let chunks = held.lock().unwrap().take();
         let mut stats = shared.stats.lock().unwrap();
         let summary = stats.summary(&table);
+        // Rows left out for not fitting the schema are counted as skipped input instead.
+        let n = n - unfit.load(Ordering::Acquire);
         summary.attempt += n;
         match result {
             Ok(()) => {
@@ -234,6 +262,12 @@ fn written_callback(
                 summary.had_errors = true;
                 drop(stats);
                 let e = failure.error;
+                if let Some(panic) = e.downcast_ref::<InternalError>() {
+                    // A writer or committer that panicked: its table's state is unknown, so the
+                    // run stops.
+                    let message = format!("writing table {table}: {panic}");
+                    shared.stop.stop(StopCause::Writing, message);
+                }
                 eprintln!("error: could not write batch {batch_index} of {table}: {e:#}");
                 match (&chunks, &failure.rows) {
                     (Some(chunks), _) => {
@@ -256,6 +290,10 @@ fn written_callback(
             staged_shared.budget.release_written(reserved);
         }
     })
+    .on_unfit(move |rows| {
+        unfit_count.store(rows.len() as u64, Ordering::Release);
+        unfit_shared.note_unfit_rows(&unfit_table, &rows);
+    })
 }
 
 /// The rows of a batch with duplicate ids removed: the last occurrence wins, order is kept.
@@ -273,6 +311,29 @@ fn unique_rows(chunks: &[TableChunk]) -> Vec<&[u8]> {
         .collect();
     out.reverse();
     out
+}
+
+/// Appends rows left out of a batch to `<errors>/<table>/unfit-rows.ndjson`, each with why.
+pub fn write_unfit_rows(
+    dir: &std::path::Path,
+    table: &str,
+    rows: &[crate::output::UnfitRow],
+) -> std::io::Result<()> {
+    let dir = dir.join(table);
+    std::fs::create_dir_all(&dir)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("unfit-rows.ndjson"))?;
+    let mut out = Vec::new();
+    for unfit in rows {
+        out.extend_from_slice(b"{\"reason\":");
+        crate::json::write_str(&mut out, &unfit.reason);
+        out.extend_from_slice(b",\"row\":");
+        out.extend_from_slice(&unfit.row);
+        out.extend_from_slice(b"}\n");
+    }
+    f.write_all(&out)
 }
 
 /// Appends a failed batch's rows to `<errors>/<table>/write-error.NNN.ndjson`.

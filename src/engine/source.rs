@@ -11,10 +11,11 @@ use super::budget::Reservation;
 use super::dataflow::RunShared;
 use crate::deid::ExtensionReport;
 use crate::etl::rows::{
-    SkipReason, Skipped, TableChunk, TaskContext, process_bundle, write_rejected,
+    BundleLines, SkipReason, Skipped, TableChunk, TaskContext, process_bundle, write_rejected,
 };
 use crate::input::InputFile;
 use crate::input::bundles::{StreamReader, WorkItem};
+use crate::panic_guard::{self, Site};
 
 /// What one activation of a source did.
 pub enum Step {
@@ -78,13 +79,16 @@ impl RowProducer for FhirRows {
             .completion
             .as_ref()
             .map(|_| TableChunk::new(b.ctx.task, crate::tasks::COMPLETION_ENCOUNTERS_TABLE));
+        let lines = BundleLines {
+            path: b.path,
+            bytes: b.bytes,
+            first_line: b.first_line,
+        };
         process_bundle(
             b.ctx,
             &b.shared.scrubber,
-            b.bytes,
-            b.first_line,
-            &mut main,
-            &mut completion,
+            lines,
+            (&mut main, &mut completion),
             report,
             on_skip,
         );
@@ -124,6 +128,8 @@ pub struct SourceState {
     stream: Option<(Arc<InputFile>, StreamReader)>,
     producer: Box<dyn RowProducer>,
     pub extensions: ExtensionReport,
+    /// The file and first line of the bundle being processed, for messages.
+    in_hand: Option<(String, u64)>,
 }
 
 impl SourceState {
@@ -134,6 +140,15 @@ impl SourceState {
             stream: None,
             producer,
             extensions: ExtensionReport::default(),
+            in_hand: None,
+        }
+    }
+
+    /// Where this source is in its input, for a message about a failure there.
+    pub fn in_hand(&self) -> String {
+        match &self.in_hand {
+            Some((path, line)) => format!("reading {path} (the bundle from line {line}):"),
+            None => "reading the input:".into(),
         }
     }
 
@@ -144,6 +159,9 @@ impl SourceState {
 
     /// Reads and processes one bundle, if memory allows.
     pub fn step(&mut self) -> Step {
+        if self.shared.stop.is_stopped() {
+            return Step::Done;
+        }
         let ready = self.producer.poll();
         if !ready.is_empty() {
             return Step::Emit(ready);
@@ -277,6 +295,10 @@ impl SourceState {
         };
         let mut skipped: BTreeMap<SkipReason, u64> = BTreeMap::new();
         let path = file.path.display().to_string();
+        self.in_hand = Some((path.clone(), first_line));
+        if let Some(name) = file.path.file_name() {
+            panic_guard::inject(Site::Source, &name.to_string_lossy(), first_line);
+        }
         let mut on_skip = |s: Skipped<'_>| {
             *skipped.entry(s.reason).or_default() += 1;
             shared.warn_skip(&path, &s);

@@ -14,6 +14,7 @@ use crate::cli::exit::{ExitCode, Fatal};
 use crate::cli::progress::ProgressPrinter;
 use crate::deid::{Codebook, Rules, Scrubber};
 use crate::engine::source::human_bytes;
+use crate::engine::stop::{RunStopped, StopCause};
 use crate::engine::{EngineConfig, MemoryBudget, RunShared, run_dataflow};
 use crate::fhir::{ElementModel, Shape};
 use crate::input::deleted::read_deleted_ids;
@@ -207,6 +208,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             kind: TableKind::Fhir(t.resource.clone()),
             whole_chunks: false,
             needs_shape: opts.output_format != OutputFormat::Ndjson,
+            utf8_only: opts.output_format != OutputFormat::Ndjson,
             completion: t.tracks_encounters.then(|| template.clone()),
         })
         .collect();
@@ -243,7 +245,9 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         Arc::new(|_| Box::new(crate::engine::source::FhirRows));
     let outcome = run_dataflow(shared.clone(), &opts.engine, producers);
     progress.stop();
-    outcome?;
+    if let Err(e) = outcome {
+        return Err(stopped_run(&shared, e));
+    }
 
     // Finishing: tables that got no rows, deletions, completion rows, summaries.
     let completion = Completion {
@@ -320,6 +324,30 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         eprintln!("⭐ All tasks completed successfully! ⭐");
         Ok(ExitCode::Success)
     }
+}
+
+/// Ends a run whose dataflow stopped early (`engine::stop`): the batches already handed to the
+/// writers are finished (committed or failed, without table maintenance) and the codebook is
+/// saved, so a re-run completes the tables; the error names what was in hand. Writing failures
+/// exit as a failed task (19), the rest as a failure (1).
+pub fn stopped_run(shared: &RunShared, error: anyhow::Error) -> Fatal {
+    for (table, e) in shared.outputs.finish(false) {
+        eprintln!("warning: finishing table {table} failed: {e:#}");
+    }
+    if let Err(e) = shared.scrubber.codebook().save() {
+        eprintln!("error: could not save the codebook: {e:#}");
+    }
+    let code = match error.downcast_ref::<RunStopped>() {
+        Some(stopped) if stopped.cause == StopCause::Writing => ExitCode::TaskFailed,
+        _ => ExitCode::Failure,
+    };
+    Fatal::new(
+        code,
+        format!(
+            "The run stopped: {error:#}. Tables keep the batches committed before it; \
+             a re-run completes them. This is a bug: please report the message above."
+        ),
+    )
 }
 
 /// The checks every run starts with: the input folder exists (exit 54), batches hold rows.

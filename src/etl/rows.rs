@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::deid::{ExtensionReport, Scrubbed, Scrubber};
 use crate::fhir::Shape;
 use crate::json::{Kind, Tape, write_compact_ascii};
+use crate::panic_guard::{self, Site};
 
 /// Why an input line was skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -25,6 +26,9 @@ pub enum SkipReason {
     UnreadableFile,
     BadCsvRow,
     DuplicateId,
+    UnpairedSurrogate,
+    InternalError,
+    UnfitForSchema,
 }
 
 impl SkipReason {
@@ -37,6 +41,7 @@ impl SkipReason {
             }
             crate::deid::Rejection::StructureMismatch(_) => SkipReason::UnexpectedStructure,
             crate::deid::Rejection::BadReference(_) => SkipReason::BadReference,
+            crate::deid::Rejection::UnpairedSurrogate(_) => SkipReason::UnpairedSurrogate,
         }
     }
 
@@ -55,6 +60,9 @@ impl SkipReason {
             SkipReason::UnreadableFile => "unreadable or truncated file",
             SkipReason::BadCsvRow => "i2b2 row that cannot be converted",
             SkipReason::DuplicateId => "duplicate id in an i2b2 file (first kept)",
+            SkipReason::UnpairedSurrogate => "text with an unpaired surrogate escape",
+            SkipReason::InternalError => "internal error (a bug: please report it)",
+            SkipReason::UnfitForSchema => "value of another type than its column's",
         }
     }
 }
@@ -105,6 +113,21 @@ impl TableChunk {
         }
         self.data.push(b'\n');
         self.ids.push(id);
+    }
+
+    /// Where the chunk ends now, to `rewind` to.
+    pub fn mark(&self) -> ChunkMark {
+        ChunkMark {
+            data: self.data.len(),
+            rows: self.ids.len(),
+        }
+    }
+
+    /// Drops what was added since `mark` (the rows of a line that failed half-way). The shape
+    /// keeps any keys it gained: a wider schema is harmless.
+    pub fn rewind(&mut self, mark: ChunkMark) {
+        self.data.truncate(mark.data);
+        self.ids.truncate(mark.rows);
     }
 
     /// Gives back the spare capacity of a finished chunk. Its rows wait in the sink until the
@@ -159,6 +182,13 @@ impl TableChunk {
     }
 }
 
+/// A position in a chunk (see `TableChunk::mark`).
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkMark {
+    data: usize,
+    rows: usize,
+}
+
 /// A skipped line, for the console and the `--errors-to` folder.
 pub struct Skipped<'a> {
     pub line_no: u64,
@@ -178,6 +208,9 @@ pub struct TaskContext {
     pub whole_chunks: bool,
     /// Rows are read back into the chunk's `Shape` (the Arrow formats need it; NDJSON does not).
     pub needs_shape: bool,
+    /// Rows must be UTF-8 text (Parquet and Delta): a kept string with an unpaired surrogate
+    /// escape, which NDJSON writes back as Python does, skips its line instead.
+    pub utf8_only: bool,
     /// For the encounter task: the completion-row template (group, export time, exclusions).
     pub completion: Option<CompletionTemplate>,
 }
@@ -190,81 +223,131 @@ pub struct CompletionTemplate {
     pub excluded_resources: String,
 }
 
-/// Processes every line of `bytes` (a bundle), appending rows to `main` (and `completion`),
-/// and calling `on_skip` for each line left out.
-#[allow(clippy::too_many_arguments)]
+/// The lines of one bundle and where they come from.
+pub struct BundleLines<'a> {
+    /// The input file, for messages.
+    pub path: &'a str,
+    pub bytes: &'a [u8],
+    /// The line number of the first line.
+    pub first_line: u64,
+}
+
+/// Processes every line of a bundle, appending rows to `main` (and `completion`), and calling
+/// `on_skip` for each line left out. A panic while a line is processed (a bug) skips that line
+/// as an internal error; the rows of the lines around it are kept.
 pub fn process_bundle(
     ctx: &TaskContext,
     scrubber: &Scrubber,
-    bytes: &[u8],
-    first_line: u64,
-    main: &mut TableChunk,
-    completion: &mut Option<TableChunk>,
+    lines: BundleLines<'_>,
+    (main, completion): (&mut TableChunk, &mut Option<TableChunk>),
     report: &mut ExtensionReport,
     on_skip: &mut dyn FnMut(Skipped<'_>),
 ) {
+    let file_name = std::path::Path::new(lines.path)
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     let mut tape = Tape::default();
-    for (this_line, raw) in (first_line..).zip(split_lines(bytes)) {
+    for (this_line, raw) in (lines.first_line..).zip(split_lines(lines.bytes)) {
         let trimmed = trim_ascii(raw);
         if trimmed.is_empty() {
             continue;
         }
-        let mut skip = |reason: SkipReason, detail: String| {
-            on_skip(Skipped {
-                line_no: this_line,
-                reason,
-                detail,
-                raw: trimmed,
-            })
-        };
-        let doc = match tape.parse(trimmed) {
-            Ok(doc) => doc,
-            Err(_) => {
-                let (reason, detail) = classify_invalid_json(trimmed);
-                skip(reason, detail);
-                continue;
+        let marks = (main.mark(), completion.as_ref().map(TableChunk::mark));
+        let outcome = panic_guard::catch(|| {
+            panic_guard::inject(Site::Line, &file_name, this_line);
+            process_line(
+                ctx,
+                scrubber,
+                trimmed,
+                &mut tape,
+                (main, completion),
+                report,
+            )
+        });
+        let (reason, detail) = match outcome {
+            Ok(Ok(())) => continue,
+            Ok(Err(skip)) => skip,
+            Err(panic) => {
+                main.rewind(marks.0);
+                if let (Some(chunk), Some(mark)) = (completion.as_mut(), marks.1) {
+                    chunk.rewind(mark);
+                }
+                tape = Tape::default();
+                (SkipReason::InternalError, panic.to_string())
             }
         };
-        if doc.token(0).kind != Kind::Object {
-            skip(SkipReason::NotAnObject, String::new());
-            continue;
-        }
-        if doc.get_str(0, "resourceType").as_deref() != Some(ctx.resource_type.as_str()) {
-            skip(
-                SkipReason::WrongResourceType,
-                format!("expected {}", ctx.resource_type),
-            );
-            continue;
-        }
-        let start = main.data.len();
-        let known = ctx.needs_shape.then_some(&main.shape);
-        let (id, novel) = match scrubber.scrub_within(&doc, &mut main.data, report, known) {
-            Ok(Scrubbed {
-                id: Some(id),
-                novel,
-            }) => (id, novel),
-            Ok(Scrubbed { id: None, .. }) => {
-                main.data.truncate(start);
-                skip(SkipReason::MissingId, String::new());
-                continue;
-            }
-            Err(rejection) => {
-                skip(SkipReason::of_rejection(&rejection), rejection.detail());
-                continue;
-            }
-        };
-        if let (Some(tpl), Some(chunk)) = (&ctx.completion, completion.as_mut()) {
-            let row = serde_json::json!({
-                "encounter_id": id,
-                "group_name": tpl.group_name,
-                "export_time": tpl.export_time,
-                "excluded_resources": tpl.excluded_resources,
-            });
-            chunk.push(id.clone(), &row);
-        }
-        // A row whose keys the shape already has would add nothing to it.
-        main.commit_row(id, start, ctx.needs_shape && novel);
+        on_skip(Skipped {
+            line_no: this_line,
+            reason,
+            detail,
+            raw: trimmed,
+        });
     }
+}
+
+/// Turns one line into rows, or says why it is skipped (the chunks are left as they were).
+fn process_line(
+    ctx: &TaskContext,
+    scrubber: &Scrubber,
+    line: &[u8],
+    tape: &mut Tape,
+    (main, completion): (&mut TableChunk, &mut Option<TableChunk>),
+    report: &mut ExtensionReport,
+) -> Result<(), (SkipReason, String)> {
+    let doc = tape.parse(line).map_err(|_| classify_invalid_json(line))?;
+    if doc.token(0).kind != Kind::Object {
+        return Err((SkipReason::NotAnObject, String::new()));
+    }
+    if doc.get_str(0, "resourceType").as_deref() != Some(ctx.resource_type.as_str()) {
+        return Err((
+            SkipReason::WrongResourceType,
+            format!("expected {}", ctx.resource_type),
+        ));
+    }
+    let start = main.data.len();
+    let known = ctx.needs_shape.then_some(&main.shape);
+    let (id, novel) = match scrubber.scrub_within(&doc, &mut main.data, report, known) {
+        Ok(Scrubbed {
+            id: Some(id),
+            novel,
+        }) => (id, novel),
+        Ok(Scrubbed { id: None, .. }) => {
+            main.data.truncate(start);
+            return Err((SkipReason::MissingId, String::new()));
+        }
+        Err(rejection) => {
+            return Err((SkipReason::of_rejection(&rejection), rejection.detail()));
+        }
+    };
+    if ctx.utf8_only && doc.has_lone_surrogate() && has_lone_surrogate(&main.data[start..]) {
+        main.data.truncate(start);
+        return Err((
+            SkipReason::UnpairedSurrogate,
+            "a kept text value; Parquet and Delta hold only UTF-8 text (NDJSON output keeps it)"
+                .into(),
+        ));
+    }
+    if let (Some(tpl), Some(chunk)) = (&ctx.completion, completion.as_mut()) {
+        let row = serde_json::json!({
+            "encounter_id": id,
+            "group_name": tpl.group_name,
+            "export_time": tpl.export_time,
+            "excluded_resources": tpl.excluded_resources,
+        });
+        chunk.push(id.clone(), &row);
+    }
+    // A row whose keys the shape already has would add nothing to it.
+    main.commit_row(id, start, ctx.needs_shape && novel);
+    Ok(())
+}
+
+/// Whether a row we wrote keeps a string or key with an unpaired surrogate escape.
+fn has_lone_surrogate(row: &[u8]) -> bool {
+    let mut tape = Tape::default();
+    tape.parse(row)
+        .map(|doc| (0..doc.token_count()).any(|i| doc.token(i).lone_surrogate))
+        .unwrap_or(true)
 }
 
 /// The lines of `bytes` without their newlines (a last line without one included), found
@@ -358,18 +441,22 @@ mod tests {
             kind: crate::output::TableKind::Fhir(resource_type.to_string()),
             whole_chunks: false,
             needs_shape: true,
+            utf8_only: true,
             completion: None,
         };
         let mut main = TableChunk::new(0, &ctx.table);
         let mut report = ExtensionReport::default();
         let mut skipped = 0;
+        let lines = BundleLines {
+            path: "test.ndjson",
+            bytes,
+            first_line: 1,
+        };
         process_bundle(
             &ctx,
             &scrubber,
-            bytes,
-            1,
-            &mut main,
-            &mut None,
+            lines,
+            (&mut main, &mut None),
             &mut report,
             &mut |_| skipped += 1,
         );

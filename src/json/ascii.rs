@@ -14,12 +14,13 @@ impl Formatter for AsciiFormatter {
         w: &mut W,
         fragment: &str,
     ) -> io::Result<()> {
-        if fragment.is_ascii() {
+        // Python escapes every character outside printable ASCII, DEL (0x7f) included.
+        if fragment.bytes().all(|b| b < 0x7f) {
             return w.write_all(fragment.as_bytes());
         }
         let mut start = 0;
         for (i, c) in fragment.char_indices() {
-            if c.is_ascii() {
+            if c < '\x7f' {
                 continue;
             }
             w.write_all(&fragment.as_bytes()[start..i])?;
@@ -116,10 +117,14 @@ mod tests {
     #[test]
     fn non_ascii_is_escaped_like_python() {
         let mut out = Vec::new();
-        write_compact_ascii(&mut out, &serde_json::json!({"a": "Båt 😀", "b": "x\ny"}));
+        write_compact_ascii(
+            &mut out,
+            &serde_json::json!({"a": "Båt 😀", "b": "x\ny", "c": "del\u{7f} us\u{1f}"}),
+        );
+        // As Python's json.dumps writes it.
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            r#"{"a":"B\u00e5t \ud83d\ude00","b":"x\ny"}"#
+            r#"{"a":"B\u00e5t \ud83d\ude00","b":"x\ny","c":"del\u007f us\u001f"}"#
         );
     }
 }

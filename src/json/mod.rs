@@ -5,6 +5,7 @@
 pub mod ascii;
 pub mod compact;
 pub mod tape;
+pub mod utf16;
 
 pub use ascii::{write_compact_ascii, write_str, write_str_parts};
 pub use tape::{Doc, Kind, Tape, Token};

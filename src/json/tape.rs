@@ -28,6 +28,9 @@ pub struct Token {
     /// Strings and keys: printable ASCII without escapes, so the raw bytes are the value.
     /// Numbers: a plain integer that prints back unchanged.
     pub plain: bool,
+    /// Strings and keys: an escape of an unpaired UTF-16 surrogate (`\\ud800` to `\\udfff`),
+    /// which Python reads and writes back but Rust strings cannot hold.
+    pub lone_surrogate: bool,
     pub start: u32,
     pub end: u32,
 }
@@ -42,12 +45,20 @@ pub struct Tape {
     tokens: Vec<Token>,
 }
 
+/// What the parser learns about a document beside its tokens.
+#[derive(Debug, Default, Clone, Copy)]
+struct Found {
+    /// Some string or key escapes an unpaired surrogate.
+    lone_surrogate: bool,
+}
+
 /// A borrowed view of a tape and its text.
 #[derive(Clone, Copy)]
 pub struct Doc<'a> {
     /// Private: only `Tape::parse` makes a `Doc`, so its spans are known to be valid UTF-8.
     text: &'a [u8],
     tokens: &'a [Token],
+    found: Found,
 }
 
 impl Tape {
@@ -61,15 +72,18 @@ impl Tape {
             text,
             pos: 0,
             tokens: &mut self.tokens,
+            found: Found::default(),
         };
         parser.value(0)?;
         parser.skip_ws();
         if parser.pos != text.len() {
             return Err(Invalid);
         }
+        let found = parser.found;
         Ok(Doc {
             text,
             tokens: &self.tokens,
+            found,
         })
     }
 }
@@ -183,6 +197,8 @@ pub struct StringScan {
     pub plain: bool,
     /// It has escapes (to decode).
     pub escaped: bool,
+    /// One of its escapes is an unpaired surrogate.
+    pub lone_surrogate: bool,
 }
 
 /// Finds the end of the string starting at `start` and checks it as JSON requires: no control
@@ -191,7 +207,7 @@ pub struct StringScan {
 /// codes: eight bytes are checked at a time, in one pass, without a search call per string.
 pub fn scan_string(text: &[u8], start: usize) -> Result<StringScan, Invalid> {
     let mut at = start;
-    let (mut escaped, mut control, mut high) = (false, false, false);
+    let (mut escaped, mut control, mut high, mut lone) = (false, false, false, false);
     loop {
         let mut blocks = 0;
         while let Some(block) = read_block(&text[at..]) {
@@ -217,7 +233,9 @@ pub fn scan_string(text: &[u8], start: usize) -> Result<StringScan, Invalid> {
             b'"' => break,
             b'\\' => {
                 escaped = true;
-                at = escape_end(text, at)?;
+                let (end, unpaired) = escape_end(text, at)?;
+                lone |= unpaired;
+                at = end;
             }
             b => {
                 control |= b < 0x20;
@@ -233,29 +251,52 @@ pub fn scan_string(text: &[u8], start: usize) -> Result<StringScan, Invalid> {
         end: at,
         plain: !escaped && !high,
         escaped,
+        lone_surrogate: lone,
     })
 }
 
-/// Checks the escape at `at` (a backslash) and returns the position after it.
-fn escape_end(text: &[u8], at: usize) -> Result<usize, Invalid> {
+/// Checks the escape at `at` (a backslash) and returns the position after it (after both
+/// halves of an escaped surrogate pair), and whether it was an unpaired surrogate.
+fn escape_end(text: &[u8], at: usize) -> Result<(usize, bool), Invalid> {
     match text.get(at + 1).ok_or(Invalid)? {
-        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok(at + 2),
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok((at + 2, false)),
         b'u' => {
-            let hex = text.get(at + 2..at + 6).ok_or(Invalid)?;
-            if hex.iter().all(u8::is_ascii_hexdigit) {
-                Ok(at + 6)
-            } else {
-                Err(Invalid)
+            let unit = hex_unit(text, at + 2).ok_or(Invalid)?;
+            match unit {
+                0xd800..=0xdbff => match low_surrogate_after(text, at + 6) {
+                    Some(_) => Ok((at + 12, false)),
+                    None => Ok((at + 6, true)),
+                },
+                0xdc00..=0xdfff => Ok((at + 6, true)),
+                _ => Ok((at + 6, false)),
             }
         }
         _ => Err(Invalid),
     }
 }
 
+/// The four hex digits at `at`, as a UTF-16 code unit.
+pub(crate) fn hex_unit(text: &[u8], at: usize) -> Option<u16> {
+    let hex = text.get(at..at + 4)?;
+    hex.iter().try_fold(0u16, |unit, &b| {
+        let digit = (b as char).to_digit(16)?;
+        Some(unit << 4 | digit as u16)
+    })
+}
+
+/// The low surrogate escaped at `at` (`\\udc00` to `\\udfff`), if one is there.
+pub(crate) fn low_surrogate_after(text: &[u8], at: usize) -> Option<u16> {
+    if text.get(at..at + 2)? != b"\\u" {
+        return None;
+    }
+    hex_unit(text, at + 2).filter(|u| (0xdc00..=0xdfff).contains(u))
+}
+
 struct Parser<'a, 't> {
     text: &'a [u8],
     pos: usize,
     tokens: &'t mut Vec<Token>,
+    found: Found,
 }
 
 impl Parser<'_, '_> {
@@ -274,6 +315,7 @@ impl Parser<'_, '_> {
         self.tokens.push(Token {
             kind,
             plain,
+            lone_surrogate: false,
             start: start as u32,
             end: end as u32,
         });
@@ -335,7 +377,9 @@ impl Parser<'_, '_> {
 
     fn string(&mut self, kind: Kind) -> Result<(), Invalid> {
         let scan = scan_string(self.text, self.pos + 1)?;
-        self.push(kind, scan.plain, self.pos + 1, scan.end);
+        let at = self.push(kind, scan.plain, self.pos + 1, scan.end);
+        self.tokens[at].lone_surrogate = scan.lone_surrogate;
+        self.found.lone_surrogate |= scan.lone_surrogate;
         self.pos = scan.end + 1;
         Ok(())
     }
@@ -409,6 +453,12 @@ impl Parser<'_, '_> {
 }
 
 impl<'a> Doc<'a> {
+    /// Whether some string or key of the document escapes an unpaired surrogate (which only
+    /// Python's string type can hold).
+    pub fn has_lone_surrogate(&self) -> bool {
+        self.found.lone_surrogate
+    }
+
     /// How many tokens the document has.
     pub fn token_count(&self) -> usize {
         self.tokens.len()
@@ -443,8 +493,22 @@ impl<'a> Doc<'a> {
             // and the other spans are ASCII.
             return Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(raw) });
         }
-        let quoted = &self.text[t.start as usize - 1..t.end as usize + 1];
-        Cow::Owned(serde_json::from_slice(quoted).expect("validated string"))
+        if !t.lone_surrogate {
+            let quoted = &self.text[t.start as usize - 1..t.end as usize + 1];
+            if let Ok(text) = serde_json::from_slice::<String>(quoted) {
+                return Cow::Owned(text);
+            }
+        }
+        // A lone surrogate has no Rust form: U+FFFD stands for it, which equals no name the
+        // rules look for. Values that are written out or hashed check `lone_surrogate` first.
+        Cow::Owned(String::from_utf16_lossy(&self.units(i)))
+    }
+
+    /// The UTF-16 code units of a string or key token, as Python holds the string.
+    pub fn units(&self, i: usize) -> Vec<u16> {
+        let mut units = Vec::with_capacity(self.raw(i).len());
+        super::utf16::decode_units(self.raw(i), &mut units);
+        units
     }
 
     /// Whether key token `i` is exactly `name`.
@@ -651,6 +715,37 @@ mod tests {
                         Err(_) => assert!(ours.is_err(), "{text}"),
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn lone_surrogates_are_accepted_and_flagged_and_pairs_are_not() {
+        let mut tape = Tape::default();
+        for (text, lone) in [
+            (r"a\ud83d", true),
+            (r"\ude00", true),
+            (r"\ude00\ud83d", true),
+            (r"\ud83d\ude00", false),
+            (r"\uD83D\uDE00", false),
+            (r"\ud83d\n", true),
+            (r"\ud83d\ud83d\ude00", true),
+            (r"\\ud83d", false),
+            (r"plain", false),
+            (r"caf\u00e9", false),
+        ] {
+            let json = format!(r#"{{"{text}":"{text}"}}"#);
+            let doc = tape.parse(json.as_bytes()).expect(&json);
+            assert_eq!(doc.token(1).lone_surrogate, lone, "{text}");
+            assert_eq!(doc.token(2).lone_surrogate, lone, "{text}");
+            // Never a panic: a lone surrogate reads as U+FFFD where a Rust string is needed.
+            let decoded = doc.str(2);
+            assert_eq!(decoded.contains('\u{fffd}'), lone, "{text}");
+            if !lone {
+                assert_eq!(
+                    decoded,
+                    serde_json::from_str::<String>(&format!("\"{text}\"")).unwrap()
+                );
             }
         }
     }

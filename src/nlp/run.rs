@@ -301,6 +301,8 @@ fn run_study(
             kind: kind.clone(),
             whole_chunks: true,
             needs_shape: false,
+            // Result rows are built from Rust strings.
+            utf8_only: false,
             completion: None,
         })
         .collect();
@@ -327,7 +329,9 @@ fn run_study(
     let progress = ProgressPrinter::start(shared.clone(), total_bytes, opts.progress_interval);
     let outcome = run_dataflow(shared.clone(), &opts.engine, producers);
     progress.stop();
-    outcome?;
+    if let Err(e) = outcome {
+        return Err(crate::etl::stopped_run(&shared, e));
+    }
 
     shared.touch_if_empty(&study.name, &shared.tasks[0])?;
     for (table, e) in shared.outputs.finish(opts.optimize_tables) {

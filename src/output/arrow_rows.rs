@@ -5,9 +5,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use arrow::datatypes::{DataType, Field, Schema};
-use arrow::record_batch::RecordBatch;
 
-use super::columns::rows_to_record_batch;
+use super::columns::{Decoded, rows_to_record_batch};
 use super::{RowBatch, TableKind};
 use crate::fhir::{ElementModel, resource_schema};
 
@@ -53,8 +52,9 @@ pub fn nlp_symptom_schema() -> Schema {
     ])
 }
 
-/// One batch of a table as an Arrow record batch.
-pub fn to_record_batch(kind: &TableKind, batch: &RowBatch<'_>) -> Result<RecordBatch> {
+/// One batch of a table as an Arrow record batch, without the rows that do not fit its schema
+/// (listed beside it).
+pub fn to_record_batch(kind: &TableKind, batch: &RowBatch<'_>) -> Result<Decoded> {
     rows_to_record_batch(batch_schema(kind, batch), &batch.rows)
         .context("rows do not fit the table's FHIR schema")
 }

@@ -23,15 +23,62 @@ use crate::deid::rules::FastMap;
 use crate::json::compact::{Cursor, NotCompact, Step};
 use crate::json::{Doc, Kind, Tape};
 
+/// Rows decoded into a record batch, and those left out because they do not fit the schema.
+pub struct Decoded {
+    pub batch: RecordBatch,
+    /// In row order; the batch holds the other rows, in their order.
+    pub unfit: Vec<Unfit>,
+}
+
+/// A row that does not fit the schema (a value of another type than its column's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unfit {
+    /// Its index among the rows given.
+    pub index: usize,
+    /// The field and the mismatch (no values).
+    pub reason: String,
+}
+
 /// Decodes compact JSON rows (one object each) into one record batch of `schema`. The rows are
 /// read straight from their bytes; a slice with anything the byte walker does not take (a type
 /// mismatch, whitespace, a repeated key, malformed JSON) is read again through the token tape,
-/// which gives the same columns or the precise error.
-pub fn rows_to_record_batch(schema: Arc<Schema>, rows: &[&[u8]]) -> Result<RecordBatch> {
-    match walk_rows(schema.clone(), rows) {
-        Some(batch) => Ok(batch),
-        None => tape_rows(schema, rows),
+/// which gives the same columns or the precise error. Rows that do not fit (found by decoding
+/// them one by one, only when the slice fails) are left out and listed, so one damaged input
+/// line costs its own row, not its batch.
+pub fn rows_to_record_batch(schema: Arc<Schema>, rows: &[&[u8]]) -> Result<Decoded> {
+    if let Some(batch) = walk_rows(schema.clone(), rows) {
+        return Ok(Decoded {
+            batch,
+            unfit: Vec::new(),
+        });
     }
+    let error = match tape_rows(schema.clone(), rows) {
+        Ok(batch) => {
+            return Ok(Decoded {
+                batch,
+                unfit: Vec::new(),
+            });
+        }
+        Err(e) => e,
+    };
+    let mut fit = Vec::with_capacity(rows.len());
+    let mut unfit = Vec::new();
+    for (index, row) in rows.iter().enumerate() {
+        match tape_rows(schema.clone(), std::slice::from_ref(row)) {
+            Ok(_) => fit.push(*row),
+            Err(e) => unfit.push(Unfit {
+                index,
+                // "row 1: field 'x': ..." of a one-row decode: the row's place is the index.
+                reason: format!("{e:#}").trim_start_matches("row 1: ").to_string(),
+            }),
+        }
+    }
+    if unfit.is_empty() {
+        // The rows fit one by one but not together: not a row's fault.
+        return Err(error);
+    }
+    let batch = tape_rows(schema, &fit)?;
+    Ok(Decoded { batch, unfit })
 }
 
 /// The byte walker over every row, or None where it gives up.
@@ -557,21 +604,39 @@ mod tests {
             br#"{}"#,
         ];
         let ours = rows_to_record_batch(schema(), &rows).unwrap();
-        assert_eq!(ours, reference(schema(), &rows));
-        assert_eq!(ours.num_rows(), 5);
+        assert!(ours.unfit.is_empty());
+        assert_eq!(ours.batch, reference(schema(), &rows));
+        assert_eq!(ours.batch.num_rows(), 5);
     }
 
     #[test]
-    fn a_type_mismatch_names_the_row_and_field() {
-        let rows: Vec<&[u8]> = vec![br#"{"id":"a"}"#, br#"{"code":{"coding":[{"code":5}]}}"#];
-        let err = format!("{:#}", rows_to_record_batch(schema(), &rows).unwrap_err());
+    fn rows_that_do_not_fit_are_left_out_and_named_with_their_field() {
+        let rows: Vec<&[u8]> = vec![
+            br#"{"id":"a"}"#,
+            br#"{"code":{"coding":[{"code":5}]}}"#,
+            br#"{"id":"b","count":"many"}"#,
+            br#"{"id":"c","names":["x"]}"#,
+        ];
+        let decoded = rows_to_record_batch(schema(), &rows).unwrap();
+        let fit = [rows[0], rows[3]];
+        assert_eq!(decoded.batch, reference(schema(), &fit));
+        assert_eq!(decoded.unfit.len(), 2);
+        assert_eq!(decoded.unfit[0].index, 1);
         assert_eq!(
-            err,
-            "row 2: field 'code': field 'coding': field 'code': expected a string, found a number"
+            decoded.unfit[0].reason,
+            "field 'code': field 'coding': field 'code': expected a string, found a number"
         );
-        let rows: Vec<&[u8]> = vec![br#"{"count":"many"}"#];
-        let err = format!("{:#}", rows_to_record_batch(schema(), &rows).unwrap_err());
-        assert!(err.contains("cannot read \"many\" as an integer"), "{err}");
+        assert_eq!(decoded.unfit[1].index, 2);
+        assert!(
+            decoded.unfit[1]
+                .reason
+                .contains("cannot read \"many\" as an integer"),
+            "{:?}",
+            decoded.unfit
+        );
+        let none_fit = rows_to_record_batch(schema(), &[rows[2]]).unwrap();
+        assert_eq!(none_fit.batch.num_rows(), 0);
+        assert_eq!(none_fit.unfit.len(), 1);
     }
 
     /// The Synthea sample under the real wide FHIR schemas: hundreds of mostly absent columns,
@@ -625,13 +690,13 @@ mod tests {
             );
         }
         let spaced: Vec<&[u8]> = vec![br#"{ "id": "a", "id": "b" }"#];
-        let batch = rows_to_record_batch(schema(), &spaced).unwrap();
+        let batch = rows_to_record_batch(schema(), &spaced).unwrap().batch;
         assert_eq!(batch, tape_rows(schema(), &spaced).unwrap());
     }
 
     #[test]
     fn an_empty_batch_has_the_schema_and_no_rows() {
-        let batch = rows_to_record_batch(schema(), &[]).unwrap();
+        let batch = rows_to_record_batch(schema(), &[]).unwrap().batch;
         assert_eq!(batch.num_rows(), 0);
         assert_eq!(batch.schema(), schema());
     }

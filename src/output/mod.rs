@@ -81,7 +81,7 @@ pub struct RowBatch<'a> {
     pub shape: &'a Shape,
 }
 
-pub use report::{OnWritten, WriteFailure};
+pub use report::{OnWritten, UnfitRow, WriteFailure};
 
 /// Rows turned into Arrow and handed to the Parquet encoder at a time, by the Parquet output
 /// and by Delta appends. Each encoder call walks every column of the (deeply nested) schema,

@@ -13,7 +13,7 @@ use super::columns::rows_to_record_batch;
 
 /// Rows per Parquet row group (the writer buffers one row group in memory).
 const ROW_GROUP_ROWS: usize = 65_536;
-use super::{BatchedFiles, OnWritten, RowBatch, TableKind, TableWriter};
+use super::{BatchedFiles, OnWritten, RowBatch, TableKind, TableWriter, UnfitRow};
 
 /// A table written as Parquet files.
 pub struct ParquetTable {
@@ -29,8 +29,11 @@ impl ParquetTable {
 }
 
 impl TableWriter for ParquetTable {
-    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
-        on_written.done(self.write_file(batch));
+    fn write_batch(&mut self, batch: &RowBatch<'_>, mut on_written: OnWritten) {
+        let mut unfit = Vec::new();
+        let written = self.write_file(batch, &mut unfit);
+        on_written.unfit(unfit);
+        on_written.done(written);
     }
 
     fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
@@ -52,7 +55,8 @@ pub fn writer_properties() -> WriterProperties {
 }
 
 impl ParquetTable {
-    fn write_file(&mut self, batch: &RowBatch<'_>) -> Result<()> {
+    /// Writes the batch's file; rows that do not fit the schema are left out into `unfit`.
+    fn write_file(&mut self, batch: &RowBatch<'_>, unfit: &mut Vec<UnfitRow>) -> Result<()> {
         // One schema for the whole batch (upstream's rule), but decoded and written a slice at
         // a time with bounded row groups, so memory does not grow with --batch-size.
         let schema = batch_schema(&self.kind, batch);
@@ -64,9 +68,10 @@ impl ParquetTable {
             writer.write(&RecordBatch::new_empty(schema.clone()))?;
         }
         for rows in batch.rows.chunks(super::ENCODE_SLICE_ROWS) {
-            let record_batch = rows_to_record_batch(schema.clone(), rows)
+            let decoded = rows_to_record_batch(schema.clone(), rows)
                 .context("rows do not fit the table's schema")?;
-            writer.write(&record_batch)?;
+            unfit.extend(UnfitRow::from_decode(rows, &decoded.unfit));
+            writer.write(&decoded.batch)?;
         }
         writer
             .close()

@@ -20,14 +20,38 @@ impl From<anyhow::Error> for WriteFailure {
     }
 }
 
-type Done = Box<dyn FnOnce(Result<(), WriteFailure>) + Send>;
+/// A row of the batch that the writer left out because it does not fit the table's schema
+/// (the rest of the batch is written; the caller counts and saves this one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnfitRow {
+    pub row: Vec<u8>,
+    pub reason: String,
+}
 
-/// The report hooks of one batch: `staged` at most once, then `done` exactly once. A report
+impl UnfitRow {
+    /// The rows of `rows` that a decode listed as unfit.
+    pub fn from_decode(rows: &[&[u8]], unfit: &[crate::output::columns::Unfit]) -> Vec<UnfitRow> {
+        unfit
+            .iter()
+            .map(|u| UnfitRow {
+                row: rows[u.index].to_vec(),
+                reason: u.reason.clone(),
+            })
+            .collect()
+    }
+}
+
+type Done = Box<dyn FnOnce(Result<(), WriteFailure>) + Send>;
+type Unfits = Box<dyn FnOnce(Vec<UnfitRow>) + Send>;
+
+/// The report hooks of one batch: `unfit` and `staged` at most once each, then `done` exactly
+/// once (`done(Ok)` covers the batch's other rows). A report
 /// dropped unanswered (a writer that panicked, a queue torn down) answers itself with a
 /// failure, so the batch's memory is released and its rows reach the errors folder instead of
 /// holding the budget for the rest of the run.
 pub struct OnWritten {
     staged: Option<Box<dyn FnOnce() + Send>>,
+    unfit: Option<Unfits>,
     done: Option<Done>,
 }
 
@@ -36,7 +60,25 @@ impl OnWritten {
     pub fn new(done: impl FnOnce(Result<(), WriteFailure>) + Send + 'static) -> OnWritten {
         OnWritten {
             staged: None,
+            unfit: None,
             done: Some(Box::new(done)),
+        }
+    }
+
+    /// Adds the hook that takes the rows left out for not fitting the schema (before the
+    /// outcome).
+    pub fn on_unfit(mut self, unfit: impl FnOnce(Vec<UnfitRow>) + Send + 'static) -> OnWritten {
+        self.unfit = Some(Box::new(unfit));
+        self
+    }
+
+    /// Hands over the rows the writer left out (none: nothing is said).
+    pub fn unfit(&mut self, rows: Vec<UnfitRow>) {
+        if rows.is_empty() {
+            return;
+        }
+        if let Some(unfit) = self.unfit.take() {
+            unfit(rows);
         }
     }
 
@@ -54,6 +96,7 @@ impl OnWritten {
         let done = self.done.take();
         OnWritten {
             staged: self.staged.take(),
+            unfit: self.unfit.take(),
             done: done.map(|done| -> Done { Box::new(move |result| done(next(result))) }),
         }
     }
@@ -87,9 +130,12 @@ impl OnWritten {
 
 impl Drop for OnWritten {
     fn drop(&mut self) {
-        self.answer(Err(WriteFailure::from(anyhow::anyhow!(
-            "the table writer stopped before reporting this batch"
-        ))));
+        // Dropped by a writer that panicked: the panic is the reason (and stops the run).
+        let error = match crate::panic_guard::unwinding() {
+            Some(panic) => anyhow::Error::new(panic),
+            None => anyhow::anyhow!("the table writer stopped before reporting this batch"),
+        };
+        self.answer(Err(WriteFailure::from(error)));
     }
 }
 

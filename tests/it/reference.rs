@@ -102,3 +102,34 @@ fn reference_tables_equal_ours_row_for_row() {
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));
 }
+
+/// The lone-surrogate lines of `robustness`, side by side: the reference's rows must be the ones
+/// that test expects of ours (and so ours), byte for byte.
+#[test]
+#[ignore = "needs the reference Python Cumulus ETL (see tests/it/reference.rs)"]
+fn lone_surrogates_match_the_reference() {
+    let Some(reference) = reference_binary() else {
+        panic!("reference cumulus-etl not found: see reference_tables_equal_ours_row_for_row");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, out, phi) = (
+        tmp.path().join("in"),
+        tmp.path().join("out"),
+        tmp.path().join("phi"),
+    );
+    std::fs::create_dir_all(&input).unwrap();
+    let lines = crate::robustness::LONE_SURROGATE_LINES.join("\n") + "\n";
+    std::fs::write(input.join("Condition.ndjson"), lines).unwrap();
+    phi_with_salt(&phi, crate::robustness::SALT);
+    let status = Command::new(&reference)
+        .args(["etl", "--output-format=ndjson", "--skip-init-checks"])
+        .args(["--task=condition", "--export-group=g"])
+        .args(["--export-timestamp=2024-01-01T00:00:00Z"])
+        .args([&input, &out, &phi])
+        .status()
+        .unwrap();
+    assert!(status.success(), "the reference run failed");
+    let written = std::fs::read_to_string(out.join("condition/condition.000.ndjson")).unwrap();
+    let rows: Vec<&str> = written.lines().collect();
+    assert_eq!(rows, crate::robustness::REFERENCE_ROWS);
+}

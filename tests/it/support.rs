@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests: running the real binary, reading NDJSON tables.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -17,6 +19,53 @@ pub fn run_etl(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("binary runs")
+}
+
+/// Runs the binary with extra environment variables; a run still going after `limit` is
+/// killed and fails the test (a hang).
+pub fn run_etl_within(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    // Drained beside the wait, so a chatty run cannot block on a full pipe.
+    let mut stderr = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stderr.read_to_end(&mut text);
+        text
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = drain.join().unwrap();
+            panic!(
+                "the run hung: still going after {limit:?}\n{}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    Output {
+        status,
+        stdout,
+        stderr: drain.join().unwrap(),
+    }
 }
 
 /// Stderr of a run, for assertions and failure messages.
@@ -119,22 +168,42 @@ fn percent_decode(s: &str) -> String {
 
 /// Every live row of a Delta table as JSON (nulls left out), in file order.
 pub fn read_delta_rows(table: &Path) -> Vec<Value> {
+    delta_live_files(table)
+        .iter()
+        .flat_map(|file| parquet_file_rows(file))
+        .collect()
+}
+
+/// Every row of the Parquet files of a table folder (`*.parquet`, in name order) as JSON.
+pub fn read_parquet_rows(dir: &Path) -> Vec<Value> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
+        .flat_map(|f| parquet_file_rows(f))
+        .collect()
+}
+
+/// The rows of one Parquet file as JSON (nulls left out).
+fn parquet_file_rows(file: &Path) -> Vec<Value> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let mut rows = Vec::new();
-    for file in delta_live_files(table) {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
-            writer.write(&batch).unwrap();
-            writer.finish().unwrap();
-            let text = writer.into_inner();
-            for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                rows.push(serde_json::from_slice(line).unwrap());
-            }
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+        writer.write(&batch).unwrap();
+        writer.finish().unwrap();
+        let text = writer.into_inner();
+        for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            rows.push(serde_json::from_slice(line).unwrap());
         }
     }
     rows

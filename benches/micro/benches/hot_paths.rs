@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use cumulus_etl::deid::{Codebook, ExtensionReport, Rules, Scrubber};
-use cumulus_etl::etl::rows::{TableChunk, TaskContext, process_bundle};
+use cumulus_etl::etl::rows::{BundleLines, TableChunk, TaskContext, process_bundle};
 use cumulus_etl::json::Tape;
 use cumulus_etl::output::{RowBatch, TableKind, arrow_rows::to_record_batch};
 use serde_json::Value;
@@ -34,7 +34,16 @@ fn context(resource: &str) -> TaskContext {
         kind: TableKind::Fhir(resource.to_string()),
         whole_chunks: false,
         needs_shape: true,
+        utf8_only: true,
         completion: None,
+    }
+}
+
+fn lines_of(bytes: &[u8]) -> BundleLines<'_> {
+    BundleLines {
+        path: "sample.ndjson",
+        bytes,
+        first_line: 1,
     }
 }
 
@@ -90,10 +99,8 @@ fn hot_paths(c: &mut Criterion) {
                 process_bundle(
                     &ctx,
                     &scrubber,
-                    &bytes,
-                    1,
-                    &mut main,
-                    &mut None,
+                    lines_of(&bytes),
+                    (&mut main, &mut None),
                     &mut report,
                     &mut |_| {},
                 );
@@ -104,10 +111,8 @@ fn hot_paths(c: &mut Criterion) {
         process_bundle(
             &ctx,
             &scrubber,
-            &bytes,
-            1,
-            &mut chunk,
-            &mut None,
+            lines_of(&bytes),
+            (&mut chunk, &mut None),
             &mut ExtensionReport::default(),
             &mut |_| {},
         );
@@ -122,6 +127,7 @@ fn hot_paths(c: &mut Criterion) {
                     },
                 )
                 .unwrap()
+                .batch
                 .num_rows()
             })
         });

@@ -14,6 +14,7 @@ use deltalake::operations::write::writer::{DeltaWriter, WriterConfig};
 use super::conform::conform_batch;
 use super::ledger::key_fingerprints;
 use crate::output::ENCODE_SLICE_ROWS;
+use crate::output::UnfitRow;
 use crate::output::columns::rows_to_record_batch;
 
 /// Where a table's data files go and how they are written.
@@ -30,6 +31,8 @@ pub struct WrittenFiles {
     pub schema: SchemaRef,
     /// Fingerprints of the rows' keys.
     pub keys: Vec<u64>,
+    /// Rows left out because they do not fit the schema (the files hold the others).
+    pub unfit: Vec<UnfitRow>,
 }
 
 impl TableFiles {
@@ -59,12 +62,16 @@ impl TableFiles {
     ) -> Result<WrittenFiles> {
         let mut writer = self.writer(target);
         let mut keys = Vec::with_capacity(rows.len());
+        let mut unfit = Vec::new();
         let encoded = self.runtime.block_on(async {
             for slice in rows.chunks(ENCODE_SLICE_ROWS) {
-                let batch = rows_to_record_batch(schema.clone(), slice)
+                let decoded = rows_to_record_batch(schema.clone(), slice)
                     .context("rows do not fit the table's FHIR schema")?;
-                keys.extend(key_fingerprints(uniqueness, &batch, &[])?);
-                writer.write(&conform_batch(&batch, target)?).await?;
+                unfit.extend(UnfitRow::from_decode(slice, &decoded.unfit));
+                keys.extend(key_fingerprints(uniqueness, &decoded.batch, &[])?);
+                writer
+                    .write(&conform_batch(&decoded.batch, target)?)
+                    .await?;
             }
             anyhow::Ok(())
         });
@@ -80,6 +87,7 @@ impl TableFiles {
             adds,
             schema: target.clone(),
             keys,
+            unfit,
         })
     }
 

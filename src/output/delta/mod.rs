@@ -37,7 +37,8 @@ use stage::{StageDir, StagedFile};
 use super::ENCODE_SLICE_ROWS;
 use super::arrow_rows::{batch_schema, to_record_batch};
 use super::columns::rows_to_record_batch;
-use super::{OnWritten, RowBatch, TableKind, TableWriter};
+use super::{OnWritten, RowBatch, TableKind, TableWriter, UnfitRow};
+use crate::panic_guard::{self, Guarded, InternalError, Site};
 
 /// Threads of the commit runtime: commits mostly wait on storage, and Parquet encoding of
 /// MERGE output should not take the workers' cores.
@@ -74,7 +75,7 @@ enum Job {
 
 struct Committer {
     jobs: mpsc::UnboundedSender<Job>,
-    done: tokio::task::JoinHandle<CumulusTable>,
+    done: tokio::task::JoinHandle<Result<CumulusTable, InternalError>>,
     ledger: Arc<Mutex<Ledger>>,
     files: Arc<TableFiles>,
     stage: Arc<StageDir>,
@@ -121,7 +122,9 @@ impl DeltaOutput {
             let files = Arc::new(opened.files(self.runtime.handle().clone()));
             let stage = opened.stage_dir();
             let (jobs, queue) = mpsc::unbounded_channel();
-            let done = self.runtime.spawn(commit_loop(opened, queue));
+            let done = self
+                .runtime
+                .spawn(commit_loop(table.to_string(), opened, queue));
             let committer = Committer {
                 jobs,
                 done,
@@ -152,7 +155,8 @@ impl DeltaOutput {
             for (name, committer) in committers {
                 drop(committer.jobs);
                 match committer.done.await {
-                    Ok(table) => tables.push((name, table)),
+                    Ok(Ok(table)) => tables.push((name, table)),
+                    Ok(Err(e)) => eprintln!("error: the committer of {name} stopped: {e}"),
                     Err(e) => eprintln!("error: the committer of {name} stopped: {e}"),
                 }
             }
@@ -180,36 +184,66 @@ impl DeltaOutput {
     }
 }
 
-/// Applies one table's jobs in order; returns the table for maintenance.
+/// Applies one table's jobs in order; returns the table for maintenance. A job that panics
+/// leaves the table's state unknown: that job and every later one fail with the panic (which
+/// stops the run), and the table is not maintained.
 async fn commit_loop(
+    name: String,
     mut table: CumulusTable,
     mut queue: mpsc::UnboundedReceiver<Job>,
-) -> CumulusTable {
+) -> Result<CumulusTable, InternalError> {
     while let Some(job) = queue.recv().await {
-        match job {
-            Job::Write {
-                batch,
-                groups,
-                route,
-                keys,
-                on_written,
-            } => table.apply(batch, groups, route, &keys, on_written).await,
-            Job::Staged {
-                file,
-                groups,
-                keys,
-                on_written,
-            } => table.apply_staged(file, groups, &keys, on_written).await,
-            Job::Commit { files, on_written } => table.commit_files(files, on_written).await,
-            Job::Delete { ids, reply } => drop(reply.send(table.delete_ids(&ids).await)),
-            Job::Flush { reply } => {
-                table.flush_staged().await;
-                let _ = reply.send(());
+        let applied = Guarded::new(async {
+            panic_guard::inject(Site::Committer, &name, 0);
+            apply_job(&mut table, job).await
+        })
+        .await;
+        if let Err(panic) = applied {
+            queue.close();
+            while let Some(job) = queue.recv().await {
+                fail_job(job, &panic);
             }
+            return Err(panic);
         }
     }
-    table.flush_staged().await;
-    table
+    Guarded::new(table.flush_staged()).await?;
+    Ok(table)
+}
+
+async fn apply_job(table: &mut CumulusTable, job: Job) {
+    match job {
+        Job::Write {
+            batch,
+            groups,
+            route,
+            keys,
+            on_written,
+        } => table.apply(batch, groups, route, &keys, on_written).await,
+        Job::Staged {
+            file,
+            groups,
+            keys,
+            on_written,
+        } => table.apply_staged(file, groups, &keys, on_written).await,
+        Job::Commit { files, on_written } => table.commit_files(files, on_written).await,
+        Job::Delete { ids, reply } => drop(reply.send(table.delete_ids(&ids).await)),
+        Job::Flush { reply } => {
+            table.flush_staged().await;
+            let _ = reply.send(());
+        }
+    }
+}
+
+/// Answers a job that will not be applied, with the panic that stopped its committer.
+fn fail_job(job: Job, panic: &InternalError) {
+    let error = || anyhow::Error::new(panic.clone());
+    match job {
+        Job::Write { on_written, .. }
+        | Job::Staged { on_written, .. }
+        | Job::Commit { on_written, .. } => on_written.done(Err(error())),
+        Job::Delete { reply, .. } => drop(reply.send(Err(error()))),
+        Job::Flush { reply } => drop(reply.send(())),
+    }
 }
 
 /// A handle on a table's committer.
@@ -238,13 +272,13 @@ impl DeltaTableWriter {
 
     /// Encodes the batch into a data file here, then queues the file; a batch whose keys turn
     /// out to need a MERGE (a repeated key) drops its file and is queued as rows instead.
-    fn write_files(&self, batch: &RowBatch<'_>, on_written: OnWritten) {
+    fn write_files(&self, batch: &RowBatch<'_>, mut on_written: OnWritten) {
         let schema = batch_schema(&self.kind, batch);
         let target = match self.ledger.lock().unwrap().widen(&schema) {
             Ok(target) => target,
             Err(e) => return on_written.done(Err(e)),
         };
-        let files = match self
+        let mut files = match self
             .files
             .write(&batch.rows, &schema, &target, &self.uniqueness)
         {
@@ -254,10 +288,14 @@ impl DeltaTableWriter {
         let mut ledger = self.ledger.lock().unwrap();
         match ledger.route(&files.keys) {
             // Queued under the ledger's lock, so the committer sees batches in routing order.
-            Route::Append => self.send(Job::Commit { files, on_written }),
+            Route::Append => {
+                on_written.unfit(std::mem::take(&mut files.unfit));
+                self.send(Job::Commit { files, on_written })
+            }
             Route::Merge => {
                 drop(ledger);
                 self.files.discard(&files);
+                // Decoded again there, which leaves out (and reports) the same rows.
                 self.queue_rows(batch, Some(files.keys), on_written);
             }
         }
@@ -266,27 +304,29 @@ impl DeltaTableWriter {
     /// Stages a batch bound for a MERGE (the table no longer takes plain appends) on local
     /// disk, decoded a slice at a time, so neither its rows nor a whole Arrow copy of them stay
     /// in memory; if that fails, it is queued as Arrow rows instead.
-    fn stage_rows(&self, batch: &RowBatch<'_>, on_written: OnWritten) {
+    fn stage_rows(&self, batch: &RowBatch<'_>, mut on_written: OnWritten) {
         let schema = batch_schema(&self.kind, batch);
         let mut keys = Vec::with_capacity(batch.rows.len());
-        let mut unfit = None;
+        let mut failed = None;
+        let mut unfit_rows = Vec::new();
         let slices = batch.rows.chunks(ENCODE_SLICE_ROWS).map_while(|rows| {
             let slice = rows_to_record_batch(schema.clone(), rows)
                 .context("rows do not fit the table's FHIR schema")
-                .and_then(|slice| {
-                    keys.extend(key_fingerprints(&self.uniqueness, &slice, &[])?);
-                    Ok(slice)
+                .and_then(|decoded| {
+                    unfit_rows.extend(UnfitRow::from_decode(rows, &decoded.unfit));
+                    keys.extend(key_fingerprints(&self.uniqueness, &decoded.batch, &[])?);
+                    Ok(decoded.batch)
                 });
             match slice {
                 Ok(slice) => Some(Ok(slice)),
                 Err(e) => {
-                    unfit = Some(e);
+                    failed = Some(e);
                     None
                 }
             }
         });
         let staged = self.stage.write_slices(&schema, slices);
-        if let Some(e) = unfit {
+        if let Some(e) = failed {
             if let Ok(file) = staged {
                 let _ = std::fs::remove_file(&file.path);
             }
@@ -296,9 +336,11 @@ impl DeltaTableWriter {
             Ok(file) => file,
             Err(e) => {
                 staging_failed(&e);
+                // Decoded again there, which leaves out (and reports) the same rows.
                 return self.queue_rows(batch, None, on_written);
             }
         };
+        on_written.unfit(unfit_rows);
         // Routed (a MERGE, since appends have stopped) and queued under the ledger's lock, so
         // the committer sees batches in routing order.
         let mut ledger = self.ledger.lock().unwrap();
@@ -326,9 +368,12 @@ impl DeltaTableWriter {
 
     /// Queues the batch as Arrow rows for the committer: routed here, or a MERGE already
     /// routed (with these keys) when its data file was dropped.
-    fn queue_rows(&self, batch: &RowBatch<'_>, merged: Option<Vec<u64>>, on_written: OnWritten) {
-        let batch = match to_record_batch(&self.kind, batch) {
-            Ok(b) => b,
+    fn queue_rows(&self, rows: &RowBatch<'_>, merged: Option<Vec<u64>>, mut on_written: OnWritten) {
+        let batch = match to_record_batch(&self.kind, rows) {
+            Ok(decoded) => {
+                on_written.unfit(UnfitRow::from_decode(&rows.rows, &decoded.unfit));
+                decoded.batch
+            }
             Err(e) => return on_written.done(Err(e)),
         };
         let groups = match self.kind.group_field() {
