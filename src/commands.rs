@@ -143,7 +143,7 @@ fn convert_table(outputs: &Outputs, dir: &Path, table: &str, kind: TableKind) ->
         let mut shape = Shape::default();
         let mut tape = Tape::default();
         let mut rows = Vec::new();
-        for (i, line) in crate::etl::rows::split_lines(&text).enumerate() {
+        for (i, line) in crate::json::lines::split_lines(&text).enumerate() {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }

@@ -235,10 +235,17 @@ impl<'a> Entries<'a> {
         let end = value.end + 1;
         self.at = end + 1;
         let raw_key = &self.body[start..=key.end];
-        let real = if key.escaped {
-            Cow::Owned(serde_json::from_slice::<String>(raw_key).expect("a valid JSON string"))
-        } else {
-            Cow::Borrowed(std::str::from_utf8(&raw_key[1..raw_key.len() - 1]).expect("ASCII"))
+        // A key no Rust string holds (a lone surrogate) reads as U+FFFD: no id we hash has one.
+        let text = &raw_key[1..raw_key.len() - 1];
+        let real = match (key.escaped, std::str::from_utf8(text)) {
+            (false, Ok(text)) => Cow::Borrowed(text),
+            _ => serde_json::from_slice::<String>(raw_key)
+                .map(Cow::Owned)
+                .unwrap_or_else(|_| {
+                    let mut units = Vec::new();
+                    json::utf16::decode_units(text, &mut units);
+                    Cow::Owned(String::from_utf16_lossy(&units))
+                }),
         };
         Some((&self.body[start..end], real))
     }

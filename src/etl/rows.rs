@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::deid::{ExtensionReport, Scrubbed, Scrubber};
 use crate::fhir::Shape;
+use crate::json::lines::{line_content, split_lines};
 use crate::json::{Kind, Tape, write_compact_ascii};
 use crate::panic_guard::{self, Site};
 
@@ -249,10 +250,9 @@ pub fn process_bundle(
         .unwrap_or_default();
     let mut tape = Tape::default();
     for (this_line, raw) in (lines.first_line..).zip(split_lines(lines.bytes)) {
-        let trimmed = trim_ascii(raw);
-        if trimmed.is_empty() {
+        let Some(trimmed) = line_content(raw) else {
             continue;
-        }
+        };
         let marks = (main.mark(), completion.as_ref().map(TableChunk::mark));
         let outcome = panic_guard::catch(|| {
             panic_guard::inject(Site::Line, &file_name, this_line);
@@ -348,34 +348,6 @@ fn has_lone_surrogate(row: &[u8]) -> bool {
     tape.parse(row)
         .map(|doc| (0..doc.token_count()).any(|i| doc.token(i).lone_surrogate))
         .unwrap_or(true)
-}
-
-/// The lines of `bytes` without their newlines (a last line without one included), found
-/// with memchr rather than byte by byte.
-pub fn split_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut start = 0;
-    let mut ends = memchr::memchr_iter(b'\n', bytes);
-    std::iter::from_fn(move || {
-        if start > bytes.len() {
-            return None;
-        }
-        let end = ends.next().unwrap_or(bytes.len());
-        let line = &bytes[start..end];
-        start = end + 1;
-        Some(line)
-    })
-}
-
-pub fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &b[start..end]
 }
 
 /// Why a line the tape refused is not valid JSON, in serde_json's words (a rare path: the
@@ -517,14 +489,5 @@ mod tests {
             assert_shape_is_complete("DocumentReference", text.as_bytes()),
             2
         );
-    }
-
-    #[test]
-    fn split_lines_matches_splitting_on_newlines() {
-        for text in [&b""[..], b"a", b"a\n", b"\n\nb\nc", b"a\nb\n\n"] {
-            let ours: Vec<&[u8]> = split_lines(text).collect();
-            let std: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
-            assert_eq!(ours, std, "{:?}", String::from_utf8_lossy(text));
-        }
     }
 }

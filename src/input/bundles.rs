@@ -55,18 +55,7 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
         // the README); a concurrent writer would be a misuse we cannot guard against.
         let map = Arc::new(unsafe { Mmap::map(&handle) }?);
         let _ = map.advise(memmap2::Advice::Sequential);
-        let mut bounds = Vec::new();
-        let mut start = 0;
-        while start < map.len() {
-            let target = (start + bundle_bytes).min(map.len());
-            let end = match memchr::memchr(b'\n', &map[target.saturating_sub(1)..]) {
-                _ if target == map.len() => map.len(),
-                Some(off) => target - 1 + off + 1,
-                None => map.len(),
-            };
-            bounds.push((start, end));
-            start = end;
-        }
+        let bounds = crate::json::lines::bundle_bounds(&map, bundle_bytes);
         let mut line = 1u64;
         for ((start, end), lines) in bounds.iter().copied().zip(count_lines(&map, &bounds)) {
             items.push(WorkItem::Slice {

@@ -75,8 +75,13 @@ impl<'a> Cursor<'a> {
         self.eat(b'"')?;
         let start = self.pos;
         let scan = scan_string(bytes, start).map_err(|_| NotCompact)?;
+        if scan.lone_surrogate {
+            // No `str` holds it (rows we write never have one raw; the tape reads escaped ones).
+            return Err(NotCompact);
+        }
         self.pos = scan.end + 1;
-        // SAFETY: `scan_string` checked the span to be UTF-8 where a byte is above ASCII.
+        // SAFETY: `scan_string` checked the span to be UTF-8 where a byte is above ASCII, and
+        // it has no surrogate encoded as UTF-8 bytes.
         let raw = unsafe { std::str::from_utf8_unchecked(&bytes[start..scan.end]) };
         Ok((raw, scan.escaped))
     }

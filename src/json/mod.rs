@@ -4,6 +4,7 @@
 
 pub mod ascii;
 pub mod compact;
+pub mod lines;
 pub mod tape;
 pub mod utf16;
 

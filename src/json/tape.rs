@@ -244,8 +244,16 @@ pub fn scan_string(text: &[u8], start: usize) -> Result<StringScan, Invalid> {
             }
         }
     }
-    if control || (high && std::str::from_utf8(&text[start..at]).is_err()) {
+    if control {
         return Err(Invalid);
+    }
+    if high && std::str::from_utf8(&text[start..at]).is_err() {
+        // Python reads lines as bytes, decoded with "surrogatepass": a surrogate encoded in
+        // UTF-8 bytes is a lone surrogate to it, like an escaped one.
+        if !super::utf16::is_utf8_with_surrogates(&text[start..at]) {
+            return Err(Invalid);
+        }
+        lone = true;
     }
     Ok(StringScan {
         end: at,
@@ -488,9 +496,10 @@ impl<'a> Doc<'a> {
     pub fn str(&self, i: usize) -> Cow<'a, str> {
         let t = self.tokens[i];
         let raw = self.raw(i);
-        if t.plain || !raw.contains(&b'\\') {
-            // SAFETY: `Tape::parse` checked every string span with non-ASCII bytes to be UTF-8,
-            // and the other spans are ASCII.
+        if t.plain || (!t.lone_surrogate && !raw.contains(&b'\\')) {
+            // SAFETY: `Tape::parse` checked every string span with non-ASCII bytes to be UTF-8
+            // (or flagged it `lone_surrogate`, for surrogates encoded as UTF-8 would encode
+            // them), and the other spans are ASCII.
             return Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(raw) });
         }
         if !t.lone_surrogate {
@@ -748,6 +757,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn surrogates_encoded_as_utf8_bytes_read_as_lone_surrogates() {
+        let mut tape = Tape::default();
+        let doc = tape.parse(b"[\"a\xed\xa0\xbdb\",\"\xc3\xa9\"]").unwrap();
+        assert!(doc.has_lone_surrogate());
+        assert!(doc.token(1).lone_surrogate && !doc.token(2).lone_surrogate);
+        assert_eq!(doc.str(1), "a\u{fffd}b");
+        assert_eq!(doc.units(1), [b'a' as u16, 0xd83d, b'b' as u16]);
+        assert_eq!(doc.str(2), "\u{e9}");
+        // Other invalid UTF-8 is still refused.
+        assert!(tape.parse(b"\"\xed\x9f\"").is_err());
+        assert!(tape.parse(b"\"\xc3\"").is_err());
     }
 
     #[test]

@@ -48,14 +48,70 @@ pub fn decode_units(raw: &[u8], units: &mut Vec<u16>) {
                 at += 1;
             }
             _ => {
-                // A validated span: the bytes from here to the next ASCII byte are UTF-8.
+                // A validated span: the bytes from here to the next ASCII byte are UTF-8, or
+                // surrogates encoded as UTF-8 would encode them.
                 let end = raw[at..]
                     .iter()
                     .position(u8::is_ascii)
                     .map_or(raw.len(), |n| at + n);
-                let text = String::from_utf8_lossy(&raw[at..end]);
-                units.extend(text.encode_utf16());
+                push_utf8_units(&raw[at..end], units);
                 at = end;
+            }
+        }
+    }
+}
+
+/// The three bytes UTF-8's pattern gives a surrogate (`ED A0 80` to `ED BF BF`), as its unit.
+fn encoded_surrogate(bytes: &[u8]) -> Option<u16> {
+    match *bytes {
+        [0xed, b1 @ 0xa0..=0xbf, b2 @ 0x80..=0xbf, ..] => {
+            Some(0xd000 | u16::from(b1 & 0x3f) << 6 | u16::from(b2 & 0x3f))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `bytes` are UTF-8 once surrogates encoded in UTF-8's pattern are allowed (what
+/// Python's `surrogatepass` decodes; strict UTF-8 refuses them).
+pub fn is_utf8_with_surrogates(mut bytes: &[u8]) -> bool {
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(_) => return true,
+            Err(e) => {
+                let rest = &bytes[e.valid_up_to()..];
+                if encoded_surrogate(rest).is_none() {
+                    return false;
+                }
+                bytes = &rest[3..];
+            }
+        }
+    }
+}
+
+/// Appends the units of UTF-8 bytes (surrogates encoded in UTF-8's pattern included; anything
+/// else invalid becomes U+FFFD).
+fn push_utf8_units(mut bytes: &[u8], units: &mut Vec<u16>) {
+    while !bytes.is_empty() {
+        let (valid, rest) = match std::str::from_utf8(bytes) {
+            Ok(text) => (text, &[][..]),
+            Err(e) => {
+                let (valid, rest) = bytes.split_at(e.valid_up_to());
+                // SAFETY: from_utf8 vouched for these bytes.
+                (unsafe { std::str::from_utf8_unchecked(valid) }, rest)
+            }
+        };
+        units.extend(valid.encode_utf16());
+        if rest.is_empty() {
+            break;
+        }
+        match encoded_surrogate(rest) {
+            Some(unit) => {
+                units.push(unit);
+                bytes = &rest[3..];
+            }
+            None => {
+                units.push(0xfffd);
+                bytes = &rest[1..];
             }
         }
     }
@@ -130,6 +186,13 @@ mod tests {
             "😀é/\n".encode_utf16().collect::<Vec<_>>()
         );
         assert_eq!(units_of(r"\ude00\ud83d"), [0xde00, 0xd83d]);
+        // Surrogates encoded as UTF-8 bytes, as Python's surrogatepass reads them.
+        let mut units = Vec::new();
+        decode_units(b"a\xed\xa0\xbd\xed\xb8\x80\xc3\xa9", &mut units);
+        assert_eq!(units, [b'a' as u16, 0xd83d, 0xde00, 0xe9]);
+        assert!(is_utf8_with_surrogates(b"a\xed\xbf\xbf\xc3\xa9"));
+        assert!(!is_utf8_with_surrogates(b"a\xed\x9f"));
+        assert!(!is_utf8_with_surrogates(b"\xff"));
     }
 
     /// Written as Python's `json.dumps` writes the same code units (checked against it).

@@ -18,10 +18,10 @@ use super::study::Study;
 use crate::deid::ExtensionReport;
 use crate::engine::source::{Bundle, RowProducer};
 use crate::etl::rows::{
-    SkipReason, Skipped, TableChunk, classify_invalid_json, classify_json_error, split_lines,
-    trim_ascii,
+    SkipReason, Skipped, TableChunk, classify_invalid_json, classify_json_error,
 };
 use crate::json::Tape;
+use crate::json::lines::{line_content, split_lines};
 
 /// Failed notes warned about one by one before the rest are only counted.
 const FAILURE_WARNINGS: u64 = 20;
@@ -192,10 +192,9 @@ impl NoteRows {
         let mut tape = Tape::default();
         let mut scrubbed = Vec::new();
         for (line, raw) in (b.first_line..).zip(split_lines(b.bytes)) {
-            let raw = trim_ascii(raw);
-            if raw.is_empty() {
+            let Some(raw) = line_content(raw) else {
                 continue;
-            }
+            };
             let mut skip = |reason, detail: String| {
                 on_skip(Skipped {
                     line_no: line,

@@ -146,13 +146,14 @@ pub fn sample_lines(resource_type: &str, prefix: &str, count: usize) -> Vec<(Vec
         .collect()
 }
 
-/// Python's `json.loads` verdict on each text: true where it parses (to any value).
+/// Python's verdict on each text, read as Cumulus ETL reads a line (`json.loads` on its bytes):
+/// true where it parses (to any value).
 pub fn python_accepts(texts: &[Vec<u8>]) -> Vec<bool> {
     let script = r#"
 import json, sys
 for line in sys.stdin.buffer.read().split(b"\n")[:-1]:
     try:
-        json.loads(line.decode("utf-8"))
+        json.loads(line)
         print(1)
     except Exception:
         print(0)

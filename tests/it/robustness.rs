@@ -381,3 +381,32 @@ fn unfit_rows(errors: &Path) -> usize {
         })
         .sum()
 }
+
+#[test]
+fn lines_are_framed_as_python_reads_them() {
+    // A byte order mark before the first line, a line of CRs, surrogates encoded in UTF-8
+    // bytes (Python's surrogatepass reads them as lone surrogates), and a line of spaces, which
+    // is no JSON (the reference warns about it; we count it).
+    let mut content = Vec::new();
+    content.extend_from_slice(b"\xef\xbb\xbf");
+    content.extend_from_slice(GOOD[0].as_bytes());
+    content.extend_from_slice(b"\n\r\n   \n");
+    content.extend_from_slice(
+        b"{\"resourceType\":\"Condition\",\"id\":\"s\",\"code\":{\"text\":\"a\xed\xa0\xbdb\"}}\n",
+    );
+    content.extend_from_slice(GOOD[1].as_bytes());
+    let run = run_on(
+        &[("Condition.ndjson", content)],
+        "ndjson",
+        &["--task=condition"],
+        &[],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let rows = ndjson_lines(&run.out.join("condition"));
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows[1].contains(r#""text":"a\ud83db""#), "{rows:?}");
+    let rejected = rejected_lines(&run.errors);
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0]["line"], 3);
+    assert_eq!(rejected[0]["reason"], "unparseable JSON");
+}
