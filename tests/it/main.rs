@@ -5,6 +5,7 @@ mod deid_fixtures;
 mod delta;
 mod delta_runs;
 mod etl_runs;
+mod fuzz_regressions;
 mod i2b2;
 mod mutate;
 mod mutations;
