@@ -136,6 +136,9 @@ impl<F: Future> Future for Guarded<F> {
 pub enum Site {
     /// De-identifying one input line (NAME: the input file's name, LINE: its line number).
     Line,
+    /// The NLP engine on one note, on the worker (NAME: the input file's name, LINE: the
+    /// note's line).
+    Note,
     /// A source, outside the per-line work (NAME: the input file's name).
     Source,
     /// A table writer on a worker thread (NAME: the table).
@@ -150,6 +153,7 @@ impl Site {
     fn parse(name: &str) -> Option<Site> {
         Some(match name {
             "line" => Site::Line,
+            "note" => Site::Note,
             "source" => Site::Source,
             "writer" => Site::Writer,
             "committer" => Site::Committer,

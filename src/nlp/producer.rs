@@ -22,6 +22,7 @@ use crate::etl::rows::{
 };
 use crate::json::Tape;
 use crate::json::lines::{line_content, split_lines};
+use crate::panic_guard::{self, Guarded, Site};
 
 /// Failed notes warned about one by one before the rest are only counted.
 const FAILURE_WARNINGS: u64 = 20;
@@ -180,17 +181,18 @@ impl NoteRows {
         }
     }
 
-    /// Selects, de-identifies and reads the notes of a bundle.
+    /// Selects, de-identifies and reads the notes of a bundle. A panic on one line (a bug) skips
+    /// that line as an internal error.
     fn read_notes(
         &self,
         b: &Bundle<'_>,
         report: &mut ExtensionReport,
         on_skip: &mut dyn FnMut(Skipped<'_>),
     ) -> Vec<NoteJob> {
-        let nlp = &self.shared;
         let mut jobs = Vec::new();
         let mut tape = Tape::default();
         let mut scrubbed = Vec::new();
+        let file_name = file_name_of(b.path);
         for (line, raw) in (b.first_line..).zip(split_lines(b.bytes)) {
             let Some(raw) = line_content(raw) else {
                 continue;
@@ -203,73 +205,107 @@ impl NoteRows {
                     raw,
                 })
             };
-            let note: Value = match serde_json::from_slice(raw) {
-                Ok(v) => v,
-                Err(e) => {
-                    let (reason, detail) = classify_json_error(raw, &e);
-                    skip(reason, detail);
-                    continue;
-                }
-            };
-            if note.get("resourceType").and_then(Value::as_str)
-                != Some(b.ctx.resource_type.as_str())
-            {
-                skip(
-                    SkipReason::WrongResourceType,
-                    format!("expected {}", b.ctx.resource_type),
-                );
-                continue;
-            }
-            nlp.stats.seen.fetch_add(1, Ordering::Relaxed);
-            if !is_selected(&nlp.study.source, &note) {
-                continue;
-            }
-            let Ok(doc) = tape.parse(raw) else {
-                let (reason, detail) = classify_invalid_json(raw);
-                skip(reason, detail);
-                continue;
-            };
-            scrubbed.clear();
-            if let Err(rejection) = b.shared.scrubber.scrub(&doc, &mut scrubbed, report) {
-                skip(SkipReason::of_rejection(&rejection), rejection.detail());
-                continue;
-            }
-            let note: Value =
-                serde_json::from_slice(&scrubbed).expect("the scrubber writes valid JSON");
-            nlp.stats.selected.fetch_add(1, Ordering::Relaxed);
-            let ids = match note_ids(&note) {
-                Ok(ids) => ids,
-                Err(why) => {
-                    nlp.fail(b.path, line, &why, raw);
-                    continue;
-                }
-            };
-            let text = match note_text(&note) {
-                Ok(t) => t,
-                Err(TextError::RemoteOnly) => {
-                    if !nlp.warned_remote.swap(true, Ordering::Relaxed) {
-                        eprintln!(
-                            "warning: some note texts are only available by URL and are not \
-                             fetched; inline them in the export first (they go to the errors folder)"
-                        );
-                    }
-                    nlp.fail(b.path, line, "text only available by URL", raw);
-                    continue;
-                }
-                Err(TextError::Unreadable(why)) => {
-                    nlp.fail(b.path, line, &format!("text unreadable: {why}"), raw);
-                    continue;
-                }
-            };
-            nlp.stats.with_text.fetch_add(1, Ordering::Relaxed);
-            jobs.push(NoteJob {
-                ids,
-                text,
-                line,
-                raw: raw.to_vec(),
+            let read = panic_guard::catch(|| {
+                panic_guard::inject(Site::Line, file_name, line);
+                self.read_note(
+                    b,
+                    (line, raw),
+                    (&mut tape, &mut scrubbed),
+                    report,
+                    &mut skip,
+                )
             });
+            match read {
+                Ok(Some(job)) => jobs.push(job),
+                Ok(None) => {}
+                Err(panic) => {
+                    tape = Tape::default();
+                    skip(SkipReason::InternalError, panic.to_string());
+                }
+            }
         }
         jobs
+    }
+
+    /// Selects, de-identifies and reads one note (None: skipped, failed, or not selected).
+    fn read_note(
+        &self,
+        b: &Bundle<'_>,
+        (line, raw): (u64, &[u8]),
+        (tape, scrubbed): (&mut Tape, &mut Vec<u8>),
+        report: &mut ExtensionReport,
+        skip: &mut dyn FnMut(SkipReason, String),
+    ) -> Option<NoteJob> {
+        let nlp = &self.shared;
+        let note: Value = match serde_json::from_slice(raw) {
+            Ok(v) => v,
+            Err(e) => {
+                let (reason, detail) = classify_json_error(raw, &e);
+                skip(reason, detail);
+                return None;
+            }
+        };
+        if note.get("resourceType").and_then(Value::as_str) != Some(b.ctx.resource_type.as_str()) {
+            skip(
+                SkipReason::WrongResourceType,
+                format!("expected {}", b.ctx.resource_type),
+            );
+            return None;
+        }
+        nlp.stats.seen.fetch_add(1, Ordering::Relaxed);
+        if !is_selected(&nlp.study.source, &note) {
+            return None;
+        }
+        let Ok(doc) = tape.parse(raw) else {
+            let (reason, detail) = classify_invalid_json(raw);
+            skip(reason, detail);
+            return None;
+        };
+        scrubbed.clear();
+        if let Err(rejection) = b.shared.scrubber.scrub(&doc, scrubbed, report) {
+            skip(SkipReason::of_rejection(&rejection), rejection.detail());
+            return None;
+        }
+        let Ok(note) = serde_json::from_slice::<Value>(scrubbed) else {
+            // Only a lone surrogate, which serde_json's strings cannot hold, gets here.
+            skip(
+                SkipReason::UnpairedSurrogate,
+                "notes are read as UTF-8 text".into(),
+            );
+            return None;
+        };
+        nlp.stats.selected.fetch_add(1, Ordering::Relaxed);
+        let ids = match note_ids(&note) {
+            Ok(ids) => ids,
+            Err(why) => {
+                nlp.fail(b.path, line, &why, raw);
+                return None;
+            }
+        };
+        let text = match note_text(&note) {
+            Ok(t) => t,
+            Err(TextError::RemoteOnly) => {
+                if !nlp.warned_remote.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "warning: some note texts are only available by URL and are not \
+                         fetched; inline them in the export first (they go to the errors folder)"
+                    );
+                }
+                nlp.fail(b.path, line, "text only available by URL", raw);
+                return None;
+            }
+            Err(TextError::Unreadable(why)) => {
+                nlp.fail(b.path, line, &format!("text unreadable: {why}"), raw);
+                return None;
+            }
+        };
+        nlp.stats.with_text.fetch_add(1, Ordering::Relaxed);
+        Some(NoteJob {
+            ids,
+            text,
+            line,
+            raw: raw.to_vec(),
+        })
     }
 
     /// Stores a finished note; returns the bundle's chunk when it was the last one.
@@ -335,9 +371,15 @@ impl RowProducer for NoteRows {
             Dispatch::Inline(engine) => {
                 let mut out = Vec::new();
                 for note in 0..count {
-                    let text = &self.pending[&id].jobs[note].as_ref().expect("queued").text;
-                    let findings = engine.find_now(text);
-                    out.extend(self.finish_note(id, note, Ok(findings)));
+                    let pending = &self.pending[&id];
+                    let job = pending.jobs[note].as_ref().expect("queued");
+                    // A bug met on one note fails that note, as a server error would.
+                    let findings = panic_guard::catch(|| {
+                        panic_guard::inject(Site::Note, file_name_of(&pending.path), job.line);
+                        engine.find_now(&job.text)
+                    })
+                    .map_err(anyhow::Error::new);
+                    out.extend(self.finish_note(id, note, findings));
                 }
                 out
             }
@@ -348,7 +390,11 @@ impl RowProducer for NoteRows {
                     let engine = engine.clone();
                     let done = self.done_tx.clone();
                     runtime.spawn(async move {
-                        let outcome = engine.find(&text).await;
+                        // A panic must still answer, or the bundle would wait forever.
+                        let outcome = match Guarded::new(engine.find(&text)).await {
+                            Ok(outcome) => outcome,
+                            Err(panic) => Err(anyhow::Error::new(panic)),
+                        };
                         let _ = done.send((id, note, outcome));
                     });
                 }
@@ -368,4 +414,12 @@ impl RowProducer for NoteRows {
     fn in_flight(&self) -> bool {
         !self.pending.is_empty()
     }
+}
+
+/// The file name of a path, for matching an injected panic.
+fn file_name_of(path: &str) -> &str {
+    std::path::Path::new(path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(path)
 }

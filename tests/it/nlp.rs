@@ -522,3 +522,49 @@ fn nlp_and_fhir_tasks_do_not_mix() {
     assert_eq!(run.status.code(), Some(35));
     assert!(stderr(&run).contains("covid_symptom__nlp_results_term_exists"));
 }
+
+/// A bug met while reading one note line skips that line; one met by the engine on one note
+/// fails that note; the other notes are analysed and the run ends.
+#[test]
+fn a_panic_on_one_note_costs_that_note_only() {
+    let notes = [
+        ed_note("a", "Reports a dry cough since Monday."),
+        ed_note("b", "Fever and cough."),
+    ];
+    for (site, code) in [
+        ("line:DocumentReference.ndjson:1", Some(0)),
+        ("note:DocumentReference.ndjson:1", Some(19)),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let phi = phi_from_fixture(tmp.path());
+        let input = write_input(tmp.path(), &notes);
+        let out = tmp.path().join("out");
+        let run = crate::support::run_etl_within(
+            &[
+                "nlp",
+                input.to_str().unwrap(),
+                out.to_str().unwrap(),
+                phi.to_str().unwrap(),
+                "--task=covid_symptom__nlp_results",
+                "--output-format=ndjson",
+            ],
+            &[("CUMULUS_ETL_TEST_PANIC", site)],
+            std::time::Duration::from_secs(60),
+        );
+        let log = stderr(&run);
+        assert_eq!(run.status.code(), code, "{site}: {log}");
+        let rows = results(&out.join("covid_symptom/nlp_results_v4"));
+        let texts: Vec<&str> = rows
+            .values()
+            .filter_map(|r| r["match"]["text"].as_str())
+            .collect();
+        assert!(
+            texts.contains(&"Fever") && !texts.contains(&"dry cough"),
+            "{site}: {texts:?}"
+        );
+        assert!(
+            log.contains("internal error at src/panic_guard.rs"),
+            "{site}: {log}"
+        );
+    }
+}
