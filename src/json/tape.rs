@@ -29,7 +29,8 @@ pub struct Token {
     /// Numbers: a plain integer that prints back unchanged.
     pub plain: bool,
     /// Strings and keys: an escape of an unpaired UTF-16 surrogate (`\\ud800` to `\\udfff`),
-    /// which Python reads and writes back but Rust strings cannot hold.
+    /// or a surrogate encoded as UTF-8 bytes (a code point of its own to Python, even beside
+    /// its other half), which Python reads and writes back but Rust strings cannot hold.
     pub lone_surrogate: bool,
     pub start: u32,
     pub end: u32,
