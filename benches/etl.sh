@@ -13,7 +13,8 @@
 #      count) and the highest peak RSS, since single runs on a shared machine vary by a third),
 #      REFERENCE (path of the reference `cumulus-etl`, default its venv from
 #      ../shared/tools/reference-cumulus.sh; "none" skips it), REFERENCE_RERUN=1 (time it again
-#      instead of reusing the cached timing for this input).
+#      instead of reusing the cached timing for this input), BIN (a binary to run instead of
+#      building this checkout's, e.g. to compare two versions run by run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,9 +34,13 @@ if [ ! -d "$input" ]; then
     python3 ../shared/tools/replicate_bulk.py --target-mb "$size_mb" tests/data/synthea-10 "$input.tmp"
     mv "$input.tmp" "$input"
 fi
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/cumulus-etl-target}
-cargo build --release --locked --quiet
-bin="$CARGO_TARGET_DIR/release/cumulus-etl"
+if [ -n "${BIN:-}" ]; then
+    bin=$BIN
+else
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/cumulus-etl-target}
+    cargo build --release --locked --quiet
+    bin="$CARGO_TARGET_DIR/release/cumulus-etl"
+fi
 input_mb=$(du -sm --apparent-size "$input" | cut -f1)
 resources=$(find "$input" -name '*.ndjson' ! -name log.ndjson -exec cat {} + | grep -c .)
 

@@ -341,11 +341,18 @@ pub fn stopped_run(shared: &RunShared, error: anyhow::Error) -> Fatal {
         Some(stopped) if stopped.cause == StopCause::Writing => ExitCode::TaskFailed,
         _ => ExitCode::Failure,
     };
+    let again = match shared.outputs.format {
+        OutputFormat::Deltalake => {
+            "Tables keep the batches committed before it; a re-run completes them"
+        }
+        OutputFormat::Ndjson | OutputFormat::Parquet => {
+            "The output folder holds part of the tables: run again into an empty one"
+        }
+    };
     Fatal::new(
         code,
         format!(
-            "The run stopped: {error:#}. Tables keep the batches committed before it; \
-             a re-run completes them. This is a bug: please report the message above."
+            "The run stopped: {error:#}. {again}. This is a bug: please report the message above."
         ),
     )
 }
