@@ -39,7 +39,8 @@ mkdir -p "regressions/$target"
 status=0
 cargo +nightly fuzz run --debug-assertions "$target" "$corpus" -- \
     -max_total_time="$seconds" -max_len=16384 -print_final_stats=1 "$@" || status=$?
-for found in artifacts/"$target"/*; do
+# Failures only: a "slow-unit" is a report, not a failure (and a paused fuzzer writes one).
+for found in artifacts/"$target"/{crash,oom,timeout,leak}-*; do
     [ -e "$found" ] || continue
     cp -n "$found" "regressions/$target/"
     echo "kept $(basename "$found") in fuzz/regressions/$target/" >&2

@@ -15,7 +15,7 @@ impl Formatter for AsciiFormatter {
         fragment: &str,
     ) -> io::Result<()> {
         // Python escapes every character outside printable ASCII, DEL (0x7f) included.
-        if fragment.bytes().all(|b| b < 0x7f) {
+        if fragment.is_ascii() && memchr::memchr(0x7f, fragment.as_bytes()).is_none() {
             return w.write_all(fragment.as_bytes());
         }
         let mut start = 0;

@@ -321,10 +321,22 @@ impl Parser<'_, '_> {
     }
 
     fn push(&mut self, kind: Kind, plain: bool, start: usize, end: usize) -> usize {
+        self.push_token(kind, plain, false, start, end)
+    }
+
+    #[inline]
+    fn push_token(
+        &mut self,
+        kind: Kind,
+        plain: bool,
+        lone_surrogate: bool,
+        start: usize,
+        end: usize,
+    ) -> usize {
         self.tokens.push(Token {
             kind,
             plain,
-            lone_surrogate: false,
+            lone_surrogate,
             start: start as u32,
             end: end as u32,
         });
@@ -384,11 +396,12 @@ impl Parser<'_, '_> {
         Ok(())
     }
 
+    #[inline]
     fn string(&mut self, kind: Kind) -> Result<(), Invalid> {
         let scan = scan_string(self.text, self.pos + 1)?;
-        let at = self.push(kind, scan.plain, self.pos + 1, scan.end);
-        self.tokens[at].lone_surrogate = scan.lone_surrogate;
-        self.found.lone_surrogate |= scan.lone_surrogate;
+        let (start, lone) = (self.pos + 1, scan.lone_surrogate);
+        self.push_token(kind, scan.plain, lone, start, scan.end);
+        self.found.lone_surrogate |= lone;
         self.pos = scan.end + 1;
         Ok(())
     }
@@ -509,9 +522,16 @@ impl<'a> Doc<'a> {
                 return Cow::Owned(text);
             }
         }
-        // A lone surrogate has no Rust form: U+FFFD stands for it, which equals no name the
-        // rules look for. Values that are written out or hashed check `lone_surrogate` first.
-        Cow::Owned(String::from_utf16_lossy(&self.units(i)))
+        Cow::Owned(self.lossy(i))
+    }
+
+    /// A string a Rust `str` cannot hold: U+FFFD stands for each lone surrogate, which equals
+    /// no name the rules look for (values that are written out or hashed check
+    /// `lone_surrogate` first). Out of line, so `str` stays small where it is inlined.
+    #[cold]
+    #[inline(never)]
+    fn lossy(&self, i: usize) -> String {
+        String::from_utf16_lossy(&self.units(i))
     }
 
     /// The UTF-16 code units of a string or key token, as Python holds the string.
