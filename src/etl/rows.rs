@@ -30,6 +30,7 @@ pub enum SkipReason {
     UnpairedSurrogate,
     InternalError,
     UnfitForSchema,
+    NonFiniteNumber,
 }
 
 impl SkipReason {
@@ -64,6 +65,7 @@ impl SkipReason {
             SkipReason::UnpairedSurrogate => "text with an unpaired surrogate escape",
             SkipReason::InternalError => "internal error (a bug: please report it)",
             SkipReason::UnfitForSchema => "value of another type than its column's",
+            SkipReason::NonFiniteNumber => "NaN, Infinity or a number beyond a double",
         }
     }
 }
@@ -367,6 +369,9 @@ pub fn classify_json_error(raw: &[u8], e: &serde_json::Error) -> (SkipReason, St
     let at = format!("column {}", e.column());
     if msg.contains("recursion limit") {
         (SkipReason::TooDeeplyNested, at)
+    } else if msg.starts_with("number out of range") || is_python_only_number(raw, e.column()) {
+        // Python reads these (as nan and inf) and writes them back as no JSON reader reads.
+        (SkipReason::NonFiniteNumber, at)
     } else if std::str::from_utf8(raw).is_err() {
         (SkipReason::InvalidUtf8, at)
     } else {
@@ -378,6 +383,18 @@ pub fn classify_json_error(raw: &[u8], e: &serde_json::Error) -> (SkipReason, St
             .to_string();
         (SkipReason::InvalidJson, format!("{kind} at {at}"))
     }
+}
+
+/// Whether the value where serde_json stopped (1-based `column`) is one of the number words
+/// Python's reader takes and JSON lacks: `NaN`, `Infinity`, `-Infinity`.
+fn is_python_only_number(raw: &[u8], column: usize) -> bool {
+    let at = column.saturating_sub(1);
+    [at.saturating_sub(1), at].iter().any(|&from| {
+        let rest = raw.get(from..).unwrap_or_default();
+        [&b"NaN"[..], b"Infinity", b"-Infinity"]
+            .iter()
+            .any(|word| rest.starts_with(word))
+    })
 }
 
 /// Writes a skipped line to the errors folder's rejected-rows file (this file holds PHI).
@@ -489,5 +506,25 @@ mod tests {
             assert_shape_is_complete("DocumentReference", text.as_bytes()),
             2
         );
+    }
+
+    #[test]
+    fn numbers_python_reads_and_json_lacks_are_named() {
+        for line in [
+            &br#"{"a":NaN}"#[..],
+            br#"{"a":-Infinity}"#,
+            br#"[1,Infinity]"#,
+            br#"{"a":1e400}"#,
+        ] {
+            let (reason, _) = classify_invalid_json(line);
+            assert_eq!(
+                reason,
+                SkipReason::NonFiniteNumber,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        let (reason, _) = classify_invalid_json(br#"{"a":Nope}"#);
+        assert_eq!(reason, SkipReason::InvalidJson);
     }
 }
