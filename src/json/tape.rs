@@ -541,6 +541,26 @@ impl<'a> Doc<'a> {
         units
     }
 
+    /// The value at `i` as a `serde_json::Value`, for the rare reader that needs a tree of a
+    /// document serde_json itself refuses: lone surrogates read as U+FFFD (see `str`).
+    pub fn to_value(&self, i: usize) -> serde_json::Value {
+        use serde_json::Value;
+        let t = self.tokens[i];
+        match t.kind {
+            Kind::Object => Value::Object(
+                self.entries(i)
+                    .map(|(k, v)| (self.str(k).into_owned(), self.to_value(v)))
+                    .collect(),
+            ),
+            Kind::Array => Value::Array(self.items(i).map(|v| self.to_value(v)).collect()),
+            Kind::String | Kind::Key => Value::String(self.str(i).into_owned()),
+            Kind::Number => serde_json::from_slice(self.raw(i)).unwrap_or(Value::Null),
+            Kind::True => Value::Bool(true),
+            Kind::False => Value::Bool(false),
+            Kind::Null => Value::Null,
+        }
+    }
+
     /// Whether key token `i` is exactly `name`.
     pub fn key_is(&self, i: usize, name: &str) -> bool {
         let t = self.tokens[i];
@@ -778,6 +798,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_tree_of_any_document_the_tape_reads() {
+        let text = r#"{"a":[1,-2.5,true,null,"x\ud83d"],"b":{"c":"\u00e9"},"a":0}"#;
+        let mut tape = Tape::default();
+        let value = tape.parse(text.as_bytes()).unwrap().to_value(0);
+        assert_eq!(value, serde_json::json!({"a": 0, "b": {"c": "é"}}));
+        let value = tape
+            .parse(br#"[1,-2.5,true,null,"x\ud83d"]"#)
+            .unwrap()
+            .to_value(0);
+        assert_eq!(value, serde_json::json!([1, -2.5, true, null, "x\u{fffd}"]));
     }
 
     #[test]

@@ -17,9 +17,7 @@ use super::note::{NoteIds, TextError, is_selected, note_ids, note_text};
 use super::study::Study;
 use crate::deid::ExtensionReport;
 use crate::engine::source::{Bundle, RowProducer};
-use crate::etl::rows::{
-    SkipReason, Skipped, TableChunk, classify_invalid_json, classify_json_error,
-};
+use crate::etl::rows::{SkipReason, Skipped, TableChunk, classify_invalid_json};
 use crate::json::Tape;
 use crate::json::lines::{line_content, split_lines};
 use crate::panic_guard::{self, Guarded, Site};
@@ -237,14 +235,13 @@ impl NoteRows {
         skip: &mut dyn FnMut(SkipReason, String),
     ) -> Option<NoteJob> {
         let nlp = &self.shared;
-        let note: Value = match serde_json::from_slice(raw) {
-            Ok(v) => v,
-            Err(e) => {
-                let (reason, detail) = classify_json_error(raw, &e);
-                skip(reason, detail);
-                return None;
-            }
+        let Ok(doc) = tape.parse(raw) else {
+            let (reason, detail) = classify_invalid_json(raw);
+            skip(reason, detail);
+            return None;
         };
+        // Notes are selected and read from a tree; a lone surrogate reads as U+FFFD there.
+        let note: Value = serde_json::from_slice(raw).unwrap_or_else(|_| doc.to_value(0));
         if note.get("resourceType").and_then(Value::as_str) != Some(b.ctx.resource_type.as_str()) {
             skip(
                 SkipReason::WrongResourceType,
@@ -256,23 +253,21 @@ impl NoteRows {
         if !is_selected(&nlp.study.source, &note) {
             return None;
         }
-        let Ok(doc) = tape.parse(raw) else {
-            let (reason, detail) = classify_invalid_json(raw);
-            skip(reason, detail);
-            return None;
-        };
         scrubbed.clear();
         if let Err(rejection) = b.shared.scrubber.scrub(&doc, scrubbed, report) {
             skip(SkipReason::of_rejection(&rejection), rejection.detail());
             return None;
         }
-        let Ok(note) = serde_json::from_slice::<Value>(scrubbed) else {
-            // Only a lone surrogate, which serde_json's strings cannot hold, gets here.
-            skip(
-                SkipReason::UnpairedSurrogate,
-                "notes are read as UTF-8 text".into(),
-            );
-            return None;
+        let note = match serde_json::from_slice::<Value>(scrubbed) {
+            Ok(note) => note,
+            // A lone surrogate, which serde_json's strings cannot hold.
+            Err(_) => match Tape::default().parse(scrubbed) {
+                Ok(doc) => doc.to_value(0),
+                Err(_) => {
+                    skip(SkipReason::InvalidJson, "a scrubbed note".into());
+                    return None;
+                }
+            },
         };
         nlp.stats.selected.fetch_add(1, Ordering::Relaxed);
         let ids = match note_ids(&note) {

@@ -568,3 +568,36 @@ fn a_panic_on_one_note_costs_that_note_only() {
         );
     }
 }
+
+/// A note with a lone surrogate escape (which Python reads) outside its text is selected and
+/// analysed like any other.
+#[test]
+fn a_note_with_a_lone_surrogate_is_analysed() {
+    let note = ed_note("a", "Reports a dry cough since Monday.");
+    let marked = note.replace(
+        r#""status":"current""#,
+        r#""status":"current","description":"x\ud83d""#,
+    );
+    assert_ne!(note, marked);
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = phi_from_fixture(tmp.path());
+    let input = write_input(tmp.path(), &[marked]);
+    let out = tmp.path().join("out");
+    let run = run_nlp(
+        None,
+        &[
+            input.to_str().unwrap(),
+            out.to_str().unwrap(),
+            phi.to_str().unwrap(),
+            "--task=covid_symptom__nlp_results",
+            "--output-format=ndjson",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let rows = results(&out.join("covid_symptom/nlp_results_v4"));
+    let texts: Vec<&str> = rows
+        .values()
+        .filter_map(|r| r["match"]["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["dry cough"], "{}", stderr(&run));
+}
