@@ -266,14 +266,31 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
             _ => {}
         }
         if sub != "etl" {
-            let code = if matches!(sub.as_str(), "export" | "inline") {
-                ExitCode::FeatureRemoved
-            } else {
-                ExitCode::ArgsInvalid
+            let replacement = match sub.as_str() {
+                "export" => Some("smart-fetch bulk"),
+                "inline" => Some("smart-fetch hydrate --tasks inline"),
+                _ => None,
             };
-            eprintln!("The '{sub}' command is not available in this version of cumulus-etl.");
-            return code as i32;
+            let Some(replacement) = replacement else {
+                eprintln!("The '{sub}' command is not available in this version of cumulus-etl.");
+                return ExitCode::ArgsInvalid as i32;
+            };
+            // Cumulus ETL's words.
+            eprintln!(
+                "The 'cumulus-etl {sub}' command has been removed.\n\
+                 Please use '{replacement}' instead.\n\
+                 See https://docs.smarthealthit.org/cumulus/fetch/ for more information."
+            );
+            return ExitCode::FeatureRemoved as i32;
         }
+    }
+    let removed: Vec<&str> = REMOVED_EHR_FLAGS
+        .iter()
+        .chain(&REMOVED_ETL_FLAGS)
+        .copied()
+        .collect();
+    if let Some(code) = refuse_removed_flags(&args, &removed) {
+        return code;
     }
     let parsed: EtlArgs = match parse(&args) {
         Ok(a) => a,
@@ -290,6 +307,36 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
     finish_run(options_from(parsed).and_then(|o| crate::etl::run(&o)))
 }
 
+/// The EHR-export flags Cumulus ETL removed from `etl` and `nlp` (exporting moved to SMART
+/// Fetch); they exit 59 with its pointer, as upstream does, rather than as unknown arguments.
+const REMOVED_EHR_FLAGS: [&str; 7] = [
+    "--smart-client-id",
+    "--smart-key",
+    "--basic-user",
+    "--basic-passwd",
+    "--bearer-token",
+    "--fhir-url",
+    "--smart-jwks",
+];
+/// The export flags removed from `etl` alone.
+const REMOVED_ETL_FLAGS: [&str; 4] = ["--since", "--until", "--resume", "--export-to"];
+
+/// Exit code 59 and Cumulus ETL's message if `args` use one of the `removed` flags.
+fn refuse_removed_flags(args: &[String], removed: &[&str]) -> Option<i32> {
+    let flag = args
+        .iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .map(|a| a.split('=').next().unwrap_or(a))
+        .find(|a| removed.contains(a))?;
+    eprintln!(
+        "The {flag} flag has been removed.\n\
+         Please use SMART Fetch to extract FHIR data from your EHR instead:\n  \
+         https://docs.smarthealthit.org/cumulus/fetch/"
+    );
+    Some(ExitCode::FeatureRemoved as i32)
+}
+
 fn finish_run(result: Result<ExitCode, Fatal>) -> i32 {
     match result {
         Ok(code) => code as i32,
@@ -301,6 +348,9 @@ fn finish_run(result: Result<ExitCode, Fatal>) -> i32 {
 }
 
 fn run_nlp(args: &[String]) -> i32 {
+    if let Some(code) = refuse_removed_flags(args, &REMOVED_EHR_FLAGS) {
+        return code;
+    }
     let a: NlpArgs = match parse(args) {
         Ok(a) => a,
         Err(code) => return code,

@@ -258,3 +258,53 @@ fn a_small_memory_budget_still_completes_with_all_rows() {
         serde_json::from_slice(&std::fs::read(phi.join("codebook.json")).unwrap()).unwrap();
     assert_eq!(cb["id_salt"].as_str().unwrap().len(), 64);
 }
+
+/// Options and commands Cumulus ETL removed exit 59 with its pointer to their replacement, not
+/// as unknown arguments.
+#[test]
+fn removed_options_and_commands_exit_59_with_upstreams_pointer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let (input, output, phi) = (dir("in"), dir("out"), dir("phi"));
+    for flag in [
+        "--fhir-url=http://ehr",
+        "--smart-client-id=x",
+        "--smart-key=k",
+        "--smart-jwks=k",
+        "--basic-user=u",
+        "--basic-passwd=p",
+        "--bearer-token=t",
+        "--since=2020",
+        "--until=2021",
+        "--resume=url",
+        "--export-to=dir",
+    ] {
+        let run = run_etl(&["etl", flag, &input, &output, &phi]);
+        let name = flag.split('=').next().unwrap();
+        assert_eq!(run.status.code(), Some(59), "{flag}: {}", stderr(&run));
+        assert!(
+            stderr(&run).starts_with(&format!(
+                "The {name} flag has been removed.\nPlease use SMART Fetch"
+            )),
+            "{flag}: {}",
+            stderr(&run)
+        );
+    }
+    let nlp = run_etl(&["nlp", "--bearer-token", "t", &input, &output, &phi]);
+    assert_eq!(nlp.status.code(), Some(59), "{}", stderr(&nlp));
+    // `--since` never was an NLP option: an unknown argument there.
+    let nlp = run_etl(&["nlp", "--since=2020", &input, &output, &phi]);
+    assert_eq!(nlp.status.code(), Some(2), "{}", stderr(&nlp));
+    for (command, replacement) in [
+        ("export", "'smart-fetch bulk'"),
+        ("inline", "'smart-fetch hydrate --tasks inline'"),
+    ] {
+        let run = run_etl(&[command, &input]);
+        assert_eq!(run.status.code(), Some(59), "{command}");
+        assert!(
+            stderr(&run).contains(&format!("Please use {replacement} instead.")),
+            "{command}: {}",
+            stderr(&run)
+        );
+    }
+}
