@@ -296,9 +296,7 @@ impl SourceState {
         let mut skipped: BTreeMap<SkipReason, u64> = BTreeMap::new();
         let path = file.path.display().to_string();
         self.in_hand = Some((path.clone(), first_line));
-        if let Some(name) = file.path.file_name() {
-            panic_guard::inject(Site::Source, &name.to_string_lossy(), first_line);
-        }
+        panic_guard::inject(Site::Source, &path, first_line);
         let mut on_skip = |s: Skipped<'_>| {
             *skipped.entry(s.reason).or_default() += 1;
             shared.warn_skip(&path, &s);

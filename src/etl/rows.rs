@@ -246,10 +246,6 @@ pub fn process_bundle(
     report: &mut ExtensionReport,
     on_skip: &mut dyn FnMut(Skipped<'_>),
 ) {
-    let file_name = std::path::Path::new(lines.path)
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
     let mut tape = Tape::default();
     for (this_line, raw) in (lines.first_line..).zip(split_lines(lines.bytes)) {
         let Some(trimmed) = line_content(raw) else {
@@ -257,7 +253,7 @@ pub fn process_bundle(
         };
         let marks = (main.mark(), completion.as_ref().map(TableChunk::mark));
         let outcome = panic_guard::catch(|| {
-            panic_guard::inject(Site::Line, &file_name, this_line);
+            panic_guard::inject(Site::Line, lines.path, this_line);
             process_line(
                 ctx,
                 scrubber,

@@ -190,7 +190,6 @@ impl NoteRows {
         let mut jobs = Vec::new();
         let mut tape = Tape::default();
         let mut scrubbed = Vec::new();
-        let file_name = file_name_of(b.path);
         for (line, raw) in (b.first_line..).zip(split_lines(b.bytes)) {
             let Some(raw) = line_content(raw) else {
                 continue;
@@ -204,7 +203,7 @@ impl NoteRows {
                 })
             };
             let read = panic_guard::catch(|| {
-                panic_guard::inject(Site::Line, file_name, line);
+                panic_guard::inject(Site::Line, b.path, line);
                 self.read_note(
                     b,
                     (line, raw),
@@ -370,7 +369,7 @@ impl RowProducer for NoteRows {
                     let job = pending.jobs[note].as_ref().expect("queued");
                     // A bug met on one note fails that note, as a server error would.
                     let findings = panic_guard::catch(|| {
-                        panic_guard::inject(Site::Note, file_name_of(&pending.path), job.line);
+                        panic_guard::inject(Site::Note, &pending.path, job.line);
                         engine.find_now(&job.text)
                     })
                     .map_err(anyhow::Error::new);
@@ -409,12 +408,4 @@ impl RowProducer for NoteRows {
     fn in_flight(&self) -> bool {
         !self.pending.is_empty()
     }
-}
-
-/// The file name of a path, for matching an injected panic.
-fn file_name_of(path: &str) -> &str {
-    std::path::Path::new(path)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or(path)
 }

@@ -75,6 +75,36 @@ fn write_input(dir: &Path, lines: &[String]) -> PathBuf {
     input
 }
 
+/// An embedded-engine run of the covid task on `notes` (NDJSON output, the fixture's codebook,
+/// `env` added), killed as hung after a minute; returns the run and its result rows.
+fn embedded_run(notes: &[String], env: &[(&str, &str)]) -> (Output, BTreeMap<String, Value>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = phi_from_fixture(tmp.path());
+    let input = write_input(tmp.path(), notes);
+    let out = tmp.path().join("out");
+    let run = crate::support::run_etl_within(
+        &[
+            "nlp",
+            input.to_str().unwrap(),
+            out.to_str().unwrap(),
+            phi.to_str().unwrap(),
+            "--task=covid_symptom__nlp_results",
+            "--output-format=ndjson",
+        ],
+        env,
+        Duration::from_secs(60),
+    );
+    let rows = results(&out.join("covid_symptom/nlp_results_v4"));
+    (run, rows)
+}
+
+/// The matched texts of result rows.
+fn matched_texts(rows: &BTreeMap<String, Value>) -> Vec<&str> {
+    rows.values()
+        .filter_map(|r| r["match"]["text"].as_str())
+        .collect()
+}
+
 /// A `--nlp-engine=ctakes` run of the covid task on `notes` in folder `tmp`, NDJSON output,
 /// with `extra` options; returns the run and the folder of its result files.
 fn server_run(
@@ -424,21 +454,8 @@ fn embedded_engine_on_synthea_and_negation() {
         ),
         ed_note("b", "No fever, no cough."),
     ];
-    let tmp2 = tempfile::tempdir().unwrap();
-    let input = write_input(tmp2.path(), &notes);
-    let out2 = tmp2.path().join("out");
-    let run = run_nlp(
-        None,
-        &[
-            input.to_str().unwrap(),
-            out2.to_str().unwrap(),
-            phi.to_str().unwrap(),
-            "--task=covid_symptom__nlp_results",
-            "--output-format=ndjson",
-        ],
-    );
+    let (run, rows) = embedded_run(&notes, &[]);
     assert!(run.status.success(), "{}", stderr(&run));
-    let rows = results(&out2.join("covid_symptom/nlp_results_v4"));
     let found: Vec<Option<&str>> = rows.values().map(|r| r["match"]["text"].as_str()).collect();
     assert_eq!(found.len(), 2, "{rows:?}");
     assert!(found.contains(&Some("dry cough")), "{found:?}");
@@ -535,29 +552,10 @@ fn a_panic_on_one_note_costs_that_note_only() {
         ("line:DocumentReference.ndjson:1", Some(0)),
         ("note:DocumentReference.ndjson:1", Some(19)),
     ] {
-        let tmp = tempfile::tempdir().unwrap();
-        let phi = phi_from_fixture(tmp.path());
-        let input = write_input(tmp.path(), &notes);
-        let out = tmp.path().join("out");
-        let run = crate::support::run_etl_within(
-            &[
-                "nlp",
-                input.to_str().unwrap(),
-                out.to_str().unwrap(),
-                phi.to_str().unwrap(),
-                "--task=covid_symptom__nlp_results",
-                "--output-format=ndjson",
-            ],
-            &[("CUMULUS_ETL_TEST_PANIC", site)],
-            std::time::Duration::from_secs(60),
-        );
+        let (run, rows) = embedded_run(&notes, &[("CUMULUS_ETL_TEST_PANIC", site)]);
         let log = stderr(&run);
         assert_eq!(run.status.code(), code, "{site}: {log}");
-        let rows = results(&out.join("covid_symptom/nlp_results_v4"));
-        let texts: Vec<&str> = rows
-            .values()
-            .filter_map(|r| r["match"]["text"].as_str())
-            .collect();
+        let texts = matched_texts(&rows);
         assert!(
             texts.contains(&"Fever") && !texts.contains(&"dry cough"),
             "{site}: {texts:?}"
@@ -579,25 +577,7 @@ fn a_note_with_a_lone_surrogate_is_analysed() {
         r#""status":"current","description":"x\ud83d""#,
     );
     assert_ne!(note, marked);
-    let tmp = tempfile::tempdir().unwrap();
-    let phi = phi_from_fixture(tmp.path());
-    let input = write_input(tmp.path(), &[marked]);
-    let out = tmp.path().join("out");
-    let run = run_nlp(
-        None,
-        &[
-            input.to_str().unwrap(),
-            out.to_str().unwrap(),
-            phi.to_str().unwrap(),
-            "--task=covid_symptom__nlp_results",
-            "--output-format=ndjson",
-        ],
-    );
+    let (run, rows) = embedded_run(&[marked], &[]);
     assert!(run.status.success(), "{}", stderr(&run));
-    let rows = results(&out.join("covid_symptom/nlp_results_v4"));
-    let texts: Vec<&str> = rows
-        .values()
-        .filter_map(|r| r["match"]["text"].as_str())
-        .collect();
-    assert_eq!(texts, ["dry cough"], "{}", stderr(&run));
+    assert_eq!(matched_texts(&rows), ["dry cough"], "{}", stderr(&run));
 }
