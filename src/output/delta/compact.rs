@@ -13,6 +13,7 @@ use deltalake::datafile::reader::ParquetFileReader;
 use deltalake::kernel::{Action, Add, Remove};
 use futures::StreamExt;
 
+use super::deletion_vectors::deleted_rows;
 use super::file_merge::{close_writer, read_file};
 use super::files::TableFiles;
 
@@ -72,8 +73,9 @@ pub async fn compact_by_file(
             let mut writer = files.writer(&schema);
             let copied = async {
                 for &i in &bin {
-                    let path = &stored[i].0;
-                    let mut slices = read_file(&reader, path, &schema).await?;
+                    let (path, _, remove) = &stored[i];
+                    let deleted = deleted_rows(table, remove.deletion_vector.clone()).await?;
+                    let mut slices = read_file(&reader, path, &schema, deleted).await?;
                     while let Some(slice) = slices.next().await {
                         let slice = slice.with_context(|| format!("reading {path}"))?;
                         writer.write(&slice).await?;

@@ -30,6 +30,7 @@ use deltalake::operations::write::writer::DeltaWriter;
 use futures::StreamExt;
 
 use super::conform::conform_batch;
+use super::deletion_vectors::{DeletedRows, deleted_rows, drop_deleted};
 use super::files::TableFiles;
 use super::ledger::key_columns;
 use super::merge_source::MergeSource;
@@ -40,8 +41,8 @@ use crate::output::ENCODE_SLICE_ROWS;
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Why a table cannot be merged file by file, if it cannot: a raw read of its Parquet files
-/// would misread it (physical column names, partition values kept in paths, or rows that a
-/// deletion vector removes). Such tables use delta-rs's MERGE.
+/// would misread it (physical column names, or partition values kept in paths). Such tables
+/// use delta-rs's MERGE.
 pub fn unsupported(table: &deltalake::DeltaTable) -> Result<Option<&'static str>> {
     let state = table.snapshot()?;
     let mapping = state
@@ -53,13 +54,6 @@ pub fn unsupported(table: &deltalake::DeltaTable) -> Result<Option<&'static str>
     }
     if !state.metadata().partition_columns().is_empty() {
         return Ok(Some("partition columns"));
-    }
-    if state
-        .log_data()
-        .iter()
-        .any(|file| file.deletion_vector_descriptor().is_some())
-    {
-        return Ok(Some("deletion vectors"));
     }
     Ok(None)
 }
@@ -114,7 +108,8 @@ async fn merge_into(
     let mut removes: Vec<Remove> = Vec::new();
     for file in state.log_data().iter() {
         let path = file.object_store_path();
-        let read = || read_file(&reader, &path, &schema);
+        let deleted = deleted_rows(table, file.deletion_vector_descriptor()).await?;
+        let read = || read_file(&reader, &path, &schema, deleted.clone());
         // First pass: does any row of this file change?
         let mut changes = Changes::default();
         let mut slices = read().await?;
@@ -173,6 +168,87 @@ async fn merge_into(
     Ok(outcome)
 }
 
+/// Deletes the rows whose `column` (a string column) is one of `ids` from the table's active
+/// files: each file holding one is written again without them (or removed, if none is left).
+/// Nothing is committed: the caller records the returned actions. On error, files this call
+/// wrote are removed.
+pub async fn delete_by_file(
+    table: &deltalake::DeltaTable,
+    files: &TableFiles,
+    column: &str,
+    ids: &HashSet<&str>,
+) -> Result<MergeOutcome> {
+    let mut written: Vec<Add> = Vec::new();
+    let result = delete_from(table, files, column, ids, &mut written).await;
+    if result.is_err() {
+        files.remove(&written).await;
+    }
+    result
+}
+
+async fn delete_from(
+    table: &deltalake::DeltaTable,
+    files: &TableFiles,
+    column: &str,
+    ids: &HashSet<&str>,
+    written: &mut Vec<Add>,
+) -> Result<MergeOutcome> {
+    let state = table.snapshot()?;
+    let schema = state.snapshot().arrow_schema();
+    let reader = ParquetFileReader::new(table.log_store().object_store(None));
+    let kept = |slice: &RecordBatch| -> Result<BooleanArray> {
+        let values = slice
+            .column_by_name(column)
+            .with_context(|| format!("the column '{column}'"))?;
+        let values = arrow::compute::cast(values, &DataType::Utf8)?;
+        Ok(values
+            .as_string::<i32>()
+            .iter()
+            .map(|id| Some(!id.is_some_and(|id| ids.contains(id))))
+            .collect())
+    };
+    let mut outcome = MergeOutcome::default();
+    let mut removes: Vec<Remove> = Vec::new();
+    for file in state.log_data().iter() {
+        let path = file.object_store_path();
+        let deleted = deleted_rows(table, file.deletion_vector_descriptor()).await?;
+        let read = || read_file(&reader, &path, &schema, deleted.clone());
+        let mut hits = 0;
+        let mut slices = read().await?;
+        while let Some(slice) = slices.next().await {
+            let slice = slice.with_context(|| format!("reading {path}"))?;
+            hits += kept(&slice)?.false_count();
+        }
+        if hits == 0 {
+            continue;
+        }
+        let mut writer = None;
+        let mut slices = read().await?;
+        let copied = async {
+            while let Some(slice) = slices.next().await {
+                let slice = slice.with_context(|| format!("reading {path}"))?;
+                let rows = filter_record_batch(&slice, &kept(&slice)?)?;
+                if rows.num_rows() > 0 {
+                    let writer = writer.get_or_insert_with(|| files.writer(&schema));
+                    writer.write(&rows).await?;
+                }
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        close_writer(writer, copied, "writing a rewritten data file", written).await?;
+        removes.push(file.remove_action(true));
+        outcome.files_rewritten += 1;
+        outcome.rows_deleted += hits;
+    }
+    outcome.actions = removes
+        .into_iter()
+        .map(Action::Remove)
+        .chain(written.iter().cloned().map(Action::Add))
+        .collect();
+    Ok(outcome)
+}
+
 /// Closes a writer once its rows are in, recording its files in `written`, or aborts it if
 /// writing them failed; with no writer (no rows), just passes the outcome on.
 pub async fn close_writer(
@@ -191,19 +267,31 @@ pub async fn close_writer(
     wrote
 }
 
-/// A data file's rows in slices, reshaped to `schema` (older files lack newer columns).
+/// A data file's rows in slices, reshaped to `schema` (older files lack newer columns),
+/// without the rows its deletion vector removes (`deleted`).
 pub async fn read_file(
     reader: &ParquetFileReader,
     path: &deltalake::Path,
     schema: &SchemaRef,
+    deleted: Option<DeletedRows>,
 ) -> Result<futures::stream::BoxStream<'static, Result<RecordBatch>>> {
     let stream = reader
         .read_file(path.clone())
         .await
         .with_context(|| format!("opening {path}"))?;
     let schema = schema.clone();
+    let mut position = 0u64;
     Ok(stream
-        .map(move |slice| conform_batch(&slice?, &schema))
+        .map(move |slice| {
+            let slice = slice?;
+            let start = position;
+            position += slice.num_rows() as u64;
+            let live = match &deleted {
+                Some(deleted) => drop_deleted(&slice, start, deleted)?,
+                None => slice,
+            };
+            conform_batch(&live, &schema)
+        })
         .boxed())
 }
 

@@ -21,6 +21,7 @@ use arrow::record_batch::RecordBatch;
 use super::conform::conform_batch;
 
 /// Where one slice of the source is.
+#[derive(Clone)]
 enum Slice {
     Memory(RecordBatch),
     /// Record batch `batch` of stage file `file`.
@@ -64,6 +65,19 @@ impl MergeSource {
             cache: VecDeque::new(),
             cached_bytes: 0,
             cache_limit,
+        }
+    }
+
+    /// The same rows, to be merged again (after a commit lost its race to another writer):
+    /// slices in memory are shared, stage files read again.
+    pub fn again(&self) -> MergeSource {
+        MergeSource {
+            schema: self.schema.clone(),
+            files: self.files.clone(),
+            slices: self.slices.clone(),
+            cache: VecDeque::new(),
+            cached_bytes: 0,
+            cache_limit: self.cache_limit,
         }
     }
 

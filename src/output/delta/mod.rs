@@ -7,12 +7,15 @@
 //! tables run in parallel) and reports each batch once committed, which is when the sink
 //! releases its memory.
 
+mod commit;
 mod compact;
 mod conform;
+mod deletion_vectors;
 mod file_merge;
 mod files;
 mod ledger;
 mod merge_source;
+mod protocol;
 mod stage;
 mod table;
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, anyhow};
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
+use delta_kernel::table_properties::DataSkippingNumIndexedCols;
 use deltalake::DeltaTable;
 use deltalake::datafusion::common::Column;
 use deltalake::datafusion::execution::context::SessionContext;
@@ -18,22 +19,24 @@ use deltalake::datafusion::functions::core::expr_fn::get_field;
 use deltalake::datafusion::logical_expr::{Expr, Operator, binary_expr, cast, lit};
 use deltalake::delta_datafusion::{DeltaRuntimeEnvBuilder, DeltaSessionContext};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, MetadataExt, StructType, Transaction};
-use deltalake::operations::create::CreateBuilder;
+use deltalake::kernel::{
+    Action, DomainMetadata, MetadataExt, Protocol, StructType, Transaction, new_metadata,
+};
+use deltalake::logstore::object_store::ObjectStoreExt as _;
 use deltalake::operations::optimize::OptimizeType;
-use deltalake::operations::write::SchemaMode;
 use deltalake::operations::write::WriterStatsConfig;
 use deltalake::protocol::{DeltaOperation, MergePredicate, SaveMode};
 use deltalake::table::config::TablePropertiesExt as _;
 use url::Url;
 
+use super::commit::{self, COMMIT_ATTEMPTS, CommitMeta, is_conflict};
 use super::compact;
 use super::conform::{adds_fields, conform_batch, union_schema};
 use super::file_merge::{self, MergeRules};
 use super::files::{TableFiles, WrittenFiles};
 use super::ledger::{Ledger, Route, key_fingerprints};
 use super::merge_source::MergeSource;
+use super::protocol;
 use super::stage::{MergeStage, StageDir, StagedFile, read_all, read_batch};
 use crate::engine::budget::{HeldMemory, MemoryBudget};
 use crate::output::{OnWritten, TableKind};
@@ -179,6 +182,11 @@ pub struct CumulusTable {
     table_features: Option<Option<&'static str>>,
     /// The table cannot be merged file by file, and the run has said so.
     warned_unsupported: bool,
+    /// Batches routed to an append may be appended: false once another writer committed to
+    /// the table during the run, since its rows may then share keys with them.
+    appends_safe: bool,
+    /// The clustering columns of a clustered table, which data files need statistics for.
+    clustering: Vec<String>,
 }
 
 impl CumulusTable {
@@ -200,7 +208,7 @@ impl CumulusTable {
             ),
         };
         let ledger = Ledger::new(schema, append_only, settings.routing_keys.clone());
-        Ok(CumulusTable {
+        let mut opened = CumulusTable {
             spec,
             table,
             settings,
@@ -209,7 +217,45 @@ impl CumulusTable {
             stage: MergeStage::default(),
             table_features: None,
             warned_unsupported: false,
-        })
+            appends_safe: true,
+            clustering: Vec::new(),
+        };
+        opened.check_protocol().await?;
+        Ok(opened)
+    }
+
+    /// Refuses a table whose protocol this tool cannot honour ([`protocol::check_writable`]),
+    /// and learns its clustering columns.
+    async fn check_protocol(&mut self) -> Result<()> {
+        if !self.exists() {
+            return Ok(());
+        }
+        let state = self.table.snapshot()?;
+        let checked = protocol::check_writable(
+            &serde_json::to_value(state.protocol())?,
+            &serde_json::to_value(state.metadata())?,
+        );
+        checked.with_context(|| {
+            format!(
+                "the Delta table {} cannot be written: nothing was written to it",
+                self.spec.name
+            )
+        })?;
+        self.clustering = protocol::clustering_columns(&self.table.log_store(), state.version())
+            .await
+            .with_context(|| format!("reading the clustering columns of {}", self.spec.name))?;
+        Ok(())
+    }
+
+    /// Reads the table again after a commit lost its race to another writer, and checks it
+    /// again: the other writer may have changed its protocol or schema.
+    async fn reload(&mut self) -> Result<()> {
+        self.table
+            .update_incremental(None)
+            .await
+            .with_context(|| format!("reading {} again", self.spec.name))?;
+        self.table_features = None;
+        self.check_protocol().await
     }
 
     fn exists(&self) -> bool {
@@ -225,7 +271,11 @@ impl CumulusTable {
     /// the uploads), with the table's statistics settings.
     pub fn files(&self, runtime: tokio::runtime::Handle) -> TableFiles {
         let stats = match self.table.snapshot() {
-            Ok(state) => WriterStatsConfig::from_config(state.snapshot().table_configuration()),
+            Ok(state) => {
+                let config = WriterStatsConfig::from_config(state.snapshot().table_configuration());
+                let schema = state.snapshot().arrow_schema();
+                with_stats_for(config, &schema, &self.clustering)
+            }
             Err(_) => WriterStatsConfig::new(Default::default(), None),
         };
         TableFiles::new(self.table.log_store().object_store(None), stats, runtime)
@@ -246,10 +296,13 @@ impl CumulusTable {
         state
     }
 
-    fn commit_properties(&mut self) -> CommitProperties {
+    /// What the log records about this run's next data commit: its transaction.
+    fn data_commit(&mut self) -> CommitMeta {
         self.commits += 1;
-        CommitProperties::default()
-            .with_application_transaction(Transaction::new(&self.settings.run_id, self.commits))
+        CommitMeta {
+            txn: Some(Transaction::new(&self.settings.run_id, self.commits)),
+            ..CommitMeta::default()
+        }
     }
 
     /// Upserts a batch: inserts new keys; replaces stored rows unless theirs is newer
@@ -458,28 +511,101 @@ impl CumulusTable {
         report.done(result);
     }
 
+    /// Commits files written for a batch routed to an append: it creates the table or grows
+    /// its schema as the files need. Once another writer has committed to the table during the
+    /// run (a lost race shows it), the files' rows are merged instead, and so are all later
+    /// batches.
     async fn record_files(&mut self, files: WrittenFiles) -> Result<()> {
-        let props = self.commit_properties();
-        let adds = files.adds.into_iter().map(Action::Add);
-        if !self.exists() {
-            let schema: StructType = files.schema.as_ref().try_into_kernel()?;
-            self.table = CreateBuilder::new()
-                .with_log_store(self.table.log_store())
-                .with_columns(schema.fields().cloned())
-                .with_table_name(&self.spec.name)
-                .with_actions(adds)
-                .with_commit_properties(props)
-                .await?;
+        let meta = self.data_commit();
+        for _ in 0..COMMIT_ATTEMPTS {
+            if !self.appends_safe {
+                return self.merge_written(files).await;
+            }
+            let mut actions = match self.exists() {
+                false => self.creation_actions(&files.schema)?,
+                true => self.schema_change(&files.schema)?.into_iter().collect(),
+            };
+            actions.extend(files.adds.iter().cloned().map(Action::Add));
+            let operation = match self.exists() {
+                false => self.create_operation(&actions)?,
+                true => DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            };
+            match self.commit(meta.clone(), actions, operation).await {
+                Err(e) if is_conflict(&e) => {
+                    self.reload().await?;
+                    self.appends_safe = false;
+                    self.ledger.lock().unwrap().stop_appending();
+                }
+                other => return other,
+            }
+        }
+        self.merge_written(files).await
+    }
+
+    /// Merges the rows of files written for an append (not committed), then removes them.
+    async fn merge_written(&mut self, files: WrittenFiles) -> Result<()> {
+        let store = self.files(tokio::runtime::Handle::current());
+        let reader = deltalake::datafile::reader::ParquetFileReader::new(
+            self.table.log_store().object_store(None),
+        );
+        let mut batches = Vec::new();
+        for add in &files.adds {
+            let path = deltalake::Path::from(add.path.as_str());
+            let mut slices = file_merge::read_file(&reader, &path, &files.schema, None).await?;
+            while let Some(slice) = futures::StreamExt::next(&mut slices).await {
+                batches.push(slice?);
+            }
+        }
+        store.remove(&files.adds).await;
+        if batches.is_empty() {
             return Ok(());
         }
-        let mut actions: Vec<Action> = self.schema_change(&files.schema)?.into_iter().collect();
-        actions.extend(adds);
-        let operation = DeltaOperation::Write {
-            mode: SaveMode::Append,
-            partition_by: None,
-            predicate: None,
+        self.merge_batches(batches, &[]).await
+    }
+
+    /// The actions that create the table as Cumulus ETL's Spark creates it: protocol (1, 7)
+    /// with liquid clustering, clustered by the table's uniqueness fields.
+    fn creation_actions(&self, schema: &SchemaRef) -> Result<Vec<Action>> {
+        let schema: StructType = schema.as_ref().try_into_kernel()?;
+        let metadata = new_metadata(
+            &schema,
+            Vec::<String>::new(),
+            Vec::<(String, String)>::new(),
+        )?
+        .with_name(self.spec.name.clone())?;
+        let protocol: Protocol = serde_json::from_value(serde_json::json!({
+            "minReaderVersion": protocol::CREATED_READER_VERSION,
+            "minWriterVersion": protocol::CREATED_WRITER_VERSION,
+            "writerFeatures": protocol::CREATED_WRITER_FEATURES,
+        }))?;
+        let clustering = DomainMetadata {
+            domain: protocol::CLUSTERING_DOMAIN.to_string(),
+            configuration: protocol::clustering_configuration(&self.spec.uniqueness),
+            removed: false,
         };
-        self.commit(props, actions, operation).await
+        Ok(vec![
+            Action::Protocol(protocol),
+            Action::Metadata(metadata),
+            Action::DomainMetadata(clustering),
+        ])
+    }
+
+    /// How the log describes the table's creation (from its creation actions).
+    fn create_operation(&self, actions: &[Action]) -> Result<DeltaOperation> {
+        let (protocol, metadata) = match actions {
+            [Action::Protocol(p), Action::Metadata(m), ..] => (p.clone(), m.clone()),
+            _ => anyhow::bail!("a table's creation starts with its protocol and metadata"),
+        };
+        Ok(DeltaOperation::Create {
+            mode: SaveMode::ErrorIfExists,
+            location: self.table.log_store().root_url().clone(),
+            protocol,
+            metadata,
+        })
     }
 
     /// The metadata action that grows the table's schema to `schema`, if it adds fields.
@@ -495,19 +621,21 @@ impl CumulusTable {
         )))
     }
 
-    /// Commits `actions` on the snapshot the table holds (a conflicting commit fails).
+    /// Commits `actions` as the version after the snapshot the table holds, then moves the
+    /// table to it; fails with a [`commit::Conflict`] if another writer took that version.
     async fn commit(
         &mut self,
-        props: CommitProperties,
+        meta: CommitMeta,
         actions: Vec<Action>,
         operation: DeltaOperation,
     ) -> Result<()> {
-        let state = self.table.snapshot()?;
-        let commit = CommitBuilder::from(props)
-            .with_actions(actions)
-            .build(Some(state), self.table.log_store(), operation)
-            .await?;
-        self.table.state = Some(commit.snapshot);
+        let version = self.table.version().map_or(0, |v| v + 1);
+        let log_store = self.table.log_store();
+        commit::write(&log_store, version, actions, operation, meta).await?;
+        self.table
+            .update_incremental(Some(version))
+            .await
+            .with_context(|| format!("reading {} after its commit", self.spec.name))?;
         Ok(())
     }
 
@@ -534,21 +662,31 @@ impl CumulusTable {
         Ok(Some((batch, route)))
     }
 
+    /// Appends a batch held in memory: encoded as one data file, then committed as the files
+    /// of a worker are.
     async fn append(&mut self, batch: RecordBatch) -> Result<()> {
-        let props = self.commit_properties();
-        let table = self
-            .table
-            .clone()
-            .write(vec![batch])
-            .with_save_mode(SaveMode::Append)
-            .with_schema_mode(SchemaMode::Merge)
-            .with_write_batch_size(crate::output::ENCODE_SLICE_ROWS)
-            .with_table_name(&self.spec.name)
-            .with_commit_properties(props)
+        let files = self.files(tokio::runtime::Handle::current());
+        let schema = batch.schema();
+        let mut writer = files.writer(&schema);
+        let wrote = async {
+            for start in (0..batch.num_rows()).step_by(crate::output::ENCODE_SLICE_ROWS) {
+                let len = crate::output::ENCODE_SLICE_ROWS.min(batch.num_rows() - start);
+                writer.write(&batch.slice(start, len)).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        let mut adds = Vec::new();
+        file_merge::close_writer(Some(writer), wrote, "writing a data file", &mut adds).await?;
+        let written = WrittenFiles {
+            adds,
+            schema,
+            keys: Vec::new(),
+            unfit: Vec::new(),
+        };
+        self.record_files(written)
             .await
-            .with_context(|| format!("appending to {}", self.spec.name))?;
-        self.table = table;
-        Ok(())
+            .with_context(|| format!("appending to {}", self.spec.name))
     }
 
     /// Merges batches held in memory: file by file where it can, otherwise by delta-rs as a
@@ -574,8 +712,29 @@ impl CumulusTable {
     }
 
     /// One MERGE of `source` (disjoint keys), file by file ([`file_merge`]); commits only if
-    /// a row changed or the schema grew.
+    /// a row changed or the schema grew. A MERGE that loses its race to another writer is
+    /// merged again into the table that writer left, a few times at most.
     async fn merge_by_file(&mut self, source: MergeSource, groups: &[String]) -> Result<()> {
+        let meta = self.data_commit();
+        let mut attempt = 1;
+        loop {
+            match self
+                .try_merge_by_file(source.again(), groups, meta.clone())
+                .await
+            {
+                Err(e) if is_conflict(&e) && attempt < COMMIT_ATTEMPTS => self.reload().await?,
+                other => return other,
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn try_merge_by_file(
+        &mut self,
+        source: MergeSource,
+        groups: &[String],
+        meta: CommitMeta,
+    ) -> Result<()> {
         let schema = source.schema().clone();
         let files = self.files(tokio::runtime::Handle::current());
         let rules = MergeRules {
@@ -591,9 +750,8 @@ impl CumulusTable {
         }
         let added = adds_of(&outcome.actions);
         actions.extend(outcome.actions);
-        let props = self.commit_properties();
         let operation = self.merge_operation(groups);
-        let committed = self.commit(props, actions, operation).await;
+        let committed = self.commit(meta, actions, operation).await;
         if committed.is_err() {
             files.remove(&added).await;
         }
@@ -640,7 +798,9 @@ impl CumulusTable {
         groups: &[String],
         hash_join: bool,
     ) -> Result<()> {
-        let props = self.commit_properties();
+        self.commits += 1;
+        let props = deltalake::kernel::transaction::CommitProperties::default()
+            .with_application_transaction(Transaction::new(&self.settings.run_id, self.commits));
         let state = self.session(hash_join);
         let schema = batches.first().context("a MERGE has a batch")?.schema();
         let fields: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
@@ -723,7 +883,8 @@ impl CumulusTable {
         Ok(())
     }
 
-    /// Deletes rows by id (the export's deleted resources), in chunks.
+    /// Deletes rows by id (the export's deleted resources), in chunks: file by file where the
+    /// table allows, with delta-rs's DELETE where it does not.
     pub async fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
         self.flush_staged().await;
         if !self.exists() || ids.is_empty() {
@@ -733,6 +894,10 @@ impl CumulusTable {
         let heavy = self.settings.heavy.clone();
         let _turn = heavy.acquire().await?;
         for chunk in ids.chunks(DELETE_CHUNK) {
+            if self.merges_by_file()? {
+                self.delete_by_file(chunk).await?;
+                continue;
+            }
             let predicate = Expr::Column(Column::new_unqualified("id"))
                 .in_list(chunk.iter().map(|id| lit(id.as_str())).collect(), false);
             let (table, _metrics) = self
@@ -746,6 +911,39 @@ impl CumulusTable {
             self.table = table;
         }
         Ok(())
+    }
+
+    /// One DELETE of `ids`, file by file ([`file_merge::delete_by_file`]), again after a lost
+    /// race to another writer.
+    async fn delete_by_file(&mut self, ids: &[String]) -> Result<()> {
+        let ids: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let meta = self.data_commit();
+        let mut attempt = 1;
+        loop {
+            let files = self.files(tokio::runtime::Handle::current());
+            let outcome = file_merge::delete_by_file(&self.table, &files, "id", &ids)
+                .await
+                .with_context(|| format!("deleting ids from {}", self.spec.name))?;
+            if outcome.actions.is_empty() {
+                return Ok(());
+            }
+            let added = adds_of(&outcome.actions);
+            let operation = DeltaOperation::Delete {
+                predicate: Some(format!("id IN ({} ids)", ids.len())),
+            };
+            let committed = self.commit(meta.clone(), outcome.actions, operation).await;
+            if committed.is_err() {
+                files.remove(&added).await;
+            }
+            match committed {
+                Err(e) if is_conflict(&e) && attempt < COMMIT_ATTEMPTS => self.reload().await?,
+                other => {
+                    return other
+                        .with_context(|| format!("committing a DELETE from {}", self.spec.name));
+                }
+            }
+            attempt += 1;
+        }
     }
 
     /// Bin-packs the table's small files into files of the table's target size: file by file
@@ -782,13 +980,91 @@ impl CumulusTable {
             "numFilesAdded": compaction.files_added,
             "numFilesRemoved": compaction.files_removed,
         });
-        let props =
-            CommitProperties::default().with_metadata([("operationMetrics".to_string(), metrics)]);
-        let committed = self.commit(props, compaction.actions, operation).await;
+        let meta = CommitMeta {
+            txn: None,
+            info: [("operationMetrics".to_string(), metrics)].into(),
+        };
+        let committed = self.commit(meta, compaction.actions, operation).await;
         if committed.is_err() {
             files.remove(&added).await;
         }
-        committed.with_context(|| format!("committing the compaction of {}", self.spec.name))
+        match committed {
+            // Compaction only tidies: another writer's commit makes it wait for the next run.
+            Err(e) if is_conflict(&e) => {
+                eprintln!(
+                    "note: {} was not compacted: another writer committed to it meanwhile",
+                    self.spec.name
+                );
+                self.reload().await
+            }
+            other => {
+                other.with_context(|| format!("committing the compaction of {}", self.spec.name))
+            }
+        }
+    }
+
+    /// VACUUM: delta-rs plans which files to delete (a dry run, which writes nothing), and the
+    /// deletion is logged as delta-rs and Spark log it, between `VACUUM START` and `VACUUM END`
+    /// commits.
+    async fn vacuum(&mut self) -> Result<()> {
+        let (_, plan) = self
+            .table
+            .clone()
+            .vacuum()
+            .with_dry_run(true)
+            .await
+            .with_context(|| format!("planning the VACUUM of {}", self.spec.name))?;
+        if plan.files_deleted.is_empty() {
+            return Ok(());
+        }
+        let retention = self
+            .table
+            .snapshot()?
+            .snapshot()
+            .table_properties()
+            .deleted_file_retention_duration();
+        let start = DeltaOperation::VacuumStart {
+            retention_check_enabled: true,
+            specified_retention_millis: None,
+            default_retention_millis: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+        };
+        let metrics = serde_json::json!({"numFilesToDelete": plan.files_deleted.len()});
+        self.commit_alone(start, metrics).await?;
+        let store = self.table.log_store().object_store(None);
+        let mut deleted = 0;
+        for file in &plan.files_deleted {
+            match store.delete(&deltalake::Path::from(file.as_str())).await {
+                Ok(()) | Err(deltalake::ObjectStoreError::NotFound { .. }) => deleted += 1,
+                Err(e) => eprintln!("warning: VACUUM could not delete {file}: {e}"),
+            }
+        }
+        let end = DeltaOperation::VacuumEnd {
+            status: "COMPLETED".to_string(),
+        };
+        let metrics = serde_json::json!({"numDeletedFiles": deleted, "numVacuumedDirectories": 0});
+        self.commit_alone(end, metrics).await
+    }
+
+    /// A commit of no actions (it only logs `operation`), at the next free version.
+    async fn commit_alone(
+        &mut self,
+        operation: DeltaOperation,
+        metrics: serde_json::Value,
+    ) -> Result<()> {
+        let meta = CommitMeta {
+            txn: None,
+            info: [("operationMetrics".to_string(), metrics)].into(),
+        };
+        for _ in 0..COMMIT_ATTEMPTS {
+            match self
+                .commit(meta.clone(), Vec::new(), operation.clone())
+                .await
+            {
+                Err(e) if is_conflict(&e) => self.reload().await?,
+                other => return other,
+            }
+        }
+        anyhow::bail!("other writers kept committing to {}", self.spec.name)
     }
 
     /// delta-rs's OPTIMIZE, for tables that cannot be read file by file.
@@ -825,13 +1101,9 @@ impl CumulusTable {
             if self.table.get_file_uris()?.count() >= COMPACTION_MIN_FILES {
                 self.compact().await?;
             }
-            let (table, _metrics) = self
-                .table
-                .clone()
-                .vacuum()
+            self.vacuum()
                 .await
                 .with_context(|| format!("vacuuming {}", self.spec.name))?;
-            self.table = table;
         }
         deltalake::checkpoints::create_checkpoint(&self.table, None)
             .await
@@ -880,4 +1152,51 @@ fn last_updated_guard(schema: &arrow::datatypes::Schema) -> Option<Expr> {
             .or(incoming.clone().is_null())
             .or(cast(stored, timestamp.clone()).lt_eq(cast(incoming, timestamp))),
     )
+}
+
+/// The table's statistics settings, widened so that data files get statistics for the
+/// clustering columns (PROTOCOL.md requires them): a clustering column outside the first
+/// `num_indexed_cols` leaf columns makes the statistics columns explicit (those leaves and the
+/// clustering columns). Explicit settings of the table are kept as they are.
+fn with_stats_for(
+    config: WriterStatsConfig,
+    schema: &arrow::datatypes::Schema,
+    clustering: &[String],
+) -> WriterStatsConfig {
+    if clustering.is_empty() || config.stats_columns.is_some() {
+        return config;
+    }
+    let leaves = leaf_paths(schema.fields(), "");
+    let indexed = match config.num_indexed_cols {
+        DataSkippingNumIndexedCols::NumColumns(n) => {
+            leaves.len().min(usize::try_from(n).unwrap_or(usize::MAX))
+        }
+        DataSkippingNumIndexedCols::AllColumns => leaves.len(),
+    };
+    if clustering.iter().all(|c| leaves[..indexed].contains(c)) {
+        return config;
+    }
+    let mut columns: Vec<String> = leaves[..indexed].to_vec();
+    columns.extend(
+        clustering
+            .iter()
+            .filter(|c| !columns.contains(c))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    WriterStatsConfig::new(config.num_indexed_cols, Some(columns))
+}
+
+/// The leaf columns of `fields` in schema order, as dotted paths (what Delta counts for
+/// `delta.dataSkippingNumIndexedCols`).
+fn leaf_paths(fields: &arrow::datatypes::Fields, prefix: &str) -> Vec<String> {
+    let mut paths = Vec::new();
+    for field in fields {
+        let path = format!("{prefix}{}", field.name());
+        match field.data_type() {
+            DataType::Struct(children) => paths.extend(leaf_paths(children, &format!("{path}."))),
+            _ => paths.push(path),
+        }
+    }
+    paths
 }
