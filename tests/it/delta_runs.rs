@@ -226,38 +226,6 @@ fn init_creates_every_default_table_and_convert_loads_an_ndjson_output() {
     assert_eq!(run.status.code(), Some(54), "{}", stderr(&run));
 }
 
-/// A Python with the `deltalake` package: `CUMULUS_TEST_PYTHON`, or a venv made (once) under
-/// the user's cache folder.
-fn python_with_deltalake() -> PathBuf {
-    if let Ok(p) = std::env::var("CUMULUS_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap();
-    let venv = Path::new(&home).join(".cache/cumulus-etl-test-venv");
-    let python = venv.join("bin/python");
-    let has = |p: &Path| {
-        Command::new(p)
-            .args(["-c", "import deltalake, pyarrow"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has(&python) {
-        let ok = Command::new("python3")
-            .args(["-m", "venv", venv.to_str().unwrap()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "could not create {}", venv.display());
-        let ok = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "deltalake", "pyarrow"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "could not install the deltalake package");
-    }
-    python
-}
-
 #[test]
 fn python_deltalake_reads_the_tables_with_the_right_row_counts() {
     let tmp = tempfile::tempdir().unwrap();
@@ -278,7 +246,7 @@ print(json.dumps(out), flush=True)
 os._exit(0)  # skip interpreter teardown while the reader's threads may still run
 "#;
     let dirs = table_dirs(&dl);
-    let out = Command::new(python_with_deltalake())
+    let out = Command::new(crate::readers::python())
         .arg("-c")
         .arg(script)
         .args(&dirs)

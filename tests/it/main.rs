@@ -11,6 +11,8 @@ mod mutate;
 mod mutations;
 mod nlp;
 mod nlp_server;
+mod readers;
 mod reference;
 mod robustness;
+mod spark_tables;
 mod support;

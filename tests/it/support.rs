@@ -189,7 +189,7 @@ pub fn read_parquet_rows(dir: &Path) -> Vec<Value> {
 }
 
 /// The rows of one Parquet file as JSON (nulls left out).
-fn parquet_file_rows(file: &Path) -> Vec<Value> {
+pub fn parquet_file_rows(file: &Path) -> Vec<Value> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let mut rows = Vec::new();
     let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap())

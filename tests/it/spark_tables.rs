@@ -1,0 +1,420 @@
+//! Tables that Cumulus ETL's Spark created (liquid clustering, domain metadata, deletion
+//! vectors) are carried on, and ours are created the same way. No Spark runs here: fixtures
+//! are our own tables with their first commit rewritten as delta-spark writes it, and a real
+//! deletion vector written with the Delta kernel's writer, committed as Spark's DELETE does.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::readers::read_both;
+use crate::support::{
+    delta_live_files, delta_log_actions, parquet_file_rows, phi_with_salt, run_etl, stderr, synthea,
+};
+
+const SALT: &str = "1234";
+
+/// The clustering domain line delta-spark writes for a table clustered by `id`.
+const SPARK_CLUSTERING_DOMAIN: &str = r#"{"domainMetadata":{"domain":"delta.clustering","configuration":"{\"clusteringColumns\":[[\"id\"]],\"domainName\":\"delta.clustering\"}","removed":false}}"#;
+
+fn spark_protocol(deletion_vectors: bool) -> Value {
+    match deletion_vectors {
+        false => json!({"protocol": {"minReaderVersion": 1, "minWriterVersion": 7,
+            "writerFeatures": ["appendOnly", "invariants", "clustering", "domainMetadata"]}}),
+        true => json!({"protocol": {"minReaderVersion": 3, "minWriterVersion": 7,
+            "readerFeatures": ["deletionVectors"],
+            "writerFeatures": ["appendOnly", "invariants", "clustering", "domainMetadata",
+                "deletionVectors"]}}),
+    }
+}
+
+fn etl(input: &Path, out: &Path, phi: &Path) -> std::process::Output {
+    run_etl(&[
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        phi.to_str().unwrap(),
+    ])
+}
+
+/// The synthea sample loaded into `out` (Delta), with the PHI folder it used.
+fn loaded(tmp: &Path) -> (PathBuf, PathBuf) {
+    let phi = tmp.join("phi");
+    phi_with_salt(&phi, SALT);
+    let out = tmp.join("out");
+    let run = etl(&synthea(), &out, &phi);
+    assert!(run.status.success(), "{}", stderr(&run));
+    (out, phi)
+}
+
+fn log_file(table: &Path, version: u64) -> PathBuf {
+    table.join(format!("_delta_log/{version:020}.json"))
+}
+
+/// Rewrites the table's first commit as delta-spark writes a clustered table's (its protocol
+/// line, its clustering domain; with `deletion_vectors`, Spark's default of the feature and the
+/// table property), and removes checkpoints so readers replay the rewritten log.
+fn make_spark_style(table: &Path, deletion_vectors: bool) {
+    let first = log_file(table, 0);
+    let text = std::fs::read_to_string(&first).unwrap();
+    let mut domains = 0;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let mut action: Value = serde_json::from_str(line).unwrap();
+            if action.get("protocol").is_some() {
+                return spark_protocol(deletion_vectors).to_string();
+            }
+            if action.get("domainMetadata").is_some() {
+                domains += 1;
+                return SPARK_CLUSTERING_DOMAIN.to_string();
+            }
+            if deletion_vectors && let Some(metadata) = action.get_mut("metaData") {
+                metadata["configuration"]["delta.enableDeletionVectors"] = json!("true");
+            }
+            line.to_string()
+        })
+        .collect();
+    assert_eq!(domains, 1, "our table carries its clustering domain");
+    std::fs::write(&first, lines.join("\n")).unwrap();
+    drop_checkpoints(table);
+}
+
+/// Removes the table's checkpoints, so that readers replay its (rewritten) JSON log.
+fn drop_checkpoints(table: &Path) {
+    let log = std::fs::read_dir(table.join("_delta_log")).unwrap();
+    for entry in log.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.contains(".checkpoint.") || name == "_last_checkpoint" {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+}
+
+/// Deletes the rows with the given ids from the one data file that holds them all, as Spark's
+/// DELETE does on a table with deletion vectors: a deletion vector file (written by the Delta
+/// kernel's writer) and a commit that removes the file and adds it back with the vector.
+fn delete_with_a_deletion_vector(table: &Path, ids: &[String]) {
+    use delta_kernel::actions::deletion_vector_writer::{
+        KernelDeletionVector, StreamingDeletionVectorWriter,
+    };
+    let (file, positions) = delta_live_files(table)
+        .into_iter()
+        .find_map(|file| {
+            let rows = parquet_file_rows(&file);
+            let positions: Vec<u64> = ids
+                .iter()
+                .filter_map(|id| rows.iter().position(|r| r["id"] == json!(id)))
+                .map(|p| p as u64)
+                .collect();
+            (positions.len() == ids.len()).then_some((file, positions))
+        })
+        .expect("one data file holds every row to delete");
+    let mut vector = KernelDeletionVector::new();
+    vector.add_deleted_row_indexes(positions.iter().copied());
+    let mut bytes = Vec::new();
+    let mut writer = StreamingDeletionVectorWriter::new(&mut bytes);
+    let written = writer.write_deletion_vector(vector).unwrap();
+    writer.finalize().unwrap();
+    let uuid = uuid::Uuid::new_v4();
+    std::fs::write(table.join(format!("deletion_vector_{uuid}.bin")), bytes).unwrap();
+    let descriptor = json!({
+        "storageType": "u",
+        "pathOrInlineDv": z85::encode(uuid.as_bytes()),
+        "offset": written.offset,
+        "sizeInBytes": written.size_in_bytes,
+        "cardinality": written.cardinality,
+    });
+    let name = file.file_name().unwrap().to_str().unwrap();
+    let add = delta_log_actions(table)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.get("add").cloned())
+        .rfind(|add| add["path"] == json!(name))
+        .unwrap();
+    let mut with_vector = add.clone();
+    with_vector["deletionVector"] = descriptor;
+    let remove = json!({"path": name, "deletionTimestamp": 1, "dataChange": true,
+        "extendedFileMetadata": true, "partitionValues": {}, "size": add["size"]});
+    let version = delta_log_actions(table).len() as u64;
+    let commit = [
+        json!({"commitInfo": {"timestamp": 1, "operation": "DELETE",
+            "operationParameters": {"predicate": "[\"id IN (...)\"]"}}}),
+        json!({"remove": remove}),
+        json!({"add": with_vector}),
+    ]
+    .map(|a| a.to_string())
+    .join("\n");
+    std::fs::write(log_file(table, version), commit).unwrap();
+}
+
+/// The sample export with its Patient file changed: the patients in `dropped` left out, and
+/// `changed` flipped to another gender.
+fn changed_export(dir: &Path, dropped: &[usize], changed: usize) -> PathBuf {
+    let export = dir.join("changed-export");
+    std::fs::create_dir_all(&export).unwrap();
+    for entry in std::fs::read_dir(synthea()).unwrap().flatten() {
+        std::fs::copy(entry.path(), export.join(entry.file_name())).unwrap();
+    }
+    let patients = std::fs::read_to_string(synthea().join("Patient.000.ndjson")).unwrap();
+    let lines: Vec<String> = patients
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| !dropped.contains(i))
+        .map(|(i, line)| {
+            if i != changed {
+                return line.to_string();
+            }
+            let mut patient: Value = serde_json::from_str(line).unwrap();
+            let flipped = if patient["gender"] == "male" {
+                "female"
+            } else {
+                "male"
+            };
+            patient["gender"] = json!(flipped);
+            patient.to_string()
+        })
+        .collect();
+    std::fs::write(export.join("Patient.000.ndjson"), lines.join("\n") + "\n").unwrap();
+    export
+}
+
+/// The anonymous ids and genders of the sample's patients, in file order.
+fn sample_patients() -> Vec<(String, String)> {
+    let codebook = cumulus_etl::deid::codebook::Codebook::in_memory(SALT).unwrap();
+    std::fs::read_to_string(synthea().join("Patient.000.ndjson"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let patient: Value = serde_json::from_str(line).unwrap();
+            let id = codebook.fake_id("Patient", patient["id"].as_str().unwrap(), false);
+            (id, patient["gender"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// Every protocol and domain metadata action of the table's log, in order.
+fn protocol_and_domains(table: &Path) -> (Vec<Value>, Vec<Value>) {
+    let actions: Vec<Value> = delta_log_actions(table).into_iter().flatten().collect();
+    let pick = |key: &str| {
+        actions
+            .iter()
+            .filter_map(|a| a.get(key).cloned())
+            .collect::<Vec<_>>()
+    };
+    (pick("protocol"), pick("domainMetadata"))
+}
+
+/// Checks a reader's patient rows: the expected ids, each once, with the expected genders.
+fn assert_patients(reader: &str, rows: &[Value], expected: &[(String, String)]) {
+    let mut seen = BTreeSet::new();
+    for row in rows {
+        let id = row["id"].as_str().unwrap();
+        assert!(seen.insert(id.to_string()), "{reader}: id {id} twice");
+    }
+    let want: BTreeSet<String> = expected.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(seen, want, "{reader}: the patients");
+    for (id, gender) in expected {
+        let row = rows.iter().find(|r| r["id"] == json!(id)).unwrap();
+        assert_eq!(row["gender"], json!(gender), "{reader}: gender of {id}");
+    }
+}
+
+/// A changed export run into a Spark-style table: exit 0, the change visible to both readers,
+/// protocol and clustering domain as they were, no key twice.
+fn carry_on_a_spark_table(deletion_vectors: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, phi) = loaded(tmp.path());
+    let patient = out.join("patient");
+    make_spark_style(&patient, deletion_vectors);
+    let sample = sample_patients();
+    let mut expected = sample.clone();
+    let dropped: Vec<usize> = if deletion_vectors {
+        // Spark deleted two patients; the new export no longer has them either, so they must
+        // stay deleted when their file is rewritten.
+        let ids = [sample[0].0.clone(), sample[2].0.clone()];
+        delete_with_a_deletion_vector(&patient, &ids);
+        let before = read_both(&patient, &["id", "gender"], true);
+        let mut left = sample.clone();
+        left.retain(|(id, _)| !ids.contains(id));
+        assert_patients("duckdb (the fixture)", &before.duckdb, &left);
+        let deltalake = before.deltalake.unwrap();
+        assert_patients("deltalake (the fixture)", &deltalake, &left);
+        vec![0, 2]
+    } else {
+        Vec::new()
+    };
+    for &i in dropped.iter().rev() {
+        expected.remove(i);
+    }
+    let changed = 1;
+    let export = changed_export(tmp.path(), &dropped, changed);
+    let flipped = &mut expected[changed - dropped.iter().filter(|&&d| d < changed).count()];
+    flipped.1 = if flipped.1 == "male" {
+        "female"
+    } else {
+        "male"
+    }
+    .to_string();
+    let (protocols_before, domains_before) = protocol_and_domains(&patient);
+
+    let run = etl(&export, &out, &phi);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+
+    let (protocols, domains) = protocol_and_domains(&patient);
+    assert_eq!(protocols, protocols_before, "the protocol is left as it is");
+    assert_eq!(domains, domains_before, "the domains are left as they are");
+    let read = read_both(&patient, &["id", "gender"], true);
+    assert_patients("duckdb", &read.duckdb, &expected);
+    assert_patients("deltalake", read.deltalake.as_ref().unwrap(), &expected);
+    let mut want = spark_protocol(deletion_vectors)["protocol"].clone();
+    if !deletion_vectors {
+        want["readerFeatures"] = Value::Null;
+    }
+    assert_eq!(
+        read.protocol.unwrap(),
+        want,
+        "the protocol, read from the checkpoint"
+    );
+    if deletion_vectors {
+        let removed_vector = delta_log_actions(&patient)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.get("remove").cloned())
+            .any(|r| r.get("deletionVector").is_some());
+        assert!(
+            removed_vector,
+            "the rewritten file's remove carries its deletion vector"
+        );
+    }
+}
+
+#[test]
+fn a_changed_export_goes_into_a_spark_clustered_table() {
+    carry_on_a_spark_table(false);
+}
+
+#[test]
+fn a_changed_export_goes_into_a_spark_table_whose_file_has_a_deletion_vector() {
+    carry_on_a_spark_table(true);
+}
+
+#[test]
+fn new_tables_are_clustered_by_their_uniqueness_fields_and_both_readers_read_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, _) = loaded(tmp.path());
+    let cases = [
+        ("patient", vec!["id"]),
+        ("encounter", vec!["id"]),
+        (
+            "etl__completion_encounters",
+            vec!["encounter_id", "group_name"],
+        ),
+        (
+            "etl__completion",
+            vec!["table_name", "group_name", "export_time", "etl_time"],
+        ),
+    ];
+    for (name, columns) in cases {
+        let table = out.join(name);
+        let (protocols, domains) = protocol_and_domains(&table);
+        assert_eq!(
+            protocols,
+            vec![json!({"minReaderVersion": 1, "minWriterVersion": 7,
+                "writerFeatures": ["appendOnly", "invariants", "domainMetadata", "clustering"]})],
+            "{name}"
+        );
+        let paths: Vec<Value> = columns.iter().map(|c| json!([c])).collect();
+        let config = json!({"clusteringColumns": paths, "domainName": "delta.clustering"});
+        assert_eq!(domains.len(), 1, "{name}");
+        assert_eq!(domains[0]["domain"], "delta.clustering", "{name}");
+        let stored: Value =
+            serde_json::from_str(domains[0]["configuration"].as_str().unwrap()).unwrap();
+        assert_eq!(stored, config, "{name}");
+        // Every data file has statistics for the clustering columns.
+        for add in delta_log_actions(&table)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.get("add").cloned())
+        {
+            let stats: Value = serde_json::from_str(add["stats"].as_str().unwrap()).unwrap();
+            for column in &columns {
+                assert!(
+                    stats["minValues"].get(column).is_some(),
+                    "{name}: no statistics for {column} in {stats}"
+                );
+            }
+        }
+        let read = read_both(&table, &columns, true);
+        let rows = crate::support::read_delta_rows(&table).len();
+        assert!(rows > 0, "{name}");
+        assert_eq!(read.duckdb.len(), rows, "{name}: duckdb");
+        assert_eq!(read.deltalake.unwrap().len(), rows, "{name}: deltalake");
+    }
+}
+
+#[test]
+fn a_table_with_a_feature_this_tool_cannot_write_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, phi) = loaded(tmp.path());
+    let patient = out.join("patient");
+    let first = log_file(&patient, 0);
+    let text = std::fs::read_to_string(&first).unwrap();
+    let text = text.replace("\"clustering\"]", "\"clustering\",\"rowTracking\"]");
+    assert!(text.contains("rowTracking"));
+    std::fs::write(&first, text).unwrap();
+    drop_checkpoints(&patient);
+    let commits = delta_log_actions(&patient).len();
+    let run = etl(&changed_export(tmp.path(), &[], 1), &out, &phi);
+    assert_ne!(run.status.code(), Some(0));
+    let err = stderr(&run);
+    assert!(
+        err.contains("patient") && err.contains("'rowTracking'"),
+        "{err}"
+    );
+    assert_eq!(
+        delta_log_actions(&patient).len(),
+        commits,
+        "nothing was written"
+    );
+}
+
+#[test]
+fn two_runs_into_the_same_output_at_once_both_succeed_and_leave_one_runs_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (single, phi) = loaded(tmp.path());
+    let both = tmp.path().join("both");
+    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+            .args([
+                synthea().to_str().unwrap(),
+                both.to_str().unwrap(),
+                phi.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (start(), start());
+    for run in [first, second] {
+        let out = run.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(!err.contains("error"), "{err}");
+    }
+    for entry in std::fs::read_dir(&single).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let key = match name.as_str() {
+            "JobConfig" | "etl__completion" => continue,
+            "etl__completion_encounters" => "encounter_id",
+            _ => "id",
+        };
+        let mine = crate::support::read_delta(&both.join(&name), key);
+        let theirs = crate::support::read_delta(&entry.path(), key);
+        assert_eq!(mine.len(), theirs.len(), "{name}");
+        if key == "id" {
+            assert_eq!(mine, theirs, "{name}");
+        }
+    }
+}
