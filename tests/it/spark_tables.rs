@@ -418,3 +418,87 @@ fn two_runs_into_the_same_output_at_once_both_succeed_and_leave_one_runs_tables(
         }
     }
 }
+
+#[test]
+fn compaction_clusters_rows_by_id_into_narrow_disjoint_files_and_leaves_other_providers_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    phi_with_salt(&phi, SALT);
+    let out = tmp.path().join("out");
+    let args = |optimize: bool| {
+        let mut args = vec!["--batch-size", "50", "--task", "encounter"];
+        if !optimize {
+            args.push("--no-table-optimization");
+        }
+        args.extend([
+            synthea().to_str().unwrap().to_string().leak() as &str,
+            out.to_str().unwrap().to_string().leak(),
+            phi.to_str().unwrap().to_string().leak(),
+        ]);
+        args
+    };
+    let run = run_etl(&args(false));
+    assert!(run.status.success(), "{}", stderr(&run));
+    let table = out.join("encounter");
+    let rows_before = crate::support::read_delta(&table, "id");
+    let files = delta_live_files(&table);
+    assert_eq!(files.len(), 25);
+    // Small target files, and one batch file that another implementation (Spark) clustered.
+    let others = files[3].file_name().unwrap().to_str().unwrap().to_string();
+    for version in 0..delta_log_actions(&table).len() as u64 {
+        let path = log_file(&table, version);
+        let lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let mut action: Value = serde_json::from_str(line).unwrap();
+                if let Some(metadata) = action.get_mut("metaData") {
+                    metadata["configuration"]["delta.targetFileSize"] = json!("300000");
+                }
+                if let Some(add) = action.get_mut("add")
+                    && add["path"] == json!(others)
+                {
+                    add["clusteringProvider"] = json!("liquid");
+                }
+                action.to_string()
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+    }
+    drop_checkpoints(&table);
+
+    let run = run_etl(&args(true));
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(crate::support::read_delta(&table, "id"), rows_before);
+    let live = delta_live_files(&table);
+    assert!(
+        live.iter().any(|f| f.ends_with(&others)),
+        "the file another implementation clustered is left to it"
+    );
+    let adds: Vec<Value> = delta_log_actions(&table)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.get("add").cloned())
+        .collect();
+    let mut ranges = Vec::new();
+    for file in live.iter().filter(|f| !f.ends_with(&others)) {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        let add = adds.iter().rfind(|a| a["path"] == json!(name)).unwrap();
+        assert_eq!(add["clusteringProvider"], json!("cumulus-etl"), "{name}");
+        let ids: Vec<String> = parquet_file_rows(file)
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] <= w[1]),
+            "{name} is sorted by id"
+        );
+        ranges.push((ids[0].clone(), ids[ids.len() - 1].clone()));
+    }
+    assert!(ranges.len() > 2, "several target-sized files: {ranges:?}");
+    ranges.sort();
+    assert!(
+        ranges.windows(2).all(|w| w[0].1 < w[1].0),
+        "disjoint key ranges: {ranges:?}"
+    );
+}

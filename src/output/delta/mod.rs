@@ -120,7 +120,10 @@ impl DeltaOutput {
             let opened = self
                 .runtime
                 .block_on(CumulusTable::open(&self.root, spec, self.settings.clone()))
-                .with_context(|| format!("could not open the Delta table {table}"))?;
+                .map_err(|e| match e.is::<protocol::Refused>() {
+                    true => e,
+                    false => e.context(format!("could not open the Delta table {table}")),
+                })?;
             let ledger = opened.ledger();
             let files = Arc::new(opened.files(self.runtime.handle().clone()));
             let stage = opened.stage_dir();

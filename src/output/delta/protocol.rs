@@ -64,16 +64,28 @@ pub const CREATED_WRITER_FEATURES: &[&str] =
 /// The domain that names a clustered table's clustering columns.
 pub const CLUSTERING_DOMAIN: &str = "delta.clustering";
 
+/// Why this tool refuses to write a table (the whole message names the table).
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Fails, naming the feature, unless this tool can write a table of this protocol and metadata
-/// (both as their log actions in JSON).
+/// (both as their log actions in JSON); the reason reads after the table's name.
 pub fn check_writable(protocol: &Value, metadata: &Value) -> Result<()> {
     let reader = protocol["minReaderVersion"].as_i64().unwrap_or(1);
     let writer = protocol["minWriterVersion"].as_i64().unwrap_or(1);
     if reader > 3 {
-        bail!("it needs Delta reader version {reader}, newer than this tool knows");
+        bail!("needs Delta reader version {reader}, newer than this tool knows");
     }
     if writer > 7 {
-        bail!("it needs Delta writer version {writer}, newer than this tool knows");
+        bail!("needs Delta writer version {writer}, newer than this tool knows");
     }
     for (key, known) in [
         ("readerFeatures", READER_FEATURES),
@@ -84,11 +96,11 @@ pub fn check_writable(protocol: &Value, metadata: &Value) -> Result<()> {
             .filter_map(Value::as_str)
             .find(|f| !known.contains(f))
         {
-            bail!("it uses the Delta table feature '{unknown}', which this tool cannot write");
+            bail!("uses the Delta table feature '{unknown}', which this tool cannot write");
         }
     }
     if let Some(feature) = in_use(metadata) {
-        bail!("it uses the Delta table feature '{feature}', which this tool cannot write");
+        bail!("uses the Delta table feature '{feature}', which this tool cannot write");
     }
     Ok(())
 }

@@ -235,12 +235,11 @@ impl CumulusTable {
             &serde_json::to_value(state.protocol())?,
             &serde_json::to_value(state.metadata())?,
         );
-        checked.with_context(|| {
-            format!(
-                "the Delta table {} cannot be written: nothing was written to it",
-                self.spec.name
-            )
-        })?;
+        if let Err(reason) = checked {
+            let name = &self.spec.name;
+            let message = format!("the Delta table {name} {reason}; nothing was written to it");
+            return Err(protocol::Refused(message).into());
+        }
         self.clustering = protocol::clustering_columns(&self.table.log_store(), state.version())
             .await
             .with_context(|| format!("reading the clustering columns of {}", self.spec.name))?;
@@ -964,9 +963,21 @@ impl CumulusTable {
             .target_file_size()
             .get();
         let files = self.files(tokio::runtime::Handle::current());
-        let compaction = compact::compact_by_file(&self.table, &files, target)
-            .await
-            .with_context(|| format!("compacting {}", self.spec.name))?;
+        let clustered = match self.clustering.is_empty() {
+            true => None,
+            false => {
+                let session = self.session(true);
+                compact::cluster_by_file(&self.table, &files, target, &self.clustering, &session)
+                    .await
+                    .with_context(|| format!("clustering {}", self.spec.name))?
+            }
+        };
+        let compaction = match clustered {
+            Some(clustered) => clustered,
+            None => compact::compact_by_file(&self.table, &files, target)
+                .await
+                .with_context(|| format!("compacting {}", self.spec.name))?,
+        };
         if compaction.actions.is_empty() {
             return Ok(());
         }
