@@ -148,19 +148,28 @@ fn delete_with_a_deletion_vector(table: &Path, ids: &[String]) {
     std::fs::write(log_file(table, version), commit).unwrap();
 }
 
-/// The sample export with its Patient file changed: the patients in `dropped` left out, and
-/// `changed` flipped to another gender.
-fn changed_export(dir: &Path, dropped: &[usize], changed: usize) -> PathBuf {
+/// The sample export with its Patient file changed: the patients in `dropped` left out,
+/// `changed` flipped to another gender, and a `deleted/` bundle deleting the patients in
+/// `deleted` (left out of the Patient file too).
+fn changed_export(dir: &Path, dropped: &[usize], changed: usize, deleted: &[usize]) -> PathBuf {
     let export = dir.join("changed-export");
-    std::fs::create_dir_all(&export).unwrap();
+    std::fs::create_dir_all(export.join("deleted")).unwrap();
     for entry in std::fs::read_dir(synthea()).unwrap().flatten() {
         std::fs::copy(entry.path(), export.join(entry.file_name())).unwrap();
     }
     let patients = std::fs::read_to_string(synthea().join("Patient.000.ndjson")).unwrap();
+    let mut deletions = Vec::new();
     let lines: Vec<String> = patients
         .lines()
         .enumerate()
-        .filter(|(i, _)| !dropped.contains(i))
+        .filter(|(i, line)| {
+            if deleted.contains(i) {
+                let patient: Value = serde_json::from_str(line).unwrap();
+                let url = format!("Patient/{}", patient["id"].as_str().unwrap());
+                deletions.push(json!({"request": {"method": "DELETE", "url": url}}));
+            }
+            !dropped.contains(i) && !deleted.contains(i)
+        })
         .map(|(i, line)| {
             if i != changed {
                 return line.to_string();
@@ -176,6 +185,12 @@ fn changed_export(dir: &Path, dropped: &[usize], changed: usize) -> PathBuf {
         })
         .collect();
     std::fs::write(export.join("Patient.000.ndjson"), lines.join("\n") + "\n").unwrap();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": deletions});
+    std::fs::write(
+        export.join("deleted/deletions.ndjson"),
+        bundle.to_string() + "\n",
+    )
+    .unwrap();
     export
 }
 
@@ -228,7 +243,6 @@ fn carry_on_a_spark_table(deletion_vectors: bool) {
     let patient = out.join("patient");
     make_spark_style(&patient, deletion_vectors);
     let sample = sample_patients();
-    let mut expected = sample.clone();
     let dropped: Vec<usize> = if deletion_vectors {
         // Spark deleted two patients; the new export no longer has them either, so they must
         // stay deleted when their file is rewritten.
@@ -244,18 +258,19 @@ fn carry_on_a_spark_table(deletion_vectors: bool) {
     } else {
         Vec::new()
     };
-    for &i in dropped.iter().rev() {
-        expected.remove(i);
-    }
-    let changed = 1;
-    let export = changed_export(tmp.path(), &dropped, changed);
-    let flipped = &mut expected[changed - dropped.iter().filter(|&&d| d < changed).count()];
-    flipped.1 = if flipped.1 == "male" {
-        "female"
-    } else {
-        "male"
-    }
-    .to_string();
+    // One patient changes, and the export's deleted/ folder deletes another.
+    let (changed, deleted) = (1, 5);
+    let export = changed_export(tmp.path(), &dropped, changed, &[deleted]);
+    let expected: Vec<(String, String)> = sample
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !dropped.contains(i) && *i != deleted)
+        .map(|(i, (id, gender))| match (i == changed, gender.as_str()) {
+            (true, "male") => (id.clone(), "female".to_string()),
+            (true, _) => (id.clone(), "male".to_string()),
+            (false, _) => (id.clone(), gender.clone()),
+        })
+        .collect();
     let (protocols_before, domains_before) = protocol_and_domains(&patient);
 
     let run = etl(&export, &out, &phi);
@@ -365,7 +380,7 @@ fn a_table_with_a_feature_this_tool_cannot_write_is_refused_before_anything_is_w
     std::fs::write(&first, text).unwrap();
     drop_checkpoints(&patient);
     let commits = delta_log_actions(&patient).len();
-    let run = etl(&changed_export(tmp.path(), &[], 1), &out, &phi);
+    let run = etl(&changed_export(tmp.path(), &[], 1, &[]), &out, &phi);
     assert_ne!(run.status.code(), Some(0));
     let err = stderr(&run);
     assert!(

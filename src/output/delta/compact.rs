@@ -13,26 +13,17 @@
 //! against 395 MiB while reading). Tables that cannot be read file by file
 //! ([`file_merge::unsupported`](super::file_merge::unsupported)) still use it.
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result};
 use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
 use deltalake::datafile::reader::ParquetFileReader;
-use deltalake::datafusion::error::DataFusionError;
-use deltalake::datafusion::execution::TaskContext;
-use deltalake::datafusion::execution::context::SessionState;
-use deltalake::datafusion::physical_expr::expressions::col;
-use deltalake::datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
-use deltalake::datafusion::physical_plan::ExecutionPlan;
-use deltalake::datafusion::physical_plan::SendableRecordBatchStream;
-use deltalake::datafusion::physical_plan::sorts::sort::SortExec;
-use deltalake::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use deltalake::datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
-use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, Remove};
+use deltalake::kernel::{Action, Add, Remove};
+use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
-use super::deletion_vectors::deleted_rows;
+use super::cluster_sort;
+use super::deletion_vectors::{DeletedRows, deleted_rows};
 use super::file_merge::{close_writer, read_file};
 use super::files::TableFiles;
 
@@ -136,31 +127,28 @@ pub const CLUSTERING_PROVIDER: &str = "cumulus-etl";
 
 /// Clusters the table's active files smaller than `target` bytes that are unclustered or
 /// clustered by this tool (files another implementation clustered are left to it): their rows,
-/// sorted on the `clustering` columns, are written as files of about `target` bytes. Nothing is
-/// committed: the caller records the returned actions. On error, files this call wrote are
-/// removed. None when the clustering columns are not top-level columns of the table.
+/// sorted on the `clustering` columns ([`cluster_sort`], holding about `sort_bytes` of rows at
+/// a time), are written as files of about `target` bytes. Nothing is committed: the caller
+/// records the returned actions. On error, files this call wrote are removed. None when the
+/// clustering columns are not top-level columns of the table.
 pub async fn cluster_by_file(
     table: &DeltaTable,
     files: &TableFiles,
     target: u64,
     clustering: &[String],
-    session: &SessionState,
+    sort_bytes: usize,
 ) -> Result<Option<Compaction>> {
     let state = table.snapshot()?;
     let schema = state.snapshot().arrow_schema();
-    let Ok(keys) = clustering
+    if clustering
         .iter()
-        .map(|c| Ok(PhysicalSortExpr::new_default(col(c, &schema)?)))
-        .collect::<Result<Vec<_>, DataFusionError>>()
-    else {
+        .any(|c| schema.column_with_name(c).is_none())
+    {
         return Ok(None);
-    };
-    let Some(ordering) = LexOrdering::new(keys) else {
-        return Ok(None);
-    };
+    }
     let mut stored = Vec::new();
     let mut removes = Vec::new();
-    let (mut bytes, mut live_rows) = (0u64, 0u64);
+    let (mut bytes, mut row_count) = (0u64, 0u64);
     for file in state.log_data().iter() {
         let size = u64::try_from(file.size()).unwrap_or(0);
         // Deprecated in delta-rs, but the only way it shows a file's clustering provider.
@@ -173,40 +161,30 @@ pub async fn cluster_by_file(
         let deleted = vector.as_ref().map_or(0, |v| v.cardinality);
         let records = file.num_records().map_or(0, |n| n as i64 - deleted);
         bytes += size;
-        live_rows += u64::try_from(records).unwrap_or(0);
+        row_count += u64::try_from(records).unwrap_or(0);
         stored.push((file.object_store_path(), vector));
         removes.push(file.remove_action(false));
     }
     if stored.len() < 2 {
         return Ok(Some(Compaction::default()));
     }
-    let rows = BinRows {
-        schema: schema.clone(),
-        table: table.clone(),
-        files: stored,
-    };
-    let scan = StreamingTableExec::try_new(
-        schema.clone(),
-        vec![Arc::new(rows) as Arc<dyn PartitionStream>],
-        None,
-        Vec::<LexOrdering>::new(),
-        false,
-        None,
-    )?;
-    let sort = SortExec::new(ordering, Arc::new(scan));
-    let mut sorted = sort.execute(0, Arc::new(TaskContext::from(session)))?;
+    let mut inputs = Vec::with_capacity(stored.len());
+    for (path, vector) in stored {
+        inputs.push((path, deleted_rows(table, vector).await?));
+    }
+    let rows = live_rows(table.log_store().object_store(None), &schema, inputs);
+    let mut sorted = cluster_sort::sort_rows(rows, &schema, clustering, sort_bytes).await?;
     // Files of about the target size: as many rows each as the small files held per target's
-    // worth of bytes (the writer only starts a new file between row groups).
+    // worth of bytes.
     let rows_per_file = match bytes {
         0 => u64::MAX,
-        _ => (live_rows.saturating_mul(target) / bytes).max(1),
+        _ => (row_count.saturating_mul(target) / bytes).max(1),
     };
     let mut written: Vec<Add> = Vec::new();
     let mut writer = files.writer(&schema);
     let mut in_file = 0u64;
     let copied = async {
-        while let Some(batch) = sorted.next().await {
-            let mut batch = batch?;
+        while let Some(mut batch) = sorted.next_batch()? {
             while batch.num_rows() > 0 {
                 if in_file == rows_per_file {
                     let full = std::mem::replace(&mut writer, files.writer(&schema));
@@ -250,39 +228,21 @@ pub async fn cluster_by_file(
     }))
 }
 
-/// The live rows of some of a table's files, one after the other, as a DataFusion partition.
-struct BinRows {
-    schema: SchemaRef,
-    table: DeltaTable,
-    files: Vec<(deltalake::Path, Option<DeletionVectorDescriptor>)>,
-}
-
-impl std::fmt::Debug for BinRows {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BinRows({} files)", self.files.len())
-    }
-}
-
-impl PartitionStream for BinRows {
-    fn schema(&self) -> &SchemaRef {
-        &self.schema
-    }
-
-    fn execute(&self, _context: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let (table, schema) = (self.table.clone(), self.schema.clone());
-        let rows = futures::stream::iter(self.files.clone())
-            .then(move |(path, vector)| {
-                let (table, schema) = (table.clone(), schema.clone());
-                async move {
-                    let reader = ParquetFileReader::new(table.log_store().object_store(None));
-                    let deleted = deleted_rows(&table, vector).await?;
-                    read_file(&reader, &path, &schema, deleted).await
-                }
-            })
-            .try_flatten()
-            .map_err(|e| DataFusionError::External(e.into()));
-        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), rows))
-    }
+/// The live rows of the given files (path, rows their deletion vector removes), one file
+/// after the other, conformed to `schema`.
+fn live_rows(
+    store: deltalake::logstore::ObjectStoreRef,
+    schema: &SchemaRef,
+    files: Vec<(deltalake::Path, Option<DeletedRows>)>,
+) -> BoxStream<'static, Result<RecordBatch>> {
+    let schema = schema.clone();
+    futures::stream::iter(files)
+        .then(move |(path, deleted)| {
+            let (store, schema) = (store.clone(), schema.clone());
+            async move { read_file(&ParquetFileReader::new(store), &path, &schema, deleted).await }
+        })
+        .try_flatten()
+        .boxed()
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! tables run in parallel) and reports each batch once committed, which is when the sink
 //! releases its memory.
 
+mod cluster_sort;
 mod commit;
 mod compact;
 mod conform;

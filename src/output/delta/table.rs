@@ -228,6 +228,8 @@ impl CumulusTable {
     /// and learns its clustering columns.
     async fn check_protocol(&mut self) -> Result<()> {
         if !self.exists() {
+            // This run will create it, clustered by its uniqueness fields.
+            self.clustering = self.spec.uniqueness.clone();
             return Ok(());
         }
         let state = self.table.snapshot()?;
@@ -966,10 +968,22 @@ impl CumulusTable {
         let clustered = match self.clustering.is_empty() {
             true => None,
             false => {
-                let session = self.session(true);
-                compact::cluster_by_file(&self.table, &files, target, &self.clustering, &session)
-                    .await
-                    .with_context(|| format!("clustering {}", self.spec.name))?
+                // A MERGE's share of memory: compactions run two at a time, as MERGEs.
+                let memory = self.settings.merge_bytes / 4;
+                let sorted =
+                    compact::cluster_by_file(&self.table, &files, target, &self.clustering, memory)
+                        .await;
+                match sorted {
+                    Ok(clustered) => clustered,
+                    // Clustering only orders the files; packing them still pays.
+                    Err(e) => {
+                        eprintln!(
+                            "note: {} was compacted without clustering: {e:#}",
+                            self.spec.name
+                        );
+                        None
+                    }
+                }
             }
         };
         let compaction = match clustered {
@@ -1210,4 +1224,38 @@ fn leaf_paths(fields: &arrow::datatypes::Fields, prefix: &str) -> Vec<String> {
         }
     }
     paths
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Fields, Schema};
+
+    fn schema(leaves_before_id: usize) -> Schema {
+        let nested: Fields = (0..leaves_before_id)
+            .map(|i| Field::new(format!("f{i}"), DataType::Utf8, true))
+            .collect();
+        Schema::new(vec![
+            Field::new("meta", DataType::Struct(nested), true),
+            Field::new("id", DataType::Utf8, true),
+        ])
+    }
+
+    #[test]
+    fn clustering_columns_past_the_indexed_leaves_get_statistics_too() {
+        let config = || WriterStatsConfig::new(DataSkippingNumIndexedCols::NumColumns(32), None);
+        let clustering = ["id".to_string()];
+        // `id` is the 4th leaf: the table's settings already cover it.
+        let kept = with_stats_for(config(), &schema(3), &clustering);
+        assert_eq!(kept.stats_columns, None);
+        // `id` is the 41st leaf: the first 32 leaves and `id` get statistics.
+        let widened = with_stats_for(config(), &schema(40), &clustering);
+        let columns = widened.stats_columns.unwrap();
+        assert_eq!(columns.len(), 33);
+        assert_eq!(columns[0], "meta.f0");
+        assert_eq!(columns[32], "id");
+        // Not clustered: left alone.
+        let plain = with_stats_for(config(), &schema(40), &[]);
+        assert_eq!(plain.stats_columns, None);
+    }
 }
