@@ -968,7 +968,9 @@ impl CumulusTable {
         let clustered = match self.clustering.is_empty() {
             true => None,
             false => {
-                // A MERGE's share of memory: compactions run two at a time, as MERGEs.
+                // Runs of a quarter of a MERGE's share (two compactions run at once): Arrow's
+                // count of wide FHIR rows is about half their real size, and larger runs set
+                // the run's peak (docs/performance.md).
                 let memory = self.settings.merge_bytes / 4;
                 let sorted =
                     compact::cluster_by_file(&self.table, &files, target, &self.clustering, memory)
