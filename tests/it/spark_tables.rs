@@ -18,14 +18,28 @@ const SALT: &str = "1234";
 /// The clustering domain line delta-spark writes for a table clustered by `id`.
 const SPARK_CLUSTERING_DOMAIN: &str = r#"{"domainMetadata":{"domain":"delta.clustering","configuration":"{\"clusteringColumns\":[[\"id\"]],\"domainName\":\"delta.clustering\"}","removed":false}}"#;
 
-fn spark_protocol(deletion_vectors: bool) -> Value {
-    match deletion_vectors {
-        false => json!({"protocol": {"minReaderVersion": 1, "minWriterVersion": 7,
+/// The tables Spark creates, by its settings.
+#[derive(Clone, Copy, PartialEq)]
+enum Spark {
+    Clustered,
+    /// `delta.enableDeletionVectors`.
+    DeletionVectors,
+    /// Deletion vectors and `delta.checkpointPolicy = v2`.
+    V2Checkpoints,
+}
+
+fn spark_protocol(spark: Spark) -> Value {
+    match spark {
+        Spark::Clustered => json!({"protocol": {"minReaderVersion": 1, "minWriterVersion": 7,
             "writerFeatures": ["appendOnly", "invariants", "clustering", "domainMetadata"]}}),
-        true => json!({"protocol": {"minReaderVersion": 3, "minWriterVersion": 7,
-            "readerFeatures": ["deletionVectors"],
+        Spark::DeletionVectors => json!({"protocol": {"minReaderVersion": 3,
+            "minWriterVersion": 7, "readerFeatures": ["deletionVectors"],
             "writerFeatures": ["appendOnly", "invariants", "clustering", "domainMetadata",
                 "deletionVectors"]}}),
+        Spark::V2Checkpoints => json!({"protocol": {"minReaderVersion": 3,
+            "minWriterVersion": 7, "readerFeatures": ["deletionVectors", "v2Checkpoint"],
+            "writerFeatures": ["appendOnly", "invariants", "clustering", "domainMetadata",
+                "deletionVectors", "v2Checkpoint"]}}),
     }
 }
 
@@ -52,9 +66,9 @@ fn log_file(table: &Path, version: u64) -> PathBuf {
 }
 
 /// Rewrites the table's first commit as delta-spark writes a clustered table's (its protocol
-/// line, its clustering domain; with `deletion_vectors`, Spark's default of the feature and the
-/// table property), and removes checkpoints so readers replay the rewritten log.
-fn make_spark_style(table: &Path, deletion_vectors: bool) {
+/// line, its clustering domain, the table properties of its features), and removes checkpoints
+/// so readers replay the rewritten log.
+fn make_spark_style(table: &Path, spark: Spark) {
     let first = log_file(table, 0);
     let text = std::fs::read_to_string(&first).unwrap();
     let mut domains = 0;
@@ -63,14 +77,20 @@ fn make_spark_style(table: &Path, deletion_vectors: bool) {
         .map(|line| {
             let mut action: Value = serde_json::from_str(line).unwrap();
             if action.get("protocol").is_some() {
-                return spark_protocol(deletion_vectors).to_string();
+                return spark_protocol(spark).to_string();
             }
             if action.get("domainMetadata").is_some() {
                 domains += 1;
                 return SPARK_CLUSTERING_DOMAIN.to_string();
             }
-            if deletion_vectors && let Some(metadata) = action.get_mut("metaData") {
-                metadata["configuration"]["delta.enableDeletionVectors"] = json!("true");
+            if let Some(metadata) = action.get_mut("metaData") {
+                let config = &mut metadata["configuration"];
+                if spark != Spark::Clustered {
+                    config["delta.enableDeletionVectors"] = json!("true");
+                }
+                if spark == Spark::V2Checkpoints {
+                    config["delta.checkpointPolicy"] = json!("v2");
+                }
             }
             line.to_string()
         })
@@ -237,11 +257,12 @@ fn assert_patients(reader: &str, rows: &[Value], expected: &[(String, String)]) 
 
 /// A changed export run into a Spark-style table: exit 0, the change visible to both readers,
 /// protocol and clustering domain as they were, no key twice.
-fn carry_on_a_spark_table(deletion_vectors: bool) {
+fn carry_on_a_spark_table(spark: Spark) {
+    let deletion_vectors = spark != Spark::Clustered;
     let tmp = tempfile::tempdir().unwrap();
     let (out, phi) = loaded(tmp.path());
     let patient = out.join("patient");
-    make_spark_style(&patient, deletion_vectors);
+    make_spark_style(&patient, spark);
     let sample = sample_patients();
     let dropped: Vec<usize> = if deletion_vectors {
         // Spark deleted two patients; the new export no longer has them either, so they must
@@ -282,7 +303,7 @@ fn carry_on_a_spark_table(deletion_vectors: bool) {
     let read = read_both(&patient, &["id", "gender"], true);
     assert_patients("duckdb", &read.duckdb, &expected);
     assert_patients("deltalake", read.deltalake.as_ref().unwrap(), &expected);
-    let mut want = spark_protocol(deletion_vectors)["protocol"].clone();
+    let mut want = spark_protocol(spark)["protocol"].clone();
     if !deletion_vectors {
         want["readerFeatures"] = Value::Null;
     }
@@ -291,6 +312,20 @@ fn carry_on_a_spark_table(deletion_vectors: bool) {
         want,
         "the protocol, read from the checkpoint"
     );
+    if spark == Spark::V2Checkpoints {
+        let log = std::fs::read_dir(patient.join("_delta_log")).unwrap();
+        let checkpoints: Vec<PathBuf> = log
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().ends_with(".checkpoint.parquet"))
+            .collect();
+        assert!(!checkpoints.is_empty(), "a checkpoint was written");
+        let rows = parquet_file_rows(&checkpoints[0]);
+        assert!(
+            rows.iter().any(|r| r.get("checkpointMetadata").is_some()),
+            "it follows the V2 spec"
+        );
+    }
     if deletion_vectors {
         let removed_vector = delta_log_actions(&patient)
             .into_iter()
@@ -306,12 +341,17 @@ fn carry_on_a_spark_table(deletion_vectors: bool) {
 
 #[test]
 fn a_changed_export_goes_into_a_spark_clustered_table() {
-    carry_on_a_spark_table(false);
+    carry_on_a_spark_table(Spark::Clustered);
 }
 
 #[test]
 fn a_changed_export_goes_into_a_spark_table_whose_file_has_a_deletion_vector() {
-    carry_on_a_spark_table(true);
+    carry_on_a_spark_table(Spark::DeletionVectors);
+}
+
+#[test]
+fn a_changed_export_goes_into_a_spark_table_with_v2_checkpoints() {
+    carry_on_a_spark_table(Spark::V2Checkpoints);
 }
 
 #[test]
