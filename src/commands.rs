@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 
-use crate::cli::exit::{ExitCode, Fatal};
+use crate::exit::{ExitCode, Fatal};
 use crate::fhir::Shape;
 use crate::json::Tape;
 use crate::output::delta::DeltaSettings;

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::cli::exit::{ExitCode, Fatal};
+use crate::exit::{ExitCode, Fatal};
 
 const FHIR_TABLES: &str = include_str!("../dataflows/fhir_tables.toml");
 

@@ -1,21 +1,18 @@
 //! The command line of Cumulus ETL's `etl`: `cumulus-etl [etl] [OPTIONS] INPUT OUTPUT PHI`.
 
-pub mod exit;
-pub mod progress;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 
 use crate::engine::EngineConfig;
-use crate::engine::budget::{default_budget, parse_size};
 use crate::etl::EtlOptions;
+use crate::exit::{ExitCode, Fatal};
+use crate::memory::budget::{default_budget, parse_size};
 use crate::nlp::ctakes::RetryPolicy;
 use crate::nlp::run::NlpOptions;
 use crate::output::OutputFormat;
 use crate::store::Location;
-use exit::{ExitCode, Fatal};
 
 /// Subcommands Cumulus ETL knows; the first non-option argument is one of these or the input.
 const SUBCOMMANDS: [&str; 8] = [

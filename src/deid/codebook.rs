@@ -14,8 +14,8 @@ use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
-use super::rules::FastMap;
 use super::sorted_mappings::SortedMappings;
+use crate::fast_hash::FastMap;
 use crate::fingerprint::fingerprint128;
 use crate::{json, store};
 

@@ -1,6 +1,7 @@
 //! The allow-list rules, loaded once from the embedded `allow_list.toml` and flattened so the
 //! scrubber never walks inheritance chains on the hot path.
 
+use crate::fast_hash::{FastMap, FastSet};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -53,12 +54,6 @@ pub struct Filter {
     pub field: String,
     pub values: FastSet<String>,
 }
-
-/// Maps looked up for every field of every resource: foldhash, not SipHash (the keys are our
-/// own rule names, so hash flooding is not a concern).
-pub type FastMap<K, V> = foldhash::HashMap<K, V>;
-/// Sets looked up for every extension and filtered list element.
-pub type FastSet<T> = foldhash::HashSet<T>;
 
 /// The flattened field table of one type (its own fields plus everything inherited).
 pub type FieldRules = FastMap<String, Treatment>;

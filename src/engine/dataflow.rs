@@ -15,15 +15,15 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::generic::operator::source;
 
-use super::budget::MemoryBudget;
 use super::config::EngineConfig;
 use super::sink::{SinkState, write_failed_batch, write_unfit_rows};
 use super::source::{RowProducer, SourceState, Step};
 use super::stop::{StopCause, StopSignal};
 use crate::deid::{ExtensionReport, Scrubber};
-use crate::etl::rows::{SkipReason, Skipped, TableChunk, TaskContext};
+use crate::engine::rows::{SkipReason, Skipped, TableChunk, TaskContext};
 use crate::input::InputFile;
 use crate::input::bundles::WorkItem;
+use crate::memory::MemoryBudget;
 use crate::output::job::TableSummary;
 use crate::output::{Outputs, TableKind, TableWriter};
 use crate::panic_guard::{self, Site};
@@ -400,9 +400,12 @@ fn build_dataflow(
             Exchange::new(move |chunk: &TableChunk| sinks[chunk.task as usize]),
             "WriteTables",
             move |_capability, info| {
-                sink_shared
-                    .budget
-                    .register_sink(scope.worker().sync_activator_for(info.address.to_vec()));
+                sink_shared.budget.register_sink({
+                    let activator = scope.worker().sync_activator_for(info.address.to_vec());
+                    move || {
+                        let _ = activator.activate();
+                    }
+                });
                 let mut sink = SinkState::new(sink_shared);
                 let mut finished = false;
                 move |(input, frontier), _output| {

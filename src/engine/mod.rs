@@ -1,13 +1,12 @@
 //! The streaming engine: a timely dataflow of source operators (read + de-identify bundles under
 //! the memory budget) feeding one sink per task (batch, dedup, write in order).
 
-pub mod budget;
 pub mod config;
 pub mod dataflow;
+pub mod rows;
 pub mod sink;
 pub mod source;
 pub mod stop;
 
-pub use budget::MemoryBudget;
 pub use config::EngineConfig;
 pub use dataflow::{RunShared, run_dataflow};

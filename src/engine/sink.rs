@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use super::dataflow::RunShared;
 use super::stop::StopCause;
-use crate::deid::rules::FastSet;
-use crate::etl::rows::TableChunk;
+use crate::engine::rows::TableChunk;
+use crate::fast_hash::FastSet;
 use crate::fhir::Shape;
 use crate::output::{OnWritten, RowBatch, TableWriter};
 use crate::panic_guard::{self, InternalError, Site};
@@ -172,7 +172,7 @@ impl SinkState {
         if let Err(e) = codebook.save() {
             eprintln!("error: could not save the codebook: {e:#}");
         }
-        shared.budget.hold_codebook(codebook);
+        shared.budget.hold_codebook(codebook.held_bytes());
         let ctx = &shared.tasks[task_id as usize];
         let mut tables = vec![ctx.table.clone()];
         if ctx.completion.is_some() {

@@ -1,6 +1,8 @@
 //! One ETL run, start to finish: check the arguments and folders, find the input, run the
 //! dataflow, then finish the tables (empty tables, deletions, completion rows) and report.
 
+pub mod producer;
+pub mod progress;
 pub mod rows;
 
 use std::collections::HashSet;
@@ -10,24 +12,25 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::cli::exit::{ExitCode, Fatal};
-use crate::cli::progress::ProgressPrinter;
 use crate::deid::{Codebook, Rules, Scrubber};
-use crate::engine::source::human_bytes;
+use crate::engine::rows::{CompletionTemplate, TaskContext};
 use crate::engine::stop::{RunStopped, StopCause};
-use crate::engine::{EngineConfig, MemoryBudget, RunShared, run_dataflow};
+use crate::engine::{EngineConfig, RunShared, run_dataflow};
+use crate::etl::progress::ProgressPrinter;
+use crate::exit::{ExitCode, Fatal};
 use crate::fhir::{ElementModel, Shape};
 use crate::input::deleted::read_deleted_ids;
 use crate::input::export_log::read_export_log;
 use crate::input::i2b2::discover_i2b2;
 use crate::input::{Discovery, bundles, discover};
+use crate::memory::MemoryBudget;
+use crate::memory::human_bytes;
 use crate::output::delta::DeltaSettings;
 use crate::output::job::{self, JobConfig};
 use crate::output::{OutputFormat, Outputs, RowBatch, TableKind, write_and_wait};
 use crate::store::{self, Location};
 use crate::tasks::{self, COMPLETION_TABLE, Task};
 use crate::time::PyDateTime;
-use rows::{CompletionTemplate, TaskContext};
 
 /// The options of `cumulus-etl etl`.
 #[derive(Debug, Clone)]
@@ -213,7 +216,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         })
         .collect();
     let budget = MemoryBudget::new(opts.memory);
-    budget.hold_codebook(&codebook);
+    budget.hold_codebook(codebook.held_bytes());
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
     let work = bundles::plan(&found.files, bundle_bytes)?;
     let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();
@@ -242,7 +245,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     );
     let progress = ProgressPrinter::start(shared.clone(), total_bytes, opts.progress_interval);
     let producers: crate::engine::dataflow::ProducerFactory =
-        Arc::new(|_| Box::new(crate::engine::source::FhirRows));
+        Arc::new(|_| Box::new(producer::FhirRows));
     let outcome = run_dataflow(shared.clone(), &opts.engine, producers);
     progress.stop();
     if let Err(e) = outcome {

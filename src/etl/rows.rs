@@ -1,229 +1,23 @@
 //! Turns raw NDJSON lines into de-identified table rows: parse, check, scrub, serialize. Bad
 //! lines are reported with file and line and never stop the run.
 
-use std::io::Write;
-
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::deid::{ExtensionReport, Scrubbed, Scrubber};
-use crate::fhir::Shape;
+use crate::engine::rows::{SkipReason, Skipped, TableChunk, TaskContext};
 use crate::json::lines::{line_content, split_lines};
-use crate::json::{Kind, Tape, write_compact_ascii};
+use crate::json::{Kind, Tape};
 use crate::panic_guard::{self, Site};
 
-/// Why an input line was skipped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum SkipReason {
-    InvalidJson,
-    InvalidUtf8,
-    TooDeeplyNested,
-    NotAnObject,
-    WrongResourceType,
-    MissingId,
-    BadReference,
-    UnknownModifierExtension,
-    UnexpectedStructure,
-    UnreadableFile,
-    BadCsvRow,
-    DuplicateId,
-    UnpairedSurrogate,
-    InternalError,
-    UnfitForSchema,
-    NonFiniteNumber,
-}
-
-impl SkipReason {
-    /// The reason a resource the scrubber rejected is skipped.
-    pub fn of_rejection(rejection: &crate::deid::Rejection) -> SkipReason {
-        match rejection {
-            crate::deid::Rejection::NotAResource => SkipReason::NotAnObject,
-            crate::deid::Rejection::UnknownModifierExtension(_) => {
-                SkipReason::UnknownModifierExtension
-            }
-            crate::deid::Rejection::StructureMismatch(_) => SkipReason::UnexpectedStructure,
-            crate::deid::Rejection::BadReference(_) => SkipReason::BadReference,
-            crate::deid::Rejection::UnpairedSurrogate(_) => SkipReason::UnpairedSurrogate,
-        }
+/// The reason a resource the scrubber rejected is skipped.
+pub fn rejection_reason(rejection: &crate::deid::Rejection) -> SkipReason {
+    match rejection {
+        crate::deid::Rejection::NotAResource => SkipReason::NotAnObject,
+        crate::deid::Rejection::UnknownModifierExtension(_) => SkipReason::UnknownModifierExtension,
+        crate::deid::Rejection::StructureMismatch(_) => SkipReason::UnexpectedStructure,
+        crate::deid::Rejection::BadReference(_) => SkipReason::BadReference,
+        crate::deid::Rejection::UnpairedSurrogate(_) => SkipReason::UnpairedSurrogate,
     }
-
-    /// How the end-of-run summary names this reason.
-    pub fn label(self) -> &'static str {
-        match self {
-            SkipReason::InvalidJson => "unparseable JSON",
-            SkipReason::InvalidUtf8 => "invalid UTF-8",
-            SkipReason::TooDeeplyNested => "JSON nested too deeply",
-            SkipReason::NotAnObject => "not a JSON object",
-            SkipReason::WrongResourceType => "wrong or missing resourceType",
-            SkipReason::MissingId => "resource without id",
-            SkipReason::BadReference => "unparseable reference",
-            SkipReason::UnknownModifierExtension => "unknown modifierExtension",
-            SkipReason::UnexpectedStructure => "unexpected structure",
-            SkipReason::UnreadableFile => "unreadable or truncated file",
-            SkipReason::BadCsvRow => "i2b2 row that cannot be converted",
-            SkipReason::DuplicateId => "duplicate id in an i2b2 file (first kept)",
-            SkipReason::UnpairedSurrogate => "text with an unpaired surrogate escape",
-            SkipReason::InternalError => "internal error (a bug: please report it)",
-            SkipReason::UnfitForSchema => "value of another type than its column's",
-            SkipReason::NonFiniteNumber => "NaN, Infinity or a number beyond a double",
-        }
-    }
-}
-
-/// Rows of one table produced from one bundle: compact JSON lines plus what the sink needs to
-/// dedup and to build the Arrow schema, and the budget bytes to release once written.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct TableChunk {
-    pub task: u32,
-    pub table: String,
-    pub ids: Vec<String>,
-    /// Newline-terminated rows, one per id.
-    pub data: Vec<u8>,
-    pub shape: Shape,
-    pub reserved: u64,
-    /// Scratch space for reading rows back into the shape.
-    #[serde(skip)]
-    tape: Tape,
-}
-
-impl TableChunk {
-    /// An empty chunk for a table.
-    pub fn new(task: u32, table: &str) -> TableChunk {
-        TableChunk {
-            task,
-            table: table.to_string(),
-            ..Default::default()
-        }
-    }
-
-    /// Appends one row given as a JSON value (completion and NLP rows, whose tables have fixed
-    /// schemas, so no shape is tracked).
-    pub fn push(&mut self, id: String, row: &Value) {
-        let start = self.data.len();
-        write_compact_ascii(&mut self.data, row);
-        self.commit_row(id, start, false);
-    }
-
-    /// Takes the row just written at `data[start..]` (compact JSON, no newline yet): ends the
-    /// line and records its id and, `with_shape`, its shape.
-    pub fn commit_row(&mut self, id: String, start: usize, with_shape: bool) {
-        if with_shape && !self.shape.add_compact_row(&self.data[start..]) {
-            let doc = self
-                .tape
-                .parse(&self.data[start..])
-                .expect("rows are written as valid JSON");
-            self.shape.add_row(&doc);
-        }
-        self.data.push(b'\n');
-        self.ids.push(id);
-    }
-
-    /// Where the chunk ends now, to `rewind` to.
-    pub fn mark(&self) -> ChunkMark {
-        ChunkMark {
-            data: self.data.len(),
-            rows: self.ids.len(),
-        }
-    }
-
-    /// Drops what was added since `mark` (the rows of a line that failed half-way). The shape
-    /// keeps any keys it gained: a wider schema is harmless.
-    pub fn rewind(&mut self, mark: ChunkMark) {
-        self.data.truncate(mark.data);
-        self.ids.truncate(mark.rows);
-    }
-
-    /// Gives back the spare capacity of a finished chunk. Its rows wait in the sink until the
-    /// batch is written, and a buffer grown by doubling is up to half empty.
-    pub fn shrink_to_fit(&mut self) {
-        self.data.shrink_to_fit();
-        self.ids.shrink_to_fit();
-    }
-
-    /// Heap bytes the chunk holds while it waits in the sink (rows, ids and their strings).
-    pub fn held_bytes(&self) -> u64 {
-        let ids: usize = self.ids.iter().map(String::capacity).sum();
-        (self.data.capacity() + self.ids.capacity() * std::mem::size_of::<String>() + ids) as u64
-    }
-
-    /// Number of rows.
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// Whether the chunk has no rows.
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    /// Moves rows `n..` into a new chunk (same task and table). The shape is kept on both
-    /// halves (a superset only widens the schema) and the budget bytes move with the tail.
-    pub fn split_off(&mut self, n: usize) -> TableChunk {
-        let cut = if n == 0 {
-            0
-        } else {
-            memchr::memchr_iter(b'\n', &self.data)
-                .nth(n - 1)
-                .map_or(self.data.len(), |p| p + 1)
-        };
-        let tail = TableChunk {
-            task: self.task,
-            table: self.table.clone(),
-            ids: self.ids.split_off(n.min(self.ids.len())),
-            data: self.data.split_off(cut),
-            shape: self.shape.clone(),
-            reserved: self.reserved,
-            tape: Tape::default(),
-        };
-        self.reserved = 0;
-        tail
-    }
-
-    /// Iterates over the rows' JSON text.
-    pub fn rows(&self) -> impl Iterator<Item = &[u8]> {
-        split_lines(&self.data).filter(|r| !r.is_empty())
-    }
-}
-
-/// A position in a chunk (see `TableChunk::mark`).
-#[derive(Debug, Clone, Copy)]
-pub struct ChunkMark {
-    data: usize,
-    rows: usize,
-}
-
-/// A skipped line, for the console and the `--errors-to` folder.
-pub struct Skipped<'a> {
-    pub line_no: u64,
-    pub reason: SkipReason,
-    pub detail: String,
-    pub raw: &'a [u8],
-}
-
-/// What a task needs to know to turn lines into rows.
-pub struct TaskContext {
-    pub task: u32,
-    pub table: String,
-    pub resource_type: String,
-    /// The kind of the main table (its schema and keys).
-    pub kind: crate::output::TableKind,
-    /// Chunks hold whole groups (all rows of one note), so batches are never cut inside one.
-    pub whole_chunks: bool,
-    /// Rows are read back into the chunk's `Shape` (the Arrow formats need it; NDJSON does not).
-    pub needs_shape: bool,
-    /// Rows must be UTF-8 text (Parquet and Delta): a kept string with an unpaired surrogate
-    /// escape, which NDJSON writes back as Python does, skips its line instead.
-    pub utf8_only: bool,
-    /// For the encounter task: the completion-row template (group, export time, exclusions).
-    pub completion: Option<CompletionTemplate>,
-}
-
-/// The constant part of `etl__completion_encounters` rows.
-#[derive(Clone)]
-pub struct CompletionTemplate {
-    pub group_name: String,
-    pub export_time: String,
-    pub excluded_resources: String,
 }
 
 /// The lines of one bundle and where they come from.
@@ -315,7 +109,7 @@ fn process_line(
             return Err((SkipReason::MissingId, String::new()));
         }
         Err(rejection) => {
-            return Err((SkipReason::of_rejection(&rejection), rejection.detail()));
+            return Err((rejection_reason(&rejection), rejection.detail()));
         }
     };
     if ctx.utf8_only && doc.has_lone_surrogate() && has_lone_surrogate(&main.data[start..]) {
@@ -393,25 +187,13 @@ fn is_python_only_number(raw: &[u8], column: usize) -> bool {
     })
 }
 
-/// Writes a skipped line to the errors folder's rejected-rows file (this file holds PHI).
-pub fn write_rejected(out: &mut impl Write, file: &str, s: &Skipped<'_>) -> std::io::Result<()> {
-    let row = serde_json::json!({
-        "file": file,
-        "line": s.line_no,
-        "reason": s.reason.label(),
-        "detail": s.detail,
-        "row": String::from_utf8_lossy(s.raw),
-    });
-    serde_json::to_writer(&mut *out, &row)?;
-    out.write_all(b"\n")
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use super::*;
     use crate::deid::{Codebook, Rules};
+    use crate::fhir::Shape;
     use crate::json::Tape;
 
     /// Processes `bytes` with shapes tracked and checks the chunk's shape against one read

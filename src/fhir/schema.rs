@@ -10,7 +10,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema};
 use serde::{Deserialize, Serialize};
 
 use super::model::{ElementModel, Kind as ModelKind, Property};
-use crate::deid::rules::FastMap;
+use crate::fast_hash::FastMap;
 use crate::json::{Doc, Kind};
 
 const LEVEL_INCLUSION: usize = 1;

@@ -16,8 +16,9 @@ use super::engine::{EmbeddedSymptoms, Finding, SymptomEngine};
 use super::note::{NoteIds, TextError, is_selected, note_ids, note_text};
 use super::study::Study;
 use crate::deid::ExtensionReport;
+use crate::engine::rows::{SkipReason, Skipped, TableChunk};
 use crate::engine::source::{Bundle, RowProducer};
-use crate::etl::rows::{SkipReason, Skipped, TableChunk, classify_invalid_json};
+use crate::etl::rows::{classify_invalid_json, rejection_reason};
 use crate::json::Tape;
 use crate::json::lines::{line_content, split_lines};
 use crate::panic_guard::{self, Guarded, Site};
@@ -254,7 +255,7 @@ impl NoteRows {
         }
         scrubbed.clear();
         if let Err(rejection) = b.shared.scrubber.scrub(&doc, scrubbed, report) {
-            skip(SkipReason::of_rejection(&rejection), rejection.detail());
+            skip(rejection_reason(&rejection), rejection.detail());
             return None;
         }
         let note = match serde_json::from_slice::<Value>(scrubbed) {

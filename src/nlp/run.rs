@@ -8,18 +8,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::cli::exit::{ExitCode, Fatal};
-use crate::cli::progress::ProgressPrinter;
 use crate::deid::{Codebook, Rules, Scrubber};
 use crate::engine::dataflow::ProducerFactory;
-use crate::engine::{EngineConfig, MemoryBudget, RunShared, run_dataflow};
-use crate::etl::rows::TaskContext;
+use crate::engine::rows::TaskContext;
+use crate::engine::{EngineConfig, RunShared, run_dataflow};
+use crate::etl::progress::ProgressPrinter;
 use crate::etl::{
     bundle_size, check_run_arguments, open_codebook, open_errors_folder, prepare_output,
     print_extension_report, print_summary,
 };
+use crate::exit::{ExitCode, Fatal};
 use crate::fhir::ElementModel;
 use crate::input::{bundles, discover};
+use crate::memory::MemoryBudget;
 use crate::output::delta::DeltaSettings;
 use crate::output::{OutputFormat, Outputs, TableKind};
 use crate::store::Location;
@@ -310,7 +311,7 @@ fn run_study(
         .with_merge_rows(opts.batch_size);
     let budget = MemoryBudget::new(opts.memory);
     delta.count_routing_keys_in(&budget);
-    budget.hold_codebook(codebook);
+    budget.hold_codebook(codebook.held_bytes());
     let outputs = Outputs::new(opts.output_format, output, delta)?;
     let shared = Arc::new(RunShared::new(
         Scrubber::new(Rules::embedded()?, codebook.clone(), false),

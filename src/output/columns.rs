@@ -19,7 +19,7 @@ use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, FieldRef, Fields, Schema};
 use arrow::record_batch::RecordBatch;
 
-use crate::deid::rules::FastMap;
+use crate::fast_hash::FastMap;
 use crate::json::compact::{Cursor, NotCompact, Step};
 use crate::json::{Doc, Kind, Tape};
 

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use cumulus_etl::deid::{Codebook, ExtensionReport, Rules, Scrubber};
-use cumulus_etl::etl::rows::{BundleLines, SkipReason, TableChunk, TaskContext, process_bundle};
+use cumulus_etl::engine::rows::{SkipReason, TableChunk, TaskContext};
+use cumulus_etl::etl::rows::{BundleLines, process_bundle};
 use cumulus_etl::output::TableKind;
 
 use crate::mutate::{Rng, damage, python_accepts, sample_lines};

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use cumulus_etl::deid::{Codebook, ExtensionReport, Rules, Scrubber};
-use cumulus_etl::etl::rows::{BundleLines, TableChunk, TaskContext, process_bundle};
+use cumulus_etl::engine::rows::{TableChunk, TaskContext};
+use cumulus_etl::etl::rows::{BundleLines, process_bundle};
 use cumulus_etl::json::Tape;
 use cumulus_etl::output::{RowBatch, TableKind, arrow_rows::to_record_batch};
 use serde_json::Value;

@@ -13,7 +13,7 @@ use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
 use super::conform::union_schema;
-use crate::engine::budget::HeldMemory;
+use crate::memory::budget::HeldMemory;
 
 /// Shards of the key set. Each grows on its own, so a growth copies a sixty-fourth of the keys
 /// rather than all of them beside a table twice the size.

@@ -38,7 +38,7 @@ use super::ledger::{Ledger, Route, key_fingerprints};
 use super::merge_source::MergeSource;
 use super::protocol;
 use super::stage::{MergeStage, StageDir, StagedFile, read_all, read_batch};
-use crate::engine::budget::{HeldMemory, MemoryBudget};
+use crate::memory::budget::{HeldMemory, MemoryBudget};
 use crate::output::{OnWritten, TableKind};
 
 /// Compaction rewrites the whole table, so it waits until a table has this many files: a
@@ -122,7 +122,7 @@ impl DeltaSettings {
     /// (100,000-row tables at 256 MiB). The pool is a ceiling, not a reservation. `run` names
     /// the run in the transaction log.
     pub fn for_budget(budget: u64, run: &str) -> DeltaSettings {
-        let floor = (crate::engine::budget::physical_memory() / 8).clamp(64 << 20, 2 << 30);
+        let floor = (crate::memory::budget::physical_memory() / 8).clamp(64 << 20, 2 << 30);
         DeltaSettings {
             // MERGEs' indexes and caches sit beside the budget's rows in flight: a quarter of
             // the budget in all (an eighth for each of two) kept a re-run of 1 GB at

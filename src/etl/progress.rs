@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::RunShared;
 use crate::engine::dataflow::{bytes_read, read_by_table};
-use crate::engine::source::human_bytes;
+use crate::memory::human_bytes;
 
 /// Prints progress until stopped.
 pub struct ProgressPrinter {

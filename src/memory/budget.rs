@@ -4,9 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use timely::scheduling::SyncActivator;
-
-use super::source::human_bytes;
+use super::human_bytes;
 
 /// Memory one owner holds for the whole run outside any reservation (the codebook's id
 /// mappings, the Delta tables' routing keys). It grows with the input, not with the batch, so
@@ -52,7 +50,7 @@ pub struct MemoryBudget {
     writing: AtomicU64,
     peak: AtomicU64,
     oversized: AtomicU64,
-    sinks: Mutex<Vec<SyncActivator>>,
+    sinks: Mutex<Vec<Box<dyn Fn() + Send>>>,
 }
 
 /// The outcome of a reservation request.
@@ -109,8 +107,8 @@ impl MemoryBudget {
         if outcome == Reservation::Refused {
             drop(used);
             self.pressure.fetch_add(1, Ordering::AcqRel);
-            for sink in self.sinks.lock().unwrap().iter() {
-                let _ = sink.activate();
+            for wake in self.sinks.lock().unwrap().iter() {
+                wake();
             }
             return outcome;
         }
@@ -185,8 +183,8 @@ impl MemoryBudget {
 
     /// Counts the codebook's id mappings as held memory (at the start of a run and after every
     /// codebook save), saying so once held memory takes more than half the budget.
-    pub fn hold_codebook(&self, codebook: &crate::deid::Codebook) {
-        self.codebook.set(codebook.held_bytes());
+    pub fn hold_codebook(&self, held_bytes: u64) {
+        self.codebook.set(held_bytes);
         if let Some(warning) = self.check_held() {
             eprintln!("{warning}");
         }
@@ -212,9 +210,9 @@ impl MemoryBudget {
         self.pressure.load(Ordering::Acquire)
     }
 
-    /// Registers a sink to wake when a source is waiting for memory.
-    pub fn register_sink(&self, activator: SyncActivator) {
-        self.sinks.lock().unwrap().push(activator);
+    /// Registers how to wake a sink when a source is waiting for memory.
+    pub fn register_sink(&self, wake: impl Fn() + Send + 'static) {
+        self.sinks.lock().unwrap().push(Box::new(wake));
     }
 }
 

@@ -1,0 +1,71 @@
+//! The ETL's row producer for the engine: each bundle's lines become de-identified rows of the
+//! task's table (and completion rows for encounters).
+
+use crate::deid::ExtensionReport;
+use crate::engine::RunShared;
+use crate::engine::rows::{Skipped, TableChunk};
+use crate::engine::source::{Bundle, RowProducer};
+
+use super::rows::{BundleLines, process_bundle};
+
+/// The ETL producer: de-identified resources (and completion rows for encounters).
+pub struct FhirRows;
+
+impl RowProducer for FhirRows {
+    fn process(
+        &mut self,
+        b: Bundle<'_>,
+        report: &mut ExtensionReport,
+        on_skip: &mut dyn FnMut(Skipped<'_>),
+    ) -> Vec<TableChunk> {
+        let mut main = TableChunk::new(b.ctx.task, &b.ctx.table);
+        main.reserved = b.reserved;
+        // De-identified rows are about as long as the input or shorter: one allocation.
+        main.data.reserve(b.bytes.len());
+        let mut completion = b
+            .ctx
+            .completion
+            .as_ref()
+            .map(|_| TableChunk::new(b.ctx.task, crate::tasks::COMPLETION_ENCOUNTERS_TABLE));
+        let lines = BundleLines {
+            path: b.path,
+            bytes: b.bytes,
+            first_line: b.first_line,
+        };
+        process_bundle(
+            b.ctx,
+            &b.shared.scrubber,
+            lines,
+            (&mut main, &mut completion),
+            report,
+            on_skip,
+        );
+        b.shared.progress.add_read(b.ctx.task, main.len() as u64);
+        let mut out = Vec::with_capacity(2);
+        out.extend(completion);
+        out.push(main);
+        out.iter_mut().for_each(TableChunk::shrink_to_fit);
+        right_size_reservation(b.shared, &mut out);
+        out
+    }
+}
+
+/// Shrinks the reservation a bundle's chunks carry to what the output format reserves for the
+/// bytes they hold. A bundle is reserved at its input size before it is read, but de-identified
+/// rows are often much smaller (notes lose their attachments), and budget held for bytes that
+/// no longer exist only makes the sinks write smaller batches under pressure.
+fn right_size_reservation(shared: &RunShared, chunks: &mut [TableChunk]) {
+    let reserved: u64 = chunks.iter().map(|c| c.reserved).sum();
+    let held = shared
+        .outputs
+        .format
+        .reservation(chunks.iter().map(TableChunk::held_bytes).sum());
+    if held >= reserved {
+        return;
+    }
+    shared.budget.release(reserved - held);
+    let last = chunks.len() - 1;
+    for (n, chunk) in chunks.iter_mut().enumerate() {
+        chunk.reserved = if n == last { held } else { 0 };
+    }
+}
