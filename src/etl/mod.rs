@@ -4,6 +4,7 @@
 pub mod producer;
 pub mod progress;
 pub mod rows;
+pub mod run;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -14,23 +15,20 @@ use serde_json::json;
 
 use crate::deid::{Codebook, Rules, Scrubber};
 use crate::engine::rows::{CompletionTemplate, TaskContext};
-use crate::engine::stop::{RunStopped, StopCause};
-use crate::engine::{EngineConfig, RunShared, run_dataflow};
-use crate::etl::progress::ProgressPrinter;
+use crate::engine::{EngineConfig, RunShared};
 use crate::exit::{ExitCode, Fatal};
 use crate::fhir::{ElementModel, Shape};
 use crate::input::deleted::read_deleted_ids;
 use crate::input::export_log::read_export_log;
 use crate::input::i2b2::discover_i2b2;
 use crate::input::{Discovery, bundles, discover};
-use crate::memory::MemoryBudget;
-use crate::memory::human_bytes;
-use crate::output::delta::DeltaSettings;
+use crate::memory::{MemoryBudget, human_bytes};
 use crate::output::job::{self, JobConfig};
-use crate::output::{OutputFormat, Outputs, RowBatch, TableKind, write_and_wait};
+use crate::output::{OutputFormat, RowBatch, TableKind, write_and_wait};
 use crate::store::{self, Location};
 use crate::tasks::{self, COMPLETION_TABLE, Task};
 use crate::time::PyDateTime;
+use run::{RunBuilder, finish_tables, run_to_end};
 
 /// The options of `cumulus-etl etl`.
 #[derive(Debug, Clone)]
@@ -215,27 +213,21 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             completion: t.tracks_encounters.then(|| template.clone()),
         })
         .collect();
-    let budget = MemoryBudget::new(opts.memory);
-    budget.hold_codebook(codebook.held_bytes());
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
     let work = bundles::plan(&found.files, bundle_bytes)?;
     let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();
     let scrubber = Scrubber::new(Rules::embedded()?, codebook.clone(), true);
-    let delta = DeltaSettings::for_budget(opts.memory, &started.folder_name())
-        .with_merge_rows(opts.batch_size);
-    delta.count_routing_keys_in(&budget);
-    let outputs = Outputs::new(opts.output_format, output, delta)?;
-    let shared = Arc::new(RunShared::new(
-        scrubber,
-        budget,
-        work,
-        contexts,
-        outputs,
-        opts.errors_to.clone(),
-        opts.batch_size,
+    let shared = RunBuilder {
+        memory: opts.memory,
+        format: opts.output_format,
+        output: output.to_path_buf(),
+        run_name: started.folder_name(),
+        batch_size: opts.batch_size,
         bundle_bytes,
+        errors_to: opts.errors_to.clone(),
         rejected,
-    ));
+    }
+    .build(scrubber, &codebook, contexts, work)?;
     eprintln!(
         "Reading {} in {} files with {} workers and a {} memory budget...",
         human_bytes(total_bytes),
@@ -243,14 +235,15 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         opts.engine.workers,
         human_bytes(opts.memory)
     );
-    let progress = ProgressPrinter::start(shared.clone(), total_bytes, opts.progress_interval);
     let producers: crate::engine::dataflow::ProducerFactory =
         Arc::new(|_| Box::new(producer::FhirRows));
-    let outcome = run_dataflow(shared.clone(), &opts.engine, producers);
-    progress.stop();
-    if let Err(e) = outcome {
-        return Err(stopped_run(&shared, e));
-    }
+    run_to_end(
+        &shared,
+        &opts.engine,
+        producers,
+        total_bytes,
+        opts.progress_interval,
+    )?;
 
     // Finishing: tables that got no rows, deletions, completion rows, summaries.
     let completion = Completion {
@@ -304,9 +297,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             }
         );
     }
-    for (table, e) in shared.outputs.finish(opts.optimize_tables) {
-        eprintln!("warning: table maintenance of {table} failed: {e:#}");
-    }
+    finish_tables(&shared, opts.optimize_tables);
     codebook.save()?;
     let stats = shared.stats.lock().unwrap();
     for summary in stats.tables.values() {
@@ -327,37 +318,6 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         eprintln!("⭐ All tasks completed successfully! ⭐");
         Ok(ExitCode::Success)
     }
-}
-
-/// Ends a run whose dataflow stopped early (`engine::stop`): the batches already handed to the
-/// writers are finished (committed or failed, without table maintenance) and the codebook is
-/// saved, so a re-run completes the tables; the error names what was in hand. Writing failures
-/// exit as a failed task (19), the rest as a failure (1).
-pub fn stopped_run(shared: &RunShared, error: anyhow::Error) -> Fatal {
-    for (table, e) in shared.outputs.finish(false) {
-        eprintln!("warning: finishing table {table} failed: {e:#}");
-    }
-    if let Err(e) = shared.scrubber.codebook().save() {
-        eprintln!("error: could not save the codebook: {e:#}");
-    }
-    let code = match error.downcast_ref::<RunStopped>() {
-        Some(stopped) if stopped.cause == StopCause::Writing => ExitCode::TaskFailed,
-        _ => ExitCode::Failure,
-    };
-    let again = match shared.outputs.format {
-        OutputFormat::Deltalake => {
-            "Tables keep the batches committed before it; a re-run completes them"
-        }
-        OutputFormat::Ndjson | OutputFormat::Parquet => {
-            "The output folder holds part of the tables: run again into an empty one"
-        }
-    };
-    Fatal::new(
-        code,
-        format!(
-            "The run stopped: {error:#}. {again}. This is a bug: please report the message above."
-        ),
-    )
 }
 
 /// The checks every run starts with: the input folder exists (exit 54), batches hold rows.

@@ -9,10 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::deid::{Codebook, Rules, Scrubber};
+use crate::engine::EngineConfig;
 use crate::engine::dataflow::ProducerFactory;
 use crate::engine::rows::TaskContext;
-use crate::engine::{EngineConfig, RunShared, run_dataflow};
-use crate::etl::progress::ProgressPrinter;
+use crate::etl::run::{RunBuilder, finish_tables, run_to_end};
 use crate::etl::{
     bundle_size, check_run_arguments, open_codebook, open_errors_folder, prepare_output,
     print_extension_report, print_summary,
@@ -20,9 +20,7 @@ use crate::etl::{
 use crate::exit::{ExitCode, Fatal};
 use crate::fhir::ElementModel;
 use crate::input::{bundles, discover};
-use crate::memory::MemoryBudget;
-use crate::output::delta::DeltaSettings;
-use crate::output::{OutputFormat, Outputs, TableKind};
+use crate::output::{OutputFormat, TableKind};
 use crate::store::Location;
 use crate::time::PyDateTime;
 
@@ -307,37 +305,35 @@ fn run_study(
             completion: None,
         })
         .collect();
-    let delta = DeltaSettings::for_budget(opts.memory, &started.folder_name())
-        .with_merge_rows(opts.batch_size);
-    let budget = MemoryBudget::new(opts.memory);
-    delta.count_routing_keys_in(&budget);
-    budget.hold_codebook(codebook.held_bytes());
-    let outputs = Outputs::new(opts.output_format, output, delta)?;
-    let shared = Arc::new(RunShared::new(
-        Scrubber::new(Rules::embedded()?, codebook.clone(), false),
-        budget,
-        work,
-        contexts,
-        outputs,
-        opts.errors_to.clone(),
-        opts.batch_size,
+    let shared = RunBuilder {
+        memory: opts.memory,
+        format: opts.output_format,
+        output: output.to_path_buf(),
+        run_name: started.folder_name(),
+        batch_size: opts.batch_size,
         bundle_bytes,
+        errors_to: opts.errors_to.clone(),
         rejected,
-    ));
+    }
+    .build(
+        Scrubber::new(Rules::embedded()?, codebook.clone(), false),
+        codebook,
+        contexts,
+        work,
+    )?;
     let producer_state = nlp.clone();
     let producers: ProducerFactory =
         Arc::new(move |_| Box::new(NoteRows::new(producer_state.clone())));
-    let progress = ProgressPrinter::start(shared.clone(), total_bytes, opts.progress_interval);
-    let outcome = run_dataflow(shared.clone(), &opts.engine, producers);
-    progress.stop();
-    if let Err(e) = outcome {
-        return Err(crate::etl::stopped_run(&shared, e));
-    }
+    run_to_end(
+        &shared,
+        &opts.engine,
+        producers,
+        total_bytes,
+        opts.progress_interval,
+    )?;
 
     shared.touch_if_empty(&study.name, &shared.tasks[0])?;
-    for (table, e) in shared.outputs.finish(opts.optimize_tables) {
-        eprintln!("warning: table maintenance of {table} failed: {e:#}");
-    }
+    finish_tables(&shared, opts.optimize_tables);
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let s = &nlp.stats;
     eprintln!(

@@ -1,0 +1,118 @@
+//! What every run of the dataflow does, whichever command starts it (`etl`, or the NLP
+//! studies): the memory budget with the codebook and the Delta tables' keys counted in it, the
+//! outputs, the shared state, the dataflow with its progress lines, and the end of the tables.
+//! The commands differ only in their tasks, their producers and their summaries.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::deid::{Codebook, Scrubber};
+use crate::engine::dataflow::ProducerFactory;
+use crate::engine::rows::TaskContext;
+use crate::engine::stop::{RunStopped, StopCause};
+use crate::engine::{EngineConfig, RunShared, run_dataflow};
+use crate::etl::progress::ProgressPrinter;
+use crate::exit::{ExitCode, Fatal};
+use crate::input::bundles::WorkItem;
+use crate::memory::MemoryBudget;
+use crate::output::delta::DeltaSettings;
+use crate::output::{OutputFormat, Outputs};
+
+/// How a run is set up, from its options.
+pub struct RunBuilder {
+    /// The `--memory` budget in bytes.
+    pub memory: u64,
+    pub format: OutputFormat,
+    pub output: PathBuf,
+    /// Names the run in the Delta tables' log (`cumulus-etl/<name>`).
+    pub run_name: String,
+    pub batch_size: usize,
+    pub bundle_bytes: usize,
+    pub errors_to: Option<PathBuf>,
+    /// Where skipped input lines go (PHI), when `--errors-to` is given.
+    pub rejected: Option<std::fs::File>,
+}
+
+impl RunBuilder {
+    /// The shared state of a run of `contexts` over `work`, its outputs open.
+    pub fn build(
+        self,
+        scrubber: Scrubber,
+        codebook: &Codebook,
+        contexts: Vec<TaskContext>,
+        work: Vec<WorkItem>,
+    ) -> Result<Arc<RunShared>, Fatal> {
+        let budget = MemoryBudget::new(self.memory);
+        budget.hold_codebook(codebook.held_bytes());
+        let delta =
+            DeltaSettings::for_budget(self.memory, &self.run_name).with_merge_rows(self.batch_size);
+        delta.count_routing_keys_in(&budget);
+        let outputs = Outputs::new(self.format, &self.output, delta)?;
+        Ok(Arc::new(RunShared::new(
+            scrubber,
+            budget,
+            work,
+            contexts,
+            outputs,
+            self.errors_to,
+            self.batch_size,
+            self.bundle_bytes,
+            self.rejected,
+        )))
+    }
+}
+
+/// Runs the dataflow to its end with progress lines every `interval` (`total_bytes` to read);
+/// a dataflow that stopped early ends the run ([`stopped_run`]).
+pub fn run_to_end(
+    shared: &Arc<RunShared>,
+    engine: &EngineConfig,
+    producers: ProducerFactory,
+    total_bytes: u64,
+    interval: Duration,
+) -> Result<(), Fatal> {
+    let progress = ProgressPrinter::start(shared.clone(), total_bytes, interval);
+    let outcome = run_dataflow(shared.clone(), engine, producers);
+    progress.stop();
+    outcome.map_err(|e| stopped_run(shared, e))
+}
+
+/// Waits for the tables' last writes and maintains them (`optimize`: Delta compaction and
+/// VACUUM); a table whose maintenance failed is a warning, its data being written.
+pub fn finish_tables(shared: &RunShared, optimize: bool) {
+    for (table, e) in shared.outputs.finish(optimize) {
+        eprintln!("warning: table maintenance of {table} failed: {e:#}");
+    }
+}
+
+/// Ends a run whose dataflow stopped early (`engine::stop`): the batches already handed to the
+/// writers are finished (committed or failed, without table maintenance) and the codebook is
+/// saved, so a re-run completes the tables; the error names what was in hand. Writing failures
+/// exit as a failed task (19), the rest as a failure (1).
+pub fn stopped_run(shared: &RunShared, error: anyhow::Error) -> Fatal {
+    for (table, e) in shared.outputs.finish(false) {
+        eprintln!("warning: finishing table {table} failed: {e:#}");
+    }
+    if let Err(e) = shared.scrubber.codebook().save() {
+        eprintln!("error: could not save the codebook: {e:#}");
+    }
+    let code = match error.downcast_ref::<RunStopped>() {
+        Some(stopped) if stopped.cause == StopCause::Writing => ExitCode::TaskFailed,
+        _ => ExitCode::Failure,
+    };
+    let again = match shared.outputs.format {
+        OutputFormat::Deltalake => {
+            "Tables keep the batches committed before it; a re-run completes them"
+        }
+        OutputFormat::Ndjson | OutputFormat::Parquet => {
+            "The output folder holds part of the tables: run again into an empty one"
+        }
+    };
+    Fatal::new(
+        code,
+        format!(
+            "The run stopped: {error:#}. {again}. This is a bug: please report the message above."
+        ),
+    )
+}
