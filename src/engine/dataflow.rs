@@ -2,11 +2,10 @@
 //! and a sink operator; chunks are exchanged so each task's rows meet at one sink, which writes
 //! that task's tables serially.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::BufWriter;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
@@ -16,85 +15,32 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::generic::operator::source;
 
 use super::config::EngineConfig;
-use super::sink::{SinkState, write_failed_batch, write_unfit_rows};
+use super::report::RunReport;
+use super::sink::SinkState;
 use super::source::{RowProducer, SourceState, Step};
 use super::stop::{StopCause, StopSignal};
-use crate::deid::{ExtensionReport, Scrubber};
-use crate::engine::rows::{SkipReason, Skipped, TableChunk, TaskContext};
-use crate::input::InputFile;
+use super::work::WorkQueue;
+use crate::deid::Scrubber;
+use crate::engine::rows::{TableChunk, TaskContext};
 use crate::input::bundles::WorkItem;
 use crate::memory::MemoryBudget;
-use crate::output::job::TableSummary;
 use crate::output::{Outputs, TableKind, TableWriter};
 use crate::panic_guard::{self, Site};
 use crate::tasks::COMPLETION_ENCOUNTERS_TABLE;
-
-/// Warnings printed per skip reason before the rest are only counted.
-const WARNINGS_PER_REASON: u64 = 10;
-
-/// Counters the run accumulates for its summary.
-#[derive(Debug, Default)]
-pub struct RunStats {
-    pub skipped: BTreeMap<SkipReason, u64>,
-    pub tables: BTreeMap<String, TableSummary>,
-    pub extensions: ExtensionReport,
-}
-
-impl RunStats {
-    /// The summary of a table, created on first use.
-    pub fn summary(&mut self, table: &str) -> &mut TableSummary {
-        self.tables
-            .entry(table.to_string())
-            .or_insert_with(|| TableSummary {
-                label: table.to_string(),
-                ..Default::default()
-            })
-    }
-}
-
-/// Live counters for the progress display.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub bytes_read: AtomicU64,
-    pub batches: AtomicU64,
-    pub read: Mutex<BTreeMap<u32, u64>>,
-    pub written: Mutex<BTreeMap<String, u64>>,
-}
-
-impl Progress {
-    /// Counts rows read for a task.
-    pub fn add_read(&self, task: u32, n: u64) {
-        *self.read.lock().unwrap().entry(task).or_default() += n;
-    }
-
-    /// Counts rows written to a table.
-    pub fn add_written(&self, table: &str, n: u64) {
-        *self
-            .written
-            .lock()
-            .unwrap()
-            .entry(table.to_string())
-            .or_default() += n;
-    }
-}
 
 /// Everything the workers share during a run.
 pub struct RunShared {
     pub scrubber: Scrubber,
     pub budget: MemoryBudget,
-    pub queue: Mutex<VecDeque<WorkItem>>,
-    pub tasks: Vec<TaskContext>,
-    pub task_by_resource: HashMap<String, u32>,
+    /// The bundles left to read, and the tasks they belong to.
+    pub work: WorkQueue,
+    /// What the run has read, written and skipped, for its progress lines and summary.
+    pub report: RunReport,
     pub outputs: Outputs,
-    pub errors_dir: Option<PathBuf>,
     pub batch_size: usize,
     pub bundle_bytes: usize,
-    pub stats: Mutex<RunStats>,
-    pub progress: Progress,
-    pub rejected: Option<Mutex<BufWriter<std::fs::File>>>,
     /// Set when a panic outside the per-line work stops the run.
     pub stop: StopSignal,
-    warnings: Mutex<BTreeMap<SkipReason, u64>>,
 }
 
 impl RunShared {
@@ -111,33 +57,16 @@ impl RunShared {
         bundle_bytes: usize,
         rejected: Option<std::fs::File>,
     ) -> RunShared {
-        let task_by_resource = tasks
-            .iter()
-            .map(|t| (t.resource_type.clone(), t.task))
-            .collect();
         RunShared {
             scrubber,
             budget,
-            queue: Mutex::new(work.into()),
-            tasks,
-            task_by_resource,
+            work: WorkQueue::new(work, tasks),
+            report: RunReport::new(errors_dir, rejected),
             outputs,
-            errors_dir,
             batch_size,
             bundle_bytes,
-            stats: Mutex::new(RunStats::default()),
-            progress: Progress::default(),
-            rejected: rejected.map(|f| Mutex::new(BufWriter::new(f))),
             stop: StopSignal::default(),
-            warnings: Mutex::new(BTreeMap::new()),
         }
-    }
-
-    /// The task that reads a resource type.
-    pub fn task_for(&self, resource_type: &str) -> Option<&TaskContext> {
-        self.task_by_resource
-            .get(resource_type)
-            .map(|&i| &self.tasks[i as usize])
     }
 
     /// Opens the writer of one of a task's tables.
@@ -152,7 +81,7 @@ impl RunShared {
 
     /// Creates a table that got no rows in this run (with its schema), as upstream does.
     pub fn touch_if_empty(&self, table: &str, ctx: &TaskContext) -> Result<()> {
-        let has_rows = self.stats.lock().unwrap().tables.contains_key(table);
+        let has_rows = self.report.stats.lock().unwrap().tables.contains_key(table);
         if !has_rows {
             let mut writer = self.open_writer(table, ctx)?;
             crate::output::write_and_wait(
@@ -162,93 +91,9 @@ impl RunShared {
                     shape: &crate::fhir::Shape::default(),
                 },
             )?;
-            self.stats.lock().unwrap().summary(table);
+            self.report.stats.lock().unwrap().summary(table);
         }
         Ok(())
-    }
-
-    /// Prints a skipped line (file, line, reason; never its content), up to a limit per reason.
-    pub fn warn_skip(&self, path: &str, s: &Skipped<'_>) {
-        self.warn(&format!("{path}:{}", s.line_no), s.reason, &s.detail);
-    }
-
-    /// Prints what was skipped where (`place`: a file and line, or a table and row id), up to a
-    /// limit per reason.
-    pub fn warn(&self, place: &str, reason: SkipReason, detail: &str) {
-        let mut warned = self.warnings.lock().unwrap();
-        let n = warned.entry(reason).or_default();
-        *n += 1;
-        if *n <= WARNINGS_PER_REASON {
-            let detail = if detail.is_empty() {
-                String::new()
-            } else {
-                format!(" ({detail})")
-            };
-            eprintln!("warning: {place}: skipped: {}{detail}", reason.label());
-        } else if *n == WARNINGS_PER_REASON + 1 {
-            eprintln!(
-                "warning: more skipped for '{}'; they are counted in the summary",
-                reason.label()
-            );
-        }
-    }
-
-    /// Records a file that could not be read to its end (a truncated or corrupt archive).
-    pub fn note_unreadable(&self, file: &InputFile, line: u64, message: &str) {
-        eprintln!(
-            "warning: {}:{line}: stopped reading: {message}; the rest of this file was skipped",
-            file.path.display()
-        );
-        *self
-            .stats
-            .lock()
-            .unwrap()
-            .skipped
-            .entry(SkipReason::UnreadableFile)
-            .or_default() += 1;
-    }
-
-    /// Counts, reports and saves (in `<errors>/<table>/unfit-rows.ndjson`) the rows a writer
-    /// left out of a batch of `table` because they do not fit its schema.
-    pub fn note_unfit_rows(&self, table: &str, rows: &[crate::output::UnfitRow]) {
-        *self
-            .stats
-            .lock()
-            .unwrap()
-            .skipped
-            .entry(SkipReason::UnfitForSchema)
-            .or_default() += rows.len() as u64;
-        let mut tape = crate::json::Tape::default();
-        for unfit in rows {
-            // The row is de-identified: its id is an anonymous one.
-            let id = tape
-                .parse(&unfit.row)
-                .ok()
-                .and_then(|doc| doc.get_str(0, "id").map(|id| id.into_owned()))
-                .unwrap_or_default();
-            let place = format!("table {table}, row {id}");
-            self.warn(&place, SkipReason::UnfitForSchema, &unfit.reason);
-        }
-        if let Some(dir) = &self.errors_dir
-            && let Err(e) = write_unfit_rows(dir, table, rows)
-        {
-            eprintln!(
-                "error: could not save rows of {table} to {}: {e}",
-                dir.display()
-            );
-        }
-    }
-
-    /// Saves a batch that failed to write into the errors folder (de-identified rows).
-    pub fn save_failed_batch(&self, table: &str, index: usize, rows: &[&[u8]]) {
-        if let Some(dir) = &self.errors_dir
-            && let Err(e) = write_failed_batch(dir, table, index, rows)
-        {
-            eprintln!(
-                "error: could not save the failed batch to {}: {e}",
-                dir.display()
-            );
-        }
     }
 }
 
@@ -259,10 +104,10 @@ impl RunShared {
 /// attachments: by bytes, the notes (382 MB in, 164 MB out of 1 GB) had a worker to
 /// themselves while the other wrote twice as much.
 fn sink_workers(shared: &RunShared, workers: usize) -> Vec<u64> {
-    let mut resources = vec![0u64; shared.tasks.len()];
-    for item in shared.queue.lock().unwrap().iter() {
-        if let Some(&task) = shared.task_by_resource.get(&item.file().resource_type) {
-            resources[task as usize] += match item {
+    let mut resources = vec![0u64; shared.work.tasks.len()];
+    for item in shared.work.queue.lock().unwrap().iter() {
+        if let Some(ctx) = shared.work.task_for(&item.file().resource_type) {
+            resources[ctx.task as usize] += match item {
                 WorkItem::Slice { lines, .. } => *lines,
                 // Not counted before it is read: about a kilobyte per resource.
                 WorkItem::Stream { file } => file.size / 1024,
@@ -383,6 +228,7 @@ fn build_dataflow(
                         let report = std::mem::take(&mut state.extensions);
                         state
                             .shared_ref()
+                            .report
                             .stats
                             .lock()
                             .unwrap()
@@ -436,15 +282,15 @@ fn build_dataflow(
 
 /// Rows read per task so far (for progress lines), keyed by table.
 pub fn read_by_table(shared: &RunShared) -> BTreeMap<String, u64> {
-    let read = shared.progress.read.lock().unwrap();
+    let read = shared.report.progress.read.lock().unwrap();
     read.iter()
-        .map(|(t, n)| (shared.tasks[*t as usize].table.clone(), *n))
+        .map(|(t, n)| (shared.work.tasks[*t as usize].table.clone(), *n))
         .collect()
 }
 
 /// Bytes read so far.
 pub fn bytes_read(shared: &RunShared) -> u64 {
-    shared.progress.bytes_read.load(Ordering::Relaxed)
+    shared.report.progress.bytes_read.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]

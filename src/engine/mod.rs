@@ -3,10 +3,12 @@
 
 pub mod config;
 pub mod dataflow;
+pub mod report;
 pub mod rows;
 pub mod sink;
 pub mod source;
 pub mod stop;
+pub mod work;
 
 pub use config::EngineConfig;
 pub use dataflow::{RunShared, run_dataflow};

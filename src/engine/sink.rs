@@ -69,7 +69,7 @@ impl SinkState {
     pub fn accept(&mut self, mut chunk: TableChunk) {
         let task_id = chunk.task;
         let batch_size = self.shared.batch_size;
-        if self.shared.tasks[task_id as usize].whole_chunks {
+        if self.shared.work.tasks[task_id as usize].whole_chunks {
             let task = self.tasks.entry(task_id).or_default();
             task.pending_rows += chunk.len();
             task.pending
@@ -81,7 +81,7 @@ impl SinkState {
             }
             return;
         }
-        if chunk.table != self.shared.tasks[task_id as usize].table {
+        if chunk.table != self.shared.work.tasks[task_id as usize].table {
             let task = self.tasks.entry(task_id).or_default();
             task.pending
                 .entry(chunk.table.clone())
@@ -173,7 +173,7 @@ impl SinkState {
             eprintln!("error: could not save the codebook: {e:#}");
         }
         shared.budget.hold_codebook(codebook.held_bytes());
-        let ctx = &shared.tasks[task_id as usize];
+        let ctx = &shared.work.tasks[task_id as usize];
         let mut tables = vec![ctx.table.clone()];
         if ctx.completion.is_some() {
             tables.insert(0, crate::tasks::COMPLETION_ENCOUNTERS_TABLE.to_string());
@@ -226,7 +226,11 @@ impl SinkState {
         }
         task.pending.clear();
         task.pending_rows = 0;
-        shared.progress.batches.fetch_add(1, Ordering::Relaxed);
+        shared
+            .report
+            .progress
+            .batches
+            .fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -247,7 +251,7 @@ fn written_callback(
     let (unfit_count, unfit_shared, unfit_table) = (unfit.clone(), shared.clone(), table.clone());
     OnWritten::new(move |result| {
         let chunks = held.lock().unwrap().take();
-        let mut stats = shared.stats.lock().unwrap();
+        let mut stats = shared.report.stats.lock().unwrap();
         let summary = stats.summary(&table);
         // Rows left out for not fitting the schema are counted as skipped input instead.
         let n = n - unfit.load(Ordering::Acquire);
@@ -256,7 +260,7 @@ fn written_callback(
             Ok(()) => {
                 summary.success += n;
                 drop(stats);
-                shared.progress.add_written(&table, n);
+                shared.report.progress.add_written(&table, n);
             }
             Err(failure) => {
                 summary.had_errors = true;
@@ -271,11 +275,13 @@ fn written_callback(
                 eprintln!("error: could not write batch {batch_index} of {table}: {e:#}");
                 match (&chunks, &failure.rows) {
                     (Some(chunks), _) => {
-                        shared.save_failed_batch(&table, batch_index, &unique_rows(chunks))
+                        shared
+                            .report
+                            .save_failed_batch(&table, batch_index, &unique_rows(chunks))
                     }
                     (None, Some(rows)) => {
                         let rows: Vec<&[u8]> = rows.iter().map(Vec::as_slice).collect();
-                        shared.save_failed_batch(&table, batch_index, &rows)
+                        shared.report.save_failed_batch(&table, batch_index, &rows)
                     }
                     (None, None) => {}
                 }
@@ -292,7 +298,7 @@ fn written_callback(
     })
     .on_unfit(move |rows| {
         unfit_count.store(rows.len() as u64, Ordering::Release);
-        unfit_shared.note_unfit_rows(&unfit_table, &rows);
+        unfit_shared.report.note_unfit_rows(&unfit_table, &rows);
     })
 }
 

@@ -115,9 +115,10 @@ impl SourceState {
             self.note_bad_rows(&file, std::mem::take(&mut reader.bad_rows));
             let chunks = self.process(&file, &buf, first_line, reserved);
             if let Some((line, message)) = error {
-                self.shared.note_unreadable(&file, line, &message);
+                self.shared.report.note_unreadable(&file, line, &message);
             }
             self.shared
+                .report
                 .progress
                 .bytes_read
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -126,7 +127,7 @@ impl SourceState {
             }
             return Step::Emit(chunks);
         }
-        let Some(item) = self.shared.queue.lock().unwrap().pop_front() else {
+        let Some(item) = self.shared.work.queue.lock().unwrap().pop_front() else {
             return if self.producer.in_flight() {
                 Step::Wait
             } else {
@@ -140,7 +141,9 @@ impl SourceState {
                     self.step()
                 }
                 Err(e) => {
-                    self.shared.note_unreadable(&file, 0, &format!("{e:#}"));
+                    self.shared
+                        .report
+                        .note_unreadable(&file, 0, &format!("{e:#}"));
                     Step::Emit(Vec::new())
                 }
             },
@@ -163,7 +166,7 @@ impl SourceState {
                             first_line,
                             lines,
                         };
-                        self.shared.queue.lock().unwrap().push_front(item);
+                        self.shared.work.queue.lock().unwrap().push_front(item);
                         Step::Wait
                     }
                     granted => {
@@ -177,6 +180,7 @@ impl SourceState {
                         let chunks = self.process(&file, &map[start..end], first_line, reserved);
                         crate::input::bundles::release_pages(&map, start, end);
                         self.shared
+                            .report
                             .progress
                             .bytes_read
                             .fetch_add((end - start) as u64, Ordering::Relaxed);
@@ -201,7 +205,7 @@ impl SourceState {
                 SkipReason::BadCsvRow
             };
             *counts.entry(reason).or_default() += 1;
-            self.shared.warn_skip(
+            self.shared.report.warn_skip(
                 &path,
                 &Skipped {
                     line_no: row.line,
@@ -211,7 +215,7 @@ impl SourceState {
                 },
             );
         }
-        let mut stats = self.shared.stats.lock().unwrap();
+        let mut stats = self.shared.report.stats.lock().unwrap();
         for (reason, n) in counts {
             *stats.skipped.entry(reason).or_default() += n;
         }
@@ -225,7 +229,7 @@ impl SourceState {
         reserved: u64,
     ) -> Vec<TableChunk> {
         let shared = &self.shared;
-        let Some(ctx) = shared.task_for(&file.resource_type) else {
+        let Some(ctx) = shared.work.task_for(&file.resource_type) else {
             shared.budget.release(reserved);
             return Vec::new();
         };
@@ -235,8 +239,8 @@ impl SourceState {
         panic_guard::inject(Site::Source, &path, first_line);
         let mut on_skip = |s: Skipped<'_>| {
             *skipped.entry(s.reason).or_default() += 1;
-            shared.warn_skip(&path, &s);
-            if let Some(out) = &shared.rejected {
+            shared.report.warn_skip(&path, &s);
+            if let Some(out) = &shared.report.rejected {
                 let mut out = out.lock().unwrap();
                 let _ = write_rejected(&mut *out, &path, &s).and_then(|_| out.flush());
             }
@@ -253,7 +257,7 @@ impl SourceState {
             .producer
             .process(bundle, &mut self.extensions, &mut on_skip);
         if !skipped.is_empty() {
-            let mut stats = shared.stats.lock().unwrap();
+            let mut stats = shared.report.stats.lock().unwrap();
             for (reason, n) in skipped {
                 *stats.skipped.entry(reason).or_default() += n;
             }

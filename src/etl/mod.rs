@@ -254,7 +254,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         exclusions: &exclusions,
     };
     let mut completion_rows = Vec::new();
-    for (task, ctx) in selected.iter().zip(&shared.tasks) {
+    for (task, ctx) in selected.iter().zip(&shared.work.tasks) {
         for table in task.tables() {
             shared.touch_if_empty(&table, ctx)?;
         }
@@ -299,7 +299,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     }
     finish_tables(&shared, opts.optimize_tables);
     codebook.save()?;
-    let stats = shared.stats.lock().unwrap();
+    let stats = shared.report.stats.lock().unwrap();
     for summary in stats.tables.values() {
         job::write_summary(&job_dir, summary)?;
     }
@@ -457,7 +457,13 @@ fn write_completion_rows(shared: &RunShared, rows: &[(&Task, Vec<u8>)]) {
                 "error: could not write {COMPLETION_TABLE} for {}: {e:#}",
                 task.name
             );
-            shared.stats.lock().unwrap().summary(&task.name).had_errors = true;
+            shared
+                .report
+                .stats
+                .lock()
+                .unwrap()
+                .summary(&task.name)
+                .had_errors = true;
         }
     }
 }
@@ -527,7 +533,7 @@ pub fn print_extension_report(report: &crate::deid::ExtensionReport) {
 }
 
 pub fn print_summary(
-    stats: &crate::engine::dataflow::RunStats,
+    stats: &crate::engine::report::RunStats,
     elapsed: Duration,
     bytes: u64,
     budget: &MemoryBudget,

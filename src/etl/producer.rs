@@ -40,7 +40,10 @@ impl RowProducer for FhirRows {
             report,
             on_skip,
         );
-        b.shared.progress.add_read(b.ctx.task, main.len() as u64);
+        b.shared
+            .report
+            .progress
+            .add_read(b.ctx.task, main.len() as u64);
         let mut out = Vec::with_capacity(2);
         out.extend(completion);
         out.push(main);

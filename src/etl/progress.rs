@@ -45,7 +45,7 @@ impl ProgressPrinter {
                     human_bytes(shared.budget.used())
                 );
                 let reads = read_by_table(&shared);
-                let written = shared.progress.written.lock().unwrap().clone();
+                let written = shared.report.progress.written.lock().unwrap().clone();
                 for (table, r) in &reads {
                     let w = written.get(table).copied().unwrap_or(0);
                     if last.get(table) != Some(&(*r, w)) {

@@ -337,7 +337,10 @@ impl RowProducer for NoteRows {
         on_skip: &mut dyn FnMut(Skipped<'_>),
     ) -> Vec<TableChunk> {
         let jobs = self.read_notes(&b, report, on_skip);
-        b.shared.progress.add_read(b.ctx.task, jobs.len() as u64);
+        b.shared
+            .report
+            .progress
+            .add_read(b.ctx.task, jobs.len() as u64);
         let id = self.next_bundle;
         self.next_bundle += 1;
         let count = jobs.len();

@@ -332,7 +332,7 @@ fn run_study(
         opts.progress_interval,
     )?;
 
-    shared.touch_if_empty(&study.name, &shared.tasks[0])?;
+    shared.touch_if_empty(&study.name, &shared.work.tasks[0])?;
     finish_tables(&shared, opts.optimize_tables);
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let s = &nlp.stats;
@@ -352,7 +352,7 @@ fn run_study(
             n(&server.stats.cache_hits)
         );
     }
-    let stats = shared.stats.lock().unwrap();
+    let stats = shared.report.stats.lock().unwrap();
     print_extension_report(&stats.extensions);
     print_summary(&stats, started_at.elapsed(), total_bytes, &shared.budget);
     let failed = n(&s.failed) > 0
