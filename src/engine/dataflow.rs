@@ -3,7 +3,6 @@
 //! that task's tables serially.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -44,24 +43,21 @@ pub struct RunShared {
 }
 
 impl RunShared {
-    /// Shared state for a run; `rejected` receives skipped input lines (PHI).
-    #[allow(clippy::too_many_arguments)]
+    /// Shared state for a run.
     pub fn new(
         scrubber: Scrubber,
         budget: MemoryBudget,
-        work: Vec<WorkItem>,
-        tasks: Vec<TaskContext>,
+        work: WorkQueue,
+        report: RunReport,
         outputs: Outputs,
-        errors_dir: Option<PathBuf>,
         batch_size: usize,
         bundle_bytes: usize,
-        rejected: Option<std::fs::File>,
     ) -> RunShared {
         RunShared {
             scrubber,
             budget,
-            work: WorkQueue::new(work, tasks),
-            report: RunReport::new(errors_dir, rejected),
+            work,
+            report,
             outputs,
             batch_size,
             bundle_bytes,

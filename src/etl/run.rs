@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use crate::deid::{Codebook, Scrubber};
 use crate::engine::dataflow::ProducerFactory;
+use crate::engine::report::RunReport;
 use crate::engine::rows::TaskContext;
 use crate::engine::stop::{RunStopped, StopCause};
+use crate::engine::work::WorkQueue;
 use crate::engine::{EngineConfig, RunShared, run_dataflow};
 use crate::etl::progress::ProgressPrinter;
 use crate::exit::{ExitCode, Fatal};
@@ -52,13 +54,11 @@ impl RunBuilder {
         Ok(Arc::new(RunShared::new(
             scrubber,
             budget,
-            work,
-            contexts,
+            WorkQueue::new(work, contexts),
+            RunReport::new(self.errors_to, self.rejected),
             outputs,
-            self.errors_to,
             self.batch_size,
             self.bundle_bytes,
-            self.rejected,
         )))
     }
 }
