@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+pub mod objects;
+
 /// A location given on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {

@@ -14,5 +14,7 @@ mod nlp_server;
 mod readers;
 mod reference;
 mod robustness;
+mod s3_server;
 mod spark_tables;
+mod store;
 mod support;

@@ -1,6 +1,7 @@
 //! Delta tables read back by independent readers: the Python `deltalake` package and DuckDB's
 //! delta extension (delta-kernel-rs based; it reads deletion vectors), installed once into a
-//! virtualenv under the user's cache folder (or `CUMULUS_TEST_PYTHON`, a Python that has them).
+//! virtualenv under the user's cache folder (or `CUMULUS_TEST_PYTHON`, a Python that has them),
+//! with moto's S3 server (`tests/it/s3_server.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,7 +12,7 @@ use serde_json::Value;
 const DUCKDB: &str = "duckdb==1.4.4";
 const DUCKDB_DELTA: &str = "duckdb-ext-delta==1.4.4.*";
 
-/// A Python with `deltalake`, `pyarrow`, `duckdb` and its delta extension.
+/// A Python with `deltalake`, `pyarrow`, `duckdb` and its delta extension, and moto's S3 server.
 pub fn python() -> PathBuf {
     if let Ok(p) = std::env::var("CUMULUS_TEST_PYTHON") {
         return PathBuf::from(p);
@@ -21,7 +22,10 @@ pub fn python() -> PathBuf {
     let python = venv.join("bin/python");
     let has = |p: &Path| {
         Command::new(p)
-            .args(["-c", "import deltalake, pyarrow, duckdb, duckdb_ext"])
+            .args([
+                "-c",
+                "import deltalake, pyarrow, duckdb, duckdb_ext, moto, flask_cors",
+            ])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -36,7 +40,7 @@ pub fn python() -> PathBuf {
         }
         let ok = Command::new(&python)
             .args(["-m", "pip", "install", "--quiet", "deltalake", "pyarrow"])
-            .args([DUCKDB, DUCKDB_DELTA])
+            .args([DUCKDB, DUCKDB_DELTA, "moto[s3]", "flask", "flask-cors"])
             .status()
             .unwrap()
             .success();
