@@ -2,9 +2,11 @@
 //! S3 prefix (`s3://bucket/prefix`), behind one interface, so that input discovery, the PHI
 //! folder, the job config and the writers need not know where their files live.
 //!
-//! Both backends are the `object_store` crate's (the one delta-rs writes tables through), so a
-//! Delta log store can share them: writes are atomic (a local file appears by rename, an S3
-//! object whole), and `create` is a put-if-absent (S3's `If-None-Match: *`). S3 settings come
+//! A folder is read and written with the file system directly (so input can still be
+//! memory-mapped, and large files are written from their parts without joining them); S3 goes
+//! through the `object_store` crate, the one delta-rs writes tables through, so a Delta log
+//! store can share it. Writes are atomic (a local file appears by rename, an S3 object whole),
+//! and `create` is a put-if-absent (a hard link locally, S3's `If-None-Match: *`). S3 settings come
 //! from the standard AWS environment (credentials, `AWS_REGION`, web identity, container and
 //! instance credentials) and `AWS_ENDPOINT_URL`/`AWS_ENDPOINT_URL_S3` for S3-compatible
 //! servers (a plain `http://` endpoint is allowed); `--s3-region` and `--s3-kms-key` override,
@@ -13,16 +15,16 @@
 //! Calls are synchronous, for the threads that read inputs and write run files, and run on a
 //! small runtime of their own; they must not be made from within an async runtime.
 
-use std::io::Read;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
-use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutMode, PutOptions, PutPayload};
 
@@ -56,13 +58,21 @@ pub struct ObjectEntry {
     pub size: u64,
 }
 
-/// A folder or an S3 prefix, and the store that holds it.
+/// A folder or an S3 prefix.
 #[derive(Clone)]
 pub struct ObjectLocation {
-    store: Arc<dyn ObjectStore>,
-    prefix: ObjectPath,
+    backend: Backend,
     /// How messages name it (`s3://bucket/prefix` or the folder's path).
     url: String,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Folder(PathBuf),
+    Remote {
+        store: Arc<dyn ObjectStore>,
+        prefix: ObjectPath,
+    },
 }
 
 impl std::fmt::Debug for ObjectLocation {
@@ -88,16 +98,20 @@ impl ObjectLocation {
         }
     }
 
-    /// A local folder (created if missing).
+    /// A local folder (created when something is written to it).
     pub fn local(dir: &Path) -> Result<ObjectLocation> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let store = LocalFileSystem::new_with_prefix(dir)
-            .with_context(|| format!("opening {}", dir.display()))?;
         Ok(ObjectLocation {
-            store: Arc::new(store),
-            prefix: ObjectPath::default(),
+            backend: Backend::Folder(dir.to_path_buf()),
             url: dir.display().to_string(),
         })
+    }
+
+    /// The local folder, if this is one (for memory-mapping input).
+    pub fn local_dir(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Folder(dir) => Some(dir),
+            Backend::Remote { .. } => None,
+        }
     }
 
     /// The objects of `bucket` under `prefix`.
@@ -130,8 +144,10 @@ impl ObjectLocation {
             .build()
             .with_context(|| format!("setting up S3 access for s3://{bucket}"))?;
         Ok(ObjectLocation {
-            store: Arc::new(store),
-            prefix: ObjectPath::from(prefix),
+            backend: Backend::Remote {
+                store: Arc::new(store),
+                prefix: ObjectPath::from(prefix),
+            },
             url: match prefix {
                 "" => format!("s3://{bucket}"),
                 _ => format!("s3://{bucket}/{prefix}"),
@@ -147,22 +163,32 @@ impl ObjectLocation {
         }
     }
 
-    fn path(&self, key: &str) -> ObjectPath {
+    fn file(dir: &Path, key: &str) -> PathBuf {
         key.split('/')
             .filter(|part| !part.is_empty())
-            .fold(self.prefix.clone(), |path, part| path.join(part))
+            .fold(dir.to_path_buf(), |path, part| path.join(part))
+    }
+
+    fn object(prefix: &ObjectPath, key: &str) -> ObjectPath {
+        key.split('/')
+            .filter(|part| !part.is_empty())
+            .fold(prefix.clone(), |path, part| path.join(part))
     }
 
     /// Every object under the location (recursively), sorted by key.
     pub fn list(&self) -> Result<Vec<ObjectEntry>> {
-        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let (store, prefix) = match &self.backend {
+            Backend::Folder(dir) => return list_folder(dir),
+            Backend::Remote { store, prefix } => (store, prefix),
+        };
+        let from = (!prefix.as_ref().is_empty()).then_some(prefix);
         let metas: Vec<object_store::ObjectMeta> = IO
-            .block_on(self.store.list(prefix).try_collect())
+            .block_on(store.list(from).try_collect())
             .map_err(|e| explain(e, &self.url))?;
         let mut entries: Vec<ObjectEntry> = metas
             .into_iter()
             .filter_map(|meta| {
-                let key = meta.location.prefix_match(&self.prefix)?;
+                let key = meta.location.prefix_match(prefix)?;
                 let key: Vec<String> = key.map(|part| part.as_ref().to_string()).collect();
                 Some(ObjectEntry {
                     key: key.join("/"),
@@ -176,8 +202,18 @@ impl ObjectLocation {
 
     /// The whole object `key`; None if there is none.
     pub fn read(&self, key: &str) -> Result<Option<Bytes>> {
+        let (store, prefix) = match &self.backend {
+            Backend::Folder(dir) => {
+                return match std::fs::read(Self::file(dir, key)) {
+                    Ok(data) => Ok(Some(data.into())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(anyhow!("{}: {e}", self.url_of(key))),
+                };
+            }
+            Backend::Remote { store, prefix } => (store, prefix),
+        };
         let got = IO.block_on(async {
-            let got = self.store.get(&self.path(key)).await?;
+            let got = store.get(&Self::object(prefix, key)).await?;
             got.bytes().await
         });
         match got {
@@ -189,14 +225,37 @@ impl ObjectLocation {
 
     /// Bytes `range` of the object `key`.
     pub fn read_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
-        IO.block_on(self.store.get_range(&self.path(key), range))
-            .map_err(|e| explain(e, &self.url_of(key)))
+        match &self.backend {
+            Backend::Folder(dir) => {
+                let read = || -> std::io::Result<Vec<u8>> {
+                    let mut file = File::open(Self::file(dir, key))?;
+                    file.seek(SeekFrom::Start(range.start))?;
+                    let mut data = vec![0; (range.end - range.start) as usize];
+                    file.read_exact(&mut data)?;
+                    Ok(data)
+                };
+                read()
+                    .map(Bytes::from)
+                    .map_err(|e| anyhow!("{}: {e}", self.url_of(key)))
+            }
+            Backend::Remote { store, prefix } => IO
+                .block_on(store.get_range(&Self::object(prefix, key), range))
+                .map_err(|e| explain(e, &self.url_of(key))),
+        }
     }
 
     /// The object `key` as a stream of bytes read as they come (no whole download).
     pub fn open(&self, key: &str) -> Result<Box<dyn Read + Send>> {
+        let (store, prefix) = match &self.backend {
+            Backend::Folder(dir) => {
+                let file = File::open(Self::file(dir, key))
+                    .map_err(|e| anyhow!("{}: {e}", self.url_of(key)))?;
+                return Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)));
+            }
+            Backend::Remote { store, prefix } => (store, prefix),
+        };
         let got = IO
-            .block_on(self.store.get(&self.path(key)))
+            .block_on(store.get(&Self::object(prefix, key)))
             .map_err(|e| explain(e, &self.url_of(key)))?;
         let url = self.url_of(key);
         let chunks = got
@@ -210,32 +269,98 @@ impl ObjectLocation {
 
     /// Writes the object `key` whole: readers see the old content or the new, never a part.
     pub fn write(&self, key: &str, data: Bytes) -> Result<()> {
-        IO.block_on(self.store.put(&self.path(key), PutPayload::from(data)))
-            .map(|_| ())
-            .map_err(|e| explain(e, &self.url_of(key)))
+        self.write_parts(key, &[&data])
+    }
+
+    /// [`Self::write`] for content in pieces, which a folder gets without joining them.
+    pub fn write_parts(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        match &self.backend {
+            Backend::Folder(dir) => super::write_atomic_parts(&Self::file(dir, key), parts),
+            Backend::Remote { store, prefix } => {
+                let payload: PutPayload = parts.iter().map(|p| Bytes::copy_from_slice(p)).collect();
+                IO.block_on(store.put(&Self::object(prefix, key), payload))
+                    .map(|_| ())
+                    .map_err(|e| explain(e, &self.url_of(key)))
+            }
+        }
     }
 
     /// Writes the object `key` only if there is none yet; false if there was one.
     pub fn create(&self, key: &str, data: Bytes) -> Result<bool> {
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        let path = self.path(key);
-        let put = self.store.put_opts(&path, PutPayload::from(data), options);
-        match IO.block_on(put) {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(explain(e, &self.url_of(key))),
+        match &self.backend {
+            Backend::Folder(dir) => {
+                let path = Self::file(dir, key);
+                create_file(&path, &data).map_err(|e| anyhow!("{}: {e:#}", self.url_of(key)))
+            }
+            Backend::Remote { store, prefix } => {
+                let options = PutOptions {
+                    mode: PutMode::Create,
+                    ..PutOptions::default()
+                };
+                let path = Self::object(prefix, key);
+                let put = store.put_opts(&path, PutPayload::from(data), options);
+                match IO.block_on(put) {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                    Err(e) => Err(explain(e, &self.url_of(key))),
+                }
+            }
         }
     }
 
     /// Deletes the object `key` (nothing if there is none).
     pub fn delete(&self, key: &str) -> Result<()> {
-        match IO.block_on(self.store.delete(&self.path(key))) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(explain(e, &self.url_of(key))),
+        match &self.backend {
+            Backend::Folder(dir) => match std::fs::remove_file(Self::file(dir, key)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(anyhow!("{}: {e}", self.url_of(key))),
+            },
+            Backend::Remote { store, prefix } => {
+                match IO.block_on(store.delete(&Self::object(prefix, key))) {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(explain(e, &self.url_of(key))),
+                }
+            }
         }
+    }
+}
+
+/// Every file under `dir` as an object: key relative to it, `/`-separated.
+fn list_folder(dir: &Path) -> Result<Vec<ObjectEntry>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut entries = Vec::new();
+    for path in super::list_files_recursive(dir)? {
+        let size = std::fs::metadata(&path)?.len();
+        let relative = path.strip_prefix(dir)?;
+        let key: Vec<String> = relative
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        entries.push(ObjectEntry {
+            key: key.join("/"),
+            size,
+        });
+    }
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(entries)
+}
+
+/// Writes `path` only if it does not exist: the content goes to a temporary file first, which
+/// is then hard-linked into place (the link fails if the name is taken), so no reader sees a
+/// partial file. False if it existed.
+fn create_file(path: &Path, data: &[u8]) -> Result<bool> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, data)?;
+    let linked = std::fs::hard_link(tmp.path(), path);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
