@@ -4,7 +4,6 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
@@ -17,7 +16,8 @@ use sha2::Sha256;
 use super::sorted_mappings::SortedMappings;
 use crate::fast_hash::FastMap;
 use crate::fingerprint::fingerprint128;
-use crate::{json, store};
+use crate::json;
+use crate::store::objects::ObjectLocation;
 
 const CODEBOOK_FILE: &str = "codebook.json";
 const CACHED_MAPPINGS_FILE: &str = "codebook-cached-mappings.json";
@@ -64,7 +64,8 @@ impl RecentIds {
 /// Maps real ids to anonymous ids; shared by all workers of a run.
 pub struct Codebook {
     instance: u64,
-    dir: Option<PathBuf>,
+    /// The PHI folder the codebook is saved in (None: in memory only).
+    phi: Option<ObjectLocation>,
     settings: Mutex<Map<String, Value>>,
     /// HMAC state keyed with the salt, cloned per hash rather than re-keyed.
     keyed: Hmac<Sha256>,
@@ -118,26 +119,22 @@ impl SavedMappings {
 impl Codebook {
     /// Opens (or starts) the codebook of a PHI folder. With `cache_ids`, new Patient/Encounter
     /// mappings are recorded in `codebook-cached-mappings.json`.
-    pub fn open(dir: &Path, cache_ids: bool) -> Result<Codebook> {
-        let path = dir.join(CODEBOOK_FILE);
-        let saved = if path.exists() {
-            let text =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            Some(
+    pub fn open(phi: &ObjectLocation, cache_ids: bool) -> Result<Codebook> {
+        let saved = match phi.read(CODEBOOK_FILE)? {
+            Some(text) => Some(
                 serde_json::from_slice::<Value>(&text)
-                    .with_context(|| format!("{} is not valid JSON", path.display()))?,
-            )
-        } else {
-            None
+                    .with_context(|| format!("{} is not valid JSON", phi.url_of(CODEBOOK_FILE)))?,
+            ),
+            None => None,
         };
         let cached = if cache_ids {
-            let mpath = dir.join(CACHED_MAPPINGS_FILE);
             let mut saved = SavedMappings::default();
-            if mpath.exists() {
-                let text = std::fs::read(&mpath)
-                    .with_context(|| format!("reading {}", mpath.display()))?;
+            if let Some(text) = phi.read(CACHED_MAPPINGS_FILE)? {
                 let file: CachedFile = serde_json::from_slice(&text).with_context(|| {
-                    format!("{} is not a codebook mapping file", mpath.display())
+                    format!(
+                        "{} is not a codebook mapping file",
+                        phi.url_of(CACHED_MAPPINGS_FILE)
+                    )
                 })?;
                 for (sorted, pairs) in saved.types.iter_mut().zip(&file.0) {
                     sorted.add(
@@ -152,7 +149,7 @@ impl Codebook {
         } else {
             None
         };
-        Codebook::build(Some(dir.to_path_buf()), saved, cached)
+        Codebook::build(Some(phi.clone()), saved, cached)
     }
 
     /// A codebook that lives only in memory with the given salt (tests, fixture checks).
@@ -163,7 +160,7 @@ impl Codebook {
 
     /// `cached`: the saved Patient/Encounter mappings, when ids are cached.
     fn build(
-        dir: Option<PathBuf>,
+        phi: Option<ObjectLocation>,
         saved: Option<Value>,
         cached: Option<SavedMappings>,
     ) -> Result<Codebook> {
@@ -218,7 +215,7 @@ impl Codebook {
         let held = legacy_bytes + saved.text_bytes();
         Ok(Codebook {
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
-            dir,
+            phi,
             settings: Mutex::new(settings),
             keyed,
             legacy,
@@ -336,10 +333,10 @@ impl Codebook {
     /// Writes whatever changed since the last save. Called before every batch write, so the
     /// codebook on disk is never behind the data.
     pub fn save(&self) -> Result<()> {
-        let Some(dir) = &self.dir else { return Ok(()) };
+        let Some(phi) = &self.phi else { return Ok(()) };
         if self.settings_modified.swap(false, Ordering::AcqRel) {
             let text = serde_json::to_vec(&*self.settings.lock().unwrap())?;
-            store::write_atomic(&dir.join(CODEBOOK_FILE), &text)?;
+            phi.write(CODEBOOK_FILE, text.into())?;
         }
         if self.mappings_modified.swap(false, Ordering::AcqRel) && self.seen.is_some() {
             let mut saved = self.saved.lock().unwrap();
@@ -359,7 +356,7 @@ impl Codebook {
             if saved.stale {
                 let parts = mappings_json(&saved.types);
                 let parts: Vec<&[u8]> = parts.iter().map(AsRef::as_ref).collect();
-                if let Err(e) = store::write_atomic_parts(&dir.join(CACHED_MAPPINGS_FILE), &parts) {
+                if let Err(e) = phi.write_parts(CACHED_MAPPINGS_FILE, &parts) {
                     // The merged mappings stay in memory; the next save writes them again.
                     self.mappings_modified.store(true, Ordering::Release);
                     return Err(e);
@@ -534,8 +531,14 @@ fn lower_hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// The PHI folder at `dir`.
+    fn phi(dir: &std::path::Path) -> ObjectLocation {
+        ObjectLocation::local(dir).unwrap()
+    }
 
     #[test]
     fn hash_matches_reference_vector() {
@@ -553,14 +556,14 @@ mod tests {
             r#"{"version":1,"id_salt":"1234","codebook_id":"x"}"#,
         )
         .unwrap();
-        let cb = Codebook::open(dir.path(), true).unwrap();
+        let cb = Codebook::open(&phi(dir.path()), true).unwrap();
         let good = cb.hash("good");
         std::fs::write(
             dir.path().join(CACHED_MAPPINGS_FILE),
             json!({"Encounter": {"good": good, "bad": "not-its-hash"}}).to_string(),
         )
         .unwrap();
-        let cb = Codebook::open(dir.path(), true).unwrap();
+        let cb = Codebook::open(&phi(dir.path()), true).unwrap();
         for _ in 0..2 {
             assert_eq!(cb.fake_id("Encounter", "good", true), good);
             assert_eq!(cb.fake_id("Encounter", "bad", true), cb.hash("bad"));
@@ -578,7 +581,7 @@ mod tests {
     #[test]
     fn held_bytes_count_ids_met_and_saved_text_once() {
         let dir = tempfile::tempdir().unwrap();
-        let cb = Codebook::open(dir.path(), true).unwrap();
+        let cb = Codebook::open(&phi(dir.path()), true).unwrap();
         assert_eq!(cb.held_bytes(), 0);
         cb.fake_id("Encounter", "e1", true);
         assert_eq!(cb.held_bytes(), SEEN_ENTRY_BYTES);
@@ -592,7 +595,10 @@ mod tests {
         // Each saved entry is `"e1":"<64 hex digits>"`, and a comma between entries.
         let text = 2 * (4 + 1 + 66);
         assert_eq!(cb.held_bytes(), 2 * SEEN_ENTRY_BYTES + text);
-        assert_eq!(Codebook::open(dir.path(), true).unwrap().held_bytes(), text);
+        assert_eq!(
+            Codebook::open(&phi(dir.path()), true).unwrap().held_bytes(),
+            text
+        );
     }
 
     #[test]
@@ -611,7 +617,7 @@ mod tests {
         );
         let path = dir.path().join(CACHED_MAPPINGS_FILE);
         std::fs::write(&path, &file).unwrap();
-        let cb = Codebook::open(dir.path(), true).unwrap();
+        let cb = Codebook::open(&phi(dir.path()), true).unwrap();
         assert_eq!(cb.fake_id("Patient", "p", true), p);
         assert_eq!(cb.fake_id("Encounter", "e", true), e);
         cb.save().unwrap();
@@ -626,7 +632,10 @@ mod tests {
             "{\"Patient\": {\"p\": 7}}",
         )
         .unwrap();
-        let err = format!("{:#}", Codebook::open(dir.path(), true).err().unwrap());
+        let err = format!(
+            "{:#}",
+            Codebook::open(&phi(dir.path()), true).err().unwrap()
+        );
         assert!(err.contains(CACHED_MAPPINGS_FILE), "{err}");
         assert!(err.contains("line 1"), "{err}");
         // Other resource types are not ours to read, whatever they hold.
@@ -635,13 +644,13 @@ mod tests {
             "{\"Other\": [1, {\"x\": null}], \"Patient\": {}}",
         )
         .unwrap();
-        assert!(Codebook::open(dir.path(), true).is_ok());
+        assert!(Codebook::open(&phi(dir.path()), true).is_ok());
     }
 
     #[test]
     fn saved_mappings_are_sorted_by_type_and_id_like_a_sorted_map() {
         let dir = tempfile::tempdir().unwrap();
-        let cb = Codebook::open(dir.path(), true).unwrap();
+        let cb = Codebook::open(&phi(dir.path()), true).unwrap();
         // Ids that tie on the 8-byte sort prefix, are shorter than it, or are its prefix.
         let ids = [
             "p-b",
@@ -679,7 +688,7 @@ mod tests {
             r#"{"Patient":{"z":"fz","a":"fa"}}"#,
         )
         .unwrap();
-        let cb = Codebook::open(dir.path(), true).unwrap();
+        let cb = Codebook::open(&phi(dir.path()), true).unwrap();
         let mut expected: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
         expected.insert(
             "Patient",
@@ -714,7 +723,7 @@ mod tests {
             r#"{"version":1,"id_salt":"1234","Patient":{"p1":"legacy-p1"}}"#,
         )
         .unwrap();
-        let cb = Codebook::open(dir.path(), true).unwrap();
+        let cb = Codebook::open(&phi(dir.path()), true).unwrap();
         assert_eq!(cb.fake_id("Patient", "p1", true), "legacy-p1");
         let p2 = cb.fake_id("Patient", "p2", true);
         assert_eq!(p2, cb.hash("p2"));
@@ -741,7 +750,7 @@ mod tests {
             r#"{"id_salt":"abcd","mrn":{"p":{"deid":"P","encounter":{"e":{"deid":"E"}}}}}"#,
         )
         .unwrap();
-        let cb = Codebook::open(dir.path(), true).unwrap();
+        let cb = Codebook::open(&phi(dir.path()), true).unwrap();
         assert_eq!(cb.fake_id("Patient", "p", true), "P");
         assert_eq!(cb.fake_id("Encounter", "e", true), "E");
     }
@@ -749,7 +758,7 @@ mod tests {
     #[test]
     fn new_phi_folder_gets_a_fresh_32_byte_salt() {
         let dir = tempfile::tempdir().unwrap();
-        let cb = Codebook::open(dir.path(), true).unwrap();
+        let cb = Codebook::open(&phi(dir.path()), true).unwrap();
         cb.save().unwrap();
         let saved: Value =
             serde_json::from_slice(&std::fs::read(dir.path().join(CODEBOOK_FILE)).unwrap())
@@ -762,7 +771,10 @@ mod tests {
     fn unknown_version_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CODEBOOK_FILE), r#"{"version":7}"#).unwrap();
-        let err = Codebook::open(dir.path(), true).err().unwrap().to_string();
+        let err = Codebook::open(&phi(dir.path()), true)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("Unknown codebook version"), "{err}");
     }
 
@@ -786,7 +798,7 @@ mod tests {
         }
         // A call that must not record (a deleted id) does not spare a reference its recording.
         let dir = tempfile::tempdir().unwrap();
-        let cb = Codebook::open(dir.path(), true).unwrap();
+        let cb = Codebook::open(&phi(dir.path()), true).unwrap();
         cb.fake_id("Encounter", "e1", false);
         cb.fake_ref_id("Encounter", "e1");
         cb.save().unwrap();

@@ -25,6 +25,7 @@ use crate::input::{Discovery, bundles, discover};
 use crate::memory::{MemoryBudget, human_bytes};
 use crate::output::job::{self, JobConfig};
 use crate::output::{OutputFormat, RowBatch, TableKind, write_and_wait};
+use crate::store::objects::ObjectLocation;
 use crate::store::{self, Location};
 use crate::tasks::{self, COMPLETION_TABLE, Task};
 use crate::time::PyDateTime;
@@ -341,7 +342,8 @@ pub fn check_run_arguments(input: &Path, batch_size: usize) -> Result<(), Fatal>
 /// another PHI folder (exit 41). `cache_ids` records new Patient/Encounter mappings (not in NLP).
 pub fn open_codebook(phi: &Path, output: &Path, cache_ids: bool) -> Result<Arc<Codebook>, Fatal> {
     create_folder(phi)?;
-    let codebook = Arc::new(Codebook::open(phi, cache_ids)?);
+    let folder = ObjectLocation::local(phi)?;
+    let codebook = Arc::new(Codebook::open(&folder, cache_ids)?);
     if let Some(previous) = job::latest_codebook_id(output)
         && previous != codebook.codebook_id()
     {

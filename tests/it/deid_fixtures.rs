@@ -57,7 +57,8 @@ fn version0_codebook_fixture_loads_its_legacy_ids() {
     std::fs::copy(&src, dir.path().join("codebook.json")).unwrap();
     let saved: Value = serde_json::from_slice(&std::fs::read(&src).unwrap()).unwrap();
     let (pid, pdata) = saved["mrn"].as_object().unwrap().iter().next().unwrap();
-    let cb = Codebook::open(dir.path(), true).unwrap();
+    let phi = cumulus_etl::store::objects::ObjectLocation::local(dir.path()).unwrap();
+    let cb = Codebook::open(&phi, true).unwrap();
     assert_eq!(
         cb.fake_id("Patient", pid, true),
         pdata["deid"].as_str().unwrap()

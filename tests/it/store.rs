@@ -128,3 +128,37 @@ fn locations_that_are_not_folders_or_s3_are_refused() {
     let err = ObjectLocation::parse("s3:///x", &S3Settings::default()).unwrap_err();
     assert!(err.to_string().contains("names no bucket"), "{err}");
 }
+
+#[test]
+fn a_codebook_in_s3_saves_the_same_files_as_in_a_folder_and_reopens_with_its_mappings() {
+    use cumulus_etl::deid::Codebook;
+    let server = S3Server::start();
+    server.create_bucket("phi-bucket");
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = ObjectLocation::local(tmp.path()).unwrap();
+    let bucket = ObjectLocation::parse("s3://phi-bucket/site", &server.settings()).unwrap();
+    let codebook = br#"{"version":1,"id_salt":"e359591c","codebook_id":"site-codebook"}"#;
+    for phi in [&folder, &bucket] {
+        phi.write("codebook.json", Bytes::from_static(codebook))
+            .unwrap();
+        let cb = Codebook::open(phi, true).unwrap();
+        for id in ["p1", "p2"] {
+            cb.fake_id("Patient", id, true);
+        }
+        cb.fake_id("Encounter", "e1", true);
+        cb.save().unwrap();
+    }
+    for file in ["codebook.json", "codebook-cached-mappings.json"] {
+        let local = folder.read(file).unwrap().expect(file);
+        assert_eq!(bucket.read(file).unwrap().as_ref(), Some(&local), "{file}");
+    }
+    let again = Codebook::open(&bucket, true).unwrap();
+    let local = Codebook::open(&folder, true).unwrap();
+    assert_eq!(again.codebook_id(), "site-codebook");
+    for id in ["p1", "p2"] {
+        assert_eq!(
+            again.fake_id("Patient", id, true),
+            local.fake_id("Patient", id, true)
+        );
+    }
+}
