@@ -162,7 +162,8 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         }
     };
 
-    let codebook = open_codebook(phi, output, true)?;
+    let phi = ObjectLocation::local(phi)?;
+    let codebook = open_codebook(&phi, output, true)?;
     prepare_output(output, opts.output_format)?;
     codebook.save()?;
 
@@ -304,7 +305,12 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     for summary in stats.tables.values() {
         job::write_summary(&job_dir, summary)?;
     }
-    job::write_context(phi, &started, &opts.input.display(), &opts.output.display())?;
+    job::write_context(
+        &phi,
+        &started,
+        &opts.input.display(),
+        &opts.output.display(),
+    )?;
 
     print_extension_report(&stats.extensions);
     print_summary(&stats, started_at.elapsed(), total_bytes, &shared.budget);
@@ -340,10 +346,15 @@ pub fn check_run_arguments(input: &Path, batch_size: usize) -> Result<(), Fatal>
 
 /// Creates the PHI folder, opens its codebook and checks that `output` was not written with
 /// another PHI folder (exit 41). `cache_ids` records new Patient/Encounter mappings (not in NLP).
-pub fn open_codebook(phi: &Path, output: &Path, cache_ids: bool) -> Result<Arc<Codebook>, Fatal> {
-    create_folder(phi)?;
-    let folder = ObjectLocation::local(phi)?;
-    let codebook = Arc::new(Codebook::open(&folder, cache_ids)?);
+pub fn open_codebook(
+    phi: &ObjectLocation,
+    output: &Path,
+    cache_ids: bool,
+) -> Result<Arc<Codebook>, Fatal> {
+    if let Some(dir) = phi.local_dir() {
+        create_folder(dir)?;
+    }
+    let codebook = Arc::new(Codebook::open(phi, cache_ids)?);
     if let Some(previous) = job::latest_codebook_id(output)
         && previous != codebook.codebook_id()
     {

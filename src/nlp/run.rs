@@ -22,6 +22,7 @@ use crate::fhir::ElementModel;
 use crate::input::{bundles, discover};
 use crate::output::{OutputFormat, TableKind};
 use crate::store::Location;
+use crate::store::objects::ObjectLocation;
 use crate::time::PyDateTime;
 
 use super::cache::NlpCache;
@@ -145,7 +146,7 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     }
     prepare_output(output, opts.output_format)?;
     // NLP runs never record new Patient/Encounter mappings, as upstream.
-    let codebook = open_codebook(phi, output, false)?;
+    let codebook = open_codebook(&ObjectLocation::local(phi)?, output, false)?;
     codebook.save()?;
     let runtime = match opts.engine_kind {
         EngineKind::Ctakes => Some(

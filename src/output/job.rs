@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::store;
+use crate::store::objects::ObjectLocation;
 use crate::time::PyDateTime;
 
 /// The settings of one run, as recorded in `job_config.json`.
@@ -98,15 +99,24 @@ pub fn latest_codebook_id(output: &Path) -> Option<String> {
 }
 
 /// Records the last successful run in the PHI folder's `context.json` (informational).
-pub fn write_context(phi: &Path, when: &PyDateTime, input: &str, output: &str) -> Result<()> {
-    let path = phi.join("context.json");
-    let mut ctx: Value = std::fs::read(&path)
+pub fn write_context(
+    phi: &ObjectLocation,
+    when: &PyDateTime,
+    input: &str,
+    output: &str,
+) -> Result<()> {
+    let mut ctx: Value = phi
+        .read(CONTEXT_FILE)
         .ok()
+        .flatten()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .filter(Value::is_object)
         .unwrap_or_else(|| json!({}));
     ctx["last_successful_datetime"] = json!(when.isoformat());
     ctx["last_successful_input_dir"] = json!(input);
     ctx["last_successful_output_dir"] = json!(output);
-    store::write_atomic(&path, &serde_json::to_vec_pretty(&ctx)?)
+    phi.write(CONTEXT_FILE, serde_json::to_vec_pretty(&ctx)?.into())
 }
+
+/// The PHI folder's record of the last successful run.
+const CONTEXT_FILE: &str = "context.json";
