@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -12,8 +13,14 @@ use serde_json::Value;
 const DUCKDB: &str = "duckdb==1.4.4";
 const DUCKDB_DELTA: &str = "duckdb-ext-delta==1.4.4.*";
 
-/// A Python with `deltalake`, `pyarrow`, `duckdb` and its delta extension, and moto's S3 server.
+/// A Python with `deltalake`, `pyarrow`, `duckdb` and its delta extension, and moto's S3 server;
+/// installed once per test run (tests asking at once wait for it).
 pub fn python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(install).clone()
+}
+
+fn install() -> PathBuf {
     if let Ok(p) = std::env::var("CUMULUS_TEST_PYTHON") {
         return PathBuf::from(p);
     }
