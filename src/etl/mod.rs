@@ -162,7 +162,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         }
     };
 
-    let phi = ObjectLocation::local(phi)?;
+    let phi = ObjectLocation::private_folder(phi)?;
     let codebook = open_codebook(&phi, output, true)?;
     prepare_output(output, opts.output_format)?;
     codebook.save()?;
@@ -352,7 +352,15 @@ pub fn open_codebook(
     cache_ids: bool,
 ) -> Result<Arc<Codebook>, Fatal> {
     if let Some(dir) = phi.local_dir() {
-        create_folder(dir)?;
+        if let Some(mode) = store::open_to_others(dir) {
+            eprintln!(
+                "warning: the PHI folder {} can be read by other users (mode {mode:o}); \
+                 `chmod -R go-rwx {}` keeps its salt and id mappings private",
+                dir.display(),
+                dir.display()
+            );
+        }
+        create_folder(dir, store::Access::Private)?;
     }
     let codebook = Arc::new(Codebook::open(phi, cache_ids)?);
     if let Some(previous) = job::latest_codebook_id(output)
@@ -384,16 +392,11 @@ pub fn prepare_output(output: &Path, format: OutputFormat) -> Result<(), Fatal> 
             ),
         ));
     }
-    create_folder(output)
+    create_folder(output, store::Access::Shared)
 }
 
-fn create_folder(dir: &Path) -> Result<(), Fatal> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Fatal::new(
-            ExitCode::Failure,
-            format!("creating {}: {e}", dir.display()),
-        )
-    })
+fn create_folder(dir: &Path, access: store::Access) -> Result<(), Fatal> {
+    store::create_dir(dir, access).map_err(|e| Fatal::new(ExitCode::Failure, format!("{e:#}")))
 }
 
 /// Input bytes per bundle: small enough that every worker has several bundles in flight within
@@ -413,10 +416,11 @@ pub fn open_errors_folder(errors_to: &Option<PathBuf>) -> Result<Option<std::fs:
             format!("The errors folder '{}' is not empty.", dir.display()),
         ));
     }
-    create_folder(dir)?;
-    std::fs::File::create(dir.join("rejected-rows.ndjson"))
+    // Rejected rows are raw input lines: PHI, private to this user.
+    create_folder(dir, store::Access::Private)?;
+    store::create_file(&dir.join("rejected-rows.ndjson"), store::Access::Private)
         .map(Some)
-        .map_err(|e| Fatal::new(ExitCode::Failure, e.to_string()))
+        .map_err(|e| Fatal::new(ExitCode::Failure, format!("{e:#}")))
 }
 
 /// What the run's `etl__completion` rows share.

@@ -44,9 +44,10 @@ impl NlpCache {
         text: &str,
         value: &T,
     ) -> anyhow::Result<()> {
+        // Answers hold the note's text and what was found in it: PHI, private to this user.
         let path = self.path(namespace, text);
-        std::fs::create_dir_all(path.parent().expect("cache files have a folder"))?;
-        crate::store::write_atomic(&path, &serde_json::to_vec(value)?)
+        let data = serde_json::to_vec(value)?;
+        crate::store::write_atomic_parts(&path, &[&data], crate::store::Access::Private)
     }
 }
 

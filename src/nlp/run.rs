@@ -146,7 +146,7 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     }
     prepare_output(output, opts.output_format)?;
     // NLP runs never record new Patient/Encounter mappings, as upstream.
-    let codebook = open_codebook(&ObjectLocation::local(phi)?, output, false)?;
+    let codebook = open_codebook(&ObjectLocation::private_folder(phi)?, output, false)?;
     codebook.save()?;
     let runtime = match opts.engine_kind {
         EngineKind::Ctakes => Some(

@@ -68,22 +68,76 @@ pub fn is_empty_dir(path: &Path) -> Result<bool> {
     }
 }
 
-/// Writes a file so that readers see either the old or the new content, never a torn one.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    write_atomic_parts(path, &[data])
+/// Who may read what a location writes: everyone the file system lets (tables, job configs),
+/// or only this user (PHI: the codebook's salt and id mappings, rejected input rows), whose
+/// files are created `0600` and folders `0700`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Shared,
+    Private,
 }
 
-/// As `write_atomic`, for content in pieces (large files need not be joined in memory first).
-pub fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
+/// Creates a folder and its missing parents (`0700` when private).
+pub fn create_dir(dir: &Path, access: Access) -> Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    if access == Access::Private {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// Creates (or truncates) a file for writing (`0600` when private).
+pub fn create_file(path: &Path, access: Access) -> Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if access == Access::Private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The permission bits of a folder others can use (group or world), if any, so a run can warn
+/// that a PHI folder it did not create is not private.
+pub fn open_to_others(dir: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+/// Writes a file so that readers see either the old or the new content, never a torn one.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_parts(path, &[data], Access::Shared)
+}
+
+/// As `write_atomic`, for content in pieces (large files need not be joined in memory first),
+/// with the given access.
+pub fn write_atomic_parts(path: &Path, parts: &[&[u8]], access: Access) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    create_dir(dir, access)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     {
-        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        let mut f = create_file(&tmp, access)?;
         for part in parts {
             f.write_all(part)?;
         }

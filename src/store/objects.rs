@@ -68,7 +68,7 @@ pub struct ObjectLocation {
 
 #[derive(Clone)]
 enum Backend {
-    Folder(PathBuf),
+    Folder(PathBuf, super::Access),
     Remote {
         store: Arc<dyn ObjectStore>,
         prefix: ObjectPath,
@@ -100,8 +100,17 @@ impl ObjectLocation {
 
     /// A local folder (created when something is written to it).
     pub fn local(dir: &Path) -> Result<ObjectLocation> {
+        Self::folder(dir, super::Access::Shared)
+    }
+
+    /// A local folder holding PHI: it and its files are created readable by this user only.
+    pub fn private_folder(dir: &Path) -> Result<ObjectLocation> {
+        Self::folder(dir, super::Access::Private)
+    }
+
+    fn folder(dir: &Path, access: super::Access) -> Result<ObjectLocation> {
         Ok(ObjectLocation {
-            backend: Backend::Folder(dir.to_path_buf()),
+            backend: Backend::Folder(dir.to_path_buf(), access),
             url: dir.display().to_string(),
         })
     }
@@ -109,7 +118,7 @@ impl ObjectLocation {
     /// The local folder, if this is one (for memory-mapping input).
     pub fn local_dir(&self) -> Option<&Path> {
         match &self.backend {
-            Backend::Folder(dir) => Some(dir),
+            Backend::Folder(dir, _) => Some(dir),
             Backend::Remote { .. } => None,
         }
     }
@@ -178,7 +187,7 @@ impl ObjectLocation {
     /// Every object under the location (recursively), sorted by key.
     pub fn list(&self) -> Result<Vec<ObjectEntry>> {
         let (store, prefix) = match &self.backend {
-            Backend::Folder(dir) => return list_folder(dir),
+            Backend::Folder(dir, _) => return list_folder(dir),
             Backend::Remote { store, prefix } => (store, prefix),
         };
         let from = (!prefix.as_ref().is_empty()).then_some(prefix);
@@ -203,7 +212,7 @@ impl ObjectLocation {
     /// The whole object `key`; None if there is none.
     pub fn read(&self, key: &str) -> Result<Option<Bytes>> {
         let (store, prefix) = match &self.backend {
-            Backend::Folder(dir) => {
+            Backend::Folder(dir, _) => {
                 return match std::fs::read(Self::file(dir, key)) {
                     Ok(data) => Ok(Some(data.into())),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -226,7 +235,7 @@ impl ObjectLocation {
     /// Bytes `range` of the object `key`.
     pub fn read_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         match &self.backend {
-            Backend::Folder(dir) => {
+            Backend::Folder(dir, _) => {
                 let read = || -> std::io::Result<Vec<u8>> {
                     let mut file = File::open(Self::file(dir, key))?;
                     file.seek(SeekFrom::Start(range.start))?;
@@ -247,7 +256,7 @@ impl ObjectLocation {
     /// The object `key` as a stream of bytes read as they come (no whole download).
     pub fn open(&self, key: &str) -> Result<Box<dyn Read + Send>> {
         let (store, prefix) = match &self.backend {
-            Backend::Folder(dir) => {
+            Backend::Folder(dir, _) => {
                 let file = File::open(Self::file(dir, key))
                     .map_err(|e| anyhow!("{}: {e}", self.url_of(key)))?;
                 return Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)));
@@ -275,7 +284,9 @@ impl ObjectLocation {
     /// [`Self::write`] for content in pieces, which a folder gets without joining them.
     pub fn write_parts(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
         match &self.backend {
-            Backend::Folder(dir) => super::write_atomic_parts(&Self::file(dir, key), parts),
+            Backend::Folder(dir, access) => {
+                super::write_atomic_parts(&Self::file(dir, key), parts, *access)
+            }
             Backend::Remote { store, prefix } => {
                 let payload: PutPayload = parts.iter().map(|p| Bytes::copy_from_slice(p)).collect();
                 IO.block_on(store.put(&Self::object(prefix, key), payload))
@@ -288,9 +299,10 @@ impl ObjectLocation {
     /// Writes the object `key` only if there is none yet; false if there was one.
     pub fn create(&self, key: &str, data: Bytes) -> Result<bool> {
         match &self.backend {
-            Backend::Folder(dir) => {
+            Backend::Folder(dir, access) => {
                 let path = Self::file(dir, key);
-                create_file(&path, &data).map_err(|e| anyhow!("{}: {e:#}", self.url_of(key)))
+                create_new(&path, &data, *access)
+                    .map_err(|e| anyhow!("{}: {e:#}", self.url_of(key)))
             }
             Backend::Remote { store, prefix } => {
                 let options = PutOptions {
@@ -311,7 +323,7 @@ impl ObjectLocation {
     /// Deletes the object `key` (nothing if there is none).
     pub fn delete(&self, key: &str) -> Result<()> {
         match &self.backend {
-            Backend::Folder(dir) => match std::fs::remove_file(Self::file(dir, key)) {
+            Backend::Folder(dir, _) => match std::fs::remove_file(Self::file(dir, key)) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(anyhow!("{}: {e}", self.url_of(key))),
@@ -351,10 +363,17 @@ fn list_folder(dir: &Path) -> Result<Vec<ObjectEntry>> {
 /// Writes `path` only if it does not exist: the content goes to a temporary file first, which
 /// is then hard-linked into place (the link fails if the name is taken), so no reader sees a
 /// partial file. False if it existed.
-fn create_file(path: &Path, data: &[u8]) -> Result<bool> {
+fn create_new(path: &Path, data: &[u8], access: super::Access) -> Result<bool> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    super::create_dir(dir, access)?;
+    // Temporary files are created 0600, private or not; a shared file is then opened up.
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    #[cfg(unix)]
+    if access == super::Access::Shared {
+        use std::os::unix::fs::PermissionsExt;
+        let umask_default = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(tmp.path(), umask_default)?;
+    }
     std::io::Write::write_all(&mut tmp, data)?;
     let linked = std::fs::hard_link(tmp.path(), path);
     match linked {

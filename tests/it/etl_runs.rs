@@ -308,3 +308,73 @@ fn removed_options_and_commands_exit_59_with_upstreams_pointer() {
         );
     }
 }
+
+/// The permission bits of a file or folder.
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[cfg(unix)]
+#[test]
+fn phi_files_and_rejected_rows_are_readable_by_their_owner_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    let (out, errors) = (tmp.path().join("out"), tmp.path().join("errors"));
+    let run = run_etl(&[
+        "--output-format=ndjson",
+        "--errors-to",
+        errors.to_str().unwrap(),
+        synthea().to_str().unwrap(),
+        out.to_str().unwrap(),
+        phi.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(!stderr(&run).contains("can be read by other users"));
+    assert_eq!(mode(&phi), 0o700);
+    for file in [
+        "codebook.json",
+        "codebook-cached-mappings.json",
+        "context.json",
+    ] {
+        assert_eq!(mode(&phi.join(file)), 0o600, "{file}");
+    }
+    assert_eq!(mode(&errors), 0o700);
+    assert_eq!(mode(&errors.join("rejected-rows.ndjson")), 0o600);
+    // The tables are for everyone the output folder lets in.
+    let table = std::fs::read_dir(out.join("patient"))
+        .unwrap()
+        .next()
+        .unwrap();
+    assert_eq!(mode(&table.unwrap().path()) & 0o044, 0o044);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_phi_folder_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    phi_with_salt(&phi, "1234");
+    std::fs::set_permissions(&phi, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = tmp.path().join("out");
+    let run = run_etl(&[
+        "--output-format=ndjson",
+        synthea().to_str().unwrap(),
+        out.to_str().unwrap(),
+        phi.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let err = stderr(&run);
+    let warning = err
+        .lines()
+        .find(|l| l.contains("can be read by other users"))
+        .unwrap_or_else(|| panic!("no warning: {err}"));
+    assert!(
+        warning.contains("mode 755") && warning.contains("chmod -R go-rwx"),
+        "{warning}"
+    );
+    // Files the run writes there are private all the same.
+    assert_eq!(mode(&phi.join("codebook-cached-mappings.json")), 0o600);
+}
