@@ -905,6 +905,8 @@ fn write_verbatim(doc: &Doc<'_>, i: usize, out: &mut Vec<u8>) {
         }
         Kind::String | Kind::Key => write_string(doc, i, out),
         Kind::Number if token.plain => out.extend_from_slice(doc.raw(i)),
+        // Python reads `-0` as the integer 0 (serde_json as the float -0.0).
+        Kind::Number if doc.raw(i) == b"-0" => out.push(b'0'),
         Kind::Number => match serde_json::from_slice::<serde_json::Number>(doc.raw(i)) {
             Ok(number) => write_compact_ascii(out, &number),
             // The tape refuses what serde_json refuses; written as read if that ever changes.
@@ -959,6 +961,37 @@ mod tests {
         }
         let id = result?;
         Ok((serde_json::from_slice(&out[6..]).unwrap(), id))
+    }
+
+    #[test]
+    fn numbers_are_written_as_python_writes_them_integers_of_any_size_exactly() {
+        // Each input number, and how Python's json.dumps(json.loads(...)) writes it back.
+        let cases = [
+            ("123456789012345678901234", "123456789012345678901234"),
+            ("-123456789012345678901230", "-123456789012345678901230"),
+            ("18446744073709551616", "18446744073709551616"),
+            ("-9223372036854775809", "-9223372036854775809"),
+            ("-10", "-10"),
+            ("-0", "0"),
+            ("-0.0", "-0.0"),
+            ("1.5E+3", "1500.0"),
+            ("1e2", "100.0"),
+            ("12345678901234567890123456789.0", "1.2345678901234568e+28"),
+        ];
+        let s = scrubber();
+        for (input, python) in cases {
+            let line = format!(
+                r#"{{"resourceType":"Observation","id":"o","valueQuantity":{{"value":{input}}}}}"#
+            );
+            let mut tape = Tape::default();
+            let doc = tape.parse(line.as_bytes()).unwrap();
+            let mut out = Vec::new();
+            s.scrub(&doc, &mut out, &mut ExtensionReport::default())
+                .unwrap();
+            let text = String::from_utf8(out).unwrap();
+            let expected = format!(r#""valueQuantity":{{"value":{python}}}"#);
+            assert!(text.contains(&expected), "{input}: {text}");
+        }
     }
 
     #[test]
@@ -1129,7 +1162,8 @@ mod tests {
             out.contains(r#""valueQuantity":{"value":1.5,"comparator":"<","unit":"B\u00e5t"}"#),
             "{out}"
         );
-        assert!(out.contains(r#""valueInteger":-0.0"#), "{out}");
+        // Python reads `-0` as the integer 0 (serde_json alone would write -0.0).
+        assert!(out.contains(r#""valueInteger":0}"#), "{out}");
     }
 
     #[test]

@@ -459,10 +459,13 @@ impl Parser<'_, '_> {
             at = end;
             integer = false;
         }
-        // Integers that fit i64 print back as written; "-0" and the rest go through serde_json,
-        // which also refuses numbers out of f64's range (only possible with an exponent or
-        // hundreds of digits).
-        let plain = integer && int_digits <= 18 && !(negative && text[int_end - 1] == b'0');
+        // Integers print back as written, whatever their size, as Python keeps them (it reads
+        // `-0` as the integer 0, so that one goes through serde_json). Other numbers are floats:
+        // serde_json writes them as Python does. Numbers out of f64's range are refused as
+        // serde_json refuses them (only possible with an exponent or hundreds of digits: an
+        // integer of more than 300 digits is refused too, where Python would keep it).
+        let negative_zero = negative && int_digits == 1 && text[int_end - 1] == b'0';
+        let plain = integer && !negative_zero;
         if (has_exponent || at - start > 300)
             && serde_json::from_slice::<serde_json::Number>(&text[start..at]).is_err()
         {

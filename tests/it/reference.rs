@@ -133,3 +133,43 @@ fn lone_surrogates_match_the_reference() {
     let rows: Vec<&str> = written.lines().collect();
     assert_eq!(rows, crate::robustness::REFERENCE_ROWS);
 }
+
+/// Numbers Python and serde_json read differently (`robustness::NUMBER_LINES`), side by side:
+/// the reference's NDJSON rows are ours, byte for byte.
+#[test]
+#[ignore = "needs the reference Python Cumulus ETL (see tests/it/reference.rs)"]
+fn numbers_match_the_reference() {
+    let Some(reference) = reference_binary() else {
+        panic!("reference cumulus-etl not found: see reference_tables_equal_ours_row_for_row");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, out, phi) = (
+        tmp.path().join("in"),
+        tmp.path().join("out"),
+        tmp.path().join("phi"),
+    );
+    std::fs::create_dir_all(&input).unwrap();
+    let lines = crate::robustness::NUMBER_LINES.join("\n") + "\n";
+    std::fs::write(input.join("Observation.ndjson"), &lines).unwrap();
+    phi_with_salt(&phi, crate::robustness::SALT);
+    let status = Command::new(&reference)
+        .args(["etl", "--output-format=ndjson", "--skip-init-checks"])
+        .args(["--task=observation", "--export-group=g"])
+        .args(["--export-timestamp=2024-01-01T00:00:00Z"])
+        .args([&input, &out, &phi])
+        .status()
+        .unwrap();
+    assert!(status.success(), "the reference run failed");
+    let theirs = std::fs::read_to_string(out.join("observation/observation.000.ndjson")).unwrap();
+    let file = vec![("Observation.ndjson", lines.into_bytes())];
+    let ours = crate::robustness::run_on(&file, "ndjson", &["--task", "observation"], &[]);
+    assert_eq!(ours.code, Some(0), "{}", ours.stderr);
+    let ours =
+        std::fs::read_to_string(ours.out.join("observation/observation.000.ndjson")).unwrap();
+    let sorted = |text: &str| {
+        let mut rows: Vec<String> = text.lines().map(str::to_string).collect();
+        rows.sort();
+        rows
+    };
+    assert_eq!(sorted(&ours), sorted(&theirs));
+}

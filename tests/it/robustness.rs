@@ -410,3 +410,51 @@ fn lines_are_framed_as_python_reads_them() {
     assert_eq!(rejected[0]["line"], 3);
     assert_eq!(rejected[0]["reason"], "unparseable JSON");
 }
+
+/// Observations with numbers Python and serde_json read differently (also run side by side with
+/// the reference in `reference.rs`).
+pub const NUMBER_LINES: [&str; 4] = [
+    r#"{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"x"},"valueQuantity":{"value":123456789012345678901234}}"#,
+    r#"{"resourceType":"Observation","id":"o2","status":"final","code":{"text":"x"},"valueInteger":18446744073709551616}"#,
+    r#"{"resourceType":"Observation","id":"o3","status":"final","code":{"text":"x"},"valueInteger":-0}"#,
+    r#"{"resourceType":"Observation","id":"o4","status":"final","code":{"text":"x"},"component":[{"valueQuantity":{"value":-9223372036854775809}},{"valueQuantity":{"value":1.5E+3}},{"valueQuantity":{"value":-0.0}}]}"#,
+];
+
+#[test]
+fn integers_of_any_size_keep_their_digits_in_ndjson_and_columns_say_what_they_cannot_hold() {
+    let file = vec![(
+        "Observation.ndjson",
+        (NUMBER_LINES.join("\n") + "\n").into_bytes(),
+    )];
+    let run = run_on(&file, "ndjson", &["--task", "observation"], &[]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let written = ndjson_lines(&run.out.join("observation")).join("\n");
+    assert!(
+        written.contains(r#""value":123456789012345678901234}"#),
+        "{written}"
+    );
+    assert!(
+        written.contains(r#""valueInteger":18446744073709551616}"#),
+        "{written}"
+    );
+    assert!(
+        written.contains(r#""valueInteger":0}"#),
+        "Python reads -0 as 0: {written}"
+    );
+    // Parquet: a decimal column holds the nearest double; an integer column cannot hold the
+    // integer beyond its range, so that row is skipped, saying why.
+    let run = run_on(&file, "parquet", &["--task", "observation"], &[]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let rows = read_parquet_rows(&run.out.join("observation"));
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let quantity = rows
+        .iter()
+        .find_map(|r| r["valueQuantity"]["value"].as_f64());
+    assert_eq!(quantity, Some(1.2345678901234568e23));
+    assert!(
+        run.stderr
+            .contains("cannot read \"18446744073709551616\" as an integer"),
+        "{}",
+        run.stderr
+    );
+}
