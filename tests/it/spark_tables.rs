@@ -567,3 +567,35 @@ fn compaction_clusters_rows_by_id_into_narrow_disjoint_files_and_leaves_other_pr
         "disjoint key ranges: {ranges:?}"
     );
 }
+
+#[test]
+fn an_unchanged_export_leaves_a_deletion_vector_in_place_and_says_what_the_manifest_lists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, phi) = loaded(tmp.path());
+    let patient = out.join("patient");
+    make_spark_style(&patient, Spark::DeletionVectors);
+    let sample = sample_patients();
+    let ids = [sample[0].0.clone(), sample[2].0.clone()];
+    delete_with_a_deletion_vector(&patient, &ids);
+    let commits = delta_log_actions(&patient).len();
+    // The export without the deleted patients: nothing changes.
+    let export = changed_export(tmp.path(), &[0, 2], None, &[]);
+    let run = etl(&export, &out, &phi);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let data_commits = delta_log_actions(&patient)[commits..]
+        .iter()
+        .flatten()
+        .filter(|a| a.get("add").is_some() || a.get("remove").is_some())
+        .count();
+    assert_eq!(data_commits, 0, "the file with the vector is left as it is");
+    let err = stderr(&run);
+    assert!(
+        err.contains("note: patient has files with deletion vectors"),
+        "{err}"
+    );
+    let mut left = sample.clone();
+    left.retain(|(id, _)| !ids.contains(id));
+    let read = read_both(&patient, &["id", "gender"], true);
+    assert_patients("duckdb", &read.duckdb, &left);
+    assert_patients("deltalake", read.deltalake.as_ref().unwrap(), &left);
+}

@@ -1135,6 +1135,19 @@ impl CumulusTable {
         deltalake::checkpoints::create_checkpoint(&self.table, None)
             .await
             .with_context(|| format!("checkpointing {}", self.spec.name))?;
+        let state = self.table.snapshot()?;
+        if state
+            .log_data()
+            .iter()
+            .any(|file| file.deletion_vector_descriptor().is_some())
+        {
+            eprintln!(
+                "note: {} has files with deletion vectors (written by Spark): the symlink manifest \
+                 lists those files whole, so a reader of the manifest sees their deleted rows; \
+                 Athena's Delta Lake tables and Spark do not",
+                self.spec.name
+            );
+        }
         self.table = self
             .table
             .clone()
