@@ -246,18 +246,9 @@ print(json.dumps(out), flush=True)
 os._exit(0)  # skip interpreter teardown while the reader's threads may still run
 "#;
     let dirs = table_dirs(&dl);
-    let out = Command::new(crate::readers::python())
-        .arg("-c")
-        .arg(script)
-        .args(&dirs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let counts: BTreeMap<String, (usize, usize)> = serde_json::from_slice(&out.stdout).unwrap();
+    let args: Vec<&str> = dirs.iter().map(|d| d.to_str().unwrap()).collect();
+    let out = crate::readers::run_script(script, &args);
+    let counts: BTreeMap<String, (usize, usize)> = serde_json::from_value(out).unwrap();
     assert_eq!(counts.len(), dirs.len());
     for dir in &dirs {
         let table = name(dir);

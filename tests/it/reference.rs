@@ -3,7 +3,7 @@
 //! install); run with `cargo test -- --ignored reference` once it is installed, or point
 //! `CUMULUS_REFERENCE` at its `cumulus-etl` executable.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
@@ -111,25 +111,8 @@ fn lone_surrogates_match_the_reference() {
     let Some(reference) = reference_binary() else {
         panic!("reference cumulus-etl not found: see reference_tables_equal_ours_row_for_row");
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let (input, out, phi) = (
-        tmp.path().join("in"),
-        tmp.path().join("out"),
-        tmp.path().join("phi"),
-    );
-    std::fs::create_dir_all(&input).unwrap();
     let lines = crate::robustness::LONE_SURROGATE_LINES.join("\n") + "\n";
-    std::fs::write(input.join("Condition.ndjson"), lines).unwrap();
-    phi_with_salt(&phi, crate::robustness::SALT);
-    let status = Command::new(&reference)
-        .args(["etl", "--output-format=ndjson", "--skip-init-checks"])
-        .args(["--task=condition", "--export-group=g"])
-        .args(["--export-timestamp=2024-01-01T00:00:00Z"])
-        .args([&input, &out, &phi])
-        .status()
-        .unwrap();
-    assert!(status.success(), "the reference run failed");
-    let written = std::fs::read_to_string(out.join("condition/condition.000.ndjson")).unwrap();
+    let written = reference_ndjson(&reference, "Condition", "condition", &lines);
     let rows: Vec<&str> = written.lines().collect();
     assert_eq!(rows, crate::robustness::REFERENCE_ROWS);
 }
@@ -142,25 +125,8 @@ fn numbers_match_the_reference() {
     let Some(reference) = reference_binary() else {
         panic!("reference cumulus-etl not found: see reference_tables_equal_ours_row_for_row");
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let (input, out, phi) = (
-        tmp.path().join("in"),
-        tmp.path().join("out"),
-        tmp.path().join("phi"),
-    );
-    std::fs::create_dir_all(&input).unwrap();
     let lines = crate::robustness::NUMBER_LINES.join("\n") + "\n";
-    std::fs::write(input.join("Observation.ndjson"), &lines).unwrap();
-    phi_with_salt(&phi, crate::robustness::SALT);
-    let status = Command::new(&reference)
-        .args(["etl", "--output-format=ndjson", "--skip-init-checks"])
-        .args(["--task=observation", "--export-group=g"])
-        .args(["--export-timestamp=2024-01-01T00:00:00Z"])
-        .args([&input, &out, &phi])
-        .status()
-        .unwrap();
-    assert!(status.success(), "the reference run failed");
-    let theirs = std::fs::read_to_string(out.join("observation/observation.000.ndjson")).unwrap();
+    let theirs = reference_ndjson(&reference, "Observation", "observation", &lines);
     let file = vec![("Observation.ndjson", lines.into_bytes())];
     let ours = crate::robustness::run_on(&file, "ndjson", &["--task", "observation"], &[]);
     assert_eq!(ours.code, Some(0), "{}", ours.stderr);
@@ -172,4 +138,30 @@ fn numbers_match_the_reference() {
         rows
     };
     assert_eq!(sorted(&ours), sorted(&theirs));
+}
+
+/// The NDJSON rows the reference writes for `lines` of `resource` (its `task`), with the
+/// robustness tests' salt.
+fn reference_ndjson(reference: &Path, resource: &str, task: &str, lines: &str) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, out, phi) = (
+        tmp.path().join("in"),
+        tmp.path().join("out"),
+        tmp.path().join("phi"),
+    );
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::write(input.join(format!("{resource}.ndjson")), lines).unwrap();
+    phi_with_salt(&phi, crate::robustness::SALT);
+    let status = Command::new(reference)
+        .args(["etl", "--output-format=ndjson", "--skip-init-checks"])
+        .arg(format!("--task={task}"))
+        .args([
+            "--export-group=g",
+            "--export-timestamp=2024-01-01T00:00:00Z",
+        ])
+        .args([&input, &out, &phi])
+        .status()
+        .unwrap();
+    assert!(status.success(), "the reference run failed");
+    std::fs::read_to_string(out.join(format!("{task}/{task}.000.ndjson"))).unwrap()
 }

@@ -36,6 +36,28 @@ pub struct Compaction {
     pub files_added: usize,
 }
 
+impl Compaction {
+    /// The compaction that replaces `removes` with `written`, which change no data (and were
+    /// clustered by `provider`, if any).
+    fn of(removes: Vec<Remove>, written: Vec<Add>, provider: Option<&str>) -> Compaction {
+        let (files_removed, files_added) = (removes.len(), written.len());
+        let adds = written.into_iter().map(|mut add| {
+            add.data_change = false;
+            add.clustering_provider = provider.map(str::to_string);
+            Action::Add(add)
+        });
+        Compaction {
+            actions: removes
+                .into_iter()
+                .map(Action::Remove)
+                .chain(adds)
+                .collect(),
+            files_removed,
+            files_added,
+        }
+    }
+}
+
 /// Packs the files (by size, in the log's order) smaller than `target` bytes into bins of at
 /// most `target` bytes, as delta-rs plans them; a bin of one file is left out, since rewriting
 /// it alone gains nothing. Returns each bin's file positions.
@@ -105,21 +127,7 @@ pub async fn compact_by_file(
         files.remove(&written).await;
         return Err(e);
     }
-    let files_removed = removes.len();
-    let files_added = written.len();
-    let adds = written.into_iter().map(|mut add| {
-        add.data_change = false;
-        Action::Add(add)
-    });
-    Ok(Compaction {
-        actions: removes
-            .into_iter()
-            .map(Action::Remove)
-            .chain(adds)
-            .collect(),
-        files_removed,
-        files_added,
-    })
+    Ok(Compaction::of(removes, written, None))
 }
 
 /// The `clusteringProvider` of the files this tool clusters.
@@ -210,22 +218,11 @@ pub async fn cluster_by_file(
         files.remove(&written).await;
         return Err(e);
     }
-    let files_removed = removes.len();
-    let files_added = written.len();
-    let adds = written.into_iter().map(|mut add| {
-        add.data_change = false;
-        add.clustering_provider = Some(CLUSTERING_PROVIDER.to_string());
-        Action::Add(add)
-    });
-    Ok(Some(Compaction {
-        actions: removes
-            .into_iter()
-            .map(Action::Remove)
-            .chain(adds)
-            .collect(),
-        files_removed,
-        files_added,
-    }))
+    Ok(Some(Compaction::of(
+        removes,
+        written,
+        Some(CLUSTERING_PROVIDER),
+    )))
 }
 
 /// The live rows of the given files (path, rows their deletion vector removes), one file

@@ -122,21 +122,11 @@ async fn merge_into(
         }
         // Second pass: write the file again without its deleted rows and with its updates
         // (no file at all when every row is deleted).
-        let mut writer = None;
-        let mut slices = read().await?;
-        let copied = async {
-            while let Some(slice) = slices.next().await {
-                let slice = slice.with_context(|| format!("reading {path}"))?;
-                let fates = source.fates(&slice)?;
-                if let Some(rows) = source.apply(&slice, &fates)? {
-                    let writer = writer.get_or_insert_with(|| files.writer(&schema));
-                    writer.write(&rows).await?;
-                }
-            }
-            anyhow::Ok(())
-        }
-        .await;
-        close_writer(writer, copied, "writing a rewritten data file", written).await?;
+        rewrite_file(read().await?, &path, files, &schema, written, |slice| {
+            let fates = source.fates(slice)?;
+            source.apply(slice, &fates)
+        })
+        .await?;
         removes.push(file.remove_action(true));
         outcome.files_rewritten += 1;
         outcome.rows_updated += changes.updated;
@@ -160,11 +150,7 @@ async fn merge_into(
     }
     .await;
     close_writer(inserts, encoded, "writing inserted rows", written).await?;
-    outcome.actions = removes
-        .into_iter()
-        .map(Action::Remove)
-        .chain(written.iter().cloned().map(Action::Add))
-        .collect();
+    outcome.actions = file_actions(removes, written);
     Ok(outcome)
 }
 
@@ -222,31 +208,50 @@ async fn delete_from(
         if hits == 0 {
             continue;
         }
-        let mut writer = None;
-        let mut slices = read().await?;
-        let copied = async {
-            while let Some(slice) = slices.next().await {
-                let slice = slice.with_context(|| format!("reading {path}"))?;
-                let rows = filter_record_batch(&slice, &kept(&slice)?)?;
-                if rows.num_rows() > 0 {
-                    let writer = writer.get_or_insert_with(|| files.writer(&schema));
-                    writer.write(&rows).await?;
-                }
-            }
-            anyhow::Ok(())
-        }
-        .await;
-        close_writer(writer, copied, "writing a rewritten data file", written).await?;
+        rewrite_file(read().await?, &path, files, &schema, written, |slice| {
+            Ok(Some(filter_record_batch(slice, &kept(slice)?)?))
+        })
+        .await?;
         removes.push(file.remove_action(true));
         outcome.files_rewritten += 1;
         outcome.rows_deleted += hits;
     }
-    outcome.actions = removes
+    outcome.actions = file_actions(removes, written);
+    Ok(outcome)
+}
+
+/// Writes a stored file's slices again as `rewrite` leaves each (None or no rows: nothing of
+/// it) into one new file, recorded in `written`; no file at all when nothing is left.
+async fn rewrite_file(
+    mut slices: futures::stream::BoxStream<'static, Result<RecordBatch>>,
+    path: &deltalake::Path,
+    files: &TableFiles,
+    schema: &SchemaRef,
+    written: &mut Vec<Add>,
+    mut rewrite: impl FnMut(&RecordBatch) -> Result<Option<RecordBatch>>,
+) -> Result<()> {
+    let mut writer = None;
+    let copied = async {
+        while let Some(slice) = slices.next().await {
+            let slice = slice.with_context(|| format!("reading {path}"))?;
+            if let Some(rows) = rewrite(&slice)?.filter(|rows| rows.num_rows() > 0) {
+                let writer = writer.get_or_insert_with(|| files.writer(schema));
+                writer.write(&rows).await?;
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    close_writer(writer, copied, "writing a rewritten data file", written).await
+}
+
+/// A commit's file actions: the removes, then the adds of the files written.
+fn file_actions(removes: Vec<Remove>, written: &[Add]) -> Vec<Action> {
+    removes
         .into_iter()
         .map(Action::Remove)
         .chain(written.iter().cloned().map(Action::Add))
-        .collect();
-    Ok(outcome)
+        .collect()
 }
 
 /// Closes a writer once its rows are in, recording its files in `written`, or aborts it if
