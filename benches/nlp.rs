@@ -89,7 +89,9 @@ fn concurrency(notes: &[String]) {
             CtakesSymptoms::new(
                 urls,
                 study.engine.clone(),
-                NlpCache::new(cache_dir.path()),
+                NlpCache::new(
+                    &cumulus_etl::store::ObjectLocation::private_folder(cache_dir.path()).unwrap(),
+                ),
                 cuis.clone(),
                 c,
                 RetryPolicy::default(),

@@ -1,8 +1,6 @@
 //! The table-management subcommands of Cumulus ETL: `init` (empty tables for every default task)
 //! and `convert` (an NDJSON output folder into Delta tables).
 
-use std::path::{Path, PathBuf};
-
 use anyhow::{Context, Result, anyhow};
 
 use crate::exit::{ExitCode, Fatal};
@@ -11,6 +9,7 @@ use crate::json::Tape;
 use crate::output::delta::DeltaSettings;
 use crate::output::job::latest_codebook_id;
 use crate::output::{OutputFormat, Outputs, RowBatch, TableKind, write_and_wait};
+use crate::store::ObjectLocation;
 use crate::tasks::{self, COMPLETION_ENCOUNTERS_TABLE, COMPLETION_TABLE};
 
 /// The kind of a known output table, or None for tables this tool does not produce.
@@ -27,13 +26,8 @@ pub fn table_kind(table: &str) -> Option<TableKind> {
 
 /// `init OUTPUT`: creates every default task's tables (and the completion table) empty, with
 /// their schemas, plus an empty `JobConfig/` folder.
-pub fn init(output: &Path, format: OutputFormat, memory: u64) -> Result<(), Fatal> {
-    std::fs::create_dir_all(output.join("JobConfig")).map_err(|e| {
-        Fatal::new(
-            ExitCode::Failure,
-            format!("creating {}: {e}", output.display()),
-        )
-    })?;
+pub fn init(output: &ObjectLocation, format: OutputFormat, memory: u64) -> Result<(), Fatal> {
+    output.join("JobConfig").create_folder().map_err(failure)?;
     let outputs = Outputs::new(format, output, DeltaSettings::for_budget(memory, "init"))?;
     let mut tables: Vec<String> = tasks::select_tasks(&[], &[])?
         .iter()
@@ -54,6 +48,10 @@ pub fn init(output: &Path, format: OutputFormat, memory: u64) -> Result<(), Fata
     Ok(())
 }
 
+fn failure(e: anyhow::Error) -> Fatal {
+    Fatal::new(ExitCode::Failure, format!("{e:#}"))
+}
+
 fn empty_batch(shape: &Shape) -> RowBatch<'_> {
     RowBatch {
         rows: Vec::new(),
@@ -64,13 +62,24 @@ fn empty_batch(shape: &Shape) -> RowBatch<'_> {
 /// `convert ORIGINAL TARGET`: loads every table of an NDJSON output folder into Delta tables
 /// under TARGET, file by file in batch order, then replays the recorded deletions and copies
 /// the job configs. The two folders must belong to the same PHI folder.
-pub fn convert(original: &Path, target: &Path, memory: u64, optimize: bool) -> Result<(), Fatal> {
-    if !original.join("JobConfig").is_dir() {
+pub fn convert(
+    original: &ObjectLocation,
+    target: &ObjectLocation,
+    memory: u64,
+    optimize: bool,
+) -> Result<(), Fatal> {
+    let keys: Vec<String> = original
+        .list()
+        .map_err(failure)?
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    if !keys.iter().any(|k| k.starts_with("JobConfig/")) {
         return Err(Fatal::new(
             ExitCode::FolderDoesNotExist,
             format!(
                 "'{}' is not a Cumulus ETL output folder (it has no JobConfig).",
-                original.display()
+                original.url()
             ),
         ));
     }
@@ -82,31 +91,30 @@ pub fn convert(original: &Path, target: &Path, memory: u64, optimize: bool) -> R
             "The two output folders were made with different PHI folders.",
         ));
     }
-    std::fs::create_dir_all(target).map_err(|e| {
-        Fatal::new(
-            ExitCode::Failure,
-            format!("creating {}: {e}", target.display()),
-        )
-    })?;
+    target.create_folder().map_err(failure)?;
     let outputs = Outputs::new(
         OutputFormat::Deltalake,
         target,
         DeltaSettings::for_budget(memory, "convert"),
     )?;
     let mut failed = false;
-    for dir in sorted_entries(original)?.into_iter().filter(|p| p.is_dir()) {
-        let table = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let mut folders: Vec<&str> = keys
+        .iter()
+        .filter_map(|k| Some(k.split_once('/')?.0))
+        .collect();
+    folders.dedup();
+    for table in folders {
         if table == "JobConfig" {
             continue;
         }
-        let Some(kind) = table_kind(&table) else {
+        let Some(kind) = table_kind(table) else {
             eprintln!(
                 "warning: {}: not a table this tool knows; skipped",
-                dir.display()
+                original.url_of(table)
             );
             continue;
         };
-        match convert_table(&outputs, &dir, &table, kind) {
+        match convert_table(&outputs, original, &keys, table, kind) {
             Ok(rows) => eprintln!("Converted {table}: {rows} rows"),
             Err(e) => {
                 failed = true;
@@ -114,7 +122,7 @@ pub fn convert(original: &Path, target: &Path, memory: u64, optimize: bool) -> R
             }
         }
     }
-    copy_job_configs(original, target)?;
+    copy_job_configs(original, &keys, target).map_err(failure)?;
     for (table, e) in outputs.finish(optimize) {
         eprintln!("warning: table maintenance of {table} failed: {e:#}");
     }
@@ -127,19 +135,26 @@ pub fn convert(original: &Path, target: &Path, memory: u64, optimize: bool) -> R
     Ok(())
 }
 
-fn convert_table(outputs: &Outputs, dir: &Path, table: &str, kind: TableKind) -> Result<u64> {
+fn convert_table(
+    outputs: &Outputs,
+    original: &ObjectLocation,
+    keys: &[String],
+    table: &str,
+    kind: TableKind,
+) -> Result<u64> {
     let mut writer = outputs.open(table, kind)?;
     let mut total = 0;
-    let prefix = format!("{table}.");
-    let files: Vec<PathBuf> = sorted_entries(dir)?
-        .into_iter()
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            name.starts_with(&prefix) && name.ends_with(".ndjson")
-        })
+    let prefix = format!("{table}/{table}.");
+    let files: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.starts_with(&prefix) && k.ends_with(".ndjson"))
+        .filter(|k| !k[table.len() + 1..].contains('/'))
         .collect();
-    for file in &files {
-        let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    for key in &files {
+        let name = original.url_of(key);
+        let text = original
+            .read(key)?
+            .ok_or_else(|| anyhow!("{name}: gone while converting"))?;
         let mut shape = Shape::default();
         let mut tape = Tape::default();
         let mut rows = Vec::new();
@@ -149,7 +164,7 @@ fn convert_table(outputs: &Outputs, dir: &Path, table: &str, kind: TableKind) ->
             }
             let doc = tape
                 .parse(line)
-                .map_err(|_| anyhow!("{}:{}: not JSON", file.display(), i + 1))?;
+                .map_err(|_| anyhow!("{name}:{}: not JSON", i + 1))?;
             shape.add_row(&doc);
             rows.push(line);
         }
@@ -161,15 +176,15 @@ fn convert_table(outputs: &Outputs, dir: &Path, table: &str, kind: TableKind) ->
                 shape: &shape,
             },
         )
-        .with_context(|| format!("loading {}", file.display()))?;
+        .with_context(|| format!("loading {name}"))?;
     }
     if files.is_empty() {
         write_and_wait(writer.as_mut(), &empty_batch(&Shape::default()))?;
     }
-    let meta = dir.join(format!("{table}.meta"));
-    if let Ok(bytes) = std::fs::read(&meta) {
+    let meta = format!("{table}/{table}.meta");
+    if let Some(bytes) = original.read(&meta)? {
         let meta: serde_json::Value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: not JSON", meta.display()))?;
+            .with_context(|| format!("{}: not JSON", original.url_of(&meta)))?;
         let ids: Vec<String> = meta["deleted"]
             .as_array()
             .map(|a| {
@@ -183,32 +198,18 @@ fn convert_table(outputs: &Outputs, dir: &Path, table: &str, kind: TableKind) ->
     Ok(total)
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, Fatal> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Fatal::new(ExitCode::Failure, format!("reading {}: {e}", dir.display())))?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    entries.sort();
-    Ok(entries)
-}
-
-fn copy_job_configs(original: &Path, target: &Path) -> Result<(), Fatal> {
-    for run in sorted_entries(&original.join("JobConfig"))? {
-        let dest = target.join("JobConfig").join(run.file_name().unwrap());
-        std::fs::create_dir_all(&dest).map_err(|e| {
-            Fatal::new(
-                ExitCode::Failure,
-                format!("creating {}: {e}", dest.display()),
-            )
-        })?;
-        for file in sorted_entries(&run)?.into_iter().filter(|p| p.is_file()) {
-            std::fs::copy(&file, dest.join(file.file_name().unwrap())).map_err(|e| {
-                Fatal::new(
-                    ExitCode::Failure,
-                    format!("copying {}: {e}", file.display()),
-                )
-            })?;
+/// Copies `JobConfig/<run>/<file>` from one output to the other.
+fn copy_job_configs(
+    original: &ObjectLocation,
+    keys: &[String],
+    target: &ObjectLocation,
+) -> Result<()> {
+    for key in keys.iter().filter(|k| k.starts_with("JobConfig/")) {
+        if key.matches('/').count() != 2 {
+            continue;
+        }
+        if let Some(bytes) = original.read(key)? {
+            target.write(key, bytes)?;
         }
     }
     Ok(())

@@ -12,7 +12,7 @@ use crate::memory::budget::{default_budget, parse_size};
 use crate::nlp::ctakes::RetryPolicy;
 use crate::nlp::run::NlpOptions;
 use crate::output::OutputFormat;
-use crate::store::Location;
+use crate::store::{ObjectLocation, S3Settings};
 
 /// Subcommands Cumulus ETL knows; the first non-option argument is one of these or the input.
 const SUBCOMMANDS: [&str; 8] = [
@@ -71,6 +71,36 @@ pub struct EtlArgs {
     pub run: RunArgs,
     #[command(flatten)]
     pub nlp: NlpEngineArgs,
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+/// S3 options, as Cumulus ETL's (credentials and endpoint come from the AWS environment).
+#[derive(Debug, Clone, clap::Args)]
+pub struct S3Args {
+    /// Region of the S3 buckets named by s3:// locations (default: AWS_REGION, else us-east-1).
+    #[arg(long)]
+    pub s3_region: Option<String>,
+    /// KMS key that encrypts every object written to S3 (SSE-KMS; without it, the account's
+    /// default key).
+    #[arg(long)]
+    pub s3_kms_key: Option<String>,
+}
+
+impl S3Args {
+    fn settings(&self) -> S3Settings {
+        S3Settings {
+            region: self.s3_region.clone(),
+            kms_key: self.s3_kms_key.clone(),
+            ..S3Settings::default()
+        }
+    }
+
+    /// The location an argument names: a folder, or an S3 prefix (`s3://bucket/prefix`).
+    fn location(&self, arg: &str) -> Result<ObjectLocation, Fatal> {
+        ObjectLocation::parse(arg, &self.settings())
+            .map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("{e:#}")))
+    }
 }
 
 /// Options of every run, ETL or NLP.
@@ -147,6 +177,8 @@ pub struct NlpArgs {
     pub run: RunArgs,
     #[command(flatten)]
     pub nlp: NlpEngineArgs,
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 /// `cumulus-etl init` arguments.
@@ -164,6 +196,8 @@ pub struct InitArgs {
     /// Memory budget for table operations, e.g. 512MiB.
     #[arg(long)]
     pub memory: Option<String>,
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 /// `cumulus-etl convert` arguments.
@@ -183,6 +217,8 @@ pub struct ConvertArgs {
     /// Skip compaction and VACUUM at the end.
     #[arg(long)]
     pub no_table_optimization: bool,
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 /// Parses a command's arguments, printing clap's message and giving its exit code on failure.
@@ -206,17 +242,13 @@ fn memory_option(memory: &Option<String>) -> Result<u64, Fatal> {
     }
 }
 
-fn local_folder(s: &str) -> Result<PathBuf, Fatal> {
-    location(s).map(|l| l.local_path().to_path_buf())
-}
-
 fn run_init(args: &[String]) -> i32 {
     let a: InitArgs = match parse(args) {
         Ok(a) => a,
         Err(code) => return code,
     };
     finish_command(memory_option(&a.memory).and_then(|memory| {
-        crate::commands::init(&local_folder(&a.output)?, a.output_format, memory)
+        crate::commands::init(&a.s3.location(&a.output)?, a.output_format, memory)
     }))
 }
 
@@ -227,8 +259,8 @@ fn run_convert(args: &[String]) -> i32 {
     };
     finish_command(memory_option(&a.memory).and_then(|memory| {
         crate::commands::convert(
-            &local_folder(&a.original)?,
-            &local_folder(&a.target)?,
+            &a.s3.location(&a.original)?,
+            &a.s3.location(&a.target)?,
             memory,
             !a.no_table_optimization,
         )
@@ -359,12 +391,9 @@ fn run_nlp(args: &[String]) -> i32 {
         a.task.clone(),
         &a.run,
         &a.nlp,
+        &a.s3,
     );
     finish_run(options.and_then(|o| crate::nlp::run::run(&o)))
-}
-
-fn location(s: &str) -> Result<Location, Fatal> {
-    Location::parse(s).map_err(|e| Fatal::new(ExitCode::ArgsInvalid, e.to_string()))
 }
 
 /// The settings every run shares: engine layout, budget, table maintenance, progress.
@@ -378,6 +407,18 @@ struct RunSettings {
 impl RunArgs {
     /// The settings of a run.
     fn settings(&self) -> Result<RunSettings, Fatal> {
+        if let Some(dir) = &self.errors_to
+            && dir.to_string_lossy().contains("://")
+        {
+            // Rejected rows are raw input lines: they stay on this machine, private.
+            return Err(Fatal::new(
+                ExitCode::ArgsInvalid,
+                format!(
+                    "--errors-to '{}': must be a local folder (it receives PHI)",
+                    dir.display()
+                ),
+            ));
+        }
         Ok(RunSettings {
             engine: EngineConfig {
                 workers: self
@@ -400,12 +441,13 @@ fn nlp_options(
     tasks: Vec<String>,
     run: &RunArgs,
     nlp: &NlpEngineArgs,
+    s3: &S3Args,
 ) -> Result<NlpOptions, Fatal> {
     let settings = run.settings()?;
     Ok(NlpOptions {
-        input: location(input)?,
-        output: location(output)?,
-        phi: location(phi)?,
+        input: s3.location(input)?,
+        output: s3.location(output)?,
+        phi: s3.location(phi)?.private(),
         output_format,
         batch_size,
         tasks,
@@ -435,15 +477,16 @@ fn nlp_options_from_etl(a: EtlArgs) -> Result<NlpOptions, Fatal> {
         a.task,
         &a.run,
         &a.nlp,
+        &a.s3,
     )
 }
 
 fn options_from(a: EtlArgs) -> Result<EtlOptions, Fatal> {
     let settings = a.run.settings()?;
     Ok(EtlOptions {
-        input: location(&a.input)?,
-        output: location(&a.output)?,
-        phi: location(&a.phi)?,
+        input: a.s3.location(&a.input)?,
+        output: a.s3.location(&a.output)?,
+        phi: a.s3.location(&a.phi)?.private(),
         input_format: a.input_format,
         output_format: a.output_format,
         batch_size: a.batch_size,

@@ -115,7 +115,7 @@ impl RunReport {
     pub fn note_unreadable(&self, file: &InputFile, line: u64, message: &str) {
         eprintln!(
             "warning: {}:{line}: stopped reading: {message}; the rest of this file was skipped",
-            file.path.display()
+            file.name()
         );
         *self
             .stats

@@ -174,7 +174,7 @@ impl SourceState {
                             eprintln!(
                                 "note: a bundle of {} in {} is larger than the memory budget; processing it alone",
                                 human_bytes((end - start) as u64),
-                                file.path.display()
+                                file.name()
                             );
                         }
                         let chunks = self.process(&file, &map[start..end], first_line, reserved);
@@ -196,7 +196,7 @@ impl SourceState {
         if rows.is_empty() {
             return;
         }
-        let path = file.path.display().to_string();
+        let path = file.name().to_string();
         let mut counts: BTreeMap<SkipReason, u64> = BTreeMap::new();
         for row in rows {
             let reason = if row.duplicate {
@@ -234,7 +234,7 @@ impl SourceState {
             return Vec::new();
         };
         let mut skipped: BTreeMap<SkipReason, u64> = BTreeMap::new();
-        let path = file.path.display().to_string();
+        let path = file.name().to_string();
         self.in_hand = Some((path.clone(), first_line));
         panic_guard::inject(Site::Source, &path, first_line);
         let mut on_skip = |s: Skipped<'_>| {

@@ -21,12 +21,11 @@ use crate::fhir::{ElementModel, Shape};
 use crate::input::deleted::read_deleted_ids;
 use crate::input::export_log::read_export_log;
 use crate::input::i2b2::discover_i2b2;
-use crate::input::{Discovery, bundles, discover};
+use crate::input::{Discovery, Listing, bundles, discover};
 use crate::memory::{MemoryBudget, human_bytes};
 use crate::output::job::{self, JobConfig};
 use crate::output::{OutputFormat, RowBatch, TableKind, write_and_wait};
-use crate::store::objects::ObjectLocation;
-use crate::store::{self, Location};
+use crate::store::{self, ObjectLocation};
 use crate::tasks::{self, COMPLETION_TABLE, Task};
 use crate::time::PyDateTime;
 use run::{RunBuilder, finish_tables, run_to_end};
@@ -34,9 +33,10 @@ use run::{RunBuilder, finish_tables, run_to_end};
 /// The options of `cumulus-etl etl`.
 #[derive(Debug, Clone)]
 pub struct EtlOptions {
-    pub input: Location,
-    pub output: Location,
-    pub phi: Location,
+    pub input: ObjectLocation,
+    pub output: ObjectLocation,
+    /// The PHI folder or prefix (private, see [`ObjectLocation::private`]).
+    pub phi: ObjectLocation,
     pub input_format: InputFormat,
     pub output_format: OutputFormat,
     pub batch_size: usize,
@@ -67,9 +67,8 @@ pub enum InputFormat {
 pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let started_at = Instant::now();
     let started = PyDateTime::now_utc();
-    let input = opts.input.local_path();
-    let output = opts.output.local_path();
-    let phi = opts.phi.local_path();
+    let input = &opts.input;
+    let output = &opts.output;
     check_run_arguments(input, opts.batch_size)?;
     let mut selected = tasks::select_tasks(&opts.tasks, &opts.exclusions)?;
     print_config(opts, &started, &selected);
@@ -78,15 +77,16 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
 
     let model = ElementModel::r4();
     let wanted: HashSet<String> = selected.iter().map(|t| t.resource.clone()).collect();
+    let listing = list_input(input)?;
     let found = match opts.input_format {
-        InputFormat::Ndjson => discover(input, Some(&wanted), model)?,
+        InputFormat::Ndjson => discover(&listing, Some(&wanted), model)?,
         InputFormat::I2b2 => Discovery {
-            files: discover_i2b2(input, &wanted),
+            files: discover_i2b2(&listing, &wanted),
             unreadable: Vec::new(),
         },
     };
     for u in &found.unreadable {
-        eprintln!("warning: {}: skipped: {}", u.path.display(), u.reason);
+        eprintln!("warning: {}: skipped: {}", u.name, u.reason);
     }
     if !opts.allow_missing_resources {
         let present = found.resource_types();
@@ -101,13 +101,13 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
                 ExitCode::MissingRequestedResources,
                 format!(
                     "Required resources not found in {}: {}\nUse --allow-missing-resources to run these tasks anyway.",
-                    input.display(),
+                    input.url(),
                     names.join(", ")
                 ),
             ));
         }
         for t in &missing {
-            eprintln!("No {} files found in {}", t.resource, input.display());
+            eprintln!("No {} files found in {}", t.resource, input.url());
         }
         selected.retain(|t| present.contains(&t.resource));
         if selected.is_empty() {
@@ -119,17 +119,17 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     }
 
     let (deleted, bad_deleted) = match opts.input_format {
-        InputFormat::Ndjson => read_deleted_ids(input)?,
+        InputFormat::Ndjson => read_deleted_ids(&listing)?,
         InputFormat::I2b2 => Default::default(),
     };
     if bad_deleted > 0 {
         eprintln!(
             "warning: {bad_deleted} unreadable lines in {}",
-            input.join("deleted").display()
+            input.url_of("deleted")
         );
     }
 
-    let log = read_export_log(input);
+    let log = read_export_log(&listing);
     let group = opts
         .export_group
         .clone()
@@ -149,7 +149,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
                 (None, None) => format!(
                     "Could not read export group and time from an export log in {} ({}).\n\
                      Provide them with --export-group and --export-timestamp.",
-                    input.display(),
+                    input.url(),
                     log.as_ref()
                         .err()
                         .map(|e| e.to_string())
@@ -162,18 +162,18 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         }
     };
 
-    let phi = ObjectLocation::private_folder(phi)?;
-    let codebook = open_codebook(&phi, output, true)?;
+    let phi = &opts.phi;
+    let codebook = open_codebook(phi, output, true)?;
     prepare_output(output, opts.output_format)?;
     codebook.save()?;
 
     let exclusions = tasks::expand_names(&opts.exclusions).join(",");
     let job_dir = job::job_dir(output, &started);
     let config = JobConfig {
-        dir_input: opts.input.display(),
-        dir_output: opts.output.display(),
-        dir_phi: opts.phi.display(),
-        path: job_dir.join("job_config.json").display().to_string(),
+        dir_input: opts.input.url().to_string(),
+        dir_output: opts.output.url().to_string(),
+        dir_phi: opts.phi.url().to_string(),
+        path: job_dir.url_of("job_config.json"),
         input_format: match opts.input_format {
             InputFormat::Ndjson => "ndjson",
             InputFormat::I2b2 => "i2b2",
@@ -222,7 +222,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let shared = RunBuilder {
         memory: opts.memory,
         format: opts.output_format,
-        output: output.to_path_buf(),
+        output: output.clone(),
         run_name: started.folder_name(),
         batch_size: opts.batch_size,
         bundle_bytes,
@@ -305,12 +305,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     for summary in stats.tables.values() {
         job::write_summary(&job_dir, summary)?;
     }
-    job::write_context(
-        &phi,
-        &started,
-        &opts.input.display(),
-        &opts.output.display(),
-    )?;
+    job::write_context(phi, &started, opts.input.url(), opts.output.url())?;
 
     print_extension_report(&stats.extensions);
     print_summary(&stats, started_at.elapsed(), total_bytes, &shared.budget);
@@ -327,12 +322,16 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     }
 }
 
-/// The checks every run starts with: the input folder exists (exit 54), batches hold rows.
-pub fn check_run_arguments(input: &Path, batch_size: usize) -> Result<(), Fatal> {
-    if !input.is_dir() {
+/// The checks every run starts with: the input folder exists (exit 54; on S3, some object is
+/// under the prefix), batches hold rows.
+pub fn check_run_arguments(input: &ObjectLocation, batch_size: usize) -> Result<(), Fatal> {
+    if !input
+        .exists()
+        .map_err(|e| Fatal::new(ExitCode::Failure, format!("{e:#}")))?
+    {
         return Err(Fatal::new(
             ExitCode::FolderDoesNotExist,
-            format!("The input folder '{}' does not exist.", input.display()),
+            format!("The input folder '{}' does not exist.", input.url()),
         ));
     }
     if batch_size == 0 {
@@ -348,7 +347,7 @@ pub fn check_run_arguments(input: &Path, batch_size: usize) -> Result<(), Fatal>
 /// another PHI folder (exit 41). `cache_ids` records new Patient/Encounter mappings (not in NLP).
 pub fn open_codebook(
     phi: &ObjectLocation,
-    output: &Path,
+    output: &ObjectLocation,
     cache_ids: bool,
 ) -> Result<Arc<Codebook>, Fatal> {
     if let Some(dir) = phi.local_dir() {
@@ -371,7 +370,7 @@ pub fn open_codebook(
             format!(
                 "The output folder '{}' is already associated with a different PHI folder. \
                  You must always use the same PHI folder for a given output folder.",
-                output.display()
+                output.url()
             ),
         ));
     }
@@ -380,19 +379,31 @@ pub fn open_codebook(
 
 /// Creates the output folder. Delta tables are updated in place; the file formats need a new
 /// or empty folder, as upstream (exit 26).
-pub fn prepare_output(output: &Path, format: OutputFormat) -> Result<(), Fatal> {
-    if format != OutputFormat::Deltalake && !store::is_empty_dir(output)? {
+pub fn prepare_output(output: &ObjectLocation, format: OutputFormat) -> Result<(), Fatal> {
+    let empty = || {
+        output
+            .is_empty()
+            .map_err(|e| Fatal::new(ExitCode::Failure, format!("{e:#}")))
+    };
+    if format != OutputFormat::Deltalake && !empty()? {
         return Err(Fatal::new(
             ExitCode::FolderNotEmpty,
             format!(
                 "The target folder '{}' already has contents. Use an empty folder for {} output, \
                  or --output-format=deltalake to update existing tables.",
-                output.display(),
+                output.url(),
                 format.name()
             ),
         ));
     }
-    create_folder(output, store::Access::Shared)
+    output
+        .create_folder()
+        .map_err(|e| Fatal::new(ExitCode::Failure, format!("{e:#}")))
+}
+
+/// Lists the input once (discovery, the export log and `deleted/` all read the listing).
+pub fn list_input(input: &ObjectLocation) -> Result<Listing, Fatal> {
+    Listing::of(input).map_err(|e| Fatal::new(ExitCode::Failure, format!("{e:#}")))
 }
 
 fn create_folder(dir: &Path, access: store::Access) -> Result<(), Fatal> {
@@ -494,13 +505,13 @@ fn strip_nulls(mut v: serde_json::Value) -> serde_json::Value {
 
 fn print_config(opts: &EtlOptions, started: &PyDateTime, tasks: &[Task]) {
     eprintln!("Configuration:");
-    eprintln!("  Input path:   {}", opts.input.display());
+    eprintln!("  Input path:   {}", opts.input.url());
     eprintln!(
         "  Output path:  {} ({})",
-        opts.output.display(),
+        opts.output.url(),
         opts.output_format.name()
     );
-    eprintln!("  PHI path:     {}", opts.phi.display());
+    eprintln!("  PHI path:     {}", opts.phi.url());
     if let Some(e) = &opts.errors_to {
         eprintln!("  Errors path:  {}", e.display());
     }

@@ -20,13 +20,14 @@ use crate::input::bundles::WorkItem;
 use crate::memory::MemoryBudget;
 use crate::output::delta::DeltaSettings;
 use crate::output::{OutputFormat, Outputs};
+use crate::store::ObjectLocation;
 
 /// How a run is set up, from its options.
 pub struct RunBuilder {
     /// The `--memory` budget in bytes.
     pub memory: u64,
     pub format: OutputFormat,
-    pub output: PathBuf,
+    pub output: ObjectLocation,
     /// Names the run in the Delta tables' log (`cumulus-etl/<name>`).
     pub run_name: String,
     pub batch_size: usize,

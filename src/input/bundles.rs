@@ -10,7 +10,6 @@ use memmap2::Mmap;
 
 use super::discovery::InputFile;
 use super::i2b2::{BadRow, CsvToFhir, is_i2b2_csv};
-use crate::store;
 
 /// A unit of work handed to a source.
 pub enum WorkItem {
@@ -42,12 +41,16 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
     let mut items = Vec::new();
     for f in files {
         let file = Arc::new(f.clone());
-        if store::is_gz(&f.path) || super::i2b2::is_i2b2_csv(&f.path) {
-            items.push(WorkItem::Stream { file });
+        let local = f.object.local_path();
+        let streamed = f.object.is_gz() || super::i2b2::is_i2b2_csv(f.object.file_name());
+        let Some(path) = local.filter(|_| !streamed) else {
+            // Compressed and CSV files, and objects in S3, are read as a stream.
+            if f.size > 0 {
+                items.push(WorkItem::Stream { file });
+            }
             continue;
-        }
-        let handle = std::fs::File::open(&f.path)
-            .with_context(|| format!("opening {}", f.path.display()))?;
+        };
+        let handle = std::fs::File::open(&path).with_context(|| format!("opening {}", f.name()))?;
         if handle.metadata()?.len() == 0 {
             continue;
         }
@@ -125,13 +128,18 @@ pub struct StreamReader {
 impl StreamReader {
     /// Opens the file for streaming.
     pub fn open(file: &InputFile) -> Result<StreamReader> {
-        let csv = if is_i2b2_csv(&file.path) {
-            Some(CsvToFhir::open(file, store::open_maybe_gz(&file.path)?)?)
+        let csv = if is_i2b2_csv(file.object.file_name()) {
+            Some(CsvToFhir::open(file, file.object.open_decoded()?)?)
         } else {
             None
         };
+        let reader = match csv {
+            // The CSV reader has the file; this one is never read.
+            Some(_) => Box::new(std::io::empty()),
+            None => file.object.open_decoded()?,
+        };
         Ok(StreamReader {
-            reader: BufReader::with_capacity(1 << 20, store::open_maybe_gz(&file.path)?),
+            reader: BufReader::with_capacity(1 << 20, reader),
             csv,
             next_line: 1,
             finished: false,
@@ -189,8 +197,9 @@ mod tests {
         let path = dir.path().join("Patient.ndjson");
         let text: String = (0..100).map(|i| format!("{{\"n\":{i}}}\n")).collect();
         std::fs::write(&path, &text).unwrap();
+        let root = crate::store::ObjectLocation::local(dir.path()).unwrap();
         let f = InputFile {
-            path,
+            object: root.object("Patient.ndjson"),
             resource_type: "Patient".into(),
             size: text.len() as u64,
         };

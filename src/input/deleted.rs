@@ -3,31 +3,25 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 
 use anyhow::Result;
 use serde_json::Value;
 
-use super::discovery::is_ndjson_name;
-use crate::store;
+use super::discovery::{Listing, is_ndjson_name};
 
 /// Resource type -> real ids to delete.
 pub type DeletedIds = BTreeMap<String, BTreeSet<String>>;
 
 /// Collects deletions from `<root>/deleted/`; unreadable lines are skipped (they are counted by
 /// the caller through the returned skip count).
-pub fn read_deleted_ids(root: &Path) -> Result<(DeletedIds, u64)> {
+pub fn read_deleted_ids(listing: &Listing) -> Result<(DeletedIds, u64)> {
     let mut out = DeletedIds::new();
     let mut skipped = 0;
-    let dir = root.join("deleted");
-    if !dir.is_dir() {
-        return Ok((out, 0));
-    }
-    for path in store::list_files_recursive(&dir)? {
-        if !is_ndjson_name(&path) {
+    for (object, _) in listing.under("deleted/") {
+        if !is_ndjson_name(object.file_name()) {
             continue;
         }
-        let reader = BufReader::new(store::open_maybe_gz(&path)?);
+        let reader = BufReader::new(object.open_decoded()?);
         for line in reader.split(b'\n') {
             let Ok(line) = line else {
                 skipped += 1;
@@ -89,7 +83,8 @@ mod tests {
             format!("{bundle}\n{other}\nnot json\n"),
         )
         .unwrap();
-        let (ids, skipped) = read_deleted_ids(dir.path()).unwrap();
+        let root = crate::store::ObjectLocation::local(dir.path()).unwrap();
+        let (ids, skipped) = read_deleted_ids(&Listing::of(&root).unwrap()).unwrap();
         assert_eq!(ids.len(), 1);
         assert_eq!(ids["Patient"].iter().collect::<Vec<_>>(), ["p1"]);
         assert_eq!(skipped, 1);

@@ -1,28 +1,60 @@
 //! Finds the NDJSON files of a bulk export and works out which resource type each one holds,
 //! following Cumulus ETL's rules: recursive scan, `.ndjson`/`.jsonl` (optionally `.gz`), type
-//! from the file name or else from the first line.
+//! from the file name or else from the first line. The input is listed once ([`Listing`]); the
+//! export log and `deleted/` are found in the same listing, which on S3 saves a listing each.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
 use crate::fhir::model::ElementModel;
-use crate::store;
+use crate::store::objects::ObjectEntry;
+use crate::store::{ObjectLocation, StoredObject};
+
+/// Every object under the input location, listed once.
+pub struct Listing {
+    pub root: ObjectLocation,
+    pub entries: Vec<ObjectEntry>,
+}
+
+impl Listing {
+    /// Lists `root` recursively.
+    pub fn of(root: &ObjectLocation) -> Result<Listing> {
+        Ok(Listing {
+            root: root.clone(),
+            entries: root.list()?,
+        })
+    }
+
+    /// The objects whose keys start with `prefix`, with their sizes.
+    pub fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (StoredObject, u64)> + 'a {
+        self.entries
+            .iter()
+            .filter(move |e| e.key.starts_with(prefix))
+            .map(|e| (self.root.object(&e.key), e.size))
+    }
+}
 
 /// One input file and the resource type it holds.
 #[derive(Debug, Clone)]
 pub struct InputFile {
-    pub path: PathBuf,
+    pub object: StoredObject,
     pub resource_type: String,
     pub size: u64,
+}
+
+impl InputFile {
+    /// How messages name it: its path or URL.
+    pub fn name(&self) -> &str {
+        self.object.name()
+    }
 }
 
 /// A file that looked like NDJSON but could not be used, with the reason (no PHI).
 #[derive(Debug, Clone)]
 pub struct UnreadableFile {
-    pub path: PathBuf,
+    pub name: String,
     pub reason: String,
 }
 
@@ -41,18 +73,14 @@ impl Discovery {
 }
 
 /// Whether a file name has an NDJSON suffix, optionally followed by `.gz`.
-pub fn is_ndjson_name(path: &Path) -> bool {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
+pub fn is_ndjson_name(name: &str) -> bool {
+    let name = name.to_lowercase();
     let good = |s: &str| s.ends_with(".ndjson") || s.ends_with(".jsonl");
     good(&name) || name.strip_suffix(".gz").is_some_and(good)
 }
 
 /// The resource type named in a file name, when exactly one known type appears in it.
-pub fn type_from_name(path: &Path, model: &ElementModel) -> Option<String> {
-    let name = path.file_name()?.to_string_lossy();
+pub fn type_from_name(name: &str, model: &ElementModel) -> Option<String> {
     let found: HashSet<&str> = name
         .split(|c: char| !c.is_ascii_alphabetic())
         .filter(|piece| !piece.is_empty() && model.is_resource(piece))
@@ -64,8 +92,8 @@ pub fn type_from_name(path: &Path, model: &ElementModel) -> Option<String> {
     }
 }
 
-fn type_from_first_line(path: &Path) -> Result<Option<String>> {
-    let mut reader = BufReader::new(store::open_maybe_gz(path)?);
+fn type_from_first_line(object: &StoredObject) -> Result<Option<String>> {
+    let mut reader = BufReader::new(object.open_decoded()?);
     let mut line = Vec::new();
     // Skip blank lines; a first line longer than 16 MiB is not worth reading for its type.
     loop {
@@ -88,24 +116,25 @@ fn type_from_first_line(path: &Path) -> Result<Option<String>> {
         .map(str::to_string))
 }
 
-/// Scans `root` recursively for NDJSON files of the `wanted` types (all types when `None`).
+/// The NDJSON files of the `wanted` types (all types when `None`) in a listing.
 pub fn discover(
-    root: &Path,
+    listing: &Listing,
     wanted: Option<&HashSet<String>>,
     model: &ElementModel,
 ) -> Result<Discovery> {
     let mut out = Discovery::default();
-    for path in store::list_files_recursive(root)? {
-        if !is_ndjson_name(&path) {
+    for (object, size) in listing.under("") {
+        if !is_ndjson_name(object.file_name()) {
             continue;
         }
-        let resource_type = match type_from_name(&path, model) {
+        let resource_type = match type_from_name(object.file_name(), model) {
             Some(t) => Some(t),
-            None => match type_from_first_line(&path) {
+            None => match type_from_first_line(&object) {
                 Ok(t) => t,
                 Err(e) => {
                     let reason = format!("could not read its first line ({})", short_error(&e));
-                    out.unreadable.push(UnreadableFile { path, reason });
+                    let name = object.name().to_string();
+                    out.unreadable.push(UnreadableFile { name, reason });
                     continue;
                 }
             },
@@ -116,9 +145,8 @@ pub fn discover(
         if wanted.is_some_and(|w| !w.contains(&resource_type)) {
             continue;
         }
-        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         out.files.push(InputFile {
-            path,
+            object,
             resource_type,
             size,
         });
@@ -141,19 +169,16 @@ mod tests {
     #[test]
     fn file_names_follow_cumulus_rules() {
         let model = ElementModel::r4();
-        assert!(is_ndjson_name(Path::new("a/Patient.000.ndjson")));
-        assert!(is_ndjson_name(Path::new("x.JSONL.GZ")));
-        assert!(!is_ndjson_name(Path::new("x.json")));
-        assert!(!is_ndjson_name(Path::new("x.gz")));
+        assert!(is_ndjson_name("Patient.000.ndjson"));
+        assert!(is_ndjson_name("x.JSONL.GZ"));
+        assert!(!is_ndjson_name("x.json"));
+        assert!(!is_ndjson_name("x.gz"));
         assert_eq!(
-            type_from_name(Path::new("1.Patient.ndjson"), model).as_deref(),
+            type_from_name("1.Patient.ndjson", model).as_deref(),
             Some("Patient")
         );
-        assert_eq!(
-            type_from_name(Path::new("Patient-Encounter.ndjson"), model),
-            None
-        );
-        assert_eq!(type_from_name(Path::new("data.ndjson"), model), None);
+        assert_eq!(type_from_name("Patient-Encounter.ndjson", model), None);
+        assert_eq!(type_from_name("data.ndjson", model), None);
     }
 
     #[test]
@@ -166,7 +191,9 @@ mod tests {
         .unwrap();
         std::fs::write(dir.path().join("log.ndjson"), "{\"eventId\":\"kickoff\"}\n").unwrap();
         std::fs::write(dir.path().join("bad.ndjson"), "{nope\n").unwrap();
-        let found = discover(dir.path(), None, ElementModel::r4()).unwrap();
+        let root = ObjectLocation::local(dir.path()).unwrap();
+        let listing = Listing::of(&root).unwrap();
+        let found = discover(&listing, None, ElementModel::r4()).unwrap();
         assert_eq!(found.files.len(), 1);
         assert_eq!(found.files[0].resource_type, "Condition");
         assert_eq!(found.unreadable.len(), 1);

@@ -1,11 +1,11 @@
 //! Reads the bulk-export log (`log.ndjson`, bulk-data-client format) for the export's group name,
 //! URL and transaction time, which the completion tables record.
 
-use std::path::{Path, PathBuf};
-
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use serde_json::Value;
 
+use super::discovery::Listing;
+use crate::store::StoredObject;
 use crate::time::PyDateTime;
 
 /// What the export log says about the export that produced the input.
@@ -17,19 +17,15 @@ pub struct ExportInfo {
 }
 
 /// Finds the log: `log.ndjson`, or else exactly one `log.*.ndjson` in the input root.
-pub fn find_log(root: &Path) -> Result<PathBuf> {
-    let plain = root.join("log.ndjson");
-    if plain.is_file() {
-        return Ok(plain);
-    }
-    let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(root) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("log.") && name.ends_with(".ndjson") {
-                found.push(e.path());
-            }
-        }
+pub fn find_log(listing: &Listing) -> Result<StoredObject> {
+    let mut found: Vec<StoredObject> = listing
+        .under("")
+        .map(|(object, _)| object)
+        .filter(|o| !o.key().contains('/'))
+        .filter(|o| o.key().starts_with("log.") && o.key().ends_with(".ndjson"))
+        .collect();
+    if let Some(plain) = found.iter().position(|o| o.key() == "log.ndjson") {
+        return Ok(found.swap_remove(plain));
     }
     match found.len() {
         0 => bail!("no export log found"),
@@ -39,9 +35,12 @@ pub fn find_log(root: &Path) -> Result<PathBuf> {
 }
 
 /// Parses the log; the last kickoff decides which export is described.
-pub fn read_export_log(root: &Path) -> Result<ExportInfo> {
-    let path = find_log(root)?;
-    let text = std::fs::read_to_string(&path)?;
+pub fn read_export_log(listing: &Listing) -> Result<ExportInfo> {
+    let log = find_log(listing)?;
+    let bytes = log
+        .read()?
+        .ok_or_else(|| anyhow!("{}: gone while reading it", log.name()))?;
+    let text = String::from_utf8_lossy(&bytes);
     let rows: Vec<Value> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -111,6 +110,10 @@ pub fn group_from_url(url: &str) -> String {
 mod tests {
     use super::*;
 
+    fn listing(dir: &std::path::Path) -> Listing {
+        Listing::of(&crate::store::ObjectLocation::local(dir).unwrap()).unwrap()
+    }
+
     #[test]
     fn group_names_from_urls() {
         assert_eq!(
@@ -132,7 +135,7 @@ mod tests {
             r#"{"exportId":"b","eventId":"status_complete","eventDetail":{"transactionTime":"2024-08-06T18:12:57Z"}}"#,
         ];
         std::fs::write(dir.path().join("log.ndjson"), log.join("\n")).unwrap();
-        let info = read_export_log(dir.path()).unwrap();
+        let info = read_export_log(&listing(dir.path())).unwrap();
         assert_eq!(info.group_name, "new");
         assert_eq!(info.export_time.isoformat(), "2024-08-06T18:12:57+00:00");
     }
@@ -141,6 +144,6 @@ mod tests {
     fn incomplete_log_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("log.x.ndjson"), r#"{"exportId":"a","eventId":"kickoff","eventDetail":{"exportUrl":"https://h/Group/g"}}"#).unwrap();
-        assert!(read_export_log(dir.path()).is_err());
+        assert!(read_export_log(&listing(dir.path())).is_err());
     }
 }

@@ -6,12 +6,11 @@
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::io::Read;
-use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde_json::{Map, Value, json};
 
-use super::discovery::InputFile;
+use super::discovery::{InputFile, Listing};
 
 /// The i2b2 code system for codes without a standard one.
 const I2B2_SYSTEM: &str = "http://cumulus.smarthealthit.org/i2b2";
@@ -29,31 +28,29 @@ pub const I2B2_FILES: [(&str, &str); 7] = [
     ("observation_fact_notes.csv", "DocumentReference"),
 ];
 
-/// The CSVs present in `dir`; a missing one is reported and skipped, as upstream.
-pub fn discover_i2b2(dir: &Path, wanted: &HashSet<String>) -> Vec<InputFile> {
+/// The CSVs present at the top of the input; a missing one is reported and skipped, as
+/// upstream.
+pub fn discover_i2b2(listing: &Listing, wanted: &HashSet<String>) -> Vec<InputFile> {
     let mut files = Vec::new();
     for (name, resource) in I2B2_FILES {
         if !wanted.contains(resource) {
             continue;
         }
-        let path = dir.join(name);
-        match std::fs::metadata(&path) {
-            Ok(meta) => files.push(InputFile {
-                path,
+        match listing.under(name).find(|(object, _)| object.key() == name) {
+            Some((object, size)) => files.push(InputFile {
+                object,
                 resource_type: resource.to_string(),
-                size: meta.len(),
+                size,
             }),
-            Err(_) => eprintln!("No {}, skipping.", path.display()),
+            None => eprintln!("No {}, skipping.", listing.root.url_of(name)),
         }
     }
     files
 }
 
 /// True for the CSV files this module reads.
-pub fn is_i2b2_csv(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| I2B2_FILES.iter().any(|(f, _)| *f == n))
+pub fn is_i2b2_csv(file_name: &str) -> bool {
+    I2B2_FILES.iter().any(|(f, _)| *f == file_name)
 }
 
 /// A CSV row that could not be converted: its line and why (never its values).
@@ -82,15 +79,11 @@ impl CsvToFhir {
         let mut csv = csv::ReaderBuilder::new().flexible(true).from_reader(reader);
         let header = csv
             .headers()
-            .with_context(|| format!("{}: reading the CSV header", file.path.display()))?
+            .with_context(|| format!("{}: reading the CSV header", file.name()))?
             .iter()
             .map(|h| h.trim().to_uppercase())
             .collect();
-        let file_name = file
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let file_name = file.object.file_name();
         let kind = I2B2_FILES
             .iter()
             .find(|(f, _)| *f == file_name)
@@ -573,8 +566,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(kind);
         std::fs::write(&path, text).unwrap();
+        let root = crate::store::ObjectLocation::local(dir.path()).unwrap();
         let file = InputFile {
-            path: path.clone(),
+            object: root.object(kind),
             resource_type: "x".into(),
             size: 0,
         };

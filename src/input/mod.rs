@@ -6,4 +6,4 @@ pub mod discovery;
 pub mod export_log;
 pub mod i2b2;
 
-pub use discovery::{Discovery, InputFile, discover};
+pub use discovery::{Discovery, InputFile, Listing, discover};

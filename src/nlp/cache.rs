@@ -2,38 +2,35 @@
 //! stored at `ctakes-cache/<namespace>/<sha256[0:4]>/sha256-<sha256>.json`, keyed by the
 //! SHA-256 of the note text, so a site's existing cache is reused and a re-run asks no server.
 
-use std::path::{Path, PathBuf};
-
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
+use crate::store::ObjectLocation;
+
 /// The cache under one PHI folder.
 #[derive(Debug, Clone)]
 pub struct NlpCache {
-    root: PathBuf,
+    root: ObjectLocation,
 }
 
 impl NlpCache {
-    /// The cache of a PHI folder.
-    pub fn new(phi: &Path) -> NlpCache {
+    /// The cache of a PHI folder (or prefix).
+    pub fn new(phi: &ObjectLocation) -> NlpCache {
         NlpCache {
             root: phi.join("ctakes-cache"),
         }
     }
 
-    /// Where the answer for `text` in `namespace` lives.
-    pub fn path(&self, namespace: &str, text: &str) -> PathBuf {
+    /// The key of the answer for `text` in `namespace`.
+    pub fn key(&self, namespace: &str, text: &str) -> String {
         let sum = hex::encode(Sha256::digest(text.as_bytes()));
-        self.root
-            .join(namespace)
-            .join(&sum[..4])
-            .join(format!("sha256-{sum}.json"))
+        format!("{namespace}/{}/sha256-{sum}.json", &sum[..4])
     }
 
     /// The cached answer, if there is a readable one (anything else means: ask again).
     pub fn read<T: DeserializeOwned>(&self, namespace: &str, text: &str) -> Option<T> {
-        let bytes = std::fs::read(self.path(namespace, text)).ok()?;
+        let bytes = self.root.read(&self.key(namespace, text)).ok()??;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -44,10 +41,10 @@ impl NlpCache {
         text: &str,
         value: &T,
     ) -> anyhow::Result<()> {
-        // Answers hold the note's text and what was found in it: PHI, private to this user.
-        let path = self.path(namespace, text);
+        // Answers hold the note's text and what was found in it: PHI, in the PHI location
+        // (whose local files are private to this user).
         let data = serde_json::to_vec(value)?;
-        crate::store::write_atomic_parts(&path, &[&data], crate::store::Access::Private)
+        self.root.write(&self.key(namespace, text), data.into())
     }
 }
 
@@ -57,24 +54,24 @@ mod tests {
 
     #[test]
     fn path_scheme_matches_cumulus_etl() {
-        let cache = NlpCache::new(Path::new("/phi"));
+        let phi = ObjectLocation::private_folder(std::path::Path::new("/phi")).unwrap();
+        let cache = NlpCache::new(&phi);
         // sha256("hello") = 2cf24dba...
         assert_eq!(
-            cache.path("covid_symptom_v4", "hello"),
-            Path::new(
-                "/phi/ctakes-cache/covid_symptom_v4/2cf2/sha256-2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824.json"
-            )
+            cache.root.url_of(&cache.key("covid_symptom_v4", "hello")),
+            "/phi/ctakes-cache/covid_symptom_v4/2cf2/sha256-2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824.json"
         );
     }
 
     #[test]
     fn round_trip_and_unreadable_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = NlpCache::new(dir.path());
+        let cache = NlpCache::new(&ObjectLocation::private_folder(dir.path()).unwrap());
         assert_eq!(cache.read::<Vec<i8>>("ns", "note"), None);
         cache.write("ns", "note", &vec![0i8, -1]).unwrap();
         assert_eq!(cache.read::<Vec<i8>>("ns", "note"), Some(vec![0, -1]));
-        std::fs::write(cache.path("ns", "note"), b"{broken").unwrap();
+        let key = cache.key("ns", "note");
+        std::fs::write(dir.path().join("ctakes-cache").join(key), b"{broken").unwrap();
         assert_eq!(cache.read::<Vec<i8>>("ns", "note"), None);
     }
 }

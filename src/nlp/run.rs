@@ -14,15 +14,14 @@ use crate::engine::dataflow::ProducerFactory;
 use crate::engine::rows::TaskContext;
 use crate::etl::run::{RunBuilder, finish_tables, run_to_end};
 use crate::etl::{
-    bundle_size, check_run_arguments, open_codebook, open_errors_folder, prepare_output,
-    print_extension_report, print_summary,
+    bundle_size, check_run_arguments, list_input, open_codebook, open_errors_folder,
+    prepare_output, print_extension_report, print_summary,
 };
 use crate::exit::{ExitCode, Fatal};
 use crate::fhir::ElementModel;
 use crate::input::{bundles, discover};
 use crate::output::{OutputFormat, TableKind};
-use crate::store::Location;
-use crate::store::objects::ObjectLocation;
+use crate::store::ObjectLocation;
 use crate::time::PyDateTime;
 
 use super::cache::NlpCache;
@@ -44,9 +43,10 @@ pub enum EngineKind {
 /// The options of an NLP run.
 #[derive(Debug, Clone)]
 pub struct NlpOptions {
-    pub input: Location,
-    pub output: Location,
-    pub phi: Location,
+    pub input: ObjectLocation,
+    pub output: ObjectLocation,
+    /// The PHI folder or prefix (private, see [`ObjectLocation::private`]).
+    pub phi: ObjectLocation,
     pub output_format: OutputFormat,
     pub batch_size: usize,
     pub tasks: Vec<String>,
@@ -120,9 +120,8 @@ fn select_studies(names: &[String]) -> Result<Vec<Study>, Fatal> {
 /// Runs the selected NLP tasks one after the other; 0, or 19 when a note or batch failed.
 pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     let started_at = Instant::now();
-    let input = opts.input.local_path();
-    let output = opts.output.local_path();
-    let phi = opts.phi.local_path();
+    let input = &opts.input;
+    let output = &opts.output;
     check_run_arguments(input, opts.batch_size)?;
     let studies = select_studies(&opts.tasks)?;
     let rejected = open_errors_folder(&opts.errors_to)?;
@@ -130,9 +129,9 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
         .iter()
         .flat_map(|s| s.source.resources.iter().cloned())
         .collect();
-    let found = discover(input, Some(&wanted), ElementModel::r4())?;
+    let found = discover(&list_input(input)?, Some(&wanted), ElementModel::r4())?;
     for u in &found.unreadable {
-        eprintln!("warning: {}: skipped: {}", u.path.display(), u.reason);
+        eprintln!("warning: {}: skipped: {}", u.name, u.reason);
     }
     if found.files.is_empty() {
         return Err(Fatal::new(
@@ -140,13 +139,13 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
             format!(
                 "No {} files found in {}.",
                 wanted.into_iter().collect::<Vec<_>>().join(" or "),
-                input.display()
+                input.url()
             ),
         ));
     }
     prepare_output(output, opts.output_format)?;
     // NLP runs never record new Patient/Encounter mappings, as upstream.
-    let codebook = open_codebook(&ObjectLocation::private_folder(phi)?, output, false)?;
+    let codebook = open_codebook(&opts.phi, output, false)?;
     codebook.save()?;
     let runtime = match opts.engine_kind {
         EngineKind::Ctakes => Some(
@@ -162,13 +161,13 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
         EngineKind::Embedded => None,
     };
     eprintln!("NLP configuration:");
-    eprintln!("  Input path:  {}", opts.input.display());
+    eprintln!("  Input path:  {}", opts.input.url());
     eprintln!(
         "  Output path: {} ({})",
-        opts.output.display(),
+        opts.output.url(),
         opts.output_format.name()
     );
-    eprintln!("  PHI path:    {}", opts.phi.display());
+    eprintln!("  PHI path:    {}", opts.phi.url());
     eprintln!(
         "  Engine:      {}",
         match opts.engine_kind {
@@ -217,8 +216,6 @@ fn run_study(
 ) -> Result<bool, Fatal> {
     let started_at = Instant::now();
     let started = PyDateTime::now_utc();
-    let output = opts.output.local_path();
-    let phi = opts.phi.local_path();
     eprintln!("Running {}...", study.name);
     let dictionary = study.dictionary();
     let covid_cuis = Arc::new(dictionary.cuis.clone());
@@ -243,7 +240,7 @@ fn run_study(
                 CtakesSymptoms::new(
                     urls,
                     study.engine.clone(),
-                    NlpCache::new(phi),
+                    NlpCache::new(&opts.phi),
                     covid_cuis.clone(),
                     opts.concurrency,
                     opts.retry,
@@ -309,7 +306,7 @@ fn run_study(
     let shared = RunBuilder {
         memory: opts.memory,
         format: opts.output_format,
-        output: output.to_path_buf(),
+        output: opts.output.clone(),
         run_name: started.folder_name(),
         batch_size: opts.batch_size,
         bundle_bytes,

@@ -1,13 +1,10 @@
 //! Run metadata: `JobConfig/<time>/job_config.json` and per-table summaries in the output folder,
 //! and `context.json` in the PHI folder, in Cumulus ETL's layouts.
 
-use std::path::Path;
-
 use anyhow::Result;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::store;
 use crate::store::objects::ObjectLocation;
 use crate::time::PyDateTime;
 
@@ -60,45 +57,36 @@ impl TableSummary {
 }
 
 /// The folder of this run's metadata: `<output>/JobConfig/<YYYY-MM-DD__HH.MM.SS>`.
-pub fn job_dir(output: &Path, started: &PyDateTime) -> std::path::PathBuf {
-    output.join("JobConfig").join(started.folder_name())
+/// `<output>/JobConfig/<run>`: where a run's job config and summaries go.
+pub fn job_dir(output: &ObjectLocation, started: &PyDateTime) -> ObjectLocation {
+    output.join("JobConfig").join(&started.folder_name())
 }
 
-/// Writes `job_config.json` (indented, as upstream).
-pub fn write_job_config(dir: &Path, config: &JobConfig) -> Result<()> {
-    store::write_atomic(
-        &dir.join("job_config.json"),
-        &serde_json::to_vec_pretty(config)?,
-    )
+pub fn write_job_config(dir: &ObjectLocation, config: &JobConfig) -> Result<()> {
+    dir.write("job_config.json", serde_json::to_vec_pretty(config)?.into())
 }
 
-/// Writes one table summary.
-pub fn write_summary(dir: &Path, summary: &TableSummary) -> Result<()> {
+pub fn write_summary(dir: &ObjectLocation, summary: &TableSummary) -> Result<()> {
     let now = PyDateTime::now_utc().summary_format();
     let host = gethostname::gethostname().to_string_lossy().into_owned();
-    let path = dir.join(format!("{}.json", summary.label));
-    store::write_atomic(
-        &path,
-        &serde_json::to_vec_pretty(&summary.to_json(&now, &host))?,
-    )
+    let json = serde_json::to_vec_pretty(&summary.to_json(&now, &host))?;
+    dir.write(&format!("{}.json", summary.label), json.into())
 }
 
-/// The codebook id of the most recent run into this output folder, if any.
-pub fn latest_codebook_id(output: &Path) -> Option<String> {
-    let root = output.join("JobConfig");
-    let mut dirs: Vec<_> = std::fs::read_dir(root)
+/// The codebook id of the output's latest job config, if any.
+pub fn latest_codebook_id(output: &ObjectLocation) -> Option<String> {
+    let configs = output.join("JobConfig");
+    let latest = configs
+        .list()
         .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    dirs.sort();
-    let latest = dirs.pop()?;
-    let config: Value =
-        serde_json::from_slice(&std::fs::read(latest.join("job_config.json")).ok()?).ok()?;
+        .into_iter()
+        .filter(|e| e.key.ends_with("/job_config.json") && e.key.matches('/').count() == 1)
+        .map(|e| e.key)
+        .max()?;
+    let config: Value = serde_json::from_slice(&configs.read(&latest).ok()??).ok()?;
     config.get("codebook_id")?.as_str().map(str::to_string)
 }
 
-/// Records the last successful run in the PHI folder's `context.json` (informational).
 pub fn write_context(
     phi: &ObjectLocation,
     when: &PyDateTime,

@@ -10,12 +10,12 @@ pub mod nlp_files;
 pub mod parquet;
 pub mod report;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
 
 use crate::fhir::Shape;
+use crate::store::{ObjectLocation, ObjectWriter};
 
 /// The output table formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -114,23 +114,28 @@ pub fn write_and_wait(writer: &mut dyn TableWriter, batch: &RowBatch<'_>) -> Res
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the table writer stopped before reporting")))
 }
 
-/// Where a run's tables go: the format, the root folder, and for Delta the shared committers.
+/// Where a run's tables go: the format, the root folder or prefix, and for Delta the shared
+/// committers.
 pub struct Outputs {
     pub format: OutputFormat,
-    pub root: PathBuf,
+    pub root: ObjectLocation,
     delta: Option<Arc<delta::DeltaOutput>>,
 }
 
 impl Outputs {
     /// The outputs of a run; Delta starts its commit runtime here.
-    pub fn new(format: OutputFormat, root: &Path, delta: delta::DeltaSettings) -> Result<Outputs> {
+    pub fn new(
+        format: OutputFormat,
+        root: &ObjectLocation,
+        delta: delta::DeltaSettings,
+    ) -> Result<Outputs> {
         let delta = match format {
             OutputFormat::Deltalake => Some(Arc::new(delta::DeltaOutput::new(root, delta)?)),
             _ => None,
         };
         Ok(Outputs {
             format,
-            root: root.to_path_buf(),
+            root: root.clone(),
             delta,
         })
     }
@@ -164,7 +169,7 @@ impl Outputs {
 
 /// `<root>/<table>/<table>.NNN.<ext>`, numbered from the next free index.
 pub struct BatchedFiles {
-    pub dir: PathBuf,
+    pub dir: ObjectLocation,
     pub table: String,
     ext: &'static str,
     next_index: Option<usize>,
@@ -172,12 +177,12 @@ pub struct BatchedFiles {
 
 impl BatchedFiles {
     /// Files of `table` under `root`.
-    pub fn new(root: &Path, table: &str, ext: &'static str) -> BatchedFiles {
+    pub fn new(root: &ObjectLocation, table: &str, ext: &'static str) -> BatchedFiles {
         BatchedFiles::in_dir(root.join(table), table, ext)
     }
 
     /// Files named `<name>.NNN.<ext>` in `dir`.
-    pub fn in_dir(dir: PathBuf, name: &str, ext: &'static str) -> BatchedFiles {
+    pub fn in_dir(dir: ObjectLocation, name: &str, ext: &'static str) -> BatchedFiles {
         BatchedFiles {
             dir,
             table: name.to_string(),
@@ -186,19 +191,19 @@ impl BatchedFiles {
         }
     }
 
-    /// The path for the next batch file.
-    pub fn next_path(&mut self) -> Result<PathBuf> {
-        std::fs::create_dir_all(&self.dir)?;
+    /// A writer of the next batch file, which appears whole once finished.
+    pub fn next_file(&mut self) -> Result<(ObjectWriter, String)> {
         let index = match self.next_index {
             Some(i) => i,
             None => {
                 let prefix = format!("{}.", self.table);
                 let suffix = format!(".{}", self.ext);
-                std::fs::read_dir(&self.dir)?
-                    .flatten()
+                self.dir
+                    .list()?
+                    .iter()
                     .filter_map(|e| {
-                        let name = e.file_name().to_string_lossy().into_owned();
-                        name.strip_prefix(&prefix)?
+                        e.key
+                            .strip_prefix(&prefix)?
                             .strip_suffix(&suffix)?
                             .parse::<usize>()
                             .ok()
@@ -209,16 +214,16 @@ impl BatchedFiles {
             }
         };
         self.next_index = Some(index + 1);
-        Ok(self
-            .dir
-            .join(format!("{}.{index:03}.{}", self.table, self.ext)))
+        let key = format!("{}.{index:03}.{}", self.table, self.ext);
+        Ok((self.dir.writer(&key)?, self.dir.url_of(&key)))
     }
 
     /// Appends deleted ids to `<table>/<table>.meta`, as Cumulus ETL's file formats do.
     pub fn record_deletes(&self, ids: &[String]) -> Result<()> {
-        let path = self.dir.join(format!("{}.meta", self.table));
-        let mut meta: serde_json::Value = std::fs::read(&path)
-            .ok()
+        let key = format!("{}.meta", self.table);
+        let mut meta: serde_json::Value = self
+            .dir
+            .read(&key)?
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_else(|| serde_json::json!({}));
         let mut sorted = ids.to_vec();
@@ -231,6 +236,7 @@ impl BatchedFiles {
         if let Some(list) = list.as_array_mut() {
             list.extend(sorted.into_iter().map(serde_json::Value::String));
         }
-        crate::store::write_atomic(&path, &serde_json::to_vec_pretty(&meta)?)
+        self.dir
+            .write(&key, serde_json::to_vec_pretty(&meta)?.into())
     }
 }

@@ -30,16 +30,12 @@ impl TableWriter for NdjsonTable {
 
 impl NdjsonTable {
     fn write_file(&mut self, batch: &RowBatch<'_>) -> Result<()> {
-        let path = self.files.next_path()?;
-        let file =
-            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let (mut out, name) = self.files.next_file()?;
         for row in &batch.rows {
-            out.write_all(row)?;
-            out.write_all(b"\n")?;
+            out.write_all(row)
+                .and_then(|()| out.write_all(b"\n"))
+                .with_context(|| format!("writing {name}"))?;
         }
-        out.flush()
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        out.finish()
     }
 }

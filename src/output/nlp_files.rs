@@ -2,11 +2,10 @@
 //! <name>_v<N>.NNN.<ext>`, plus `<name>_v<N>.ids` listing the notes (groups) whose rows are
 //! written, appended after every successful batch.
 
-use std::io::Write;
-use std::path::PathBuf;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Deserialize;
+
+use crate::store::ObjectLocation;
 
 use super::{BatchedFiles, OnWritten, OutputFormat, Outputs, RowBatch, TableKind, TableWriter};
 
@@ -22,14 +21,15 @@ pub fn open(outputs: &Outputs, table: &str, version: i32, kind: TableKind) -> Bo
     };
     Box::new(GroupIdsWriter {
         inner,
-        ids_path: study_dir.join(format!("{name}.ids")),
+        ids: (study_dir, format!("{name}.ids")),
     })
 }
 
 /// Records the groups of each written batch next to the table.
 struct GroupIdsWriter {
     inner: Box<dyn TableWriter>,
-    ids_path: PathBuf,
+    /// The study folder and the key of the ids file in it.
+    ids: (ObjectLocation, String),
 }
 
 #[derive(Deserialize)]
@@ -48,11 +48,11 @@ impl TableWriter for GroupIdsWriter {
             .collect();
         groups.sort();
         groups.dedup();
-        let ids_path = self.ids_path.clone();
+        let (dir, key) = self.ids.clone();
         self.inner.write_batch(
             batch,
             on_written
-                .then(move |result| result.and_then(|()| Ok(append_groups(&ids_path, &groups)?))),
+                .then(move |result| result.and_then(|()| Ok(append_groups(&dir, &key, &groups)?))),
         );
     }
 
@@ -65,18 +65,12 @@ impl TableWriter for GroupIdsWriter {
     }
 }
 
-fn append_groups(path: &std::path::Path, groups: &[String]) -> Result<()> {
+/// Adds groups to the ids file.
+fn append_groups(dir: &ObjectLocation, key: &str, groups: &[String]) -> Result<()> {
     if groups.is_empty() {
         return Ok(());
     }
-    std::fs::create_dir_all(path.parent().expect("ids files have a folder"))?;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
     let mut text = groups.join("\n");
     text.push('\n');
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
+    dir.append(key, text.as_bytes())
 }

@@ -60,9 +60,7 @@ impl ParquetTable {
         // One schema for the whole batch (upstream's rule), but decoded and written a slice at
         // a time with bounded row groups, so memory does not grow with --batch-size.
         let schema = batch_schema(&self.kind, batch);
-        let path = self.files.next_path()?;
-        let file =
-            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let (file, name) = self.files.next_file()?;
         let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties()))?;
         if batch.rows.is_empty() {
             writer.write(&RecordBatch::new_empty(schema.clone()))?;
@@ -74,8 +72,8 @@ impl ParquetTable {
             writer.write(&decoded.batch)?;
         }
         writer
-            .close()
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+            .into_inner()
+            .with_context(|| format!("writing {name}"))?
+            .finish()
     }
 }

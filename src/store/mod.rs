@@ -1,42 +1,16 @@
-//! Where files live. Today only local folders; every path the ETL touches goes through here so an
-//! object-storage backend (`s3://`) can be added without touching the pipeline.
+//! Where files live: local folders and S3 prefixes ([`ObjectLocation`]), and the file-system
+//! helpers the local side is built on. Every file the ETL reads or writes goes through here.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
+pub mod aws_profile;
 pub mod objects;
 
-/// A location given on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
-    /// A folder on a local or mounted file system.
-    Local(PathBuf),
-}
-
-impl Location {
-    /// Parses a command-line path; URLs of unsupported schemes are refused with a clear message.
-    pub fn parse(arg: &str) -> Result<Location> {
-        if let Some((scheme, _)) = arg.split_once("://") {
-            bail!("'{arg}': {scheme}:// locations are not supported yet; use a local folder");
-        }
-        Ok(Location::Local(PathBuf::from(arg)))
-    }
-
-    /// The local path of this location.
-    pub fn local_path(&self) -> &Path {
-        match self {
-            Location::Local(p) => p,
-        }
-    }
-
-    /// Shown to users and recorded in job configs.
-    pub fn display(&self) -> String {
-        self.local_path().display().to_string()
-    }
-}
+pub use objects::{ObjectLocation, ObjectWriter, S3Settings, StoredObject};
 
 /// Every regular file under `root`, recursively, following symlinks, sorted by path.
 pub fn list_files_recursive(root: &Path) -> Result<Vec<PathBuf>> {

@@ -8,15 +8,17 @@
 //! store can share it. Writes are atomic (a local file appears by rename, an S3 object whole),
 //! and `create` is a put-if-absent (a hard link locally, S3's `If-None-Match: *`). S3 settings come
 //! from the standard AWS environment (credentials, `AWS_REGION`, web identity, container and
-//! instance credentials) and `AWS_ENDPOINT_URL`/`AWS_ENDPOINT_URL_S3` for S3-compatible
-//! servers (a plain `http://` endpoint is allowed); `--s3-region` and `--s3-kms-key` override,
-//! the key encrypting every object written with SSE-KMS. Buckets are never created.
+//! instance credentials; a shared-files profile's static keys and region, [`super::aws_profile`])
+//! and `AWS_ENDPOINT_URL`/`AWS_ENDPOINT_URL_S3` for S3-compatible servers (a plain `http://`
+//! endpoint is allowed); `--s3-region` and `--s3-kms-key` override. Every object written asks
+//! for SSE-KMS, with the key when one is given. Buckets are never created.
 //!
 //! Calls are synchronous, for the threads that read inputs and write run files, and run on a
-//! small runtime of their own; they must not be made from within an async runtime.
+//! small runtime of their own; from within a multi-threaded async runtime they leave it first
+//! (never call them from a current-thread runtime).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
@@ -24,7 +26,7 @@ use std::sync::{Arc, LazyLock};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutMode, PutOptions, PutPayload};
 
@@ -37,6 +39,21 @@ static IO: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
         .build()
         .expect("a runtime for object storage")
 });
+
+/// Runs an object call to its end on the I/O runtime. Called from a thread of another
+/// (multi-threaded) runtime, such as the NLP client's, the thread first leaves it.
+fn wait<F: std::future::Future>(call: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => tokio::task::block_in_place(|| IO.block_on(call)),
+        Err(_) => IO.block_on(call),
+    }
+}
+
+/// A handle on the runtime object calls run on, for async code (delta-rs) that shares a
+/// location's store: its connections then live on one runtime whatever calls them.
+pub fn io_handle() -> tokio::runtime::Handle {
+    IO.handle().clone()
+}
 
 /// S3 settings beside the AWS environment's.
 #[derive(Debug, Clone, Default)]
@@ -71,6 +88,7 @@ enum Backend {
     Folder(PathBuf, super::Access),
     Remote {
         store: Arc<dyn ObjectStore>,
+        bucket: String,
         prefix: ObjectPath,
     },
 }
@@ -125,9 +143,15 @@ impl ObjectLocation {
 
     /// The objects of `bucket` under `prefix`.
     pub fn s3(bucket: &str, prefix: &str, settings: &S3Settings) -> Result<ObjectLocation> {
+        // As Cumulus ETL: SSE-KMS is always asked for (with the account's default key unless
+        // one is given).
+        let sse: AmazonS3ConfigKey = "aws_server_side_encryption"
+            .parse()
+            .expect("object_store knows its own configuration keys");
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
-            .with_conditional_put(S3ConditionalPut::ETagMatch);
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_config(sse, "aws:kms");
         let endpoint = settings.endpoint.clone().or_else(|| {
             ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
                 .iter()
@@ -138,13 +162,35 @@ impl ObjectLocation {
                 .with_allow_http(endpoint.starts_with("http://"))
                 .with_endpoint(endpoint);
         }
-        if let Some(region) = &settings.region {
+        // The shared files' profile fills in what the environment leaves out.
+        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty());
+        let profile = super::aws_profile::selected_profile();
+        let region = settings.region.clone().or_else(|| {
+            let from_env = set("AWS_REGION") || set("AWS_DEFAULT_REGION");
+            profile.region.clone().filter(|_| !from_env)
+        });
+        if let Some(region) = region {
             builder = builder.with_region(region);
         }
-        if let Some((id, secret)) = &settings.credentials {
+        let credentials = settings.credentials.clone().or_else(|| {
+            let keys = (
+                profile.access_key_id.clone(),
+                profile.secret_access_key.clone(),
+            );
+            match keys {
+                (Some(id), Some(secret)) if !set("AWS_ACCESS_KEY_ID") => Some((id, secret)),
+                _ => None,
+            }
+        });
+        if let Some((id, secret)) = &credentials {
             builder = builder
                 .with_access_key_id(id)
                 .with_secret_access_key(secret);
+            if settings.credentials.is_none()
+                && let Some(token) = &profile.session_token
+            {
+                builder = builder.with_token(token);
+            }
         }
         if let Some(key) = &settings.kms_key {
             builder = builder.with_sse_kms_encryption(key);
@@ -155,6 +201,7 @@ impl ObjectLocation {
         Ok(ObjectLocation {
             backend: Backend::Remote {
                 store: Arc::new(store),
+                bucket: bucket.to_string(),
                 prefix: ObjectPath::from(prefix),
             },
             url: match prefix {
@@ -172,13 +219,154 @@ impl ObjectLocation {
         }
     }
 
+    /// How messages and job configs name this location.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether this is an S3 prefix (not a local folder).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.backend, Backend::Remote { .. })
+    }
+
+    /// The same location, for PHI: a folder and the files written to it are private to this
+    /// user (S3 access is the bucket's policy).
+    pub fn private(mut self) -> ObjectLocation {
+        if let Backend::Folder(_, access) = &mut self.backend {
+            *access = super::Access::Private;
+        }
+        self
+    }
+
+    /// The location `key` below this one (a subfolder or a longer prefix).
+    pub fn join(&self, key: &str) -> ObjectLocation {
+        let backend = match &self.backend {
+            Backend::Folder(dir, access) => Backend::Folder(Self::file(dir, key), *access),
+            Backend::Remote {
+                store,
+                bucket,
+                prefix,
+            } => Backend::Remote {
+                store: store.clone(),
+                bucket: bucket.clone(),
+                prefix: Self::object_path(prefix, key),
+            },
+        };
+        ObjectLocation {
+            backend,
+            url: self.url_of(key),
+        }
+    }
+
+    /// The object `key` of this location, for reading.
+    pub fn object(&self, key: &str) -> StoredObject {
+        StoredObject {
+            location: self.clone(),
+            name: self.url_of(key),
+            key: key.to_string(),
+        }
+    }
+
+    /// Whether nothing is stored under the location (a missing folder is empty).
+    pub fn is_empty(&self) -> Result<bool> {
+        let (store, prefix) = match &self.backend {
+            Backend::Folder(dir, _) => return super::is_empty_dir(dir),
+            Backend::Remote { store, prefix, .. } => (store, prefix),
+        };
+        let from = (!prefix.as_ref().is_empty()).then_some(prefix);
+        let first = wait(async { store.list(from).next().await.transpose() });
+        match first {
+            Ok(found) => Ok(found.is_none()),
+            Err(e) => Err(explain(e, &self.url)),
+        }
+    }
+
+    /// Whether the location can be read: a folder that exists, or a prefix with objects
+    /// under it (S3 has no folders). A missing bucket or refused credentials are errors.
+    pub fn exists(&self) -> Result<bool> {
+        match &self.backend {
+            Backend::Folder(dir, _) => Ok(dir.is_dir()),
+            Backend::Remote { .. } => Ok(!self.is_empty()?),
+        }
+    }
+
+    /// Creates the location, for a folder (S3 prefixes need no creating).
+    pub fn create_folder(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Folder(dir, access) => super::create_dir(dir, *access),
+            Backend::Remote { .. } => Ok(()),
+        }
+    }
+
+    /// A writer of the object `key`, which appears whole when [`ObjectWriter::finish`]ed and
+    /// not at all if the writer is dropped first: a local file by rename, an S3 object by a
+    /// multipart upload completed (or aborted) at the end.
+    pub fn writer(&self, key: &str) -> Result<ObjectWriter> {
+        let url = self.url_of(key);
+        let target = match &self.backend {
+            Backend::Folder(dir, access) => {
+                let path = Self::file(dir, key);
+                let folder = path.parent().unwrap_or(Path::new("."));
+                super::create_dir(folder, *access)?;
+                let temp = tempfile::Builder::new()
+                    .prefix(".writing-")
+                    .tempfile_in(folder)
+                    .map_err(|e| anyhow!("{url}: {e}"))?;
+                #[cfg(unix)]
+                if *access == super::Access::Shared {
+                    use std::os::unix::fs::PermissionsExt;
+                    let readable = std::fs::Permissions::from_mode(0o644);
+                    std::fs::set_permissions(temp.path(), readable)?;
+                }
+                WriteTarget::File { temp, path }
+            }
+            Backend::Remote { store, prefix, .. } => {
+                let path = Self::object_path(prefix, key);
+                let upload = object_store::buffered::BufWriter::with_capacity(
+                    store.clone(),
+                    path,
+                    UPLOAD_PART_BYTES,
+                );
+                WriteTarget::Upload(Some(upload))
+            }
+        };
+        Ok(ObjectWriter {
+            out: std::io::BufWriter::with_capacity(1 << 20, WriteSink { target, url }),
+        })
+    }
+
+    /// Where delta-rs finds the table `key`: its URL and, for S3, the bucket's store (delta-rs
+    /// gets S3 through this store rather than building its own).
+    pub fn table(&self, key: &str) -> Result<(url::Url, Option<Arc<dyn ObjectStore>>)> {
+        match &self.backend {
+            Backend::Folder(dir, access) => {
+                let dir = Self::file(dir, key);
+                super::create_dir(&dir, *access)?;
+                let dir = dir.canonicalize()?;
+                let url = url::Url::from_directory_path(&dir)
+                    .map_err(|_| anyhow!("{} is not a usable table path", dir.display()))?;
+                Ok((url, None))
+            }
+            Backend::Remote {
+                store,
+                bucket,
+                prefix,
+            } => {
+                let path = Self::object_path(prefix, key);
+                let url = url::Url::parse(&format!("s3://{bucket}/{path}/"))
+                    .with_context(|| format!("the table {}", self.url_of(key)))?;
+                Ok((url, Some(store.clone())))
+            }
+        }
+    }
+
     fn file(dir: &Path, key: &str) -> PathBuf {
         key.split('/')
             .filter(|part| !part.is_empty())
             .fold(dir.to_path_buf(), |path, part| path.join(part))
     }
 
-    fn object(prefix: &ObjectPath, key: &str) -> ObjectPath {
+    fn object_path(prefix: &ObjectPath, key: &str) -> ObjectPath {
         key.split('/')
             .filter(|part| !part.is_empty())
             .fold(prefix.clone(), |path, part| path.join(part))
@@ -188,12 +376,11 @@ impl ObjectLocation {
     pub fn list(&self) -> Result<Vec<ObjectEntry>> {
         let (store, prefix) = match &self.backend {
             Backend::Folder(dir, _) => return list_folder(dir),
-            Backend::Remote { store, prefix } => (store, prefix),
+            Backend::Remote { store, prefix, .. } => (store, prefix),
         };
         let from = (!prefix.as_ref().is_empty()).then_some(prefix);
-        let metas: Vec<object_store::ObjectMeta> = IO
-            .block_on(store.list(from).try_collect())
-            .map_err(|e| explain(e, &self.url))?;
+        let metas: Vec<object_store::ObjectMeta> =
+            wait(store.list(from).try_collect()).map_err(|e| explain(e, &self.url))?;
         let mut entries: Vec<ObjectEntry> = metas
             .into_iter()
             .filter_map(|meta| {
@@ -219,10 +406,10 @@ impl ObjectLocation {
                     Err(e) => Err(anyhow!("{}: {e}", self.url_of(key))),
                 };
             }
-            Backend::Remote { store, prefix } => (store, prefix),
+            Backend::Remote { store, prefix, .. } => (store, prefix),
         };
-        let got = IO.block_on(async {
-            let got = store.get(&Self::object(prefix, key)).await?;
+        let got = wait(async {
+            let got = store.get(&Self::object_path(prefix, key)).await?;
             got.bytes().await
         });
         match got {
@@ -247,9 +434,10 @@ impl ObjectLocation {
                     .map(Bytes::from)
                     .map_err(|e| anyhow!("{}: {e}", self.url_of(key)))
             }
-            Backend::Remote { store, prefix } => IO
-                .block_on(store.get_range(&Self::object(prefix, key), range))
-                .map_err(|e| explain(e, &self.url_of(key))),
+            Backend::Remote { store, prefix, .. } => {
+                wait(store.get_range(&Self::object_path(prefix, key), range))
+                    .map_err(|e| explain(e, &self.url_of(key)))
+            }
         }
     }
 
@@ -261,10 +449,9 @@ impl ObjectLocation {
                     .map_err(|e| anyhow!("{}: {e}", self.url_of(key)))?;
                 return Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)));
             }
-            Backend::Remote { store, prefix } => (store, prefix),
+            Backend::Remote { store, prefix, .. } => (store, prefix),
         };
-        let got = IO
-            .block_on(store.get(&Self::object(prefix, key)))
+        let got = wait(store.get(&Self::object_path(prefix, key)))
             .map_err(|e| explain(e, &self.url_of(key)))?;
         let url = self.url_of(key);
         let chunks = got
@@ -287,9 +474,9 @@ impl ObjectLocation {
             Backend::Folder(dir, access) => {
                 super::write_atomic_parts(&Self::file(dir, key), parts, *access)
             }
-            Backend::Remote { store, prefix } => {
+            Backend::Remote { store, prefix, .. } => {
                 let payload: PutPayload = parts.iter().map(|p| Bytes::copy_from_slice(p)).collect();
-                IO.block_on(store.put(&Self::object(prefix, key), payload))
+                wait(store.put(&Self::object_path(prefix, key), payload))
                     .map(|_| ())
                     .map_err(|e| explain(e, &self.url_of(key)))
             }
@@ -304,18 +491,45 @@ impl ObjectLocation {
                 create_new(&path, &data, *access)
                     .map_err(|e| anyhow!("{}: {e:#}", self.url_of(key)))
             }
-            Backend::Remote { store, prefix } => {
+            Backend::Remote { store, prefix, .. } => {
                 let options = PutOptions {
                     mode: PutMode::Create,
                     ..PutOptions::default()
                 };
-                let path = Self::object(prefix, key);
+                let path = Self::object_path(prefix, key);
                 let put = store.put_opts(&path, PutPayload::from(data), options);
-                match IO.block_on(put) {
+                match wait(put) {
                     Ok(_) => Ok(true),
                     Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
                     Err(e) => Err(explain(e, &self.url_of(key))),
                 }
+            }
+        }
+    }
+
+    /// Adds `data` at the end of the object `key` (creating it). S3 objects cannot be appended
+    /// to, so one is read and written again whole: for small files only.
+    pub fn append(&self, key: &str, data: &[u8]) -> Result<()> {
+        match &self.backend {
+            Backend::Folder(dir, access) => {
+                let path = Self::file(dir, key);
+                super::create_dir(path.parent().unwrap_or(Path::new(".")), *access)?;
+                let mut options = std::fs::OpenOptions::new();
+                options.create(true).append(true);
+                #[cfg(unix)]
+                if *access == super::Access::Private {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    options.mode(0o600);
+                }
+                options
+                    .open(&path)
+                    .and_then(|mut file| file.write_all(data))
+                    .map_err(|e| anyhow!("{}: {e}", self.url_of(key)))
+            }
+            Backend::Remote { .. } => {
+                let mut whole = self.read(key)?.map(Vec::from).unwrap_or_default();
+                whole.extend_from_slice(data);
+                self.write(key, whole.into())
             }
         }
     }
@@ -328,8 +542,8 @@ impl ObjectLocation {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(anyhow!("{}: {e}", self.url_of(key))),
             },
-            Backend::Remote { store, prefix } => {
-                match IO.block_on(store.delete(&Self::object(prefix, key))) {
+            Backend::Remote { store, prefix, .. } => {
+                match wait(store.delete(&Self::object_path(prefix, key))) {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                     Err(e) => Err(explain(e, &self.url_of(key))),
                 }
@@ -420,7 +634,7 @@ struct StreamRead {
 impl Read for StreamRead {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
-            match IO.block_on(self.chunks.next()) {
+            match wait(self.chunks.next()) {
                 Some(chunk) => self.current = chunk?,
                 None => return Ok(0),
             }
@@ -429,5 +643,167 @@ impl Read for StreamRead {
         buf[..n].copy_from_slice(&self.current[..n]);
         self.current = self.current.slice(n..);
         Ok(n)
+    }
+}
+
+/// Bytes of an S3 upload sent as one part (S3 wants at least 5 MiB per part but the last).
+const UPLOAD_PART_BYTES: usize = 8 << 20;
+
+/// One object of a location, named for messages by its URL or path.
+#[derive(Clone)]
+pub struct StoredObject {
+    location: ObjectLocation,
+    key: String,
+    name: String,
+}
+
+impl std::fmt::Debug for StoredObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl StoredObject {
+    /// Its URL, or its path in a local folder.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its key below the location it was found in.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The last part of its key.
+    pub fn file_name(&self) -> &str {
+        self.key.rsplit('/').next().unwrap_or(&self.key)
+    }
+
+    /// Its path, when it is a local file (which can be memory-mapped).
+    pub fn local_path(&self) -> Option<PathBuf> {
+        let dir = self.location.local_dir()?;
+        Some(ObjectLocation::file(dir, &self.key))
+    }
+
+    /// Whether its name ends in `.gz`.
+    pub fn is_gz(&self) -> bool {
+        super::is_gz(Path::new(self.file_name()))
+    }
+
+    /// Its bytes as they are read (an S3 object is streamed, and a dropped connection picks
+    /// up where it stopped).
+    pub fn open(&self) -> Result<Box<dyn Read + Send>> {
+        self.location.open(&self.key)
+    }
+
+    /// Its content as they are read, gunzipped when its name ends in `.gz`.
+    pub fn open_decoded(&self) -> Result<Box<dyn Read + Send>> {
+        let raw = self.open()?;
+        if self.is_gz() {
+            let buffered = std::io::BufReader::with_capacity(1 << 20, raw);
+            Ok(Box::new(flate2::read::MultiGzDecoder::new(buffered)))
+        } else {
+            Ok(raw)
+        }
+    }
+
+    /// Its whole content; None if it does not exist.
+    pub fn read(&self) -> Result<Option<Bytes>> {
+        self.location.read(&self.key)
+    }
+}
+
+/// Writes one object; see [`ObjectLocation::writer`].
+pub struct ObjectWriter {
+    out: std::io::BufWriter<WriteSink>,
+}
+
+impl std::io::Write for ObjectWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // Nothing is visible before `finish`; flushing the buffer early only costs writes.
+        Ok(())
+    }
+}
+
+impl ObjectWriter {
+    /// Makes the object appear with everything written to it.
+    pub fn finish(self) -> Result<()> {
+        let sink = self.out.into_inner().map_err(|e| {
+            let (error, out) = e.into_parts();
+            anyhow!("{}: {error}", out.get_ref().url)
+        })?;
+        sink.finish()
+    }
+}
+
+struct WriteSink {
+    target: WriteTarget,
+    url: String,
+}
+
+enum WriteTarget {
+    File {
+        temp: tempfile::NamedTempFile,
+        path: PathBuf,
+    },
+    /// None once completed.
+    Upload(Option<object_store::buffered::BufWriter>),
+}
+
+impl std::io::Write for WriteSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.target {
+            WriteTarget::File { temp, .. } => temp.write(buf),
+            WriteTarget::Upload(upload) => {
+                let upload = upload
+                    .as_mut()
+                    .expect("an upload is written before it completes");
+                let bytes = Bytes::copy_from_slice(buf);
+                wait(upload.put(bytes))
+                    .map_err(|e| std::io::Error::other(explain(e, &self.url)))?;
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl WriteSink {
+    fn finish(mut self) -> Result<()> {
+        let url = self.url.clone();
+        match &mut self.target {
+            WriteTarget::File { .. } => {
+                let WriteTarget::File { temp, path } =
+                    std::mem::replace(&mut self.target, WriteTarget::Upload(None))
+                else {
+                    unreachable!("matched above")
+                };
+                temp.as_file().sync_all().ok();
+                temp.persist(&path)
+                    .map_err(|e| anyhow!("{url}: {}", e.error))?;
+                Ok(())
+            }
+            WriteTarget::Upload(upload) => {
+                let mut upload = upload.take().expect("an upload completes once");
+                wait(tokio::io::AsyncWriteExt::shutdown(&mut upload))
+                    .map_err(|e| anyhow!("{url}: {e}"))
+            }
+        }
+    }
+}
+
+impl Drop for WriteSink {
+    /// An upload not completed is aborted, so S3 keeps none of its parts.
+    fn drop(&mut self) {
+        if let WriteTarget::Upload(Some(upload)) = &mut self.target {
+            let _ = wait(upload.abort());
+        }
     }
 }

@@ -8,6 +8,7 @@ use cumulus_etl::fhir::Shape;
 use cumulus_etl::json::Tape;
 use cumulus_etl::output::delta::{CumulusTable, DeltaSettings, TableSpec};
 use cumulus_etl::output::{OnWritten, OutputFormat, Outputs, RowBatch, TableKind, write_and_wait};
+use cumulus_etl::store::ObjectLocation;
 use serde_json::{Value, json};
 
 use crate::support::read_delta;
@@ -52,7 +53,11 @@ impl TestTable {
     ) -> TestTable {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let table = rt
-            .block_on(CumulusTable::open(root, spec.clone(), settings))
+            .block_on(CumulusTable::open(
+                &ObjectLocation::local(root).unwrap(),
+                spec.clone(),
+                settings,
+            ))
             .unwrap();
         TestTable { rt, table }
     }
@@ -707,7 +712,7 @@ fn write_rows(outputs: &Outputs, rows: &[Value]) {
 fn delta_outputs(root: &std::path::Path) -> Outputs {
     Outputs::new(
         OutputFormat::Deltalake,
-        root,
+        &ObjectLocation::local(root).unwrap(),
         DeltaSettings::new(64 << 20, "test-run"),
     )
     .unwrap()

@@ -14,6 +14,7 @@ mod nlp_server;
 mod readers;
 mod reference;
 mod robustness;
+mod s3_runs;
 mod s3_server;
 mod spark_tables;
 mod store;

@@ -17,11 +17,11 @@ mod files;
 mod ledger;
 mod merge_source;
 mod protocol;
+mod s3_log;
 mod stage;
 mod table;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow};
@@ -43,6 +43,7 @@ use super::arrow_rows::{batch_schema, to_record_batch};
 use super::columns::rows_to_record_batch;
 use super::{OnWritten, RowBatch, TableKind, TableWriter, UnfitRow};
 use crate::panic_guard::{self, Guarded, InternalError, Site};
+use crate::store::ObjectLocation;
 
 /// Threads of the commit runtime: commits mostly wait on storage, and Parquet encoding of
 /// MERGE output should not take the workers' cores.
@@ -89,14 +90,14 @@ struct Committer {
 /// The Delta tables of one run.
 pub struct DeltaOutput {
     runtime: tokio::runtime::Runtime,
-    root: PathBuf,
+    root: ObjectLocation,
     settings: Arc<DeltaSettings>,
     committers: Mutex<BTreeMap<String, Committer>>,
 }
 
 impl DeltaOutput {
     /// Starts the commit runtime for tables under `root`.
-    pub fn new(root: &Path, settings: DeltaSettings) -> Result<DeltaOutput> {
+    pub fn new(root: &ObjectLocation, settings: DeltaSettings) -> Result<DeltaOutput> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(COMMIT_THREADS)
             .thread_name("delta-commit")
@@ -104,7 +105,7 @@ impl DeltaOutput {
             .build()?;
         Ok(DeltaOutput {
             runtime,
-            root: root.to_path_buf(),
+            root: root.clone(),
             settings: Arc::new(settings),
             committers: Mutex::new(BTreeMap::new()),
         })

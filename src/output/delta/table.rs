@@ -3,14 +3,13 @@
 //! and end-of-run maintenance. Every data commit carries a (run, sequence) transaction so a
 //! retried commit is recognised instead of applied twice.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use delta_kernel::table_properties::DataSkippingNumIndexedCols;
-use deltalake::DeltaTable;
 use deltalake::datafusion::common::Column;
 use deltalake::datafusion::execution::context::SessionContext;
 use deltalake::datafusion::execution::context::SessionState;
@@ -23,11 +22,12 @@ use deltalake::kernel::{
     Action, DomainMetadata, MetadataExt, Protocol, StructType, Transaction, new_metadata,
 };
 use deltalake::logstore::object_store::ObjectStoreExt as _;
+use deltalake::logstore::{DeltaIOStorageBackend, IORuntime};
 use deltalake::operations::optimize::OptimizeType;
 use deltalake::operations::write::WriterStatsConfig;
 use deltalake::protocol::{DeltaOperation, MergePredicate, SaveMode};
 use deltalake::table::config::TablePropertiesExt as _;
-use url::Url;
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 
 use super::commit::{self, COMMIT_ATTEMPTS, CommitMeta, is_conflict};
 use super::compact;
@@ -40,6 +40,7 @@ use super::protocol;
 use super::stage::{MergeStage, StageDir, StagedFile, read_all, read_batch};
 use crate::memory::budget::{HeldMemory, MemoryBudget};
 use crate::output::{OnWritten, TableKind};
+use crate::store::ObjectLocation;
 
 /// Compaction rewrites the whole table, so it waits until a table has this many files: a
 /// handful of batch-sized files reads as fast as one, and a first load of a large export
@@ -191,15 +192,14 @@ pub struct CumulusTable {
 
 impl CumulusTable {
     /// Opens the table under `root`, which need not exist yet.
-    pub async fn open(root: &Path, spec: TableSpec, settings: Arc<DeltaSettings>) -> Result<Self> {
-        let dir = root.join(&spec.name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let dir = dir.canonicalize()?;
-        let url = Url::from_directory_path(&dir)
-            .map_err(|_| anyhow!("{} is not a usable table path", dir.display()))?;
-        let table = DeltaTable::try_from_url(url)
+    pub async fn open(
+        root: &ObjectLocation,
+        spec: TableSpec,
+        settings: Arc<DeltaSettings>,
+    ) -> Result<Self> {
+        let table = open_table(root, &spec.name)
             .await
-            .with_context(|| format!("opening the Delta table {}", dir.display()))?;
+            .with_context(|| format!("opening the Delta table {}", root.url_of(&spec.name)))?;
         let (schema, append_only) = match table.version() {
             None => (None, true),
             Some(_) => (
@@ -1155,6 +1155,25 @@ impl CumulusTable {
             .await
             .with_context(|| format!("writing the symlink manifest of {}", self.spec.name))?;
         Ok(())
+    }
+}
+
+/// The Delta table `name` under `root`, loaded if it exists. A table on S3 goes through the
+/// location's own store (its credentials, endpoint and SSE-KMS key) on the store's I/O
+/// runtime, with the log store that commits by conditional put ([`super::s3_log`]).
+async fn open_table(root: &ObjectLocation, name: &str) -> Result<DeltaTable> {
+    let (url, store) = root.table(name)?;
+    let mut builder = DeltaTableBuilder::from_url(url.clone())?;
+    if let Some(store) = store {
+        super::s3_log::register();
+        let io = IORuntime::RT(crate::store::objects::io_handle());
+        let store = Arc::new(DeltaIOStorageBackend::new(store, io));
+        builder = builder.with_storage_backend(store, url);
+    }
+    let mut table = builder.build()?;
+    match table.load().await {
+        Ok(()) | Err(DeltaTableError::NotATable(_)) => Ok(table),
+        Err(e) => Err(e.into()),
     }
 }
 

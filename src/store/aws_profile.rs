@@ -1,0 +1,122 @@
+//! Static keys and region from the AWS shared files (`~/.aws/credentials`, `~/.aws/config`) for
+//! the profile `AWS_PROFILE` names (else `AWS_DEFAULT_PROFILE`, else `default`). The S3 client
+//! reads the environment, web identity and instance credentials but not these files, where a
+//! site's `aws configure` puts its keys. Profiles that get their keys another way (SSO,
+//! `credential_process`, `role_arn`) are not resolved here.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// What a profile holds that the S3 client can use.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+    pub region: Option<String>,
+}
+
+/// The selected profile from the shared files, as far as they hold it.
+pub fn selected_profile() -> Profile {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let name = var("AWS_PROFILE")
+        .or_else(|| var("AWS_DEFAULT_PROFILE"))
+        .unwrap_or_else(|| "default".into());
+    let home = var("HOME").map(PathBuf::from).unwrap_or_default();
+    let read = |override_var: &str, default: &str| {
+        let path = var(override_var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| home.join(".aws").join(default));
+        std::fs::read_to_string(path).unwrap_or_default()
+    };
+    profile_from(
+        &name,
+        &read("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+        &read("AWS_CONFIG_FILE", "config"),
+    )
+}
+
+/// The profile `name` from the texts of the credentials and config files (the credentials
+/// file wins where both set a key, as in the AWS CLI).
+pub fn profile_from(name: &str, credentials: &str, config: &str) -> Profile {
+    let in_credentials = section(credentials, name);
+    let config_name = match name {
+        "default" => "default".to_string(),
+        other => format!("profile {other}"),
+    };
+    let in_config = section(config, &config_name);
+    let get = |key: &str| {
+        in_credentials
+            .get(key)
+            .or_else(|| in_config.get(key))
+            .cloned()
+    };
+    Profile {
+        access_key_id: get("aws_access_key_id"),
+        secret_access_key: get("aws_secret_access_key"),
+        session_token: get("aws_session_token"),
+        region: get("region"),
+    }
+}
+
+/// The `key = value` lines of the section `[name]` of an INI text.
+fn section(text: &str, name: &str) -> BTreeMap<String, String> {
+    let mut inside = false;
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+            continue;
+        }
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = header.trim() == name;
+            continue;
+        }
+        if let (true, Some((key, value))) = (inside, line.split_once('=')) {
+            out.insert(key.trim().to_lowercase(), value.trim().to_string());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CREDENTIALS: &str = "\
+[default]
+aws_access_key_id = AKIDDEFAULT
+aws_secret_access_key = secret-default
+
+# the site's ETL user
+[etl]
+aws_access_key_id=AKIDETL
+aws_secret_access_key = secret-etl
+aws_session_token = token-etl
+";
+    const CONFIG: &str = "\
+[default]
+region = us-east-2
+
+[profile etl]
+region = us-west-1
+aws_secret_access_key = not-this-one
+";
+
+    #[test]
+    fn a_named_profile_takes_keys_from_credentials_and_region_from_config() {
+        let etl = profile_from("etl", CREDENTIALS, CONFIG);
+        assert_eq!(etl.access_key_id.as_deref(), Some("AKIDETL"));
+        assert_eq!(etl.secret_access_key.as_deref(), Some("secret-etl"));
+        assert_eq!(etl.session_token.as_deref(), Some("token-etl"));
+        assert_eq!(etl.region.as_deref(), Some("us-west-1"));
+        let default = profile_from("default", CREDENTIALS, CONFIG);
+        assert_eq!(default.access_key_id.as_deref(), Some("AKIDDEFAULT"));
+        assert_eq!(default.session_token, None);
+        assert_eq!(default.region.as_deref(), Some("us-east-2"));
+        assert_eq!(
+            profile_from("missing", CREDENTIALS, CONFIG),
+            Profile::default()
+        );
+    }
+}
