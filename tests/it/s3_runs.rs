@@ -10,7 +10,9 @@ use bytes::Bytes;
 use cumulus_etl::store::ObjectLocation;
 use serde_json::Value;
 
-use crate::s3_server::S3Server;
+use std::sync::atomic::Ordering::SeqCst;
+
+use crate::s3_server::{FaultyProxy, S3Server};
 use crate::support::{phi_with_salt, run_etl_within, stderr, synthea};
 
 const KMS_KEY: &str = "arn:aws:kms:us-east-1:123456789012:key/cumulus-test";
@@ -55,8 +57,13 @@ impl Site {
 
     /// The environment that points the binary at the server (as a site sets AWS_* for AWS).
     fn env(&self) -> Vec<(&'static str, String)> {
+        self.env_via(&self.server.endpoint())
+    }
+
+    /// The environment that points the binary at `endpoint`.
+    fn env_via(&self, endpoint: &str) -> Vec<(&'static str, String)> {
         vec![
-            ("AWS_ENDPOINT_URL", self.server.endpoint()),
+            ("AWS_ENDPOINT_URL", endpoint.to_string()),
             ("AWS_ACCESS_KEY_ID", "testing".into()),
             ("AWS_SECRET_ACCESS_KEY", "testing".into()),
             ("AWS_REGION", "us-east-1".into()),
@@ -65,7 +72,12 @@ impl Site {
 
     /// Runs the ETL with `args` (INPUT OUTPUT PHI first); panics unless it exits 0.
     fn run(&self, args: &[&str]) -> String {
-        let env = self.env();
+        self.run_via(&self.server.endpoint(), args)
+    }
+
+    /// [`Self::run`] with S3 reached at `endpoint`.
+    fn run_via(&self, endpoint: &str, args: &[&str]) -> String {
+        let env = self.env_via(endpoint);
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let out = run_etl_within(args, &env, Duration::from_secs(300));
         let text = stderr(&out);
@@ -151,9 +163,71 @@ out = {}
 for name in sys.argv[4].split(","):
     local = rows(DeltaTable(f"{local_root}/{name}"))
     remote = rows(DeltaTable(f"{s3_root}/{name}", storage_options=options))
-    out[name] = {"local": len(local), "s3": len(remote), "same": local == remote}
+    out[name] = {"local": len(local), "s3": len(remote), "same": set(local) == set(remote)}
 print(json.dumps(out))
 "#;
+
+/// Every Delta table of the local `output` holds the same rows in `s3://hospital/output`, into
+/// which `runs` runs went (each recorded in `etl__completion`).
+fn assert_same_tables(site: &Site, output: &str, runs: u64) {
+    let tables = local_tables(Path::new(output));
+    assert!(tables.len() >= 10, "{tables:?}");
+    let compared = crate::readers::run_script(
+        COMPARE_DELTA,
+        &[
+            &site.server.endpoint(),
+            output,
+            "s3://hospital/output",
+            &tables.join(","),
+        ],
+    );
+    for table in &tables {
+        let seen = &compared[table];
+        assert_eq!(seen["same"], Value::Bool(true), "{table}: {seen}");
+        let local = seen["local"].as_u64().unwrap();
+        let expected = if table == "etl__completion" {
+            local * runs
+        } else {
+            local
+        };
+        assert_eq!(seen["s3"].as_u64().unwrap(), expected, "{table}: {seen}");
+    }
+    assert!(compared["condition"]["s3"].as_u64().unwrap() > 0);
+}
+
+/// The S3 side of the site's runs.
+const S3_RUN: [&str; 3] = [
+    "s3://hospital/export",
+    "s3://hospital/output",
+    "s3://hospital/phi",
+];
+
+#[test]
+fn a_run_through_a_proxy_that_throttles_and_cuts_connections_ends_with_the_same_tables() {
+    let site = Site::new();
+    let (export, output, phi) = (site.path("export"), site.path("output"), site.path("phi"));
+    site.run(&[&export, &output, &phi]);
+    // One request in seven answered 503; one large GET in three cut halfway.
+    let proxy = FaultyProxy::start(&site.server, 7, 3);
+    site.run_via(&proxy.endpoint(), &S3_RUN);
+    let (failed, cut) = (proxy.failed.load(SeqCst), proxy.cut.load(SeqCst));
+    assert!(failed > 10 && cut > 3, "{failed} failed, {cut} cut");
+    assert_same_tables(&site, &output, 1);
+}
+
+#[test]
+fn two_runs_into_the_same_s3_tables_at_once_leave_every_row_once_and_both_runs_recorded() {
+    let site = Site::new();
+    let (export, output, phi) = (site.path("export"), site.path("output"), site.path("phi"));
+    site.run(&[&export, &output, &phi]);
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..2).map(|_| scope.spawn(|| site.run(&S3_RUN))).collect();
+        for run in runs {
+            run.join().unwrap();
+        }
+    });
+    assert_same_tables(&site, &output, 2);
+}
 
 #[test]
 fn an_etl_run_from_s3_into_s3_gives_the_tables_codebook_and_encryption_of_a_local_run() {
@@ -169,22 +243,7 @@ fn an_etl_run_from_s3_into_s3_gives_the_tables_codebook_and_encryption_of_a_loca
     ]);
     assert!(text.contains("All tasks completed successfully"), "{text}");
 
-    let tables = local_tables(Path::new(&output));
-    assert!(tables.len() >= 10, "{tables:?}");
-    let compared = crate::readers::run_script(
-        COMPARE_DELTA,
-        &[
-            &site.server.endpoint(),
-            &output,
-            "s3://hospital/output",
-            &tables.join(","),
-        ],
-    );
-    for table in &tables {
-        let seen = &compared[table];
-        assert_eq!(seen["same"], Value::Bool(true), "{table}: {seen}");
-    }
-    assert!(compared["condition"]["s3"].as_u64().unwrap() > 0);
+    assert_same_tables(&site, &output, 1);
 
     let bucket = ObjectLocation::parse("s3://hospital", &site.server.settings()).unwrap();
     for file in ["codebook.json", "codebook-cached-mappings.json"] {
@@ -270,4 +329,53 @@ fn ndjson_output_in_s3_equals_the_local_output_file_for_file() {
         "{}",
         stderr(&again)
     );
+}
+
+#[test]
+fn a_missing_bucket_stops_the_run_with_one_line_naming_it() {
+    let site = Site::new();
+    let env = site.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let phi = site.path("phi");
+    let out = run_etl_within(
+        &["s3://no-such-bucket/export", "s3://hospital/output", &phi],
+        &env,
+        Duration::from_secs(120),
+    );
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("no-such-bucket"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.starts_with("s3://no-such-bucket/export: the bucket does not exist"),
+        "{text}"
+    );
+    // Nothing was written for the run.
+    let bucket = ObjectLocation::parse("s3://hospital/output", &site.server.settings()).unwrap();
+    assert!(bucket.list().unwrap().is_empty());
+}
+
+#[test]
+fn init_creates_empty_tables_in_s3_that_deltalake_reads() {
+    let site = Site::new();
+    let env = site.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = run_etl_within(
+        &["init", "s3://hospital/output", "--s3-kms-key", KMS_KEY],
+        &env,
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let script = r#"
+import json, sys
+from deltalake import DeltaTable
+options = {"AWS_ENDPOINT_URL": sys.argv[1], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+table = DeltaTable("s3://hospital/output/patient", storage_options=options)
+print(json.dumps([table.to_pyarrow_table().num_rows, "birthDate" in table.schema().to_arrow().names]))
+"#;
+    let seen = crate::readers::run_script(script, &[&site.server.endpoint()]);
+    assert_eq!(seen, serde_json::json!([0, true]));
 }

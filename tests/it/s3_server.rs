@@ -1,11 +1,14 @@
 //! A real S3-compatible server for the tests: moto's (`moto_server`, from the readers'
 //! virtualenv), started on a free local port per test and stopped when dropped. It honours
-//! conditional writes (`If-None-Match: *`) and records SSE-KMS settings.
+//! conditional writes (`If-None-Match: *`) and records SSE-KMS settings. [`FaultyProxy`] puts
+//! throttling answers and cut connections between a client and the server.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cumulus_etl::store::objects::S3Settings;
@@ -110,4 +113,119 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A proxy in front of a server that fails a share of requests: every `fail_every`th request
+/// gets a 503 `SlowDown` without reaching the server, and every `cut_every`th successful GET
+/// of more than a few kilobytes has its connection cut halfway through the body. Each client
+/// connection carries one request.
+pub struct FaultyProxy {
+    port: u16,
+    /// Requests answered 503.
+    pub failed: Arc<AtomicUsize>,
+    /// Responses cut mid-body.
+    pub cut: Arc<AtomicUsize>,
+}
+
+impl FaultyProxy {
+    pub fn start(upstream: &S3Server, fail_every: usize, cut_every: usize) -> FaultyProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = upstream.port;
+        let failed = Arc::new(AtomicUsize::new(0));
+        let cut = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let gets = Arc::new(AtomicUsize::new(0));
+        let (failed_, cut_) = (failed.clone(), cut.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let counters = (
+                    requests.clone(),
+                    gets.clone(),
+                    failed_.clone(),
+                    cut_.clone(),
+                );
+                std::thread::spawn(move || {
+                    let _ = relay(client, upstream, counters, fail_every, cut_every);
+                });
+            }
+        });
+        FaultyProxy { port, failed, cut }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+type Counters = (
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+);
+
+/// Relays one request, failing or cutting it when its turn comes.
+fn relay(
+    mut client: TcpStream,
+    upstream: u16,
+    (requests, gets, failed, cut): Counters,
+    fail_every: usize,
+    cut_every: usize,
+) -> std::io::Result<()> {
+    let mut reader = std::io::BufReader::new(client.try_clone()?);
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let before = head.len();
+        std::io::BufRead::read_until(&mut reader, b'\n', &mut head)?;
+        if head.len() == before {
+            return Ok(());
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let length: usize = text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    if requests.fetch_add(1, Ordering::SeqCst) % fail_every == fail_every - 1 {
+        failed.fetch_add(1, Ordering::SeqCst);
+        let xml = "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+        let answer = format!(
+            "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+            xml.len()
+        );
+        return client.write_all(answer.as_bytes());
+    }
+    // One request per connection, both ways.
+    let mut forwarded: String = text
+        .split("\r\n")
+        .filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("connection:"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    forwarded.push_str("Connection: close\r\n\r\n");
+    let mut server = TcpStream::connect(("127.0.0.1", upstream))?;
+    server.write_all(forwarded.as_bytes())?;
+    server.write_all(&body)?;
+    let mut response = Vec::new();
+    server.read_to_end(&mut response)?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |p| p + 4);
+    let ok = response.starts_with(b"HTTP/1.1 200") || response.starts_with(b"HTTP/1.1 206");
+    let big = response.len() - split > 4096;
+    if text.starts_with("GET ") && ok && big {
+        if gets.fetch_add(1, Ordering::SeqCst) % cut_every == cut_every - 1 {
+            cut.fetch_add(1, Ordering::SeqCst);
+            let half = split + (response.len() - split) / 2;
+            client.write_all(&response[..half])?;
+            return client.shutdown(std::net::Shutdown::Both);
+        }
+    }
+    client.write_all(&response)
 }
