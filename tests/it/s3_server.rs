@@ -219,13 +219,15 @@ fn relay(
         .map_or(response.len(), |p| p + 4);
     let ok = response.starts_with(b"HTTP/1.1 200") || response.starts_with(b"HTTP/1.1 206");
     let big = response.len() - split > 4096;
-    if text.starts_with("GET ") && ok && big {
-        if gets.fetch_add(1, Ordering::SeqCst) % cut_every == cut_every - 1 {
-            cut.fetch_add(1, Ordering::SeqCst);
-            let half = split + (response.len() - split) / 2;
-            client.write_all(&response[..half])?;
-            return client.shutdown(std::net::Shutdown::Both);
-        }
+    if text.starts_with("GET ")
+        && ok
+        && big
+        && gets.fetch_add(1, Ordering::SeqCst) % cut_every == cut_every - 1
+    {
+        cut.fetch_add(1, Ordering::SeqCst);
+        let half = split + (response.len() - split) / 2;
+        client.write_all(&response[..half])?;
+        return client.shutdown(std::net::Shutdown::Both);
     }
     client.write_all(&response)
 }
