@@ -101,15 +101,15 @@ impl RunShared {
 /// themselves while the other wrote twice as much.
 fn sink_workers(shared: &RunShared, workers: usize) -> Vec<u64> {
     let mut resources = vec![0u64; shared.work.tasks.len()];
-    for item in shared.work.queue.lock().unwrap().iter() {
+    shared.work.for_each(|item| {
         if let Some(ctx) = shared.work.task_for(&item.file().resource_type) {
             resources[ctx.task as usize] += match item {
                 WorkItem::Slice { lines, .. } => *lines,
                 // Not counted before it is read: about a kilobyte per resource.
-                WorkItem::Stream { file } => file.size / 1024,
+                WorkItem::Stream { file } | WorkItem::Open { file, .. } => file.size / 1024,
             };
         }
-    }
+    });
     balance(&resources, workers)
 }
 

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use super::dataflow::RunShared;
 use super::rows::{SkipReason, Skipped, TableChunk, TaskContext, write_rejected};
+use super::work::Taken;
 use crate::deid::ExtensionReport;
 use crate::input::InputFile;
 use crate::input::bundles::{StreamReader, WorkItem};
@@ -61,7 +62,6 @@ pub trait RowProducer: Send {
 /// Per-worker reading state.
 pub struct SourceState {
     shared: Arc<RunShared>,
-    stream: Option<(Arc<InputFile>, StreamReader)>,
     producer: Box<dyn RowProducer>,
     pub extensions: ExtensionReport,
     /// The file and first line of the bundle being processed, for messages.
@@ -73,7 +73,6 @@ impl SourceState {
     pub fn new(shared: Arc<RunShared>, producer: Box<dyn RowProducer>) -> SourceState {
         SourceState {
             shared,
-            stream: None,
             producer,
             extensions: ExtensionReport::default(),
             in_hand: None,
@@ -103,50 +102,24 @@ impl SourceState {
             return Step::Emit(ready);
         }
         let budget = &self.shared.budget;
-        let bundle_bytes = self.shared.bundle_bytes;
-        if let Some((file, mut reader)) = self.stream.take() {
-            let reserved = self.shared.outputs.format.reservation(bundle_bytes as u64);
-            if budget.try_reserve(reserved) == Reservation::Refused {
-                self.stream = Some((file, reader));
-                return Step::Wait;
-            }
-            let mut buf = Vec::with_capacity(bundle_bytes + 4096);
-            let (first_line, error) = reader.next_bundle(&mut buf, bundle_bytes);
-            self.note_bad_rows(&file, std::mem::take(&mut reader.bad_rows));
-            let chunks = self.process(&file, &buf, first_line, reserved);
-            if let Some((line, message)) = error {
-                self.shared.report.note_unreadable(&file, line, &message);
-            }
-            self.shared
-                .report
-                .progress
-                .bytes_read
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            if !reader.finished {
-                self.stream = Some((file, reader));
-            }
-            return Step::Emit(chunks);
-        }
-        let Some(item) = self.shared.work.queue.lock().unwrap().pop_front() else {
-            return if self.producer.in_flight() {
-                Step::Wait
-            } else {
-                Step::Done
-            };
+        let item = match self.shared.work.take() {
+            Taken::Item(item) => item,
+            Taken::Later => return Step::Wait,
+            Taken::Empty if self.producer.in_flight() => return Step::Wait,
+            Taken::Empty => return Step::Done,
         };
         match item {
             WorkItem::Stream { file } => match StreamReader::open(&file) {
-                Ok(reader) => {
-                    self.stream = Some((file, reader));
-                    self.step()
-                }
+                Ok(reader) => self.read_stream(file, Box::new(reader)),
                 Err(e) => {
+                    self.shared.work.stream_finished();
                     self.shared
                         .report
                         .note_unreadable(&file, 0, &format!("{e:#}"));
                     Step::Emit(Vec::new())
                 }
             },
+            WorkItem::Open { file, reader } => self.read_stream(file, reader),
             WorkItem::Slice {
                 file,
                 map,
@@ -166,7 +139,7 @@ impl SourceState {
                             first_line,
                             lines,
                         };
-                        self.shared.work.queue.lock().unwrap().push_front(item);
+                        self.shared.work.give_back(item);
                         Step::Wait
                     }
                     granted => {
@@ -189,6 +162,37 @@ impl SourceState {
                 }
             }
         }
+    }
+
+    /// Reads the next bundle of a stream, hands the stream back for another worker to read
+    /// on, then processes the bundle.
+    fn read_stream(&mut self, file: Arc<InputFile>, mut reader: Box<StreamReader>) -> Step {
+        let bundle_bytes = self.shared.bundle_bytes;
+        let reserved = self.shared.outputs.format.reservation(bundle_bytes as u64);
+        if self.shared.budget.try_reserve(reserved) == Reservation::Refused {
+            self.shared.work.give_back(WorkItem::Open { file, reader });
+            return Step::Wait;
+        }
+        let mut buf = Vec::with_capacity(bundle_bytes + 4096);
+        let (first_line, error) = reader.next_bundle(&mut buf, bundle_bytes);
+        let bad_rows = std::mem::take(&mut reader.bad_rows);
+        if reader.finished {
+            self.shared.work.stream_finished();
+        } else {
+            let file = file.clone();
+            self.shared.work.give_back(WorkItem::Open { file, reader });
+        }
+        self.note_bad_rows(&file, bad_rows);
+        let chunks = self.process(&file, &buf, first_line, reserved);
+        if let Some((line, message)) = error {
+            self.shared.report.note_unreadable(&file, line, &message);
+        }
+        self.shared
+            .report
+            .progress
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Step::Emit(chunks)
     }
 
     /// Counts and reports i2b2 rows that could not be converted (line and reason only).

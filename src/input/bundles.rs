@@ -23,16 +23,29 @@ pub enum WorkItem {
         first_line: u64,
         lines: u64,
     },
-    /// A compressed file or an i2b2 CSV, read as a stream by one worker.
+    /// A compressed file, an i2b2 CSV or an S3 object, read as a stream, a bundle at a time,
+    /// by whichever worker holds it.
     Stream { file: Arc<InputFile> },
+    /// A stream opened and partly read.
+    Open {
+        file: Arc<InputFile>,
+        reader: Box<StreamReader>,
+    },
 }
 
 impl WorkItem {
     /// The file this item reads.
     pub fn file(&self) -> &Arc<InputFile> {
         match self {
-            WorkItem::Slice { file, .. } | WorkItem::Stream { file } => file,
+            WorkItem::Slice { file, .. }
+            | WorkItem::Stream { file }
+            | WorkItem::Open { file, .. } => file,
         }
+    }
+
+    /// Whether it is read as a stream (one bundle at a time, in order).
+    pub fn is_stream(&self) -> bool {
+        !matches!(self, WorkItem::Slice { .. })
     }
 }
 
