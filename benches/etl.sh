@@ -11,6 +11,10 @@
 #      FORMATS (default "ndjson parquet deltalake deltalake-rerun"), RUNS (timed runs per
 #      format, default 3: the table gives the median wall time (the lower middle one for an even
 #      count) and the highest peak RSS, since single runs on a shared machine vary by a third),
+#      INPUT_KIND ("synthea": the sample grown as it is, the default; "realistic": the sample
+#      with Observations and DiagnosticReports added as Synthea writes them
+#      (benches/add_observations.py), about 60% Observations, like a real export; "one-table":
+#      only the realistic input's Observations, the one-table export),
 #      REFERENCE (path of the reference `cumulus-etl`, default its venv from
 #      ../shared/tools/reference-cumulus.sh; "none" skips it), REFERENCE_RERUN=1 (time it again
 #      instead of reusing the cached timing for this input), BIN (a binary to run instead of
@@ -22,7 +26,12 @@ size_mb=${1:-1000}
 shift || true
 extra=("$@")
 bench_dir=${BENCH_DIR:-$HOME/.cache/cumulus-etl-bench}
-input="$bench_dir/synthea-${size_mb}mb"
+kind=${INPUT_KIND:-synthea}
+case $kind in
+    synthea) input="$bench_dir/synthea-${size_mb}mb" ;;
+    realistic | one-table) input="$bench_dir/$kind-${size_mb}mb" ;;
+    *) echo "INPUT_KIND must be synthea, realistic or one-table" >&2; exit 2 ;;
+esac
 formats=${FORMATS:-"ndjson parquet deltalake deltalake-rerun"}
 runs=${RUNS:-3}
 reference=${REFERENCE:-$HOME/.cache/reference-cumulus/venv/bin/cumulus-etl}
@@ -31,7 +40,15 @@ trap 'rm -rf "$work"' EXIT
 
 if [ ! -d "$input" ]; then
     mkdir -p "$bench_dir"
-    python3 ../shared/tools/replicate_bulk.py --target-mb "$size_mb" tests/data/synthea-10 "$input.tmp"
+    seed=tests/data/synthea-10
+    if [ "$kind" != synthea ]; then
+        python3 benches/add_observations.py tests/data/synthea-10 "$work/seed"
+        seed="$work/seed"
+        if [ "$kind" = one-table ]; then
+            find "$seed" -name '*.ndjson' ! -name 'Observation.*' ! -name log.ndjson -delete
+        fi
+    fi
+    python3 ../shared/tools/replicate_bulk.py --target-mb "$size_mb" "$seed" "$input.tmp"
     mv "$input.tmp" "$input"
 fi
 if [ -n "${BIN:-}" ]; then
@@ -112,7 +129,7 @@ elif [ ! -x "$reference" ]; then
     exit 0
 fi
 # The reference takes minutes per GB, so its timing is kept per input.
-ref_file="$bench_dir/reference-synthea-${size_mb}mb.time"
+ref_file="$bench_dir/reference-$(basename "$input").time"
 if [ ! -s "$ref_file" ] || [ -n "${REFERENCE_RERUN:-}" ]; then
     mkdir -p "$work/ref-phi"
     cp "$work/phi/codebook.json" "$work/ref-phi/" 2>/dev/null || true
