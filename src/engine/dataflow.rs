@@ -18,7 +18,7 @@ use super::report::RunReport;
 use super::sink::SinkState;
 use super::source::{RowProducer, SourceState, Step};
 use super::stop::{StopCause, StopSignal};
-use super::work::WorkQueue;
+use super::work::{WorkQueue, WriteJobs};
 use crate::deid::Scrubber;
 use crate::engine::rows::{TableChunk, TaskContext};
 use crate::input::bundles::WorkItem;
@@ -33,6 +33,8 @@ pub struct RunShared {
     pub budget: MemoryBudget,
     /// The bundles left to read, and the tasks they belong to.
     pub work: WorkQueue,
+    /// Batches cut by the sinks, waiting for a worker to write them.
+    pub writes: WriteJobs,
     /// What the run has read, written and skipped, for its progress lines and summary.
     pub report: RunReport,
     pub outputs: Outputs,
@@ -57,6 +59,7 @@ impl RunShared {
             scrubber,
             budget,
             work,
+            writes: WriteJobs::default(),
             report,
             outputs,
             batch_size,
@@ -264,6 +267,7 @@ fn build_dataflow(
                         sink.relieve_pressure();
                         if frontier.frontier().is_empty() && !finished {
                             sink.flush_all();
+                            sink.write_remaining();
                             finished = true;
                         }
                     });

@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use super::dataflow::RunShared;
 use super::stop::StopCause;
+use super::work::WriteJob;
 use crate::engine::rows::TableChunk;
 use crate::fast_hash::FastSet;
 use crate::fhir::Shape;
-use crate::output::{OnWritten, RowBatch, TableWriter};
+use crate::output::{BatchWriter, OnWritten, RowBatch, TableWriter};
 use crate::panic_guard::{self, InternalError, Site};
 
 /// Pending rows and open writers of the tasks routed to one worker.
@@ -152,12 +153,18 @@ impl SinkState {
         }
     }
 
-    /// Writes everything pending (end of input, or memory pressure).
+    /// Cuts everything pending into batches (end of input, or memory pressure).
     pub fn flush_all(&mut self) {
         let ids: Vec<u32> = self.tasks.keys().copied().collect();
         for id in ids {
             self.flush(id);
         }
+    }
+
+    /// Writes every batch still waiting for a worker (at the end of the input, when the
+    /// sources that help write them have finished).
+    pub fn write_remaining(&self) {
+        while write_one(&self.shared) {}
     }
 
     fn flush(&mut self, task_id: u32) {
@@ -180,28 +187,18 @@ impl SinkState {
         }
         let batch_index = task.batches;
         task.batches += 1;
+        // Cut here, in order (which fixes file numbers); written by whichever worker is free.
+        let mut writes = Vec::new();
         for table in tables {
             let Some(chunks) = task.pending.remove(&table) else {
                 continue;
             };
-            let chunks = Arc::new(chunks);
             let reserved: u64 = chunks.iter().map(|c| c.reserved).sum();
-            let rows = unique_rows(&chunks);
-            if rows.is_empty() {
+            if chunks.iter().all(|c| c.is_empty()) {
                 shared.budget.release(reserved);
                 continue;
             }
             shared.budget.start_writing(reserved);
-            let mut shape = Shape::default();
-            chunks.iter().for_each(|c| shape.merge(&c.shape));
-            let on_written = written_callback(
-                shared.clone(),
-                table.clone(),
-                batch_index,
-                chunks.clone(),
-                rows.len() as u64,
-                reserved,
-            );
             let writer = match task.writers.get_mut(&table) {
                 Some(w) => Ok(w),
                 None => shared
@@ -209,20 +206,29 @@ impl SinkState {
                     .map(|w| task.writers.entry(table.clone()).or_insert(w)),
             };
             self.writing = Some(table.clone());
-            match writer {
-                Ok(w) => {
-                    panic_guard::inject(Site::Writer, &table, 0);
-                    w.write_batch(
-                        &RowBatch {
-                            rows,
-                            shape: &shape,
-                        },
-                        on_written,
-                    )
-                }
-                Err(e) => on_written.done(Err(e)),
-            }
+            let writer = writer.map(|w| w.next_batch());
             self.writing = None;
+            writes.push(BatchWrite {
+                table,
+                writer,
+                chunks,
+                reserved,
+            });
+        }
+        if !writes.is_empty() {
+            let job_shared = shared.clone();
+            shared.writes.push(WriteJob {
+                table: writes
+                    .iter()
+                    .map(|w| w.table.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                run: Box::new(move || {
+                    for write in writes {
+                        write.run(&job_shared, batch_index);
+                    }
+                }),
+            });
         }
         task.pending.clear();
         task.pending_rows = 0;
@@ -232,6 +238,57 @@ impl SinkState {
             .batches
             .fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// One table's part of a batch, cut by the sink and written by a worker.
+struct BatchWrite {
+    table: String,
+    writer: anyhow::Result<Box<dyn BatchWriter>>,
+    chunks: Vec<TableChunk>,
+    reserved: u64,
+}
+
+impl BatchWrite {
+    /// Drops duplicate ids (last wins) and writes the rows.
+    fn run(self, shared: &Arc<RunShared>, batch_index: usize) {
+        let chunks = Arc::new(self.chunks);
+        let rows = unique_rows(&chunks);
+        let mut shape = Shape::default();
+        chunks.iter().for_each(|c| shape.merge(&c.shape));
+        let on_written = written_callback(
+            shared.clone(),
+            self.table.clone(),
+            batch_index,
+            chunks.clone(),
+            rows.len() as u64,
+            self.reserved,
+        );
+        match self.writer {
+            Ok(writer) => {
+                panic_guard::inject(Site::Writer, &self.table, 0);
+                let batch = RowBatch {
+                    rows,
+                    shape: &shape,
+                };
+                writer.write(&batch, on_written)
+            }
+            Err(e) => on_written.done(Err(e)),
+        }
+    }
+}
+
+/// Writes one batch cut by a sink, if one is waiting; false if none was. A panic while writing
+/// stops the run, naming the table.
+pub fn write_one(shared: &RunShared) -> bool {
+    let Some(job) = shared.writes.take() else {
+        return false;
+    };
+    let table = job.table;
+    if let Err(panic) = panic_guard::catch(job.run) {
+        let message = format!("writing table {table}: {panic}");
+        shared.stop.stop(StopCause::Writing, message);
+    }
+    true
 }
 
 /// What happens once a batch is durable or failed: counts, the errors folder, and the release

@@ -101,6 +101,11 @@ impl SourceState {
         if !ready.is_empty() {
             return Step::Emit(ready);
         }
+        // Batches waiting to be written come first: they free memory, and a table's sink cuts
+        // them faster than one core writes them.
+        if super::sink::write_one(&self.shared) {
+            return Step::Emit(Vec::new());
+        }
         let budget = &self.shared.budget;
         let item = match self.shared.work.take() {
             Taken::Item(item) => item,

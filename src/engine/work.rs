@@ -92,6 +92,32 @@ impl WorkQueue {
     }
 }
 
+/// A table batch cut by its sink, to be encoded and written by whichever worker is free: the
+/// sink of a table cuts its batches in order (`--batch-size`, dedup by id), and every worker
+/// helps write them, so one large table keeps every core busy.
+pub struct WriteJob {
+    /// The table it writes, for the message if it panics.
+    pub table: String,
+    pub run: Box<dyn FnOnce() + Send>,
+}
+
+/// The batches cut and not yet taken by a worker.
+#[derive(Default)]
+pub struct WriteJobs {
+    jobs: Mutex<VecDeque<WriteJob>>,
+}
+
+impl WriteJobs {
+    pub fn push(&self, job: WriteJob) {
+        self.jobs.lock().unwrap().push_back(job);
+    }
+
+    /// The oldest job, if any.
+    pub fn take(&self) -> Option<WriteJob> {
+        self.jobs.lock().unwrap().pop_front()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

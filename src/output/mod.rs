@@ -90,14 +90,26 @@ pub const ENCODE_SLICE_ROWS: usize = 8192;
 
 /// Writes batches of one table.
 pub trait TableWriter: Send {
-    /// Writes one batch (an empty batch still creates the table) and reports through
-    /// `on_written`: file formats before returning; Delta later, from its own runtime, so a
-    /// caller must not hold resources (memory budget, rows for the errors folder) past it.
-    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten);
+    /// The writer of the table's next batch. Writers are asked for in batch order, which fixes
+    /// what depends on it (file numbers); each may then write on any thread, beside the
+    /// writers of the table's other batches, so one table's batches are encoded on every core.
+    fn next_batch(&mut self) -> Box<dyn BatchWriter>;
+    /// Writes one batch now, on this thread; see [`BatchWriter::write`].
+    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
+        self.next_batch().write(batch, on_written)
+    }
     /// Records ids deleted by the export (already anonymized); returns once they are applied.
     fn delete_ids(&mut self, ids: &[String]) -> Result<()>;
     /// Applies any batches the writer has staged and returns once they are reported.
     fn flush(&mut self) {}
+}
+
+/// Writes one batch of a table ([`TableWriter::next_batch`]).
+pub trait BatchWriter: Send {
+    /// Writes the batch (an empty batch still creates the table) and reports through
+    /// `on_written`: file formats before returning; Delta later, from its own runtime, so a
+    /// caller must not hold resources (memory budget, rows for the errors folder) past it.
+    fn write(self: Box<Self>, batch: &RowBatch<'_>, on_written: OnWritten);
 }
 
 /// Writes one batch and waits until it is durable (for writes outside the dataflow).
@@ -167,6 +179,19 @@ impl Outputs {
     }
 }
 
+/// A batch file with its number, not yet written.
+pub struct NextFile {
+    dir: ObjectLocation,
+    key: String,
+}
+
+impl NextFile {
+    /// A writer of the file, which appears whole once finished, and its name for messages.
+    pub fn create(&self) -> Result<(ObjectWriter, String)> {
+        Ok((self.dir.writer(&self.key)?, self.dir.url_of(&self.key)))
+    }
+}
+
 /// `<root>/<table>/<table>.NNN.<ext>`, numbered from the next free index.
 pub struct BatchedFiles {
     pub dir: ObjectLocation,
@@ -191,8 +216,8 @@ impl BatchedFiles {
         }
     }
 
-    /// A writer of the next batch file, which appears whole once finished.
-    pub fn next_file(&mut self) -> Result<(ObjectWriter, String)> {
+    /// The next batch file (numbered in the order asked for).
+    pub fn next_file(&mut self) -> Result<NextFile> {
         let index = match self.next_index {
             Some(i) => i,
             None => {
@@ -214,8 +239,10 @@ impl BatchedFiles {
             }
         };
         self.next_index = Some(index + 1);
-        let key = format!("{}.{index:03}.{}", self.table, self.ext);
-        Ok((self.dir.writer(&key)?, self.dir.url_of(&key)))
+        Ok(NextFile {
+            dir: self.dir.clone(),
+            key: format!("{}.{index:03}.{}", self.table, self.ext),
+        })
     }
 
     /// Appends deleted ids to `<table>/<table>.meta`, as Cumulus ETL's file formats do.

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 
-use super::{BatchedFiles, OnWritten, RowBatch, TableWriter};
+use super::{BatchWriter, BatchedFiles, NextFile, OnWritten, RowBatch, TableWriter};
 
 /// A table written as NDJSON files.
 pub struct NdjsonTable {
@@ -19,8 +19,8 @@ impl NdjsonTable {
 }
 
 impl TableWriter for NdjsonTable {
-    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
-        on_written.done(self.write_file(batch));
+    fn next_batch(&mut self) -> Box<dyn BatchWriter> {
+        Box::new(NdjsonBatch(self.files.next_file()))
     }
 
     fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
@@ -28,14 +28,21 @@ impl TableWriter for NdjsonTable {
     }
 }
 
-impl NdjsonTable {
-    fn write_file(&mut self, batch: &RowBatch<'_>) -> Result<()> {
-        let (mut out, name) = self.files.next_file()?;
-        for row in &batch.rows {
-            out.write_all(row)
-                .and_then(|()| out.write_all(b"\n"))
-                .with_context(|| format!("writing {name}"))?;
-        }
-        out.finish()
+/// One batch file of an NDJSON table.
+struct NdjsonBatch(Result<NextFile>);
+
+impl BatchWriter for NdjsonBatch {
+    fn write(self: Box<Self>, batch: &RowBatch<'_>, on_written: OnWritten) {
+        on_written.done(self.0.and_then(|file| write_file(&file, batch)));
     }
+}
+
+fn write_file(file: &NextFile, batch: &RowBatch<'_>) -> Result<()> {
+    let (mut out, name) = file.create()?;
+    for row in &batch.rows {
+        out.write_all(row)
+            .and_then(|()| out.write_all(b"\n"))
+            .with_context(|| format!("writing {name}"))?;
+    }
+    out.finish()
 }

@@ -7,7 +7,11 @@ use serde::Deserialize;
 
 use crate::store::ObjectLocation;
 
-use super::{BatchedFiles, OnWritten, OutputFormat, Outputs, RowBatch, TableKind, TableWriter};
+use std::sync::{Arc, Mutex};
+
+use super::{
+    BatchWriter, BatchedFiles, OnWritten, OutputFormat, Outputs, RowBatch, TableKind, TableWriter,
+};
 
 /// The writer of an NLP table in a file format.
 pub fn open(outputs: &Outputs, table: &str, version: i32, kind: TableKind) -> Box<dyn TableWriter> {
@@ -21,15 +25,22 @@ pub fn open(outputs: &Outputs, table: &str, version: i32, kind: TableKind) -> Bo
     };
     Box::new(GroupIdsWriter {
         inner,
-        ids: (study_dir, format!("{name}.ids")),
+        ids: Arc::new(Mutex::new((study_dir, format!("{name}.ids")))),
     })
 }
 
 /// Records the groups of each written batch next to the table.
 struct GroupIdsWriter {
     inner: Box<dyn TableWriter>,
-    /// The study folder and the key of the ids file in it.
-    ids: (ObjectLocation, String),
+    /// The study folder and the key of the ids file in it; batches written at once add their
+    /// groups one after the other.
+    ids: Arc<Mutex<(ObjectLocation, String)>>,
+}
+
+/// One batch of an NLP table and its groups.
+struct GroupIdsBatch {
+    inner: Box<dyn BatchWriter>,
+    ids: Arc<Mutex<(ObjectLocation, String)>>,
 }
 
 #[derive(Deserialize)]
@@ -39,21 +50,11 @@ struct GroupOf<'a> {
 }
 
 impl TableWriter for GroupIdsWriter {
-    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
-        let mut groups: Vec<String> = batch
-            .rows
-            .iter()
-            .filter_map(|r| serde_json::from_slice::<GroupOf>(r).ok()?.docref_id)
-            .map(|g| g.into_owned())
-            .collect();
-        groups.sort();
-        groups.dedup();
-        let (dir, key) = self.ids.clone();
-        self.inner.write_batch(
-            batch,
-            on_written
-                .then(move |result| result.and_then(|()| Ok(append_groups(&dir, &key, &groups)?))),
-        );
+    fn next_batch(&mut self) -> Box<dyn BatchWriter> {
+        Box::new(GroupIdsBatch {
+            inner: self.inner.next_batch(),
+            ids: self.ids.clone(),
+        })
     }
 
     fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
@@ -62,6 +63,29 @@ impl TableWriter for GroupIdsWriter {
 
     fn flush(&mut self) {
         self.inner.flush()
+    }
+}
+
+impl BatchWriter for GroupIdsBatch {
+    fn write(self: Box<Self>, batch: &RowBatch<'_>, on_written: OnWritten) {
+        let mut groups: Vec<String> = batch
+            .rows
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<GroupOf>(r).ok()?.docref_id)
+            .map(|g| g.into_owned())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        let ids = self.ids;
+        self.inner.write(
+            batch,
+            on_written.then(move |result| {
+                result.and_then(|()| {
+                    let ids = ids.lock().unwrap();
+                    Ok(append_groups(&ids.0, &ids.1, &groups)?)
+                })
+            }),
+        );
     }
 }
 

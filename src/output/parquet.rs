@@ -13,7 +13,9 @@ use super::columns::rows_to_record_batch;
 
 /// Rows per Parquet row group (the writer buffers one row group in memory).
 const ROW_GROUP_ROWS: usize = 65_536;
-use super::{BatchedFiles, OnWritten, RowBatch, TableKind, TableWriter, UnfitRow};
+use super::{
+    BatchWriter, BatchedFiles, NextFile, OnWritten, RowBatch, TableKind, TableWriter, UnfitRow,
+};
 
 /// A table written as Parquet files.
 pub struct ParquetTable {
@@ -29,11 +31,11 @@ impl ParquetTable {
 }
 
 impl TableWriter for ParquetTable {
-    fn write_batch(&mut self, batch: &RowBatch<'_>, mut on_written: OnWritten) {
-        let mut unfit = Vec::new();
-        let written = self.write_file(batch, &mut unfit);
-        on_written.unfit(unfit);
-        on_written.done(written);
+    fn next_batch(&mut self) -> Box<dyn BatchWriter> {
+        Box::new(ParquetBatch {
+            file: self.files.next_file(),
+            kind: self.kind.clone(),
+        })
     }
 
     fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
@@ -54,13 +56,28 @@ pub fn writer_properties() -> WriterProperties {
         .build()
 }
 
-impl ParquetTable {
+/// One batch file of a Parquet table.
+struct ParquetBatch {
+    file: Result<NextFile>,
+    kind: TableKind,
+}
+
+impl BatchWriter for ParquetBatch {
+    fn write(self: Box<Self>, batch: &RowBatch<'_>, mut on_written: OnWritten) {
+        let mut unfit = Vec::new();
+        let written = self.write_file(batch, &mut unfit);
+        on_written.unfit(unfit);
+        on_written.done(written);
+    }
+}
+
+impl ParquetBatch {
     /// Writes the batch's file; rows that do not fit the schema are left out into `unfit`.
-    fn write_file(&mut self, batch: &RowBatch<'_>, unfit: &mut Vec<UnfitRow>) -> Result<()> {
+    fn write_file(self, batch: &RowBatch<'_>, unfit: &mut Vec<UnfitRow>) -> Result<()> {
         // One schema for the whole batch (upstream's rule), but decoded and written a slice at
         // a time with bounded row groups, so memory does not grow with --batch-size.
         let schema = batch_schema(&self.kind, batch);
-        let (file, name) = self.files.next_file()?;
+        let (file, name) = self.file?.create()?;
         let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties()))?;
         if batch.rows.is_empty() {
             writer.write(&RecordBatch::new_empty(schema.clone()))?;

@@ -11,6 +11,7 @@ mod mutate;
 mod mutations;
 mod nlp;
 mod nlp_server;
+mod parallel_writes;
 mod readers;
 mod reference;
 mod robustness;

@@ -41,7 +41,7 @@ use stage::{StageDir, StagedFile};
 use super::ENCODE_SLICE_ROWS;
 use super::arrow_rows::{batch_schema, to_record_batch};
 use super::columns::rows_to_record_batch;
-use super::{OnWritten, RowBatch, TableKind, TableWriter, UnfitRow};
+use super::{BatchWriter, OnWritten, RowBatch, TableKind, TableWriter, UnfitRow};
 use crate::panic_guard::{self, Guarded, InternalError, Site};
 use crate::store::ObjectLocation;
 
@@ -254,7 +254,8 @@ fn fail_job(job: Job, panic: &InternalError) {
     }
 }
 
-/// A handle on a table's committer.
+/// A handle on a table's committer (each batch gets a copy, which may write on any thread).
+#[derive(Clone)]
 struct DeltaTableWriter {
     kind: TableKind,
     jobs: mpsc::UnboundedSender<Job>,
@@ -422,15 +423,8 @@ impl DeltaTableWriter {
 }
 
 impl TableWriter for DeltaTableWriter {
-    fn write_batch(&mut self, batch: &RowBatch<'_>, on_written: OnWritten) {
-        // Rows of a table without groups are encoded here: into a data file while the table
-        // takes appends, into a staged MERGE batch once it does not.
-        let plain = self.kind.group_field().is_none() && !batch.rows.is_empty();
-        match (plain, plain && self.ledger.lock().unwrap().appending()) {
-            (true, true) => self.write_files(batch, on_written),
-            (true, false) => self.stage_rows(batch, on_written),
-            (false, _) => self.queue_rows(batch, None, on_written),
-        }
+    fn next_batch(&mut self) -> Box<dyn BatchWriter> {
+        Box::new(self.clone())
     }
 
     fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
@@ -450,6 +444,19 @@ impl TableWriter for DeltaTableWriter {
         let (reply, answer) = std::sync::mpsc::channel();
         if self.jobs.send(Job::Flush { reply }).is_ok() {
             let _ = answer.recv();
+        }
+    }
+}
+
+impl BatchWriter for DeltaTableWriter {
+    fn write(self: Box<Self>, batch: &RowBatch<'_>, on_written: OnWritten) {
+        // Rows of a table without groups are encoded here: into a data file while the table
+        // takes appends, into a staged MERGE batch once it does not.
+        let plain = self.kind.group_field().is_none() && !batch.rows.is_empty();
+        match (plain, plain && self.ledger.lock().unwrap().appending()) {
+            (true, true) => self.write_files(batch, on_written),
+            (true, false) => self.stage_rows(batch, on_written),
+            (false, _) => self.queue_rows(batch, None, on_written),
         }
     }
 }
