@@ -379,3 +379,55 @@ print(json.dumps([table.to_pyarrow_table().num_rows, "birthDate" in table.schema
     let seen = crate::readers::run_script(script, &[&site.server.endpoint()]);
     assert_eq!(seen, serde_json::json!([0, true]));
 }
+
+#[test]
+fn an_nlp_run_from_s3_into_s3_writes_the_files_of_a_local_run() {
+    let site = Site::new();
+    let (export, output, phi) = (site.path("export"), site.path("nlp"), site.path("phi"));
+    let task = "--task=covid_symptom__nlp_results";
+    site.run(&[
+        "nlp",
+        &export,
+        &output,
+        &phi,
+        task,
+        "--output-format=ndjson",
+    ]);
+    let s3 = [
+        "s3://hospital/export",
+        "s3://hospital/nlp",
+        "s3://hospital/phi",
+    ];
+    site.run(&["nlp", s3[0], s3[1], s3[2], task, "--output-format=ndjson"]);
+    let local = ObjectLocation::local(Path::new(&output)).unwrap();
+    let remote = ObjectLocation::parse("s3://hospital/nlp", &site.server.settings()).unwrap();
+    let results = |location: &ObjectLocation| -> Vec<String> {
+        let keys = location.list().unwrap().into_iter().map(|e| e.key);
+        keys.filter(|k| k.starts_with("covid_symptom/")).collect()
+    };
+    let keys = results(&local);
+    assert!(keys.len() >= 2, "{keys:?}");
+    assert_eq!(results(&remote), keys);
+    for key in &keys {
+        let (remote, local) = (remote.read(key).unwrap(), local.read(key).unwrap());
+        let lines = |data: Option<Bytes>| -> Vec<Value> {
+            let data = data.unwrap();
+            let mut rows: Vec<Value> = data
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|line| match serde_json::from_slice::<Value>(line) {
+                    Ok(mut row) => {
+                        // When each run made the row.
+                        row.as_object_mut().unwrap().remove("generated_on");
+                        row
+                    }
+                    // The ids files list a note id per line.
+                    Err(_) => Value::String(String::from_utf8_lossy(line).into_owned()),
+                })
+                .collect();
+            rows.sort_by_key(|r| r.to_string());
+            rows
+        };
+        assert_eq!(lines(remote), lines(local), "{key}");
+    }
+}
