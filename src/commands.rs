@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, anyhow};
 
-use crate::exit::{ExitCode, Fatal};
+use crate::exit::{ExitCode, Fatal, one_line};
 use crate::fhir::Shape;
 use crate::json::Tape;
 use crate::output::delta::DeltaSettings;
@@ -43,7 +43,7 @@ pub fn init(output: &ObjectLocation, format: OutputFormat, memory: u64) -> Resul
         eprintln!("Created {table}");
     }
     for (table, e) in outputs.finish(false) {
-        eprintln!("warning: finishing {table} failed: {e:#}");
+        eprintln!("warning: finishing {table} failed: {}", one_line(&e));
     }
     Ok(())
 }
@@ -118,13 +118,16 @@ pub fn convert(
             Ok(rows) => eprintln!("Converted {table}: {rows} rows"),
             Err(e) => {
                 failed = true;
-                eprintln!("error: converting {table}: {e:#}");
+                eprintln!("error: converting {table}: {}", one_line(&e));
             }
         }
     }
     copy_job_configs(original, &keys, target).map_err(failure)?;
     for (table, e) in outputs.finish(optimize) {
-        eprintln!("warning: table maintenance of {table} failed: {e:#}");
+        eprintln!(
+            "warning: table maintenance of {table} failed: {}",
+            one_line(&e)
+        );
     }
     if failed {
         return Err(Fatal::new(

@@ -53,7 +53,68 @@ impl From<anyhow::Error> for Fatal {
     fn from(e: anyhow::Error) -> Fatal {
         match e.downcast::<Fatal>() {
             Ok(f) => f,
-            Err(e) => Fatal::new(ExitCode::Failure, format!("{e:#}")),
+            Err(e) => Fatal::new(ExitCode::Failure, one_line(&e)),
         }
+    }
+}
+
+/// An error and its causes on one line, each said once. Libraries often end their message with
+/// their cause's, so a cause the line already holds is left out, and a message on several
+/// lines is joined with "; ". A full disk gets what to do about it.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let text = text.join("; ");
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    if line.contains("No space left on device") {
+        line.push_str(
+            " (the disk is full: free space on it, or point TMPDIR elsewhere, and run again)",
+        );
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_that_repeat_are_said_once() {
+        let disk = "No space left on device (os error 28)";
+        let error = anyhow::anyhow!("{disk}")
+            .context(format!(
+                "Generic LocalFileSystem error: Unable to copy data to file: {disk}"
+            ))
+            .context(format!(
+                "External: Generic LocalFileSystem error: Unable to copy data to file: {disk}"
+            ))
+            .context("writing a data file");
+        assert_eq!(
+            one_line(&error),
+            "writing a data file: External: Generic LocalFileSystem error: Unable to copy data \
+             to file: No space left on device (os error 28) (the disk is full: free space on it, \
+             or point TMPDIR elsewhere, and run again)"
+        );
+        let race = anyhow::anyhow!("another writer committed version 3 first")
+            .context("committing to condition: another writer committed version 3 first");
+        assert_eq!(
+            one_line(&race),
+            "committing to condition: another writer committed version 3 first"
+        );
+        let lines = anyhow::anyhow!("first\n  second\n").context("reading");
+        assert_eq!(one_line(&lines), "reading: first; second");
     }
 }

@@ -10,6 +10,7 @@ use super::dataflow::RunShared;
 use super::stop::StopCause;
 use super::work::WriteJob;
 use crate::engine::rows::TableChunk;
+use crate::exit::one_line;
 use crate::fast_hash::FastSet;
 use crate::fhir::Shape;
 use crate::output::{BatchWriter, OnWritten, RowBatch, TableWriter};
@@ -177,7 +178,7 @@ impl SinkState {
         }
         let codebook = shared.scrubber.codebook();
         if let Err(e) = codebook.save() {
-            eprintln!("error: could not save the codebook: {e:#}");
+            eprintln!("error: could not save the codebook: {}", one_line(&e));
         }
         shared.budget.hold_codebook(codebook.held_bytes());
         let ctx = &shared.work.tasks[task_id as usize];
@@ -329,7 +330,10 @@ fn written_callback(
                     let message = format!("writing table {table}: {panic}");
                     shared.stop.stop(StopCause::Writing, message);
                 }
-                eprintln!("error: could not write batch {batch_index} of {table}: {e:#}");
+                eprintln!(
+                    "error: could not write batch {batch_index} of {table}: {}",
+                    one_line(&e)
+                );
                 match (&chunks, &failure.rows) {
                     (Some(chunks), _) => {
                         shared

@@ -15,7 +15,7 @@ use crate::engine::stop::{RunStopped, StopCause};
 use crate::engine::work::WorkQueue;
 use crate::engine::{EngineConfig, RunShared, run_dataflow};
 use crate::etl::progress::ProgressPrinter;
-use crate::exit::{ExitCode, Fatal};
+use crate::exit::{ExitCode, Fatal, one_line};
 use crate::input::bundles::WorkItem;
 use crate::memory::MemoryBudget;
 use crate::output::delta::DeltaSettings;
@@ -83,7 +83,10 @@ pub fn run_to_end(
 /// VACUUM); a table whose maintenance failed is a warning, its data being written.
 pub fn finish_tables(shared: &RunShared, optimize: bool) {
     for (table, e) in shared.outputs.finish(optimize) {
-        eprintln!("warning: table maintenance of {table} failed: {e:#}");
+        eprintln!(
+            "warning: table maintenance of {table} failed: {}",
+            one_line(&e)
+        );
     }
 }
 
@@ -93,10 +96,10 @@ pub fn finish_tables(shared: &RunShared, optimize: bool) {
 /// exit as a failed task (19), the rest as a failure (1).
 pub fn stopped_run(shared: &RunShared, error: anyhow::Error) -> Fatal {
     for (table, e) in shared.outputs.finish(false) {
-        eprintln!("warning: finishing table {table} failed: {e:#}");
+        eprintln!("warning: finishing table {table} failed: {}", one_line(&e));
     }
     if let Err(e) = shared.scrubber.codebook().save() {
-        eprintln!("error: could not save the codebook: {e:#}");
+        eprintln!("error: could not save the codebook: {}", one_line(&e));
     }
     let code = match error.downcast_ref::<RunStopped>() {
         Some(stopped) if stopped.cause == StopCause::Writing => ExitCode::TaskFailed,
