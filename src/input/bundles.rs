@@ -2,7 +2,7 @@
 //! memory budget. Plain files are memory-mapped and cut at newlines up front, so any worker can
 //! take any bundle; gzip files are streamed by one worker, a bundle at a time.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -116,6 +116,9 @@ fn count_lines(map: &Mmap, bounds: &[(usize, usize)]) -> Vec<u64> {
     })
 }
 
+/// Bytes asked of a stream at a time once a bundle is full but has no line end yet.
+const READ_BYTES: usize = 64 << 10;
+
 /// Drops a slice's pages from this process's resident set once read, so RSS follows the
 /// memory budget rather than the input size. The mapping is read-only and file-backed: a later
 /// touch (a neighbouring slice sharing a page) reads the same bytes again from the page cache.
@@ -128,9 +131,13 @@ pub fn release_pages(map: &Mmap, start: usize, end: usize) {
     };
 }
 
-/// Reads a compressed NDJSON file, or an i2b2 CSV converted to NDJSON, a bundle at a time.
+/// Reads a compressed NDJSON file, an S3 object, or an i2b2 CSV converted to NDJSON, a bundle
+/// at a time. Bytes are read in large blocks straight into the bundle, which is then cut after
+/// its last line end (the rest starts the next bundle): no copy per line.
 pub struct StreamReader {
-    reader: BufReader<Box<dyn Read + Send>>,
+    reader: Box<dyn Read + Send>,
+    /// The start of a line read past the end of the last bundle (it holds no line end).
+    carry: Vec<u8>,
     csv: Option<CsvToFhir>,
     pub next_line: u64,
     pub finished: bool,
@@ -151,13 +158,18 @@ impl StreamReader {
             Some(_) => Box::new(std::io::empty()),
             None => file.object.open_decoded()?,
         };
-        Ok(StreamReader {
-            reader: BufReader::with_capacity(1 << 20, reader),
+        Ok(StreamReader::over(reader, csv))
+    }
+
+    fn over(reader: Box<dyn Read + Send>, csv: Option<CsvToFhir>) -> StreamReader {
+        StreamReader {
+            reader,
+            carry: Vec::new(),
             csv,
             next_line: 1,
             finished: false,
             bad_rows: Vec::new(),
-        })
+        }
     }
 
     /// Appends whole lines to `buf` until it holds at least `bundle_bytes` (or the file ends).
@@ -177,32 +189,136 @@ impl StreamReader {
             return (first, error);
         }
         let first = self.next_line;
-        while buf.len() < bundle_bytes {
-            match self.reader.read_until(b'\n', buf) {
+        buf.extend_from_slice(&self.carry);
+        self.carry.clear();
+        // Read until the bundle is full and holds a line end (a line longer than a bundle is
+        // read whole), or the stream ends.
+        let (mut has_line_end, mut ended, mut error) = (false, false, None);
+        while !(has_line_end && buf.len() >= bundle_bytes) {
+            let start = buf.len();
+            let want = bundle_bytes.saturating_sub(start).max(READ_BYTES);
+            buf.resize(start + want, 0);
+            match self.reader.read(&mut buf[start..]) {
                 Ok(0) => {
-                    self.finished = true;
+                    buf.truncate(start);
+                    ended = true;
                     break;
                 }
-                Ok(_) => self.next_line += 1,
+                Ok(n) => {
+                    buf.truncate(start + n);
+                    has_line_end |= memchr::memchr(b'\n', &buf[start..]).is_some();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => buf.truncate(start),
                 Err(e) => {
-                    self.finished = true;
-                    // Drop the partial line: it cannot be trusted.
-                    if let Some(pos) = buf.iter().rposition(|&b| b == b'\n') {
-                        buf.truncate(pos + 1);
-                    } else {
-                        buf.clear();
-                    }
-                    return (first, Some((self.next_line, e.to_string())));
+                    buf.truncate(start);
+                    ended = true;
+                    error = Some(e.to_string());
+                    break;
                 }
             }
         }
-        (first, None)
+        let whole_lines = memchr::memrchr(b'\n', buf).map_or(0, |end| end + 1);
+        if !ended {
+            self.carry.extend_from_slice(&buf[whole_lines..]);
+        }
+        if !ended || error.is_some() {
+            // A partial line after a read error cannot be trusted: it is dropped.
+            buf.truncate(whole_lines);
+        }
+        let mut lines = memchr::memchr_iter(b'\n', buf).count() as u64;
+        if !buf.is_empty() && !buf.ends_with(b"\n") {
+            lines += 1; // the last line of the stream, without a line end
+        }
+        self.next_line += lines;
+        self.finished = ended;
+        (first, error.map(|e| (self.next_line, e)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gives its data a few bytes at a time, then fails if asked to.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+        fail_at_end: bool,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            if self.at == self.data.len() && self.fail_at_end {
+                return Err(std::io::Error::other("unexpected end of archive"));
+            }
+            let n = out.len().min(self.step).min(self.data.len() - self.at);
+            out[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn bundles_of(text: &str, step: usize, bundle: usize, fail: bool) -> Vec<(u64, Vec<u8>)> {
+        let reader = Trickle {
+            data: text.as_bytes().to_vec(),
+            at: 0,
+            step,
+            fail_at_end: fail,
+        };
+        let mut stream = StreamReader::over(Box::new(reader), None);
+        let mut out = Vec::new();
+        while !stream.finished {
+            let mut buf = Vec::new();
+            let (first, error) = stream.next_bundle(&mut buf, bundle);
+            if let Some((line, _)) = error {
+                out.push((line, b"ERROR".to_vec()));
+            }
+            out.push((first, buf));
+        }
+        out
+    }
+
+    #[test]
+    fn streamed_bundles_hold_whole_lines_with_their_numbers() {
+        let text: String = (1..=50).map(|i| format!("{{\"line\":{i}}}\n")).collect();
+        for (step, bundle) in [(1, 1), (7, 40), (1000, 64), (3, 10_000)] {
+            let bundles = bundles_of(&text, step, bundle, false);
+            let mut joined = Vec::new();
+            let mut line = 1;
+            for (first, bytes) in &bundles {
+                assert_eq!(*first, line, "step {step}, bundle {bundle}");
+                assert!(bytes.is_empty() || bytes.ends_with(b"\n"));
+                line += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+                joined.extend_from_slice(bytes);
+            }
+            assert_eq!(joined, text.as_bytes(), "step {step}, bundle {bundle}");
+        }
+        // The last line needs no line end; a line longer than a bundle comes whole.
+        let bundles = bundles_of(
+            "{\"a\":1}\n{\"long\":\"xxxxxxxxxx\"}\n{\"b\":2}",
+            4,
+            5,
+            false,
+        );
+        let texts: Vec<&[u8]> = bundles.iter().map(|(_, b)| b.as_slice()).collect();
+        assert_eq!(
+            texts,
+            [
+                &b"{\"a\":1}\n"[..],
+                b"{\"long\":\"xxxxxxxxxx\"}\n",
+                b"{\"b\":2}"
+            ]
+        );
+        assert_eq!(bundles[2].0, 3);
+    }
+
+    #[test]
+    fn a_read_error_keeps_the_whole_lines_and_names_the_broken_one() {
+        let bundles = bundles_of("{\"a\":1}\n{\"b\":2}\n{\"c\":", 5, 1 << 20, true);
+        assert_eq!(bundles[0], (3, b"ERROR".to_vec()));
+        assert_eq!(bundles[1], (1, b"{\"a\":1}\n{\"b\":2}\n".to_vec()));
+    }
 
     #[test]
     fn slices_end_on_line_boundaries_and_count_lines() {
