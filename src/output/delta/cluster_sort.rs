@@ -22,12 +22,17 @@ use arrow::record_batch::RecordBatch;
 use arrow::row::{Row, RowConverter, Rows, SortField};
 use futures::{Stream, StreamExt};
 
-/// Rows per batch of the sorted output.
-pub const SORTED_BATCH_ROWS: usize = 1024;
+/// Rows per batch of the sorted output: as many as the Parquet encoder takes at a time, since
+/// every batch costs a walk of the (wide, deeply nested) FHIR schema in the interleave and the
+/// encoder, whatever its rows.
+pub const SORTED_BATCH_ROWS: usize = crate::output::ENCODE_SLICE_ROWS;
 
-/// Rows per batch of a sorted run on disk: the merge holds one batch of every run, so they
-/// are small (FHIR rows are wide).
-const RUN_BATCH_ROWS: usize = 256;
+/// A sorted run on disk is cut into batches of a sixteenth of its rows (within these bounds):
+/// the merge holds one batch of every run, so up to sixteen runs merge in the memory of one,
+/// and larger batches pay the schema walk less often (with 256-row batches, a 588,693-row
+/// table spent 11 s in its clustered compaction).
+const RUN_BATCH_ROWS: std::ops::RangeInclusive<usize> = 256..=8192;
+const RUN_BATCHES: usize = 16;
 
 /// Rows sorted on their key columns, read back from the sorted runs in order.
 pub struct SortedRows {
@@ -220,7 +225,9 @@ fn write_run(
     let mut writer = FileWriter::try_new(File::create(&path)?, &schema)
         .with_context(|| format!("writing {}", path.display()))?;
     let refs: Vec<&RecordBatch> = batches.iter().collect();
-    for chunk in order.chunks(RUN_BATCH_ROWS) {
+    let batch_rows =
+        (order.len() / RUN_BATCHES).clamp(*RUN_BATCH_ROWS.start(), *RUN_BATCH_ROWS.end());
+    for chunk in order.chunks(batch_rows) {
         writer.write(&interleave_record_batch(&refs, chunk)?)?;
     }
     writer.finish()?;
