@@ -181,7 +181,25 @@ pub async fn cluster_by_file(
         inputs.push((path, deleted_rows(table, vector).await?));
     }
     let rows = live_rows(table.log_store().object_store(None), &schema, inputs);
-    let mut sorted = cluster_sort::sort_rows(rows, &schema, clustering, sort_bytes).await?;
+    let sorted = cluster_sort::sort_rows(rows, &schema, clustering, sort_bytes).await?;
+    // The merge of the sorted runs and the encoding of the files each take a core: the merge
+    // runs on a thread of its own, a couple of batches ahead of the writer.
+    let (merged, mut batches) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
+    let merging = tokio::task::spawn_blocking(move || {
+        let mut sorted = sorted;
+        loop {
+            let next = sorted.next_batch().transpose();
+            let last = !matches!(next, Some(Ok(_)));
+            if let Some(batch) = next
+                && merged.blocking_send(batch).is_err()
+            {
+                return;
+            }
+            if last {
+                return;
+            }
+        }
+    });
     // Files of about the target size: as many rows each as the small files held per target's
     // worth of bytes.
     let rows_per_file = match bytes {
@@ -192,7 +210,8 @@ pub async fn cluster_by_file(
     let mut writer = files.writer(&schema);
     let mut in_file = 0u64;
     let copied = async {
-        while let Some(mut batch) = sorted.next_batch()? {
+        while let Some(batch) = batches.recv().await {
+            let mut batch = batch?;
             while batch.num_rows() > 0 {
                 if in_file == rows_per_file {
                     let full = std::mem::replace(&mut writer, files.writer(&schema));
@@ -213,6 +232,11 @@ pub async fn cluster_by_file(
         anyhow::Ok(())
     }
     .await;
+    drop(batches);
+    let copied = match merging.await {
+        Ok(()) => copied,
+        Err(e) => copied.and(Err(anyhow::anyhow!("merging the sorted rows stopped: {e}"))),
+    };
     let what = "writing a clustered data file";
     if let Err(e) = close_writer(Some(writer), copied, what, &mut written).await {
         files.remove(&written).await;
