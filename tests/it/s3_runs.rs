@@ -431,3 +431,22 @@ fn an_nlp_run_from_s3_into_s3_writes_the_files_of_a_local_run() {
         assert_eq!(lines(remote), lines(local), "{key}");
     }
 }
+
+#[test]
+fn an_errors_folder_in_s3_is_refused_since_it_holds_raw_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, phi) = (tmp.path().join("out"), tmp.path().join("phi"));
+    let run = crate::support::run_etl(&[
+        synthea().to_str().unwrap(),
+        out.to_str().unwrap(),
+        phi.to_str().unwrap(),
+        "--errors-to=s3://hospital/errors",
+    ]);
+    assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("--errors-to 's3://hospital/errors': must be a local folder"),
+        "{}",
+        stderr(&run)
+    );
+    assert!(!out.exists());
+}
