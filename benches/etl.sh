@@ -26,38 +26,15 @@ size_mb=${1:-1000}
 shift || true
 extra=("$@")
 bench_dir=${BENCH_DIR:-$HOME/.cache/cumulus-etl-bench}
-kind=${INPUT_KIND:-synthea}
-case $kind in
-    synthea) input="$bench_dir/synthea-${size_mb}mb" ;;
-    realistic | one-table) input="$bench_dir/$kind-${size_mb}mb" ;;
-    *) echo "INPUT_KIND must be synthea, realistic or one-table" >&2; exit 2 ;;
-esac
 formats=${FORMATS:-"ndjson parquet deltalake deltalake-rerun"}
 runs=${RUNS:-3}
 reference=${REFERENCE:-$HOME/.cache/reference-cumulus/venv/bin/cumulus-etl}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-if [ ! -d "$input" ]; then
-    mkdir -p "$bench_dir"
-    seed=tests/data/synthea-10
-    if [ "$kind" != synthea ]; then
-        python3 benches/add_observations.py tests/data/synthea-10 "$work/seed"
-        seed="$work/seed"
-        if [ "$kind" = one-table ]; then
-            find "$seed" -name '*.ndjson' ! -name 'Observation.*' ! -name log.ndjson -delete
-        fi
-    fi
-    python3 ../shared/tools/replicate_bulk.py --target-mb "$size_mb" "$seed" "$input.tmp"
-    mv "$input.tmp" "$input"
-fi
-if [ -n "${BIN:-}" ]; then
-    bin=$BIN
-else
-    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/cumulus-etl-target}
-    cargo build --release --locked --quiet
-    bin="$CARGO_TARGET_DIR/release/cumulus-etl"
-fi
+source benches/lib.sh
+bench_input "$size_mb"
+bench_binary
 input_mb=$(du -sm --apparent-size "$input" | cut -f1)
 resources=$(find "$input" -name '*.ndjson' ! -name log.ndjson -exec cat {} + | grep -c .)
 

@@ -5,7 +5,8 @@
 #
 #   benches/s3.sh [SIZE_MB] [etl options, e.g. --memory 256MiB]
 #
-# Env: BIN (the binary; default: this checkout's release build), RUNS (timed runs per case,
+# Env: BIN (the binary; default: this checkout's release build), INPUT_KIND (as for
+#      benches/etl.sh), RUNS (timed runs per case,
 #      default 1), FORMAT (output format, default ndjson: the output stays local so the input
 #      side is what differs; "deltalake" writes the tables to S3 too), BENCH_DIR (inputs,
 #      default ~/.cache/cumulus-etl-bench), VENV (a virtualenv with moto_server, default the
@@ -16,8 +17,6 @@ cd "$(dirname "$0")/.."
 size_mb=${1:-1000}
 shift || true
 extra=("$@")
-bench_dir=${BENCH_DIR:-$HOME/.cache/cumulus-etl-bench}
-input="$bench_dir/synthea-${size_mb}mb"
 runs=${RUNS:-1}
 format=${FORMAT:-ndjson}
 venv=${VENV:-$HOME/.cache/cumulus-etl-test-venv}
@@ -29,18 +28,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ ! -d "$input" ]; then
-    mkdir -p "$bench_dir"
-    python3 ../shared/tools/replicate_bulk.py --target-mb "$size_mb" tests/data/synthea-10 "$input.tmp"
-    mv "$input.tmp" "$input"
-fi
-if [ -n "${BIN:-}" ]; then
-    bin=$BIN
-else
-    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/cumulus-etl-target}
-    cargo build --release --locked --quiet
-    bin="$CARGO_TARGET_DIR/release/cumulus-etl"
-fi
+source benches/lib.sh
+bench_input "$size_mb"
+bench_binary
 [ -x "$venv/bin/moto_server" ] || { echo "no moto_server in $venv (run: cargo test s3_)" >&2; exit 2; }
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
