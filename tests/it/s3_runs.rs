@@ -92,7 +92,7 @@ impl Site {
     /// Every object under `prefix` with how it is encrypted: (key, SSE, KMS key id).
     fn encryption_of_all(&self, prefix: &str) -> Vec<(String, String, String)> {
         let script = r#"
-import json, sys, boto3
+import json, os, sys, boto3
 s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
                   aws_access_key_id="testing", aws_secret_access_key="testing")
 out = []
@@ -100,7 +100,8 @@ for page in s3.get_paginator("list_objects_v2").paginate(Bucket="hospital", Pref
     for obj in page.get("Contents", []):
         head = s3.head_object(Bucket="hospital", Key=obj["Key"])
         out.append([obj["Key"], head.get("ServerSideEncryption", ""), head.get("SSEKMSKeyId", "")])
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+os._exit(0)  # skip interpreter teardown while the readers' threads may still run
 "#;
         let out = crate::readers::run_script(script, &[&self.server.endpoint(), prefix]);
         out.as_array()
@@ -149,7 +150,7 @@ fn local_tables(output: &Path) -> Vec<String> {
 
 /// Every table's rows as Python `deltalake` reads them, locally and from S3.
 const COMPARE_DELTA: &str = r#"
-import json, sys
+import json, os, sys
 from deltalake import DeltaTable
 endpoint, local_root, s3_root = sys.argv[1], sys.argv[2], sys.argv[3]
 options = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
@@ -164,7 +165,11 @@ for name in sys.argv[4].split(","):
     local = rows(DeltaTable(f"{local_root}/{name}"))
     remote = rows(DeltaTable(f"{s3_root}/{name}", storage_options=options))
     out[name] = {"local": len(local), "s3": len(remote), "same": set(local) == set(remote)}
-print(json.dumps(out))
+    if name == "etl__completion":  # which runs it records, for a failure's message
+        table = DeltaTable(f"{s3_root}/{name}", storage_options=options).to_pyarrow_table()
+        out[name]["runs"] = sorted(set(table.column("etl_time").to_pylist()))
+print(json.dumps(out), flush=True)
+os._exit(0)  # skip interpreter teardown while the readers' threads may still run
 "#;
 
 /// Every Delta table of the local `output` holds the same rows in `s3://hospital/output`, into
@@ -369,12 +374,13 @@ fn init_creates_empty_tables_in_s3_that_deltalake_reads() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let script = r#"
-import json, sys
+import json, os, sys
 from deltalake import DeltaTable
 options = {"AWS_ENDPOINT_URL": sys.argv[1], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 table = DeltaTable("s3://hospital/output/patient", storage_options=options)
-print(json.dumps([table.to_pyarrow_table().num_rows, "birthDate" in table.schema().to_arrow().names]))
+print(json.dumps([table.to_pyarrow_table().num_rows, "birthDate" in table.schema().to_arrow().names]), flush=True)
+os._exit(0)  # skip interpreter teardown while the readers' threads may still run
 "#;
     let seen = crate::readers::run_script(script, &[&site.server.endpoint()]);
     assert_eq!(seen, serde_json::json!([0, true]));
@@ -449,4 +455,54 @@ fn an_errors_folder_in_s3_is_refused_since_it_holds_raw_rows() {
         stderr(&run)
     );
     assert!(!out.exists());
+}
+
+#[test]
+fn convert_loads_an_ndjson_output_in_s3_into_delta_tables_in_s3() {
+    let site = Site::new();
+    let (export, phi) = (site.path("export"), site.path("phi"));
+    let tasks = "--task=patient,condition";
+    site.run(&[
+        &export,
+        "s3://hospital/ndjson",
+        &phi,
+        "--output-format=ndjson",
+        tasks,
+    ]);
+    site.run(&["convert", "s3://hospital/ndjson", "s3://hospital/output"]);
+    let script = r#"
+import json, os, sys
+from deltalake import DeltaTable
+options = {"AWS_ENDPOINT_URL": sys.argv[1], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+out = {}
+for name in ["patient", "condition"]:
+    rows = DeltaTable(f"s3://hospital/output/{name}", storage_options=options).to_pyarrow_table()
+    out[name] = sorted(rows.column("id").to_pylist())
+print(json.dumps(out), flush=True)
+os._exit(0)  # skip interpreter teardown while the readers' threads may still run
+"#;
+    let seen = crate::readers::run_script(script, &[&site.server.endpoint()]);
+    let ndjson = ObjectLocation::parse("s3://hospital/ndjson", &site.server.settings()).unwrap();
+    for table in ["patient", "condition"] {
+        let text = ndjson
+            .read(&format!("{table}/{table}.000.ndjson"))
+            .unwrap()
+            .expect(table);
+        let mut ids: Vec<Value> = text
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice::<Value>(l).unwrap()["id"].clone())
+            .collect();
+        ids.sort_by_key(|v| v.to_string());
+        assert!(!ids.is_empty(), "{table}");
+        assert_eq!(seen[table], Value::Array(ids), "{table}");
+    }
+    // The job configs came along: the Delta output belongs to the same PHI folder.
+    let delta = ObjectLocation::parse("s3://hospital/output", &site.server.settings()).unwrap();
+    let configs = delta.join("JobConfig").list().unwrap();
+    assert!(
+        configs.iter().any(|e| e.key.ends_with("/job_config.json")),
+        "{configs:?}"
+    );
 }
