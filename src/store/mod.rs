@@ -2,7 +2,6 @@
 //! helpers the local side is built on. Every file the ETL reads or writes goes through here.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -67,16 +66,23 @@ pub fn create_dir(dir: &Path, access: Access) -> Result<()> {
 
 /// Creates (or truncates) a file for writing (`0600` when private).
 pub fn create_file(path: &Path, access: Access) -> Result<File> {
+    open_options(access)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Options that create a missing file readable as `access` says (`0600` when private).
+pub fn open_options(access: Access) -> std::fs::OpenOptions {
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.create(true);
     #[cfg(unix)]
     if access == Access::Private {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
     options
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The permission bits of a folder others can use (group or world), if any, so a run can warn
@@ -95,41 +101,20 @@ pub fn open_to_others(dir: &Path) -> Option<u32> {
     }
 }
 
-/// Writes a file so that readers see either the old or the new content, never a torn one.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    write_atomic_parts(path, &[data], Access::Shared)
-}
-
-/// As `write_atomic`, for content in pieces (large files need not be joined in memory first),
-/// with the given access.
-pub fn write_atomic_parts(path: &Path, parts: &[&[u8]], access: Access) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+/// A temporary file in `dir` (created with its parents), readable as `access` says: temporary
+/// files start `0600`, and a shared one is opened up to `0644` before it takes its place.
+pub fn temp_file_in(dir: &Path, access: Access) -> Result<tempfile::NamedTempFile> {
     create_dir(dir, access)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut f = create_file(&tmp, access)?;
-        for part in parts {
-            f.write_all(part)?;
-        }
-        f.sync_all().ok();
+    let temp = tempfile::Builder::new()
+        .prefix(".writing-")
+        .tempfile_in(dir)
+        .with_context(|| format!("writing in {}", dir.display()))?;
+    #[cfg(unix)]
+    if access == Access::Shared {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o644))?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
-/// Opens a file for reading, decompressing gzip when the name ends in `.gz`.
-pub fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read + Send>> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let reader = std::io::BufReader::with_capacity(1 << 20, file);
-    if is_gz(path) {
-        Ok(Box::new(flate2::read::MultiGzDecoder::new(reader)))
-    } else {
-        Ok(Box::new(reader))
-    }
+    Ok(temp)
 }
 
 /// Whether a path names a gzip file.

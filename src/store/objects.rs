@@ -307,17 +307,8 @@ impl ObjectLocation {
             Backend::Folder(dir, access) => {
                 let path = Self::file(dir, key);
                 let folder = path.parent().unwrap_or(Path::new("."));
-                super::create_dir(folder, *access)?;
-                let temp = tempfile::Builder::new()
-                    .prefix(".writing-")
-                    .tempfile_in(folder)
-                    .map_err(|e| anyhow!("{url}: {e}"))?;
-                #[cfg(unix)]
-                if *access == super::Access::Shared {
-                    use std::os::unix::fs::PermissionsExt;
-                    let readable = std::fs::Permissions::from_mode(0o644);
-                    std::fs::set_permissions(temp.path(), readable)?;
-                }
+                let temp =
+                    super::temp_file_in(folder, *access).map_err(|e| anyhow!("{url}: {e:#}"))?;
                 WriteTarget::File { temp, path }
             }
             Backend::Remote { store, prefix, .. } => {
@@ -471,8 +462,13 @@ impl ObjectLocation {
     /// [`Self::write`] for content in pieces, which a folder gets without joining them.
     pub fn write_parts(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
         match &self.backend {
-            Backend::Folder(dir, access) => {
-                super::write_atomic_parts(&Self::file(dir, key), parts, *access)
+            Backend::Folder(..) => {
+                let mut out = self.writer(key)?;
+                for part in parts {
+                    out.write_all(part)
+                        .map_err(|e| anyhow!("{}: {e}", self.url_of(key)))?;
+                }
+                out.finish()
             }
             Backend::Remote { store, prefix, .. } => {
                 let payload: PutPayload = parts.iter().map(|p| Bytes::copy_from_slice(p)).collect();
@@ -514,14 +510,8 @@ impl ObjectLocation {
             Backend::Folder(dir, access) => {
                 let path = Self::file(dir, key);
                 super::create_dir(path.parent().unwrap_or(Path::new(".")), *access)?;
-                let mut options = std::fs::OpenOptions::new();
-                options.create(true).append(true);
-                #[cfg(unix)]
-                if *access == super::Access::Private {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    options.mode(0o600);
-                }
-                options
+                super::open_options(*access)
+                    .append(true)
                     .open(&path)
                     .and_then(|mut file| file.write_all(data))
                     .map_err(|e| anyhow!("{}: {e}", self.url_of(key)))
@@ -578,17 +568,8 @@ fn list_folder(dir: &Path) -> Result<Vec<ObjectEntry>> {
 /// is then hard-linked into place (the link fails if the name is taken), so no reader sees a
 /// partial file. False if it existed.
 fn create_new(path: &Path, data: &[u8], access: super::Access) -> Result<bool> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    super::create_dir(dir, access)?;
-    // Temporary files are created 0600, private or not; a shared file is then opened up.
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    #[cfg(unix)]
-    if access == super::Access::Shared {
-        use std::os::unix::fs::PermissionsExt;
-        let umask_default = std::fs::Permissions::from_mode(0o644);
-        std::fs::set_permissions(tmp.path(), umask_default)?;
-    }
-    std::io::Write::write_all(&mut tmp, data)?;
+    let mut tmp = super::temp_file_in(path.parent().unwrap_or(Path::new(".")), access)?;
+    tmp.write_all(data)?;
     let linked = std::fs::hard_link(tmp.path(), path);
     match linked {
         Ok(()) => Ok(true),
