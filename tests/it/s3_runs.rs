@@ -4,6 +4,7 @@
 //! SSE-KMS with the given key on every object written.
 
 use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,11 +56,6 @@ impl Site {
         Site { server, local }
     }
 
-    /// The environment that points the binary at the server (as a site sets AWS_* for AWS).
-    fn env(&self) -> Vec<(&'static str, String)> {
-        self.env_via(&self.server.endpoint())
-    }
-
     /// The environment that points the binary at `endpoint`.
     fn env_via(&self, endpoint: &str) -> Vec<(&'static str, String)> {
         vec![
@@ -77,12 +73,21 @@ impl Site {
 
     /// [`Self::run`] with S3 reached at `endpoint`.
     fn run_via(&self, endpoint: &str, args: &[&str]) -> String {
-        let env = self.env_via(endpoint);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let out = run_etl_within(args, &env, Duration::from_secs(300));
+        let out = self.attempt_via(endpoint, args);
         let text = stderr(&out);
         assert_eq!(out.status.code(), Some(0), "{text}");
         text
+    }
+
+    /// Runs the ETL with `args` against the server, whatever its exit code.
+    fn attempt(&self, args: &[&str]) -> Output {
+        self.attempt_via(&self.server.endpoint(), args)
+    }
+
+    fn attempt_via(&self, endpoint: &str, args: &[&str]) -> Output {
+        let env = self.env_via(endpoint);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_etl_within(args, &env, Duration::from_secs(300))
     }
 
     fn path(&self, name: &str) -> String {
@@ -148,13 +153,28 @@ fn local_tables(output: &Path) -> Vec<String> {
     tables
 }
 
-/// Every table's rows as Python `deltalake` reads them, locally and from S3.
-const COMPARE_DELTA: &str = r#"
+/// What the Python scripts reading Delta tables from the server start with: `options` reach
+/// it at the endpoint given as their first argument.
+const DELTA_OPTIONS: &str = r#"
 import json, os, sys
 from deltalake import DeltaTable
-endpoint, local_root, s3_root = sys.argv[1], sys.argv[2], sys.argv[3]
-options = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+options = {"AWS_ENDPOINT_URL": sys.argv[1], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+"#;
+
+/// Runs a script that reads Delta tables from the server at `endpoint` (after its
+/// [`DELTA_OPTIONS`]) with `args`.
+fn read_delta_from(endpoint: &str, body: &str, args: &[&str]) -> Value {
+    let script = format!("{DELTA_OPTIONS}{body}");
+    let args: Vec<&str> = std::iter::once(endpoint)
+        .chain(args.iter().copied())
+        .collect();
+    crate::readers::run_script(&script, &args)
+}
+
+/// Every table's rows as Python `deltalake` reads them, locally and from S3.
+const COMPARE_DELTA: &str = r#"
+local_root, s3_root = sys.argv[2], sys.argv[3]
 def rows(table):
     rows = table.to_pyarrow_table().to_pylist()
     for row in rows:
@@ -180,14 +200,10 @@ os._exit(0)  # skip interpreter teardown while the readers' threads may still ru
 fn assert_same_tables(site: &Site, output: &str, runs: usize) {
     let tables = local_tables(Path::new(output));
     assert!(tables.len() >= 10, "{tables:?}");
-    let compared = crate::readers::run_script(
+    let compared = read_delta_from(
+        &site.server.endpoint(),
         COMPARE_DELTA,
-        &[
-            &site.server.endpoint(),
-            output,
-            "s3://hospital/output",
-            &tables.join(","),
-        ],
+        &[output, "s3://hospital/output", &tables.join(",")],
     );
     for table in &tables {
         let seen = &compared[table];
@@ -324,19 +340,13 @@ fn ndjson_output_in_s3_equals_the_local_output_file_for_file() {
         }
     }
     // A second run into the same (now non-empty) prefix is refused, as for a folder.
-    let env = site.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let again = run_etl_within(
-        &[
-            &export,
-            "s3://hospital/output",
-            "s3://hospital/phi",
-            "--output-format=ndjson",
-            tasks,
-        ],
-        &env,
-        Duration::from_secs(120),
-    );
+    let again = site.attempt(&[
+        &export,
+        "s3://hospital/output",
+        "s3://hospital/phi",
+        "--output-format=ndjson",
+        tasks,
+    ]);
     assert_eq!(again.status.code(), Some(26), "{}", stderr(&again));
     assert!(
         stderr(&again).contains("'s3://hospital/output' already has contents"),
@@ -348,14 +358,8 @@ fn ndjson_output_in_s3_equals_the_local_output_file_for_file() {
 #[test]
 fn a_missing_bucket_stops_the_run_with_one_line_naming_it() {
     let site = Site::new();
-    let env = site.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let phi = site.path("phi");
-    let out = run_etl_within(
-        &["s3://no-such-bucket/export", "s3://hospital/output", &phi],
-        &env,
-        Duration::from_secs(120),
-    );
+    let out = site.attempt(&["s3://no-such-bucket/export", "s3://hospital/output", &phi]);
     let text = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     let line = text
@@ -374,24 +378,14 @@ fn a_missing_bucket_stops_the_run_with_one_line_naming_it() {
 #[test]
 fn init_creates_empty_tables_in_s3_that_deltalake_reads() {
     let site = Site::new();
-    let env = site.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let out = run_etl_within(
-        &["init", "s3://hospital/output", "--s3-kms-key", KMS_KEY],
-        &env,
-        Duration::from_secs(120),
-    );
+    let out = site.attempt(&["init", "s3://hospital/output", "--s3-kms-key", KMS_KEY]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let script = r#"
-import json, os, sys
-from deltalake import DeltaTable
-options = {"AWS_ENDPOINT_URL": sys.argv[1], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 table = DeltaTable("s3://hospital/output/patient", storage_options=options)
 print(json.dumps([table.to_pyarrow_table().num_rows, "birthDate" in table.schema().to_arrow().names]), flush=True)
 os._exit(0)  # skip interpreter teardown while the readers' threads may still run
 "#;
-    let seen = crate::readers::run_script(script, &[&site.server.endpoint()]);
+    let seen = read_delta_from(&site.server.endpoint(), script, &[]);
     assert_eq!(seen, serde_json::json!([0, true]));
 }
 
@@ -480,10 +474,6 @@ fn convert_loads_an_ndjson_output_in_s3_into_delta_tables_in_s3() {
     ]);
     site.run(&["convert", "s3://hospital/ndjson", "s3://hospital/output"]);
     let script = r#"
-import json, os, sys
-from deltalake import DeltaTable
-options = {"AWS_ENDPOINT_URL": sys.argv[1], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 out = {}
 for name in ["patient", "condition"]:
     rows = DeltaTable(f"s3://hospital/output/{name}", storage_options=options).to_pyarrow_table()
@@ -491,7 +481,7 @@ for name in ["patient", "condition"]:
 print(json.dumps(out), flush=True)
 os._exit(0)  # skip interpreter teardown while the readers' threads may still run
 "#;
-    let seen = crate::readers::run_script(script, &[&site.server.endpoint()]);
+    let seen = read_delta_from(&site.server.endpoint(), script, &[]);
     let ndjson = ObjectLocation::parse("s3://hospital/ndjson", &site.server.settings()).unwrap();
     for table in ["patient", "condition"] {
         let text = ndjson
