@@ -225,6 +225,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         output: output.clone(),
         run_name: started.folder_name(),
         batch_size: opts.batch_size,
+        workers: opts.engine.workers,
         bundle_bytes,
         errors_to: opts.errors_to.clone(),
         rejected,

@@ -31,6 +31,8 @@ pub struct RunBuilder {
     /// Names the run in the Delta tables' log (`cumulus-etl/<name>`).
     pub run_name: String,
     pub batch_size: usize,
+    /// Worker threads: also the threads of the end-of-run compactions.
+    pub workers: usize,
     pub bundle_bytes: usize,
     pub errors_to: Option<PathBuf>,
     /// Where skipped input lines go (PHI), when `--errors-to` is given.
@@ -48,8 +50,9 @@ impl RunBuilder {
     ) -> Result<Arc<RunShared>, Fatal> {
         let budget = MemoryBudget::new(self.memory);
         budget.hold_codebook(codebook.held_bytes());
-        let delta =
-            DeltaSettings::for_budget(self.memory, &self.run_name).with_merge_rows(self.batch_size);
+        let delta = DeltaSettings::for_budget(self.memory, &self.run_name)
+            .with_merge_rows(self.batch_size)
+            .with_threads(self.workers);
         delta.count_routing_keys_in(&budget);
         let outputs = Outputs::new(self.format, &self.output, delta)?;
         Ok(Arc::new(RunShared::new(

@@ -309,6 +309,7 @@ fn run_study(
         output: opts.output.clone(),
         run_name: started.folder_name(),
         batch_size: opts.batch_size,
+        workers: opts.engine.workers,
         bundle_bytes,
         errors_to: opts.errors_to.clone(),
         rejected,

@@ -1,16 +1,24 @@
 //! An external sort of a table's rows on its clustering columns, in memory bounded by the
-//! caller, for the compaction of clustered tables.
+//! caller, for the compaction of clustered tables; both of its phases run on every core.
 //!
-//! Rows are taken in until they hold `run_bytes` of Arrow memory; each such run is sorted (on
+//! Rows are taken in until they hold a run's worth of Arrow memory; each such run is sorted (on
 //! the key columns' row encoding) and written to a private temporary folder as an Arrow IPC
-//! file of small batches. The runs are then merged: one small batch of each run is in memory
-//! at a time. DataFusion's sort was tried first: with a pool small enough for the budget it
-//! failed its merges on FHIR's wide rows, and with a larger one a 1 GB first load peaked at
-//! 743 MiB against 232 MiB without clustering (`docs/performance.md`).
+//! file of small batches, whose first keys are kept. Several readers write runs at once, each
+//! from its own share of the input files ([`RunWriter`]). The runs are then merged a key range
+//! at a time ([`Runs::merge`]): the ranges, cut from the batches' first keys so they hold about
+//! as many rows each ([`Runs::split`]), are merged at once, each into its own files, and a
+//! range's merge starts each run at the batch where the range begins. One small batch of each
+//! run is in memory per range.
+//!
+//! DataFusion's sort was tried first: with a pool small enough for the budget it failed its
+//! merges on FHIR's wide rows, and with a larger one a 1 GB first load peaked at 743 MiB
+//! against 232 MiB without clustering (`docs/performance.md`).
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, BufWriter};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result};
 use arrow::array::ArrayRef;
@@ -19,80 +27,246 @@ use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 use arrow::record_batch::RecordBatch;
-use arrow::row::{Row, RowConverter, Rows, SortField};
-use futures::{Stream, StreamExt};
+use arrow::row::{OwnedRow, Row, RowConverter, Rows, SortField};
 
 /// Rows per batch of the sorted output: as many as the Parquet encoder takes at a time, since
 /// every batch costs a walk of the (wide, deeply nested) FHIR schema in the interleave and the
 /// encoder, whatever its rows.
 pub const SORTED_BATCH_ROWS: usize = crate::output::ENCODE_SLICE_ROWS;
 
-/// A sorted run on disk is cut into batches of a sixteenth of its rows (within these bounds):
-/// the merge holds one batch of every run, so up to sixteen runs merge in the memory of one,
-/// and larger batches pay the schema walk less often (with 256-row batches, a 588,693-row
-/// table spent 11 s in its clustered compaction).
+/// A sorted run on disk is cut into batches of a sixteenth of its rows for each key range
+/// merged at once (within these bounds): a range's merge holds one batch of every run, so up
+/// to sixteen runs merge in the memory of one, and larger batches pay the schema walk less
+/// often (with 256-row batches, a 588,693-row table spent 11 s in its clustered compaction).
 const RUN_BATCH_ROWS: std::ops::RangeInclusive<usize> = 256..=8192;
 const RUN_BATCHES: usize = 16;
 
-/// Rows sorted on their key columns, read back from the sorted runs in order.
-pub struct SortedRows {
-    runs: Vec<Run>,
-    keys: Keys,
-    /// Where the runs are; removed when the rows are dropped.
-    _dir: tempfile::TempDir,
+/// Writes sorted runs; several threads may write at once, each from its own rows.
+pub struct RunWriter {
+    keys: Arc<Keys>,
+    schema: SchemaRef,
+    dir: Arc<tempfile::TempDir>,
+    /// Batches each run is cut into.
+    batches_per_run: usize,
+    next_run: AtomicUsize,
 }
 
-/// Sorts `rows` (all of `schema`) on the `keys` columns, holding about `run_bytes` of rows in
-/// memory at a time.
-pub async fn sort_rows(
-    rows: impl Stream<Item = Result<RecordBatch>>,
-    schema: &SchemaRef,
-    keys: &[String],
-    run_bytes: usize,
-) -> Result<SortedRows> {
-    let keys = Keys::new(schema, keys)?;
-    let dir = tempfile::Builder::new()
-        .prefix("cumulus-etl-cluster-")
-        .tempdir()
-        .context("creating a folder for the clustering sort")?;
-    let mut paths = Vec::new();
-    let mut held: Vec<RecordBatch> = Vec::new();
-    let mut held_bytes = 0;
-    let mut rows = std::pin::pin!(rows);
-    while let Some(batch) = rows.next().await {
-        let batch = batch?;
-        held_bytes += batch.get_array_memory_size();
-        held.push(batch);
-        if held_bytes >= run_bytes {
-            paths.push(write_run(
-                &dir,
-                paths.len(),
-                &keys,
-                std::mem::take(&mut held),
-            )?);
-            held_bytes = 0;
+/// One sorted run on disk: where it is, the first key of each of its batches, and keys taken
+/// at even steps through each batch with the rows each stands for.
+pub struct RunFile {
+    path: PathBuf,
+    /// Arrow memory of one of its batches (on average).
+    batch_bytes: usize,
+    firsts: Vec<OwnedRow>,
+    samples: Vec<(OwnedRow, usize)>,
+}
+
+/// Keys sampled per batch of a run, for cutting key ranges: a batch's rows spread from its
+/// first key to the next batch's, and with one sample per batch, ranges of a small table came
+/// out a fifth and three times their share.
+const SAMPLES_PER_BATCH: usize = 8;
+
+/// The sorted runs of a table's rows, to merge a key range at a time.
+pub struct Runs {
+    runs: Vec<RunFile>,
+    keys: Arc<Keys>,
+    /// Where the runs are; removed when the runs and their merges are dropped.
+    _dir: Arc<tempfile::TempDir>,
+}
+
+/// Keys from `lo` (included; the first key when None) to `hi` (left out; past the last when
+/// None).
+#[derive(Debug, Clone, Default)]
+pub struct KeyRange {
+    lo: Option<OwnedRow>,
+    hi: Option<OwnedRow>,
+}
+
+impl RunWriter {
+    /// Runs of rows of `schema` sorted on the `keys` columns, for merges of `ranges` key ranges
+    /// at once (which cuts the runs into smaller batches, so the merges together hold about
+    /// what one would).
+    pub fn new(schema: &SchemaRef, keys: &[String], ranges: usize) -> Result<RunWriter> {
+        let dir = tempfile::Builder::new()
+            .prefix("cumulus-etl-cluster-")
+            .tempdir()
+            .context("creating a folder for the clustering sort")?;
+        Ok(RunWriter {
+            keys: Arc::new(Keys::new(schema, keys)?),
+            schema: schema.clone(),
+            dir: Arc::new(dir),
+            batches_per_run: RUN_BATCHES * ranges.max(1),
+            next_run: AtomicUsize::new(0),
+        })
+    }
+
+    /// Writes `rows` as sorted runs of about `run_bytes` of Arrow memory each.
+    pub fn write(
+        &self,
+        rows: impl Iterator<Item = Result<RecordBatch>>,
+        run_bytes: usize,
+    ) -> Result<Vec<RunFile>> {
+        let mut runs = Vec::new();
+        let mut held: Vec<RecordBatch> = Vec::new();
+        let mut held_bytes = 0;
+        for batch in rows {
+            let batch = batch?;
+            held_bytes += batch.get_array_memory_size();
+            held.push(batch);
+            if held_bytes >= run_bytes {
+                runs.extend(self.write_run(std::mem::take(&mut held))?);
+                held_bytes = 0;
+            }
+        }
+        runs.extend(self.write_run(held)?);
+        Ok(runs)
+    }
+
+    /// The runs written (by every thread), to merge.
+    pub fn finish(self, runs: Vec<RunFile>) -> Runs {
+        Runs {
+            runs,
+            keys: self.keys,
+            _dir: self.dir,
         }
     }
-    if !held.is_empty() {
-        paths.push(write_run(&dir, paths.len(), &keys, held)?);
+
+    /// Sorts `batches` on the keys and writes them as one run; None for no rows.
+    fn write_run(&self, batches: Vec<RecordBatch>) -> Result<Option<RunFile>> {
+        let encoded = batches
+            .iter()
+            .map(|batch| self.keys.encode(batch))
+            .collect::<Result<Vec<Rows>>>()?;
+        let mut order: Vec<(usize, usize)> = batches
+            .iter()
+            .enumerate()
+            .flat_map(|(b, batch)| (0..batch.num_rows()).map(move |r| (b, r)))
+            .collect();
+        if order.is_empty() {
+            return Ok(None);
+        }
+        order.sort_unstable_by(|x, y| encoded[x.0].row(x.1).cmp(&encoded[y.0].row(y.1)));
+        let n = self.next_run.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path().join(format!("run-{n}.arrow"));
+        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut writer = FileWriter::try_new(BufWriter::new(file), &self.schema)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let refs: Vec<&RecordBatch> = batches.iter().collect();
+        let batch_rows = (order.len() / self.batches_per_run)
+            .clamp(*RUN_BATCH_ROWS.start(), *RUN_BATCH_ROWS.end());
+        let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+        let batch_bytes = bytes / order.len().div_ceil(batch_rows);
+        let (mut firsts, mut samples) = (Vec::new(), Vec::new());
+        for chunk in order.chunks(batch_rows) {
+            let key = |&(b, r): &(usize, usize)| encoded[b].row(r).owned();
+            firsts.push(key(&chunk[0]));
+            let step = chunk.len().div_ceil(SAMPLES_PER_BATCH);
+            for sampled in chunk.chunks(step) {
+                samples.push((key(&sampled[0]), sampled.len()));
+            }
+            writer.write(&interleave_record_batch(&refs, chunk)?)?;
+        }
+        writer
+            .finish()
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Some(RunFile {
+            path,
+            batch_bytes,
+            firsts,
+            samples,
+        }))
     }
-    let mut runs = Vec::with_capacity(paths.len());
-    for path in paths {
-        let reader = FileReader::try_new(BufReader::new(File::open(&path)?), None)?;
-        let mut run = Run {
-            reader,
-            batch: None,
-            keys: None,
-            next: 0,
-        };
-        run.advance(&keys)?;
-        runs.push(run);
+}
+
+impl Runs {
+    /// About the Arrow memory a merge of a key range holds: a batch of every run.
+    pub fn merge_bytes(&self) -> usize {
+        self.runs.iter().map(|run| run.batch_bytes).sum()
     }
-    Ok(SortedRows {
-        runs,
-        keys,
-        _dir: dir,
-    })
+
+    /// Cuts the keys into at most `parts` ranges of about as many rows each (as far as the
+    /// runs' sampled keys tell), in key order.
+    pub fn split(&self, parts: usize) -> Vec<KeyRange> {
+        let mut samples: Vec<(Row<'_>, usize)> = self
+            .runs
+            .iter()
+            .flat_map(|run| run.samples.iter().map(|(key, rows)| (key.row(), *rows)))
+            .collect();
+        samples.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let total: usize = samples.iter().map(|(_, rows)| rows).sum();
+        let mut bounds: Vec<OwnedRow> = Vec::new();
+        let mut seen = 0;
+        for (key, rows) in samples {
+            let wanted = total * (bounds.len() + 1) / parts.max(1);
+            if bounds.len() + 1 < parts
+                && seen >= wanted
+                && seen > 0
+                && bounds.last().is_none_or(|last| last.row() < key)
+            {
+                bounds.push(key.owned());
+            }
+            seen += rows;
+        }
+        let mut ranges = Vec::with_capacity(bounds.len() + 1);
+        let mut lo = None;
+        for bound in bounds {
+            ranges.push(KeyRange {
+                lo: lo.take(),
+                hi: Some(bound.clone()),
+            });
+            lo = Some(bound);
+        }
+        ranges.push(KeyRange { lo, hi: None });
+        ranges
+    }
+
+    /// The rows of `range`, in key order.
+    pub fn merge(self: &Arc<Self>, range: &KeyRange) -> Result<SortedRows> {
+        let mut runs = Vec::with_capacity(self.runs.len());
+        for run in &self.runs {
+            // The batch the range starts in: the last that starts at or before its first key.
+            let start = match &range.lo {
+                Some(lo) => run
+                    .firsts
+                    .partition_point(|first| first.row() <= lo.row())
+                    .saturating_sub(1),
+                None => 0,
+            };
+            let file =
+                File::open(&run.path).with_context(|| format!("reading {}", run.path.display()))?;
+            let mut reader = FileReader::try_new(BufReader::new(file), None)?;
+            reader.set_index(start)?;
+            let mut open = Run {
+                reader,
+                batch: None,
+                keys: None,
+                next: 0,
+            };
+            open.advance(&self.keys)?;
+            if let Some(lo) = &range.lo {
+                while open.key().is_some_and(|key| key < lo.row()) {
+                    open.step(&self.keys)?;
+                }
+            }
+            runs.push(open);
+        }
+        Ok(SortedRows {
+            runs,
+            keys: self.keys.clone(),
+            hi: range.hi.clone(),
+            _runs: self.clone(),
+        })
+    }
+}
+
+/// Rows of a key range, read back from the sorted runs in order.
+pub struct SortedRows {
+    runs: Vec<Run>,
+    keys: Arc<Keys>,
+    /// Where the range ends (left out).
+    hi: Option<OwnedRow>,
+    /// The runs' files stay while their rows are read.
+    _runs: Arc<Runs>,
 }
 
 impl SortedRows {
@@ -103,10 +277,12 @@ impl SortedRows {
         let mut slots: Vec<Option<usize>> = vec![None; self.runs.len()];
         let mut picks: Vec<(usize, usize)> = Vec::with_capacity(SORTED_BATCH_ROWS);
         while picks.len() < SORTED_BATCH_ROWS {
-            // The run with the smallest next key (runs are few: a linear scan).
+            // The run with the smallest next key within the range (runs are few: a linear
+            // scan).
             let mut smallest: Option<(usize, Row<'_>)> = None;
             for (r, run) in self.runs.iter().enumerate() {
                 if let Some(key) = run.key()
+                    && self.hi.as_ref().is_none_or(|hi| key < hi.row())
                     && smallest.as_ref().is_none_or(|(_, least)| key < *least)
                 {
                     smallest = Some((r, key));
@@ -120,11 +296,10 @@ impl SortedRows {
                 batches.len() - 1
             });
             picks.push((slot, run.next));
-            run.next += 1;
-            if run.next == batch.num_rows() {
+            if run.next + 1 == batch.num_rows() {
                 slots[r] = None;
-                run.advance(&self.keys)?;
             }
+            run.step(&self.keys)?;
         }
         if picks.is_empty() {
             return Ok(None);
@@ -149,6 +324,15 @@ impl Run {
     fn key(&self) -> Option<Row<'_>> {
         self.batch.as_ref()?;
         Some(self.keys.as_ref()?.row(self.next))
+    }
+
+    /// Moves past the next row.
+    fn step(&mut self, keys: &Keys) -> Result<()> {
+        self.next += 1;
+        match &self.batch {
+            Some(batch) if self.next == batch.num_rows() => self.advance(keys),
+            _ => Ok(()),
+        }
     }
 
     /// Moves to the run's next batch (to its end after the last).
@@ -203,46 +387,23 @@ impl Keys {
     }
 }
 
-/// Sorts `batches` on the keys and writes them as run number `n`.
-fn write_run(
-    dir: &tempfile::TempDir,
-    n: usize,
-    keys: &Keys,
-    batches: Vec<RecordBatch>,
-) -> Result<PathBuf> {
-    let encoded = batches
-        .iter()
-        .map(|batch| keys.encode(batch))
-        .collect::<Result<Vec<Rows>>>()?;
-    let mut order: Vec<(usize, usize)> = batches
-        .iter()
-        .enumerate()
-        .flat_map(|(b, batch)| (0..batch.num_rows()).map(move |r| (b, r)))
-        .collect();
-    order.sort_unstable_by(|x, y| encoded[x.0].row(x.1).cmp(&encoded[y.0].row(y.1)));
-    let path = dir.path().join(format!("run-{n}.arrow"));
-    let schema = batches[0].schema();
-    let mut writer = FileWriter::try_new(File::create(&path)?, &schema)
-        .with_context(|| format!("writing {}", path.display()))?;
-    let refs: Vec<&RecordBatch> = batches.iter().collect();
-    let batch_rows =
-        (order.len() / RUN_BATCHES).clamp(*RUN_BATCH_ROWS.start(), *RUN_BATCH_ROWS.end());
-    for chunk in order.chunks(batch_rows) {
-        writer.write(&interleave_record_batch(&refs, chunk)?)?;
-    }
-    writer.finish()?;
-    Ok(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use arrow::array::StringArray;
     use arrow::datatypes::{DataType, Field, Schema};
-    use std::sync::Arc;
 
-    #[tokio::test]
-    async fn rows_come_back_in_key_order_across_many_runs() {
+    fn strings(batch: &RecordBatch, column: usize) -> Vec<String> {
+        let values = batch
+            .column(column)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        values.iter().map(|v| v.unwrap().to_string()).collect()
+    }
+
+    #[test]
+    fn key_ranges_of_runs_from_several_writers_merge_into_key_order() {
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Utf8, true),
             Field::new("n", DataType::Utf8, true),
@@ -251,38 +412,36 @@ mod tests {
         let ids: Vec<String> = (0..5000u64)
             .map(|i| format!("{:08}", (i * 7919) % 5000))
             .collect();
-        let batches: Vec<Result<RecordBatch>> = ids
+        let batches: Vec<RecordBatch> = ids
             .chunks(700)
             .map(|chunk| {
                 let id = StringArray::from_iter_values(chunk.iter());
                 let n = StringArray::from_iter_values(chunk.iter().map(|i| format!("row {i}")));
-                Ok(RecordBatch::try_new(
-                    schema.clone(),
-                    vec![Arc::new(id), Arc::new(n)],
-                )?)
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(id), Arc::new(n)]).unwrap()
             })
             .collect();
         let keys = ["id".to_string()];
-        let mut sorted = sort_rows(futures::stream::iter(batches), &schema, &keys, 20_000)
-            .await
-            .unwrap();
-        assert!(sorted.runs.len() > 3, "{} runs", sorted.runs.len());
+        let writer = RunWriter::new(&schema, &keys, 3).unwrap();
+        // Two writers, each with every other input batch.
+        let mut runs = Vec::new();
+        for part in 0..2 {
+            let mine = batches.iter().skip(part).step_by(2).cloned().map(Ok);
+            runs.extend(writer.write(mine, 20_000).unwrap());
+        }
+        let runs = Arc::new(writer.finish(runs));
+        assert!(runs.runs.len() > 3, "{} runs", runs.runs.len());
+        let ranges = runs.split(3);
+        assert_eq!(ranges.len(), 3);
         let mut out: Vec<(String, String)> = Vec::new();
-        while let Some(batch) = sorted.next_batch().unwrap() {
-            assert!(batch.num_rows() <= SORTED_BATCH_ROWS);
-            let id = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap();
-            let n = batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap();
-            for i in 0..batch.num_rows() {
-                out.push((id.value(i).to_string(), n.value(i).to_string()));
+        let mut sizes = Vec::new();
+        for range in &ranges {
+            let mut sorted = runs.merge(range).unwrap();
+            let before = out.len();
+            while let Some(batch) = sorted.next_batch().unwrap() {
+                assert!(batch.num_rows() <= SORTED_BATCH_ROWS);
+                out.extend(strings(&batch, 0).into_iter().zip(strings(&batch, 1)));
             }
+            sizes.push(out.len() - before);
         }
         let mut want = ids.clone();
         want.sort();
@@ -291,5 +450,19 @@ mod tests {
             want
         );
         assert!(out.iter().all(|(id, n)| *n == format!("row {id}")));
+        // The ranges hold about a third of the rows each (as far as batch starts tell).
+        assert!(
+            sizes.iter().all(|&n| (1000..=2400).contains(&n)),
+            "{sizes:?}"
+        );
+        // One range merges everything.
+        let whole = runs.split(1);
+        assert_eq!(whole.len(), 1);
+        let mut sorted = runs.merge(&whole[0]).unwrap();
+        let mut n = 0;
+        while let Some(batch) = sorted.next_batch().unwrap() {
+            n += batch.num_rows();
+        }
+        assert_eq!(n, 5000);
     }
 }

@@ -113,6 +113,8 @@ pub struct DeltaSettings {
     merge_bytes: usize,
     /// The memory of the keys every table keeps while it takes appends, for the run's budget.
     routing_keys: HeldMemory,
+    /// Threads a compaction may use (the run's workers, which have finished by then).
+    threads: usize,
 }
 
 impl DeltaSettings {
@@ -148,6 +150,7 @@ impl DeltaSettings {
             merge_rows: DEFAULT_MERGE_ROWS,
             merge_bytes: memory_limit / 4 / PARALLEL_MERGES,
             routing_keys: HeldMemory::default(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 
@@ -164,6 +167,12 @@ impl DeltaSettings {
     /// `--batch-size`, as Cumulus ETL would); a MERGE file by file is bounded by its memory.
     pub fn with_merge_rows(mut self, rows: usize) -> DeltaSettings {
         self.merge_rows = rows.max(1);
+        self
+    }
+
+    /// Compactions use up to `threads` threads (the machine's cores by default).
+    pub fn with_threads(mut self, threads: usize) -> DeltaSettings {
+        self.threads = threads.max(1);
         self
     }
 }
@@ -964,7 +973,7 @@ impl CumulusTable {
             .table_properties()
             .target_file_size()
             .get();
-        let files = self.files(tokio::runtime::Handle::current());
+        let files = Arc::new(self.files(tokio::runtime::Handle::current()));
         let clustered = match self.clustering.is_empty() {
             true => None,
             false => {
@@ -972,9 +981,16 @@ impl CumulusTable {
                 // count of wide FHIR rows is about half their real size, and larger runs set
                 // the run's peak (docs/performance.md).
                 let memory = self.settings.merge_bytes / 4;
-                let sorted =
-                    compact::cluster_by_file(&self.table, &files, target, &self.clustering, memory)
-                        .await;
+                let threads = self.settings.threads;
+                let sorted = compact::cluster_by_file(
+                    &self.table,
+                    &files,
+                    target,
+                    &self.clustering,
+                    memory,
+                    threads,
+                )
+                .await;
                 match sorted {
                     Ok(clustered) => clustered,
                     // Clustering only orders the files; packing them still pays.
