@@ -4,9 +4,9 @@
 //!
 //! A clustered table is compacted by clustering instead ([`cluster_by_file`]): its small files
 //! that no other clustering implementation claims are read back, sorted on the clustering
-//! columns by DataFusion (whose sort spills to disk beyond its share of the memory pool), and
-//! written as files of the target size, each so holding a narrow key range, tagged as clustered
-//! by this tool (`clusteringProvider`, as PROTOCOL.md asks).
+//! columns by an external sort ([`cluster_sort`]) on every thread the run has, and written as
+//! files of the target size, each so holding a narrow key range, tagged as clustered by this
+//! tool (`clusteringProvider`, as PROTOCOL.md asks).
 //!
 //! delta-rs's OPTIMIZE (1.1) reads each bin through a DataFusion scan and writes it with its own
 //! writer; finishing a 4 GB first load, its compactions were the run's peak (450 to 609 MiB
@@ -21,7 +21,8 @@ use deltalake::datafile::reader::ParquetFileReader;
 use deltalake::kernel::{Action, Add, Remove};
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use super::cluster_sort;
 use super::deletion_vectors::{DeletedRows, deleted_rows};
@@ -173,14 +174,17 @@ pub async fn cluster_by_file(
         let records = file.num_records().map_or(0, |n| n as i64 - deleted);
         bytes += size;
         row_count += u64::try_from(records).unwrap_or(0);
-        stored.push((file.object_store_path(), vector));
+        stored.push((file.object_store_path(), vector, size));
         removes.push(file.remove_action(false));
     }
     if stored.len() < 2 {
         return Ok(Some(Compaction::default()));
     }
+    // The largest files first, so the sort's readers, which take the next file when done with
+    // one, finish together.
+    stored.sort_by_key(|(_, _, size)| std::cmp::Reverse(*size));
     let mut inputs = Vec::with_capacity(stored.len());
-    for (path, vector) in stored {
+    for (path, vector, _) in stored {
         inputs.push((path, deleted_rows(table, vector).await?));
     }
     // Files of about the target size: as many rows each as the small files held per target's
@@ -259,8 +263,8 @@ const MIN_RANGE_ROWS: u64 = 65_536;
 const MERGE_MEMORY: usize = 6;
 
 /// Writes the live rows of `inputs` (path, rows their deletion vector removes) as sorted runs
-/// for merges of `parts` key ranges: `parts` threads read a share of the files each, holding
-/// `sort_bytes` of rows between them.
+/// for merges of `parts` key ranges: `parts` threads each take the next file left (in the
+/// order given) until none is, holding about twice `sort_bytes` of rows between them.
 async fn write_runs(
     store: deltalake::logstore::ObjectStoreRef,
     schema: &SchemaRef,
@@ -275,18 +279,13 @@ async fn write_runs(
     // as large as one core's were. Smaller runs (half each) made twice as many, and the merges
     // that hold a batch of each peaked at 371 MiB against 292 to 302 at `--memory 256MiB`.
     let run_bytes = sort_bytes * 2 / readers;
+    let files = Arc::new(Mutex::new(VecDeque::from(inputs)));
     let tasks: Vec<_> = (0..readers)
-        .map(|reader| {
-            let share: Vec<_> = inputs
-                .iter()
-                .skip(reader)
-                .step_by(readers)
-                .cloned()
-                .collect();
+        .map(|_| {
             let (writer, store, schema) = (writer.clone(), store.clone(), schema.clone());
-            let runtime = tokio::runtime::Handle::current();
+            let (runtime, files) = (tokio::runtime::Handle::current(), files.clone());
             tokio::task::spawn_blocking(move || {
-                let rows = LiveRows::new(runtime, store, schema, share);
+                let rows = LiveRows::new(runtime, store, schema, files);
                 writer.write(rows, run_bytes)
             })
         })
@@ -340,14 +339,16 @@ fn write_sorted(
     runtime.block_on(close_writer(writer, copied, what, written))
 }
 
-/// The live rows of the given files (path, rows their deletion vector removes), one file
-/// after the other, conformed to `schema`; read on a thread outside the runtime, which drives
-/// the reads.
+/// Files left to read (path, rows their deletion vector removes), shared by the readers.
+type FileQueue = Arc<Mutex<VecDeque<(deltalake::Path, Option<DeletedRows>)>>>;
+
+/// The live rows of the files taken from a queue, one file after the other, conformed to
+/// `schema`; read on a thread outside the runtime, which drives the reads.
 struct LiveRows {
     runtime: tokio::runtime::Handle,
     reader: ParquetFileReader,
     schema: SchemaRef,
-    files: std::vec::IntoIter<(deltalake::Path, Option<DeletedRows>)>,
+    files: FileQueue,
     current: Option<BoxStream<'static, Result<RecordBatch>>>,
 }
 
@@ -356,13 +357,13 @@ impl LiveRows {
         runtime: tokio::runtime::Handle,
         store: deltalake::logstore::ObjectStoreRef,
         schema: SchemaRef,
-        files: Vec<(deltalake::Path, Option<DeletedRows>)>,
+        files: FileQueue,
     ) -> LiveRows {
         LiveRows {
             runtime,
             reader: ParquetFileReader::new(store),
             schema,
-            files: files.into_iter(),
+            files,
             current: None,
         }
     }
@@ -379,7 +380,7 @@ impl Iterator for LiveRows {
                     None => self.current = None,
                 }
             }
-            let (path, deleted) = self.files.next()?;
+            let (path, deleted) = self.files.lock().unwrap().pop_front()?;
             let opened =
                 self.runtime
                     .block_on(read_file(&self.reader, &path, &self.schema, deleted));
