@@ -40,10 +40,10 @@ pub fn init(output: &ObjectLocation, format: OutputFormat, memory: u64) -> Resul
         let mut writer = outputs.open(table, kind)?;
         write_and_wait(writer.as_mut(), &empty_batch(&Shape::default()))
             .with_context(|| format!("creating {table}"))?;
-        eprintln!("Created {table}");
+        crate::say!("Created {table}");
     }
     for (table, e) in outputs.finish(false) {
-        eprintln!("warning: finishing {table} failed: {}", one_line(&e));
+        crate::say!("warning: finishing {table} failed: {}", one_line(&e));
     }
     Ok(())
 }
@@ -108,23 +108,23 @@ pub fn convert(
             continue;
         }
         let Some(kind) = table_kind(table) else {
-            eprintln!(
+            crate::say!(
                 "warning: {}: not a table this tool knows; skipped",
                 original.url_of(table)
             );
             continue;
         };
         match convert_table(&outputs, original, &keys, table, kind) {
-            Ok(rows) => eprintln!("Converted {table}: {rows} rows"),
+            Ok(rows) => crate::say!("Converted {table}: {rows} rows"),
             Err(e) => {
                 failed = true;
-                eprintln!("error: converting {table}: {}", one_line(&e));
+                crate::say!("error: converting {table}: {}", one_line(&e));
             }
         }
     }
     copy_job_configs(original, &keys, target).map_err(failure)?;
     for (table, e) in outputs.finish(optimize) {
-        eprintln!(
+        crate::say!(
             "warning: table maintenance of {table} failed: {}",
             one_line(&e)
         );

@@ -191,7 +191,7 @@ fn injection() -> Option<&'static Injection> {
             let spec = std::env::var("CUMULUS_ETL_TEST_PANIC").ok()?;
             let parsed = Injection::parse(&spec);
             if parsed.is_none() {
-                eprintln!("warning: CUMULUS_ETL_TEST_PANIC={spec} is not SITE:NAME[:LINE]");
+                crate::say!("warning: CUMULUS_ETL_TEST_PANIC={spec} is not SITE:NAME[:LINE]");
             }
             parsed
         })

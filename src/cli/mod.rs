@@ -271,7 +271,7 @@ fn finish_command(result: Result<(), Fatal>) -> i32 {
     match result {
         Ok(()) => 0,
         Err(fatal) => {
-            eprintln!("{}", fatal.message);
+            crate::say!("{}", fatal.message);
             fatal.code as i32
         }
     }
@@ -301,11 +301,11 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
                 _ => None,
             };
             let Some(replacement) = replacement else {
-                eprintln!("The '{sub}' command is not available in this version of cumulus-etl.");
+                crate::say!("The '{sub}' command is not available in this version of cumulus-etl.");
                 return ExitCode::ArgsInvalid as i32;
             };
             // Cumulus ETL's words.
-            eprintln!(
+            crate::say!(
                 "The 'cumulus-etl {sub}' command has been removed.\n\
                  Please use '{replacement}' instead.\n\
                  See https://docs.smarthealthit.org/cumulus/fetch/ for more information."
@@ -358,7 +358,7 @@ fn refuse_removed_flags(args: &[String], removed: &[&str]) -> Option<i32> {
         .take_while(|a| *a != "--")
         .map(|a| a.split('=').next().unwrap_or(a))
         .find(|a| removed.contains(a))?;
-    eprintln!(
+    crate::say!(
         "The {flag} flag has been removed.\n\
          Please use SMART Fetch to extract FHIR data from your EHR instead:\n  \
          https://docs.smarthealthit.org/cumulus/fetch/"
@@ -370,7 +370,7 @@ fn finish_run(result: Result<ExitCode, Fatal>) -> i32 {
     match result {
         Ok(code) => code as i32,
         Err(fatal) => {
-            eprintln!("{}", fatal.message);
+            crate::say!("{}", fatal.message);
             fatal.code as i32
         }
     }

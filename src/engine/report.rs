@@ -102,9 +102,9 @@ impl RunReport {
             } else {
                 format!(" ({detail})")
             };
-            eprintln!("warning: {place}: skipped: {}{detail}", reason.label());
+            crate::say!("warning: {place}: skipped: {}{detail}", reason.label());
         } else if *n == WARNINGS_PER_REASON + 1 {
-            eprintln!(
+            crate::say!(
                 "warning: more skipped for '{}'; they are counted in the summary",
                 reason.label()
             );
@@ -113,7 +113,7 @@ impl RunReport {
 
     /// Records a file that could not be read to its end (a truncated or corrupt archive).
     pub fn note_unreadable(&self, file: &InputFile, line: u64, message: &str) {
-        eprintln!(
+        crate::say!(
             "warning: {}:{line}: stopped reading: {message}; the rest of this file was skipped",
             file.name()
         );
@@ -150,7 +150,7 @@ impl RunReport {
         if let Some(dir) = &self.errors_dir
             && let Err(e) = write_unfit_rows(dir, table, rows)
         {
-            eprintln!(
+            crate::say!(
                 "error: could not save rows of {table} to {}: {e}",
                 dir.display()
             );
@@ -162,7 +162,7 @@ impl RunReport {
         if let Some(dir) = &self.errors_dir
             && let Err(e) = write_failed_batch(dir, table, index, rows)
         {
-            eprintln!(
+            crate::say!(
                 "error: could not save the failed batch to {}: {e}",
                 dir.display()
             );

@@ -178,7 +178,7 @@ impl SinkState {
         }
         let codebook = shared.scrubber.codebook();
         if let Err(e) = codebook.save() {
-            eprintln!("error: could not save the codebook: {}", one_line(&e));
+            crate::say!("error: could not save the codebook: {}", one_line(&e));
         }
         shared.budget.hold_codebook(codebook.held_bytes());
         let ctx = &shared.work.tasks[task_id as usize];
@@ -330,7 +330,7 @@ fn written_callback(
                     let message = format!("writing table {table}: {panic}");
                     shared.stop.stop(StopCause::Writing, message);
                 }
-                eprintln!(
+                crate::say!(
                     "error: could not write batch {batch_index} of {table}: {}",
                     one_line(&e)
                 );

@@ -149,7 +149,7 @@ impl SourceState {
                     }
                     granted => {
                         if granted == Reservation::GrantedAlone {
-                            eprintln!(
+                            crate::say!(
                                 "note: a bundle of {} in {} is larger than the memory budget; processing it alone",
                                 human_bytes((end - start) as u64),
                                 file.name()

@@ -45,7 +45,7 @@ impl StopSignal {
     pub fn stop(&self, cause: StopCause, message: String) {
         let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
         if first.is_none() {
-            eprintln!("error: {message}; stopping the run");
+            crate::say!("error: {message}; stopping the run");
             *first = Some(RunStopped { cause, message });
         }
         self.stopped.store(true, Ordering::Release);

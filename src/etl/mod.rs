@@ -86,7 +86,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         },
     };
     for u in &found.unreadable {
-        eprintln!("warning: {}: skipped: {}", u.name, u.reason);
+        crate::say!("warning: {}: skipped: {}", u.name, u.reason);
     }
     if !opts.allow_missing_resources {
         let present = found.resource_types();
@@ -107,7 +107,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             ));
         }
         for t in &missing {
-            eprintln!("No {} files found in {}", t.resource, input.url());
+            crate::say!("No {} files found in {}", t.resource, input.url());
         }
         selected.retain(|t| present.contains(&t.resource));
         if selected.is_empty() {
@@ -123,7 +123,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         InputFormat::I2b2 => Default::default(),
     };
     if bad_deleted > 0 {
-        eprintln!(
+        crate::say!(
             "warning: {bad_deleted} unreadable lines in {}",
             input.url_of("deleted")
         );
@@ -231,7 +231,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         rejected,
     }
     .build(scrubber, &codebook, contexts, work)?;
-    eprintln!(
+    crate::say!(
         "Reading {} in {} files with {} workers and a {} memory budget...",
         human_bytes(total_bytes),
         found.files.len(),
@@ -268,7 +268,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
                 .collect();
             let mut writer = shared.open_writer(&task.name, ctx)?;
             writer.delete_ids(&hashed)?;
-            eprintln!(
+            crate::say!(
                 "  {} ids deleted from {} (from the export's deleted/ folder)",
                 hashed.len(),
                 task.name
@@ -291,7 +291,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     // commits cost more than the rows, and their files made every run compact the table.
     write_completion_rows(&shared, &completion_rows);
     if opts.output_format == OutputFormat::Deltalake {
-        eprintln!(
+        crate::say!(
             "Finishing Delta tables ({})...",
             if opts.optimize_tables {
                 "compaction of tables with 8+ files, vacuum, checkpoint, manifest"
@@ -315,10 +315,10 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         .values()
         .any(|s| s.had_errors || s.success < s.attempt);
     if failed {
-        eprintln!("🚨 One or more tasks above did not 100% complete! 🚨");
+        crate::say!("🚨 One or more tasks above did not 100% complete! 🚨");
         Ok(ExitCode::TaskFailed)
     } else {
-        eprintln!("⭐ All tasks completed successfully! ⭐");
+        crate::say!("⭐ All tasks completed successfully! ⭐");
         Ok(ExitCode::Success)
     }
 }
@@ -353,7 +353,7 @@ pub fn open_codebook(
 ) -> Result<Arc<Codebook>, Fatal> {
     if let Some(dir) = phi.local_dir() {
         if let Some(mode) = store::open_to_others(dir) {
-            eprintln!(
+            crate::say!(
                 "warning: the PHI folder {} can be read by other users (mode {mode:o}); \
                  `chmod -R go-rwx {}` keeps its salt and id mappings private",
                 dir.display(),
@@ -482,7 +482,7 @@ fn write_completion_rows(shared: &RunShared, rows: &[(&Task, Vec<u8>)]) {
         });
     if let Err(e) = written {
         for (task, _) in rows {
-            eprintln!(
+            crate::say!(
                 "error: could not write {COMPLETION_TABLE} for {}: {e:#}",
                 task.name
             );
@@ -505,29 +505,29 @@ fn strip_nulls(mut v: serde_json::Value) -> serde_json::Value {
 }
 
 fn print_config(opts: &EtlOptions, started: &PyDateTime, tasks: &[Task]) {
-    eprintln!("Configuration:");
-    eprintln!("  Input path:   {}", opts.input.url());
-    eprintln!(
+    crate::say!("Configuration:");
+    crate::say!("  Input path:   {}", opts.input.url());
+    crate::say!(
         "  Output path:  {} ({})",
         opts.output.url(),
         opts.output_format.name()
     );
-    eprintln!("  PHI path:     {}", opts.phi.url());
+    crate::say!("  PHI path:     {}", opts.phi.url());
     if let Some(e) = &opts.errors_to {
-        eprintln!("  Errors path:  {}", e.display());
+        crate::say!("  Errors path:  {}", e.display());
     }
-    eprintln!("  Current time: {} UTC", started.summary_format());
-    eprintln!("  Batch size:   {}", opts.batch_size);
-    eprintln!(
+    crate::say!("  Current time: {} UTC", started.summary_format());
+    crate::say!("  Batch size:   {}", opts.batch_size);
+    crate::say!(
         "  Workers:      {}   Memory budget: {}",
         opts.engine.workers,
         human_bytes(opts.memory)
     );
     let ex = tasks::expand_names(&opts.exclusions);
     if !ex.is_empty() {
-        eprintln!("  Excluded:     {}", ex.join(", "));
+        crate::say!("  Excluded:     {}", ex.join(", "));
     }
-    eprintln!(
+    crate::say!(
         "  Tasks:        {}",
         tasks
             .iter()
@@ -536,24 +536,24 @@ fn print_config(opts: &EtlOptions, started: &PyDateTime, tasks: &[Task]) {
             .join(", ")
     );
     if let Some(c) = &opts.comment {
-        eprintln!("  Comment:      {c}");
+        crate::say!("  Comment:      {c}");
     }
 }
 
 pub fn print_extension_report(report: &crate::deid::ExtensionReport) {
     if !report.dropped.is_empty() {
-        eprintln!("Unrecognized extensions dropped from resources:");
+        crate::say!("Unrecognized extensions dropped from resources:");
         for ((rtype, url), n) in &report.dropped {
-            eprintln!(
+            crate::say!(
                 "  {rtype}: {url} ({n} time{})",
                 if *n == 1 { "" } else { "s" }
             );
         }
     }
     if !report.skipped_modifiers.is_empty() {
-        eprintln!("🚨 Resources skipped due to unrecognized modifier extensions: 🚨");
+        crate::say!("🚨 Resources skipped due to unrecognized modifier extensions: 🚨");
         for ((rtype, url), n) in &report.skipped_modifiers {
-            eprintln!(
+            crate::say!(
                 "  {rtype}: {url} ({n} time{})",
                 if *n == 1 { "" } else { "s" }
             );
@@ -567,13 +567,16 @@ pub fn print_summary(
     bytes: u64,
     budget: &MemoryBudget,
 ) {
-    eprintln!();
-    eprintln!(
+    crate::say!();
+    crate::say!(
         "{:<30} {:>12} {:>12} {:>8}",
-        "Table", "Attempted", "Written", "Errors"
+        "Table",
+        "Attempted",
+        "Written",
+        "Errors"
     );
     for s in stats.tables.values() {
-        eprintln!(
+        crate::say!(
             "{:<30} {:>12} {:>12} {:>8}",
             s.label,
             s.attempt,
@@ -583,15 +586,15 @@ pub fn print_summary(
     }
     let skipped: u64 = stats.skipped.values().sum();
     if skipped > 0 {
-        eprintln!("Skipped input ({skipped} in all):");
+        crate::say!("Skipped input ({skipped} in all):");
         for (reason, n) in &stats.skipped {
-            eprintln!("  {:<40} {n:>10}", reason.label());
+            crate::say!("  {:<40} {n:>10}", reason.label());
         }
     } else {
-        eprintln!("Skipped input: none");
+        crate::say!("Skipped input: none");
     }
     let secs = elapsed.as_secs_f64().max(1e-6);
-    eprintln!(
+    crate::say!(
         "Done in {secs:.1}s: {} read ({:.1} MB/s), peak budget use {} of {}{}",
         human_bytes(bytes),
         bytes as f64 / 1e6 / secs,

@@ -86,7 +86,7 @@ pub fn run_to_end(
 /// VACUUM); a table whose maintenance failed is a warning, its data being written.
 pub fn finish_tables(shared: &RunShared, optimize: bool) {
     for (table, e) in shared.outputs.finish(optimize) {
-        eprintln!(
+        crate::say!(
             "warning: table maintenance of {table} failed: {}",
             one_line(&e)
         );
@@ -99,10 +99,10 @@ pub fn finish_tables(shared: &RunShared, optimize: bool) {
 /// exit as a failed task (19), the rest as a failure (1).
 pub fn stopped_run(shared: &RunShared, error: anyhow::Error) -> Fatal {
     for (table, e) in shared.outputs.finish(false) {
-        eprintln!("warning: finishing table {table} failed: {}", one_line(&e));
+        crate::say!("warning: finishing table {table} failed: {}", one_line(&e));
     }
     if let Err(e) = shared.scrubber.codebook().save() {
-        eprintln!("error: could not save the codebook: {}", one_line(&e));
+        crate::say!("error: could not save the codebook: {}", one_line(&e));
     }
     let code = match error.downcast_ref::<RunStopped>() {
         Some(stopped) if stopped.cause == StopCause::Writing => ExitCode::TaskFailed,

@@ -42,7 +42,7 @@ pub fn discover_i2b2(listing: &Listing, wanted: &HashSet<String>) -> Vec<InputFi
                 resource_type: resource.to_string(),
                 size,
             }),
-            None => eprintln!("No {}, skipping.", listing.root.url_of(name)),
+            None => crate::say!("No {}, skipping.", listing.root.url_of(name)),
         }
     }
     files

@@ -186,7 +186,7 @@ impl MemoryBudget {
     pub fn hold_codebook(&self, held_bytes: u64) {
         self.codebook.set(held_bytes);
         if let Some(warning) = self.check_held() {
-            eprintln!("{warning}");
+            crate::say!("{warning}");
         }
     }
 

@@ -457,15 +457,15 @@ mod labelled {
             fp += found.iter().filter(|f| !expected.contains(f)).count();
             fn_ += expected.iter().filter(|e| !found.contains(e)).count();
             for f in found.iter().filter(|f| !expected.contains(f)) {
-                eprintln!("false positive {f:?} in {:?}", note["text"]);
+                crate::say!("false positive {f:?} in {:?}", note["text"]);
             }
             for e in expected.iter().filter(|e| !found.contains(e)) {
-                eprintln!("missed {e:?} in {:?}", note["text"]);
+                crate::say!("missed {e:?} in {:?}", note["text"]);
             }
         }
         let precision = tp as f64 / (tp + fp).max(1) as f64;
         let recall = tp as f64 / (tp + fn_).max(1) as f64;
-        eprintln!(
+        crate::say!(
             "labelled notes: tp {tp}, fp {fp}, fn {fn_}; precision {precision:.2}, recall {recall:.2}"
         );
         // The figures documented in docs/nlp.md; a change to the rules must not lower them.

@@ -83,9 +83,9 @@ impl NlpShared {
     fn fail(&self, path: &str, line: u64, why: &str, raw: &[u8]) {
         let failed = self.stats.failed.fetch_add(1, Ordering::Relaxed) + 1;
         if failed <= FAILURE_WARNINGS {
-            eprintln!("warning: {path}:{line}: note not analysed: {why}");
+            crate::say!("warning: {path}:{line}: note not analysed: {why}");
         } else if failed == FAILURE_WARNINGS + 1 {
-            eprintln!("warning: more notes were not analysed; they are counted in the summary");
+            crate::say!("warning: more notes were not analysed; they are counted in the summary");
         }
         if let Some(out) = &self.errors {
             let mut out = out.lock().unwrap();
@@ -281,7 +281,7 @@ impl NoteRows {
             Ok(t) => t,
             Err(TextError::RemoteOnly) => {
                 if !nlp.warned_remote.swap(true, Ordering::Relaxed) {
-                    eprintln!(
+                    crate::say!(
                         "warning: some note texts are only available by URL and are not \
                          fetched; inline them in the export first (they go to the errors folder)"
                     );

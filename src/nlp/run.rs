@@ -131,7 +131,7 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
         .collect();
     let found = discover(&list_input(input)?, Some(&wanted), ElementModel::r4())?;
     for u in &found.unreadable {
-        eprintln!("warning: {}: skipped: {}", u.name, u.reason);
+        crate::say!("warning: {}: skipped: {}", u.name, u.reason);
     }
     if found.files.is_empty() {
         return Err(Fatal::new(
@@ -160,15 +160,15 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
         ),
         EngineKind::Embedded => None,
     };
-    eprintln!("NLP configuration:");
-    eprintln!("  Input path:  {}", opts.input.url());
-    eprintln!(
+    crate::say!("NLP configuration:");
+    crate::say!("  Input path:  {}", opts.input.url());
+    crate::say!(
         "  Output path: {} ({})",
         opts.output.url(),
         opts.output_format.name()
     );
-    eprintln!("  PHI path:    {}", opts.phi.url());
-    eprintln!(
+    crate::say!("  PHI path:    {}", opts.phi.url());
+    crate::say!(
         "  Engine:      {}",
         match opts.engine_kind {
             EngineKind::Embedded => "embedded (dictionary + negation detection)".to_string(),
@@ -195,12 +195,12 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
         )?;
         failed |= outcome;
     }
-    eprintln!("Finished in {:.1}s.", started_at.elapsed().as_secs_f64());
+    crate::say!("Finished in {:.1}s.", started_at.elapsed().as_secs_f64());
     if failed {
-        eprintln!("🚨 One or more tasks above did not 100% complete! 🚨");
+        crate::say!("🚨 One or more tasks above did not 100% complete! 🚨");
         Ok(ExitCode::TaskFailed)
     } else {
-        eprintln!("⭐ All tasks completed successfully! ⭐");
+        crate::say!("⭐ All tasks completed successfully! ⭐");
         Ok(ExitCode::Success)
     }
 }
@@ -216,7 +216,7 @@ fn run_study(
 ) -> Result<bool, Fatal> {
     let started_at = Instant::now();
     let started = PyDateTime::now_utc();
-    eprintln!("Running {}...", study.name);
+    crate::say!("Running {}...", study.name);
     let dictionary = study.dictionary();
     let covid_cuis = Arc::new(dictionary.cuis.clone());
     let server = match runtime {
@@ -335,7 +335,7 @@ fn run_study(
     finish_tables(&shared, opts.optimize_tables);
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let s = &nlp.stats;
-    eprintln!(
+    crate::say!(
         "Notes: {} read, {} selected (ED notes with a valid status), {} with text, {} analysed, {} failed",
         n(&s.seen),
         n(&s.selected),
@@ -344,7 +344,7 @@ fn run_study(
         n(&s.failed)
     );
     if let Some(server) = &server {
-        eprintln!(
+        crate::say!(
             "Servers: {} requests, {} retries, {} answers from the cache",
             n(&server.stats.requests),
             n(&server.stats.retries),

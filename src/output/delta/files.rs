@@ -117,7 +117,7 @@ impl TableFiles {
         for add in adds {
             let path = deltalake::Path::from(add.path.as_str());
             if let Err(e) = self.store.delete(&path).await {
-                eprintln!("warning: could not remove the unused data file {path}: {e}");
+                crate::say!("warning: could not remove the unused data file {path}: {e}");
             }
         }
     }

@@ -164,8 +164,8 @@ impl DeltaOutput {
                 drop(committer.jobs);
                 match committer.done.await {
                     Ok(Ok(table)) => tables.push((name, table)),
-                    Ok(Err(e)) => eprintln!("error: the committer of {name} stopped: {e}"),
-                    Err(e) => eprintln!("error: the committer of {name} stopped: {e}"),
+                    Ok(Err(e)) => crate::say!("error: the committer of {name} stopped: {e}"),
+                    Err(e) => crate::say!("error: the committer of {name} stopped: {e}"),
                 }
             }
             // Spawned, so tables are maintained on the runtime's threads at once (polled here,
@@ -463,7 +463,7 @@ impl BatchWriter for DeltaTableWriter {
 
 /// A MERGE batch could not be written to local disk: it is queued in memory instead.
 fn staging_failed(e: &anyhow::Error) {
-    eprintln!("warning: could not stage a MERGE batch on local disk ({e:#}); it waits in memory");
+    crate::say!("warning: could not stage a MERGE batch on local disk ({e:#}); it waits in memory");
 }
 
 /// The distinct values of a string column (the groups a batch touches).

@@ -375,7 +375,7 @@ impl CumulusTable {
             Some((batch, Route::Merge)) => match self.stage.dir().write(&batch) {
                 Ok(file) => self.stage_file(file, &groups, keys, report).await,
                 Err(e) => {
-                    eprintln!(
+                    crate::say!(
                         "warning: could not stage a batch of {} ({e:#}); merging it alone",
                         self.spec.name
                     );
@@ -501,7 +501,7 @@ impl CumulusTable {
         };
         if !self.warned_unsupported {
             self.warned_unsupported = true;
-            eprintln!(
+            crate::say!(
                 "note: {} uses {reason}, so it is merged by delta-rs, whose memory grows with \
                  the table",
                 self.spec.name
@@ -995,7 +995,7 @@ impl CumulusTable {
                     Ok(clustered) => clustered,
                     // Clustering only orders the files; packing them still pays.
                     Err(e) => {
-                        eprintln!(
+                        crate::say!(
                             "note: {} was compacted without clustering: {e:#}",
                             self.spec.name
                         );
@@ -1034,7 +1034,7 @@ impl CumulusTable {
         match committed {
             // Compaction only tidies: another writer's commit makes it wait for the next run.
             Err(e) if is_conflict(&e) => {
-                eprintln!(
+                crate::say!(
                     "note: {} was not compacted: another writer committed to it meanwhile",
                     self.spec.name
                 );
@@ -1078,7 +1078,7 @@ impl CumulusTable {
         for file in &plan.files_deleted {
             match store.delete(&deltalake::Path::from(file.as_str())).await {
                 Ok(()) | Err(deltalake::ObjectStoreError::NotFound { .. }) => deleted += 1,
-                Err(e) => eprintln!("warning: VACUUM could not delete {file}: {e}"),
+                Err(e) => crate::say!("warning: VACUUM could not delete {file}: {e}"),
             }
         }
         let end = DeltaOperation::VacuumEnd {
@@ -1157,7 +1157,7 @@ impl CumulusTable {
             .iter()
             .any(|file| file.deletion_vector_descriptor().is_some())
         {
-            eprintln!(
+            crate::say!(
                 "note: {} has files with deletion vectors (written by Spark): the symlink manifest \
                  lists those files whole, so a reader of the manifest sees their deleted rows; \
                  Athena's Delta Lake tables and Spark do not",
