@@ -39,8 +39,9 @@ fn procedure_rows(output: &Path, format: &str) -> Vec<String> {
     texts
 }
 
-/// Copies of the sample's Procedures with new ids: enough for several bundles per worker.
-const COPIES: usize = 12;
+/// Copies of the sample's Procedures with new ids: enough for several bundles per worker, and
+/// for a Delta batch large enough to be encoded in parts on two threads (41,120 rows).
+const COPIES: usize = 20;
 
 /// A one-table export: the sample's Procedures in `COPIES` copies (ids made unique), with every
 /// tenth line of the first copy repeated at the end (far from its first copy, so in another
@@ -69,10 +70,16 @@ fn one_table_export(dir: &Path) -> usize {
     distinct
 }
 
+/// The output of a run of the export with `workers` and `batch_size`.
+fn output_of(tmp: &Path, format: &str, workers: usize, batch_size: usize) -> std::path::PathBuf {
+    tmp.join(format!("{format}-{workers}-{batch_size}"))
+}
+
 /// Runs the export into a new output with `workers` and `batch_size`; its procedure rows.
 fn run(input: &Path, tmp: &Path, format: &str, workers: usize, batch_size: usize) -> Vec<String> {
     let name = format!("{format}-{workers}-{batch_size}");
-    let (output, phi) = (tmp.join(&name), tmp.join(format!("{name}-phi")));
+    let output = output_of(tmp, format, workers, batch_size);
+    let phi = tmp.join(format!("{name}-phi"));
     phi_with_salt(&phi, "e359591c");
     let out = run_etl(&[
         input.to_str().unwrap(),
@@ -100,6 +107,14 @@ fn a_one_table_export_on_two_workers_gives_the_tables_of_one_worker_in_every_for
         let two = run(&input, tmp.path(), format, 2, 100_000);
         assert_eq!(one.len(), procedures, "{format}");
         assert_eq!(two, one, "{format}");
+        if format == "deltalake" {
+            // The one batch was encoded in two parts at once, a file each, on two workers.
+            let files = |workers| {
+                let table = output_of(tmp.path(), format, workers, 100_000).join("procedure");
+                crate::support::delta_live_files(&table).len()
+            };
+            assert_eq!((files(1), files(2)), (1, 2));
+        }
         // Batches of 3,000 rows: a batch is still cut at 3,000 rows whoever writes it; Delta
         // keeps each id once across batches too.
         let small = run(&input, tmp.path(), format, 2, 3000);

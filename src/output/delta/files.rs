@@ -22,7 +22,12 @@ pub struct TableFiles {
     store: ObjectStoreRef,
     stats: WriterStatsConfig,
     runtime: tokio::runtime::Handle,
+    /// Threads a large batch is encoded on, a part (and a file) each.
+    threads: usize,
 }
+
+/// Rows a part of a batch has at least: smaller batches are encoded as one file.
+const MIN_PART_ROWS: usize = 2 * ENCODE_SLICE_ROWS;
 
 /// Files written for one batch, not yet in the table's log.
 pub struct WrittenFiles {
@@ -47,13 +52,78 @@ impl TableFiles {
             store,
             stats,
             runtime,
+            threads: 1,
         }
     }
 
+    /// Encodes large batches on up to `threads` threads.
+    pub fn with_threads(mut self, threads: usize) -> TableFiles {
+        self.threads = threads.max(1);
+        self
+    }
+
     /// Decodes `rows` (of `schema`) a slice at a time, reshapes them to `target` and writes
-    /// them as one file; keys are fingerprinted on `uniqueness`. Must not be called from
-    /// within an async runtime. A failure leaves no file behind.
+    /// them as files (one per part of the rows, the parts encoded at once on up to the
+    /// table's threads: a table whose batches are most of the memory budget is otherwise
+    /// encoded by one worker while the others wait for memory); keys are fingerprinted on
+    /// `uniqueness`. Must not be called from within an async runtime. A failure leaves no file
+    /// behind.
     pub fn write(
+        &self,
+        rows: &[&[u8]],
+        schema: &SchemaRef,
+        target: &SchemaRef,
+        uniqueness: &[String],
+    ) -> Result<WrittenFiles> {
+        let parts = (rows.len() / MIN_PART_ROWS).clamp(1, self.threads);
+        if parts == 1 {
+            return self.write_part(rows, schema, target, uniqueness);
+        }
+        let part_rows = rows.len().div_ceil(parts);
+        let written: Vec<Result<WrittenFiles>> = std::thread::scope(|scope| {
+            let others: Vec<_> = rows
+                .chunks(part_rows)
+                .skip(1)
+                .map(|part| scope.spawn(move || self.write_part(part, schema, target, uniqueness)))
+                .collect();
+            let first = self.write_part(&rows[..part_rows], schema, target, uniqueness);
+            std::iter::once(first)
+                .chain(others.into_iter().map(|other| {
+                    // A panic is the worker's, as if it had encoded the part itself.
+                    other
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                }))
+                .collect()
+        });
+        let mut all = WrittenFiles {
+            adds: Vec::new(),
+            schema: target.clone(),
+            keys: Vec::with_capacity(rows.len()),
+            unfit: Vec::new(),
+        };
+        let mut failed = None;
+        for part in written {
+            match part {
+                Ok(part) => {
+                    all.adds.extend(part.adds);
+                    all.keys.extend(part.keys);
+                    all.unfit.extend(part.unfit);
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        match failed {
+            Some(e) => {
+                self.discard(&all);
+                Err(e)
+            }
+            None => Ok(all),
+        }
+    }
+
+    /// Writes `rows` as one file (see [`TableFiles::write`]).
+    fn write_part(
         &self,
         rows: &[&[u8]],
         schema: &SchemaRef,

@@ -289,6 +289,7 @@ impl CumulusTable {
             Err(_) => WriterStatsConfig::new(Default::default(), None),
         };
         TableFiles::new(self.table.log_store().object_store(None), stats, runtime)
+            .with_threads(self.settings.threads)
     }
 
     /// Routes a batch (records its keys in the ledger); returns the route and the keys.
