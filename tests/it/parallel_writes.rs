@@ -114,6 +114,18 @@ fn a_one_table_export_on_two_workers_gives_the_tables_of_one_worker_in_every_for
                 crate::support::delta_live_files(&table).len()
             };
             assert_eq!((files(1), files(2)), (1, 2));
+            // Tagged as one batch, which compaction counts once.
+            let table = output_of(tmp.path(), format, 2, 100_000).join("procedure");
+            let tags: Vec<serde_json::Value> = crate::support::delta_log_actions(&table)
+                .into_iter()
+                .flatten()
+                .filter_map(|a| {
+                    a.get("add")
+                        .map(|add| add["tags"]["cumulusEtlBatch"].clone())
+                })
+                .collect();
+            assert_eq!(tags.len(), 2, "{tags:?}");
+            assert!(tags[0].is_string() && tags[0] == tags[1], "{tags:?}");
         }
         // Batches of 3,000 rows: a batch is still cut at 3,000 rows whoever writes it; Delta
         // keeps each id once across batches too.

@@ -26,6 +26,10 @@ pub struct TableFiles {
     threads: usize,
 }
 
+/// The tag on the files of a batch encoded in parts (`add.tags`), naming the batch by its first
+/// file; readers ignore tags.
+pub const BATCH_TAG: &str = "cumulusEtlBatch";
+
 /// Rows a part of a batch has at least: smaller batches are encoded as one file.
 const MIN_PART_ROWS: usize = 2 * ENCODE_SLICE_ROWS;
 
@@ -113,13 +117,18 @@ impl TableFiles {
                 Err(e) => failed = failed.or(Some(e)),
             }
         }
-        match failed {
-            Some(e) => {
-                self.discard(&all);
-                Err(e)
-            }
-            None => Ok(all),
+        if let Some(e) = failed {
+            self.discard(&all);
+            return Err(e);
         }
+        // The parts are one batch: compaction counts them as one file.
+        let batch = all.adds.first().map(|add| add.path.clone());
+        for add in &mut all.adds {
+            add.tags
+                .get_or_insert_default()
+                .insert(BATCH_TAG.to_string(), batch.clone());
+        }
+        Ok(all)
     }
 
     /// Writes `rows` as one file (see [`TableFiles::write`]).

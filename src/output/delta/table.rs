@@ -42,7 +42,8 @@ use crate::memory::budget::{HeldMemory, MemoryBudget};
 use crate::output::{OnWritten, TableKind};
 use crate::store::ObjectLocation;
 
-/// Compaction rewrites the whole table, so it waits until a table has this many files: a
+/// Compaction rewrites the whole table, so it waits until a table has this many files (the
+/// parts of a batch encoded on several threads count as one): a
 /// handful of batch-sized files reads as fast as one, and a first load of a large export
 /// should not pay for writing its data twice.
 pub const COMPACTION_MIN_FILES: usize = 8;
@@ -1133,6 +1134,20 @@ impl CumulusTable {
         Ok(())
     }
 
+    /// The table's data files, the parts of one batch counted once
+    /// ([`files::BATCH_TAG`](super::files::BATCH_TAG)).
+    fn batch_files(&self) -> Result<usize> {
+        let mut batches = std::collections::HashSet::new();
+        for file in self.table.snapshot()?.log_data().iter() {
+            // Deprecated in delta-rs, but the only way it shows a file's tags.
+            #[allow(deprecated)]
+            let tags = file.add_action().tags;
+            let batch = tags.and_then(|mut t| t.remove(super::files::BATCH_TAG).flatten());
+            batches.insert(batch.unwrap_or_else(|| file.path().to_string()));
+        }
+        Ok(batches.len())
+    }
+
     /// End-of-run maintenance: compaction and VACUUM (when `optimize` and the table has at
     /// least `COMPACTION_MIN_FILES` files), then a checkpoint and the symlink manifest Athena
     /// reads, so both describe the final files.
@@ -1142,7 +1157,7 @@ impl CumulusTable {
             return Ok(());
         }
         if optimize {
-            if self.table.get_file_uris()?.count() >= COMPACTION_MIN_FILES {
+            if self.batch_files()? >= COMPACTION_MIN_FILES {
                 self.compact().await?;
             }
             self.vacuum()
