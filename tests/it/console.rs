@@ -1,18 +1,24 @@
 //! What people see on standard error: a live progress display on a terminal (run under a
 //! pseudo-terminal by util-linux `script`), plain lines anywhere else.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::support::{phi_with_salt, run_etl, synthea};
 
 const SALT: &str = "e359591c4d1d4bc8e7b7b0a7c6e1f4a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6";
 
+/// A PHI folder with its salt and a path for the output, in `tmp`.
+fn phi_and_output(tmp: &Path) -> (PathBuf, PathBuf) {
+    let phi = tmp.join("phi");
+    phi_with_salt(&phi, SALT);
+    (phi, tmp.join("out"))
+}
+
 #[test]
 fn on_a_terminal_the_run_draws_live_bars_and_leaves_the_last_frame_above_the_summary() {
     let tmp = tempfile::tempdir().unwrap();
-    let phi = tmp.path().join("phi");
-    phi_with_salt(&phi, SALT);
-    let out = tmp.path().join("out");
+    let (phi, out) = phi_and_output(tmp.path());
     let command = format!(
         "{} etl --output-format=ndjson {} {} {}",
         env!("CARGO_BIN_EXE_cumulus-etl"),
@@ -54,9 +60,7 @@ fn on_a_terminal_the_run_draws_live_bars_and_leaves_the_last_frame_above_the_sum
 #[test]
 fn elsewhere_messages_are_plain_lines_without_terminal_codes() {
     let tmp = tempfile::tempdir().unwrap();
-    let phi = tmp.path().join("phi");
-    phi_with_salt(&phi, SALT);
-    let out = tmp.path().join("out");
+    let (phi, out) = phi_and_output(tmp.path());
     let run = run_etl(&[
         "--output-format=ndjson",
         synthea().to_str().unwrap(),
