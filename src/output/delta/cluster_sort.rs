@@ -82,6 +82,13 @@ pub struct KeyRange {
     hi: Option<OwnedRow>,
 }
 
+impl RunFile {
+    /// Arrow memory of one of its batches (on average), which a merge holds.
+    pub fn batch_bytes(&self) -> usize {
+        self.batch_bytes
+    }
+}
+
 impl RunWriter {
     /// Runs of rows of `schema` sorted on the `keys` columns, for merges of `ranges` key ranges
     /// at once (which cuts the runs into smaller batches, so the merges together hold about
@@ -120,6 +127,76 @@ impl RunWriter {
         }
         runs.extend(self.write_run(held)?);
         Ok(runs)
+    }
+
+    /// Merges `runs` a group of `fan_in` at a time into larger runs until at most `fan_in` are
+    /// left, so that a merge, which holds a batch of every run, stays within memory however
+    /// large the table (each pass reads and writes every row once more).
+    pub fn reduce(&self, mut runs: Vec<RunFile>, fan_in: usize) -> Result<Vec<RunFile>> {
+        let fan_in = fan_in.max(2);
+        while runs.len() > fan_in {
+            let mut merged = Vec::with_capacity(runs.len().div_ceil(fan_in));
+            let mut left = runs.into_iter().peekable();
+            while left.peek().is_some() {
+                let group: Vec<RunFile> = left.by_ref().take(fan_in).collect();
+                merged.push(match group.len() {
+                    1 => group.into_iter().next().expect("one run"),
+                    _ => self.merge_runs(group)?,
+                });
+            }
+            runs = merged;
+        }
+        Ok(runs)
+    }
+
+    /// Merges `group` into one run of small batches and removes their files.
+    fn merge_runs(&self, group: Vec<RunFile>) -> Result<RunFile> {
+        let whole = KeyRange::default();
+        let mut sorted = SortedRows {
+            runs: group
+                .iter()
+                .map(|run| open_run(run, &whole, &self.keys))
+                .collect::<Result<Vec<Run>>>()?,
+            keys: self.keys.clone(),
+            hi: None,
+            _runs: None,
+        };
+        let n = self.next_run.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path().join(format!("run-{n}.arrow"));
+        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut writer = FileWriter::try_new(BufWriter::new(file), &self.schema)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let (mut firsts, mut samples, mut bytes, mut batches) = (Vec::new(), Vec::new(), 0, 0);
+        // Batches as small as runs have: the next merge holds one of this run's at a time.
+        let batch_rows = *RUN_BATCH_ROWS.start();
+        while let Some(merged) = sorted.next_batch()? {
+            for start in (0..merged.num_rows()).step_by(batch_rows) {
+                let batch = merged.slice(start, batch_rows.min(merged.num_rows() - start));
+                let keys = self.keys.encode(&batch)?;
+                firsts.push(keys.row(0).owned());
+                let step = batch.num_rows().div_ceil(SAMPLES_PER_BATCH);
+                for row in (0..batch.num_rows()).step_by(step) {
+                    samples.push((keys.row(row).owned(), step.min(batch.num_rows() - row)));
+                }
+                // A slice counts its whole parent's memory: its share of it instead.
+                bytes += merged.get_array_memory_size() * batch.num_rows() / merged.num_rows();
+                batches += 1;
+                writer.write(&batch)?;
+            }
+        }
+        writer
+            .finish()
+            .with_context(|| format!("writing {}", path.display()))?;
+        drop(sorted);
+        for run in &group {
+            let _ = std::fs::remove_file(&run.path);
+        }
+        Ok(RunFile {
+            path,
+            batch_bytes: bytes / batches.max(1),
+            firsts,
+            samples,
+        })
     }
 
     /// The runs written (by every thread), to merge.
@@ -222,41 +299,46 @@ impl Runs {
 
     /// The rows of `range`, in key order.
     pub fn merge(self: &Arc<Self>, range: &KeyRange) -> Result<SortedRows> {
-        let mut runs = Vec::with_capacity(self.runs.len());
-        for run in &self.runs {
-            // The batch the range starts in: the last that starts at or before its first key.
-            let start = match &range.lo {
-                Some(lo) => run
-                    .firsts
-                    .partition_point(|first| first.row() <= lo.row())
-                    .saturating_sub(1),
-                None => 0,
-            };
-            let file =
-                File::open(&run.path).with_context(|| format!("reading {}", run.path.display()))?;
-            let mut reader = FileReader::try_new(BufReader::new(file), None)?;
-            reader.set_index(start)?;
-            let mut open = Run {
-                reader,
-                batch: None,
-                keys: None,
-                next: 0,
-            };
-            open.advance(&self.keys)?;
-            if let Some(lo) = &range.lo {
-                while open.key().is_some_and(|key| key < lo.row()) {
-                    open.step(&self.keys)?;
-                }
-            }
-            runs.push(open);
-        }
+        let runs = self
+            .runs
+            .iter()
+            .map(|run| open_run(run, range, &self.keys))
+            .collect::<Result<Vec<Run>>>()?;
         Ok(SortedRows {
             runs,
             keys: self.keys.clone(),
             hi: range.hi.clone(),
-            _runs: self.clone(),
+            _runs: Some(self.clone()),
         })
     }
+}
+
+/// A run read from the batch where `range` starts, past its rows before the range.
+fn open_run(run: &RunFile, range: &KeyRange, keys: &Keys) -> Result<Run> {
+    // The batch the range starts in: the last that starts at or before its first key.
+    let start = match &range.lo {
+        Some(lo) => run
+            .firsts
+            .partition_point(|first| first.row() <= lo.row())
+            .saturating_sub(1),
+        None => 0,
+    };
+    let file = File::open(&run.path).with_context(|| format!("reading {}", run.path.display()))?;
+    let mut reader = FileReader::try_new(BufReader::new(file), None)?;
+    reader.set_index(start)?;
+    let mut open = Run {
+        reader,
+        batch: None,
+        keys: None,
+        next: 0,
+    };
+    open.advance(keys)?;
+    if let Some(lo) = &range.lo {
+        while open.key().is_some_and(|key| key < lo.row()) {
+            open.step(keys)?;
+        }
+    }
+    Ok(open)
 }
 
 /// Rows of a key range, read back from the sorted runs in order.
@@ -265,8 +347,9 @@ pub struct SortedRows {
     keys: Arc<Keys>,
     /// Where the range ends (left out).
     hi: Option<OwnedRow>,
-    /// The runs' files stay while their rows are read.
-    _runs: Arc<Runs>,
+    /// The runs' files stay while their rows are read (the writer keeps them during its own
+    /// merges).
+    _runs: Option<Arc<Runs>>,
 }
 
 impl SortedRows {
@@ -464,5 +547,48 @@ mod tests {
             n += batch.num_rows();
         }
         assert_eq!(n, 5000);
+    }
+
+    #[test]
+    fn many_runs_are_merged_into_few_and_still_come_back_in_key_order() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("n", DataType::Utf8, true),
+        ]));
+        let ids: Vec<String> = (0..3000u64)
+            .map(|i| format!("{:08}", (i * 7919) % 3000))
+            .collect();
+        let batches: Vec<RecordBatch> = ids
+            .chunks(100)
+            .map(|chunk| {
+                let id = StringArray::from_iter_values(chunk.iter());
+                let n = StringArray::from_iter_values(chunk.iter().map(|i| format!("row {i}")));
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(id), Arc::new(n)]).unwrap()
+            })
+            .collect();
+        let keys = ["id".to_string()];
+        let writer = RunWriter::new(&schema, &keys, 2).unwrap();
+        // A run per input batch: 30 runs.
+        let runs = writer.write(batches.into_iter().map(Ok), 1).unwrap();
+        assert_eq!(runs.len(), 30);
+        let runs = writer.reduce(runs, 4).unwrap();
+        assert!(runs.len() <= 4, "{} runs", runs.len());
+        let files = std::fs::read_dir(writer.dir.path()).unwrap().count();
+        assert_eq!(files, runs.len(), "merged runs' files are removed");
+        let runs = Arc::new(writer.finish(runs));
+        let mut out: Vec<(String, String)> = Vec::new();
+        for range in runs.split(2) {
+            let mut sorted = runs.merge(&range).unwrap();
+            while let Some(batch) = sorted.next_batch().unwrap() {
+                out.extend(strings(&batch, 0).into_iter().zip(strings(&batch, 1)));
+            }
+        }
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(
+            out.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+            want
+        );
+        assert!(out.iter().all(|(id, n)| *n == format!("row {id}")));
     }
 }

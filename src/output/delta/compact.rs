@@ -303,7 +303,17 @@ async fn write_runs(
         return Err(e);
     }
     let writer = Arc::into_inner(writer).expect("the sort's threads have ended");
-    Ok(Arc::new(writer.finish(runs)))
+    // A merge holds a batch of every run: more runs than memory holds batches of are first
+    // merged into fewer, larger ones.
+    let batch_bytes = runs.iter().map(|r| r.batch_bytes()).sum::<usize>() / runs.len().max(1);
+    let fan_in = sort_bytes * MERGE_MEMORY / batch_bytes.max(1);
+    let reduced = tokio::task::spawn_blocking(move || {
+        let runs = writer.reduce(runs, fan_in)?;
+        anyhow::Ok(writer.finish(runs))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("merging sorted runs stopped: {e}"))??;
+    Ok(Arc::new(reduced))
 }
 
 /// Writes sorted rows as files of `rows_per_file` rows (the last one fewer), recording them in
