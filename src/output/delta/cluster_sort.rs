@@ -152,15 +152,11 @@ impl RunWriter {
     /// Merges `group` into one run of small batches and removes their files.
     fn merge_runs(&self, group: Vec<RunFile>) -> Result<RunFile> {
         let whole = KeyRange::default();
-        let mut sorted = SortedRows {
-            runs: group
-                .iter()
-                .map(|run| open_run(run, &whole, &self.keys))
-                .collect::<Result<Vec<Run>>>()?,
-            keys: self.keys.clone(),
-            hi: None,
-            _runs: None,
-        };
+        let runs = group
+            .iter()
+            .map(|run| open_run(run, &whole, &self.keys))
+            .collect::<Result<Vec<Run>>>()?;
+        let mut sorted = SortedRows::new(runs, self.keys.clone(), None, None);
         let n = self.next_run.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.path().join(format!("run-{n}.arrow"));
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -304,12 +300,12 @@ impl Runs {
             .iter()
             .map(|run| open_run(run, range, &self.keys))
             .collect::<Result<Vec<Run>>>()?;
-        Ok(SortedRows {
+        Ok(SortedRows::new(
             runs,
-            keys: self.keys.clone(),
-            hi: range.hi.clone(),
-            _runs: Some(self.clone()),
-        })
+            self.keys.clone(),
+            range.hi.clone(),
+            Some(self.clone()),
+        ))
     }
 }
 
@@ -344,6 +340,9 @@ fn open_run(run: &RunFile, range: &KeyRange, keys: &Keys) -> Result<Run> {
 /// Rows of a key range, read back from the sorted runs in order.
 pub struct SortedRows {
     runs: Vec<Run>,
+    /// The runs with rows left in the range, as a binary heap on their next keys (smallest
+    /// first): a linear scan cost a comparison per run for every row.
+    heap: Vec<usize>,
     keys: Arc<Keys>,
     /// Where the range ends (left out).
     hi: Option<OwnedRow>,
@@ -353,6 +352,28 @@ pub struct SortedRows {
 }
 
 impl SortedRows {
+    fn new(
+        runs: Vec<Run>,
+        keys: Arc<Keys>,
+        hi: Option<OwnedRow>,
+        keep: Option<Arc<Runs>>,
+    ) -> SortedRows {
+        let mut sorted = SortedRows {
+            runs,
+            heap: Vec::new(),
+            keys,
+            hi,
+            _runs: keep,
+        };
+        sorted.heap = (0..sorted.runs.len())
+            .filter(|&r| sorted.in_range(r))
+            .collect();
+        for i in (0..sorted.heap.len() / 2).rev() {
+            sorted.sift_down(i);
+        }
+        sorted
+    }
+
     /// The next batch of up to [`SORTED_BATCH_ROWS`] rows in key order; None at the end.
     pub fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         // Batches the chosen rows come from, and (batch, row) of each chosen row.
@@ -360,18 +381,7 @@ impl SortedRows {
         let mut slots: Vec<Option<usize>> = vec![None; self.runs.len()];
         let mut picks: Vec<(usize, usize)> = Vec::with_capacity(SORTED_BATCH_ROWS);
         while picks.len() < SORTED_BATCH_ROWS {
-            // The run with the smallest next key within the range (runs are few: a linear
-            // scan).
-            let mut smallest: Option<(usize, Row<'_>)> = None;
-            for (r, run) in self.runs.iter().enumerate() {
-                if let Some(key) = run.key()
-                    && self.hi.as_ref().is_none_or(|hi| key < hi.row())
-                    && smallest.as_ref().is_none_or(|(_, least)| key < *least)
-                {
-                    smallest = Some((r, key));
-                }
-            }
-            let Some((r, _)) = smallest else { break };
+            let Some(&r) = self.heap.first() else { break };
             let run = &mut self.runs[r];
             let batch = run.batch.as_ref().expect("a run with a key has a batch");
             let slot = *slots[r].get_or_insert_with(|| {
@@ -383,12 +393,51 @@ impl SortedRows {
                 slots[r] = None;
             }
             run.step(&self.keys)?;
+            if !self.in_range(r) {
+                let last = self.heap.pop().expect("the run is in the heap");
+                if self.heap.is_empty() {
+                    continue;
+                }
+                self.heap[0] = last;
+            }
+            self.sift_down(0);
         }
         if picks.is_empty() {
             return Ok(None);
         }
         let refs: Vec<&RecordBatch> = batches.iter().collect();
         Ok(Some(interleave_record_batch(&refs, &picks)?))
+    }
+
+    /// Whether run `r` has a next row within the range.
+    fn in_range(&self, r: usize) -> bool {
+        self.runs[r]
+            .key()
+            .is_some_and(|key| self.hi.as_ref().is_none_or(|hi| key < hi.row()))
+    }
+
+    /// Whether the next key of the run at heap slot `a` is below that at slot `b`.
+    fn below(&self, a: usize, b: usize) -> bool {
+        self.runs[self.heap[a]].key() < self.runs[self.heap[b]].key()
+    }
+
+    /// Moves the run at heap slot `i` down to its place.
+    fn sift_down(&mut self, mut i: usize) {
+        loop {
+            let (left, right) = (2 * i + 1, 2 * i + 2);
+            let mut least = i;
+            if left < self.heap.len() && self.below(left, least) {
+                least = left;
+            }
+            if right < self.heap.len() && self.below(right, least) {
+                least = right;
+            }
+            if least == i {
+                return;
+            }
+            self.heap.swap(i, least);
+            i = least;
+        }
     }
 }
 
