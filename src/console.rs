@@ -12,10 +12,10 @@ static LIVE_LINES: Mutex<usize> = Mutex::new(0);
 /// Prints one message line (see the [`say!`](crate::say) macro).
 pub fn say(message: std::fmt::Arguments<'_>) {
     let mut live = LIVE_LINES.lock().unwrap_or_else(|e| e.into_inner());
-    let mut err = std::io::stderr().lock();
-    erase(&mut err, *live);
+    let mut text = String::new();
+    erase_into(&mut text, *live);
     *live = 0;
-    let _ = writeln!(err, "{message}");
+    let _ = writeln!(std::io::stderr().lock(), "{text}{message}");
 }
 
 /// Draws the live display (in place of the one on screen).
@@ -55,12 +55,6 @@ pub fn terminal_width() -> usize {
         }
     }
     80
-}
-
-fn erase(out: &mut impl Write, lines: usize) {
-    let mut codes = String::new();
-    erase_into(&mut codes, lines);
-    let _ = out.write_all(codes.as_bytes());
 }
 
 /// Moves to the start of the display's first line and clears to the end of the screen.

@@ -157,42 +157,23 @@ impl RunWriter {
             .map(|run| open_run(run, &whole, &self.keys))
             .collect::<Result<Vec<Run>>>()?;
         let mut sorted = SortedRows::new(runs, self.keys.clone(), None, None);
-        let n = self.next_run.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.path().join(format!("run-{n}.arrow"));
-        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let mut writer = FileWriter::try_new(BufWriter::new(file), &self.schema)
-            .with_context(|| format!("writing {}", path.display()))?;
-        let (mut firsts, mut samples, mut bytes, mut batches) = (Vec::new(), Vec::new(), 0, 0);
+        let mut run = RunFileWriter::create(self)?;
         // Batches as small as runs have: the next merge holds one of this run's at a time.
         let batch_rows = *RUN_BATCH_ROWS.start();
         while let Some(merged) = sorted.next_batch()? {
             for start in (0..merged.num_rows()).step_by(batch_rows) {
                 let batch = merged.slice(start, batch_rows.min(merged.num_rows() - start));
-                let keys = self.keys.encode(&batch)?;
-                firsts.push(keys.row(0).owned());
-                let step = batch.num_rows().div_ceil(SAMPLES_PER_BATCH);
-                for row in (0..batch.num_rows()).step_by(step) {
-                    samples.push((keys.row(row).owned(), step.min(batch.num_rows() - row)));
-                }
                 // A slice counts its whole parent's memory: its share of it instead.
-                bytes += merged.get_array_memory_size() * batch.num_rows() / merged.num_rows();
-                batches += 1;
-                writer.write(&batch)?;
+                let bytes = merged.get_array_memory_size() * batch.num_rows() / merged.num_rows();
+                run.append(&batch, &self.keys.encode(&batch)?, bytes)?;
             }
         }
-        writer
-            .finish()
-            .with_context(|| format!("writing {}", path.display()))?;
+        let merged = run.finish()?;
         drop(sorted);
         for run in &group {
             let _ = std::fs::remove_file(&run.path);
         }
-        Ok(RunFile {
-            path,
-            batch_bytes: bytes / batches.max(1),
-            firsts,
-            samples,
-        })
+        Ok(merged)
     }
 
     /// The runs written (by every thread), to merge.
@@ -219,35 +200,74 @@ impl RunWriter {
             return Ok(None);
         }
         order.sort_unstable_by(|x, y| encoded[x.0].row(x.1).cmp(&encoded[y.0].row(y.1)));
-        let n = self.next_run.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.path().join(format!("run-{n}.arrow"));
-        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let mut writer = FileWriter::try_new(BufWriter::new(file), &self.schema)
-            .with_context(|| format!("writing {}", path.display()))?;
         let refs: Vec<&RecordBatch> = batches.iter().collect();
         let batch_rows = (order.len() / self.batches_per_run)
             .clamp(*RUN_BATCH_ROWS.start(), *RUN_BATCH_ROWS.end());
         let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
         let batch_bytes = bytes / order.len().div_ceil(batch_rows);
-        let (mut firsts, mut samples) = (Vec::new(), Vec::new());
+        let mut run = RunFileWriter::create(self)?;
         for chunk in order.chunks(batch_rows) {
-            let key = |&(b, r): &(usize, usize)| encoded[b].row(r).owned();
-            firsts.push(key(&chunk[0]));
-            let step = chunk.len().div_ceil(SAMPLES_PER_BATCH);
-            for sampled in chunk.chunks(step) {
-                samples.push((key(&sampled[0]), sampled.len()));
-            }
-            writer.write(&interleave_record_batch(&refs, chunk)?)?;
+            let batch = interleave_record_batch(&refs, chunk)?;
+            run.append(&batch, &self.keys.encode(&batch)?, batch_bytes)?;
         }
-        writer
-            .finish()
+        Ok(Some(run.finish()?))
+    }
+}
+
+/// A run being written: its Arrow IPC file, and the first key, sampled keys and memory of
+/// each of its batches.
+struct RunFileWriter {
+    path: PathBuf,
+    writer: FileWriter<BufWriter<File>>,
+    firsts: Vec<OwnedRow>,
+    samples: Vec<(OwnedRow, usize)>,
+    bytes: usize,
+    batches: usize,
+}
+
+impl RunFileWriter {
+    /// A new run in the writer's folder.
+    fn create(runs: &RunWriter) -> Result<RunFileWriter> {
+        let n = runs.next_run.fetch_add(1, Ordering::Relaxed);
+        let path = runs.dir.path().join(format!("run-{n}.arrow"));
+        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let writer = FileWriter::try_new(BufWriter::new(file), &runs.schema)
             .with_context(|| format!("writing {}", path.display()))?;
-        Ok(Some(RunFile {
+        Ok(RunFileWriter {
             path,
-            batch_bytes,
-            firsts,
-            samples,
-        }))
+            writer,
+            firsts: Vec::new(),
+            samples: Vec::new(),
+            bytes: 0,
+            batches: 0,
+        })
+    }
+
+    /// Appends the run's next batch (in key order, not empty): `keys` its rows' encoded keys,
+    /// `bytes` the Arrow memory it stands for.
+    fn append(&mut self, batch: &RecordBatch, keys: &Rows, bytes: usize) -> Result<()> {
+        let rows = batch.num_rows();
+        self.firsts.push(keys.row(0).owned());
+        let step = rows.div_ceil(SAMPLES_PER_BATCH);
+        for row in (0..rows).step_by(step) {
+            self.samples
+                .push((keys.row(row).owned(), step.min(rows - row)));
+        }
+        self.bytes += bytes;
+        self.batches += 1;
+        Ok(self.writer.write(batch)?)
+    }
+
+    fn finish(mut self) -> Result<RunFile> {
+        self.writer
+            .finish()
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        Ok(RunFile {
+            batch_bytes: self.bytes / self.batches.max(1),
+            path: self.path,
+            firsts: self.firsts,
+            samples: self.samples,
+        })
     }
 }
 
@@ -534,24 +554,42 @@ mod tests {
         values.iter().map(|v| v.unwrap().to_string()).collect()
     }
 
-    #[test]
-    fn key_ranges_of_runs_from_several_writers_merge_into_key_order() {
+    /// `rows` rows (`id`, and `n` naming its id) in batches of `per_batch`, ids in a scrambled
+    /// order: the schema, the ids in input order, the batches.
+    fn scrambled(rows: u64, per_batch: usize) -> (SchemaRef, Vec<String>, Vec<RecordBatch>) {
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Utf8, true),
             Field::new("n", DataType::Utf8, true),
         ]));
-        // 5,000 rows in batches of 700, keys in a scrambled order, tiny runs.
-        let ids: Vec<String> = (0..5000u64)
-            .map(|i| format!("{:08}", (i * 7919) % 5000))
+        let ids: Vec<String> = (0..rows)
+            .map(|i| format!("{:08}", (i * 7919) % rows))
             .collect();
-        let batches: Vec<RecordBatch> = ids
-            .chunks(700)
+        let batches = ids
+            .chunks(per_batch)
             .map(|chunk| {
                 let id = StringArray::from_iter_values(chunk.iter());
                 let n = StringArray::from_iter_values(chunk.iter().map(|i| format!("row {i}")));
                 RecordBatch::try_new(schema.clone(), vec![Arc::new(id), Arc::new(n)]).unwrap()
             })
             .collect();
+        (schema, ids, batches)
+    }
+
+    /// Asserts that `out` (id, n) holds every one of `ids` once, in key order, with its own row.
+    fn assert_in_key_order(out: &[(String, String)], ids: &[String]) {
+        let mut want = ids.to_vec();
+        want.sort();
+        assert_eq!(
+            out.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+            want
+        );
+        assert!(out.iter().all(|(id, n)| *n == format!("row {id}")));
+    }
+
+    #[test]
+    fn key_ranges_of_runs_from_several_writers_merge_into_key_order() {
+        // 5,000 rows in batches of 700, tiny runs.
+        let (schema, ids, batches) = scrambled(5000, 700);
         let keys = ["id".to_string()];
         let writer = RunWriter::new(&schema, &keys, 3).unwrap();
         // Two writers, each with every other input batch.
@@ -575,13 +613,7 @@ mod tests {
             }
             sizes.push(out.len() - before);
         }
-        let mut want = ids.clone();
-        want.sort();
-        assert_eq!(
-            out.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
-            want
-        );
-        assert!(out.iter().all(|(id, n)| *n == format!("row {id}")));
+        assert_in_key_order(&out, &ids);
         // The ranges hold about a third of the rows each (as far as batch starts tell).
         assert!(
             sizes.iter().all(|&n| (1000..=2400).contains(&n)),
@@ -600,21 +632,7 @@ mod tests {
 
     #[test]
     fn many_runs_are_merged_into_few_and_still_come_back_in_key_order() {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("id", DataType::Utf8, true),
-            Field::new("n", DataType::Utf8, true),
-        ]));
-        let ids: Vec<String> = (0..3000u64)
-            .map(|i| format!("{:08}", (i * 7919) % 3000))
-            .collect();
-        let batches: Vec<RecordBatch> = ids
-            .chunks(100)
-            .map(|chunk| {
-                let id = StringArray::from_iter_values(chunk.iter());
-                let n = StringArray::from_iter_values(chunk.iter().map(|i| format!("row {i}")));
-                RecordBatch::try_new(schema.clone(), vec![Arc::new(id), Arc::new(n)]).unwrap()
-            })
-            .collect();
+        let (schema, ids, batches) = scrambled(3000, 100);
         let keys = ["id".to_string()];
         let writer = RunWriter::new(&schema, &keys, 2).unwrap();
         // A run per input batch: 30 runs.
@@ -632,12 +650,6 @@ mod tests {
                 out.extend(strings(&batch, 0).into_iter().zip(strings(&batch, 1)));
             }
         }
-        let mut want = ids.clone();
-        want.sort();
-        assert_eq!(
-            out.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
-            want
-        );
-        assert!(out.iter().all(|(id, n)| *n == format!("row {id}")));
+        assert_in_key_order(&out, &ids);
     }
 }
