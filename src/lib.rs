@@ -29,6 +29,8 @@ pub mod memory;
 pub mod nlp;
 pub mod output;
 pub mod panic_guard;
+pub mod rerun;
+pub mod spill_sort;
 pub mod store;
 pub mod tasks;
 #[cfg(test)]

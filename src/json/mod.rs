@@ -6,6 +6,7 @@ pub mod ascii;
 pub mod compact;
 pub mod lines;
 pub mod tape;
+pub mod top_level;
 pub mod utf16;
 
 pub use ascii::{write_compact_ascii, write_str, write_str_parts};

@@ -434,24 +434,40 @@ impl ObjectLocation {
 
     /// The object `key` as a stream of bytes read as they come (no whole download).
     pub fn open(&self, key: &str) -> Result<Box<dyn Read + Send>> {
+        self.open_if_exists(key)?
+            .ok_or_else(|| anyhow!("{}: no such file or object", self.url_of(key)))
+    }
+
+    /// The object `key` as a stream of bytes (see [`ObjectLocation::open`]); None if there is
+    /// none.
+    pub fn open_if_exists(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>> {
         let (store, prefix) = match &self.backend {
             Backend::Folder(dir, _) => {
-                let file = File::open(Self::file(dir, key))
-                    .map_err(|e| anyhow!("{}: {e}", self.url_of(key)))?;
-                return Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)));
+                let file = match File::open(Self::file(dir, key)) {
+                    Ok(file) => file,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(anyhow!("{}: {e}", self.url_of(key))),
+                };
+                return Ok(Some(Box::new(std::io::BufReader::with_capacity(
+                    1 << 20,
+                    file,
+                ))));
             }
             Backend::Remote { store, prefix, .. } => (store, prefix),
         };
-        let got = wait(store.get(&Self::object_path(prefix, key)))
-            .map_err(|e| explain(e, &self.url_of(key)))?;
+        let got = match wait(store.get(&Self::object_path(prefix, key))) {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(explain(e, &self.url_of(key))),
+        };
         let url = self.url_of(key);
         let chunks = got
             .into_stream()
             .map_err(move |e| std::io::Error::other(explain(e, &url)));
-        Ok(Box::new(StreamRead {
+        Ok(Some(Box::new(StreamRead {
             chunks: chunks.boxed(),
             current: Bytes::new(),
-        }))
+        })))
     }
 
     /// Writes the object `key` whole: readers see the old content or the new, never a part.

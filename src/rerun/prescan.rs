@@ -1,0 +1,267 @@
+//! The pre-scan of a re-run: every input line of a table's files is fingerprinted (its key from
+//! its `id` alone, its content whole), the fingerprints are sorted by key on disk if need be,
+//! and merged with the table's index in one pass. A key whose lines in this export are all one
+//! line the index already names for it is unchanged: its lines are left out of the run.
+//! Nothing is parsed beyond the `id`, and memory is the sort's share plus a bit per line.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::Mutex;
+
+use anyhow::Result;
+
+use super::RowFingerprints;
+use super::index::{Entry, entry_parts};
+use super::skip::SkipLines;
+use crate::deid::Codebook;
+use crate::input::InputFile;
+use crate::input::bundles::{StreamReader, WorkItem, plan, release_pages};
+use crate::json::lines::{line_content, split_lines};
+use crate::json::top_level::top_level_str;
+use crate::json::utf16::python_strip;
+use crate::spill_sort::SpillSort;
+
+/// A line's record: key fingerprint, file, line number, then line fingerprint (big-endian, so
+/// records sort by key and, within a key, by place in the export).
+const RECORD_BYTES: usize = 8 + 4 + 8 + 16;
+type Record = [u8; RECORD_BYTES];
+
+fn record(key: u64, file: u32, line: u64, content: u128) -> Record {
+    let mut r = [0u8; RECORD_BYTES];
+    r[..8].copy_from_slice(&key.to_be_bytes());
+    r[8..12].copy_from_slice(&file.to_be_bytes());
+    r[12..20].copy_from_slice(&line.to_be_bytes());
+    r[20..].copy_from_slice(&content.to_be_bytes());
+    r
+}
+
+fn record_parts(r: &Record) -> (u64, u32, u64, u128) {
+    (
+        u64::from_be_bytes(r[..8].try_into().unwrap()),
+        u32::from_be_bytes(r[8..12].try_into().unwrap()),
+        u64::from_be_bytes(r[12..20].try_into().unwrap()),
+        u128::from_be_bytes(r[20..].try_into().unwrap()),
+    )
+}
+
+/// What to scan: one table's input files and how their ids become keys.
+pub struct ScanInput<'a> {
+    pub resource_type: &'a str,
+    pub files: &'a [InputFile],
+    pub codebook: &'a Codebook,
+    pub fingerprints: &'a RowFingerprints,
+}
+
+/// How a scan went.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ScanCounts {
+    /// Lines read with an id.
+    pub lines: u64,
+    /// Lines left out: their key's row is unchanged.
+    pub unchanged: u64,
+}
+
+/// Scans `input` on `threads` threads, holding about `memory` bytes of fingerprints, and marks
+/// in `skip` the lines whose rows the index (its entries in order) shows unchanged. A file that
+/// cannot be read is scanned no further: its lines are processed, and the run reports it.
+pub fn scan(
+    input: &ScanInput<'_>,
+    index: impl Iterator<Item = io::Result<Entry>>,
+    threads: usize,
+    memory: usize,
+    skip: &mut SkipLines,
+) -> Result<ScanCounts> {
+    let bundle_bytes = (memory / threads.max(1) / 4).clamp(1 << 20, 64 << 20);
+    let work = Mutex::new(VecDeque::from(plan(input.files, bundle_bytes)?));
+    let numbers: HashMap<&str, u32> = (0u32..)
+        .zip(input.files)
+        .map(|(i, f)| (f.name(), i))
+        .collect();
+    let sort = Mutex::new(SpillSort::<RECORD_BYTES>::new(memory));
+    let failed: Mutex<Option<io::Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                while let Some(item) = work.lock().unwrap().pop_front() {
+                    let file = numbers[item.file().name()];
+                    if let Err(e) = scan_item(input, file, item, &sort) {
+                        failed.lock().unwrap().get_or_insert(e);
+                        work.lock().unwrap().clear();
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap() {
+        return Err(anyhow::Error::new(e).context("sorting the input's fingerprints"));
+    }
+    let sort = sort.into_inner().unwrap();
+    let lines = sort.len();
+    let names: Vec<&str> = input.files.iter().map(InputFile::name).collect();
+    let unchanged = join(sort.finish()?, index, |file, line| {
+        skip.insert(names[file as usize], line)
+    })?;
+    Ok(ScanCounts { lines, unchanged })
+}
+
+/// Fingerprints the lines of one work item into the sort.
+fn scan_item(
+    input: &ScanInput<'_>,
+    file: u32,
+    item: WorkItem,
+    sort: &Mutex<SpillSort<RECORD_BYTES>>,
+) -> io::Result<()> {
+    match item {
+        WorkItem::Slice {
+            map,
+            start,
+            end,
+            first_line,
+            ..
+        } => {
+            let records = fingerprint_lines(input, file, &map[start..end], first_line);
+            release_pages(&map, start, end);
+            sort.lock().unwrap().extend(records)
+        }
+        WorkItem::Stream { file: stream } | WorkItem::Open { file: stream, .. } => {
+            let Ok(mut reader) = StreamReader::open(&stream) else {
+                return Ok(());
+            };
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                let (first_line, error) = reader.next_bundle(&mut buf, 8 << 20);
+                let records = fingerprint_lines(input, file, &buf, first_line);
+                sort.lock().unwrap().extend(records)?;
+                if reader.finished || error.is_some() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// The records of the lines in `bytes`, the first of which is line `first_line`. Lines without
+/// a usable `id` get none: they are never left out.
+fn fingerprint_lines(
+    input: &ScanInput<'_>,
+    file: u32,
+    bytes: &[u8],
+    first_line: u64,
+) -> Vec<Record> {
+    let mut records = Vec::new();
+    for (line, raw) in (first_line..).zip(split_lines(bytes)) {
+        let Some(content) = line_content(raw) else {
+            continue;
+        };
+        let Some(id) = top_level_str(content, "id") else {
+            continue;
+        };
+        let id = python_strip(&id);
+        if id.is_empty() {
+            continue;
+        }
+        let anonymous = input.codebook.fake_id(input.resource_type, id, false);
+        let key = input.fingerprints.key(&anonymous);
+        records.push(record(key, file, line, input.fingerprints.line(content)));
+    }
+    records
+}
+
+/// Merges the sorted records with the index's entries (sorted by key, then line); calls
+/// `unchanged` with the file and line of every line left out, and returns how many.
+fn join(
+    records: impl Iterator<Item = io::Result<Record>>,
+    index: impl Iterator<Item = io::Result<Entry>>,
+    mut unchanged: impl FnMut(u32, u64),
+) -> io::Result<u64> {
+    let mut index = index.peekable();
+    let mut records = records.peekable();
+    let mut group: Vec<(u32, u64, u128)> = Vec::new();
+    let mut left_out = 0u64;
+    while let Some(first) = records.next() {
+        let (key, file, line, content) = record_parts(&first?);
+        group.clear();
+        group.push((file, line, content));
+        while let Some(Ok(next)) = records.peek() {
+            let (k, f, l, c) = record_parts(next);
+            if k != key {
+                break;
+            }
+            group.push((f, l, c));
+            records.next();
+        }
+        if let Some(Err(_)) = records.peek() {
+            return Err(records.next().unwrap().unwrap_err());
+        }
+        // The index's lines for this key (one, unless two keys share a fingerprint).
+        let mut known = Vec::new();
+        while let Some(entry) = index.peek() {
+            let entry = match entry {
+                Ok(e) => entry_parts(e),
+                Err(_) => return Err(index.next().unwrap().unwrap_err()),
+            };
+            if entry.0 > key {
+                break;
+            }
+            if entry.0 == key {
+                known.push(entry.1);
+            }
+            index.next();
+        }
+        let one_line = group.iter().all(|g| g.2 == group[0].2);
+        if one_line && known.contains(&group[0].2) {
+            for &(file, line, _) in &group {
+                unchanged(file, line);
+                left_out += 1;
+            }
+        }
+    }
+    Ok(left_out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rerun::index::entry;
+
+    #[test]
+    fn a_key_is_left_out_only_when_all_its_lines_are_the_line_the_index_names() {
+        let records = vec![
+            // Key 1: its one line is the indexed one.
+            record(1, 0, 10, 100),
+            // Key 2: the same line twice, indexed.
+            record(2, 0, 11, 200),
+            record(2, 1, 3, 200),
+            // Key 3: a changed line.
+            record(3, 0, 12, 301),
+            // Key 4: the indexed line and another one.
+            record(4, 0, 13, 400),
+            record(4, 1, 4, 401),
+            // Key 5: not in the index.
+            record(5, 0, 14, 500),
+            // Key 7: two index entries share the key fingerprint.
+            record(7, 1, 7, 701),
+        ];
+        let index = vec![
+            entry(0, 1),
+            entry(1, 100),
+            entry(2, 200),
+            entry(3, 300),
+            entry(4, 400),
+            entry(6, 600),
+            entry(7, 700),
+            entry(7, 701),
+            entry(9, 900),
+        ];
+        let mut left_out = Vec::new();
+        let n = join(
+            records.into_iter().map(Ok),
+            index.into_iter().map(Ok),
+            |f, l| left_out.push((f, l)),
+        )
+        .unwrap();
+        assert_eq!(left_out, [(0, 10), (0, 11), (1, 3), (1, 7)]);
+        assert_eq!(n, 4);
+    }
+}
