@@ -3,6 +3,7 @@
 
 pub mod producer;
 pub mod progress;
+pub mod rerun;
 pub mod rows;
 pub mod run;
 
@@ -16,7 +17,7 @@ use serde_json::json;
 use crate::deid::{Codebook, Rules, Scrubber};
 use crate::engine::rows::{CompletionTemplate, TaskContext};
 use crate::engine::{EngineConfig, RunShared};
-use crate::exit::{ExitCode, Fatal};
+use crate::exit::{ExitCode, Fatal, one_line};
 use crate::fhir::{ElementModel, Shape};
 use crate::input::deleted::read_deleted_ids;
 use crate::input::export_log::read_export_log;
@@ -28,6 +29,7 @@ use crate::output::{OutputFormat, RowBatch, TableKind, write_and_wait};
 use crate::store::{self, ObjectLocation};
 use crate::tasks::{self, COMPLETION_TABLE, Task};
 use crate::time::PyDateTime;
+use rerun::RerunIndex;
 use run::{RunBuilder, finish_tables, run_to_end};
 
 /// The options of `cumulus-etl etl`.
@@ -231,6 +233,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         rejected,
     }
     .build(scrubber, &codebook, contexts, work)?;
+    let rerun = open_rerun_index(opts, &shared, &selected, &found.files, &codebook);
     crate::say!(
         "Reading {} in {} files with {} workers and a {} memory budget...",
         human_bytes(total_bytes),
@@ -238,8 +241,12 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         opts.engine.workers,
         human_bytes(opts.memory)
     );
-    let producers: crate::engine::dataflow::ProducerFactory =
-        Arc::new(|_| Box::new(producer::FhirRows));
+    let for_producers = rerun.clone();
+    let producers: crate::engine::dataflow::ProducerFactory = Arc::new(move |_| {
+        Box::new(producer::FhirRows {
+            rerun: for_producers.clone(),
+        })
+    });
     run_to_end(
         &shared,
         &opts.engine,
@@ -257,12 +264,24 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         exclusions: &exclusions,
     };
     let mut completion_rows = Vec::new();
+    let mut deleted_by_task = Vec::new();
     for (task, ctx) in selected.iter().zip(&shared.work.tasks) {
+        if let Some(rerun) = &rerun {
+            // Rows left out as unchanged are in the table, as if written again.
+            let unchanged = rerun.unchanged(ctx.task);
+            if unchanged > 0 {
+                let mut stats = shared.report.stats.lock().unwrap();
+                let summary = stats.summary(&task.name);
+                summary.attempt += unchanged;
+                summary.success += unchanged;
+            }
+        }
         for table in task.tables() {
             shared.touch_if_empty(&table, ctx)?;
         }
+        let mut hashed = Vec::new();
         if let Some(ids) = deleted.get(&task.resource) {
-            let hashed: Vec<String> = ids
+            hashed = ids
                 .iter()
                 .map(|id| codebook.fake_id(&task.resource, id, false))
                 .collect();
@@ -274,6 +293,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
                 task.name
             );
         }
+        deleted_by_task.push(hashed);
         let row = completion.row(task);
         if opts.output_format == OutputFormat::Deltalake {
             // Delta commits run beside the workers: the completion row, which tells readers
@@ -301,6 +321,9 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         );
     }
     finish_tables(&shared, opts.optimize_tables);
+    if let Some(rerun) = &rerun {
+        rerun.save(&shared, &deleted_by_task);
+    }
     codebook.save()?;
     let stats = shared.report.stats.lock().unwrap();
     for summary in stats.tables.values() {
@@ -320,6 +343,31 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     } else {
         crate::say!("⭐ All tasks completed successfully! ⭐");
         Ok(ExitCode::Success)
+    }
+}
+
+/// The row indexes of a Delta run from NDJSON, with the unchanged lines of a re-run found
+/// (`etl::rerun`); a failure there is a warning, and the run processes every line.
+fn open_rerun_index(
+    opts: &EtlOptions,
+    shared: &RunShared,
+    tasks: &[Task],
+    files: &[crate::input::InputFile],
+    codebook: &Codebook,
+) -> Option<Arc<RerunIndex>> {
+    if opts.output_format != OutputFormat::Deltalake || opts.input_format != InputFormat::Ndjson {
+        return None;
+    }
+    let workers = opts.engine.workers;
+    match RerunIndex::prepare(shared, &opts.output, tasks, files, codebook, workers) {
+        Ok(index) => Some(Arc::new(index)),
+        Err(e) => {
+            crate::say!(
+                "warning: the re-run row index is not used ({}); every line is processed",
+                one_line(&e)
+            );
+            None
+        }
     }
 }
 

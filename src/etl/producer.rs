@@ -1,15 +1,21 @@
 //! The ETL's row producer for the engine: each bundle's lines become de-identified rows of the
 //! task's table (and completion rows for encounters).
 
+use std::sync::Arc;
+
 use crate::deid::ExtensionReport;
 use crate::engine::RunShared;
 use crate::engine::rows::{Skipped, TableChunk};
 use crate::engine::source::{Bundle, RowProducer};
 
+use super::rerun::RerunIndex;
 use super::rows::{BundleLines, process_bundle};
 
-/// The ETL producer: de-identified resources (and completion rows for encounters).
-pub struct FhirRows;
+/// The ETL producer: de-identified resources (and completion rows for encounters), leaving out
+/// the lines a re-run's index found unchanged.
+pub struct FhirRows {
+    pub rerun: Option<Arc<RerunIndex>>,
+}
 
 impl RowProducer for FhirRows {
     fn process(
@@ -32,6 +38,7 @@ impl RowProducer for FhirRows {
             bytes: b.bytes,
             first_line: b.first_line,
         };
+        let mut index = self.rerun.as_ref().map(|r| r.bundle(b.ctx.task, b.path));
         process_bundle(
             b.ctx,
             &b.shared.scrubber,
@@ -39,11 +46,14 @@ impl RowProducer for FhirRows {
             (&mut main, &mut completion),
             report,
             on_skip,
+            index.as_mut(),
         );
+        let unchanged = index.as_ref().map_or(0, |i| i.unchanged_lines());
+        drop(index);
         b.shared
             .report
             .progress
-            .add_read(b.ctx.task, main.len() as u64);
+            .add_read(b.ctx.task, main.len() as u64 + unchanged);
         let mut out = Vec::with_capacity(2);
         out.extend(completion);
         out.push(main);

@@ -5,7 +5,10 @@ use serde_json::Value;
 
 use crate::deid::{ExtensionReport, Scrubbed, Scrubber};
 use crate::engine::rows::{SkipReason, Skipped, TableChunk, TaskContext};
+use crate::etl::rerun::BundleIndex;
 use crate::json::lines::{line_content, split_lines};
+use crate::json::top_level::top_level_str;
+use crate::json::utf16::python_strip;
 use crate::json::{Kind, Tape};
 use crate::panic_guard::{self, Site};
 
@@ -39,12 +42,26 @@ pub fn process_bundle(
     (main, completion): (&mut TableChunk, &mut Option<TableChunk>),
     report: &mut ExtensionReport,
     on_skip: &mut dyn FnMut(Skipped<'_>),
+    mut index: Option<&mut BundleIndex<'_>>,
 ) {
     let mut tape = Tape::default();
     for (this_line, raw) in (lines.first_line..).zip(split_lines(lines.bytes)) {
         let Some(trimmed) = line_content(raw) else {
             continue;
         };
+        if let Some(index) = index.as_deref_mut()
+            && index.leaves_out(this_line)
+        {
+            // Unchanged since the last run; an encounter still gets this export's completion
+            // row.
+            if let Some(id) = top_level_str(trimmed, "id") {
+                let id = scrubber
+                    .codebook()
+                    .fake_id(&ctx.resource_type, python_strip(&id), true);
+                push_completion(ctx, completion, id);
+            }
+            continue;
+        }
         let marks = (main.mark(), completion.as_ref().map(TableChunk::mark));
         let outcome = panic_guard::catch(|| {
             panic_guard::inject(Site::Line, lines.path, this_line);
@@ -58,7 +75,12 @@ pub fn process_bundle(
             )
         });
         let (reason, detail) = match outcome {
-            Ok(Ok(())) => continue,
+            Ok(Ok(())) => {
+                if let (Some(index), Some(id)) = (index.as_deref_mut(), main.ids.last()) {
+                    index.made(id, trimmed);
+                }
+                continue;
+            }
             Ok(Err(skip)) => skip,
             Err(panic) => {
                 main.rewind(marks.0);
@@ -120,6 +142,14 @@ fn process_line(
                 .into(),
         ));
     }
+    push_completion(ctx, completion, id.clone());
+    // A row whose keys the shape already has would add nothing to it.
+    main.commit_row(id, start, ctx.needs_shape && novel);
+    Ok(())
+}
+
+/// Adds the encounter `id`'s completion row, for the task that tracks encounters.
+fn push_completion(ctx: &TaskContext, completion: &mut Option<TableChunk>, id: String) {
     if let (Some(tpl), Some(chunk)) = (&ctx.completion, completion.as_mut()) {
         let row = serde_json::json!({
             "encounter_id": id,
@@ -127,11 +157,8 @@ fn process_line(
             "export_time": tpl.export_time,
             "excluded_resources": tpl.excluded_resources,
         });
-        chunk.push(id.clone(), &row);
+        chunk.push(id, &row);
     }
-    // A row whose keys the shape already has would add nothing to it.
-    main.commit_row(id, start, ctx.needs_shape && novel);
-    Ok(())
 }
 
 /// Whether a row we wrote keeps a string or key with an unpaired surrogate escape.
@@ -226,6 +253,7 @@ mod tests {
             (&mut main, &mut None),
             &mut report,
             &mut |_| skipped += 1,
+            None,
         );
         assert_eq!(skipped, 0, "{resource_type}");
         let mut read = Shape::default();

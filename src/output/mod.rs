@@ -177,6 +177,17 @@ impl Outputs {
             None => Vec::new(),
         }
     }
+
+    /// The version of the Delta table `table` when this run opened it (None for other formats,
+    /// a table not opened, or one that did not exist).
+    pub fn opened_version(&self, table: &str) -> Option<i64> {
+        self.delta.as_ref()?.opened_version(table)
+    }
+
+    /// The version this run left the Delta table `table` at, once finished.
+    pub fn finished_version(&self, table: &str) -> Option<i64> {
+        self.delta.as_ref()?.finished_version(table)
+    }
 }
 
 /// A batch file with its number, not yet written.

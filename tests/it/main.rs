@@ -15,6 +15,7 @@ mod nlp_server;
 mod parallel_writes;
 mod readers;
 mod reference;
+mod reruns;
 mod robustness;
 mod s3_runs;
 mod s3_server;

@@ -51,6 +51,7 @@ fn process(scrubber: &Scrubber, ctx: &TaskContext, line: &[u8]) -> Fate {
         (&mut main, &mut None),
         &mut ExtensionReport::default(),
         &mut |s| skips.push((s.reason, s.detail)),
+        None,
     );
     match (main.rows().collect::<Vec<_>>().as_slice(), skips.pop()) {
         ([row], None) => Fate::Written(row.to_vec()),

@@ -85,6 +85,8 @@ struct Committer {
     files: Arc<TableFiles>,
     stage: Arc<StageDir>,
     uniqueness: Arc<[String]>,
+    /// The table's version when it was opened (None: it did not exist).
+    opened_at: Option<i64>,
 }
 
 /// The Delta tables of one run.
@@ -93,6 +95,8 @@ pub struct DeltaOutput {
     root: ObjectLocation,
     settings: Arc<DeltaSettings>,
     committers: Mutex<BTreeMap<String, Committer>>,
+    /// Versions the tables were left at, once finished.
+    finished_at: Mutex<BTreeMap<String, Option<i64>>>,
 }
 
 impl DeltaOutput {
@@ -108,7 +112,20 @@ impl DeltaOutput {
             root: root.clone(),
             settings: Arc::new(settings),
             committers: Mutex::new(BTreeMap::new()),
+            finished_at: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The version of `table` when this run opened it (None: not opened, or it did not
+    /// exist).
+    pub fn opened_version(&self, table: &str) -> Option<i64> {
+        self.committers.lock().unwrap().get(table)?.opened_at
+    }
+
+    /// The version `table` was left at by [`DeltaOutput::finish`] (None: not finished, or
+    /// never created).
+    pub fn finished_version(&self, table: &str) -> Option<i64> {
+        *self.finished_at.lock().unwrap().get(table)?
     }
 
     /// A writer that queues to the table's committer. The first writer of a table opens it
@@ -127,6 +144,7 @@ impl DeltaOutput {
                     false => e.context(format!("could not open the Delta table {table}")),
                 })?;
             let ledger = opened.ledger();
+            let opened_at = opened.version();
             let files = Arc::new(opened.files(self.runtime.handle().clone()));
             let stage = opened.stage_dir();
             let (jobs, queue) = mpsc::unbounded_channel();
@@ -140,6 +158,7 @@ impl DeltaOutput {
                 files,
                 stage,
                 uniqueness,
+                opened_at,
             };
             committers.insert(table.to_string(), committer);
         }
@@ -173,17 +192,25 @@ impl DeltaOutput {
             let runs: Vec<_> = tables
                 .into_iter()
                 .map(|(name, mut table)| {
-                    (
-                        name,
-                        tokio::spawn(async move { table.maintain(optimize).await }),
-                    )
+                    let maintained = tokio::spawn(async move {
+                        let outcome = table.maintain(optimize).await;
+                        (outcome, table.version())
+                    });
+                    (name, maintained)
                 })
                 .collect();
             let mut failed = Vec::new();
             for (name, run) in runs {
                 match run.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => failed.push((name, e)),
+                    Ok((outcome, version)) => {
+                        self.finished_at
+                            .lock()
+                            .unwrap()
+                            .insert(name.clone(), version);
+                        if let Err(e) = outcome {
+                            failed.push((name, e));
+                        }
+                    }
                     Err(e) => failed.push((name, anyhow!("its maintenance stopped: {e}"))),
                 }
             }

@@ -273,6 +273,11 @@ impl CumulusTable {
         self.table.version().is_some()
     }
 
+    /// The table's version as this run last read or committed it (None: not created yet).
+    pub fn version(&self) -> Option<i64> {
+        self.table.version().and_then(|v| i64::try_from(v).ok())
+    }
+
     /// The table's routing ledger, for the writers that queue its batches.
     pub fn ledger(&self) -> Arc<Mutex<Ledger>> {
         self.ledger.clone()

@@ -1,0 +1,304 @@
+//! The ETL's use of the row index (`crate::rerun`): before the dataflow, each Delta table with
+//! an index that describes its current version has its input pre-scanned, and the lines whose
+//! rows are unchanged are left out; during it, the producer records the line each row came
+//! from; after the tables are finished, each table's index is rewritten for the version the
+//! run left it at, or removed when the run could not vouch for the table's rows.
+//!
+//! Only Delta output from NDJSON input keeps an index: the other formats write into an empty
+//! folder, and an i2b2 export's lines are made by the tool from CSV rows.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::deid::Codebook;
+use crate::engine::RunShared;
+use crate::exit::one_line;
+use crate::input::InputFile;
+use crate::memory::HeldMemory;
+use crate::rerun::index::{self, Entry};
+use crate::rerun::prescan::{ScanInput, scan};
+use crate::rerun::skip::{LineSet, SkipLines};
+use crate::rerun::update::updated;
+use crate::rerun::RowFingerprints;
+use crate::spill_sort::SpillSort;
+use crate::store::ObjectLocation;
+use crate::tasks::Task;
+
+/// A written row's record: its task's number, then its index entry.
+const WRITTEN_BYTES: usize = 4 + index::ENTRY_BYTES;
+type Written = [u8; WRITTEN_BYTES];
+
+/// The run's row indexes: what the pre-scan left out, and what the run wrote.
+pub struct RerunIndex {
+    fingerprints: RowFingerprints,
+    tag: u128,
+    /// By task number: the table's folder and the version its index was usable at.
+    tables: Vec<IndexedTable>,
+    skip: SkipLines,
+    written: Mutex<SpillSort<WRITTEN_BYTES>>,
+    /// Some written row was not recorded (its record could not be stored): no index is saved.
+    lost: AtomicBool,
+    held: HeldMemory,
+}
+
+struct IndexedTable {
+    name: String,
+    dir: ObjectLocation,
+    /// The table's version when the run started, if its index described it.
+    usable_at: Option<i64>,
+    /// Lines left out as unchanged.
+    unchanged: AtomicU64,
+}
+
+/// The secret the fingerprints are keyed with: the codebook's own keyed hash of a fixed text,
+/// so it is as private as the salt and changes with it.
+fn secret(codebook: &Codebook) -> [u8; 32] {
+    let hex = codebook.hash("cumulus-etl row index");
+    let mut secret = [0u8; 32];
+    hex::decode_to_slice(hex, &mut secret).expect("the codebook's hashes are 64 hex digits");
+    secret
+}
+
+impl RerunIndex {
+    /// Opens the indexes of the tasks' tables (their writers open them) and pre-scans the
+    /// input of each that has a usable one on `threads` threads.
+    pub fn prepare(
+        shared: &RunShared,
+        output: &ObjectLocation,
+        tasks: &[Task],
+        files: &[InputFile],
+        codebook: &Codebook,
+        threads: usize,
+    ) -> Result<RerunIndex> {
+        let fingerprints = RowFingerprints::from_secret(&secret(codebook));
+        let tag = fingerprints.tag();
+        let memory = usize::try_from(shared.budget.limit() / 4).unwrap_or(usize::MAX);
+        let mut skip = SkipLines::default();
+        let mut tables = Vec::with_capacity(tasks.len());
+        for (task, ctx) in tasks.iter().zip(&shared.work.tasks) {
+            drop(shared.open_writer(&task.name, ctx)?);
+            let dir = output.join(&task.name);
+            let mut table = IndexedTable {
+                name: task.name.clone(),
+                dir,
+                usable_at: None,
+                unchanged: AtomicU64::new(0),
+            };
+            if let Some(version) = shared.outputs.opened_version(&task.name) {
+                let reader = index::open(&table.dir, tag, version)?;
+                match reader {
+                    Ok(reader) => {
+                        table.usable_at = Some(version);
+                        let started = Instant::now();
+                        let task_files: Vec<InputFile> = files
+                            .iter()
+                            .filter(|f| f.resource_type == task.resource)
+                            .cloned()
+                            .collect();
+                        let input = ScanInput {
+                            resource_type: &task.resource,
+                            files: &task_files,
+                            codebook,
+                            fingerprints: &fingerprints,
+                        };
+                        let counts = scan(&input, reader, threads, memory, &mut skip)
+                            .with_context(|| format!("pre-scanning the input of {}", task.name))?;
+                        crate::say!(
+                            "  {}: {} of {} rows unchanged since the last run, left out ({:.1} s)",
+                            task.name,
+                            counts.unchanged,
+                            counts.lines,
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
+                    Err(index::Unusable::Missing) => {}
+                    Err(unusable) => crate::say!(
+                        "  {}: its row index is not used ({}); every row is processed",
+                        task.name,
+                        unusable.reason()
+                    ),
+                }
+            }
+            tables.push(table);
+        }
+        let held = HeldMemory::default();
+        held.set(skip.heap_bytes());
+        shared.budget.count_held("re-run index", held.clone());
+        Ok(RerunIndex {
+            fingerprints,
+            tag,
+            tables,
+            skip,
+            written: Mutex::new(SpillSort::new(memory / 4)),
+            lost: AtomicBool::new(false),
+            held,
+        })
+    }
+
+    /// The index's part in processing one bundle of `file` for task `task`.
+    pub fn bundle<'a>(&'a self, task: u32, file: &str) -> BundleIndex<'a> {
+        BundleIndex {
+            index: self,
+            task,
+            skip: self.skip.file(file),
+            written: Vec::new(),
+            unchanged: 0,
+        }
+    }
+
+    /// Lines of `task` left out as unchanged.
+    pub fn unchanged(&self, task: u32) -> u64 {
+        self.tables[task as usize].unchanged.load(Ordering::Relaxed)
+    }
+
+    /// Rewrites each table's index for the version the run left it at, from the index it
+    /// started with, the rows it wrote and the ids it deleted (`deleted`, by task number); a
+    /// table with failed batches or rows left out gets none. Failures are warnings: a table
+    /// without an index is only processed whole next time.
+    pub fn save(&self, shared: &RunShared, deleted: &[Vec<String>]) {
+        let stats = shared.report.stats.lock().unwrap();
+        let trusted: Vec<bool> = self
+            .tables
+            .iter()
+            .map(|t| {
+                let summary = stats.tables.get(&t.name);
+                let failed = summary.is_some_and(|s| s.had_errors || s.success < s.attempt);
+                !failed && !stats.unfit_tables.contains(&t.name)
+            })
+            .collect();
+        drop(stats);
+        let written = std::mem::replace(&mut *self.written.lock().unwrap(), SpillSort::new(0));
+        let sorted = match self.lost.load(Ordering::Relaxed) {
+            true => Err(std::io::Error::other("rows were written that it could not record")),
+            false => written.finish(),
+        };
+        let mut written = match sorted {
+            Ok(sorted) => sorted.peekable(),
+            Err(e) => {
+                crate::say!("warning: the row indexes were not saved: {e}");
+                self.tables.iter().for_each(|t| remove(t, None));
+                return;
+            }
+        };
+        for (number, table) in self.tables.iter().enumerate() {
+            let task = number as u32;
+            let mut rows = std::iter::from_fn(|| {
+                let next = written.peek()?;
+                match next {
+                    Ok(r) if task_of(r) != task => None,
+                    _ => written.next().map(|r| r.map(|r| entry_of(&r))),
+                }
+            });
+            let version = shared.outputs.finished_version(&table.name);
+            let (Some(version), true) = (version, trusted[number]) else {
+                rows.for_each(drop);
+                remove(table, Some("the run could not write all of its rows"));
+                continue;
+            };
+            let mut gone: Vec<u64> = deleted
+                .get(number)
+                .into_iter()
+                .flatten()
+                .map(|id| self.fingerprints.key(id))
+                .collect();
+            gone.sort_unstable();
+            let old: Box<dyn Iterator<Item = std::io::Result<Entry>>> = match table.usable_at {
+                Some(at) => match index::open(&table.dir, self.tag, at) {
+                    Ok(Ok(reader)) => Box::new(reader),
+                    _ => {
+                        rows.for_each(drop);
+                        remove(table, Some("its old index could not be read again"));
+                        continue;
+                    }
+                },
+                None => Box::new(std::iter::empty()),
+            };
+            let new = updated(old, &mut rows, gone.into_iter());
+            if let Err(e) = index::write(&table.dir, self.tag, version, new) {
+                rows.for_each(drop);
+                crate::say!(
+                    "warning: the row index of {} was not saved: {}",
+                    table.name,
+                    one_line(&e)
+                );
+                remove(table, None);
+            }
+        }
+    }
+}
+
+/// Removes a table's index, saying why when there is a reason worth telling.
+fn remove(table: &IndexedTable, why: Option<&str>) {
+    if let Err(e) = index::remove(&table.dir) {
+        crate::say!(
+            "warning: the stale row index of {} could not be removed ({}); the next run will \
+             not use it, as it describes another version",
+            table.name,
+            one_line(&e)
+        );
+    } else if let (Some(why), Some(_)) = (why, table.usable_at) {
+        crate::say!("  {}: row index removed: {why}", table.name);
+    }
+}
+
+fn task_of(record: &Written) -> u32 {
+    u32::from_be_bytes(record[..4].try_into().unwrap())
+}
+
+fn entry_of(record: &Written) -> Entry {
+    record[4..].try_into().unwrap()
+}
+
+/// What the index does while one bundle is processed: which of its lines to leave out, and
+/// the rows made from the others.
+pub struct BundleIndex<'a> {
+    index: &'a RerunIndex,
+    task: u32,
+    skip: Option<&'a LineSet>,
+    written: Vec<Written>,
+    unchanged: u64,
+}
+
+impl BundleIndex<'_> {
+    /// Whether line `line` is left out as unchanged (counted).
+    pub fn leaves_out(&mut self, line: u64) -> bool {
+        let out = self.skip.is_some_and(|s| s.contains(line));
+        self.unchanged += u64::from(out);
+        out
+    }
+
+    /// Lines left out so far.
+    pub fn unchanged_lines(&self) -> u64 {
+        self.unchanged
+    }
+
+    /// Records that the row with `anonymous_id` was made from `line`.
+    pub fn made(&mut self, anonymous_id: &str, line: &[u8]) {
+        let fp = &self.index.fingerprints;
+        let entry = index::entry(fp.key(anonymous_id), fp.line(line));
+        let mut record = [0u8; WRITTEN_BYTES];
+        record[..4].copy_from_slice(&self.task.to_be_bytes());
+        record[4..].copy_from_slice(&entry);
+        self.written.push(record);
+    }
+}
+
+impl Drop for BundleIndex<'_> {
+    fn drop(&mut self) {
+        let table = &self.index.tables[self.task as usize];
+        table.unchanged.fetch_add(self.unchanged, Ordering::Relaxed);
+        if self.written.is_empty() {
+            return;
+        }
+        let mut written = self.index.written.lock().unwrap();
+        let before = written.held_bytes();
+        if let Err(e) = written.extend(self.written.drain(..)) {
+            self.index.lost.store(true, Ordering::Relaxed);
+            crate::say!("warning: the row indexes will not be saved: {e}");
+        }
+        self.index.held.change(before, written.held_bytes());
+    }
+}

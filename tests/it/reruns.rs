@@ -1,0 +1,285 @@
+//! Re-runs into Delta tables with the row index (`src/rerun`, `src/etl/rerun.rs`): an
+//! unchanged export leaves every line out and adds no data file, a changed one (rows changed,
+//! added, deleted, a key twice) leaves the tables of a clean load, and an index that another
+//! writer made stale is not used. Python `deltalake` and DuckDB read the tables with the index
+//! beside them, and VACUUM leaves it alone.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::readers::{read_both, run_script};
+use crate::support::{delta_live_files, phi_with_salt, read_delta, run_etl, stderr, synthea};
+
+const INDEX: &str = "_cumulus_etl/row-index";
+
+/// The keyed tables of an output folder (all but `etl__completion`, keyed by run time), read
+/// back.
+fn keyed_tables(root: &Path) -> BTreeMap<String, BTreeMap<String, Value>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(root).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let key = match name.as_str() {
+            "etl__completion" | "JobConfig" => continue,
+            "etl__completion_encounters" => "encounter_id",
+            _ => "id",
+        };
+        out.insert(name, read_delta(&entry.path(), key));
+    }
+    out
+}
+
+/// The live data files of every resource table.
+fn data_files(root: &Path) -> BTreeMap<String, Vec<PathBuf>> {
+    std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            !name.starts_with("etl__") && name != "JobConfig"
+        })
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, delta_live_files(&e.path()))
+        })
+        .collect()
+}
+
+fn etl(input: &Path, out: &Path, phi: &Path) -> String {
+    let run = run_etl(&[
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        phi.to_str().unwrap(),
+        "--batch-size",
+        "400",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    stderr(&run)
+}
+
+/// The line `etl` printed for `table`'s pre-scan: (unchanged, of).
+fn unchanged(log: &str, table: &str) -> Option<(u64, u64)> {
+    let line = log
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{table}: ")) && l.contains("unchanged"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    Some((words[1].parse().unwrap(), words[3].parse().unwrap()))
+}
+
+/// A copy of the bundled sample.
+fn copy_of_sample(to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(synthea()).unwrap().flatten() {
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+fn lines_of(file: &Path) -> Vec<Value> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn write_lines(file: &Path, rows: &[Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(file, text).unwrap();
+}
+
+#[test]
+fn an_unchanged_rerun_leaves_every_line_out_and_adds_no_data_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (phi, out) = (tmp.path().join("phi"), tmp.path().join("out"));
+    phi_with_salt(&phi, "1234");
+    let first_log = etl(&synthea(), &out, &phi);
+    assert!(unchanged(&first_log, "patient").is_none(), "{first_log}");
+    let (tables, files) = (keyed_tables(&out), data_files(&out));
+    for table in files.keys() {
+        assert!(out.join(table).join(INDEX).is_file(), "{table} has no index");
+    }
+
+    let log = etl(&synthea(), &out, &phi);
+    for (table, rows) in &tables {
+        if table.starts_with("etl__") {
+            continue;
+        }
+        assert_eq!(
+            unchanged(&log, table),
+            Some((rows.len() as u64, rows.len() as u64)),
+            "{table}: {log}"
+        );
+    }
+    assert_eq!(data_files(&out), files);
+    // The encounters still get this export's completion rows.
+    assert_eq!(keyed_tables(&out), tables);
+    let summary = log.lines().find(|l| l.starts_with("condition ")).unwrap();
+    let n = tables["condition"].len().to_string();
+    assert_eq!(summary.split_whitespace().collect::<Vec<_>>(), ["condition", &n, &n]);
+}
+
+#[test]
+fn a_changed_export_rerun_gives_the_tables_of_a_clean_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    phi_with_salt(&phi, "1234");
+    let (rerun, clean) = (tmp.path().join("rerun"), tmp.path().join("clean"));
+    etl(&synthea(), &rerun, &phi);
+    let before = keyed_tables(&rerun);
+
+    // The next export: 2% of conditions changed, 1% deleted (listed in deleted/ and gone from
+    // the files), one new; a procedure twice, the second time changed.
+    let export = tmp.path().join("export");
+    copy_of_sample(&export);
+    let conditions = export.join("Condition.000.ndjson");
+    let mut rows = lines_of(&conditions);
+    let total = rows.len();
+    let mut deleted = Vec::new();
+    let mut kept = Vec::new();
+    for (i, mut row) in rows.drain(..).enumerate() {
+        match i % 100 {
+            0 => deleted.push(row["id"].as_str().unwrap().to_string()),
+            1 | 2 => {
+                row["recordedDate"] = Value::from("2001-02-03");
+                kept.push(row);
+            }
+            _ => kept.push(row),
+        }
+    }
+    let mut new = kept[5].clone();
+    new["id"] = Value::from("a-brand-new-condition");
+    kept.push(new);
+    write_lines(&conditions, &kept);
+    let bundle = serde_json::json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": deleted
+            .iter()
+            .map(|id| serde_json::json!({"request": {"method": "DELETE", "url": format!("Condition/{id}")}}))
+            .collect::<Vec<_>>(),
+    });
+    std::fs::create_dir_all(export.join("deleted")).unwrap();
+    write_lines(&export.join("deleted/Condition.ndjson"), &[bundle]);
+    let procedures = export.join("Procedure.000.ndjson");
+    let mut rows = lines_of(&procedures);
+    let mut twice = rows[3].clone();
+    twice["status"] = Value::from("entered-in-error");
+    // Next to the first, so both are in one batch of the clean load, and the second wins.
+    rows.insert(4, twice);
+    let procedure_lines = rows.len() as u64;
+    write_lines(&procedures, &rows);
+
+    let log = etl(&export, &rerun, &phi);
+    let changed = 2 * total.div_ceil(100) as u64;
+    let lines = kept.len() as u64;
+    // Changed rows and the new one are processed; the rest are left out.
+    let (left_out, of) = unchanged(&log, "condition").unwrap();
+    assert_eq!(of, lines);
+    assert!(left_out == lines - changed - 1, "{log}");
+    assert_eq!(
+        unchanged(&log, "procedure"),
+        Some((procedure_lines - 2, procedure_lines)),
+        "{log}"
+    );
+    etl(&export, &clean, &phi);
+    let after = keyed_tables(&rerun);
+    assert_eq!(after, keyed_tables(&clean));
+    assert_ne!(after["condition"], before["condition"]);
+    assert_eq!(
+        after["condition"].len(),
+        before["condition"].len() - deleted.len() + 1
+    );
+
+    // Once more: only the procedure met twice is processed again.
+    let log = etl(&export, &rerun, &phi);
+    assert_eq!(unchanged(&log, "condition"), Some((lines, lines)), "{log}");
+    assert_eq!(
+        unchanged(&log, "procedure"),
+        Some((procedure_lines - 2, procedure_lines)),
+        "{log}"
+    );
+    assert_eq!(keyed_tables(&rerun), after);
+}
+
+const VACUUM: &str = r#"
+import json, os, sys
+import deltalake
+table = deltalake.DeltaTable(sys.argv[1])
+# A dry run of a full VACUUM (every file not in the log): the files it would delete (deleting commits VACUUM START and END, which this
+# deltalake refuses on clustered tables; delta-rs's own VACUUM, the tool's, plans the same).
+deleted = table.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=True, full=True)
+print(json.dumps(sorted(deleted)), flush=True)
+os._exit(0)
+"#;
+
+/// Commits the removal of one of the table's data files, as another writer would delete its
+/// rows; returns the file's path in the table.
+fn remove_a_file_as_another_writer(table: &Path) -> String {
+    let live = delta_live_files(table);
+    let file = live[0].strip_prefix(table).unwrap().to_string_lossy().into_owned();
+    let versions = std::fs::read_dir(table.join("_delta_log"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .count();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let commit = [
+        serde_json::json!({"commitInfo": {"timestamp": now, "operation": "DELETE"}}),
+        serde_json::json!({"remove": {"path": file, "deletionTimestamp": now, "dataChange": true}}),
+    ];
+    write_lines(
+        &table.join(format!("_delta_log/{versions:020}.json")),
+        &commit,
+    );
+    file
+}
+
+#[test]
+fn an_index_another_writer_made_stale_is_not_used_and_vacuum_and_readers_leave_it_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (phi, out) = (tmp.path().join("phi"), tmp.path().join("out"));
+    phi_with_salt(&phi, "1234");
+    etl(&synthea(), &out, &phi);
+    let before = keyed_tables(&out);
+    let patient = out.join("patient");
+    let index = std::fs::read(patient.join(INDEX)).unwrap();
+
+    // Readers see the rows and nothing of the index.
+    let read = read_both(&patient, &["id"], true);
+    assert_eq!(read.duckdb.len(), before["patient"].len());
+    assert_eq!(read.deltalake.unwrap().len(), before["patient"].len());
+
+    // Another writer removes the rows of a file, and VACUUM with no retention would delete
+    // that file and a stray one, and leave the index.
+    let removed = remove_a_file_as_another_writer(&patient);
+    std::fs::write(patient.join("stray.parquet"), b"not referenced").unwrap();
+    let vacuumed = run_script(VACUUM, &[patient.to_str().unwrap()]);
+    let vacuumed: Vec<&str> = vacuumed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(vacuumed, [removed.as_str(), "stray.parquet"]);
+    assert_eq!(std::fs::read(patient.join(INDEX)).unwrap(), index);
+    assert!(crate::support::read_delta_rows(&patient).is_empty());
+
+    let log = etl(&synthea(), &out, &phi);
+    assert!(
+        log.contains("patient: its row index is not used (it describes version 0"),
+        "{log}"
+    );
+    assert!(unchanged(&log, "patient").is_none(), "{log}");
+    // Other tables still use theirs.
+    let conditions = before["condition"].len() as u64;
+    assert_eq!(unchanged(&log, "condition"), Some((conditions, conditions)));
+    // Processed again, the rows are back, and the new index is used next time.
+    assert_eq!(keyed_tables(&out), before);
+    let log = etl(&synthea(), &out, &phi);
+    let patients = before["patient"].len() as u64;
+    assert_eq!(unchanged(&log, "patient"), Some((patients, patients)), "{log}");
+}
