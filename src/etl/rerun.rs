@@ -18,11 +18,11 @@ use crate::engine::RunShared;
 use crate::exit::one_line;
 use crate::input::InputFile;
 use crate::memory::HeldMemory;
+use crate::rerun::RowFingerprints;
 use crate::rerun::index::{self, Entry};
 use crate::rerun::prescan::{ScanInput, scan};
 use crate::rerun::skip::{LineSet, SkipLines};
 use crate::rerun::update::updated;
-use crate::rerun::RowFingerprints;
 use crate::spill_sort::SpillSort;
 use crate::store::ObjectLocation;
 use crate::tasks::Task;
@@ -172,7 +172,9 @@ impl RerunIndex {
         drop(stats);
         let written = std::mem::replace(&mut *self.written.lock().unwrap(), SpillSort::new(0));
         let sorted = match self.lost.load(Ordering::Relaxed) {
-            true => Err(std::io::Error::other("rows were written that it could not record")),
+            true => Err(std::io::Error::other(
+                "rows were written that it could not record",
+            )),
             false => written.finish(),
         };
         let mut written = match sorted {
@@ -192,12 +194,21 @@ impl RerunIndex {
                     _ => written.next().map(|r| r.map(|r| entry_of(&r))),
                 }
             });
-            let version = shared.outputs.finished_version(&table.name);
-            let (Some(version), true) = (version, trusted[number]) else {
-                rows.for_each(drop);
-                remove(table, Some("the run could not write all of its rows"));
-                continue;
+            let finished = shared.outputs.finished(&table.name);
+            let why = match finished {
+                _ if !trusted[number] => Some("the run could not write all of its rows"),
+                Some(f) if !f.only_this_run => {
+                    Some("another writer committed to the table during the run")
+                }
+                Some(f) if f.version.is_some() => None,
+                _ => Some("the table was not finished"),
             };
+            if let Some(why) = why {
+                rows.for_each(drop);
+                remove(table, Some(why));
+                continue;
+            }
+            let version = finished.and_then(|f| f.version).expect("checked above");
             let mut gone: Vec<u64> = deleted
                 .get(number)
                 .into_iter()
@@ -239,8 +250,8 @@ fn remove(table: &IndexedTable, why: Option<&str>) {
             table.name,
             one_line(&e)
         );
-    } else if let (Some(why), Some(_)) = (why, table.usable_at) {
-        crate::say!("  {}: row index removed: {why}", table.name);
+    } else if let Some(why) = why {
+        crate::say!("  {}: no row index kept: {why}", table.name);
     }
 }
 

@@ -184,9 +184,9 @@ impl Outputs {
         self.delta.as_ref()?.opened_version(table)
     }
 
-    /// The version this run left the Delta table `table` at, once finished.
-    pub fn finished_version(&self, table: &str) -> Option<i64> {
-        self.delta.as_ref()?.finished_version(table)
+    /// How this run left the Delta table `table`, once finished.
+    pub fn finished(&self, table: &str) -> Option<delta::FinishedTable> {
+        self.delta.as_ref()?.finished(table)
     }
 }
 

@@ -97,7 +97,10 @@ fn an_unchanged_rerun_leaves_every_line_out_and_adds_no_data_file() {
     assert!(unchanged(&first_log, "patient").is_none(), "{first_log}");
     let (tables, files) = (keyed_tables(&out), data_files(&out));
     for table in files.keys() {
-        assert!(out.join(table).join(INDEX).is_file(), "{table} has no index");
+        assert!(
+            out.join(table).join(INDEX).is_file(),
+            "{table} has no index"
+        );
     }
 
     let log = etl(&synthea(), &out, &phi);
@@ -116,7 +119,10 @@ fn an_unchanged_rerun_leaves_every_line_out_and_adds_no_data_file() {
     assert_eq!(keyed_tables(&out), tables);
     let summary = log.lines().find(|l| l.starts_with("condition ")).unwrap();
     let n = tables["condition"].len().to_string();
-    assert_eq!(summary.split_whitespace().collect::<Vec<_>>(), ["condition", &n, &n]);
+    assert_eq!(
+        summary.split_whitespace().collect::<Vec<_>>(),
+        ["condition", &n, &n]
+    );
 }
 
 #[test]
@@ -217,7 +223,11 @@ os._exit(0)
 /// rows; returns the file's path in the table.
 fn remove_a_file_as_another_writer(table: &Path) -> String {
     let live = delta_live_files(table);
-    let file = live[0].strip_prefix(table).unwrap().to_string_lossy().into_owned();
+    let file = live[0]
+        .strip_prefix(table)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let versions = std::fs::read_dir(table.join("_delta_log"))
         .unwrap()
         .flatten()
@@ -281,5 +291,59 @@ fn an_index_another_writer_made_stale_is_not_used_and_vacuum_and_readers_leave_i
     assert_eq!(keyed_tables(&out), before);
     let log = etl(&synthea(), &out, &phi);
     let patients = before["patient"].len() as u64;
-    assert_eq!(unchanged(&log, "patient"), Some((patients, patients)), "{log}");
+    assert_eq!(
+        unchanged(&log, "patient"),
+        Some((patients, patients)),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_run_another_writer_committed_into_keeps_no_index_of_that_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (phi, out) = (tmp.path().join("phi"), tmp.path().join("out"));
+    phi_with_salt(&phi, "1234");
+    let condition = out.join("condition");
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+        .args([synthea(), out.clone(), phi].map(|p| p.to_str().unwrap().to_string()))
+        .args(["--batch-size", "10", "--task", "condition,patient"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the run has made a few commits, another writer commits (an empty commit, in the
+    // next free version: never over one of the run's).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !condition
+        .join("_delta_log/00000000000000000003.json")
+        .exists()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run made no commits"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let commit = r#"{"commitInfo":{"timestamp":1,"operation":"WRITE"}}"#;
+    let written = (4..).find(|v| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(condition.join(format!("_delta_log/{v:020}.json")))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, commit.as_bytes()))
+            .is_ok()
+    });
+    let out_run = run.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out_run.stderr);
+    assert!(out_run.status.success(), "{log}");
+    assert!(written.is_some());
+    assert!(
+        log.contains(
+            "condition: no row index kept: another writer committed to the table during the run"
+        ),
+        "{log}"
+    );
+    assert!(!condition.join(INDEX).exists());
+    // The other table keeps its index.
+    assert!(out.join("patient").join(INDEX).is_file(), "{log}");
 }

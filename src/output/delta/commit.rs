@@ -102,3 +102,12 @@ pub async fn write(
         }
     }
 }
+
+/// Whether a commit file's `commitInfo` has `field` set to `value`.
+pub fn carries_info(commit: &[u8], field: &str, value: &str) -> bool {
+    commit
+        .split(|&b| b == b'\n')
+        .filter(|line| line.starts_with(b"{\"commitInfo\""))
+        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
+        .any(|action| action["commitInfo"][field].as_str() == Some(value))
+}

@@ -95,8 +95,17 @@ pub struct DeltaOutput {
     root: ObjectLocation,
     settings: Arc<DeltaSettings>,
     committers: Mutex<BTreeMap<String, Committer>>,
-    /// Versions the tables were left at, once finished.
-    finished_at: Mutex<BTreeMap<String, Option<i64>>>,
+    /// How the tables were left, once finished.
+    finished_at: Mutex<BTreeMap<String, FinishedTable>>,
+}
+
+/// How a run left a table.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishedTable {
+    /// Its version (None: never created).
+    pub version: Option<i64>,
+    /// Every commit since the run opened it is the run's own (no other writer committed).
+    pub only_this_run: bool,
 }
 
 impl DeltaOutput {
@@ -122,10 +131,9 @@ impl DeltaOutput {
         self.committers.lock().unwrap().get(table)?.opened_at
     }
 
-    /// The version `table` was left at by [`DeltaOutput::finish`] (None: not finished, or
-    /// never created).
-    pub fn finished_version(&self, table: &str) -> Option<i64> {
-        *self.finished_at.lock().unwrap().get(table)?
+    /// How [`DeltaOutput::finish`] left `table` (None: not finished).
+    pub fn finished(&self, table: &str) -> Option<FinishedTable> {
+        self.finished_at.lock().unwrap().get(table).copied()
     }
 
     /// A writer that queues to the table's committer. The first writer of a table opens it
@@ -182,7 +190,7 @@ impl DeltaOutput {
             for (name, committer) in committers {
                 drop(committer.jobs);
                 match committer.done.await {
-                    Ok(Ok(table)) => tables.push((name, table)),
+                    Ok(Ok(table)) => tables.push((name, table, committer.opened_at)),
                     Ok(Err(e)) => crate::say!("error: the committer of {name} stopped: {e}"),
                     Err(e) => crate::say!("error: the committer of {name} stopped: {e}"),
                 }
@@ -191,10 +199,15 @@ impl DeltaOutput {
             // a file-by-file compaction read and encoded on this one thread alone).
             let runs: Vec<_> = tables
                 .into_iter()
-                .map(|(name, mut table)| {
+                .map(|(name, mut table, opened_at)| {
                     let maintained = tokio::spawn(async move {
                         let outcome = table.maintain(optimize).await;
-                        (outcome, table.version())
+                        let only_this_run = table.only_this_run_since(opened_at).await;
+                        let finished = FinishedTable {
+                            version: table.version(),
+                            only_this_run: only_this_run.unwrap_or(false),
+                        };
+                        (outcome, finished)
                     });
                     (name, maintained)
                 })
@@ -202,11 +215,11 @@ impl DeltaOutput {
             let mut failed = Vec::new();
             for (name, run) in runs {
                 match run.await {
-                    Ok((outcome, version)) => {
+                    Ok((outcome, finished)) => {
                         self.finished_at
                             .lock()
                             .unwrap()
-                            .insert(name.clone(), version);
+                            .insert(name.clone(), finished);
                         if let Err(e) = outcome {
                             failed.push((name, e));
                         }

@@ -97,6 +97,10 @@ impl TableSpec {
 pub struct DeltaSettings {
     /// Identifies this run in the tables' transaction log (`txn.appId`).
     pub run_id: String,
+    /// Written into the `commitInfo` of every commit of this process ([`RUN_MARKER`]), so the
+    /// end of the run can tell whether another writer committed in between: `run_id` names
+    /// the run by its start time, which two runs may share.
+    pub run_marker: String,
     /// One DataFusion memory pool for every table's MERGE, DELETE and OPTIMIZE, so the total
     /// stays bounded however many tables commit at once.
     runtime: Arc<RuntimeEnv>,
@@ -117,6 +121,9 @@ pub struct DeltaSettings {
     /// Threads a compaction may use (the run's workers, which have finished by then).
     threads: usize,
 }
+
+/// The `commitInfo` field that names the process that made a commit.
+pub const RUN_MARKER: &str = "cumulusEtlProcess";
 
 impl DeltaSettings {
     /// Settings for a run under the global `--memory` budget. DataFusion (DELETE, compaction,
@@ -143,6 +150,7 @@ impl DeltaSettings {
     pub fn new(memory_limit: usize, run_id: impl Into<String>) -> DeltaSettings {
         DeltaSettings {
             run_id: run_id.into(),
+            run_marker: uuid::Uuid::new_v4().to_string(),
             runtime: DeltaRuntimeEnvBuilder::new()
                 .with_max_spill_size(memory_limit)
                 .build(),
@@ -271,6 +279,34 @@ impl CumulusTable {
 
     fn exists(&self) -> bool {
         self.table.version().is_some()
+    }
+
+    /// Commit properties of a delta-rs operation, with this process's [`RUN_MARKER`].
+    fn marked_commit(&self) -> deltalake::kernel::transaction::CommitProperties {
+        deltalake::kernel::transaction::CommitProperties::default().with_metadata([(
+            RUN_MARKER.to_string(),
+            serde_json::Value::from(self.settings.run_marker.clone()),
+        )])
+    }
+
+    /// Whether every commit after version `since` (None: every commit) up to the table's
+    /// version carries this process's [`RUN_MARKER`]: no other writer committed in between,
+    /// and every change since is this run's.
+    pub async fn only_this_run_since(&mut self, since: Option<i64>) -> Result<bool> {
+        let Some(now) = self.table.version() else {
+            return Ok(true);
+        };
+        let first = since.map_or(0, |v| v as u64 + 1);
+        let log_store = self.table.log_store();
+        for version in first..=now {
+            let Some(commit) = log_store.read_commit_entry(version).await? else {
+                return Ok(false);
+            };
+            if !commit::carries_info(&commit, RUN_MARKER, &self.settings.run_marker) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The table's version as this run last read or committed it (None: not created yet).
@@ -648,6 +684,9 @@ impl CumulusTable {
     ) -> Result<()> {
         let version = self.table.version().map_or(0, |v| v + 1);
         let log_store = self.table.log_store();
+        let mut meta = meta;
+        meta.info
+            .insert(RUN_MARKER.into(), self.settings.run_marker.clone().into());
         commit::write(&log_store, version, actions, operation, meta).await?;
         self.table
             .update_incremental(Some(version))
@@ -816,7 +855,8 @@ impl CumulusTable {
         hash_join: bool,
     ) -> Result<()> {
         self.commits += 1;
-        let props = deltalake::kernel::transaction::CommitProperties::default()
+        let props = self
+            .marked_commit()
             .with_application_transaction(Transaction::new(&self.settings.run_id, self.commits));
         let state = self.session(hash_join);
         let schema = batches.first().context("a MERGE has a batch")?.schema();
@@ -923,6 +963,7 @@ impl CumulusTable {
                 .delete()
                 .with_predicate(predicate)
                 .with_session_state(Arc::new(self.session(true)))
+                .with_commit_properties(self.marked_commit())
                 .await
                 .with_context(|| format!("deleting ids from {}", self.spec.name))?;
             self.table = table;
@@ -1133,6 +1174,7 @@ impl CumulusTable {
             // million rows, a 4 GB first load peaked at 609 MiB compacting).
             .with_writer_properties(crate::output::parquet::writer_properties())
             .with_session_state(Arc::new(self.session(true)))
+            .with_commit_properties(self.marked_commit())
             .await
             .with_context(|| format!("compacting {}", self.spec.name))?;
         self.table = table;
