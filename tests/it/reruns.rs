@@ -304,7 +304,7 @@ fn a_run_another_writer_committed_into_keeps_no_index_of_that_table() {
     let (phi, out) = (tmp.path().join("phi"), tmp.path().join("out"));
     phi_with_salt(&phi, "1234");
     let condition = out.join("condition");
-    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
         .args([synthea(), out.clone(), phi].map(|p| p.to_str().unwrap().to_string()))
         .args(["--batch-size", "10", "--task", "condition,patient"])
         .stdout(std::process::Stdio::null())
