@@ -233,7 +233,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         rejected,
     }
     .build(scrubber, &codebook, contexts, work)?;
-    let rerun = open_rerun_index(opts, &shared, &selected, &found.files, &codebook);
+    let rerun = open_rerun_index(opts, &shared, &selected, &found.files, (&codebook, &group));
     crate::say!(
         "Reading {} in {} files with {} workers and a {} memory budget...",
         human_bytes(total_bytes),
@@ -268,12 +268,14 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     for (task, ctx) in selected.iter().zip(&shared.work.tasks) {
         if let Some(rerun) = &rerun {
             // Rows left out as unchanged are in the table, as if written again.
-            let unchanged = rerun.unchanged(ctx.task);
-            if unchanged > 0 {
-                let mut stats = shared.report.stats.lock().unwrap();
-                let summary = stats.summary(&task.name);
-                summary.attempt += unchanged;
-                summary.success += unchanged;
+            for table in task.tables() {
+                let unchanged = rerun.unchanged(&table);
+                if unchanged > 0 {
+                    let mut stats = shared.report.stats.lock().unwrap();
+                    let summary = stats.summary(&table);
+                    summary.attempt += unchanged;
+                    summary.success += unchanged;
+                }
             }
         }
         for table in task.tables() {
@@ -353,13 +355,13 @@ fn open_rerun_index(
     shared: &RunShared,
     tasks: &[Task],
     files: &[crate::input::InputFile],
-    codebook: &Codebook,
+    (codebook, group): (&Codebook, &str),
 ) -> Option<Arc<RerunIndex>> {
     if opts.output_format != OutputFormat::Deltalake || opts.input_format != InputFormat::Ndjson {
         return None;
     }
-    let workers = opts.engine.workers;
-    match RerunIndex::prepare(shared, &opts.output, tasks, files, codebook, workers) {
+    let run = (opts.engine.workers, group);
+    match RerunIndex::prepare(shared, &opts.output, tasks, files, codebook, run) {
         Ok(index) => Some(Arc::new(index)),
         Err(e) => {
             crate::say!(

@@ -19,13 +19,13 @@ use crate::exit::one_line;
 use crate::input::InputFile;
 use crate::memory::HeldMemory;
 use crate::rerun::RowFingerprints;
-use crate::rerun::index::{self, Entry};
-use crate::rerun::prescan::{ScanInput, scan};
+use crate::rerun::index::{self, Entry, IndexReader};
+use crate::rerun::prescan::{Compared, Expect, ScanInput, scan};
 use crate::rerun::skip::{LineSet, SkipLines};
 use crate::rerun::update::updated;
 use crate::spill_sort::SpillSort;
 use crate::store::ObjectLocation;
-use crate::tasks::Task;
+use crate::tasks::{COMPLETION_ENCOUNTERS_TABLE, Task};
 
 /// A written row's record: its task's number, then its index entry.
 const WRITTEN_BYTES: usize = 4 + index::ENTRY_BYTES;
@@ -35,9 +35,15 @@ type Written = [u8; WRITTEN_BYTES];
 pub struct RerunIndex {
     fingerprints: RowFingerprints,
     tag: u128,
-    /// By task number: the table's folder and the version its index was usable at.
+    /// The indexed tables: the tasks' (by task number), then `etl__completion_encounters`.
     tables: Vec<IndexedTable>,
+    /// The completion table's place in `tables`, and the value its entries have for this
+    /// export's group.
+    completion: Option<(usize, u128)>,
+    /// Lines whose row is unchanged.
     skip: SkipLines,
+    /// Encounter lines whose completion row for this export's group is in the table.
+    completed: SkipLines,
     written: Mutex<SpillSort<WRITTEN_BYTES>>,
     /// Some written row was not recorded (its record could not be stored): no index is saved.
     lost: AtomicBool,
@@ -49,8 +55,43 @@ struct IndexedTable {
     dir: ObjectLocation,
     /// The table's version when the run started, if its index described it.
     usable_at: Option<i64>,
-    /// Lines left out as unchanged.
+    /// Rows left out as unchanged.
     unchanged: AtomicU64,
+}
+
+impl IndexedTable {
+    /// The table's index if it describes the version the run opened the table at; says why
+    /// not otherwise (nothing when there is none).
+    fn open(
+        shared: &RunShared,
+        output: &ObjectLocation,
+        name: &str,
+        tag: u128,
+    ) -> Result<(IndexedTable, Option<IndexReader>)> {
+        let mut table = IndexedTable {
+            name: name.to_string(),
+            dir: output.join(name),
+            usable_at: None,
+            unchanged: AtomicU64::new(0),
+        };
+        let Some(version) = shared.outputs.opened_version(name) else {
+            return Ok((table, None));
+        };
+        match index::open(&table.dir, tag, version)? {
+            Ok(reader) => {
+                table.usable_at = Some(version);
+                Ok((table, Some(reader)))
+            }
+            Err(index::Unusable::Missing) => Ok((table, None)),
+            Err(unusable) => {
+                crate::say!(
+                    "  {name}: its row index is not used ({}); every row is processed",
+                    unusable.reason()
+                );
+                Ok((table, None))
+            }
+        }
+    }
 }
 
 /// The secret the fingerprints are keyed with: the codebook's own keyed hash of a fixed text,
@@ -63,75 +104,102 @@ fn secret(codebook: &Codebook) -> [u8; 32] {
 }
 
 impl RerunIndex {
-    /// Opens the indexes of the tasks' tables (their writers open them) and pre-scans the
-    /// input of each that has a usable one on `threads` threads.
+    /// Opens the indexes of the tasks' tables (their writers open them), and of the completion
+    /// table when a task tracks encounters for the export's `group`, and pre-scans the input
+    /// of each task that has a usable one on `threads` threads.
     pub fn prepare(
         shared: &RunShared,
         output: &ObjectLocation,
         tasks: &[Task],
         files: &[InputFile],
         codebook: &Codebook,
-        threads: usize,
+        (threads, group): (usize, &str),
     ) -> Result<RerunIndex> {
         let fingerprints = RowFingerprints::from_secret(&secret(codebook));
         let tag = fingerprints.tag();
         let memory = usize::try_from(shared.budget.limit() / 4).unwrap_or(usize::MAX);
-        let mut skip = SkipLines::default();
-        let mut tables = Vec::with_capacity(tasks.len());
+        let (mut skip, mut completed) = (SkipLines::default(), SkipLines::default());
+        let mut tables = Vec::with_capacity(tasks.len() + 1);
+        let mut readers = Vec::with_capacity(tasks.len());
         for (task, ctx) in tasks.iter().zip(&shared.work.tasks) {
             drop(shared.open_writer(&task.name, ctx)?);
-            let dir = output.join(&task.name);
-            let mut table = IndexedTable {
-                name: task.name.clone(),
-                dir,
-                usable_at: None,
-                unchanged: AtomicU64::new(0),
-            };
-            if let Some(version) = shared.outputs.opened_version(&task.name) {
-                let reader = index::open(&table.dir, tag, version)?;
-                match reader {
-                    Ok(reader) => {
-                        table.usable_at = Some(version);
-                        let started = Instant::now();
-                        let task_files: Vec<InputFile> = files
-                            .iter()
-                            .filter(|f| f.resource_type == task.resource)
-                            .cloned()
-                            .collect();
-                        let input = ScanInput {
-                            resource_type: &task.resource,
-                            files: &task_files,
-                            codebook,
-                            fingerprints: &fingerprints,
-                        };
-                        let counts = scan(&input, reader, threads, memory, &mut skip)
-                            .with_context(|| format!("pre-scanning the input of {}", task.name))?;
-                        crate::say!(
-                            "  {}: {} of {} rows unchanged since the last run, left out ({:.1} s)",
-                            task.name,
-                            counts.unchanged,
-                            counts.lines,
-                            started.elapsed().as_secs_f64()
-                        );
-                    }
-                    Err(index::Unusable::Missing) => {}
-                    Err(unusable) => crate::say!(
-                        "  {}: its row index is not used ({}); every row is processed",
-                        task.name,
-                        unusable.reason()
-                    ),
-                }
-            }
+            let (table, reader) = IndexedTable::open(shared, output, &task.name, tag)?;
+            tables.push(table);
+            readers.push(reader);
+        }
+        let completion_value = fingerprints.line(group.as_bytes());
+        let mut completion = None;
+        let mut completion_reader = None;
+        if let Some((_, ctx)) = tasks
+            .iter()
+            .zip(&shared.work.tasks)
+            .find(|(t, _)| t.tracks_encounters)
+        {
+            drop(shared.open_writer(COMPLETION_ENCOUNTERS_TABLE, ctx)?);
+            let (table, reader) =
+                IndexedTable::open(shared, output, COMPLETION_ENCOUNTERS_TABLE, tag)?;
+            completion = Some((tables.len(), completion_value));
+            completion_reader = reader;
             tables.push(table);
         }
+        for (number, (task, reader)) in tasks.iter().zip(readers).enumerate() {
+            let mut compared = Vec::new();
+            let mut skips: Vec<&mut SkipLines> = Vec::new();
+            let mut slots = Vec::new();
+            if let Some(reader) = reader {
+                compared.push(Compared {
+                    entries: reader,
+                    expect: Expect::SameLine,
+                });
+                skips.push(&mut skip);
+                slots.push(number);
+            }
+            if task.tracks_encounters
+                && let (Some(reader), Some((slot, value))) = (completion_reader.take(), completion)
+            {
+                compared.push(Compared {
+                    entries: reader,
+                    expect: Expect::Value(value),
+                });
+                skips.push(&mut completed);
+                slots.push(slot);
+            }
+            if compared.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            let task_files: Vec<InputFile> = files
+                .iter()
+                .filter(|f| f.resource_type == task.resource)
+                .cloned()
+                .collect();
+            let input = ScanInput {
+                resource_type: &task.resource,
+                files: &task_files,
+                codebook,
+                fingerprints: &fingerprints,
+            };
+            let counts = scan(&input, compared, threads, memory, &mut skips)
+                .with_context(|| format!("pre-scanning the input of {}", task.name))?;
+            for (slot, unchanged) in slots.into_iter().zip(counts.unchanged) {
+                crate::say!(
+                    "  {}: {unchanged} of {} rows unchanged since the last run, left out ({:.1} s)",
+                    tables[slot].name,
+                    counts.lines,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
         let held = HeldMemory::default();
-        held.set(skip.heap_bytes());
+        held.set(skip.heap_bytes() + completed.heap_bytes());
         shared.budget.count_held("re-run index", held.clone());
         Ok(RerunIndex {
             fingerprints,
             tag,
             tables,
+            completion,
             skip,
+            completed,
             written: Mutex::new(SpillSort::new(memory / 4)),
             lost: AtomicBool::new(false),
             held,
@@ -144,14 +212,19 @@ impl RerunIndex {
             index: self,
             task,
             skip: self.skip.file(file),
+            completed: self.completed.file(file),
             written: Vec::new(),
             unchanged: 0,
+            completions_known: 0,
         }
     }
 
-    /// Lines of `task` left out as unchanged.
-    pub fn unchanged(&self, task: u32) -> u64 {
-        self.tables[task as usize].unchanged.load(Ordering::Relaxed)
+    /// Rows of the table `table` left out as unchanged.
+    pub fn unchanged(&self, table: &str) -> u64 {
+        self.tables
+            .iter()
+            .find(|t| t.name == table)
+            .map_or(0, |t| t.unchanged.load(Ordering::Relaxed))
     }
 
     /// Rewrites each table's index for the version the run left it at, from the index it
@@ -269,8 +342,10 @@ pub struct BundleIndex<'a> {
     index: &'a RerunIndex,
     task: u32,
     skip: Option<&'a LineSet>,
+    completed: Option<&'a LineSet>,
     written: Vec<Written>,
     unchanged: u64,
+    completions_known: u64,
 }
 
 impl BundleIndex<'_> {
@@ -281,6 +356,14 @@ impl BundleIndex<'_> {
         out
     }
 
+    /// Whether the completion row of the encounter on line `line` is in the table already
+    /// (counted).
+    pub fn completion_known(&mut self, line: u64) -> bool {
+        let known = self.completed.is_some_and(|s| s.contains(line));
+        self.completions_known += u64::from(known);
+        known
+    }
+
     /// Lines left out so far.
     pub fn unchanged_lines(&self) -> u64 {
         self.unchanged
@@ -289,9 +372,20 @@ impl BundleIndex<'_> {
     /// Records that the row with `anonymous_id` was made from `line`.
     pub fn made(&mut self, anonymous_id: &str, line: &[u8]) {
         let fp = &self.index.fingerprints;
-        let entry = index::entry(fp.key(anonymous_id), fp.line(line));
+        self.record(self.task, index::entry(fp.key(anonymous_id), fp.line(line)));
+    }
+
+    /// Records that the completion row of the encounter `anonymous_id` was made.
+    pub fn completed(&mut self, anonymous_id: &str) {
+        if let Some((slot, value)) = self.index.completion {
+            let key = self.index.fingerprints.key(anonymous_id);
+            self.record(slot as u32, index::entry(key, value));
+        }
+    }
+
+    fn record(&mut self, slot: u32, entry: Entry) {
         let mut record = [0u8; WRITTEN_BYTES];
-        record[..4].copy_from_slice(&self.task.to_be_bytes());
+        record[..4].copy_from_slice(&slot.to_be_bytes());
         record[4..].copy_from_slice(&entry);
         self.written.push(record);
     }
@@ -299,8 +393,15 @@ impl BundleIndex<'_> {
 
 impl Drop for BundleIndex<'_> {
     fn drop(&mut self) {
-        let table = &self.index.tables[self.task as usize];
-        table.unchanged.fetch_add(self.unchanged, Ordering::Relaxed);
+        let tables = &self.index.tables;
+        tables[self.task as usize]
+            .unchanged
+            .fetch_add(self.unchanged, Ordering::Relaxed);
+        if let Some((slot, _)) = self.index.completion {
+            tables[slot]
+                .unchanged
+                .fetch_add(self.completions_known, Ordering::Relaxed);
+        }
         if self.written.is_empty() {
             return;
         }

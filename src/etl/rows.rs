@@ -53,11 +53,15 @@ pub fn process_bundle(
             && index.leaves_out(this_line)
         {
             // Unchanged since the last run; an encounter still gets this export's completion
-            // row.
-            if let Some(id) = top_level_str(trimmed, "id") {
+            // row, unless the table has it.
+            if completion.is_some()
+                && !index.completion_known(this_line)
+                && let Some(id) = top_level_str(trimmed, "id")
+            {
                 let id = scrubber
                     .codebook()
                     .fake_id(&ctx.resource_type, python_strip(&id), true);
+                index.completed(&id);
                 push_completion(ctx, completion, id);
             }
             continue;
@@ -65,19 +69,20 @@ pub fn process_bundle(
         let marks = (main.mark(), completion.as_ref().map(TableChunk::mark));
         let outcome = panic_guard::catch(|| {
             panic_guard::inject(Site::Line, lines.path, this_line);
-            process_line(
-                ctx,
-                scrubber,
-                trimmed,
-                &mut tape,
-                (main, completion),
-                report,
-            )
+            process_line(ctx, scrubber, trimmed, &mut tape, main, report)
         });
         let (reason, detail) = match outcome {
             Ok(Ok(())) => {
-                if let (Some(index), Some(id)) = (index.as_deref_mut(), main.ids.last()) {
-                    index.made(id, trimmed);
+                let id = main.ids.last().expect("a row was made");
+                match index.as_deref_mut() {
+                    Some(index) => {
+                        index.made(id, trimmed);
+                        if completion.is_some() && !index.completion_known(this_line) {
+                            index.completed(id);
+                            push_completion(ctx, completion, id.clone());
+                        }
+                    }
+                    None => push_completion(ctx, completion, id.clone()),
                 }
                 continue;
             }
@@ -106,7 +111,7 @@ fn process_line(
     scrubber: &Scrubber,
     line: &[u8],
     tape: &mut Tape,
-    (main, completion): (&mut TableChunk, &mut Option<TableChunk>),
+    main: &mut TableChunk,
     report: &mut ExtensionReport,
 ) -> Result<(), (SkipReason, String)> {
     let doc = tape.parse(line).map_err(|_| classify_invalid_json(line))?;
@@ -142,7 +147,6 @@ fn process_line(
                 .into(),
         ));
     }
-    push_completion(ctx, completion, id.clone());
     // A row whose keys the shape already has would add nothing to it.
     main.commit_row(id, start, ctx.needs_shape && novel);
     Ok(())

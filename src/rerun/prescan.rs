@@ -52,24 +52,42 @@ pub struct ScanInput<'a> {
     pub fingerprints: &'a RowFingerprints,
 }
 
+/// What an index must hold for a key's lines to be left out.
+#[derive(Clone, Copy, Debug)]
+pub enum Expect {
+    /// The key's one line (all its lines in the export are the same line): its row is
+    /// unchanged.
+    SameLine,
+    /// This value, whatever the lines (a row made from the key and the run's constants, such
+    /// as an encounter's completion row for the export's group).
+    Value(u128),
+}
+
+/// An index to compare the input with, and what it must hold.
+pub struct Compared<I> {
+    pub entries: I,
+    pub expect: Expect,
+}
+
 /// How a scan went.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ScanCounts {
     /// Lines read with an id.
     pub lines: u64,
-    /// Lines left out: their key's row is unchanged.
-    pub unchanged: u64,
+    /// Lines left out, per index compared.
+    pub unchanged: Vec<u64>,
 }
 
-/// Scans `input` on `threads` threads, holding about `memory` bytes of fingerprints, and marks
-/// in `skip` the lines whose rows the index (its entries in order) shows unchanged. A file that
-/// cannot be read is scanned no further: its lines are processed, and the run reports it.
-pub fn scan(
+/// Scans `input` on `threads` threads, holding about `memory` bytes of fingerprints, and
+/// compares it with each index (its entries in order): the lines each shows unchanged are
+/// marked in the matching `skips`. A file that cannot be read is scanned no further: its lines
+/// are processed, and the run reports it.
+pub fn scan<I: Iterator<Item = io::Result<Entry>>>(
     input: &ScanInput<'_>,
-    index: impl Iterator<Item = io::Result<Entry>>,
+    indexes: Vec<Compared<I>>,
     threads: usize,
     memory: usize,
-    skip: &mut SkipLines,
+    skips: &mut [&mut SkipLines],
 ) -> Result<ScanCounts> {
     let bundle_bytes = (memory / threads.max(1) / 4).clamp(1 << 20, 64 << 20);
     let work = Mutex::new(VecDeque::from(plan(input.files, bundle_bytes)?));
@@ -98,8 +116,8 @@ pub fn scan(
     let sort = sort.into_inner().unwrap();
     let lines = sort.len();
     let names: Vec<&str> = input.files.iter().map(InputFile::name).collect();
-    let unchanged = join(sort.finish()?, index, |file, line| {
-        skip.insert(names[file as usize], line)
+    let unchanged = join(sort.finish()?, indexes, |which, file, line| {
+        skips[which].insert(names[file as usize], line)
     })?;
     Ok(ScanCounts { lines, unchanged })
 }
@@ -168,17 +186,21 @@ fn fingerprint_lines(
     records
 }
 
-/// Merges the sorted records with the index's entries (sorted by key, then line); calls
-/// `unchanged` with the file and line of every line left out, and returns how many.
-fn join(
+/// Merges the sorted records with each index's entries (sorted by key, then value); calls
+/// `unchanged` with the index's position, the file and the line of every line an index shows
+/// unchanged, and returns how many each did.
+fn join<I: Iterator<Item = io::Result<Entry>>>(
     records: impl Iterator<Item = io::Result<Record>>,
-    index: impl Iterator<Item = io::Result<Entry>>,
-    mut unchanged: impl FnMut(u32, u64),
-) -> io::Result<u64> {
-    let mut index = index.peekable();
+    indexes: Vec<Compared<I>>,
+    mut unchanged: impl FnMut(usize, u32, u64),
+) -> io::Result<Vec<u64>> {
+    let mut indexes: Vec<_> = indexes
+        .into_iter()
+        .map(|c| (c.entries.peekable(), c.expect))
+        .collect();
     let mut records = records.peekable();
     let mut group: Vec<(u32, u64, u128)> = Vec::new();
-    let mut left_out = 0u64;
+    let mut left_out = vec![0u64; indexes.len()];
     while let Some(first) = records.next() {
         let (key, file, line, content) = record_parts(&first?);
         group.clear();
@@ -194,30 +216,49 @@ fn join(
         if let Some(Err(_)) = records.peek() {
             return Err(records.next().unwrap().unwrap_err());
         }
-        // The index's lines for this key (one, unless two keys share a fingerprint).
-        let mut known = Vec::new();
-        while let Some(entry) = index.peek() {
-            let entry = match entry {
-                Ok(e) => entry_parts(e),
-                Err(_) => return Err(index.next().unwrap().unwrap_err()),
+        let one_line = group
+            .iter()
+            .all(|g| g.2 == group[0].2)
+            .then_some(group[0].2);
+        for (which, (index, expect)) in indexes.iter_mut().enumerate() {
+            // The index's values for this key (one, unless two keys share a fingerprint).
+            let known = values_of(index, key)?;
+            let wanted = match expect {
+                Expect::SameLine => one_line,
+                Expect::Value(v) => Some(*v),
             };
-            if entry.0 > key {
-                break;
-            }
-            if entry.0 == key {
-                known.push(entry.1);
-            }
-            index.next();
-        }
-        let one_line = group.iter().all(|g| g.2 == group[0].2);
-        if one_line && known.contains(&group[0].2) {
-            for &(file, line, _) in &group {
-                unchanged(file, line);
-                left_out += 1;
+            if wanted.is_some_and(|w| known.contains(&w)) {
+                for &(file, line, _) in &group {
+                    unchanged(which, file, line);
+                }
+                left_out[which] += group.len() as u64;
             }
         }
     }
     Ok(left_out)
+}
+
+/// Takes the entries of keys up to `key` from the front of `index`; returns the values of
+/// `key`'s.
+fn values_of(
+    index: &mut std::iter::Peekable<impl Iterator<Item = io::Result<Entry>>>,
+    key: u64,
+) -> io::Result<Vec<u128>> {
+    let mut known = Vec::new();
+    while let Some(entry) = index.peek() {
+        let (k, value) = match entry {
+            Ok(e) => entry_parts(e),
+            Err(_) => return Err(index.next().unwrap().unwrap_err()),
+        };
+        if k > key {
+            break;
+        }
+        if k == key {
+            known.push(value);
+        }
+        index.next();
+    }
+    Ok(known)
 }
 
 #[cfg(test)]
@@ -254,14 +295,36 @@ mod tests {
             entry(7, 701),
             entry(9, 900),
         ];
+        // The same records against a second index of constant values (an encounter's
+        // completion rows for the export's group): keys 2 and 5 have theirs.
+        let groups = vec![entry(2, 42), entry(3, 41), entry(5, 42)];
+        let compared = vec![
+            Compared {
+                entries: index.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
+                expect: Expect::SameLine,
+            },
+            Compared {
+                entries: groups.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
+                expect: Expect::Value(42),
+            },
+        ];
         let mut left_out = Vec::new();
-        let n = join(
-            records.into_iter().map(Ok),
-            index.into_iter().map(Ok),
-            |f, l| left_out.push((f, l)),
-        )
+        let n = join(records.into_iter().map(Ok), compared, |which, f, l| {
+            left_out.push((which, f, l))
+        })
         .unwrap();
-        assert_eq!(left_out, [(0, 10), (0, 11), (1, 3), (1, 7)]);
-        assert_eq!(n, 4);
+        assert_eq!(
+            left_out,
+            [
+                (0, 0, 10),
+                (0, 0, 11),
+                (0, 1, 3),
+                (1, 0, 11),
+                (1, 1, 3),
+                (1, 0, 14),
+                (0, 1, 7)
+            ]
+        );
+        assert_eq!(n, [4, 3]);
     }
 }
