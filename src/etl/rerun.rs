@@ -23,12 +23,12 @@ use crate::rerun::index::{self, Entry, IndexReader};
 use crate::rerun::prescan::{Compared, Expect, ScanInput, scan};
 use crate::rerun::skip::{LineSet, SkipLines};
 use crate::rerun::update::updated;
-use crate::spill_sort::SpillSort;
+use crate::spill_sort::{Sorted, SpillSort};
 use crate::store::ObjectLocation;
 use crate::tasks::{COMPLETION_ENCOUNTERS_TABLE, Task};
 
 /// A written row's record: its task's number, then its index entry.
-const WRITTEN_BYTES: usize = 4 + index::ENTRY_BYTES;
+pub const WRITTEN_BYTES: usize = 4 + index::ENTRY_BYTES;
 type Written = [u8; WRITTEN_BYTES];
 
 /// The run's row indexes: what the pre-scan left out, and what the run wrote.
@@ -227,11 +227,31 @@ impl RerunIndex {
             .map_or(0, |t| t.unchanged.load(Ordering::Relaxed))
     }
 
+    /// Starts sorting the records of the rows the run wrote, on a thread of its own: the
+    /// dataflow has ended, and the sort overlaps the tables' maintenance. [`RerunIndex::save`]
+    /// takes the result.
+    pub fn sort_written(&self) -> std::thread::JoinHandle<std::io::Result<Sorted<WRITTEN_BYTES>>> {
+        let written = std::mem::replace(&mut *self.written.lock().unwrap(), SpillSort::new(0));
+        let lost = self.lost.load(Ordering::Relaxed);
+        std::thread::spawn(move || match lost {
+            true => Err(std::io::Error::other(
+                "rows were written that it could not record",
+            )),
+            false => written.finish(),
+        })
+    }
+
     /// Rewrites each table's index for the version the run left it at, from the index it
-    /// started with, the rows it wrote and the ids it deleted (`deleted`, by task number); a
-    /// table with failed batches or rows left out gets none. Failures are warnings: a table
-    /// without an index is only processed whole next time.
-    pub fn save(&self, shared: &RunShared, deleted: &[Vec<String>]) {
+    /// started with, the rows it wrote (`written`, from [`RerunIndex::sort_written`]) and the
+    /// ids it deleted (`deleted`, by task number); a table with failed batches or rows left
+    /// out gets none. Failures are warnings: a table without an index is only processed whole
+    /// next time.
+    pub fn save(
+        &self,
+        shared: &RunShared,
+        written: std::thread::JoinHandle<std::io::Result<Sorted<WRITTEN_BYTES>>>,
+        deleted: &[Vec<String>],
+    ) {
         let stats = shared.report.stats.lock().unwrap();
         let trusted: Vec<bool> = self
             .tables
@@ -243,13 +263,9 @@ impl RerunIndex {
             })
             .collect();
         drop(stats);
-        let written = std::mem::replace(&mut *self.written.lock().unwrap(), SpillSort::new(0));
-        let sorted = match self.lost.load(Ordering::Relaxed) {
-            true => Err(std::io::Error::other(
-                "rows were written that it could not record",
-            )),
-            false => written.finish(),
-        };
+        let sorted = written
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("sorting its records failed")));
         let mut written = match sorted {
             Ok(sorted) => sorted.peekable(),
             Err(e) => {
