@@ -263,8 +263,6 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         started: &started,
         exclusions: &exclusions,
     };
-    let mut completion_rows = Vec::new();
-    let mut deleted_by_task = Vec::new();
     for (task, ctx) in selected.iter().zip(&shared.work.tasks) {
         if let Some(rerun) = &rerun {
             // Rows left out as unchanged are in the table, as if written again.
@@ -281,28 +279,61 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         for table in task.tables() {
             shared.touch_if_empty(&table, ctx)?;
         }
-        let mut hashed = Vec::new();
-        if let Some(ids) = deleted.get(&task.resource) {
-            hashed = ids
-                .iter()
-                .map(|id| codebook.fake_id(&task.resource, id, false))
-                .collect();
-            let mut writer = shared.open_writer(&task.name, ctx)?;
-            writer.delete_ids(&hashed)?;
+    }
+    let deleted_by_task: Vec<Vec<String>> = selected
+        .iter()
+        .map(|task| {
+            let ids = deleted.get(&task.resource).into_iter().flatten();
+            ids.map(|id| codebook.fake_id(&task.resource, id, false))
+                .collect()
+        })
+        .collect();
+    // Deletions, and (Delta) the last MERGEs, of every table at once: each table has its own
+    // committer, and one after the other they left all but one core idle.
+    let settled: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
+        let settling: Vec<_> = selected
+            .iter()
+            .zip(&shared.work.tasks)
+            .zip(&deleted_by_task)
+            .map(|((task, ctx), ids)| {
+                let (shared, format) = (&shared, opts.output_format);
+                scope.spawn(move || {
+                    if !ids.is_empty() {
+                        shared.open_writer(&task.name, ctx)?.delete_ids(ids)?;
+                    }
+                    if format == OutputFormat::Deltalake {
+                        // Delta commits run beside the workers: the completion row, which
+                        // tells readers the task's rows are loaded, waits until they are.
+                        for table in task.tables() {
+                            shared.open_writer(&table, ctx)?.flush();
+                        }
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        settling
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    // A committer that failed on an internal error after the dataflow ended (its commits lag
+    // behind the workers) stops the run here, as it would have stopped the dataflow.
+    if let Some(stopped) = shared.stop.cause() {
+        return Err(run::stopped_run(&shared, stopped.into()));
+    }
+    let mut completion_rows = Vec::new();
+    for ((task, ids), outcome) in selected.iter().zip(&deleted_by_task).zip(settled) {
+        outcome?;
+        if !ids.is_empty() {
             crate::say!(
                 "  {} ids deleted from {} (from the export's deleted/ folder)",
-                hashed.len(),
+                ids.len(),
                 task.name
             );
         }
-        deleted_by_task.push(hashed);
         let row = completion.row(task);
         if opts.output_format == OutputFormat::Deltalake {
-            // Delta commits run beside the workers: the completion row, which tells readers
-            // the task's rows are loaded, waits until they are committed.
-            for table in task.tables() {
-                shared.open_writer(&table, ctx)?.flush();
-            }
             completion_rows.push((task, row));
         } else {
             // Batched-file formats get a file per task, as Cumulus ETL writes them.
