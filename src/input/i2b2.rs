@@ -344,6 +344,11 @@ fn condition(row: &Row<'_>) -> Result<Value, String> {
         _ => None,
     };
     let code = match system {
+        // Upstream names ICD-10-CM and ICD-9-CM codes from its own table; this tool has the
+        // ICD-10-CM one only (docs/i2b2.md).
+        Some(system @ "http://hl7.org/fhir/sid/icd-10-cm") => {
+            concept(code, system, Some(super::icd10cm::display(code)))
+        }
         Some(system) => concept(code, system, None),
         None => concept(concept_cd, I2B2_SYSTEM, None),
     };

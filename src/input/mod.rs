@@ -5,5 +5,6 @@ pub mod deleted;
 pub mod discovery;
 pub mod export_log;
 pub mod i2b2;
+mod icd10cm;
 
 pub use discovery::{Discovery, InputFile, Listing, discover};
