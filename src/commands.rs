@@ -56,6 +56,7 @@ fn empty_batch(shape: &Shape) -> RowBatch<'_> {
     RowBatch {
         rows: Vec::new(),
         shape,
+        tags: Vec::new(),
     }
 }
 
@@ -177,6 +178,7 @@ fn convert_table(
             &RowBatch {
                 rows,
                 shape: &shape,
+                tags: Vec::new(),
             },
         )
         .with_context(|| format!("loading {name}"))?;

@@ -88,6 +88,7 @@ impl RunShared {
                 &crate::output::RowBatch {
                     rows: Vec::new(),
                     shape: &crate::fhir::Shape::default(),
+                    tags: Vec::new(),
                 },
             )?;
             self.report.stats.lock().unwrap().summary(table);

@@ -63,6 +63,8 @@ pub struct TableChunk {
     pub task: u32,
     pub table: String,
     pub ids: Vec<String>,
+    /// A tag per row, or none (see [`crate::output::RowBatch::tags`]).
+    pub tags: Vec<crate::output::RowTag>,
     /// Newline-terminated rows, one per id.
     pub data: Vec<u8>,
     pub shape: Shape,
@@ -117,6 +119,7 @@ impl TableChunk {
     pub fn rewind(&mut self, mark: ChunkMark) {
         self.data.truncate(mark.data);
         self.ids.truncate(mark.rows);
+        self.tags.truncate(mark.rows);
     }
 
     /// Gives back the spare capacity of a finished chunk. Its rows wait in the sink until the
@@ -124,12 +127,15 @@ impl TableChunk {
     pub fn shrink_to_fit(&mut self) {
         self.data.shrink_to_fit();
         self.ids.shrink_to_fit();
+        self.tags.shrink_to_fit();
     }
 
     /// Heap bytes the chunk holds while it waits in the sink (rows, ids and their strings).
     pub fn held_bytes(&self) -> u64 {
         let ids: usize = self.ids.iter().map(String::capacity).sum();
-        (self.data.capacity() + self.ids.capacity() * std::mem::size_of::<String>() + ids) as u64
+        let tags = self.tags.capacity() * std::mem::size_of::<crate::output::RowTag>();
+        (self.data.capacity() + self.ids.capacity() * std::mem::size_of::<String>() + ids + tags)
+            as u64
     }
 
     /// Number of rows.
@@ -156,6 +162,7 @@ impl TableChunk {
             task: self.task,
             table: self.table.clone(),
             ids: self.ids.split_off(n.min(self.ids.len())),
+            tags: self.tags.split_off(n.min(self.tags.len())),
             data: self.data.split_off(cut),
             shape: self.shape.clone(),
             reserved: self.reserved,

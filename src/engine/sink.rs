@@ -253,7 +253,7 @@ impl BatchWrite {
     /// Drops duplicate ids (last wins) and writes the rows.
     fn run(self, shared: &Arc<RunShared>, batch_index: usize) {
         let chunks = Arc::new(self.chunks);
-        let rows = unique_rows(&chunks);
+        let (rows, tags) = unique_tagged_rows(&chunks);
         let mut shape = Shape::default();
         chunks.iter().for_each(|c| shape.merge(&c.shape));
         let on_written = written_callback(
@@ -270,6 +270,7 @@ impl BatchWrite {
                 let batch = RowBatch {
                     rows,
                     shape: &shape,
+                    tags,
                 };
                 writer.write(&batch, on_written)
             }
@@ -365,19 +366,32 @@ fn written_callback(
 
 /// The rows of a batch with duplicate ids removed: the last occurrence wins, order is kept.
 fn unique_rows(chunks: &[TableChunk]) -> Vec<&[u8]> {
+    unique_tagged_rows(chunks).0
+}
+
+/// [`unique_rows`], with the tags of the rows kept when every chunk has them (none otherwise).
+fn unique_tagged_rows(chunks: &[TableChunk]) -> (Vec<&[u8]>, Vec<crate::output::RowTag>) {
+    let tagged = chunks.iter().all(|c| c.tags.len() == c.ids.len());
+    let tags: Vec<&crate::output::RowTag> = match tagged {
+        true => chunks.iter().flat_map(|c| &c.tags).collect(),
+        false => Vec::new(),
+    };
     let all: Vec<(&str, &[u8])> = chunks
         .iter()
         .flat_map(|c| c.ids.iter().map(String::as_str).zip(c.rows()))
         .collect();
     let mut seen = FastSet::with_capacity_and_hasher(all.len(), Default::default());
-    let mut out: Vec<&[u8]> = all
-        .iter()
+    let mut kept: Vec<usize> = (0..all.len())
         .rev()
-        .filter(|(id, _)| seen.insert(*id))
-        .map(|(_, r)| *r)
+        .filter(|&i| seen.insert(all[i].0))
         .collect();
-    out.reverse();
-    out
+    kept.reverse();
+    let rows = kept.iter().map(|&i| all[i].1).collect();
+    let tags = match tags.is_empty() {
+        true => Vec::new(),
+        false => kept.iter().map(|&i| *tags[i]).collect(),
+    };
+    (rows, tags)
 }
 
 /// Appends rows left out of a batch to `<errors>/<table>/unfit-rows.ndjson`, each with why.

@@ -231,6 +231,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         bundle_bytes,
         errors_to: opts.errors_to.clone(),
         rejected,
+        row_journal: keeps_row_index(opts).then(|| rerun::index_tag(&codebook)),
     }
     .build(scrubber, &codebook, contexts, work)?;
     let rerun = open_rerun_index(opts, &shared, &selected, &found.files, (&codebook, &group));
@@ -380,6 +381,11 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     }
 }
 
+/// Whether the run keeps row indexes: Delta output from NDJSON input (`etl::rerun`).
+fn keeps_row_index(opts: &EtlOptions) -> bool {
+    opts.output_format == OutputFormat::Deltalake && opts.input_format == InputFormat::Ndjson
+}
+
 /// The row indexes of a Delta run from NDJSON, with the unchanged lines of a re-run found
 /// (`etl::rerun`); a failure there is a warning, and the run processes every line.
 fn open_rerun_index(
@@ -389,7 +395,7 @@ fn open_rerun_index(
     files: &[crate::input::InputFile],
     (codebook, group): (&Codebook, &str),
 ) -> Option<Arc<RerunIndex>> {
-    if opts.output_format != OutputFormat::Deltalake || opts.input_format != InputFormat::Ndjson {
+    if !keeps_row_index(opts) {
         return None;
     }
     let run = (opts.engine.workers, group);
@@ -559,6 +565,7 @@ fn write_completion_rows(shared: &RunShared, rows: &[(&Task, Vec<u8>)]) {
                 &RowBatch {
                     rows: rows.iter().map(|(_, row)| row.as_slice()).collect(),
                     shape: &Shape::default(),
+                    tags: Vec::new(),
                 },
             )
         });

@@ -18,8 +18,10 @@ use crate::engine::RunShared;
 use crate::exit::one_line;
 use crate::input::InputFile;
 use crate::memory::HeldMemory;
+use crate::output::RowTag;
 use crate::rerun::RowFingerprints;
-use crate::rerun::index::{self, Entry, IndexReader};
+use crate::rerun::index::{self, Entry, INDEX_KEY, IndexReader};
+use crate::rerun::journals::replayed;
 use crate::rerun::prescan::{Compared, Expect, ScanInput, scan};
 use crate::rerun::skip::{LineSet, SkipLines};
 use crate::rerun::update::updated;
@@ -53,42 +55,131 @@ pub struct RerunIndex {
 struct IndexedTable {
     name: String,
     dir: ObjectLocation,
-    /// The table's version when the run started, if its index described it.
+    /// The table's version when the run started, if an index of it could be had.
     usable_at: Option<i64>,
+    /// Where that index is: beside the table, or rebuilt from journals into a private folder.
+    old: Option<OldIndex>,
     /// Rows left out as unchanged.
     unchanged: AtomicU64,
 }
 
+/// The index a run started from.
+enum OldIndex {
+    /// The table's own, of the version the run opened.
+    Stored,
+    /// The table's last index (if any) and the row journals of the commits after it, merged
+    /// into a private folder (removed with it).
+    Rebuilt {
+        _folder: tempfile::TempDir,
+        location: ObjectLocation,
+    },
+}
+
 impl IndexedTable {
-    /// The table's index if it describes the version the run opened the table at; says why
-    /// not otherwise (nothing when there is none).
+    /// The table's index if it describes the version the run opened the table at, or can be
+    /// rebuilt for it from the row journals of the commits since; says why not otherwise
+    /// (nothing when there is none). Rebuilding holds about `memory` bytes.
     fn open(
         shared: &RunShared,
         output: &ObjectLocation,
         name: &str,
-        tag: u128,
+        (tag, memory): (u128, usize),
     ) -> Result<(IndexedTable, Option<IndexReader>)> {
         let mut table = IndexedTable {
             name: name.to_string(),
             dir: output.join(name),
             usable_at: None,
+            old: None,
             unchanged: AtomicU64::new(0),
         };
         let Some(version) = shared.outputs.opened_version(name) else {
             return Ok((table, None));
         };
-        match index::open(&table.dir, tag, version)? {
-            Ok(reader) => {
+        let (base, since) = match index::open_file(&table.dir, INDEX_KEY, tag, None)? {
+            Ok((reader, at)) if at == version => {
                 table.usable_at = Some(version);
-                Ok((table, Some(reader)))
+                table.old = Some(OldIndex::Stored);
+                return Ok((table, Some(reader)));
             }
-            Err(index::Unusable::Missing) => Ok((table, None)),
-            Err(unusable) => {
+            Ok((reader, at)) if at < version => (Some(reader), Some(at)),
+            Ok(_) | Err(index::Unusable::OtherTag) => {
+                let why =
+                    "written under another codebook, tool version or rules, or for another table";
+                crate::say!("  {name}: its row index is not used ({why}); every row is processed");
+                return Ok((table, None));
+            }
+            Err(_) => (None, None),
+        };
+        let journals = match shared.outputs.journals_since(name, since)? {
+            Some(journals) if !journals.is_empty() => journals,
+            _ => {
+                if let Some(at) = since {
+                    let why = index::Unusable::OtherVersion(at).reason();
+                    crate::say!(
+                        "  {name}: its row index is not used ({why}); every row is processed"
+                    );
+                }
+                return Ok((table, None));
+            }
+        };
+        let journal_dir = table.dir.join(index::JOURNAL_DIR);
+        let mut readers = Vec::with_capacity(journals.len());
+        for journal in &journals {
+            match index::open_file(&journal_dir, journal, tag, Some(-1))? {
+                Ok((reader, _)) => readers.push(reader),
+                Err(_) => {
+                    crate::say!(
+                        "  {name}: its row index is not used (a commit's row journal is missing); \
+                         every row is processed"
+                    );
+                    return Ok((table, None));
+                }
+            }
+        }
+        let temp = tempfile::Builder::new()
+            .prefix("cumulus-etl-index-")
+            .tempdir()?;
+        let location = ObjectLocation::local(temp.path())?;
+        let replayed = replayed(base, readers, memory)?;
+        index::write(&location, tag, version, replayed)?;
+        let reader = index::open(&location, tag, version)?
+            .map_err(|u| anyhow::anyhow!("a rebuilt row index: {}", u.reason()))?;
+        crate::say!(
+            "  {name}: row index rebuilt from {} commits' journals{}",
+            journals.len(),
+            since.map_or(String::new(), |at| format!(" after version {at}"))
+        );
+        table.usable_at = Some(version);
+        table.old = Some(OldIndex::Rebuilt {
+            _folder: temp,
+            location,
+        });
+        Ok((table, Some(reader)))
+    }
+
+    /// The index the run started from, again.
+    fn reopen_old(&self, tag: u128) -> Option<IndexReader> {
+        let at = self.usable_at?;
+        let location = match self.old.as_ref()? {
+            OldIndex::Stored => &self.dir,
+            OldIndex::Rebuilt { location, .. } => location,
+        };
+        index::open(location, tag, at).ok()?.ok()
+    }
+
+    /// Removes the row journals of the table's commits, once an index covers them.
+    fn remove_journals(&self) {
+        let journals = self.dir.join(index::JOURNAL_DIR);
+        let Ok(entries) = journals.list() else {
+            return;
+        };
+        for entry in entries {
+            if let Err(e) = journals.delete(&entry.key) {
                 crate::say!(
-                    "  {name}: its row index is not used ({}); every row is processed",
-                    unusable.reason()
+                    "warning: could not remove a row journal of {}: {}",
+                    self.name,
+                    one_line(&e)
                 );
-                Ok((table, None))
             }
         }
     }
@@ -101,6 +192,12 @@ fn secret(codebook: &Codebook) -> [u8; 32] {
     let mut secret = [0u8; 32];
     hex::decode_to_slice(hex, &mut secret).expect("the codebook's hashes are 64 hex digits");
     secret
+}
+
+/// The tag row indexes and journals are written under with this codebook (see
+/// [`RowFingerprints::tag`]).
+pub fn index_tag(codebook: &Codebook) -> u128 {
+    RowFingerprints::from_secret(&secret(codebook)).tag()
 }
 
 impl RerunIndex {
@@ -123,7 +220,7 @@ impl RerunIndex {
         let mut readers = Vec::with_capacity(tasks.len());
         for (task, ctx) in tasks.iter().zip(&shared.work.tasks) {
             drop(shared.open_writer(&task.name, ctx)?);
-            let (table, reader) = IndexedTable::open(shared, output, &task.name, tag)?;
+            let (table, reader) = IndexedTable::open(shared, output, &task.name, (tag, memory))?;
             tables.push(table);
             readers.push(reader);
         }
@@ -136,8 +233,9 @@ impl RerunIndex {
             .find(|(t, _)| t.tracks_encounters)
         {
             drop(shared.open_writer(COMPLETION_ENCOUNTERS_TABLE, ctx)?);
+            let opened = (tag, memory);
             let (table, reader) =
-                IndexedTable::open(shared, output, COMPLETION_ENCOUNTERS_TABLE, tag)?;
+                IndexedTable::open(shared, output, COMPLETION_ENCOUNTERS_TABLE, opened)?;
             completion = Some((tables.len(), completion_value));
             completion_reader = reader;
             tables.push(table);
@@ -306,9 +404,9 @@ impl RerunIndex {
                 .collect();
             gone.sort_unstable();
             let old: Box<dyn Iterator<Item = std::io::Result<Entry>>> = match table.usable_at {
-                Some(at) => match index::open(&table.dir, self.tag, at) {
-                    Ok(Ok(reader)) => Box::new(reader),
-                    _ => {
+                Some(_) => match table.reopen_old(self.tag) {
+                    Some(reader) => Box::new(reader),
+                    None => {
                         rows.for_each(drop);
                         remove(table, Some("its old index could not be read again"));
                         continue;
@@ -317,14 +415,18 @@ impl RerunIndex {
                 None => Box::new(std::iter::empty()),
             };
             let new = updated(old, &mut rows, gone.into_iter());
-            if let Err(e) = index::write(&table.dir, self.tag, version, new) {
-                rows.for_each(drop);
-                crate::say!(
-                    "warning: the row index of {} was not saved: {}",
-                    table.name,
-                    one_line(&e)
-                );
-                remove(table, None);
+            match index::write(&table.dir, self.tag, version, new) {
+                // The index covers every commit: their journals are no longer needed.
+                Ok(_) => table.remove_journals(),
+                Err(e) => {
+                    rows.for_each(drop);
+                    crate::say!(
+                        "warning: the row index of {} was not saved: {}",
+                        table.name,
+                        one_line(&e)
+                    );
+                    remove(table, None);
+                }
             }
         }
     }
@@ -385,18 +487,25 @@ impl BundleIndex<'_> {
         self.unchanged
     }
 
-    /// Records that the row with `anonymous_id` was made from `line`.
-    pub fn made(&mut self, anonymous_id: &str, line: &[u8]) {
+    /// Records that the row with `anonymous_id` was made from `line`; returns its tag (its
+    /// index entry), for the chunk that holds the row.
+    pub fn made(&mut self, anonymous_id: &str, line: &[u8]) -> RowTag {
         let fp = &self.index.fingerprints;
-        self.record(self.task, index::entry(fp.key(anonymous_id), fp.line(line)));
+        let entry = index::entry(fp.key(anonymous_id), fp.line(line));
+        self.record(self.task, entry);
+        entry
     }
 
-    /// Records that the completion row of the encounter `anonymous_id` was made.
-    pub fn completed(&mut self, anonymous_id: &str) {
-        if let Some((slot, value)) = self.index.completion {
-            let key = self.index.fingerprints.key(anonymous_id);
-            self.record(slot as u32, index::entry(key, value));
-        }
+    /// Records that the completion row of the encounter `anonymous_id` was made; returns its
+    /// tag.
+    pub fn completed(&mut self, anonymous_id: &str) -> RowTag {
+        let (slot, value) = self
+            .index
+            .completion
+            .expect("a task that tracks encounters");
+        let entry = index::entry(self.index.fingerprints.key(anonymous_id), value);
+        self.record(slot as u32, entry);
+        entry
     }
 
     fn record(&mut self, slot: u32, entry: Entry) {

@@ -61,8 +61,8 @@ pub fn process_bundle(
                 let id = scrubber
                     .codebook()
                     .fake_id(&ctx.resource_type, python_strip(&id), true);
-                index.completed(&id);
-                push_completion(ctx, completion, id);
+                let tag = index.completed(&id);
+                push_completion(ctx, completion, id, Some(tag));
             }
             continue;
         }
@@ -76,13 +76,15 @@ pub fn process_bundle(
                 let id = main.ids.last().expect("a row was made");
                 match index.as_deref_mut() {
                     Some(index) => {
-                        index.made(id, trimmed);
+                        let id = id.clone();
+                        let tag = index.made(&id, trimmed);
+                        main.tags.push(tag);
                         if completion.is_some() && !index.completion_known(this_line) {
-                            index.completed(id);
-                            push_completion(ctx, completion, id.clone());
+                            let tag = index.completed(&id);
+                            push_completion(ctx, completion, id, Some(tag));
                         }
                     }
-                    None => push_completion(ctx, completion, id.clone()),
+                    None => push_completion(ctx, completion, id.clone(), None),
                 }
                 continue;
             }
@@ -152,8 +154,14 @@ fn process_line(
     Ok(())
 }
 
-/// Adds the encounter `id`'s completion row, for the task that tracks encounters.
-fn push_completion(ctx: &TaskContext, completion: &mut Option<TableChunk>, id: String) {
+/// Adds the encounter `id`'s completion row (with its re-run index tag, if any), for the task
+/// that tracks encounters.
+fn push_completion(
+    ctx: &TaskContext,
+    completion: &mut Option<TableChunk>,
+    id: String,
+    tag: Option<crate::output::RowTag>,
+) {
     if let (Some(tpl), Some(chunk)) = (&ctx.completion, completion.as_mut()) {
         let row = serde_json::json!({
             "encounter_id": id,
@@ -162,6 +170,7 @@ fn push_completion(ctx: &TaskContext, completion: &mut Option<TableChunk>, id: S
             "excluded_resources": tpl.excluded_resources,
         });
         chunk.push(id, &row);
+        chunk.tags.extend(tag);
     }
 }
 

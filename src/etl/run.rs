@@ -37,6 +37,9 @@ pub struct RunBuilder {
     pub errors_to: Option<PathBuf>,
     /// Where skipped input lines go (PHI), when `--errors-to` is given.
     pub rejected: Option<std::fs::File>,
+    /// The row index tag Delta appends write their row journals under, when the run keeps
+    /// row indexes (`etl::rerun`).
+    pub row_journal: Option<u128>,
 }
 
 impl RunBuilder {
@@ -52,7 +55,8 @@ impl RunBuilder {
         budget.hold_codebook(codebook.held_bytes());
         let delta = DeltaSettings::for_budget(self.memory, &self.run_name)
             .with_merge_rows(self.batch_size)
-            .with_threads(self.workers);
+            .with_threads(self.workers)
+            .with_row_journals(self.row_journal);
         delta.count_routing_keys_in(&budget);
         let outputs = Outputs::new(self.format, &self.output, delta)?;
         Ok(Arc::new(RunShared::new(

@@ -313,6 +313,7 @@ fn run_study(
         bundle_bytes,
         errors_to: opts.errors_to.clone(),
         rejected,
+        row_journal: None,
     }
     .build(
         Scrubber::new(Rules::embedded()?, codebook.clone(), false),

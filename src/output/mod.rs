@@ -79,7 +79,14 @@ impl TableKind {
 pub struct RowBatch<'a> {
     pub rows: Vec<&'a [u8]>,
     pub shape: &'a Shape,
+    /// A tag per row, or none: what the run's re-run index records of each row (its key's and
+    /// its input line's fingerprints). Delta tables journal the tags of the rows each commit
+    /// writes ([`RowTag`]); the other formats ignore them.
+    pub tags: Vec<RowTag>,
 }
+
+/// A row's tag (see [`RowBatch::tags`]): 24 opaque bytes to the writers.
+pub type RowTag = [u8; 24];
 
 pub use report::{OnWritten, UnfitRow, WriteFailure};
 
@@ -182,6 +189,15 @@ impl Outputs {
     /// a table not opened, or one that did not exist).
     pub fn opened_version(&self, table: &str) -> Option<i64> {
         self.delta.as_ref()?.opened_version(table)
+    }
+
+    /// The row journals of the Delta table `table` since version `since`
+    /// ([`delta::DeltaOutput::journals_since`]); None for other formats.
+    pub fn journals_since(&self, table: &str, since: Option<i64>) -> Result<Option<Vec<String>>> {
+        match &self.delta {
+            Some(delta) => delta.journals_since(table, since),
+            None => Ok(None),
+        }
     }
 
     /// How this run left the Delta table `table`, once finished.

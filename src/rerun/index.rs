@@ -71,16 +71,32 @@ pub struct IndexReader {
     ended: bool,
 }
 
+/// Where Delta commits' row journals are, under the table's folder: index files of the rows
+/// each commit writes, written before it and named in its `commitInfo`, so that the index of
+/// a version a run reached before it stopped can be rebuilt (`docs/delta.md`, Re-runs).
+pub const JOURNAL_DIR: &str = "_cumulus_etl/journal";
+
 /// Opens the index of the table in `table_dir` if it was written under `tag` for `version`.
 pub fn open(
     table_dir: &ObjectLocation,
     tag: u128,
     version: i64,
 ) -> Result<Result<IndexReader, Unusable>> {
-    let Some(input) = table_dir.open_if_exists(INDEX_KEY)? else {
+    open_file(table_dir, INDEX_KEY, tag, Some(version)).map(|r| r.map(|(reader, _)| reader))
+}
+
+/// Opens an index file (`key` under `dir`) written under `tag`, for `version` if given;
+/// returns it with the version it describes.
+pub fn open_file(
+    dir: &ObjectLocation,
+    key: &str,
+    tag: u128,
+    version: Option<i64>,
+) -> Result<Result<(IndexReader, i64), Unusable>> {
+    let Some(input) = dir.open_if_exists(key)? else {
         return Ok(Err(Unusable::Missing));
     };
-    let url = table_dir.url_of(INDEX_KEY);
+    let url = dir.url_of(key);
     let mut input = BufReader::with_capacity(1 << 20, input);
     let mut header = [0u8; HEADER_BYTES];
     input
@@ -93,15 +109,16 @@ pub fn open(
         return Ok(Err(Unusable::OtherTag));
     }
     let written_for = i64::from_be_bytes(header[24..32].try_into().unwrap());
-    if written_for != version {
+    if version.is_some_and(|v| v != written_for) {
         return Ok(Err(Unusable::OtherVersion(written_for)));
     }
-    Ok(Ok(IndexReader {
+    let reader = IndexReader {
         input,
         url,
         read: 0,
         ended: false,
-    }))
+    };
+    Ok(Ok((reader, written_for)))
 }
 
 impl Iterator for IndexReader {
@@ -142,6 +159,20 @@ impl Iterator for IndexReader {
         self.read += 1;
         Some(Ok(e))
     }
+}
+
+/// The bytes of an index file written under `tag` for `version`, of `entries` (sorted here):
+/// what a Delta commit's journal holds (`docs/delta.md`, Re-runs).
+pub fn encode(tag: u128, version: i64, mut entries: Vec<Entry>) -> Vec<u8> {
+    entries.sort_unstable();
+    let mut out = Vec::with_capacity(HEADER_BYTES + entries.len() * ENTRY_BYTES + 16);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&tag.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
+    entries.iter().for_each(|e| out.extend_from_slice(e));
+    out.extend_from_slice(&(entries.len() as u64).to_be_bytes());
+    out.extend_from_slice(END);
+    out
 }
 
 /// Writes the index of the table in `table_dir` for `version`, from entries in order (checked:

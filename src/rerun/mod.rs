@@ -19,6 +19,7 @@
 //! let anyone holding the table test a guess at a patient's record.
 
 pub mod index;
+pub mod journals;
 pub mod prescan;
 pub mod skip;
 pub mod update;

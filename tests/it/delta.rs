@@ -702,6 +702,7 @@ fn write_rows(outputs: &Outputs, rows: &[Value]) {
     let batch = RowBatch {
         rows: text.iter().map(Vec::as_slice).collect(),
         shape: &shape,
+        tags: Vec::new(),
     };
     if let Err(e) = write_and_wait(writer.as_mut(), &batch) {
         panic!("{e:#}");
@@ -809,6 +810,7 @@ fn a_writer_stages_its_merge_batch_before_handing_it_to_the_committer() {
     let batch = RowBatch {
         rows: vec![text.as_slice()],
         shape: &shape,
+        tags: Vec::new(),
     };
     let log: Log = Default::default();
     let (staged, done) = (log.clone(), log.clone());

@@ -375,3 +375,72 @@ fn a_run_another_writer_committed_into_keeps_no_index_of_that_table() {
     // The other table keeps its index.
     assert!(out.join("patient").join(INDEX).is_file(), "{log}");
 }
+
+#[test]
+fn a_killed_first_load_restarted_leaves_out_the_rows_it_had_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    phi_with_salt(&phi, "1234");
+    let (clean, killed) = (tmp.path().join("clean"), tmp.path().join("killed"));
+    let extra = ["--memory", "16MiB", "--no-table-optimization"];
+    etl_with(&synthea(), &clean, &phi, &extra);
+
+    // Killed once some table has five commits, each an append with its row journal.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+        .args([synthea(), killed.clone(), phi.clone()].map(|p| p.to_str().unwrap().to_string()))
+        .args(["--batch-size", "150"])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let fifth = "_delta_log/00000000000000000004.json";
+    let tables = || -> Vec<PathBuf> {
+        let entries = std::fs::read_dir(&killed).into_iter().flatten().flatten();
+        entries.map(|e| e.path()).collect()
+    };
+    while !tables().iter().any(|t| t.join(fifth).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no table got five commits"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    assert!(
+        !child.wait().unwrap().success(),
+        "the run ended before it was killed"
+    );
+    let journaled: Vec<PathBuf> = tables()
+        .into_iter()
+        .filter(|t| t.join("_cumulus_etl/journal").is_dir())
+        .collect();
+    assert!(!journaled.is_empty());
+
+    let log = etl_with(&synthea(), &killed, &phi, &extra);
+    assert!(log.contains("row index rebuilt from"), "{log}");
+    let left_out: u64 = journaled
+        .iter()
+        .filter_map(|t| unchanged(&log, t.file_name().unwrap().to_str().unwrap()))
+        .map(|(n, _)| n)
+        .sum();
+    assert!(left_out >= 5 * 150 / 2, "{log}");
+    assert_eq!(keyed_tables(&killed), keyed_tables(&clean));
+    // The run's index covers every commit: the journals are gone, and a run again leaves every
+    // line out.
+    for table in &journaled {
+        assert!(table.join(INDEX).is_file());
+        let left = std::fs::read_dir(table.join("_cumulus_etl/journal"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "{}", table.display());
+    }
+    let log = etl_with(&synthea(), &killed, &phi, &extra);
+    let conditions = keyed_tables(&clean)["condition"].len() as u64;
+    assert_eq!(
+        unchanged(&log, "condition"),
+        Some((conditions, conditions)),
+        "{log}"
+    );
+}

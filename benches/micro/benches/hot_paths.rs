@@ -125,6 +125,7 @@ fn hot_paths(c: &mut Criterion) {
                     &RowBatch {
                         rows: rows.clone(),
                         shape: &chunk.shape,
+                        tags: Vec::new(),
                     },
                 )
                 .unwrap()

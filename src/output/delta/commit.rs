@@ -111,3 +111,39 @@ pub fn carries_info(commit: &[u8], field: &str, value: &str) -> bool {
         .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
         .any(|action| action["commitInfo"][field].as_str() == Some(value))
 }
+
+/// What a commit says about its row journal.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Journal {
+    /// Its `commitInfo` names one (in `field`).
+    Named(String),
+    /// It adds or removes no data (`dataChange` false or no files), and needs none.
+    NoDataChange,
+    /// It changes data and names none.
+    Missing,
+}
+
+/// The row journal of a commit file (see [`Journal`]).
+pub fn journal_of(commit: &[u8], field: &str) -> Journal {
+    let mut changes_data = false;
+    for line in commit.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let Ok(action) = serde_json::from_slice::<Value>(line) else {
+            return Journal::Missing;
+        };
+        if let Some(name) = action["commitInfo"][field].as_str() {
+            return Journal::Named(name.to_string());
+        }
+        for kind in ["add", "remove", "cdc"] {
+            if action
+                .get(kind)
+                .is_some_and(|a| a["dataChange"] != Value::Bool(false))
+            {
+                changes_data = true;
+            }
+        }
+    }
+    match changes_data {
+        true => Journal::Missing,
+        false => Journal::NoDataChange,
+    }
+}

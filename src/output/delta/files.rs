@@ -14,8 +14,8 @@ use deltalake::operations::write::writer::{DeltaWriter, WriterConfig};
 use super::conform::conform_batch;
 use super::ledger::key_fingerprints;
 use crate::output::ENCODE_SLICE_ROWS;
-use crate::output::UnfitRow;
 use crate::output::columns::rows_to_record_batch;
+use crate::output::{RowTag, UnfitRow};
 
 /// Where a table's data files go and how they are written.
 pub struct TableFiles {
@@ -33,6 +33,22 @@ pub const BATCH_TAG: &str = "cumulusEtlBatch";
 /// Rows a part of a batch has at least: smaller batches are encoded as one file.
 const MIN_PART_ROWS: usize = 2 * ENCODE_SLICE_ROWS;
 
+/// The tags of the rows a decode kept (all but its unfit ones, which are in row order).
+pub fn fit_tags<'a>(
+    tags: &'a [RowTag],
+    unfit: &'a [crate::output::columns::Unfit],
+) -> impl Iterator<Item = RowTag> + 'a {
+    let mut unfit = unfit.iter().map(|u| u.index).peekable();
+    tags.iter().enumerate().filter_map(move |(i, tag)| {
+        if unfit.peek() == Some(&i) {
+            unfit.next();
+            None
+        } else {
+            Some(*tag)
+        }
+    })
+}
+
 /// Files written for one batch, not yet in the table's log.
 pub struct WrittenFiles {
     pub adds: Vec<Add>,
@@ -42,6 +58,8 @@ pub struct WrittenFiles {
     pub keys: Vec<u64>,
     /// Rows left out because they do not fit the schema (the files hold the others).
     pub unfit: Vec<UnfitRow>,
+    /// The tags of the rows the files hold (none when the batch had none).
+    pub tags: Vec<RowTag>,
 }
 
 impl TableFiles {
@@ -74,23 +92,32 @@ impl TableFiles {
     /// behind.
     pub fn write(
         &self,
-        rows: &[&[u8]],
+        (rows, tags): (&[&[u8]], &[RowTag]),
         schema: &SchemaRef,
         target: &SchemaRef,
         uniqueness: &[String],
     ) -> Result<WrittenFiles> {
         let parts = (rows.len() / MIN_PART_ROWS).clamp(1, self.threads);
         if parts == 1 {
-            return self.write_part(rows, schema, target, uniqueness);
+            return self.write_part((rows, tags), schema, target, uniqueness);
         }
         let part_rows = rows.len().div_ceil(parts);
+        let tags_of = |i: usize| match tags.is_empty() {
+            true => &[][..],
+            false => &tags[i * part_rows..((i + 1) * part_rows).min(tags.len())],
+        };
         let written: Vec<Result<WrittenFiles>> = std::thread::scope(|scope| {
             let others: Vec<_> = rows
                 .chunks(part_rows)
+                .enumerate()
                 .skip(1)
-                .map(|part| scope.spawn(move || self.write_part(part, schema, target, uniqueness)))
+                .map(|(i, part)| {
+                    let part = (part, tags_of(i));
+                    scope.spawn(move || self.write_part(part, schema, target, uniqueness))
+                })
                 .collect();
-            let first = self.write_part(&rows[..part_rows], schema, target, uniqueness);
+            let first = (&rows[..part_rows], tags_of(0));
+            let first = self.write_part(first, schema, target, uniqueness);
             std::iter::once(first)
                 .chain(others.into_iter().map(|other| {
                     // A panic is the worker's, as if it had encoded the part itself.
@@ -105,6 +132,7 @@ impl TableFiles {
             schema: target.clone(),
             keys: Vec::with_capacity(rows.len()),
             unfit: Vec::new(),
+            tags: Vec::with_capacity(tags.len()),
         };
         let mut failed = None;
         for part in written {
@@ -113,6 +141,7 @@ impl TableFiles {
                     all.adds.extend(part.adds);
                     all.keys.extend(part.keys);
                     all.unfit.extend(part.unfit);
+                    all.tags.extend(part.tags);
                 }
                 Err(e) => failed = failed.or(Some(e)),
             }
@@ -134,7 +163,7 @@ impl TableFiles {
     /// Writes `rows` as one file (see [`TableFiles::write`]).
     fn write_part(
         &self,
-        rows: &[&[u8]],
+        (rows, tags): (&[&[u8]], &[RowTag]),
         schema: &SchemaRef,
         target: &SchemaRef,
         uniqueness: &[String],
@@ -142,11 +171,17 @@ impl TableFiles {
         let mut writer = self.writer(target);
         let mut keys = Vec::with_capacity(rows.len());
         let mut unfit = Vec::new();
+        let mut kept_tags = Vec::with_capacity(tags.len());
         let encoded = self.runtime.block_on(async {
-            for slice in rows.chunks(ENCODE_SLICE_ROWS) {
+            for (i, slice) in rows.chunks(ENCODE_SLICE_ROWS).enumerate() {
                 let decoded = rows_to_record_batch(schema.clone(), slice)
                     .context("rows do not fit the table's FHIR schema")?;
                 unfit.extend(UnfitRow::from_decode(slice, &decoded.unfit));
+                if !tags.is_empty() {
+                    let start = i * ENCODE_SLICE_ROWS;
+                    let slice_tags = &tags[start..start + slice.len()];
+                    kept_tags.extend(fit_tags(slice_tags, &decoded.unfit));
+                }
                 keys.extend(key_fingerprints(uniqueness, &decoded.batch, &[])?);
                 writer
                     .write(&conform_batch(&decoded.batch, target)?)
@@ -167,6 +202,7 @@ impl TableFiles {
             schema: target.clone(),
             keys,
             unfit,
+            tags: kept_tags,
         })
     }
 

@@ -76,6 +76,11 @@ enum Job {
     },
     /// Merge what is staged now.
     Flush { reply: std::sync::mpsc::Sender<()> },
+    /// The row journals of the commits after a version ([`CumulusTable::journals_since`]).
+    Journals {
+        since: Option<i64>,
+        reply: std::sync::mpsc::Sender<Result<Option<Vec<String>>>>,
+    },
 }
 
 struct Committer {
@@ -129,6 +134,22 @@ impl DeltaOutput {
     /// exist).
     pub fn opened_version(&self, table: &str) -> Option<i64> {
         self.committers.lock().unwrap().get(table)?.opened_at
+    }
+
+    /// The row journals (names, in commit order) that explain every commit of `table` after
+    /// version `since` (None: all of them), or None when some commit changes data without one
+    /// ([`CumulusTable::journals_since`]). The table must be open.
+    pub fn journals_since(&self, table: &str, since: Option<i64>) -> Result<Option<Vec<String>>> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let jobs = match self.committers.lock().unwrap().get(table) {
+            Some(committer) => committer.jobs.clone(),
+            None => return Err(anyhow!("the table {table} is not open")),
+        };
+        jobs.send(Job::Journals { since, reply })
+            .map_err(|_| anyhow!("the committer of {table} has stopped"))?;
+        answer
+            .recv()
+            .map_err(|_| anyhow!("the committer of {table} stopped"))?
     }
 
     /// How [`DeltaOutput::finish`] left `table` (None: not finished).
@@ -279,6 +300,7 @@ async fn apply_job(table: &mut CumulusTable, job: Job) {
             table.flush_staged().await;
             let _ = reply.send(());
         }
+        Job::Journals { since, reply } => drop(reply.send(table.journals_since(since).await)),
     }
 }
 
@@ -291,6 +313,7 @@ fn fail_job(job: Job, panic: &InternalError) {
         | Job::Commit { on_written, .. } => on_written.done(Err(error())),
         Job::Delete { reply, .. } => drop(reply.send(Err(error()))),
         Job::Flush { reply } => drop(reply.send(())),
+        Job::Journals { reply, .. } => drop(reply.send(Err(error()))),
     }
 }
 
@@ -313,7 +336,7 @@ impl DeltaTableWriter {
                 Job::Write { on_written, .. }
                 | Job::Staged { on_written, .. }
                 | Job::Commit { on_written, .. } => on_written,
-                Job::Delete { .. } | Job::Flush { .. } => return,
+                Job::Delete { .. } | Job::Flush { .. } | Job::Journals { .. } => return,
             };
             on_written.done(Err(anyhow!("the table's committer has stopped")));
         }
@@ -327,10 +350,8 @@ impl DeltaTableWriter {
             Ok(target) => target,
             Err(e) => return on_written.done(Err(e)),
         };
-        let mut files = match self
-            .files
-            .write(&batch.rows, &schema, &target, &self.uniqueness)
-        {
+        let rows = (batch.rows.as_slice(), batch.tags.as_slice());
+        let mut files = match self.files.write(rows, &schema, &target, &self.uniqueness) {
             Ok(files) => files,
             Err(e) => return on_written.done(Err(e)),
         };

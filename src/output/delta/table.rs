@@ -101,6 +101,8 @@ pub struct DeltaSettings {
     /// end of the run can tell whether another writer committed in between: `run_id` names
     /// the run by its start time, which two runs may share.
     pub run_marker: String,
+    /// The tag row journals are written under, when the run keeps row indexes.
+    pub row_journal: Option<u128>,
     /// One DataFusion memory pool for every table's MERGE, DELETE and OPTIMIZE, so the total
     /// stays bounded however many tables commit at once.
     runtime: Arc<RuntimeEnv>,
@@ -124,6 +126,11 @@ pub struct DeltaSettings {
 
 /// The `commitInfo` field that names the process that made a commit.
 pub const RUN_MARKER: &str = "cumulusEtlProcess";
+
+/// The `commitInfo` field that names a commit's row journal: the tags of
+/// the rows it writes ([`crate::rerun::index::JOURNAL_DIR`]), for the row index of a run that
+/// stops before its end (`docs/delta.md`, Re-runs).
+pub const JOURNAL_FIELD: &str = "cumulusEtlJournal";
 
 impl DeltaSettings {
     /// Settings for a run under the global `--memory` budget. DataFusion (DELETE, compaction,
@@ -151,6 +158,7 @@ impl DeltaSettings {
         DeltaSettings {
             run_id: run_id.into(),
             run_marker: uuid::Uuid::new_v4().to_string(),
+            row_journal: None,
             runtime: DeltaRuntimeEnvBuilder::new()
                 .with_max_spill_size(memory_limit)
                 .build(),
@@ -176,6 +184,12 @@ impl DeltaSettings {
     /// `--batch-size`, as Cumulus ETL would); a MERGE file by file is bounded by its memory.
     pub fn with_merge_rows(mut self, rows: usize) -> DeltaSettings {
         self.merge_rows = rows.max(1);
+        self
+    }
+
+    /// Appends write row journals under `tag` (the run's row index tag), when given.
+    pub fn with_row_journals(mut self, tag: Option<u128>) -> DeltaSettings {
+        self.row_journal = tag;
         self
     }
 
@@ -307,6 +321,30 @@ impl CumulusTable {
             }
         }
         Ok(true)
+    }
+
+    /// The row journals (names, in commit order) of the commits after version `since` (None:
+    /// every commit) up to the table's version, or None when one of them changes data without
+    /// a journal (another writer's, a MERGE's, a deletion's): then no index can be rebuilt
+    /// from them. Commits that change no data (creation, compaction, VACUUM) need none.
+    pub async fn journals_since(&mut self, since: Option<i64>) -> Result<Option<Vec<String>>> {
+        let Some(now) = self.table.version() else {
+            return Ok(Some(Vec::new()));
+        };
+        let first = since.map_or(0, |v| v as u64 + 1);
+        let log_store = self.table.log_store();
+        let mut journals = Vec::new();
+        for version in first..=now {
+            let Some(commit) = log_store.read_commit_entry(version).await? else {
+                return Ok(None);
+            };
+            match commit::journal_of(&commit, JOURNAL_FIELD) {
+                commit::Journal::Named(name) => journals.push(name),
+                commit::Journal::NoDataChange => {}
+                commit::Journal::Missing => return Ok(None),
+            }
+        }
+        Ok(Some(journals))
     }
 
     /// The table's version as this run last read or committed it (None: not created yet).
@@ -569,7 +607,10 @@ impl CumulusTable {
     /// run (a lost race shows it), the files' rows are merged instead, and so are all later
     /// batches.
     async fn record_files(&mut self, files: WrittenFiles) -> Result<()> {
-        let meta = self.data_commit();
+        let mut meta = self.data_commit();
+        if let Some(journal) = self.write_journal(&files).await? {
+            meta.info.insert(JOURNAL_FIELD.into(), journal.into());
+        }
         for _ in 0..COMMIT_ATTEMPTS {
             if !self.appends_safe {
                 return self.merge_written(files).await;
@@ -597,6 +638,34 @@ impl CumulusTable {
             }
         }
         self.merge_written(files).await
+    }
+
+    /// Writes the journal of an append (the tags of the rows its files hold, sorted), when the
+    /// run keeps row indexes and the rows have tags; returns its name, for the commit's
+    /// `commitInfo` ([`JOURNAL_FIELD`]). A commit without one leaves the table's index unusable
+    /// after it, which is always safe.
+    async fn write_journal(&mut self, files: &WrittenFiles) -> Result<Option<String>> {
+        let Some(tag) = self.settings.row_journal else {
+            return Ok(None);
+        };
+        let rows: i64 = files
+            .adds
+            .iter()
+            .filter_map(|a| a.get_stats().ok()??.num_records.into())
+            .sum();
+        if files.tags.is_empty() || files.tags.len() as i64 != rows {
+            return Ok(None);
+        }
+        let name = uuid::Uuid::new_v4().to_string();
+        let bytes = crate::rerun::index::encode(tag, -1, files.tags.clone());
+        let path = deltalake::Path::from(format!("{}/{name}", crate::rerun::index::JOURNAL_DIR));
+        self.table
+            .log_store()
+            .object_store(None)
+            .put(&path, bytes.into())
+            .await
+            .with_context(|| format!("writing a row journal of {}", self.spec.name))?;
+        Ok(Some(name))
     }
 
     /// Merges the rows of files written for an append (not committed), then removes them.
@@ -739,6 +808,7 @@ impl CumulusTable {
             schema,
             keys: Vec::new(),
             unfit: Vec::new(),
+            tags: Vec::new(),
         };
         self.record_files(written)
             .await
