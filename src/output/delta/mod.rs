@@ -379,11 +379,15 @@ impl DeltaTableWriter {
         let mut keys = Vec::with_capacity(batch.rows.len());
         let mut failed = None;
         let mut unfit_rows = Vec::new();
+        let mut tags = Vec::with_capacity(batch.tags.len());
+        let mut slice_tags = batch.tags.chunks(ENCODE_SLICE_ROWS);
         let slices = batch.rows.chunks(ENCODE_SLICE_ROWS).map_while(|rows| {
+            let these_tags = slice_tags.next().unwrap_or_default();
             let slice = rows_to_record_batch(schema.clone(), rows)
                 .context("rows do not fit the table's FHIR schema")
                 .and_then(|decoded| {
                     unfit_rows.extend(UnfitRow::from_decode(rows, &decoded.unfit));
+                    tags.extend(files::fit_tags(these_tags, &decoded.unfit));
                     keys.extend(key_fingerprints(&self.uniqueness, &decoded.batch, &[])?);
                     Ok(decoded.batch)
                 });
@@ -402,7 +406,7 @@ impl DeltaTableWriter {
             }
             return on_written.done(Err(e));
         }
-        let file = match staged {
+        let mut file = match staged {
             Ok(file) => file,
             Err(e) => {
                 staging_failed(&e);
@@ -410,6 +414,7 @@ impl DeltaTableWriter {
                 return self.queue_rows(batch, None, on_written);
             }
         };
+        file.tags = tags;
         on_written.unfit(unfit_rows);
         // Routed (a MERGE, since appends have stopped) and queued under the ledger's lock, so
         // the committer sees batches in routing order.

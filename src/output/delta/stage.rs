@@ -21,6 +21,7 @@ use arrow::ipc::writer::FileWriter;
 use arrow::record_batch::RecordBatch;
 
 use super::conform::union_schema;
+use crate::output::RowTag;
 
 use crate::output::OnWritten;
 
@@ -39,6 +40,8 @@ pub struct StagedFile {
     pub rows: usize,
     /// Its Arrow size in memory, which it takes again when read back for the MERGE.
     pub bytes: usize,
+    /// The tags of its rows (see [`crate::output::RowBatch::tags`]), or none.
+    pub tags: Vec<RowTag>,
 }
 
 impl StageDir {
@@ -89,6 +92,7 @@ impl StageDir {
             schema: schema.clone(),
             rows,
             bytes,
+            tags: Vec::new(),
         })
     }
 }
@@ -104,6 +108,8 @@ pub struct MergeStage {
     bytes: usize,
     /// The union of the staged batches' schemas, which one MERGE will use.
     schema: Option<SchemaRef>,
+    /// The tags of the staged rows, while every staged batch had them.
+    tags: Option<Vec<RowTag>>,
 }
 
 /// Staged batches taken for one MERGE, still on disk, in the order they came, each with its
@@ -113,6 +119,8 @@ pub struct Staged {
     pub groups: Vec<String>,
     /// The union of their schemas.
     pub schema: Option<SchemaRef>,
+    /// The tags of their rows, if every batch had them (for the MERGE's row journal).
+    pub tags: Option<Vec<RowTag>>,
 }
 
 impl Staged {
@@ -195,6 +203,16 @@ impl MergeStage {
             Some(staged) => union_schema(&staged, &file.schema).unwrap_or(staged),
             None => file.schema.clone(),
         });
+        // The first batch starts the tags; one without them ends them for this MERGE.
+        let mut tags = match self.entries.is_empty() {
+            true => Some(Vec::new()),
+            false => self.tags.take(),
+        };
+        match (&mut tags, file.tags.len() == file.rows) {
+            (Some(staged), true) => staged.extend(file.tags),
+            _ => tags = None,
+        }
+        self.tags = tags;
         self.entries.push((file.path, report));
         self.keys.extend(keys);
         self.groups.extend(groups.iter().cloned());
@@ -220,6 +238,7 @@ impl MergeStage {
             files: std::mem::take(&mut self.entries),
             groups,
             schema: self.schema.take(),
+            tags: self.tags.take(),
         }
     }
 }

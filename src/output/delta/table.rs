@@ -39,7 +39,7 @@ use super::merge_source::MergeSource;
 use super::protocol;
 use super::stage::{MergeStage, StageDir, StagedFile, read_all, read_batch};
 use crate::memory::budget::{HeldMemory, MemoryBudget};
-use crate::output::{OnWritten, TableKind};
+use crate::output::{OnWritten, RowTag, TableKind};
 use crate::store::ObjectLocation;
 
 /// Compaction rewrites the whole table, so it waits until a table has this many files (the
@@ -547,7 +547,12 @@ impl CumulusTable {
         let _turn = turns.acquire().await;
         let staged = self.stage.take();
         let result = self
-            .merge_staged(staged.paths(), staged.schema.clone(), &staged.groups)
+            .merge_staged(
+                staged.paths(),
+                staged.schema.clone(),
+                &staged.groups,
+                staged.tags.clone(),
+            )
             .await;
         staged.report(&result);
     }
@@ -557,6 +562,7 @@ impl CumulusTable {
         paths: Vec<PathBuf>,
         staged_schema: Option<SchemaRef>,
         groups: &[String],
+        tags: Option<Vec<RowTag>>,
     ) -> Result<()> {
         let mut schema = self.table.snapshot()?.snapshot().arrow_schema();
         if let Some(staged) = &staged_schema {
@@ -565,7 +571,7 @@ impl CumulusTable {
         if self.merges_by_file()? {
             let cache = self.settings.merge_bytes / 2;
             let source = MergeSource::staged(&schema, paths, cache);
-            return self.merge_by_file(source, groups).await;
+            return self.merge_by_file(source, groups, tags).await;
         }
         let batches = read_all(&paths)?
             .iter()
@@ -608,7 +614,14 @@ impl CumulusTable {
     /// batches.
     async fn record_files(&mut self, files: WrittenFiles) -> Result<()> {
         let mut meta = self.data_commit();
-        if let Some(journal) = self.write_journal(&files).await? {
+        let rows: i64 = files
+            .adds
+            .iter()
+            .filter_map(|a| Some(a.get_stats().ok()??.num_records))
+            .sum();
+        if files.tags.len() as i64 == rows
+            && let Some(journal) = self.write_journal(files.tags.clone()).await?
+        {
             meta.info.insert(JOURNAL_FIELD.into(), journal.into());
         }
         for _ in 0..COMMIT_ATTEMPTS {
@@ -640,24 +653,16 @@ impl CumulusTable {
         self.merge_written(files).await
     }
 
-    /// Writes the journal of an append (the tags of the rows its files hold, sorted), when the
-    /// run keeps row indexes and the rows have tags; returns its name, for the commit's
+    /// Writes the journal of a commit (the tags of the rows it writes, sorted), when the run
+    /// keeps row indexes; returns its name, for the commit's
     /// `commitInfo` ([`JOURNAL_FIELD`]). A commit without one leaves the table's index unusable
     /// after it, which is always safe.
-    async fn write_journal(&mut self, files: &WrittenFiles) -> Result<Option<String>> {
+    async fn write_journal(&mut self, tags: Vec<RowTag>) -> Result<Option<String>> {
         let Some(tag) = self.settings.row_journal else {
             return Ok(None);
         };
-        let rows: i64 = files
-            .adds
-            .iter()
-            .filter_map(|a| a.get_stats().ok()??.num_records.into())
-            .sum();
-        if files.tags.is_empty() || files.tags.len() as i64 != rows {
-            return Ok(None);
-        }
         let name = uuid::Uuid::new_v4().to_string();
-        let bytes = crate::rerun::index::encode(tag, -1, files.tags.clone());
+        let bytes = crate::rerun::index::encode(tag, -1, tags);
         let path = deltalake::Path::from(format!("{}/{name}", crate::rerun::index::JOURNAL_DIR));
         self.table
             .log_store()
@@ -822,7 +827,7 @@ impl CumulusTable {
         let schema = batches.first().context("a MERGE has a batch")?.schema();
         if self.merges_by_file()? {
             let source = MergeSource::in_memory(&schema, batches);
-            return self.merge_by_file(source, groups).await;
+            return self.merge_by_file(source, groups, None).await;
         }
         let out_of_memory = |e: &anyhow::Error| {
             let text = format!("{e:#}");
@@ -840,8 +845,19 @@ impl CumulusTable {
     /// One MERGE of `source` (disjoint keys), file by file ([`file_merge`]); commits only if
     /// a row changed or the schema grew. A MERGE that loses its race to another writer is
     /// merged again into the table that writer left, a few times at most.
-    async fn merge_by_file(&mut self, source: MergeSource, groups: &[String]) -> Result<()> {
-        let meta = self.data_commit();
+    /// A MERGE file by file, with the row journal of `tags` (the merged rows') when given.
+    async fn merge_by_file(
+        &mut self,
+        source: MergeSource,
+        groups: &[String],
+        tags: Option<Vec<RowTag>>,
+    ) -> Result<()> {
+        let mut meta = self.data_commit();
+        if let Some(tags) = tags
+            && let Some(journal) = self.write_journal(tags).await?
+        {
+            meta.info.insert(JOURNAL_FIELD.into(), journal.into());
+        }
         let mut attempt = 1;
         loop {
             match self
