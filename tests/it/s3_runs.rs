@@ -264,26 +264,15 @@ fn an_etl_run_from_s3_into_s3_gives_the_tables_codebook_and_encryption_of_a_loca
     let site = Site::new();
     let (export, output, phi) = (site.path("export"), site.path("output"), site.path("phi"));
     site.run(&[&export, &output, &phi]);
-    let text = site.run(&[
-        "s3://hospital/export",
-        "s3://hospital/output",
-        "s3://hospital/phi",
-        "--s3-kms-key",
-        KMS_KEY,
-    ]);
+    let in_s3 = [S3_RUN[0], S3_RUN[1], S3_RUN[2], "--s3-kms-key", KMS_KEY];
+    let text = site.run(&in_s3);
     assert!(text.contains("All tasks completed successfully"), "{text}");
 
     assert_same_tables(&site, &output, 1);
 
     // Again: the row indexes beside the tables in S3 leave every line out, and the tables
     // stay the same.
-    let text = site.run(&[
-        "s3://hospital/export",
-        "s3://hospital/output",
-        "s3://hospital/phi",
-        "--s3-kms-key",
-        KMS_KEY,
-    ]);
+    let text = site.run(&in_s3);
     let condition = text
         .lines()
         .find(|l| l.trim_start().starts_with("condition: "))
