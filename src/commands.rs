@@ -57,6 +57,7 @@ fn empty_batch(shape: &Shape) -> RowBatch<'_> {
         rows: Vec::new(),
         shape,
         tags: Vec::new(),
+        keys_new: false,
     }
 }
 
@@ -179,6 +180,7 @@ fn convert_table(
                 rows,
                 shape: &shape,
                 tags: Vec::new(),
+                keys_new: false,
             },
         )
         .with_context(|| format!("loading {name}"))?;

@@ -89,6 +89,7 @@ impl RunShared {
                     rows: Vec::new(),
                     shape: &crate::fhir::Shape::default(),
                     tags: Vec::new(),
+                    keys_new: false,
                 },
             )?;
             self.report.stats.lock().unwrap().summary(table);

@@ -65,6 +65,9 @@ pub struct TableChunk {
     pub ids: Vec<String>,
     /// A tag per row, or none (see [`crate::output::RowBatch::tags`]).
     pub tags: Vec<crate::output::RowTag>,
+    /// Every row's key is new to its table and met once in the input (see
+    /// [`crate::output::RowBatch::keys_new`]).
+    pub keys_new: bool,
     /// Newline-terminated rows, one per id.
     pub data: Vec<u8>,
     pub shape: Shape,
@@ -163,6 +166,7 @@ impl TableChunk {
             table: self.table.clone(),
             ids: self.ids.split_off(n.min(self.ids.len())),
             tags: self.tags.split_off(n.min(self.tags.len())),
+            keys_new: self.keys_new,
             data: self.data.split_off(cut),
             shape: self.shape.clone(),
             reserved: self.reserved,

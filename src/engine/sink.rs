@@ -271,6 +271,7 @@ impl BatchWrite {
                     rows,
                     shape: &shape,
                     tags,
+                    keys_new: !chunks.is_empty() && chunks.iter().all(|c| c.keys_new),
                 };
                 writer.write(&batch, on_written)
             }

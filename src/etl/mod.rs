@@ -566,6 +566,7 @@ fn write_completion_rows(shared: &RunShared, rows: &[(&Task, Vec<u8>)]) {
                     rows: rows.iter().map(|(_, row)| row.as_slice()).collect(),
                     shape: &Shape::default(),
                     tags: Vec::new(),
+                    keys_new: false,
                 },
             )
         });

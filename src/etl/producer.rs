@@ -39,6 +39,8 @@ impl RowProducer for FhirRows {
             first_line: b.first_line,
         };
         let mut index = self.rerun.as_ref().map(|r| r.bundle(b.ctx.task, b.path));
+        // Cleared by the first row whose key the index does not know to be new.
+        main.keys_new = index.is_some();
         process_bundle(
             b.ctx,
             &b.shared.scrubber,

@@ -46,6 +46,8 @@ pub struct RerunIndex {
     skip: SkipLines,
     /// Encounter lines whose completion row for this export's group is in the table.
     completed: SkipLines,
+    /// Lines whose key is in no row of the table, nor on another line of the export.
+    new_keys: SkipLines,
     written: Mutex<SpillSort<WRITTEN_BYTES>>,
     /// Some written row was not recorded (its record could not be stored): no index is saved.
     lost: AtomicBool,
@@ -59,6 +61,8 @@ struct IndexedTable {
     usable_at: Option<i64>,
     /// Where that index is: beside the table, or rebuilt from journals into a private folder.
     old: Option<OldIndex>,
+    /// The run starts from an index that lists every key of the table (or from no table).
+    complete: bool,
     /// Rows left out as unchanged.
     unchanged: AtomicU64,
 }
@@ -90,15 +94,19 @@ impl IndexedTable {
             dir: output.join(name),
             usable_at: None,
             old: None,
+            complete: false,
             unchanged: AtomicU64::new(0),
         };
         let Some(version) = shared.outputs.opened_version(name) else {
+            // A new table: the index this run leaves lists every key.
+            table.complete = true;
             return Ok((table, None));
         };
         let (base, since) = match index::open_file(&table.dir, INDEX_KEY, tag, None)? {
             Ok((reader, at)) if at == version => {
                 table.usable_at = Some(version);
                 table.old = Some(OldIndex::Stored);
+                table.complete = reader.complete;
                 return Ok((table, Some(reader)));
             }
             Ok((reader, at)) if at < version => (Some(reader), Some(at)),
@@ -136,12 +144,15 @@ impl IndexedTable {
                 }
             }
         }
+        // Journals since the table's first commit list every key it has; after an index,
+        // every key if the index did.
+        let complete = base.as_ref().is_none_or(|b| b.complete);
         let temp = tempfile::Builder::new()
             .prefix("cumulus-etl-index-")
             .tempdir()?;
         let location = ObjectLocation::local(temp.path())?;
         let replayed = replayed(base, readers, memory)?;
-        index::write(&location, tag, version, replayed)?;
+        index::write(&location, (tag, version, complete), replayed)?;
         let reader = index::open(&location, tag, version)?
             .map_err(|u| anyhow::anyhow!("a rebuilt row index: {}", u.reason()))?;
         crate::say!(
@@ -150,6 +161,7 @@ impl IndexedTable {
             since.map_or(String::new(), |at| format!(" after version {at}"))
         );
         table.usable_at = Some(version);
+        table.complete = complete;
         table.old = Some(OldIndex::Rebuilt {
             _folder: temp,
             location,
@@ -216,6 +228,7 @@ impl RerunIndex {
         let tag = fingerprints.tag();
         let memory = usize::try_from(shared.budget.limit() / 4).unwrap_or(usize::MAX);
         let (mut skip, mut completed) = (SkipLines::default(), SkipLines::default());
+        let (mut new_keys, mut no_new_keys) = (SkipLines::default(), SkipLines::default());
         let mut tables = Vec::with_capacity(tasks.len() + 1);
         let mut readers = Vec::with_capacity(tasks.len());
         for (task, ctx) in tasks.iter().zip(&shared.work.tasks) {
@@ -242,24 +255,29 @@ impl RerunIndex {
         }
         for (number, (task, reader)) in tasks.iter().zip(readers).enumerate() {
             let mut compared = Vec::new();
-            let mut skips: Vec<&mut SkipLines> = Vec::new();
+            let mut skips: Vec<(&mut SkipLines, &mut SkipLines)> = Vec::new();
             let mut slots = Vec::new();
             if let Some(reader) = reader {
+                let complete = reader.complete;
                 compared.push(Compared {
                     entries: reader,
                     expect: Expect::SameLine,
+                    complete,
                 });
-                skips.push(&mut skip);
+                skips.push((&mut skip, &mut new_keys));
                 slots.push(number);
             }
             if task.tracks_encounters
                 && let (Some(reader), Some((slot, value))) = (completion_reader.take(), completion)
             {
+                // Keyed by encounter and group, the completion table's index is not a key set
+                // of its rows: no new keys from it.
                 compared.push(Compared {
                     entries: reader,
                     expect: Expect::Value(value),
+                    complete: false,
                 });
-                skips.push(&mut completed);
+                skips.push((&mut completed, &mut no_new_keys));
                 slots.push(slot);
             }
             if compared.is_empty() {
@@ -279,9 +297,14 @@ impl RerunIndex {
             };
             let counts = scan(&input, compared, threads, memory, &mut skips)
                 .with_context(|| format!("pre-scanning the input of {}", task.name))?;
-            for (slot, unchanged) in slots.into_iter().zip(counts.unchanged) {
+            let found = counts.unchanged.iter().zip(&counts.new_keys);
+            for (slot, (unchanged, new)) in slots.into_iter().zip(found) {
+                let new = match new {
+                    0 => String::new(),
+                    n => format!(", {n} new"),
+                };
                 crate::say!(
-                    "  {}: {unchanged} of {} rows unchanged since the last run, left out ({:.1} s)",
+                    "  {}: {unchanged} of {} rows unchanged since the last run, left out{new} ({:.1} s)",
                     tables[slot].name,
                     counts.lines,
                     started.elapsed().as_secs_f64()
@@ -289,7 +312,7 @@ impl RerunIndex {
             }
         }
         let held = HeldMemory::default();
-        held.set(skip.heap_bytes() + completed.heap_bytes());
+        held.set(skip.heap_bytes() + completed.heap_bytes() + new_keys.heap_bytes());
         shared.budget.count_held("re-run index", held.clone());
         Ok(RerunIndex {
             fingerprints,
@@ -298,6 +321,7 @@ impl RerunIndex {
             completion,
             skip,
             completed,
+            new_keys,
             written: Mutex::new(SpillSort::new(memory / 4)),
             lost: AtomicBool::new(false),
             held,
@@ -311,6 +335,7 @@ impl RerunIndex {
             task,
             skip: self.skip.file(file),
             completed: self.completed.file(file),
+            new_keys: self.new_keys.file(file),
             written: Vec::new(),
             unchanged: 0,
             completions_known: 0,
@@ -415,7 +440,9 @@ impl RerunIndex {
                 None => Box::new(std::iter::empty()),
             };
             let new = updated(old, &mut rows, gone.into_iter());
-            match index::write(&table.dir, self.tag, version, new) {
+            // The completion table's index is kept by encounter, not by its rows' keys.
+            let complete = table.complete && Some(number) != self.completion.map(|c| c.0);
+            match index::write(&table.dir, (self.tag, version, complete), new) {
                 // The index covers every commit: their journals are no longer needed.
                 Ok(_) => table.remove_journals(),
                 Err(e) => {
@@ -461,6 +488,7 @@ pub struct BundleIndex<'a> {
     task: u32,
     skip: Option<&'a LineSet>,
     completed: Option<&'a LineSet>,
+    new_keys: Option<&'a LineSet>,
     written: Vec<Written>,
     unchanged: u64,
     completions_known: u64,
@@ -480,6 +508,11 @@ impl BundleIndex<'_> {
         let known = self.completed.is_some_and(|s| s.contains(line));
         self.completions_known += u64::from(known);
         known
+    }
+
+    /// Whether the row of line `line` has a key no row of the table has, nor another line.
+    pub fn is_new_key(&self, line: u64) -> bool {
+        self.new_keys.is_some_and(|s| s.contains(line))
     }
 
     /// Lines left out so far.

@@ -79,6 +79,7 @@ pub fn process_bundle(
                         let id = id.clone();
                         let tag = index.made(&id, trimmed);
                         main.tags.push(tag);
+                        main.keys_new &= index.is_new_key(this_line);
                         if completion.is_some() && !index.completion_known(this_line) {
                             let tag = index.completed(&id);
                             push_completion(ctx, completion, id, Some(tag));

@@ -83,6 +83,9 @@ pub struct RowBatch<'a> {
     /// its input line's fingerprints). Delta tables journal the tags of the rows each commit
     /// writes ([`RowTag`]); the other formats ignore them.
     pub tags: Vec<RowTag>,
+    /// Every row's key is known to be new to the table, and met once in the input (the re-run
+    /// index says so): a Delta table appends the batch even when it holds rows.
+    pub keys_new: bool,
 }
 
 /// A row's tag (see [`RowBatch::tags`]): 24 opaque bytes to the writers.

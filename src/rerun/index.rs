@@ -16,9 +16,13 @@ use crate::store::ObjectLocation;
 /// Where a table's index is, under its folder.
 pub const INDEX_KEY: &str = "_cumulus_etl/row-index";
 
-const MAGIC: &[u8; 8] = b"CETLRIX1";
+const MAGIC: &[u8; 8] = b"CETLRIX2";
 const END: &[u8; 8] = b"CETLEND1";
-const HEADER_BYTES: usize = 8 + 16 + 8;
+const HEADER_BYTES: usize = 8 + 16 + 8 + 8;
+
+/// The header's flag: the index has an entry for every key of the table (see
+/// [`IndexReader::complete`]).
+const COMPLETE: u64 = 1;
 
 /// One entry: a row key's fingerprint, then its line's, big-endian (so entries sort by key).
 pub type Entry = [u8; ENTRY_BYTES];
@@ -65,6 +69,10 @@ impl Unusable {
 
 /// A stored index's entries, in order, as they are read.
 pub struct IndexReader {
+    /// Every key of the table has an entry (a key whose line is not known has the line 0,
+    /// which no line has): a key without one is not in the table. True for the index of a
+    /// table this tool created and kept an index of since.
+    pub complete: bool,
     input: BufReader<Box<dyn Read + Send>>,
     url: String,
     read: u64,
@@ -112,7 +120,9 @@ pub fn open_file(
     if version.is_some_and(|v| v != written_for) {
         return Ok(Err(Unusable::OtherVersion(written_for)));
     }
+    let flags = u64::from_be_bytes(header[32..40].try_into().unwrap());
     let reader = IndexReader {
+        complete: flags & COMPLETE != 0,
         input,
         url,
         read: 0,
@@ -169,6 +179,7 @@ pub fn encode(tag: u128, version: i64, mut entries: Vec<Entry>) -> Vec<u8> {
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&tag.to_be_bytes());
     out.extend_from_slice(&version.to_be_bytes());
+    out.extend_from_slice(&0u64.to_be_bytes());
     entries.iter().for_each(|e| out.extend_from_slice(e));
     out.extend_from_slice(&(entries.len() as u64).to_be_bytes());
     out.extend_from_slice(END);
@@ -179,8 +190,7 @@ pub fn encode(tag: u128, version: i64, mut entries: Vec<Entry>) -> Vec<u8> {
 /// out of order is an error and nothing is written). Returns how many were written.
 pub fn write(
     table_dir: &ObjectLocation,
-    tag: u128,
-    version: i64,
+    (tag, version, complete): (u128, i64, bool),
     entries: impl Iterator<Item = io::Result<Entry>>,
 ) -> Result<u64> {
     let url = table_dir.url_of(INDEX_KEY);
@@ -188,6 +198,8 @@ pub fn write(
     out.write_all(MAGIC)?;
     out.write_all(&tag.to_be_bytes())?;
     out.write_all(&version.to_be_bytes())?;
+    let flags = if complete { COMPLETE } else { 0 };
+    out.write_all(&flags.to_be_bytes())?;
     let mut count = 0u64;
     let mut last: Option<Entry> = None;
     for e in entries {
@@ -223,13 +235,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let table = ObjectLocation::local(dir.path()).unwrap();
         assert_eq!(open(&table, 7, 3).unwrap().err(), Some(Unusable::Missing));
-        let written = write(&table, 7, 3, entries(1000).into_iter().map(Ok)).unwrap();
+        let written = write(&table, (7, 3, true), entries(1000).into_iter().map(Ok)).unwrap();
         assert_eq!(written, 1000);
-        let back: Vec<Entry> = open(&table, 7, 3)
-            .unwrap()
-            .unwrap()
-            .collect::<io::Result<_>>()
-            .unwrap();
+        let reader = open(&table, 7, 3).unwrap().unwrap();
+        assert!(reader.complete);
+        let back: Vec<Entry> = reader.collect::<io::Result<_>>().unwrap();
         assert_eq!(back, entries(1000));
         assert_eq!(entry_parts(&back[5]), (15, 5u128 << 70));
         assert_eq!(open(&table, 8, 3).unwrap().err(), Some(Unusable::OtherTag));
@@ -245,7 +255,7 @@ mod tests {
         assert!(cut.is_err());
 
         let unsorted = vec![entry(2, 0), entry(1, 0)];
-        assert!(write(&table, 7, 5, unsorted.into_iter().map(Ok)).is_err());
+        assert!(write(&table, (7, 5, false), unsorted.into_iter().map(Ok)).is_err());
         remove(&table).unwrap();
         assert_eq!(open(&table, 7, 3).unwrap().err(), Some(Unusable::Missing));
     }

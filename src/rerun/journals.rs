@@ -126,7 +126,8 @@ mod tests {
         .unwrap()
         .collect::<io::Result<_>>()
         .unwrap();
-        // Key 5 was written from two lines by its last commit: it gets no entry.
+        // Key 5 was written from two lines by its last commit: its line is not known.
+        let unknown = crate::rerun::update::UNKNOWN_LINE;
         assert_eq!(
             replayed,
             [
@@ -134,6 +135,7 @@ mod tests {
                 entry(2, 22),
                 entry(3, 30),
                 entry(4, 40),
+                entry(5, unknown),
                 entry(6, 60)
             ]
         );

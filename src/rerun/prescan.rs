@@ -67,6 +67,19 @@ pub enum Expect {
 pub struct Compared<I> {
     pub entries: I,
     pub expect: Expect,
+    /// The index lists every key of its table ([`super::index::IndexReader::complete`]): the
+    /// lines of keys it lacks are reported as new keys, when each is its key's only line.
+    pub complete: bool,
+}
+
+/// What the comparison found for a line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Its row is in the table as this line would make it.
+    Unchanged,
+    /// Its key is not in the table, and no other line of this export has it: its row can be
+    /// appended without a MERGE.
+    NewKey,
 }
 
 /// How a scan went.
@@ -76,6 +89,8 @@ pub struct ScanCounts {
     pub lines: u64,
     /// Lines left out, per index compared.
     pub unchanged: Vec<u64>,
+    /// Lines of new keys, per index compared.
+    pub new_keys: Vec<u64>,
 }
 
 /// Scans `input` on `threads` threads, holding about `memory` bytes of fingerprints, and
@@ -87,7 +102,7 @@ pub fn scan<I: Iterator<Item = io::Result<Entry>>>(
     indexes: Vec<Compared<I>>,
     threads: usize,
     memory: usize,
-    skips: &mut [&mut SkipLines],
+    skips: &mut [(&mut SkipLines, &mut SkipLines)],
 ) -> Result<ScanCounts> {
     let bundle_bytes = (memory / threads.max(1) / 4).clamp(1 << 20, 64 << 20);
     let work = Mutex::new(VecDeque::from(plan(input.files, bundle_bytes)?));
@@ -116,10 +131,18 @@ pub fn scan<I: Iterator<Item = io::Result<Entry>>>(
     let sort = sort.into_inner().unwrap();
     let lines = sort.len();
     let names: Vec<&str> = input.files.iter().map(InputFile::name).collect();
-    let unchanged = join(sort.finish()?, indexes, |which, file, line| {
-        skips[which].insert(names[file as usize], line)
+    let (unchanged, new_keys) = join(sort.finish()?, indexes, |found, which, file, line| {
+        let (unchanged, new_keys) = &mut skips[which];
+        match found {
+            Found::Unchanged => unchanged.insert(names[file as usize], line),
+            Found::NewKey => new_keys.insert(names[file as usize], line),
+        }
     })?;
-    Ok(ScanCounts { lines, unchanged })
+    Ok(ScanCounts {
+        lines,
+        unchanged,
+        new_keys,
+    })
 }
 
 /// Fingerprints the lines of one work item into the sort.
@@ -187,17 +210,18 @@ fn fingerprint_lines(
 }
 
 /// Merges the sorted records with each index's entries (sorted by key, then value); calls
-/// `unchanged` with the index's position, the file and the line of every line an index shows
-/// unchanged, and returns how many each did.
+/// `found` with what was found, the index's position, the file and the line of every line an
+/// index shows unchanged or of a new key, and returns how many of each every index found.
 fn join<I: Iterator<Item = io::Result<Entry>>>(
     records: impl Iterator<Item = io::Result<Record>>,
     indexes: Vec<Compared<I>>,
-    mut unchanged: impl FnMut(usize, u32, u64),
-) -> io::Result<Vec<u64>> {
+    mut found: impl FnMut(Found, usize, u32, u64),
+) -> io::Result<(Vec<u64>, Vec<u64>)> {
     let mut indexes: Vec<_> = indexes
         .into_iter()
-        .map(|c| (c.entries.peekable(), c.expect))
+        .map(|c| (c.entries.peekable(), c.expect, c.complete))
         .collect();
+    let mut new_keys = vec![0u64; indexes.len()];
     let mut records = records.peekable();
     let mut group: Vec<(u32, u64, u128)> = Vec::new();
     let mut left_out = vec![0u64; indexes.len()];
@@ -220,7 +244,7 @@ fn join<I: Iterator<Item = io::Result<Entry>>>(
             .iter()
             .all(|g| g.2 == group[0].2)
             .then_some(group[0].2);
-        for (which, (index, expect)) in indexes.iter_mut().enumerate() {
+        for (which, (index, expect, complete)) in indexes.iter_mut().enumerate() {
             // The index's values for this key (one, unless two keys share a fingerprint).
             let known = values_of(index, key)?;
             let wanted = match expect {
@@ -229,13 +253,16 @@ fn join<I: Iterator<Item = io::Result<Entry>>>(
             };
             if wanted.is_some_and(|w| known.contains(&w)) {
                 for &(file, line, _) in &group {
-                    unchanged(which, file, line);
+                    found(Found::Unchanged, which, file, line);
                 }
                 left_out[which] += group.len() as u64;
+            } else if *complete && known.is_empty() && group.len() == 1 {
+                found(Found::NewKey, which, group[0].0, group[0].1);
+                new_keys[which] += 1;
             }
         }
     }
-    Ok(left_out)
+    Ok((left_out, new_keys))
 }
 
 /// Takes the entries of keys up to `key` from the front of `index`; returns the values of
@@ -302,17 +329,28 @@ mod tests {
             Compared {
                 entries: index.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
                 expect: Expect::SameLine,
+                complete: true,
             },
             Compared {
                 entries: groups.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
                 expect: Expect::Value(42),
+                complete: false,
             },
         ];
         let mut left_out = Vec::new();
-        let n = join(records.into_iter().map(Ok), compared, |which, f, l| {
-            left_out.push((which, f, l))
-        })
+        let mut new_keys = Vec::new();
+        let (n, new) = join(
+            records.into_iter().map(Ok),
+            compared,
+            |found, which, f, l| match found {
+                Found::Unchanged => left_out.push((which, f, l)),
+                Found::NewKey => new_keys.push((which, f, l)),
+            },
+        )
         .unwrap();
+        // Key 5, its only line, is not in the complete index: a new key. (Key 4 is, and key 3.)
+        assert_eq!(new_keys, [(0, 0, 14)]);
+        assert_eq!(new, [1, 0]);
         assert_eq!(
             left_out,
             [

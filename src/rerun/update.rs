@@ -8,6 +8,9 @@ use std::iter::Peekable;
 
 use super::index::{Entry, entry, entry_parts};
 
+/// The line of a key whose line is not known: no line's fingerprint (but once in 2^128).
+pub const UNKNOWN_LINE: u128 = 0;
+
 /// The new index's entries, in order.
 pub struct Updated<O, W, D>
 where
@@ -85,8 +88,9 @@ where
                 .pending
                 .extend(old.into_iter().map(|line| entry(key, line))),
             [line] => self.pending.push_back(entry(key, *line)),
-            // Two different lines in one export: which row won is not the index's to say.
-            _ => {}
+            // Two different lines in one export: which row won is not the index's to say. The
+            // key stays, with the line 0 (no line's), so the index still lists every key.
+            _ => self.pending.push_back(entry(key, UNKNOWN_LINE)),
         }
         Ok(Some(()))
     }
@@ -127,8 +131,8 @@ mod tests {
             entry(5, 50),
             entry(5, 51),
         ];
-        // Key 2 rewritten, key 4 new, key 6 written from two different lines, key 7 twice
-        // from the same line, key 8 written and deleted.
+        // Key 2 rewritten, key 4 new, key 6 written from two different lines (kept, its line
+        // unknown), key 7 twice from the same line, key 8 written and deleted.
         let written = vec![
             entry(2, 21),
             entry(4, 40),
@@ -154,6 +158,7 @@ mod tests {
                 entry(4, 40),
                 entry(5, 50),
                 entry(5, 51),
+                entry(6, UNKNOWN_LINE),
                 entry(7, 70)
             ]
         );

@@ -703,6 +703,7 @@ fn write_rows(outputs: &Outputs, rows: &[Value]) {
         rows: text.iter().map(Vec::as_slice).collect(),
         shape: &shape,
         tags: Vec::new(),
+        keys_new: false,
     };
     if let Err(e) = write_and_wait(writer.as_mut(), &batch) {
         panic!("{e:#}");
@@ -811,6 +812,7 @@ fn a_writer_stages_its_merge_batch_before_handing_it_to_the_committer() {
         rows: vec![text.as_slice()],
         shape: &shape,
         tags: Vec::new(),
+        keys_new: false,
     };
     let log: Log = Default::default();
     let (staged, done) = (log.clone(), log.clone());

@@ -224,6 +224,8 @@ fn a_changed_export_rerun_gives_the_tables_of_a_clean_load() {
     let (left_out, of) = unchanged(&log, "condition").unwrap();
     assert_eq!(of, lines);
     assert!(left_out == lines - changed - 1, "{log}");
+    // The new condition's key is in no row: the index lists every key of a table it made.
+    assert!(log.contains("left out, 1 new ("), "{log}");
     assert_eq!(
         unchanged(&log, "procedure"),
         Some((procedure_lines - 2, procedure_lines)),
@@ -440,6 +442,24 @@ fn a_killed_first_load_restarted_leaves_out_the_rows_it_had_committed() {
         .sum();
     assert!(left_out >= 5 * 150 / 2, "{log}");
     assert_eq!(keyed_tables(&killed), keyed_tables(&clean));
+    // The rows the killed run had not committed have keys new to their tables (the rebuilt
+    // indexes list every key): they were appended, with no MERGE.
+    assert!(log.contains(" new ("), "{log}");
+    let delta_tables = tables()
+        .into_iter()
+        .filter(|t| t.join("_delta_log").is_dir());
+    for table in delta_tables.filter(|t| !t.ends_with("etl__completion")) {
+        let operations: Vec<String> = crate::support::delta_log_actions(&table)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["commitInfo"]["operation"].as_str().map(str::to_string))
+            .collect();
+        assert!(
+            !operations.iter().any(|o| o == "MERGE"),
+            "{}: {operations:?}",
+            table.display()
+        );
+    }
     // The run's index covers every commit: the journals are gone, and a run again leaves every
     // line out.
     for table in &journaled {

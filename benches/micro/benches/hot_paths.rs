@@ -126,6 +126,7 @@ fn hot_paths(c: &mut Criterion) {
                         rows: rows.clone(),
                         shape: &chunk.shape,
                         tags: Vec::new(),
+                        keys_new: false,
                     },
                 )
                 .unwrap()

@@ -356,7 +356,12 @@ impl DeltaTableWriter {
             Err(e) => return on_written.done(Err(e)),
         };
         let mut ledger = self.ledger.lock().unwrap();
-        match ledger.route(&files.keys) {
+        // Keys new to a table that holds rows (the re-run index knows) need no MERGE.
+        let route = match batch.keys_new && !ledger.appending() {
+            true => Route::Append,
+            false => ledger.route(&files.keys),
+        };
+        match route {
             // Queued under the ledger's lock, so the committer sees batches in routing order.
             Route::Append => {
                 on_written.unfit(std::mem::take(&mut files.unfit));
@@ -519,7 +524,8 @@ impl BatchWriter for DeltaTableWriter {
         // Rows of a table without groups are encoded here: into a data file while the table
         // takes appends, into a staged MERGE batch once it does not.
         let plain = self.kind.group_field().is_none() && !batch.rows.is_empty();
-        match (plain, plain && self.ledger.lock().unwrap().appending()) {
+        let appending = self.ledger.lock().unwrap().appending() || batch.keys_new;
+        match (plain, plain && appending) {
             (true, true) => self.write_files(batch, on_written),
             (true, false) => self.stage_rows(batch, on_written),
             (false, _) => self.queue_rows(batch, None, on_written),
