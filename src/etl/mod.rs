@@ -219,6 +219,14 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         .collect();
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
     let work = bundles::plan(&found.files, bundle_bytes)?;
+    // The same bundles for a re-run's pre-scan, which reads the files before the dataflow.
+    let planned: Vec<bundles::WorkItem> = match keeps_row_index(opts) {
+        true => work
+            .iter()
+            .filter_map(bundles::WorkItem::duplicate)
+            .collect(),
+        false => Vec::new(),
+    };
     let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();
     let scrubber = Scrubber::new(Rules::embedded()?, codebook.clone(), true);
     let shared = RunBuilder {
@@ -234,7 +242,9 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         row_journal: keeps_row_index(opts).then(|| rerun::index_tag(&codebook)),
     }
     .build(scrubber, &codebook, contexts, work)?;
-    let rerun = open_rerun_index(opts, &shared, &selected, &found.files, (&codebook, &group));
+    let input = (found.files.as_slice(), planned.as_slice());
+    let rerun = open_rerun_index(opts, &shared, &selected, input, (&codebook, &group));
+    drop(planned);
     crate::say!(
         "Reading {} in {} files with {} workers and a {} memory budget...",
         human_bytes(total_bytes),
@@ -392,14 +402,14 @@ fn open_rerun_index(
     opts: &EtlOptions,
     shared: &RunShared,
     tasks: &[Task],
-    files: &[crate::input::InputFile],
+    input: (&[crate::input::InputFile], &[bundles::WorkItem]),
     (codebook, group): (&Codebook, &str),
 ) -> Option<Arc<RerunIndex>> {
     if !keeps_row_index(opts) {
         return None;
     }
     let run = (opts.engine.workers, group);
-    match RerunIndex::prepare(shared, &opts.output, tasks, files, codebook, run) {
+    match RerunIndex::prepare(shared, &opts.output, tasks, input, codebook, run) {
         Ok(index) => Some(Arc::new(index)),
         Err(e) => {
             crate::say!(

@@ -17,6 +17,7 @@ use crate::deid::Codebook;
 use crate::engine::RunShared;
 use crate::exit::one_line;
 use crate::input::InputFile;
+use crate::input::bundles::WorkItem;
 use crate::memory::HeldMemory;
 use crate::output::RowTag;
 use crate::rerun::RowFingerprints;
@@ -220,7 +221,7 @@ impl RerunIndex {
         shared: &RunShared,
         output: &ObjectLocation,
         tasks: &[Task],
-        files: &[InputFile],
+        (files, planned): (&[InputFile], &[WorkItem]),
         codebook: &Codebook,
         (threads, group): (usize, &str),
     ) -> Result<RerunIndex> {
@@ -289,13 +290,18 @@ impl RerunIndex {
                 .filter(|f| f.resource_type == task.resource)
                 .cloned()
                 .collect();
+            let planned = planned
+                .iter()
+                .filter(|item| item.file().resource_type == task.resource)
+                .map(WorkItem::duplicate)
+                .collect();
             let input = ScanInput {
                 resource_type: &task.resource,
                 files: &task_files,
                 codebook,
                 fingerprints: &fingerprints,
             };
-            let counts = scan(&input, compared, threads, memory, &mut skips)
+            let counts = scan((&input, planned), compared, threads, memory, &mut skips)
                 .with_context(|| format!("pre-scanning the input of {}", task.name))?;
             let found = counts.unchanged.iter().zip(&counts.new_keys);
             for (slot, (unchanged, new)) in slots.into_iter().zip(found) {

@@ -43,6 +43,30 @@ impl WorkItem {
         }
     }
 
+    /// Another item for the same bundle (the same map, or the stream from its start), for a
+    /// second reader such as a re-run's pre-scan; None for a stream already being read.
+    pub fn duplicate(&self) -> Option<WorkItem> {
+        match self {
+            WorkItem::Slice {
+                file,
+                map,
+                start,
+                end,
+                first_line,
+                lines,
+            } => Some(WorkItem::Slice {
+                file: file.clone(),
+                map: map.clone(),
+                start: *start,
+                end: *end,
+                first_line: *first_line,
+                lines: *lines,
+            }),
+            WorkItem::Stream { file } => Some(WorkItem::Stream { file: file.clone() }),
+            WorkItem::Open { .. } => None,
+        }
+    }
+
     /// Whether it is read as a stream (one bundle at a time, in order).
     pub fn is_stream(&self) -> bool {
         !matches!(self, WorkItem::Slice { .. })

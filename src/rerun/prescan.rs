@@ -97,15 +97,23 @@ pub struct ScanCounts {
 /// compares it with each index (its entries in order): the lines each shows unchanged are
 /// marked in the matching `skips`. A file that cannot be read is scanned no further: its lines
 /// are processed, and the run reports it.
+/// `planned` are the files' bundles as the run planned them (the same maps and line numbers),
+/// or None to plan them here.
 pub fn scan<I: Iterator<Item = io::Result<Entry>>>(
-    input: &ScanInput<'_>,
+    (input, planned): (&ScanInput<'_>, Option<Vec<WorkItem>>),
     indexes: Vec<Compared<I>>,
     threads: usize,
     memory: usize,
     skips: &mut [(&mut SkipLines, &mut SkipLines)],
 ) -> Result<ScanCounts> {
-    let bundle_bytes = (memory / threads.max(1) / 4).clamp(1 << 20, 64 << 20);
-    let work = Mutex::new(VecDeque::from(plan(input.files, bundle_bytes)?));
+    let work = match planned {
+        Some(items) => items,
+        None => plan(
+            input.files,
+            (memory / threads.max(1) / 4).clamp(1 << 20, 64 << 20),
+        )?,
+    };
+    let work = Mutex::new(VecDeque::from(work));
     let numbers: HashMap<&str, u32> = (0u32..)
         .zip(input.files)
         .map(|(i, f)| (f.name(), i))
