@@ -22,6 +22,13 @@ impl PyDateTime {
         }
     }
 
+    /// Microseconds since the epoch in UTC (a time without an offset is taken as UTC), to
+    /// order times written with different offsets.
+    pub fn utc_micros(&self) -> i64 {
+        let offset = self.offset.map_or(0, |o| o.local_minus_utc());
+        self.naive.and_utc().timestamp_micros() - i64::from(offset) * 1_000_000
+    }
+
     /// Parses ISO 8601 as `datetime.fromisoformat` does (dates, `Z`, offsets, fractions).
     pub fn parse(s: &str) -> Result<PyDateTime> {
         let s = s.trim();

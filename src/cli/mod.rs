@@ -67,6 +67,13 @@ pub struct EtlArgs {
     /// Run the selected tasks even when their input files are absent.
     #[arg(long)]
     pub allow_missing_resources: bool,
+    /// Keep running: load each export folder under INPUT once its export log says it is
+    /// complete, in the order they complete (Delta output; SIGTERM or Ctrl-C stops).
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between looks at INPUT for new exports, with --watch.
+    #[arg(long, default_value_t = 30)]
+    pub watch_interval: u64,
     #[command(flatten)]
     pub run: RunArgs,
     #[command(flatten)]
@@ -333,7 +340,13 @@ pub fn main_with_args(mut args: Vec<String>) -> i32 {
         Ok(false) => {}
         Err(fatal) => return finish_run(Err(fatal)),
     }
-    finish_run(options_from(parsed).and_then(|o| crate::etl::run(&o)))
+    let watch = parsed
+        .watch
+        .then(|| Duration::from_secs(parsed.watch_interval.max(1)));
+    finish_run(options_from(parsed).and_then(|o| match watch {
+        Some(interval) => crate::etl::watch::watch(&o, interval),
+        None => crate::etl::run(&o),
+    }))
 }
 
 /// The EHR-export flags Cumulus ETL removed from `etl` and `nlp` (exporting moved to SMART

@@ -6,6 +6,7 @@ pub mod progress;
 pub mod rerun;
 pub mod rows;
 pub mod run;
+pub mod watch;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

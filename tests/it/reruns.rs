@@ -477,3 +477,115 @@ fn a_killed_first_load_restarted_leaves_out_the_rows_it_had_committed() {
         "{log}"
     );
 }
+
+/// Sets the time of the `export_complete` event in an export's log.
+fn completed_at(export: &Path, time: &str) {
+    let log = export.join("log.ndjson");
+    let mut events = lines_of(&log);
+    for event in &mut events {
+        if event["eventId"] == "export_complete" {
+            event["timestamp"] = Value::from(time);
+        }
+    }
+    write_lines(&log, &events);
+}
+
+/// Waits until `file` has `n` lines.
+fn wait_for_lines(file: &Path, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let lines = std::fs::read_to_string(file).map_or(0, |t| t.lines().count());
+        if lines >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} has {lines} lines",
+            file.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn start_watch(exports: &Path, out: &Path, phi: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+        .args([
+            "etl",
+            "--watch",
+            "--watch-interval",
+            "1",
+            "--batch-size",
+            "400",
+        ])
+        .args([exports, out, phi].map(|p| p.to_str().unwrap()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends SIGTERM and returns the watch's exit code and messages.
+fn stop_watch(child: std::process::Child) -> (Option<i32>, String) {
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn watch_loads_exports_as_they_complete_in_their_order_and_stops_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    phi_with_salt(&phi, "1234");
+    let (exports, out, clean) = (
+        tmp.path().join("exports"),
+        tmp.path().join("out"),
+        tmp.path().join("clean"),
+    );
+    // Two exports at the first look: "b" completed an hour before "a", though neither their
+    // names nor their times as written say so.
+    let (early, late) = (exports.join("b-first"), exports.join("a-second"));
+    copy_of_sample(&early);
+    completed_at(&early, "2025-01-01T16:00:00+00:00");
+    copy_of_sample(&late);
+    completed_at(&late, "2025-01-01T12:00:00-05:00");
+    let conditions = late.join("Condition.000.ndjson");
+    let mut rows = lines_of(&conditions);
+    rows.iter_mut()
+        .for_each(|r| r["recordedDate"] = Value::from("2001-02-03"));
+    write_lines(&conditions, &rows);
+
+    let watch = start_watch(&exports, &out, &phi);
+    let record = out.join("JobConfig/watched-exports.ndjson");
+    wait_for_lines(&record, 2);
+    // A third export placed while the watch runs.
+    let third = exports.join("c-third");
+    copy_of_sample(&third);
+    completed_at(&third, "2025-01-02T00:00:00Z");
+    wait_for_lines(&record, 3);
+    let (code, log) = stop_watch(watch);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("watch: stopped (3 exports loaded)"), "{log}");
+    let loaded: Vec<String> = lines_of(&record)
+        .iter()
+        .map(|r| r["export"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(loaded, ["b-first", "a-second", "c-third"]);
+    // The tables are those of the last export loaded.
+    etl(&third, &clean, &phi);
+    assert_eq!(
+        keyed_tables(&out)["condition"],
+        keyed_tables(&clean)["condition"]
+    );
+
+    // Started again, the watch loads nothing it has loaded.
+    let watch = start_watch(&exports, &out, &phi);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (code, log) = stop_watch(watch);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("watch: loading"), "{log}");
+    assert!(log.contains("watch: stopped (3 exports loaded)"), "{log}");
+}
