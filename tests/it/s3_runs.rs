@@ -513,3 +513,47 @@ os._exit(0)  # skip interpreter teardown while the readers' threads may still ru
         "{configs:?}"
     );
 }
+
+#[test]
+fn watch_loads_an_export_placed_in_s3_into_tables_in_s3_and_stops_on_sigterm() {
+    let site = Site::new();
+    let (export, output, phi) = (site.path("export"), site.path("output"), site.path("phi"));
+    site.run(&[&export, &output, &phi]);
+    let bucket = ObjectLocation::parse("s3://hospital", &site.server.settings()).unwrap();
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"));
+    watch
+        .args(["etl", "--watch", "--watch-interval", "1"])
+        .args(["s3://hospital/exports", S3_RUN[1], S3_RUN[2]])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in site.env_via(&site.server.endpoint()) {
+        watch.env(key, value);
+    }
+    let watch = watch.spawn().unwrap();
+    // The export appears once the watch runs; its log last (keys sort so), as an export
+    // client writes `export_complete` once the files are written.
+    for entry in bucket.list().unwrap() {
+        if let Some(name) = entry.key.strip_prefix("export/") {
+            let data = bucket.read(&entry.key).unwrap().unwrap();
+            bucket.write(&format!("exports/one/{name}"), data).unwrap();
+        }
+    }
+    let record = "output/JobConfig/watched-exports.ndjson";
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while bucket.read(record).unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export was not loaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(watch.id() as libc::pid_t, libc::SIGTERM) };
+    let out = watch.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("watch: stopped (1 exports loaded)"), "{log}");
+    let recorded: Value = serde_json::from_slice(&bucket.read(record).unwrap().unwrap()).unwrap();
+    assert_eq!(recorded["export"], "one");
+    assert_same_tables(&site, &output, 1);
+}
