@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -55,6 +56,12 @@ pub trait RowProducer: Send {
 
     /// Whether some bundle is still being worked on elsewhere.
     fn in_flight(&self) -> bool {
+        false
+    }
+
+    /// Whether the producer would make nothing of lines `lines` of `path` (a re-run's
+    /// unchanged lines), so the bundle need not be read; it counts them as it would have.
+    fn leaves_out_all(&mut self, _ctx: &TaskContext, _path: &str, _lines: Range<u64>) -> bool {
         false
     }
 }
@@ -133,6 +140,21 @@ impl SourceState {
                 first_line,
                 lines,
             } => {
+                // A bundle whose lines are all left out is not read at all.
+                let last = u64::from(end > start && map[end - 1] != b'\n');
+                let numbers = first_line..first_line + lines + last;
+                if let Some(ctx) = self.shared.work.task_for(&file.resource_type)
+                    && self
+                        .producer
+                        .leaves_out_all(ctx, file.name(), numbers.clone())
+                {
+                    let progress = &self.shared.report.progress;
+                    progress.add_read(ctx.task, numbers.end - numbers.start);
+                    progress
+                        .bytes_read
+                        .fetch_add((end - start) as u64, Ordering::Relaxed);
+                    return Step::Emit(Vec::new());
+                }
                 let reserved = self.shared.outputs.format.reservation((end - start) as u64);
                 match budget.try_reserve(reserved) {
                     Reservation::Refused => {

@@ -1,11 +1,12 @@
 //! The ETL's row producer for the engine: each bundle's lines become de-identified rows of the
 //! task's table (and completion rows for encounters).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::deid::ExtensionReport;
 use crate::engine::RunShared;
-use crate::engine::rows::{Skipped, TableChunk};
+use crate::engine::rows::{Skipped, TableChunk, TaskContext};
 use crate::engine::source::{Bundle, RowProducer};
 
 use super::rerun::RerunIndex;
@@ -18,6 +19,13 @@ pub struct FhirRows {
 }
 
 impl RowProducer for FhirRows {
+    fn leaves_out_all(&mut self, ctx: &TaskContext, path: &str, lines: Range<u64>) -> bool {
+        let tracks_encounters = ctx.completion.is_some();
+        self.rerun
+            .as_ref()
+            .is_some_and(|r| r.leaves_out_all(ctx.task, path, lines, tracks_encounters))
+    }
+
     fn process(
         &mut self,
         b: Bundle<'_>,

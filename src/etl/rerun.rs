@@ -348,6 +348,35 @@ impl RerunIndex {
         }
     }
 
+    /// Whether every line of `lines` of `path` (task `task`) is left out, completion rows
+    /// included when the task tracks encounters; if so, they are counted as left out, and the
+    /// bundle need not be read.
+    pub fn leaves_out_all(
+        &self,
+        task: u32,
+        path: &str,
+        lines: std::ops::Range<u64>,
+        tracks_encounters: bool,
+    ) -> bool {
+        let all = |set: &SkipLines| {
+            set.file(path)
+                .is_some_and(|s| s.contains_all(lines.clone()))
+        };
+        if lines.is_empty() || !all(&self.skip) || (tracks_encounters && !all(&self.completed)) {
+            return false;
+        }
+        let count = lines.end - lines.start;
+        self.tables[task as usize]
+            .unchanged
+            .fetch_add(count, Ordering::Relaxed);
+        if let (true, Some((slot, _))) = (tracks_encounters, self.completion) {
+            self.tables[slot]
+                .unchanged
+                .fetch_add(count, Ordering::Relaxed);
+        }
+        true
+    }
+
     /// Rows of the table `table` left out as unchanged.
     pub fn unchanged(&self, table: &str) -> u64 {
         self.tables

@@ -31,6 +31,11 @@ impl LineSet {
         self.len
     }
 
+    /// Whether every line of `lines` is in the set.
+    pub fn contains_all(&self, lines: std::ops::Range<u64>) -> bool {
+        lines.into_iter().all(|line| self.contains(line))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -91,6 +96,8 @@ mod tests {
         assert!(a.contains(1) && a.contains(64) && a.contains(65) && a.contains(1_000_000));
         assert!(!a.contains(2) && !a.contains(3) && !a.contains(2_000_000));
         assert_eq!(a.len(), 4);
+        assert!(a.contains_all(64..66) && a.contains_all(5..5));
+        assert!(!a.contains_all(63..66));
         assert_eq!(skip.len(), 5);
         assert!(skip.file("c.ndjson").is_none());
         assert!(skip.heap_bytes() >= 1_000_000 / 8);
