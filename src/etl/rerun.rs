@@ -254,6 +254,9 @@ impl RerunIndex {
             completion_reader = reader;
             tables.push(table);
         }
+        if readers.iter().any(Option::is_some) || completion_reader.is_some() {
+            crate::say!("Comparing the input with the tables' row indexes...");
+        }
         for (number, (task, reader)) in tasks.iter().zip(readers).enumerate() {
             let mut compared = Vec::new();
             let mut skips: Vec<(&mut SkipLines, &mut SkipLines)> = Vec::new();
