@@ -4,11 +4,21 @@
 //! from; after the tables are finished, each table's index is rewritten for the version the
 //! run left it at, or removed when the run could not vouch for the table's rows.
 //!
+//! Each append and MERGE also journals the tags of the rows it commits, so that a run that
+//! stops early can be restarted from them (`table.rs`); a batch of keys new to the table is
+//! appended ([`bundle::BundleIndex::is_new_key`]).
+//!
 //! Only Delta output from NDJSON input keeps an index: the other formats write into an empty
 //! folder, and an i2b2 export's lines are made by the tool from CSV rows.
 
+mod bundle;
+mod table;
+
+pub use bundle::BundleIndex;
+use table::{IndexedTable, remove};
+
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -19,12 +29,10 @@ use crate::exit::one_line;
 use crate::input::InputFile;
 use crate::input::bundles::WorkItem;
 use crate::memory::HeldMemory;
-use crate::output::RowTag;
 use crate::rerun::RowFingerprints;
-use crate::rerun::index::{self, Entry, INDEX_KEY, IndexReader};
-use crate::rerun::journals::replayed;
+use crate::rerun::index::{self, Entry};
 use crate::rerun::prescan::{Compared, Expect, ScanInput, scan};
-use crate::rerun::skip::{LineSet, SkipLines};
+use crate::rerun::skip::SkipLines;
 use crate::rerun::update::updated;
 use crate::spill_sort::{Sorted, SpillSort};
 use crate::store::ObjectLocation;
@@ -54,150 +62,6 @@ pub struct RerunIndex {
     lost: AtomicBool,
     held: HeldMemory,
 }
-
-struct IndexedTable {
-    name: String,
-    dir: ObjectLocation,
-    /// The table's version when the run started, if an index of it could be had.
-    usable_at: Option<i64>,
-    /// Where that index is: beside the table, or rebuilt from journals into a private folder.
-    old: Option<OldIndex>,
-    /// The run starts from an index that lists every key of the table (or from no table).
-    complete: bool,
-    /// Rows left out as unchanged.
-    unchanged: AtomicU64,
-}
-
-/// The index a run started from.
-enum OldIndex {
-    /// The table's own, of the version the run opened.
-    Stored,
-    /// The table's last index (if any) and the row journals of the commits after it, merged
-    /// into a private folder (removed with it).
-    Rebuilt {
-        _folder: tempfile::TempDir,
-        location: ObjectLocation,
-    },
-}
-
-impl IndexedTable {
-    /// The table's index if it describes the version the run opened the table at, or can be
-    /// rebuilt for it from the row journals of the commits since; says why not otherwise
-    /// (nothing when there is none). Rebuilding holds about `memory` bytes.
-    fn open(
-        shared: &RunShared,
-        output: &ObjectLocation,
-        name: &str,
-        (tag, memory): (u128, usize),
-    ) -> Result<(IndexedTable, Option<IndexReader>)> {
-        let mut table = IndexedTable {
-            name: name.to_string(),
-            dir: output.join(name),
-            usable_at: None,
-            old: None,
-            complete: false,
-            unchanged: AtomicU64::new(0),
-        };
-        let Some(version) = shared.outputs.opened_version(name) else {
-            // A new table: the index this run leaves lists every key.
-            table.complete = true;
-            return Ok((table, None));
-        };
-        let (base, since) = match index::open_file(&table.dir, INDEX_KEY, tag, None)? {
-            Ok((reader, at)) if at == version => {
-                table.usable_at = Some(version);
-                table.old = Some(OldIndex::Stored);
-                table.complete = reader.complete;
-                return Ok((table, Some(reader)));
-            }
-            Ok((reader, at)) if at < version => (Some(reader), Some(at)),
-            Ok(_) | Err(index::Unusable::OtherTag) => {
-                let why =
-                    "written under another codebook, tool version or rules, or for another table";
-                crate::say!("  {name}: its row index is not used ({why}); every row is processed");
-                return Ok((table, None));
-            }
-            Err(_) => (None, None),
-        };
-        let journals = match shared.outputs.journals_since(name, since)? {
-            Some(journals) if !journals.is_empty() => journals,
-            _ => {
-                if let Some(at) = since {
-                    let why = index::Unusable::OtherVersion(at).reason();
-                    crate::say!(
-                        "  {name}: its row index is not used ({why}); every row is processed"
-                    );
-                }
-                return Ok((table, None));
-            }
-        };
-        let journal_dir = table.dir.join(index::JOURNAL_DIR);
-        let mut readers = Vec::with_capacity(journals.len());
-        for journal in &journals {
-            match index::open_file(&journal_dir, journal, tag, Some(-1))? {
-                Ok((reader, _)) => readers.push(reader),
-                Err(_) => {
-                    crate::say!(
-                        "  {name}: its row index is not used (a commit's row journal is missing); \
-                         every row is processed"
-                    );
-                    return Ok((table, None));
-                }
-            }
-        }
-        // Journals since the table's first commit list every key it has; after an index,
-        // every key if the index did.
-        let complete = base.as_ref().is_none_or(|b| b.complete);
-        let temp = tempfile::Builder::new()
-            .prefix("cumulus-etl-index-")
-            .tempdir()?;
-        let location = ObjectLocation::local(temp.path())?;
-        let replayed = replayed(base, readers, memory)?;
-        index::write(&location, (tag, version, complete), replayed)?;
-        let reader = index::open(&location, tag, version)?
-            .map_err(|u| anyhow::anyhow!("a rebuilt row index: {}", u.reason()))?;
-        crate::say!(
-            "  {name}: row index rebuilt from {} commits' journals{}",
-            journals.len(),
-            since.map_or(String::new(), |at| format!(" after version {at}"))
-        );
-        table.usable_at = Some(version);
-        table.complete = complete;
-        table.old = Some(OldIndex::Rebuilt {
-            _folder: temp,
-            location,
-        });
-        Ok((table, Some(reader)))
-    }
-
-    /// The index the run started from, again.
-    fn reopen_old(&self, tag: u128) -> Option<IndexReader> {
-        let at = self.usable_at?;
-        let location = match self.old.as_ref()? {
-            OldIndex::Stored => &self.dir,
-            OldIndex::Rebuilt { location, .. } => location,
-        };
-        index::open(location, tag, at).ok()?.ok()
-    }
-
-    /// Removes the row journals of the table's commits, once an index covers them.
-    fn remove_journals(&self) {
-        let journals = self.dir.join(index::JOURNAL_DIR);
-        let Ok(entries) = journals.list() else {
-            return;
-        };
-        for entry in entries {
-            if let Err(e) = journals.delete(&entry.key) {
-                crate::say!(
-                    "warning: could not remove a row journal of {}: {}",
-                    self.name,
-                    one_line(&e)
-                );
-            }
-        }
-    }
-}
-
 /// The secret the fingerprints are keyed with: the codebook's own keyed hash of a fixed text,
 /// so it is as private as the salt and changes with it.
 fn secret(codebook: &Codebook) -> [u8; 32] {
@@ -497,116 +361,10 @@ impl RerunIndex {
     }
 }
 
-/// Removes a table's index, saying why when there is a reason worth telling.
-fn remove(table: &IndexedTable, why: Option<&str>) {
-    if let Err(e) = index::remove(&table.dir) {
-        crate::say!(
-            "warning: the stale row index of {} could not be removed ({}); the next run will \
-             not use it, as it describes another version",
-            table.name,
-            one_line(&e)
-        );
-    } else if let Some(why) = why {
-        crate::say!("  {}: no row index kept: {why}", table.name);
-    }
-}
-
 fn task_of(record: &Written) -> u32 {
     u32::from_be_bytes(record[..4].try_into().unwrap())
 }
 
 fn entry_of(record: &Written) -> Entry {
     record[4..].try_into().unwrap()
-}
-
-/// What the index does while one bundle is processed: which of its lines to leave out, and
-/// the rows made from the others.
-pub struct BundleIndex<'a> {
-    index: &'a RerunIndex,
-    task: u32,
-    skip: Option<&'a LineSet>,
-    completed: Option<&'a LineSet>,
-    new_keys: Option<&'a LineSet>,
-    written: Vec<Written>,
-    unchanged: u64,
-    completions_known: u64,
-}
-
-impl BundleIndex<'_> {
-    /// Whether line `line` is left out as unchanged (counted).
-    pub fn leaves_out(&mut self, line: u64) -> bool {
-        let out = self.skip.is_some_and(|s| s.contains(line));
-        self.unchanged += u64::from(out);
-        out
-    }
-
-    /// Whether the completion row of the encounter on line `line` is in the table already
-    /// (counted).
-    pub fn completion_known(&mut self, line: u64) -> bool {
-        let known = self.completed.is_some_and(|s| s.contains(line));
-        self.completions_known += u64::from(known);
-        known
-    }
-
-    /// Whether the row of line `line` has a key no row of the table has, nor another line.
-    pub fn is_new_key(&self, line: u64) -> bool {
-        self.new_keys.is_some_and(|s| s.contains(line))
-    }
-
-    /// Lines left out so far.
-    pub fn unchanged_lines(&self) -> u64 {
-        self.unchanged
-    }
-
-    /// Records that the row with `anonymous_id` was made from `line`; returns its tag (its
-    /// index entry), for the chunk that holds the row.
-    pub fn made(&mut self, anonymous_id: &str, line: &[u8]) -> RowTag {
-        let fp = &self.index.fingerprints;
-        let entry = index::entry(fp.key(anonymous_id), fp.line(line));
-        self.record(self.task, entry);
-        entry
-    }
-
-    /// Records that the completion row of the encounter `anonymous_id` was made; returns its
-    /// tag.
-    pub fn completed(&mut self, anonymous_id: &str) -> RowTag {
-        let (slot, value) = self
-            .index
-            .completion
-            .expect("a task that tracks encounters");
-        let entry = index::entry(self.index.fingerprints.key(anonymous_id), value);
-        self.record(slot as u32, entry);
-        entry
-    }
-
-    fn record(&mut self, slot: u32, entry: Entry) {
-        let mut record = [0u8; WRITTEN_BYTES];
-        record[..4].copy_from_slice(&slot.to_be_bytes());
-        record[4..].copy_from_slice(&entry);
-        self.written.push(record);
-    }
-}
-
-impl Drop for BundleIndex<'_> {
-    fn drop(&mut self) {
-        let tables = &self.index.tables;
-        tables[self.task as usize]
-            .unchanged
-            .fetch_add(self.unchanged, Ordering::Relaxed);
-        if let Some((slot, _)) = self.index.completion {
-            tables[slot]
-                .unchanged
-                .fetch_add(self.completions_known, Ordering::Relaxed);
-        }
-        if self.written.is_empty() {
-            return;
-        }
-        let mut written = self.index.written.lock().unwrap();
-        let before = written.held_bytes();
-        if let Err(e) = written.extend(self.written.drain(..)) {
-            self.index.lost.store(true, Ordering::Relaxed);
-            crate::say!("warning: the row indexes will not be saved: {e}");
-        }
-        self.index.held.change(before, written.held_bytes());
-    }
 }

@@ -1,0 +1,170 @@
+//! One table's row index as a run finds it: the stored index of the version the run opened,
+//! or one rebuilt from the last index and the row journals of the commits after it, and
+//! whether it lists every key of the table.
+
+use std::sync::atomic::AtomicU64;
+
+use anyhow::Result;
+
+use crate::engine::RunShared;
+use crate::exit::one_line;
+use crate::rerun::index::{self, INDEX_KEY, IndexReader};
+use crate::rerun::journals::replayed;
+use crate::store::ObjectLocation;
+
+pub(super) struct IndexedTable {
+    pub(super) name: String,
+    pub(super) dir: ObjectLocation,
+    /// The table's version when the run started, if an index of it could be had.
+    pub(super) usable_at: Option<i64>,
+    /// Where that index is: beside the table, or rebuilt from journals into a private folder.
+    pub(super) old: Option<OldIndex>,
+    /// The run starts from an index that lists every key of the table (or from no table).
+    pub(super) complete: bool,
+    /// Rows left out as unchanged.
+    pub(super) unchanged: AtomicU64,
+}
+
+/// The index a run started from.
+pub(super) enum OldIndex {
+    /// The table's own, of the version the run opened.
+    Stored,
+    /// The table's last index (if any) and the row journals of the commits after it, merged
+    /// into a private folder (removed with it).
+    Rebuilt {
+        _folder: tempfile::TempDir,
+        location: ObjectLocation,
+    },
+}
+
+impl IndexedTable {
+    /// The table's index if it describes the version the run opened the table at, or can be
+    /// rebuilt for it from the row journals of the commits since; says why not otherwise
+    /// (nothing when there is none). Rebuilding holds about `memory` bytes.
+    pub(super) fn open(
+        shared: &RunShared,
+        output: &ObjectLocation,
+        name: &str,
+        (tag, memory): (u128, usize),
+    ) -> Result<(IndexedTable, Option<IndexReader>)> {
+        let mut table = IndexedTable {
+            name: name.to_string(),
+            dir: output.join(name),
+            usable_at: None,
+            old: None,
+            complete: false,
+            unchanged: AtomicU64::new(0),
+        };
+        let Some(version) = shared.outputs.opened_version(name) else {
+            // A new table: the index this run leaves lists every key.
+            table.complete = true;
+            return Ok((table, None));
+        };
+        let (base, since) = match index::open_file(&table.dir, INDEX_KEY, tag, None)? {
+            Ok((reader, at)) if at == version => {
+                table.usable_at = Some(version);
+                table.old = Some(OldIndex::Stored);
+                table.complete = reader.complete;
+                return Ok((table, Some(reader)));
+            }
+            Ok((reader, at)) if at < version => (Some(reader), Some(at)),
+            Ok(_) | Err(index::Unusable::OtherTag) => {
+                let why =
+                    "written under another codebook, tool version or rules, or for another table";
+                crate::say!("  {name}: its row index is not used ({why}); every row is processed");
+                return Ok((table, None));
+            }
+            Err(_) => (None, None),
+        };
+        let journals = match shared.outputs.journals_since(name, since)? {
+            Some(journals) if !journals.is_empty() => journals,
+            _ => {
+                if let Some(at) = since {
+                    let why = index::Unusable::OtherVersion(at).reason();
+                    crate::say!(
+                        "  {name}: its row index is not used ({why}); every row is processed"
+                    );
+                }
+                return Ok((table, None));
+            }
+        };
+        let journal_dir = table.dir.join(index::JOURNAL_DIR);
+        let mut readers = Vec::with_capacity(journals.len());
+        for journal in &journals {
+            match index::open_file(&journal_dir, journal, tag, Some(-1))? {
+                Ok((reader, _)) => readers.push(reader),
+                Err(_) => {
+                    crate::say!(
+                        "  {name}: its row index is not used (a commit's row journal is missing); \
+                         every row is processed"
+                    );
+                    return Ok((table, None));
+                }
+            }
+        }
+        // Journals since the table's first commit list every key it has; after an index,
+        // every key if the index did.
+        let complete = base.as_ref().is_none_or(|b| b.complete);
+        let temp = tempfile::Builder::new()
+            .prefix("cumulus-etl-index-")
+            .tempdir()?;
+        let location = ObjectLocation::local(temp.path())?;
+        let replayed = replayed(base, readers, memory)?;
+        index::write(&location, (tag, version, complete), replayed)?;
+        let reader = index::open(&location, tag, version)?
+            .map_err(|u| anyhow::anyhow!("a rebuilt row index: {}", u.reason()))?;
+        crate::say!(
+            "  {name}: row index rebuilt from {} commits' journals{}",
+            journals.len(),
+            since.map_or(String::new(), |at| format!(" after version {at}"))
+        );
+        table.usable_at = Some(version);
+        table.complete = complete;
+        table.old = Some(OldIndex::Rebuilt {
+            _folder: temp,
+            location,
+        });
+        Ok((table, Some(reader)))
+    }
+
+    /// The index the run started from, again.
+    pub(super) fn reopen_old(&self, tag: u128) -> Option<IndexReader> {
+        let at = self.usable_at?;
+        let location = match self.old.as_ref()? {
+            OldIndex::Stored => &self.dir,
+            OldIndex::Rebuilt { location, .. } => location,
+        };
+        index::open(location, tag, at).ok()?.ok()
+    }
+
+    /// Removes the row journals of the table's commits, once an index covers them.
+    pub(super) fn remove_journals(&self) {
+        let journals = self.dir.join(index::JOURNAL_DIR);
+        let Ok(entries) = journals.list() else {
+            return;
+        };
+        for entry in entries {
+            if let Err(e) = journals.delete(&entry.key) {
+                crate::say!(
+                    "warning: could not remove a row journal of {}: {}",
+                    self.name,
+                    one_line(&e)
+                );
+            }
+        }
+    }
+}
+
+/// Removes a table's index, saying why when there is a reason worth telling.
+pub(super) fn remove(table: &IndexedTable, why: Option<&str>) {
+    if let Err(e) = index::remove(&table.dir) {
+        crate::say!(
+            "warning: the stale row index of {} could not be removed ({}); the next run will \
+             not use it, as it describes another version",
+            table.name,
+            one_line(&e)
+        );
+    } else if let Some(why) = why {
+        crate::say!("  {}: no row index kept: {why}", table.name);
+    }
+}
