@@ -240,7 +240,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
         bundle_bytes,
         errors_to: opts.errors_to.clone(),
         rejected,
-        row_journal: keeps_row_index(opts).then(|| rerun::index_tag(&codebook)),
+        row_journal: keeps_row_index(opts).then(|| rerun::row_journal(&codebook)),
     }
     .build(scrubber, &codebook, contexts, work)?;
     let input = (found.files.as_slice(), planned.as_slice());

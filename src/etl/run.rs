@@ -39,7 +39,7 @@ pub struct RunBuilder {
     pub rejected: Option<std::fs::File>,
     /// The row index tag Delta appends write their row journals under, when the run keeps
     /// row indexes (`etl::rerun`).
-    pub row_journal: Option<u128>,
+    pub row_journal: Option<crate::output::delta::RowJournal>,
 }
 
 impl RunBuilder {

@@ -105,6 +105,7 @@ mod tests {
     #[test]
     fn each_key_takes_its_last_journals_lines_and_the_others_keep_the_base() {
         let base = vec![entry(1, 10), entry(2, 20), entry(3, 30)];
+        let deleted = crate::rerun::update::DELETED_LINE;
         let journals = vec![
             vec![entry(2, 21), entry(4, 40), entry(5, 50)],
             vec![
@@ -114,6 +115,8 @@ mod tests {
                 entry(6, 60),
                 entry(6, 60),
             ],
+            // A deletion's journal: key 3 (in the base) and key 4 (written since) are gone.
+            vec![entry(3, deleted), entry(4, deleted)],
         ];
         let replayed: Vec<Entry> = replayed(
             Some(base.into_iter().map(Ok)),
@@ -130,14 +133,7 @@ mod tests {
         let unknown = crate::rerun::update::UNKNOWN_LINE;
         assert_eq!(
             replayed,
-            [
-                entry(1, 10),
-                entry(2, 22),
-                entry(3, 30),
-                entry(4, 40),
-                entry(5, unknown),
-                entry(6, 60)
-            ]
+            [entry(1, 10), entry(2, 22), entry(5, unknown), entry(6, 60)]
         );
     }
 }

@@ -11,6 +11,9 @@ use super::index::{Entry, entry, entry_parts};
 /// The line of a key whose line is not known: no line's fingerprint (but once in 2^128).
 pub const UNKNOWN_LINE: u128 = 0;
 
+/// The line of a deleted key, in a deletion's journal: the key is gone.
+pub const DELETED_LINE: u128 = u128::MAX;
+
 /// The new index's entries, in order.
 pub struct Updated<O, W, D>
 where
@@ -80,7 +83,7 @@ where
         let old = take_key(&mut self.old, key)?;
         let mut written = take_key(&mut self.written, key)?;
         written.dedup();
-        if deleted {
+        if deleted || written == [DELETED_LINE] {
             return Ok(Some(()));
         }
         match written.as_slice() {

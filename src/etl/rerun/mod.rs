@@ -71,10 +71,14 @@ fn secret(codebook: &Codebook) -> [u8; 32] {
     secret
 }
 
-/// The tag row indexes and journals are written under with this codebook (see
-/// [`RowFingerprints::tag`]).
-pub fn index_tag(codebook: &Codebook) -> u128 {
-    RowFingerprints::from_secret(&secret(codebook)).tag()
+/// How the Delta commits of a run with this codebook write row journals: under the row index
+/// tag ([`RowFingerprints::tag`]), with the keys' fingerprints.
+pub fn row_journal(codebook: &Codebook) -> crate::output::delta::RowJournal {
+    let keys = RowFingerprints::from_secret(&secret(codebook));
+    crate::output::delta::RowJournal {
+        tag: keys.tag(),
+        keys,
+    }
 }
 
 impl RerunIndex {

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 pub use conform::{conform_batch, union_schema};
 pub use file_merge::INDEX_BYTES_PER_ROW as MERGE_INDEX_BYTES_PER_ROW;
 pub use ledger::Route;
-pub use table::{COMPACTION_MIN_FILES, CumulusTable, DeltaSettings, TableSpec};
+pub use table::{COMPACTION_MIN_FILES, CumulusTable, DeltaSettings, RowJournal, TableSpec};
 
 use anyhow::Context;
 use files::{TableFiles, WrittenFiles};

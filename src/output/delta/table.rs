@@ -101,8 +101,9 @@ pub struct DeltaSettings {
     /// end of the run can tell whether another writer committed in between: `run_id` names
     /// the run by its start time, which two runs may share.
     pub run_marker: String,
-    /// The tag row journals are written under, when the run keeps row indexes.
-    pub row_journal: Option<u128>,
+    /// What row journals are written under (the index tag) and how deleted keys are
+    /// fingerprinted, when the run keeps row indexes.
+    pub row_journal: Option<RowJournal>,
     /// One DataFusion memory pool for every table's MERGE, DELETE and OPTIMIZE, so the total
     /// stays bounded however many tables commit at once.
     runtime: Arc<RuntimeEnv>,
@@ -122,6 +123,15 @@ pub struct DeltaSettings {
     routing_keys: HeldMemory,
     /// Threads a compaction may use (the run's workers, which have finished by then).
     threads: usize,
+}
+
+/// How a run's commits write row journals (`docs/delta.md`, Re-runs).
+#[derive(Clone)]
+pub struct RowJournal {
+    /// The row index tag they are written under.
+    pub tag: u128,
+    /// The fingerprints of deleted keys.
+    pub keys: crate::rerun::RowFingerprints,
 }
 
 /// The `commitInfo` field that names the process that made a commit.
@@ -187,9 +197,9 @@ impl DeltaSettings {
         self
     }
 
-    /// Appends write row journals under `tag` (the run's row index tag), when given.
-    pub fn with_row_journals(mut self, tag: Option<u128>) -> DeltaSettings {
-        self.row_journal = tag;
+    /// Commits write row journals, when given.
+    pub fn with_row_journals(mut self, journal: Option<RowJournal>) -> DeltaSettings {
+        self.row_journal = journal;
         self
     }
 
@@ -658,7 +668,7 @@ impl CumulusTable {
     /// `commitInfo` ([`JOURNAL_FIELD`]). A commit without one leaves the table's index unusable
     /// after it, which is always safe.
     async fn write_journal(&mut self, tags: Vec<RowTag>) -> Result<Option<String>> {
-        let Some(tag) = self.settings.row_journal else {
+        let Some(tag) = self.settings.row_journal.as_ref().map(|j| j.tag) else {
             return Ok(None);
         };
         let name = uuid::Uuid::new_v4().to_string();
@@ -1060,8 +1070,18 @@ impl CumulusTable {
     /// One DELETE of `ids`, file by file ([`file_merge::delete_by_file`]), again after a lost
     /// race to another writer.
     async fn delete_by_file(&mut self, ids: &[String]) -> Result<()> {
+        let mut meta = self.data_commit();
+        // The journal of a deletion: each key with the line that says it is gone.
+        if let Some(keys) = self.settings.row_journal.as_ref().map(|j| j.keys.clone()) {
+            let gone = crate::rerun::update::DELETED_LINE;
+            let tags = ids
+                .iter()
+                .map(|id| crate::rerun::index::entry(keys.key(id), gone));
+            if let Some(journal) = self.write_journal(tags.collect()).await? {
+                meta.info.insert(JOURNAL_FIELD.into(), journal.into());
+            }
+        }
         let ids: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
-        let meta = self.data_commit();
         let mut attempt = 1;
         loop {
             let files = self.files(tokio::runtime::Handle::current());
