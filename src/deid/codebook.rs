@@ -69,6 +69,9 @@ pub struct Codebook {
     settings: Mutex<Map<String, Value>>,
     /// HMAC state keyed with the salt, cloned per hash rather than re-keyed.
     keyed: Hmac<Sha256>,
+    /// HMAC state keyed with the salt's SHA-256, for secrets derived from the salt
+    /// ([`Codebook::secret_for`]): no anonymous id is a value of it.
+    secrets: Hmac<Sha256>,
     legacy: [HashMap<String, String>; 2],
     /// The Patient and Encounter ids met in this run, per type, looked up for every reference
     /// to one (None when ids are not cached).
@@ -192,6 +195,8 @@ impl Codebook {
             .context("codebook id_salt is not a string")?;
         let salt = hex::decode(salt_hex).context("codebook id_salt is not valid hex")?;
         let keyed = Hmac::<Sha256>::new_from_slice(&salt).expect("HMAC takes any key length");
+        let secrets = Hmac::<Sha256>::new_from_slice(&<Sha256 as sha2::Digest>::digest(&salt))
+            .expect("HMAC takes any key length");
         let legacy = REVERSIBLE_TYPES.map(|t| {
             settings
                 .get(t)
@@ -218,6 +223,7 @@ impl Codebook {
             phi,
             settings: Mutex::new(settings),
             keyed,
+            secrets,
             legacy,
             seen,
             settings_modified: AtomicBool::new(settings_modified),
@@ -245,6 +251,16 @@ impl Codebook {
     fn mac(&self, real_id: &str) -> Mac32 {
         let mut mac = self.keyed.clone();
         mac.update(real_id.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// A secret for `purpose`, as private as the salt and changing with it. Anonymous ids are
+    /// keyed hashes of ids under the salt itself, so a secret made the same way would be the
+    /// anonymous id of the id that spells `purpose`, for all to see in the tables: this one
+    /// is keyed with the salt's SHA-256 instead.
+    pub fn secret_for(&self, purpose: &str) -> [u8; 32] {
+        let mut mac = self.secrets.clone();
+        mac.update(purpose.as_bytes());
         mac.finalize().into_bytes().into()
     }
 
@@ -538,6 +554,17 @@ mod tests {
     /// The PHI folder at `dir`.
     fn phi(dir: &std::path::Path) -> ObjectLocation {
         ObjectLocation::local(dir).unwrap()
+    }
+
+    #[test]
+    fn derived_secrets_are_no_anonymous_id_and_follow_the_salt() {
+        let a = Codebook::in_memory("1234").unwrap();
+        let b = Codebook::in_memory("5678").unwrap();
+        let purpose = "cumulus-etl row index";
+        assert_ne!(hex::encode(a.secret_for(purpose)), a.hash(purpose));
+        assert_ne!(a.secret_for(purpose), b.secret_for(purpose));
+        assert_eq!(a.secret_for(purpose), a.secret_for(purpose));
+        assert_ne!(a.secret_for(purpose), a.secret_for("another purpose"));
     }
 
     #[test]

@@ -62,13 +62,10 @@ pub struct RerunIndex {
     lost: AtomicBool,
     held: HeldMemory,
 }
-/// The secret the fingerprints are keyed with: the codebook's own keyed hash of a fixed text,
-/// so it is as private as the salt and changes with it.
+/// The secret the fingerprints are keyed with: derived from the codebook's salt (so as private
+/// as it, and new with it), and unlike the anonymous ids not a keyed hash of some id.
 fn secret(codebook: &Codebook) -> [u8; 32] {
-    let hex = codebook.hash("cumulus-etl row index");
-    let mut secret = [0u8; 32];
-    hex::decode_to_slice(hex, &mut secret).expect("the codebook's hashes are 64 hex digits");
-    secret
+    codebook.secret_for("cumulus-etl row index")
 }
 
 /// How the Delta commits of a run with this codebook write row journals: under the row index
