@@ -41,11 +41,6 @@ impl<const N: usize> SpillSort<N> {
         self.len
     }
 
-    /// Memory the records in hand take.
-    pub fn held_bytes(&self) -> u64 {
-        (self.buffer.capacity() * N) as u64
-    }
-
     /// Whether none were taken.
     pub fn is_empty(&self) -> bool {
         self.len == 0

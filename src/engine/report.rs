@@ -22,8 +22,6 @@ pub struct RunStats {
     pub skipped: BTreeMap<SkipReason, u64>,
     pub tables: BTreeMap<String, TableSummary>,
     pub extensions: ExtensionReport,
-    /// Tables that had rows left out for not fitting their schema.
-    pub unfit_tables: std::collections::BTreeSet<String>,
 }
 
 impl RunStats {
@@ -131,13 +129,13 @@ impl RunReport {
     /// Counts, reports and saves (in `<errors>/<table>/unfit-rows.ndjson`) the rows a writer
     /// left out of a batch of `table` because they do not fit its schema.
     pub fn note_unfit_rows(&self, table: &str, rows: &[crate::output::UnfitRow]) {
-        {
-            let mut stats = self.stats.lock().unwrap();
-            *stats.skipped.entry(SkipReason::UnfitForSchema).or_default() += rows.len() as u64;
-            if !rows.is_empty() {
-                stats.unfit_tables.insert(table.to_string());
-            }
-        }
+        *self
+            .stats
+            .lock()
+            .unwrap()
+            .skipped
+            .entry(SkipReason::UnfitForSchema)
+            .or_default() += rows.len() as u64;
         let mut tape = crate::json::Tape::default();
         for unfit in rows {
             // The row is de-identified: its id is an anonymous one.

@@ -365,10 +365,9 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
             }
         );
     }
-    let written = rerun.as_ref().map(|r| r.sort_written());
     finish_tables(&shared, opts.optimize_tables);
-    if let (Some(rerun), Some(written)) = (&rerun, written) {
-        rerun.save(&shared, written, &deleted_by_task);
+    if let Some(rerun) = &rerun {
+        rerun.save(&shared);
     }
     codebook.save()?;
     let stats = shared.report.stats.lock().unwrap();

@@ -194,12 +194,12 @@ impl Outputs {
         self.delta.as_ref()?.opened_version(table)
     }
 
-    /// The row journals of the Delta table `table` since version `since`
-    /// ([`delta::DeltaOutput::journals_since`]); None for other formats.
-    pub fn journals_since(&self, table: &str, since: Option<i64>) -> Result<Option<Vec<String>>> {
+    /// What the commits of the Delta table `table` after version `since` say
+    /// ([`delta::DeltaOutput::commits_since`]); nothing for other formats.
+    pub fn commits_since(&self, table: &str, since: Option<i64>) -> Result<delta::CommitsSince> {
         match &self.delta {
-            Some(delta) => delta.journals_since(table, since),
-            None => Ok(None),
+            Some(delta) => delta.commits_since(table, since),
+            None => Ok(delta::CommitsSince::default()),
         }
     }
 

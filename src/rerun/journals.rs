@@ -46,7 +46,7 @@ where
         Some(base) => Box::new(base),
         None => Box::new(std::iter::empty()),
     };
-    Ok(updated(base, latest, std::iter::empty()))
+    Ok(updated(base, latest))
 }
 
 /// For each key, the entries of the last journal that has it.

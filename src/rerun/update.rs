@@ -1,6 +1,7 @@
 //! The index a run leaves: the old entries of keys it did not touch, and an entry for each key
-//! it wrote from one line; keys it deleted, or wrote from two different lines, get none. All
-//! three inputs are read in key order, so the new index is written as it is merged.
+//! it wrote from one line; a key it wrote from two different lines keeps an entry of unknown
+//! line, and a key it deleted (written with [`DELETED_LINE`]) none. Both inputs are read in
+//! key order, so the new index is written as it is merged.
 
 use std::collections::VecDeque;
 use std::io;
@@ -15,30 +16,26 @@ pub const UNKNOWN_LINE: u128 = 0;
 pub const DELETED_LINE: u128 = u128::MAX;
 
 /// The new index's entries, in order.
-pub struct Updated<O, W, D>
+pub struct Updated<O, W>
 where
     O: Iterator<Item = io::Result<Entry>>,
     W: Iterator<Item = io::Result<Entry>>,
-    D: Iterator<Item = u64>,
 {
     old: Peekable<O>,
     written: Peekable<W>,
-    deleted: Peekable<D>,
     pending: VecDeque<Entry>,
 }
 
-/// Merges `old` (the index the run started from, or nothing), `written` (an entry per row the
-/// run committed, from the line it came from) and `deleted` (the keys it deleted), each sorted.
-pub fn updated<O, W, D>(old: O, written: W, deleted: D) -> Updated<O, W, D>
+/// Merges `old` (the index the run started from, or nothing) and `written` (an entry per row
+/// the run committed, from the line it came from, or deleted), both sorted.
+pub fn updated<O, W>(old: O, written: W) -> Updated<O, W>
 where
     O: Iterator<Item = io::Result<Entry>>,
     W: Iterator<Item = io::Result<Entry>>,
-    D: Iterator<Item = u64>,
 {
     Updated {
         old: old.peekable(),
         written: written.peekable(),
-        deleted: deleted.peekable(),
         pending: VecDeque::new(),
     }
 }
@@ -66,11 +63,10 @@ fn take_key(
     Ok(lines)
 }
 
-impl<O, W, D> Updated<O, W, D>
+impl<O, W> Updated<O, W>
 where
     O: Iterator<Item = io::Result<Entry>>,
     W: Iterator<Item = io::Result<Entry>>,
-    D: Iterator<Item = u64>,
 {
     fn step(&mut self) -> io::Result<Option<()>> {
         let key = match (peek_key(&mut self.old)?, peek_key(&mut self.written)?) {
@@ -78,12 +74,10 @@ where
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) | (None, Some(a)) => a,
         };
-        while self.deleted.next_if(|&d| d < key).is_some() {}
-        let deleted = self.deleted.peek() == Some(&key);
         let old = take_key(&mut self.old, key)?;
         let mut written = take_key(&mut self.written, key)?;
         written.dedup();
-        if deleted || written == [DELETED_LINE] {
+        if written == [DELETED_LINE] {
             return Ok(Some(()));
         }
         match written.as_slice() {
@@ -99,11 +93,10 @@ where
     }
 }
 
-impl<O, W, D> Iterator for Updated<O, W, D>
+impl<O, W> Iterator for Updated<O, W>
 where
     O: Iterator<Item = io::Result<Entry>>,
     W: Iterator<Item = io::Result<Entry>>,
-    D: Iterator<Item = u64>,
 {
     type Item = io::Result<Entry>;
 
@@ -134,25 +127,23 @@ mod tests {
             entry(5, 50),
             entry(5, 51),
         ];
-        // Key 2 rewritten, key 4 new, key 6 written from two different lines (kept, its line
-        // unknown), key 7 twice from the same line, key 8 written and deleted.
+        // Key 2 rewritten, key 3 deleted, key 4 new, key 6 written from two different lines
+        // (kept, its line unknown), key 7 twice from the same line, keys 8 and 9 (not in the
+        // index) deleted.
         let written = vec![
             entry(2, 21),
+            entry(3, DELETED_LINE),
             entry(4, 40),
             entry(6, 60),
             entry(6, 61),
             entry(7, 70),
             entry(7, 70),
-            entry(8, 80),
+            entry(8, DELETED_LINE),
+            entry(9, DELETED_LINE),
         ];
-        let deleted = vec![3, 8, 9];
-        let new: Vec<Entry> = updated(
-            old.into_iter().map(Ok),
-            written.into_iter().map(Ok),
-            deleted.into_iter(),
-        )
-        .collect::<io::Result<_>>()
-        .unwrap();
+        let new: Vec<Entry> = updated(old.into_iter().map(Ok), written.into_iter().map(Ok))
+            .collect::<io::Result<_>>()
+            .unwrap();
         assert_eq!(
             new,
             [

@@ -592,3 +592,31 @@ fn watch_loads_exports_as_they_complete_in_their_order_and_stops_on_sigterm() {
     assert!(!log.contains("watch: loading"), "{log}");
     assert!(log.contains("watch: stopped (3 exports loaded)"), "{log}");
 }
+
+#[test]
+fn a_key_met_again_in_a_later_batch_of_a_first_load_keeps_the_tables_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (phi, out) = (tmp.path().join("phi"), tmp.path().join("out"));
+    phi_with_salt(&phi, "1234");
+    let export = tmp.path().join("export");
+    copy_of_sample(&export);
+    // The first procedure again at the end, changed: a later batch merges it.
+    let procedures = export.join("Procedure.000.ndjson");
+    let mut rows = lines_of(&procedures);
+    let mut again = rows[0].clone();
+    again["status"] = Value::from("entered-in-error");
+    rows.push(again);
+    let lines = rows.len() as u64;
+    write_lines(&procedures, &rows);
+
+    let log = etl(&export, &out, &phi);
+    assert!(!log.contains("no row index kept"), "{log}");
+    assert!(out.join("procedure").join(INDEX).is_file());
+    // Every procedure but the key met twice is left out next time.
+    let log = etl(&export, &out, &phi);
+    assert_eq!(
+        unchanged(&log, "procedure"),
+        Some((lines - 2, lines)),
+        "{log}"
+    );
+}

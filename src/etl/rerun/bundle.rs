@@ -3,9 +3,9 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{RerunIndex, WRITTEN_BYTES, Written};
+use super::RerunIndex;
 use crate::output::RowTag;
-use crate::rerun::index::{self, Entry};
+use crate::rerun::index;
 use crate::rerun::skip::LineSet;
 
 /// What the index does while one bundle is processed: which of its lines to leave out, and
@@ -16,7 +16,6 @@ pub struct BundleIndex<'a> {
     pub(super) skip: Option<&'a LineSet>,
     pub(super) completed: Option<&'a LineSet>,
     pub(super) new_keys: Option<&'a LineSet>,
-    pub(super) written: Vec<Written>,
     pub(super) unchanged: u64,
     pub(super) completions_known: u64,
 }
@@ -47,32 +46,20 @@ impl BundleIndex<'_> {
         self.unchanged
     }
 
-    /// Records that the row with `anonymous_id` was made from `line`; returns its tag (its
-    /// index entry), for the chunk that holds the row.
-    pub fn made(&mut self, anonymous_id: &str, line: &[u8]) -> RowTag {
+    /// The tag of the row with `anonymous_id` made from `line` (its index entry), for the
+    /// chunk that holds the row: the commit that writes the row journals it.
+    pub fn made(&self, anonymous_id: &str, line: &[u8]) -> RowTag {
         let fp = &self.index.fingerprints;
-        let entry = index::entry(fp.key(anonymous_id), fp.line(line));
-        self.record(self.task, entry);
-        entry
+        index::entry(fp.key(anonymous_id), fp.line(line))
     }
 
-    /// Records that the completion row of the encounter `anonymous_id` was made; returns its
-    /// tag.
-    pub fn completed(&mut self, anonymous_id: &str) -> RowTag {
-        let (slot, value) = self
+    /// The tag of the completion row of the encounter `anonymous_id`.
+    pub fn completed(&self, anonymous_id: &str) -> RowTag {
+        let (_, value) = self
             .index
             .completion
             .expect("a task that tracks encounters");
-        let entry = index::entry(self.index.fingerprints.key(anonymous_id), value);
-        self.record(slot as u32, entry);
-        entry
-    }
-
-    fn record(&mut self, slot: u32, entry: Entry) {
-        let mut record = [0u8; WRITTEN_BYTES];
-        record[..4].copy_from_slice(&slot.to_be_bytes());
-        record[4..].copy_from_slice(&entry);
-        self.written.push(record);
+        index::entry(self.index.fingerprints.key(anonymous_id), value)
     }
 }
 
@@ -87,15 +74,5 @@ impl Drop for BundleIndex<'_> {
                 .unchanged
                 .fetch_add(self.completions_known, Ordering::Relaxed);
         }
-        if self.written.is_empty() {
-            return;
-        }
-        let mut written = self.index.written.lock().unwrap();
-        let before = written.held_bytes();
-        if let Err(e) = written.extend(self.written.drain(..)) {
-            self.index.lost.store(true, Ordering::Relaxed);
-            crate::say!("warning: the row indexes will not be saved: {e}");
-        }
-        self.index.held.change(before, written.held_bytes());
     }
 }

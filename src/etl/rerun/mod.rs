@@ -17,8 +17,7 @@ mod table;
 pub use bundle::BundleIndex;
 use table::{IndexedTable, remove};
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -29,18 +28,14 @@ use crate::exit::one_line;
 use crate::input::InputFile;
 use crate::input::bundles::WorkItem;
 use crate::memory::HeldMemory;
+use crate::output::delta::{CommitsSince, FinishedTable};
 use crate::rerun::RowFingerprints;
-use crate::rerun::index::{self, Entry};
+use crate::rerun::index;
+use crate::rerun::journals::replayed;
 use crate::rerun::prescan::{Compared, Expect, ScanInput, scan};
 use crate::rerun::skip::SkipLines;
-use crate::rerun::update::updated;
-use crate::spill_sort::{Sorted, SpillSort};
 use crate::store::ObjectLocation;
 use crate::tasks::{COMPLETION_ENCOUNTERS_TABLE, Task};
-
-/// A written row's record: its task's number, then its index entry.
-pub const WRITTEN_BYTES: usize = 4 + index::ENTRY_BYTES;
-type Written = [u8; WRITTEN_BYTES];
 
 /// The run's row indexes: what the pre-scan left out, and what the run wrote.
 pub struct RerunIndex {
@@ -57,10 +52,8 @@ pub struct RerunIndex {
     completed: SkipLines,
     /// Lines whose key is in no row of the table, nor on another line of the export.
     new_keys: SkipLines,
-    written: Mutex<SpillSort<WRITTEN_BYTES>>,
-    /// Some written row was not recorded (its record could not be stored): no index is saved.
-    lost: AtomicBool,
-    held: HeldMemory,
+    /// Memory the index's sorts hold.
+    memory: usize,
 }
 /// The secret the fingerprints are keyed with: derived from the codebook's salt (so as private
 /// as it, and new with it), and unlike the anonymous ids not a keyed hash of some id.
@@ -187,7 +180,7 @@ impl RerunIndex {
         }
         let held = HeldMemory::default();
         held.set(skip.heap_bytes() + completed.heap_bytes() + new_keys.heap_bytes());
-        shared.budget.count_held("re-run index", held.clone());
+        shared.budget.count_held("re-run index", held);
         Ok(RerunIndex {
             fingerprints,
             tag,
@@ -196,9 +189,7 @@ impl RerunIndex {
             skip,
             completed,
             new_keys,
-            written: Mutex::new(SpillSort::new(memory / 4)),
-            lost: AtomicBool::new(false),
-            held,
+            memory,
         })
     }
 
@@ -210,7 +201,6 @@ impl RerunIndex {
             skip: self.skip.file(file),
             completed: self.completed.file(file),
             new_keys: self.new_keys.file(file),
-            written: Vec::new(),
             unchanged: 0,
             completions_known: 0,
         }
@@ -253,103 +243,67 @@ impl RerunIndex {
             .map_or(0, |t| t.unchanged.load(Ordering::Relaxed))
     }
 
-    /// Starts sorting the records of the rows the run wrote, on a thread of its own: the
-    /// dataflow has ended, and the sort overlaps the tables' maintenance. [`RerunIndex::save`]
-    /// takes the result.
-    pub fn sort_written(&self) -> std::thread::JoinHandle<std::io::Result<Sorted<WRITTEN_BYTES>>> {
-        let written = std::mem::replace(&mut *self.written.lock().unwrap(), SpillSort::new(0));
-        let lost = self.lost.load(Ordering::Relaxed);
-        std::thread::spawn(move || match lost {
-            true => Err(std::io::Error::other(
-                "rows were written that it could not record",
-            )),
-            false => written.finish(),
-        })
-    }
-
-    /// Rewrites each table's index for the version the run left it at, from the index it
-    /// started with, the rows it wrote (`written`, from [`RerunIndex::sort_written`]) and the
-    /// ids it deleted (`deleted`, by task number); a table with failed batches or rows left
-    /// out gets none. Failures are warnings: a table without an index is only processed whole
-    /// next time.
-    pub fn save(
-        &self,
-        shared: &RunShared,
-        written: std::thread::JoinHandle<std::io::Result<Sorted<WRITTEN_BYTES>>>,
-        deleted: &[Vec<String>],
-    ) {
-        let stats = shared.report.stats.lock().unwrap();
-        let trusted: Vec<bool> = self
-            .tables
-            .iter()
-            .map(|t| {
-                let summary = stats.tables.get(&t.name);
-                let failed = summary.is_some_and(|s| s.had_errors || s.success < s.attempt);
-                !failed && !stats.unfit_tables.contains(&t.name)
-            })
-            .collect();
-        drop(stats);
-        let sorted = written
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("sorting its records failed")));
-        let mut written = match sorted {
-            Ok(sorted) => sorted.peekable(),
-            Err(e) => {
-                crate::say!("warning: the row indexes were not saved: {e}");
-                self.tables.iter().for_each(|t| remove(t, None));
-                return;
-            }
-        };
+    /// Rewrites each table's index for the version the run left it at: the index it started
+    /// from, replayed with the row journals of the run's commits (which hold exactly the rows
+    /// committed, deletions included). A table another writer committed to during the run, or
+    /// with a commit that wrote no journal (delta-rs's MERGE or DELETE), gets none. Failures
+    /// are warnings: a table without an index is only processed whole next time.
+    pub fn save(&self, shared: &RunShared) {
         for (number, table) in self.tables.iter().enumerate() {
-            let task = number as u32;
-            let mut rows = std::iter::from_fn(|| {
-                let next = written.peek()?;
-                match next {
-                    Ok(r) if task_of(r) != task => None,
-                    _ => written.next().map(|r| r.map(|r| entry_of(&r))),
-                }
-            });
             let finished = shared.outputs.finished(&table.name);
-            let why = match finished {
-                _ if !trusted[number] => Some("the run could not write all of its rows"),
-                Some(f) if !f.only_this_run => {
-                    Some("another writer committed to the table during the run")
+            let (version, journals) = match finished {
+                Some(f) if !f.since_opened.only_this_run => {
+                    remove(
+                        table,
+                        Some("another writer committed to the table during the run"),
+                    );
+                    continue;
                 }
-                Some(f) if f.version.is_some() => None,
-                _ => Some("the table was not finished"),
+                Some(FinishedTable {
+                    version: Some(version),
+                    since_opened:
+                        CommitsSince {
+                            journals: Some(journals),
+                            ..
+                        },
+                }) => (version, journals),
+                Some(FinishedTable { version: None, .. }) => continue,
+                Some(_) => {
+                    remove(table, Some("a commit of the run wrote no row journal"));
+                    continue;
+                }
+                None => {
+                    remove(table, Some("the table was not finished"));
+                    continue;
+                }
             };
-            if let Some(why) = why {
-                rows.for_each(drop);
-                remove(table, Some(why));
+            if journals.is_empty() && table.usable_at == Some(version) && table.is_stored() {
+                // Nothing committed: the index describes the table as it is.
                 continue;
             }
-            let version = finished.and_then(|f| f.version).expect("checked above");
-            let mut gone: Vec<u64> = deleted
-                .get(number)
-                .into_iter()
-                .flatten()
-                .map(|id| self.fingerprints.key(id))
-                .collect();
-            gone.sort_unstable();
-            let old: Box<dyn Iterator<Item = std::io::Result<Entry>>> = match table.usable_at {
+            let old = match table.usable_at {
                 Some(_) => match table.reopen_old(self.tag) {
-                    Some(reader) => Box::new(reader),
+                    Some(reader) => Some(reader),
                     None => {
-                        rows.for_each(drop);
                         remove(table, Some("its old index could not be read again"));
                         continue;
                     }
                 },
-                None => Box::new(std::iter::empty()),
+                None => None,
             };
-            let new = updated(old, &mut rows, gone.into_iter());
+            let Ok(Some(readers)) = table.open_journals(&journals, self.tag) else {
+                remove(table, Some("a row journal of the run is missing"));
+                continue;
+            };
             // The completion table's index is kept by encounter, not by its rows' keys.
             let complete = table.complete && Some(number) != self.completion.map(|c| c.0);
-            match index::write(&table.dir, (self.tag, version, complete), new) {
+            let written = replayed(old, readers, self.memory).map_err(anyhow::Error::from);
+            let saved = written
+                .and_then(|new| index::write(&table.dir, (self.tag, version, complete), new));
+            match saved {
                 // The index covers every commit: their journals are no longer needed.
                 Ok(_) => table.remove_journals(),
                 Err(e) => {
-                    rows.for_each(drop);
                     crate::say!(
                         "warning: the row index of {} was not saved: {}",
                         table.name,
@@ -360,12 +314,4 @@ impl RerunIndex {
             }
         }
     }
-}
-
-fn task_of(record: &Written) -> u32 {
-    u32::from_be_bytes(record[..4].try_into().unwrap())
-}
-
-fn entry_of(record: &Written) -> Entry {
-    record[4..].try_into().unwrap()
 }

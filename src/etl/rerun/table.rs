@@ -76,7 +76,7 @@ impl IndexedTable {
             }
             Err(_) => (None, None),
         };
-        let journals = match shared.outputs.journals_since(name, since)? {
+        let journals = match shared.outputs.commits_since(name, since)?.journals {
             Some(journals) if !journals.is_empty() => journals,
             _ => {
                 if let Some(at) = since {
@@ -88,20 +88,13 @@ impl IndexedTable {
                 return Ok((table, None));
             }
         };
-        let journal_dir = table.dir.join(index::JOURNAL_DIR);
-        let mut readers = Vec::with_capacity(journals.len());
-        for journal in &journals {
-            match index::open_file(&journal_dir, journal, tag, Some(-1))? {
-                Ok((reader, _)) => readers.push(reader),
-                Err(_) => {
-                    crate::say!(
-                        "  {name}: its row index is not used (a commit's row journal is missing); \
-                         every row is processed"
-                    );
-                    return Ok((table, None));
-                }
-            }
-        }
+        let Some(readers) = table.open_journals(&journals, tag)? else {
+            crate::say!(
+                "  {name}: its row index is not used (a commit's row journal is missing); \
+                 every row is processed"
+            );
+            return Ok((table, None));
+        };
         // Journals since the table's first commit list every key it has; after an index,
         // every key if the index did.
         let complete = base.as_ref().is_none_or(|b| b.complete);
@@ -125,6 +118,29 @@ impl IndexedTable {
             location,
         });
         Ok((table, Some(reader)))
+    }
+
+    /// The named row journals of the table's commits, opened; None when one is missing (or
+    /// was written under another tag).
+    pub(super) fn open_journals(
+        &self,
+        journals: &[String],
+        tag: u128,
+    ) -> Result<Option<Vec<IndexReader>>> {
+        let folder = self.dir.join(index::JOURNAL_DIR);
+        let mut readers = Vec::with_capacity(journals.len());
+        for journal in journals {
+            match index::open_file(&folder, journal, tag, Some(-1))? {
+                Ok((reader, _)) => readers.push(reader),
+                Err(_) => return Ok(None),
+            }
+        }
+        Ok(Some(readers))
+    }
+
+    /// Whether the run started from the index stored beside the table.
+    pub(super) fn is_stored(&self) -> bool {
+        matches!(self.old, Some(OldIndex::Stored))
     }
 
     /// The index the run started from, again.

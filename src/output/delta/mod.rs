@@ -31,7 +31,9 @@ use tokio::sync::mpsc;
 pub use conform::{conform_batch, union_schema};
 pub use file_merge::INDEX_BYTES_PER_ROW as MERGE_INDEX_BYTES_PER_ROW;
 pub use ledger::Route;
-pub use table::{COMPACTION_MIN_FILES, CumulusTable, DeltaSettings, RowJournal, TableSpec};
+pub use table::{
+    COMPACTION_MIN_FILES, CommitsSince, CumulusTable, DeltaSettings, RowJournal, TableSpec,
+};
 
 use anyhow::Context;
 use files::{TableFiles, WrittenFiles};
@@ -76,10 +78,10 @@ enum Job {
     },
     /// Merge what is staged now.
     Flush { reply: std::sync::mpsc::Sender<()> },
-    /// The row journals of the commits after a version ([`CumulusTable::journals_since`]).
+    /// What the commits after a version say ([`CumulusTable::commits_since`]).
     Journals {
         since: Option<i64>,
-        reply: std::sync::mpsc::Sender<Result<Option<Vec<String>>>>,
+        reply: std::sync::mpsc::Sender<Result<CommitsSince>>,
     },
 }
 
@@ -105,12 +107,12 @@ pub struct DeltaOutput {
 }
 
 /// How a run left a table.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FinishedTable {
     /// Its version (None: never created).
     pub version: Option<i64>,
-    /// Every commit since the run opened it is the run's own (no other writer committed).
-    pub only_this_run: bool,
+    /// What its commits since the run opened it say (the run's own only? their journals?).
+    pub since_opened: CommitsSince,
 }
 
 impl DeltaOutput {
@@ -136,10 +138,9 @@ impl DeltaOutput {
         self.committers.lock().unwrap().get(table)?.opened_at
     }
 
-    /// The row journals (names, in commit order) that explain every commit of `table` after
-    /// version `since` (None: all of them), or None when some commit changes data without one
-    /// ([`CumulusTable::journals_since`]). The table must be open.
-    pub fn journals_since(&self, table: &str, since: Option<i64>) -> Result<Option<Vec<String>>> {
+    /// What the commits of `table` after version `since` (None: all of them) say
+    /// ([`CumulusTable::commits_since`]). The table must be open.
+    pub fn commits_since(&self, table: &str, since: Option<i64>) -> Result<CommitsSince> {
         let (reply, answer) = std::sync::mpsc::channel();
         let jobs = match self.committers.lock().unwrap().get(table) {
             Some(committer) => committer.jobs.clone(),
@@ -154,7 +155,7 @@ impl DeltaOutput {
 
     /// How [`DeltaOutput::finish`] left `table` (None: not finished).
     pub fn finished(&self, table: &str) -> Option<FinishedTable> {
-        self.finished_at.lock().unwrap().get(table).copied()
+        self.finished_at.lock().unwrap().get(table).cloned()
     }
 
     /// A writer that queues to the table's committer. The first writer of a table opens it
@@ -223,10 +224,10 @@ impl DeltaOutput {
                 .map(|(name, mut table, opened_at)| {
                     let maintained = tokio::spawn(async move {
                         let outcome = table.maintain(optimize).await;
-                        let only_this_run = table.only_this_run_since(opened_at).await;
+                        let since_opened = table.commits_since(opened_at).await;
                         let finished = FinishedTable {
                             version: table.version(),
-                            only_this_run: only_this_run.unwrap_or(false),
+                            since_opened: since_opened.unwrap_or_default(),
                         };
                         (outcome, finished)
                     });
@@ -300,7 +301,7 @@ async fn apply_job(table: &mut CumulusTable, job: Job) {
             table.flush_staged().await;
             let _ = reply.send(());
         }
-        Job::Journals { since, reply } => drop(reply.send(table.journals_since(since).await)),
+        Job::Journals { since, reply } => drop(reply.send(table.commits_since(since).await)),
     }
 }
 
@@ -449,10 +450,11 @@ impl DeltaTableWriter {
     /// Queues the batch as Arrow rows for the committer: routed here, or a MERGE already
     /// routed (with these keys) when its data file was dropped.
     fn queue_rows(&self, rows: &RowBatch<'_>, merged: Option<Vec<u64>>, mut on_written: OnWritten) {
-        let batch = match to_record_batch(&self.kind, rows) {
+        let (batch, tags) = match to_record_batch(&self.kind, rows) {
             Ok(decoded) => {
                 on_written.unfit(UnfitRow::from_decode(&rows.rows, &decoded.unfit));
-                decoded.batch
+                let tags = files::fit_tags(&rows.tags, &decoded.unfit).collect();
+                (decoded.batch, tags)
             }
             Err(e) => return on_written.done(Err(e)),
         };
@@ -479,7 +481,10 @@ impl DeltaTableWriter {
             // Staged here, the batch leaves memory now, rather than waiting in the queue (as
             // rows and as Arrow) while the committer merges what came before.
             match self.stage.write(&batch) {
-                Ok(file) => return self.send_staged(file, groups, keys, on_written),
+                Ok(file) => {
+                    let file = StagedFile { tags, ..file };
+                    return self.send_staged(file, groups, keys, on_written);
+                }
                 Err(e) => staging_failed(&e),
             }
         }

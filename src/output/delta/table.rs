@@ -125,6 +125,17 @@ pub struct DeltaSettings {
     threads: usize,
 }
 
+/// What a table's commits after a version say ([`CumulusTable::commits_since`]).
+#[derive(Debug, Clone, Default)]
+pub struct CommitsSince {
+    /// Every one carries this process's [`RUN_MARKER`]: no other writer committed.
+    pub only_this_run: bool,
+    /// Their row journals, in commit order; None when one of them changes data without a
+    /// journal (another writer's, or delta-rs's MERGE or DELETE), so no index can be rebuilt
+    /// from them. Commits that change no data (creation, compaction, VACUUM) need none.
+    pub journals: Option<Vec<String>>,
+}
+
 /// How a run's commits write row journals (`docs/delta.md`, Re-runs).
 #[derive(Clone)]
 pub struct RowJournal {
@@ -313,48 +324,39 @@ impl CumulusTable {
         )])
     }
 
-    /// Whether every commit after version `since` (None: every commit) up to the table's
-    /// version carries this process's [`RUN_MARKER`]: no other writer committed in between,
-    /// and every change since is this run's.
-    pub async fn only_this_run_since(&mut self, since: Option<i64>) -> Result<bool> {
+    /// What the commits after version `since` (None: every commit) up to the table's version
+    /// say ([`CommitsSince`]), read once for both.
+    pub async fn commits_since(&mut self, since: Option<i64>) -> Result<CommitsSince> {
+        let mut seen = CommitsSince {
+            only_this_run: true,
+            journals: Some(Vec::new()),
+        };
         let Some(now) = self.table.version() else {
-            return Ok(true);
+            return Ok(seen);
         };
         let first = since.map_or(0, |v| v as u64 + 1);
         let log_store = self.table.log_store();
         for version in first..=now {
             let Some(commit) = log_store.read_commit_entry(version).await? else {
-                return Ok(false);
+                return Ok(CommitsSince {
+                    only_this_run: false,
+                    journals: None,
+                });
             };
             if !commit::carries_info(&commit, RUN_MARKER, &self.settings.run_marker) {
-                return Ok(false);
+                seen.only_this_run = false;
             }
-        }
-        Ok(true)
-    }
-
-    /// The row journals (names, in commit order) of the commits after version `since` (None:
-    /// every commit) up to the table's version, or None when one of them changes data without
-    /// a journal (another writer's, a MERGE's, a deletion's): then no index can be rebuilt
-    /// from them. Commits that change no data (creation, compaction, VACUUM) need none.
-    pub async fn journals_since(&mut self, since: Option<i64>) -> Result<Option<Vec<String>>> {
-        let Some(now) = self.table.version() else {
-            return Ok(Some(Vec::new()));
-        };
-        let first = since.map_or(0, |v| v as u64 + 1);
-        let log_store = self.table.log_store();
-        let mut journals = Vec::new();
-        for version in first..=now {
-            let Some(commit) = log_store.read_commit_entry(version).await? else {
-                return Ok(None);
-            };
             match commit::journal_of(&commit, JOURNAL_FIELD) {
-                commit::Journal::Named(name) => journals.push(name),
+                commit::Journal::Named(name) => {
+                    if let Some(journals) = &mut seen.journals {
+                        journals.push(name);
+                    }
+                }
                 commit::Journal::NoDataChange => {}
-                commit::Journal::Missing => return Ok(None),
+                commit::Journal::Missing => seen.journals = None,
             }
         }
-        Ok(Some(journals))
+        Ok(seen)
     }
 
     /// The table's version as this run last read or committed it (None: not created yet).
