@@ -6,13 +6,13 @@
 //! gives the same row under the same codebook and rules, so a later run that meets the same
 //! line for the same key has nothing to change and skips it before parsing it. Entries are
 //! kept true by construction:
-//! - an entry is added only for a row this tool committed, from the line it was made from, and
-//!   the index is saved only after the run's last commit, naming the table version it
-//!   describes ([`index`]); a table at any other version (another writer, a run that stopped
-//!   after committing) has its index ignored and rebuilt by the next complete run;
-//! - any key the run writes or deletes loses its old entry ([`update`]); a key met with two
-//!   different lines in one export gets none, and is never skipped;
-//! - a table with a failed batch or rows left out for not fitting its schema gets no index.
+//! - an entry is added only for a row this tool committed, from the line it was made from:
+//!   each commit journals the entries of its rows before it is made ([`journals`]), and the
+//!   index is saved only after the run's last commit, naming the table version it describes
+//!   ([`index`]); a table at another version is caught up from the journals of the commits
+//!   since, or, when one has none (another writer's), has its index ignored;
+//! - any key the run writes or deletes loses its old entry ([`update`]); a key one commit wrote
+//!   from two different lines keeps an entry of unknown line, and is never skipped.
 //!
 //! Fingerprints are keyed with a secret derived from the codebook's salt ([`RowFingerprints`]):
 //! the index sits beside the de-identified table, and an unkeyed hash of an input line would

@@ -1,8 +1,9 @@
 //! The ETL's use of the row index (`crate::rerun`): before the dataflow, each Delta table with
 //! an index that describes its current version has its input pre-scanned, and the lines whose
-//! rows are unchanged are left out; during it, the producer records the line each row came
-//! from; after the tables are finished, each table's index is rewritten for the version the
-//! run left it at, or removed when the run could not vouch for the table's rows.
+//! rows are unchanged are left out; during it, the producer tags each row with its entry,
+//! which the commits journal; after the tables are finished, each table's index is rewritten
+//! from the journals for the version the run left it at, or removed when the run cannot vouch
+//! for the table's rows.
 //!
 //! Each append and MERGE also journals the tags of the rows it commits, so that a run that
 //! stops early can be restarted from them (`table.rs`); a batch of keys new to the table is
