@@ -14,6 +14,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::generic::operator::source;
 
 use super::config::EngineConfig;
+use super::epochs::{Epoch, Feed, Offer, Outcome};
 use super::report::RunReport;
 use super::sink::SinkState;
 use super::source::{RowProducer, SourceState, Step};
@@ -140,14 +141,17 @@ pub type ProducerFactory = Arc<dyn Fn(usize) -> Box<dyn RowProducer> + Send + Sy
 /// How often an idle worker wakes to see whether the run was stopped.
 const STOP_CHECK: Duration = Duration::from_millis(50);
 
-/// Stops the run if the worker thread holding it unwinds (a panic outside every operator), so
-/// the other workers do not wait for it forever.
-struct StopOnUnwind(Arc<RunShared>, usize);
+/// How often a source between epochs looks for the next one.
+const EPOCH_CHECK: Duration = Duration::from_millis(5);
+
+/// Stops the current run if the worker thread holding it unwinds (a panic outside every
+/// operator), so the other workers do not wait for it forever.
+struct StopOnUnwind(Arc<Feed>, usize);
 
 impl Drop for StopOnUnwind {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.stop.stop(
+            self.0.stop(
                 StopCause::Worker,
                 format!("worker thread {} stopped after an internal error", self.1),
             );
@@ -155,59 +159,156 @@ impl Drop for StopOnUnwind {
     }
 }
 
-/// Runs the dataflow to completion on `engine.workers` threads. A run stopped early (see
-/// `engine::stop`) returns its `RunStopped` cause as the error, once every worker has let go.
+/// Timely workers running one dataflow for their whole life, to which runs are given one after
+/// the other, each as an epoch (`engine::epochs`): `etl --watch` loads every export through the
+/// same workers and operators. A run that stops early ends the workers; start another engine.
+pub struct Engine {
+    feed: Arc<Feed>,
+    workers: usize,
+    next_epoch: u64,
+    /// Joins the worker threads, then tells the feed; yields whether one of them died.
+    joiner: Option<std::thread::JoinHandle<bool>>,
+}
+
+impl Engine {
+    /// Starts the workers, waiting for their first epoch.
+    pub fn start(config: &EngineConfig) -> Result<Engine> {
+        panic_guard::install_hook();
+        let feed = Arc::new(Feed::default());
+        let worker_feed = feed.clone();
+        let guards = timely::execute(config.timely_config(), move |worker| {
+            let feed = worker_feed.clone();
+            let _stop_on_unwind = StopOnUnwind(feed.clone(), worker.index());
+            build_dataflow(worker, &feed);
+            panic_guard::inject(Site::Worker, &worker.index().to_string(), 0);
+            while worker.has_dataflows() {
+                if feed.is_stopped() {
+                    for dataflow in worker.installed_dataflows() {
+                        worker.drop_dataflow(dataflow);
+                    }
+                    break;
+                }
+                worker.step_or_park(Some(STOP_CHECK));
+            }
+        })
+        .map_err(|e| anyhow!("could not start the workers: {e}"))?;
+        let joiner_feed = feed.clone();
+        let joiner = std::thread::spawn(move || {
+            let died = guards.join().into_iter().any(|r| r.is_err());
+            joiner_feed.workers_ended();
+            died
+        });
+        Ok(Engine {
+            feed,
+            workers: config.workers.max(1),
+            next_epoch: 0,
+            joiner: Some(joiner),
+        })
+    }
+
+    /// The number the next run's epoch gets (runs are numbered from 0).
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
+    /// Whether the workers can take another run (they exit after a run that stopped early).
+    pub fn is_running(&self) -> bool {
+        !self.feed.has_ended()
+    }
+
+    /// Runs one run to its end, as the next epoch. A run stopped early (see `engine::stop`)
+    /// returns its `RunStopped` cause as the error, once every worker has let go; so does a run
+    /// given to workers that had stopped before it (a worker thread that died between runs).
+    pub fn run(&mut self, shared: Arc<RunShared>, producers: ProducerFactory) -> Result<()> {
+        let number = self.next_epoch;
+        self.next_epoch += 1;
+        let sinks = sink_workers(&shared, self.workers);
+        self.feed.offer(Arc::new(Epoch {
+            number,
+            shared: shared.clone(),
+            producers,
+            sinks,
+        }));
+        let outcome = self.feed.wait(self.workers);
+        if let Some(stopped) = shared.stop.cause() {
+            self.join();
+            return Err(stopped.into());
+        }
+        match outcome {
+            Outcome::Finished => Ok(()),
+            Outcome::WorkersEnded => match self.join() {
+                true => Err(anyhow!("a worker thread stopped after an internal error")),
+                false => Err(anyhow!("the workers stopped before the run ended")),
+            },
+        }
+    }
+
+    /// Lets the workers end; true if one of them died.
+    fn join(&mut self) -> bool {
+        self.feed.close();
+        self.joiner
+            .take()
+            .map(|joiner| joiner.join().unwrap_or(true))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+/// Timestamps are `epoch << EPOCH_SHIFT | sequence`: a source's sequence counts its outputs
+/// within the epoch (far fewer than 2^40), and the next epoch starts above every one of them.
+const EPOCH_SHIFT: u32 = 40;
+
+fn epoch_start(epoch: u64) -> u64 {
+    epoch << EPOCH_SHIFT
+}
+
+fn epoch_of(time: u64) -> u64 {
+    time >> EPOCH_SHIFT
+}
+
+/// Runs one run on workers of its own, to its end (see [`Engine::run`]).
 pub fn run_dataflow(
     shared: Arc<RunShared>,
     engine: &EngineConfig,
     producers: ProducerFactory,
 ) -> Result<()> {
-    panic_guard::install_hook();
-    let sinks = Arc::new(sink_workers(&shared, engine.workers));
-    let run = shared.clone();
-    let guards = timely::execute(engine.timely_config(), move |worker| {
-        let shared = shared.clone();
-        let _stop_on_unwind = StopOnUnwind(shared.clone(), worker.index());
-        build_dataflow(worker, &shared, &sinks, producers(worker.index()));
-        panic_guard::inject(Site::Worker, &worker.index().to_string(), 0);
-        while worker.has_dataflows() {
-            if shared.stop.is_stopped() {
-                for dataflow in worker.installed_dataflows() {
-                    worker.drop_dataflow(dataflow);
-                }
-                break;
-            }
-            worker.step_or_park(Some(STOP_CHECK));
-        }
-    })
-    .map_err(|e| anyhow!("could not start the workers: {e}"))?;
-    let died = guards.join().into_iter().any(|r| r.is_err());
-    if let Some(stopped) = run.stop.cause() {
-        return Err(stopped.into());
-    }
-    if died {
-        return Err(anyhow!("a worker thread stopped after an internal error"));
-    }
-    Ok(())
+    Engine::start(engine)?.run(shared, producers)
 }
 
 /// Builds one worker's operators: a source that reads and de-identifies, and a sink that writes
-/// the tasks routed to this worker. A panic in either stops the run with what was in hand.
-fn build_dataflow(
-    worker: &mut timely::worker::Worker,
-    shared: &Arc<RunShared>,
-    sinks: &Arc<Vec<u64>>,
-    producer: Box<dyn RowProducer>,
-) {
-    let sinks = sinks.clone();
+/// the tasks routed to this worker, for every epoch the feed offers. A panic in either stops
+/// the run with what was in hand.
+fn build_dataflow(worker: &mut timely::worker::Worker, feed: &Arc<Feed>) {
+    let index = worker.index();
     worker.dataflow::<u64, _, _>(|scope| {
-        let source_shared = shared.clone();
+        let source_feed = feed.clone();
         let chunks = source(scope, "ReadAndDeidentify", move |capability, info| {
             let activator = scope.activator_for(info.address);
             let mut cap = Some(capability);
-            let mut state = SourceState::new(source_shared, producer);
+            let mut epoch = 0;
+            let mut reading: Option<(SourceState, Arc<Epoch>)> = None;
             move |output| {
                 let Some(c) = cap.as_mut() else { return };
+                if reading.is_none() {
+                    match source_feed.offered(epoch) {
+                        Offer::Start(offered) => {
+                            let producer = (offered.producers)(index);
+                            let state = SourceState::new(offered.shared.clone(), producer);
+                            reading = Some((state, offered));
+                        }
+                        Offer::NotYet => return activator.activate_after(EPOCH_CHECK),
+                        Offer::Closed => {
+                            cap = None;
+                            return;
+                        }
+                    }
+                }
+                let (state, offered) = reading.as_mut().expect("an epoch in hand");
                 let step = panic_guard::catch(|| state.step()).unwrap_or_else(|panic| {
                     let message = format!("{} {panic}", state.in_hand());
                     state.shared_ref().stop.stop(StopCause::Reading, message);
@@ -216,7 +317,8 @@ fn build_dataflow(
                 match step {
                     Step::Emit(chunks) => {
                         let mut session = output.session(&*c);
-                        for chunk in chunks {
+                        for mut chunk in chunks {
+                            chunk.sink = offered.sinks[chunk.task as usize];
                             session.give(chunk);
                         }
                         drop(session);
@@ -235,45 +337,71 @@ fn build_dataflow(
                             .unwrap()
                             .extensions
                             .merge(&report);
-                        cap = None;
+                        reading = None;
+                        epoch += 1;
+                        c.downgrade(&epoch_start(epoch));
+                        activator.activate();
                     }
                 }
             }
         })
         .container::<Vec<TableChunk>>();
 
-        let sink_shared = shared.clone();
+        let sink_feed = feed.clone();
         chunks.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
-            Exchange::new(move |chunk: &TableChunk| sinks[chunk.task as usize]),
+            Exchange::new(|chunk: &TableChunk| chunk.sink),
             "WriteTables",
             move |_capability, info| {
-                sink_shared.budget.register_sink({
-                    let activator = scope.worker().sync_activator_for(info.address.to_vec());
-                    move || {
+                let activator = scope.worker().sync_activator_for(info.address.to_vec());
+                // The epoch this sink finishes next, and its state once rows of it arrived.
+                let mut epoch = 0;
+                let mut sink: Option<SinkState> = None;
+                let open = move |number: u64| {
+                    let offered = sink_feed.epoch(number)?;
+                    let activator = activator.clone();
+                    offered.shared.budget.register_sink(move || {
                         let _ = activator.activate();
-                    }
-                });
-                let mut sink = SinkState::new(sink_shared);
-                let mut finished = false;
+                    });
+                    Some(SinkState::new(offered.shared.clone()))
+                };
+                let feed = feed.clone();
                 move |(input, frontier), _output| {
-                    if sink.stopped() {
+                    if sink.as_ref().is_some_and(SinkState::stopped) {
                         input.for_each(|_time, data| data.clear());
                         return;
                     }
                     let result = panic_guard::catch(|| {
-                        input.for_each(|_time, data| {
+                        input.for_each(|time, data| {
+                            if sink.is_none() {
+                                sink = open(time.least().map_or(epoch, |t| epoch_of(*t)));
+                            }
+                            let Some(sink) = sink.as_mut() else {
+                                return data.clear();
+                            };
                             for chunk in data.drain(..) {
                                 sink.accept(chunk);
                             }
                         });
-                        sink.relieve_pressure();
-                        if frontier.frontier().is_empty() && !finished {
-                            sink.flush_all();
-                            sink.write_remaining();
-                            finished = true;
+                        if let Some(sink) = sink.as_mut() {
+                            sink.relieve_pressure();
+                        }
+                        // Every source has moved past the epoch: write what is left of it.
+                        while !frontier
+                            .frontier()
+                            .less_equal(&(epoch_start(epoch + 1) - 1))
+                        {
+                            let Some(mut finishing) = sink.take().or_else(|| open(epoch)) else {
+                                break;
+                            };
+                            finishing.flush_all();
+                            finishing.write_remaining();
+                            feed.sink_finished(epoch);
+                            epoch += 1;
                         }
                     });
-                    if let Err(panic) = result {
+                    if let Err(panic) = result
+                        && let Some(sink) = sink.as_mut()
+                    {
                         sink.stop_after(panic);
                     }
                 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dataflow;
+pub mod epochs;
 pub mod report;
 pub mod rows;
 pub mod sink;
@@ -11,4 +12,4 @@ pub mod stop;
 pub mod work;
 
 pub use config::EngineConfig;
-pub use dataflow::{RunShared, run_dataflow};
+pub use dataflow::{Engine, RunShared, run_dataflow};

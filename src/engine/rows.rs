@@ -61,6 +61,8 @@ impl SkipReason {
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct TableChunk {
     pub task: u32,
+    /// The worker whose sink writes the task (set by the source operator).
+    pub sink: u64,
     pub table: String,
     pub ids: Vec<String>,
     /// A tag per row, or none (see [`crate::output::RowBatch::tags`]).
@@ -163,6 +165,7 @@ impl TableChunk {
         };
         let tail = TableChunk {
             task: self.task,
+            sink: self.sink,
             table: self.table.clone(),
             ids: self.ids.split_off(n.min(self.ids.len())),
             tags: self.tags.split_off(n.min(self.tags.len())),

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::deid::{Codebook, Rules, Scrubber};
 use crate::engine::rows::{CompletionTemplate, TaskContext};
-use crate::engine::{EngineConfig, RunShared};
+use crate::engine::{Engine, EngineConfig, RunShared};
 use crate::exit::{ExitCode, Fatal, one_line};
 use crate::fhir::{ElementModel, Shape};
 use crate::input::deleted::read_deleted_ids;
@@ -31,7 +31,7 @@ use crate::store::{self, ObjectLocation};
 use crate::tasks::{self, COMPLETION_TABLE, Task};
 use crate::time::PyDateTime;
 use rerun::RerunIndex;
-use run::{RunBuilder, finish_tables, run_to_end};
+use run::{RunBuilder, finish_tables, run_to_end, start_engine};
 
 /// The options of `cumulus-etl etl`.
 #[derive(Debug, Clone)]
@@ -68,6 +68,11 @@ pub enum InputFormat {
 
 /// Runs the ETL; the returned code is 0 or 19 (some batch failed to write).
 pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
+    run_on(opts, &mut start_engine(&opts.engine)?)
+}
+
+/// Runs the ETL as the next epoch of `engine` (see [`run`]).
+pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal> {
     let started_at = Instant::now();
     let started = PyDateTime::now_utc();
     let input = &opts.input;
@@ -261,7 +266,7 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     });
     run_to_end(
         &shared,
-        &opts.engine,
+        engine,
         producers,
         total_bytes,
         opts.progress_interval,

@@ -13,7 +13,7 @@ use crate::engine::report::RunReport;
 use crate::engine::rows::TaskContext;
 use crate::engine::stop::{RunStopped, StopCause};
 use crate::engine::work::WorkQueue;
-use crate::engine::{EngineConfig, RunShared, run_dataflow};
+use crate::engine::{Engine, EngineConfig, RunShared};
 use crate::etl::progress::ProgressPrinter;
 use crate::exit::{ExitCode, Fatal, one_line};
 use crate::input::bundles::WorkItem;
@@ -71,17 +71,22 @@ impl RunBuilder {
     }
 }
 
-/// Runs the dataflow to its end with progress lines every `interval` (`total_bytes` to read);
-/// a dataflow that stopped early ends the run ([`stopped_run`]).
+/// Starts the workers that run the dataflow.
+pub fn start_engine(config: &EngineConfig) -> Result<Engine, Fatal> {
+    Engine::start(config).map_err(|e| Fatal::new(ExitCode::Failure, one_line(&e)))
+}
+
+/// Runs the dataflow on `engine` to its end, with progress lines every `interval`
+/// (`total_bytes` to read); a dataflow that stopped early ends the run ([`stopped_run`]).
 pub fn run_to_end(
     shared: &Arc<RunShared>,
-    engine: &EngineConfig,
+    engine: &mut Engine,
     producers: ProducerFactory,
     total_bytes: u64,
     interval: Duration,
 ) -> Result<(), Fatal> {
     let progress = ProgressPrinter::start(shared.clone(), total_bytes, interval);
-    let outcome = run_dataflow(shared.clone(), engine, producers);
+    let outcome = engine.run(shared.clone(), producers);
     progress.stop();
     outcome.map_err(|e| stopped_run(shared, e))
 }

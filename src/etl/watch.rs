@@ -1,8 +1,8 @@
 //! `etl --watch EXPORTS OUTPUT PHI`: keeps running, and loads each export folder under
 //! EXPORTS (a folder or an S3 prefix) once its export log has an `export_complete` event, in
-//! the order the exports completed, each as one run into the same Delta tables (the row
-//! indexes make each cost what changed). Exports loaded are recorded in
-//! `OUTPUT/JobConfig/watched-exports.ndjson`, so a restarted watch does not load them again.
+//! the order the exports completed, each as one run into the same Delta tables (the row indexes
+//! make each cost what changed) and one epoch of the same dataflow. Exports loaded are recorded
+//! in `OUTPUT/JobConfig/watched-exports.ndjson`, so a restarted watch does not load them again.
 //! SIGTERM or SIGINT lets the export in hand finish, then ends the watch with exit code 0.
 
 use std::collections::HashSet;
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::EtlOptions;
+use super::run::start_engine;
 use crate::exit::{ExitCode, Fatal, one_line};
 use crate::output::OutputFormat;
 use crate::time::PyDateTime;
@@ -41,6 +42,8 @@ pub fn watch(opts: &EtlOptions, interval: Duration) -> Result<ExitCode, Fatal> {
         libc::signal(libc::SIGINT, handler);
     }
     super::prepare_output(&opts.output, opts.output_format)?;
+    // One set of workers and one dataflow for the whole watch: each export is an epoch of it.
+    let mut engine = start_engine(&opts.engine)?;
     let mut loaded = loaded_exports(opts)?;
     let mut failed: HashSet<String> = HashSet::new();
     crate::say!(
@@ -57,12 +60,19 @@ pub fn watch(opts: &EtlOptions, interval: Duration) -> Result<ExitCode, Fatal> {
                 break;
             }
             let started = Instant::now();
-            crate::say!("watch: loading export {name} (completed {completed})");
+            if !engine.is_running() {
+                // The last export's run stopped early, and its workers with it.
+                engine = start_engine(&opts.engine)?;
+            }
+            crate::say!(
+                "watch: loading export {name} (completed {completed}) as epoch {}",
+                engine.next_epoch()
+            );
             let export = EtlOptions {
                 input: opts.input.join(&name),
                 ..opts.clone()
             };
-            match super::run(&export) {
+            match super::run_on(&export, &mut engine) {
                 Ok(ExitCode::Success) => {
                     record(opts, &name, &completed)?;
                     loaded.insert(name.clone());

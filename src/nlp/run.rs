@@ -12,7 +12,7 @@ use crate::deid::{Codebook, Rules, Scrubber};
 use crate::engine::EngineConfig;
 use crate::engine::dataflow::ProducerFactory;
 use crate::engine::rows::TaskContext;
-use crate::etl::run::{RunBuilder, finish_tables, run_to_end};
+use crate::etl::run::{RunBuilder, finish_tables, run_to_end, start_engine};
 use crate::etl::{
     bundle_size, check_run_arguments, list_input, open_codebook, open_errors_folder,
     prepare_output, print_extension_report, print_summary,
@@ -326,7 +326,7 @@ fn run_study(
         Arc::new(move |_| Box::new(NoteRows::new(producer_state.clone())));
     run_to_end(
         &shared,
-        &opts.engine,
+        &mut start_engine(&opts.engine)?,
         producers,
         total_bytes,
         opts.progress_interval,

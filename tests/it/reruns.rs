@@ -511,7 +511,17 @@ fn wait_for_lines(file: &Path, n: usize) {
 }
 
 fn start_watch(exports: &Path, out: &Path, phi: &Path) -> std::process::Child {
+    start_watch_with(exports, out, phi, &[])
+}
+
+fn start_watch_with(
+    exports: &Path,
+    out: &Path,
+    phi: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+        .envs(env.iter().copied())
         .args([
             "etl",
             "--watch",
@@ -577,6 +587,15 @@ fn watch_loads_exports_as_they_complete_in_their_order_and_stops_on_sigterm() {
         .map(|r| r["export"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(loaded, ["b-first", "a-second", "c-third"]);
+    // One dataflow: each export is the next epoch of it.
+    let epochs: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("watch: loading export "))
+        .collect();
+    assert_eq!(epochs.len(), 3, "{log}");
+    for (epoch, line) in epochs.iter().enumerate() {
+        assert!(line.ends_with(&format!("as epoch {epoch}")), "{log}");
+    }
     // The tables are those of the last export loaded.
     etl(&third, &clean, &phi);
     assert_eq!(
@@ -591,6 +610,57 @@ fn watch_loads_exports_as_they_complete_in_their_order_and_stops_on_sigterm() {
     assert_eq!(code, Some(0), "{log}");
     assert!(!log.contains("watch: loading"), "{log}");
     assert!(log.contains("watch: stopped (3 exports loaded)"), "{log}");
+}
+
+#[test]
+fn an_export_whose_run_stops_leaves_the_watch_running_on_new_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    phi_with_salt(&phi, "1234");
+    let (exports, out, clean) = (
+        tmp.path().join("exports"),
+        tmp.path().join("out"),
+        tmp.path().join("clean"),
+    );
+    // The first export has a file whose reading panics (a test hook): its run stops, and its
+    // workers with it.
+    let (broken, good) = (exports.join("a-broken"), exports.join("b-good"));
+    copy_of_sample(&broken);
+    completed_at(&broken, "2025-01-01T10:00:00Z");
+    std::fs::rename(
+        broken.join("Condition.000.ndjson"),
+        broken.join("Condition.broken.ndjson"),
+    )
+    .unwrap();
+    copy_of_sample(&good);
+    completed_at(&good, "2025-01-01T11:00:00Z");
+
+    let env = [("CUMULUS_ETL_TEST_PANIC", "source:Condition.broken.ndjson")];
+    let watch = start_watch_with(&exports, &out, &phi, &env);
+    let record = out.join("JobConfig/watched-exports.ndjson");
+    wait_for_lines(&record, 1);
+    let (code, log) = stop_watch(watch);
+    assert_eq!(code, Some(0), "{log}");
+    let loaded: Vec<String> = lines_of(&record)
+        .iter()
+        .map(|r| r["export"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(loaded, ["b-good"], "{log}");
+    assert!(
+        log.contains("watch: export a-broken failed: The run stopped: reading "),
+        "{log}"
+    );
+    // The next export ran on new workers, as their first epoch.
+    assert!(
+        log.contains("watch: loading export b-good (completed 2025-01-01T11:00:00Z) as epoch 0"),
+        "{log}"
+    );
+    assert!(log.contains("watch: stopped (1 exports loaded)"), "{log}");
+    etl(&good, &clean, &phi);
+    let (ours, theirs) = (keyed_tables(&out), keyed_tables(&clean));
+    for table in ["condition", "patient", "encounter"] {
+        assert_eq!(ours[table], theirs[table], "{table}");
+    }
 }
 
 #[test]
