@@ -203,6 +203,15 @@ impl Outputs {
         }
     }
 
+    /// Every value of the string `column` in the Delta table `table`'s data files, to `each`
+    /// ([`delta::DeltaOutput::for_each_value`]); nothing for other formats.
+    pub fn for_each_value(&self, table: &str, column: &str, each: delta::ValueSink) -> Result<u64> {
+        match &self.delta {
+            Some(delta) => delta.for_each_value(table, column, each),
+            None => Ok(0),
+        }
+    }
+
     /// How this run left the Delta table `table`, once finished.
     pub fn finished(&self, table: &str) -> Option<delta::FinishedTable> {
         self.delta.as_ref()?.finished(table)

@@ -18,6 +18,7 @@
 //! the index sits beside the de-identified table, and an unkeyed hash of an input line would
 //! let anyone holding the table test a guess at a patient's record.
 
+pub mod complete;
 pub mod index;
 pub mod journals;
 pub mod prescan;

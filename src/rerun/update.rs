@@ -41,7 +41,7 @@ where
 }
 
 /// The key of the next entry, or the error in its place.
-fn peek_key(
+pub(super) fn peek_key(
     entries: &mut Peekable<impl Iterator<Item = io::Result<Entry>>>,
 ) -> io::Result<Option<u64>> {
     match entries.peek() {

@@ -329,14 +329,20 @@ fn an_index_another_writer_made_stale_is_not_used_and_vacuum_and_readers_leave_i
         log.contains("patient: its row index is not used (it describes version 0"),
         "{log}"
     );
-    assert!(unchanged(&log, "patient").is_none(), "{log}");
+    // The index is made again from the table's rows (none left): every patient is new.
+    assert!(
+        log.contains("patient: row index completed with the keys of the table's 0 rows"),
+        "{log}"
+    );
+    let patients = before["patient"].len() as u64;
+    assert_eq!(unchanged(&log, "patient"), Some((0, patients)), "{log}");
+    assert!(log.contains(&format!(", {patients} new (")), "{log}");
     // Other tables still use theirs.
     let conditions = before["condition"].len() as u64;
     assert_eq!(unchanged(&log, "condition"), Some((conditions, conditions)));
     // Processed again, the rows are back, and the new index is used next time.
     assert_eq!(keyed_tables(&out), before);
     let log = etl(&synthea(), &out, &phi);
-    let patients = before["patient"].len() as u64;
     assert_eq!(
         unchanged(&log, "patient"),
         Some((patients, patients)),
@@ -479,6 +485,58 @@ fn a_killed_first_load_restarted_leaves_out_the_rows_it_had_committed() {
         Some((conditions, conditions)),
         "{log}"
     );
+}
+
+#[test]
+fn a_table_another_tool_wrote_gets_an_index_of_every_key_from_its_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    phi_with_salt(&phi, "1234");
+    let (out, clean, export) = (
+        tmp.path().join("out"),
+        tmp.path().join("clean"),
+        tmp.path().join("export"),
+    );
+    // Tables as another tool leaves them: the same rows, and no index or journal of ours.
+    etl(&synthea(), &out, &phi);
+    for table in std::fs::read_dir(&out).unwrap().flatten() {
+        let ours = table.path().join("_cumulus_etl");
+        if ours.is_dir() {
+            std::fs::remove_dir_all(ours).unwrap();
+        }
+    }
+    // The next export has every procedure again, one of them changed, and three new ones.
+    copy_of_sample(&export);
+    let procedures = export.join("Procedure.000.ndjson");
+    let mut rows = lines_of(&procedures);
+    let known = rows.len() as u64;
+    rows[0]["status"] = Value::from("entered-in-error");
+    for n in 0..3 {
+        let mut new = rows[1].clone();
+        new["id"] = Value::from(format!("a-new-procedure-{n}"));
+        rows.push(new);
+    }
+    write_lines(&procedures, &rows);
+    let log = etl(&export, &out, &phi);
+    assert!(
+        log.contains(&format!(
+            "procedure: row index completed with the keys of the table's {known} rows"
+        )),
+        "{log}"
+    );
+    // No line is known, but every key is: only the three new ones are new.
+    assert_eq!(unchanged(&log, "procedure"), Some((0, known + 3)), "{log}");
+    assert!(log.contains(", 3 new ("), "{log}");
+    etl(&export, &clean, &phi);
+    assert_eq!(keyed_tables(&out), keyed_tables(&clean));
+    // The index the run saved lists every row's line: a run again leaves every line out.
+    let log = etl(&export, &out, &phi);
+    assert_eq!(
+        unchanged(&log, "procedure"),
+        Some((known + 3, known + 3)),
+        "{log}"
+    );
+    assert!(!log.contains("row index completed"), "{log}");
 }
 
 /// Sets the time of the `export_complete` event in an export's log.

@@ -93,7 +93,13 @@ impl RerunIndex {
         let mut readers = Vec::with_capacity(tasks.len());
         for (task, ctx) in tasks.iter().zip(&shared.work.tasks) {
             drop(shared.open_writer(&task.name, ctx)?);
-            let (table, reader) = IndexedTable::open(shared, output, &task.name, (tag, memory))?;
+            let (mut table, mut reader) =
+                IndexedTable::open(shared, output, &task.name, (tag, memory))?;
+            if !table.complete {
+                // A table written by another tool or writer: its keys from its rows, so that
+                // new keys are known for new (and appended), and the index saved lists them.
+                reader = table.complete_from_rows(shared, reader, &fingerprints, (tag, memory));
+            }
             tables.push(table);
             readers.push(reader);
         }

@@ -3,13 +3,18 @@
 //! whether it lists every key of the table.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 
 use crate::engine::RunShared;
 use crate::exit::one_line;
+use crate::output::delta::ValueSink;
+use crate::rerun::RowFingerprints;
+use crate::rerun::complete::completed;
 use crate::rerun::index::{self, INDEX_KEY, IndexReader};
 use crate::rerun::journals::replayed;
+use crate::spill_sort::SpillSort;
 use crate::store::ObjectLocation;
 
 pub(super) struct IndexedTable {
@@ -118,6 +123,80 @@ impl IndexedTable {
             location,
         });
         Ok((table, Some(reader)))
+    }
+
+    /// Makes the index the run starts from (`reader`, or none) list every key of the table: the
+    /// keys of its `id` column that the index lacks join it with an unknown line
+    /// (`rerun::complete`), in a private folder. Returns the completed index; on failure, the
+    /// index as it was, with a note (the run then merges keys it cannot know to be new).
+    pub(super) fn complete_from_rows(
+        &mut self,
+        shared: &RunShared,
+        reader: Option<IndexReader>,
+        fingerprints: &RowFingerprints,
+        (tag, memory): (u128, usize),
+    ) -> Option<IndexReader> {
+        let Some(version) = shared.outputs.opened_version(&self.name) else {
+            return reader;
+        };
+        let started = std::time::Instant::now();
+        let completed = self.completed(shared, reader, fingerprints, (tag, version, memory));
+        match completed {
+            Ok((reader, keys)) => {
+                crate::say!(
+                    "  {}: row index completed with the keys of the table's {keys} rows ({:.1} s)",
+                    self.name,
+                    started.elapsed().as_secs_f64()
+                );
+                Some(reader)
+            }
+            Err(e) => {
+                crate::say!(
+                    "  {}: the row index does not list every key of the table ({}); rows                      are merged",
+                    self.name,
+                    one_line(&e)
+                );
+                self.reopen_old(tag)
+            }
+        }
+    }
+
+    fn completed(
+        &mut self,
+        shared: &RunShared,
+        reader: Option<IndexReader>,
+        fingerprints: &RowFingerprints,
+        (tag, version, memory): (u128, i64, usize),
+    ) -> Result<(IndexReader, u64)> {
+        let sort = Arc::new(Mutex::new(Some(SpillSort::<8>::new(memory))));
+        let (into, keyed) = (sort.clone(), fingerprints.clone());
+        let each: ValueSink = Box::new(move |ids| {
+            let keys = ids.iter().flatten().map(|id| keyed.key(id).to_be_bytes());
+            let mut sort = into.lock().unwrap();
+            sort.as_mut().expect("a key sort").extend(keys)?;
+            Ok(())
+        });
+        let rows = shared.outputs.for_each_value(&self.name, "id", each)?;
+        let sort = sort.lock().unwrap().take().expect("a key sort");
+        let keys = sort.finish()?.map(|k| k.map(u64::from_be_bytes));
+        let entries: Box<dyn Iterator<Item = std::io::Result<index::Entry>>> = match reader {
+            Some(reader) => Box::new(reader),
+            None => Box::new(std::iter::empty()),
+        };
+        let temp = tempfile::Builder::new()
+            .prefix("cumulus-etl-index-")
+            .tempdir()?;
+        let location = ObjectLocation::local(temp.path())?;
+        index::write(&location, (tag, version, true), completed(entries, keys))?;
+        let reader = index::open(&location, tag, version)?
+            .map_err(|u| anyhow::anyhow!("a completed row index: {}", u.reason()))?;
+        self.usable_at = Some(version);
+        self.complete = true;
+        self.old = Some(OldIndex::Rebuilt {
+            _folder: temp,
+            location,
+        });
+        Ok((reader, rows))
     }
 
     /// The named row journals of the table's commits, opened; None when one is missing (or

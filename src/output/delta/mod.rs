@@ -8,6 +8,7 @@
 //! releases its memory.
 
 mod cluster_sort;
+mod column_scan;
 mod commit;
 mod compact;
 mod conform;
@@ -83,7 +84,16 @@ enum Job {
         since: Option<i64>,
         reply: std::sync::mpsc::Sender<Result<CommitsSince>>,
     },
+    /// Every value of a string column in the table's data files ([`column_scan`]).
+    Values {
+        column: String,
+        each: ValueSink,
+        reply: std::sync::mpsc::Sender<Result<u64>>,
+    },
 }
+
+/// Where a column's values go, a batch at a time.
+pub type ValueSink = Box<dyn FnMut(&arrow::array::StringArray) -> Result<()> + Send>;
 
 struct Committer {
     jobs: mpsc::UnboundedSender<Job>,
@@ -148,6 +158,27 @@ impl DeltaOutput {
         };
         jobs.send(Job::Journals { since, reply })
             .map_err(|_| anyhow!("the committer of {table} has stopped"))?;
+        answer
+            .recv()
+            .map_err(|_| anyhow!("the committer of {table} stopped"))?
+    }
+
+    /// Gives `each` every value of the string `column` in the data files of `table` as this
+    /// run opened it, a batch at a time ([`column_scan`]: deleted rows included); returns how
+    /// many. The table must be open.
+    pub fn for_each_value(&self, table: &str, column: &str, each: ValueSink) -> Result<u64> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let jobs = match self.committers.lock().unwrap().get(table) {
+            Some(committer) => committer.jobs.clone(),
+            None => return Err(anyhow!("the table {table} is not open")),
+        };
+        let column = column.to_string();
+        jobs.send(Job::Values {
+            column,
+            each,
+            reply,
+        })
+        .map_err(|_| anyhow!("the committer of {table} has stopped"))?;
         answer
             .recv()
             .map_err(|_| anyhow!("the committer of {table} stopped"))?
@@ -302,6 +333,11 @@ async fn apply_job(table: &mut CumulusTable, job: Job) {
             let _ = reply.send(());
         }
         Job::Journals { since, reply } => drop(reply.send(table.commits_since(since).await)),
+        Job::Values {
+            column,
+            mut each,
+            reply,
+        } => drop(reply.send(table.for_each_value(&column, &mut *each).await)),
     }
 }
 
@@ -315,6 +351,7 @@ fn fail_job(job: Job, panic: &InternalError) {
         Job::Delete { reply, .. } => drop(reply.send(Err(error()))),
         Job::Flush { reply } => drop(reply.send(())),
         Job::Journals { reply, .. } => drop(reply.send(Err(error()))),
+        Job::Values { reply, .. } => drop(reply.send(Err(error()))),
     }
 }
 
@@ -337,7 +374,10 @@ impl DeltaTableWriter {
                 Job::Write { on_written, .. }
                 | Job::Staged { on_written, .. }
                 | Job::Commit { on_written, .. } => on_written,
-                Job::Delete { .. } | Job::Flush { .. } | Job::Journals { .. } => return,
+                Job::Delete { .. }
+                | Job::Flush { .. }
+                | Job::Journals { .. }
+                | Job::Values { .. } => return,
             };
             on_written.done(Err(anyhow!("the table's committer has stopped")));
         }

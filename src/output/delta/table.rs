@@ -359,6 +359,19 @@ impl CumulusTable {
         Ok(seen)
     }
 
+    /// Gives `each` every value of the string `column` in the table's data files
+    /// ([`super::column_scan`]); returns how many.
+    pub async fn for_each_value(
+        &mut self,
+        column: &str,
+        each: &mut (dyn FnMut(&arrow::array::StringArray) -> Result<()> + Send),
+    ) -> Result<u64> {
+        if !self.exists() {
+            return Ok(0);
+        }
+        super::column_scan::for_each_value(&self.table, column, each).await
+    }
+
     /// The table's version as this run last read or committed it (None: not created yet).
     pub fn version(&self) -> Option<i64> {
         self.table.version().and_then(|v| i64::try_from(v).ok())
