@@ -130,7 +130,8 @@ pub struct DeltaSettings {
 pub struct CommitsSince {
     /// Every one carries this process's [`RUN_MARKER`]: no other writer committed.
     pub only_this_run: bool,
-    /// Their row journals, in commit order; None when one of them changes data without a
+    /// Their row journals, in commit order, with those of this run's MERGEs that found nothing
+    /// to change after the commit they saw last; None when one of them changes data without a
     /// journal (another writer's, or delta-rs's MERGE or DELETE), so no index can be rebuilt
     /// from them. Commits that change no data (creation, compaction, VACUUM) need none.
     pub journals: Option<Vec<String>>,
@@ -241,6 +242,9 @@ pub struct CumulusTable {
     appends_safe: bool,
     /// The clustering columns of a clustered table, which data files need statistics for.
     clustering: Vec<String>,
+    /// Row journals of MERGEs that found nothing to change, with the table version they saw:
+    /// their rows are in the table as those lines make them, though no commit names them.
+    confirmed: Vec<(Option<i64>, String)>,
 }
 
 impl CumulusTable {
@@ -272,6 +276,7 @@ impl CumulusTable {
             warned_unsupported: false,
             appends_safe: true,
             clustering: Vec::new(),
+            confirmed: Vec::new(),
         };
         opened.check_protocol().await?;
         Ok(opened)
@@ -336,6 +341,16 @@ impl CumulusTable {
         };
         let first = since.map_or(0, |v| v as u64 + 1);
         let log_store = self.table.log_store();
+        // A journal a MERGE confirmed at a version comes after that version's commit.
+        let confirmed_at = |version: Option<i64>| {
+            self.confirmed
+                .iter()
+                .filter(move |(at, _)| *at == version)
+                .map(|(_, name)| name.clone())
+        };
+        if let Some(journals) = &mut seen.journals {
+            journals.extend(confirmed_at(since));
+        }
         for version in first..=now {
             let Some(commit) = log_store.read_commit_entry(version).await? else {
                 return Ok(CommitsSince {
@@ -354,6 +369,9 @@ impl CumulusTable {
                 }
                 commit::Journal::NoDataChange => {}
                 commit::Journal::Missing => seen.journals = None,
+            }
+            if let Some(journals) = &mut seen.journals {
+                journals.extend(confirmed_at(i64::try_from(version).ok()));
             }
         }
         Ok(seen)
@@ -913,6 +931,11 @@ impl CumulusTable {
             .with_context(|| format!("merging into {}", self.spec.name))?;
         let mut actions: Vec<Action> = self.schema_change(&schema)?.into_iter().collect();
         if actions.is_empty() && outcome.actions.is_empty() {
+            // Nothing to commit: the table's rows are already what the merged rows' lines
+            // make, which the index may learn from the MERGE's journal all the same.
+            if let Some(journal) = meta.info.get(JOURNAL_FIELD).and_then(|j| j.as_str()) {
+                self.confirmed.push((self.version(), journal.to_string()));
+            }
             return Ok(());
         }
         let added = adds_of(&outcome.actions);
