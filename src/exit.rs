@@ -24,6 +24,34 @@ pub enum ExitCode {
     FeatureRemoved = 59,
 }
 
+impl ExitCode {
+    /// Every code.
+    const ALL: [ExitCode; 17] = [
+        ExitCode::Success,
+        ExitCode::Failure,
+        ExitCode::Usage,
+        ExitCode::CtakesMissing,
+        ExitCode::TaskUnknown,
+        ExitCode::CnlpMissing,
+        ExitCode::TaskFailed,
+        ExitCode::ArgsConflict,
+        ExitCode::ArgsInvalid,
+        ExitCode::FolderNotEmpty,
+        ExitCode::CompletionArgMissing,
+        ExitCode::TaskHelp,
+        ExitCode::MissingRequestedResources,
+        ExitCode::WrongPhiFolder,
+        ExitCode::TaskMismatch,
+        ExitCode::FolderDoesNotExist,
+        ExitCode::FeatureRemoved,
+    ];
+
+    /// The code with this number (another process's, in a cluster run).
+    pub fn from_code(code: i32) -> Option<ExitCode> {
+        ExitCode::ALL.into_iter().find(|c| *c as i32 == code)
+    }
+}
+
 /// An error that ends the run with a specific exit code and a message for the user.
 #[derive(Debug)]
 pub struct Fatal {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::engine::EngineConfig;
+use crate::engine::{ClusterConfig, EngineConfig};
 use crate::etl::EtlOptions;
 use crate::exit::{ExitCode, Fatal};
 use crate::memory::budget::{default_budget, parse_size};
@@ -132,6 +132,16 @@ pub struct RunArgs {
     /// Skip the start-up check that the NLP servers accept connections.
     #[arg(long)]
     pub skip_init_checks: bool,
+    /// A cluster run: a file with one `host:port` per process (a timely hostfile); every
+    /// process gets the same INPUT, OUTPUT and PHI and this file (`docs/cluster.md`).
+    #[arg(long, requires = "process")]
+    pub hostfile: Option<PathBuf>,
+    /// This process's line of --hostfile, from 0.
+    #[arg(long, requires = "hostfile")]
+    pub process: Option<usize>,
+    /// Seconds a cluster process waits for the others to connect.
+    #[arg(long, default_value_t = 60)]
+    pub connect_timeout: u64,
 }
 
 /// NLP engine options, shared by `nlp` and the 2023-style `etl --task covid_symptom__...`.
@@ -438,11 +448,42 @@ impl RunArgs {
                     .workers
                     .unwrap_or_else(EngineConfig::default_workers)
                     .max(1),
+                cluster: self.cluster()?,
             },
             memory: memory_option(&self.memory)?,
             optimize_tables: !self.no_table_optimization,
             progress_interval: Duration::from_secs(self.progress_interval.max(1)),
         })
+    }
+}
+
+impl RunArgs {
+    /// The cluster layout `--hostfile` and `--process` give, if any.
+    fn cluster(&self) -> Result<Option<ClusterConfig>, Fatal> {
+        let (Some(file), Some(process)) = (&self.hostfile, self.process) else {
+            return Ok(None);
+        };
+        let invalid = |message: String| Fatal::new(ExitCode::ArgsInvalid, message);
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| invalid(format!("--hostfile {}: {e}", file.display())))?;
+        let addresses: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        if process >= addresses.len() {
+            return Err(invalid(format!(
+                "--process {process}: {} lists {} processes (numbered from 0)",
+                file.display(),
+                addresses.len()
+            )));
+        }
+        Ok(Some(ClusterConfig {
+            addresses,
+            process,
+            connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
+        }))
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use hmac::{Hmac, Mac};
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value, json};
@@ -86,6 +86,9 @@ pub struct Codebook {
     /// Heap bytes held for the whole run, for `held_bytes`: legacy mappings, `seen`, and the
     /// saved mappings' text (a save merges new mappings into it in place).
     held: AtomicU64,
+    /// Another process writes the codebook (a cluster run's process 0): this one does not, and
+    /// hands its new mappings to it ([`Codebook::take_new_mappings`]).
+    follower: AtomicBool,
 }
 
 /// An anonymous id as its HMAC-SHA256 bytes (half the size of its hex text).
@@ -231,6 +234,7 @@ impl Codebook {
             unsaved: Mutex::default(),
             saved: Mutex::new(saved),
             held: AtomicU64::new(held),
+            follower: AtomicBool::new(false),
         })
     }
 
@@ -350,6 +354,9 @@ impl Codebook {
     /// codebook on disk is never behind the data.
     pub fn save(&self) -> Result<()> {
         let Some(phi) = &self.phi else { return Ok(()) };
+        if self.follower.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if self.settings_modified.swap(false, Ordering::AcqRel) {
             let text = serde_json::to_vec(&*self.settings.lock().unwrap())?;
             phi.write(CODEBOOK_FILE, text.into())?;
@@ -380,6 +387,49 @@ impl Codebook {
                 saved.stale = false;
             }
         }
+        Ok(())
+    }
+}
+
+impl Codebook {
+    /// Leaves the writing of the codebook to another process (a cluster run's process 0);
+    /// this one's new mappings are taken with [`Codebook::take_new_mappings`] for it.
+    pub fn follow(&self) {
+        self.follower.store(true, Ordering::Release);
+    }
+
+    /// The mappings met since the last save (or take): (resource type, real id, anonymous
+    /// id). PHI: they go only to the process that saves the codebook.
+    pub fn take_new_mappings(&self) -> Vec<(String, String, String)> {
+        let unsaved = std::mem::take(&mut *self.unsaved.lock().unwrap());
+        REVERSIBLE_TYPES
+            .iter()
+            .zip(unsaved)
+            .flat_map(|(t, met)| {
+                met.into_iter()
+                    .map(move |(real, mac)| (t.to_string(), real.into(), lower_hex(&mac)))
+            })
+            .collect()
+    }
+
+    /// Adds mappings another process met (from [`Codebook::take_new_mappings`]), for the next
+    /// save; a mapping that is not this codebook's (another salt, a bad id) is an error.
+    pub fn add_mappings(&self, mappings: Vec<(String, String, String)>) -> Result<()> {
+        let mut unsaved = self.unsaved.lock().unwrap();
+        for (resource_type, real, fake) in mappings {
+            let slot = REVERSIBLE_TYPES
+                .iter()
+                .position(|t| *t == resource_type)
+                .ok_or_else(|| anyhow!("a mapping of an unexpected type {resource_type}"))?;
+            let mac = self.mac(&real);
+            if lower_hex(&mac) != fake {
+                return Err(anyhow!(
+                    "a {resource_type} mapping was made under another salt"
+                ));
+            }
+            unsaved[slot].push((real.into(), mac));
+        }
+        self.mappings_modified.store(true, Ordering::Release);
         Ok(())
     }
 }

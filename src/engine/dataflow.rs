@@ -14,6 +14,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::generic::operator::source;
 
 use super::config::EngineConfig;
+use super::control::{self, Audience, Rounds};
 use super::epochs::{Epoch, Feed, Offer, Outcome};
 use super::report::RunReport;
 use super::sink::SinkState;
@@ -99,13 +100,13 @@ impl RunShared {
     }
 }
 
-/// The worker whose sink writes each task. Sinks write their tasks serially, so tasks are
-/// spread by their number of resources, largest first onto the least loaded worker. Routing by
-/// task id had put the three largest tables of a Synthea export on one worker, which then wrote
-/// alone at the end of the run. Input bytes were the next measure, but notes lose their
-/// attachments: by bytes, the notes (382 MB in, 164 MB out of 1 GB) had a worker to
-/// themselves while the other wrote twice as much.
-fn sink_workers(shared: &RunShared, workers: usize) -> Vec<u64> {
+/// How much each task has to write, to choose the worker whose sink writes it (`balance`).
+/// Sinks write their tasks serially, so tasks are spread by their number of resources, largest
+/// first onto the least loaded worker. Routing by task id had put the three largest tables of a
+/// Synthea export on one worker, which then wrote alone at the end of the run. Input bytes
+/// were the next measure, but notes lose their attachments: by bytes, the notes (382 MB in, 164
+/// MB out of 1 GB) had a worker to themselves while the other wrote twice as much.
+fn task_loads(shared: &RunShared) -> Vec<u64> {
     let mut resources = vec![0u64; shared.work.tasks.len()];
     shared.work.for_each(|item| {
         if let Some(ctx) = shared.work.task_for(&item.file().resource_type) {
@@ -116,7 +117,7 @@ fn sink_workers(shared: &RunShared, workers: usize) -> Vec<u64> {
             };
         }
     });
-    balance(&resources, workers)
+    resources
 }
 
 /// Assigns each load to one of `workers` bins, largest first onto the lightest bin.
@@ -162,46 +163,73 @@ impl Drop for StopOnUnwind {
 /// Timely workers running one dataflow for their whole life, to which runs are given one after
 /// the other, each as an epoch (`engine::epochs`): `etl --watch` loads every export through the
 /// same workers and operators. A run that stops early ends the workers; start another engine.
+/// In a cluster run every process has one, and their drivers exchange messages in rounds
+/// (`engine::control`).
 pub struct Engine {
     feed: Arc<Feed>,
+    rounds: Arc<Rounds>,
+    /// Worker threads in this process.
     workers: usize,
+    /// This process's index, and how many processes run.
+    process: usize,
+    processes: usize,
     next_epoch: u64,
+    next_round: u64,
+    /// The worker whose sink wrote each task in the last run.
+    sinks: Vec<u64>,
     /// Joins the worker threads, then tells the feed; yields whether one of them died.
     joiner: Option<std::thread::JoinHandle<bool>>,
 }
 
 impl Engine {
-    /// Starts the workers, waiting for their first epoch.
+    /// Starts the workers (in a cluster run, once every process is connected), waiting for
+    /// their first epoch.
     pub fn start(config: &EngineConfig) -> Result<Engine> {
         panic_guard::install_hook();
         let feed = Arc::new(Feed::default());
-        let worker_feed = feed.clone();
-        let guards = timely::execute(config.timely_config(), move |worker| {
-            let feed = worker_feed.clone();
-            let _stop_on_unwind = StopOnUnwind(feed.clone(), worker.index());
-            build_dataflow(worker, &feed);
-            panic_guard::inject(Site::Worker, &worker.index().to_string(), 0);
-            while worker.has_dataflows() {
-                if feed.is_stopped() {
-                    for dataflow in worker.installed_dataflows() {
-                        worker.drop_dataflow(dataflow);
+        let rounds = Arc::new(Rounds::default());
+        let threads = config.workers.max(1);
+        let (process, processes) = config.process();
+        let (allocators, connections) = config.allocators()?;
+        let (worker_feed, worker_rounds) = (feed.clone(), rounds.clone());
+        let guards = timely::execute::execute_from(
+            allocators,
+            connections,
+            timely::WorkerConfig::default(),
+            move |worker| {
+                let feed = worker_feed.clone();
+                let _stop_on_unwind = StopOnUnwind(feed.clone(), worker.index());
+                build_dataflow(worker, &feed);
+                control::build(worker, &worker_rounds, threads);
+                panic_guard::inject(Site::Worker, &worker.index().to_string(), 0);
+                while worker.has_dataflows() {
+                    if feed.is_stopped() {
+                        for dataflow in worker.installed_dataflows() {
+                            worker.drop_dataflow(dataflow);
+                        }
+                        break;
                     }
-                    break;
+                    worker.step_or_park(Some(STOP_CHECK));
                 }
-                worker.step_or_park(Some(STOP_CHECK));
-            }
-        })
+            },
+        )
         .map_err(|e| anyhow!("could not start the workers: {e}"))?;
-        let joiner_feed = feed.clone();
+        let (joiner_feed, joiner_rounds) = (feed.clone(), rounds.clone());
         let joiner = std::thread::spawn(move || {
             let died = guards.join().into_iter().any(|r| r.is_err());
             joiner_feed.workers_ended();
+            joiner_rounds.workers_ended();
             died
         });
         Ok(Engine {
             feed,
-            workers: config.workers.max(1),
+            rounds,
+            workers: threads,
+            process,
+            processes,
             next_epoch: 0,
+            next_round: 0,
+            sinks: Vec::new(),
             joiner: Some(joiner),
         })
     }
@@ -211,18 +239,81 @@ impl Engine {
         self.next_epoch
     }
 
+    /// This process's index in a cluster run, and how many processes run (0 and 1 alone).
+    pub fn process(&self) -> (usize, usize) {
+        (self.process, self.processes)
+    }
+
+    /// Whether this process's workers wrote task `task` in the last run (its sink worker is
+    /// one of them): the tasks whose tables this process finishes.
+    pub fn wrote_task(&self, task: usize) -> bool {
+        self.sinks
+            .get(task)
+            .is_some_and(|&w| w as usize / self.workers == self.process)
+    }
+
     /// Whether the workers can take another run (they exit after a run that stopped early).
     pub fn is_running(&self) -> bool {
         !self.feed.has_ended()
     }
 
+    /// Sends `payload` to `audience` and returns what this process received in the same
+    /// round, from each process that sent it something (process, payload), in process order.
+    /// Every process must call it as often, in the same order.
+    pub fn exchange(
+        &mut self,
+        audience: Audience,
+        payload: Vec<u8>,
+    ) -> Result<Vec<(usize, Vec<u8>)>> {
+        let round = self.next_round;
+        self.next_round += 1;
+        let layout = (self.workers, self.processes);
+        self.rounds
+            .post(round, self.process, layout, audience, payload);
+        let received = self
+            .rounds
+            .wait(round)
+            .ok_or_else(|| anyhow!("the workers stopped before the other processes answered"))?;
+        Ok(received
+            .into_iter()
+            .map(|m| (m.from as usize, m.payload))
+            .collect())
+    }
+
     /// Runs one run to its end, as the next epoch. A run stopped early (see `engine::stop`)
     /// returns its `RunStopped` cause as the error, once every worker has let go; so does a run
     /// given to workers that had stopped before it (a worker thread that died between runs).
+    /// In a cluster run, each process gives the engine its share of the input, and the tasks'
+    /// sink workers are chosen from the loads of all of them.
     pub fn run(&mut self, shared: Arc<RunShared>, producers: ProducerFactory) -> Result<()> {
         let number = self.next_epoch;
         self.next_epoch += 1;
-        let sinks = sink_workers(&shared, self.workers);
+        let mut loads = task_loads(&shared);
+        if self.processes > 1 {
+            let mine = serde_json::to_vec(&loads)?;
+            let all = self.exchange(Audience::All, mine)?;
+            if all.len() != self.processes {
+                return Err(anyhow!(
+                    "{} of {} processes sent their loads",
+                    all.len(),
+                    self.processes
+                ));
+            }
+            for (_, theirs) in all {
+                let theirs: Vec<u64> = serde_json::from_slice(&theirs)?;
+                if theirs.len() != loads.len() {
+                    return Err(anyhow!("the processes of the run have different tasks"));
+                }
+                loads.iter_mut().zip(theirs).for_each(|(l, t)| *l += t);
+            }
+            // Each process counted its own share once more above.
+            loads
+                .iter_mut()
+                .zip(task_loads(&shared))
+                .for_each(|(l, t)| *l -= t);
+        }
+        let sinks = balance(&loads, self.workers * self.processes);
+        self.sinks = sinks.clone();
         self.feed.offer(Arc::new(Epoch {
             number,
             shared: shared.clone(),
@@ -246,6 +337,7 @@ impl Engine {
     /// Lets the workers end; true if one of them died.
     fn join(&mut self) -> bool {
         self.feed.close();
+        self.rounds.close();
         self.joiner
             .take()
             .map(|joiner| joiner.join().unwrap_or(true))

@@ -1,7 +1,9 @@
 //! The streaming engine: a timely dataflow of source operators (read + de-identify bundles under
 //! the memory budget) feeding one sink per task (batch, dedup, write in order).
 
+pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod dataflow;
 pub mod epochs;
 pub mod report;
@@ -11,5 +13,6 @@ pub mod source;
 pub mod stop;
 pub mod work;
 
-pub use config::EngineConfig;
+pub use config::{ClusterConfig, EngineConfig};
+pub use control::Audience;
 pub use dataflow::{Engine, RunShared, run_dataflow};

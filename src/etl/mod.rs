@@ -1,6 +1,7 @@
 //! One ETL run, start to finish: check the arguments and folders, find the input, run the
 //! dataflow, then finish the tables (empty tables, deletions, completion rows) and report.
 
+pub mod cluster;
 pub mod producer;
 pub mod progress;
 pub mod rerun;
@@ -68,7 +69,18 @@ pub enum InputFormat {
 
 /// Runs the ETL; the returned code is 0 or 19 (some batch failed to write).
 pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
-    run_on(opts, &mut start_engine(&opts.engine)?)
+    let mut engine = start_engine(&opts.engine)?;
+    let outcome = run_on(opts, &mut engine);
+    match engine.process() {
+        // Every process of a cluster run exits with the run's code; each printed its error.
+        (_, processes) if processes > 1 => {
+            if let Err(fatal) = &outcome {
+                crate::say!("{}", fatal.message);
+            }
+            cluster::agree(&mut engine, &outcome)
+        }
+        _ => outcome,
+    }
 }
 
 /// Runs the ETL as the next epoch of `engine` (see [`run`]).
@@ -80,8 +92,17 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
     check_run_arguments(input, opts.batch_size)?;
     let mut selected = tasks::select_tasks(&opts.tasks, &opts.exclusions)?;
     print_config(opts, &started, &selected);
-
-    let rejected = open_errors_folder(&opts.errors_to)?;
+    let (process, processes) = engine.process();
+    let cluster = processes > 1;
+    if cluster {
+        crate::say!("  Process:      {process} of {processes} (--hostfile)");
+    }
+    // Each process of a cluster run keeps its rejected rows in a folder of its own.
+    let errors_to = match (&opts.errors_to, cluster) {
+        (Some(dir), true) => Some(dir.join(format!("process-{process}"))),
+        (dir, _) => dir.clone(),
+    };
+    let rejected = open_errors_folder(&errors_to)?;
 
     let model = ElementModel::r4();
     let wanted: HashSet<String> = selected.iter().map(|t| t.resource.clone()).collect();
@@ -171,9 +192,15 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
     };
 
     let phi = &opts.phi;
-    let codebook = open_codebook(phi, output, true)?;
-    prepare_output(output, opts.output_format)?;
-    codebook.save()?;
+    let codebook = match cluster {
+        false => {
+            let codebook = open_codebook(phi, output, true)?;
+            prepare_output(output, opts.output_format)?;
+            codebook.save()?;
+            codebook
+        }
+        true => cluster::open_codebook(engine, phi, output, opts.output_format)?,
+    };
 
     let exclusions = tasks::expand_names(&opts.exclusions).join(",");
     let job_dir = job::job_dir(output, &started);
@@ -201,7 +228,9 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
         codebook_id: codebook.codebook_id(),
         exclusions: exclusions.clone(),
     };
-    job::write_job_config(&job_dir, &config)?;
+    if process == 0 {
+        job::write_job_config(&job_dir, &config)?;
+    }
 
     // The dataflow.
     let template = CompletionTemplate {
@@ -224,16 +253,23 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
         })
         .collect();
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
-    let work = bundles::plan(&found.files, bundle_bytes)?;
+    // A cluster run's processes each read a share of the files; its tables keep no row index
+    // yet (the pre-scan sees every line of an export).
+    let files = match cluster {
+        true => cluster::share_of(&found.files, process, processes),
+        false => found.files.clone(),
+    };
+    let row_index = keeps_row_index(opts) && !cluster;
+    let work = bundles::plan(&files, bundle_bytes)?;
     // The same bundles for a re-run's pre-scan, which reads the files before the dataflow.
-    let planned: Vec<bundles::WorkItem> = match keeps_row_index(opts) {
+    let planned: Vec<bundles::WorkItem> = match row_index {
         true => work
             .iter()
             .filter_map(bundles::WorkItem::duplicate)
             .collect(),
         false => Vec::new(),
     };
-    let total_bytes: u64 = found.files.iter().map(|f| f.size).sum();
+    let mut total_bytes: u64 = files.iter().map(|f| f.size).sum();
     let scrubber = Scrubber::new(Rules::embedded()?, codebook.clone(), true);
     let shared = RunBuilder {
         memory: opts.memory,
@@ -243,18 +279,21 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
         batch_size: opts.batch_size,
         workers: opts.engine.workers,
         bundle_bytes,
-        errors_to: opts.errors_to.clone(),
+        errors_to: errors_to.clone(),
         rejected,
-        row_journal: keeps_row_index(opts).then(|| rerun::row_journal(&codebook)),
+        row_journal: row_index.then(|| rerun::row_journal(&codebook)),
     }
     .build(scrubber, &codebook, contexts, work)?;
-    let input = (found.files.as_slice(), planned.as_slice());
-    let rerun = open_rerun_index(opts, &shared, &selected, input, (&codebook, &group));
+    let input = (files.as_slice(), planned.as_slice());
+    let rerun = match row_index {
+        true => open_rerun_index(opts, &shared, &selected, input, (&codebook, &group)),
+        false => None,
+    };
     drop(planned);
     crate::say!(
         "Reading {} in {} files with {} workers and a {} memory budget...",
         human_bytes(total_bytes),
-        found.files.len(),
+        files.len(),
         opts.engine.workers,
         human_bytes(opts.memory)
     );
@@ -280,7 +319,14 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
         started: &started,
         exclusions: &exclusions,
     };
-    for (task, ctx) in selected.iter().zip(&shared.work.tasks) {
+    // Each process finishes the tasks its workers wrote (all of them, alone).
+    let owned: Vec<bool> = (0..selected.len()).map(|t| engine.wrote_task(t)).collect();
+    for ((task, ctx), _) in selected
+        .iter()
+        .zip(&shared.work.tasks)
+        .zip(&owned)
+        .filter(|(_, owned)| **owned)
+    {
         if let Some(rerun) = &rerun {
             // Rows left out as unchanged are in the table, as if written again.
             for table in task.tables() {
@@ -299,8 +345,13 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
     }
     let deleted_by_task: Vec<Vec<String>> = selected
         .iter()
-        .map(|task| {
-            let ids = deleted.get(&task.resource).into_iter().flatten();
+        .zip(&owned)
+        .map(|(task, owned)| {
+            let ids = deleted
+                .get(&task.resource)
+                .filter(|_| *owned)
+                .into_iter()
+                .flatten();
             ids.map(|id| codebook.fake_id(&task.resource, id, false))
                 .collect()
         })
@@ -312,9 +363,13 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
             .iter()
             .zip(&shared.work.tasks)
             .zip(&deleted_by_task)
-            .map(|((task, ctx), ids)| {
+            .zip(&owned)
+            .map(|(((task, ctx), ids), owned)| {
                 let (shared, format) = (&shared, opts.output_format);
                 scope.spawn(move || {
+                    if !*owned {
+                        return anyhow::Ok(());
+                    }
                     if !ids.is_empty() {
                         shared.open_writer(&task.name, ctx)?.delete_ids(ids)?;
                     }
@@ -339,7 +394,6 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
     if let Some(stopped) = shared.stop.cause() {
         return Err(run::stopped_run(&shared, stopped.into()));
     }
-    let mut completion_rows = Vec::new();
     for ((task, ids), outcome) in selected.iter().zip(&deleted_by_task).zip(settled) {
         outcome?;
         if !ids.is_empty() {
@@ -349,6 +403,33 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
                 task.name
             );
         }
+    }
+    if cluster {
+        // The statistics and codebook mappings of every process meet at process 0, which
+        // writes the completion rows once every process's tables hold their rows.
+        let report = cluster::ProcessReport::of(
+            &shared.report.stats.lock().unwrap(),
+            total_bytes,
+            &codebook,
+        );
+        let others = cluster::gather(engine, &report)?;
+        if process != 0 {
+            finish_tables(&shared, opts.optimize_tables);
+            let stats = shared.report.stats.lock().unwrap();
+            crate::say!(
+                "Process {process}: its share is written ({} read); process 0 prints the run's \
+                 summary",
+                human_bytes(total_bytes)
+            );
+            return Ok(exit_code_of(&stats));
+        }
+        let mut stats = shared.report.stats.lock().unwrap();
+        for other in others {
+            total_bytes += other.merge_into(&mut stats, &codebook)?;
+        }
+    }
+    let mut completion_rows = Vec::new();
+    for task in &selected {
         let row = completion.row(task);
         if opts.output_format == OutputFormat::Deltalake {
             completion_rows.push((task, row));
@@ -383,16 +464,24 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
 
     print_extension_report(&stats.extensions);
     print_summary(&stats, started_at.elapsed(), total_bytes, &shared.budget);
+    let code = exit_code_of(&stats);
+    if code == ExitCode::TaskFailed {
+        crate::say!("🚨 One or more tasks above did not 100% complete! 🚨");
+    } else {
+        crate::say!("⭐ All tasks completed successfully! ⭐");
+    }
+    Ok(code)
+}
+
+/// 19 if some table did not get every row it was given, else 0.
+fn exit_code_of(stats: &crate::engine::report::RunStats) -> ExitCode {
     let failed = stats
         .tables
         .values()
         .any(|s| s.had_errors || s.success < s.attempt);
-    if failed {
-        crate::say!("🚨 One or more tasks above did not 100% complete! 🚨");
-        Ok(ExitCode::TaskFailed)
-    } else {
-        crate::say!("⭐ All tasks completed successfully! ⭐");
-        Ok(ExitCode::Success)
+    match failed {
+        true => ExitCode::TaskFailed,
+        false => ExitCode::Success,
     }
 }
 

@@ -35,6 +35,12 @@ pub fn watch(opts: &EtlOptions, interval: Duration) -> Result<ExitCode, Fatal> {
             "--watch loads every export into the same tables: it needs --output-format deltalake",
         ));
     }
+    if opts.engine.cluster.is_some() {
+        return Err(Fatal::new(
+            ExitCode::ArgsInvalid,
+            "--watch runs in one process: it cannot be given --hostfile",
+        ));
+    }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     let handler = request_stop as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t;
     unsafe {

@@ -123,6 +123,12 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     let input = &opts.input;
     let output = &opts.output;
     check_run_arguments(input, opts.batch_size)?;
+    if opts.engine.cluster.is_some() {
+        return Err(Fatal::new(
+            ExitCode::ArgsInvalid,
+            "NLP runs in one process: `nlp` cannot be given --hostfile",
+        ));
+    }
     let studies = select_studies(&opts.tasks)?;
     let rejected = open_errors_folder(&opts.errors_to)?;
     let wanted: HashSet<String> = studies

@@ -28,7 +28,7 @@ pub struct JobConfig {
 }
 
 /// Per-table outcome counts, written as `<table>.json` next to the job config.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct TableSummary {
     pub label: String,
     pub attempt: u64,

@@ -1,6 +1,7 @@
 //! Integration tests (one binary to keep link times low).
 
 mod bad_input;
+mod cluster;
 mod console;
 mod deid_fixtures;
 mod delta;

@@ -10,25 +10,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::readers::{read_both, run_script};
-use crate::support::{delta_live_files, phi_with_salt, read_delta, run_etl, stderr, synthea};
+use crate::support::{delta_live_files, keyed_tables, phi_with_salt, run_etl, stderr, synthea};
 
 const INDEX: &str = "_cumulus_etl/row-index";
-
-/// The keyed tables of an output folder (all but `etl__completion`, keyed by run time), read
-/// back.
-fn keyed_tables(root: &Path) -> BTreeMap<String, BTreeMap<String, Value>> {
-    let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir(root).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let key = match name.as_str() {
-            "etl__completion" | "JobConfig" => continue,
-            "etl__completion_encounters" => "encounter_id",
-            _ => "id",
-        };
-        out.insert(name, read_delta(&entry.path(), key));
-    }
-    out
-}
 
 /// The live data files of every resource table.
 fn data_files(root: &Path) -> BTreeMap<String, Vec<PathBuf>> {

@@ -222,3 +222,19 @@ pub fn read_delta(table: &Path, key: &str) -> BTreeMap<String, Value> {
     }
     out
 }
+
+/// The keyed tables of an output folder (all but `etl__completion`, keyed by run time), read
+/// back.
+pub fn keyed_tables(root: &Path) -> BTreeMap<String, BTreeMap<String, Value>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(root).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let key = match name.as_str() {
+            "etl__completion" | "JobConfig" => continue,
+            "etl__completion_encounters" => "encounter_id",
+            _ => "id",
+        };
+        out.insert(name, read_delta(&entry.path(), key));
+    }
+    out
+}

@@ -1,0 +1,229 @@
+//! What a cluster run's processes share besides the dataflow (`docs/cluster.md`): each reads
+//! its share of the input files; each finishes the tables its workers wrote; process 0 gathers
+//! every process's statistics and codebook mappings, writes the completion rows, the summaries
+//! and the codebook, and prints the summary; every process exits with the run's exit code.
+
+use serde::{Deserialize, Serialize};
+
+use crate::deid::{Codebook, ExtensionReport};
+use crate::engine::report::RunStats;
+use crate::engine::rows::SkipReason;
+use crate::engine::{Audience, Engine};
+use crate::exit::{ExitCode, Fatal, one_line};
+use crate::input::InputFile;
+use crate::output::job::TableSummary;
+
+/// This process's share of the input files: the files, largest first, each to the process
+/// with the fewest bytes so far (the same on every process, which all list the same input).
+pub fn share_of(files: &[InputFile], process: usize, processes: usize) -> Vec<InputFile> {
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by(|&a, &b| (files[b].size, files[a].name()).cmp(&(files[a].size, files[b].name())));
+    let mut bytes = vec![0u64; processes.max(1)];
+    let mut mine = Vec::new();
+    for i in order {
+        let lightest = (0..bytes.len())
+            .min_by_key(|&p| (bytes[p], p))
+            .expect("a process");
+        bytes[lightest] += files[i].size.max(1);
+        if lightest == process {
+            mine.push(i);
+        }
+    }
+    mine.sort_unstable();
+    mine.into_iter().map(|i| files[i].clone()).collect()
+}
+
+/// What one process tells process 0 at the end of its share of a run.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ProcessReport {
+    pub tables: Vec<TableSummary>,
+    pub skipped: Vec<(SkipReason, u64)>,
+    pub extensions_dropped: Vec<(String, String, u64)>,
+    pub extensions_skipped: Vec<(String, String, u64)>,
+    /// Input bytes this process read.
+    pub bytes: u64,
+    /// Codebook mappings met (PHI: sent to process 0 only, which saves them).
+    pub mappings: Vec<(String, String, String)>,
+    /// Why this process's share did not finish, if it did not.
+    pub failure: Option<(i32, String)>,
+}
+
+impl ProcessReport {
+    /// A report of this process's statistics and new mappings.
+    pub fn of(stats: &RunStats, bytes: u64, codebook: &Codebook) -> ProcessReport {
+        let flat = |m: &std::collections::BTreeMap<(String, String), u64>| {
+            m.iter()
+                .map(|((t, u), n)| (t.clone(), u.clone(), *n))
+                .collect()
+        };
+        ProcessReport {
+            tables: stats.tables.values().cloned().collect(),
+            skipped: stats.skipped.iter().map(|(r, n)| (*r, *n)).collect(),
+            extensions_dropped: flat(&stats.extensions.dropped),
+            extensions_skipped: flat(&stats.extensions.skipped_modifiers),
+            bytes,
+            mappings: codebook.take_new_mappings(),
+            failure: None,
+        }
+    }
+
+    /// Adds this report's counts into `stats`; returns its bytes.
+    pub fn merge_into(self, stats: &mut RunStats, codebook: &Codebook) -> Result<u64, Fatal> {
+        for table in self.tables {
+            let summary = stats.summary(&table.label);
+            summary.attempt += table.attempt;
+            summary.success += table.success;
+            summary.had_errors |= table.had_errors;
+        }
+        for (reason, n) in self.skipped {
+            *stats.skipped.entry(reason).or_default() += n;
+        }
+        let mut extensions = ExtensionReport::default();
+        for (t, u, n) in self.extensions_dropped {
+            extensions.dropped.insert((t, u), n);
+        }
+        for (t, u, n) in self.extensions_skipped {
+            extensions.skipped_modifiers.insert((t, u), n);
+        }
+        stats.extensions.merge(&extensions);
+        codebook
+            .add_mappings(self.mappings)
+            .map_err(|e| Fatal::new(ExitCode::Failure, one_line(&e)))?;
+        Ok(self.bytes)
+    }
+}
+
+/// Sends this process's report to process 0; there, returns every other process's.
+pub fn gather(engine: &mut Engine, report: &ProcessReport) -> Result<Vec<ProcessReport>, Fatal> {
+    let failed = |e: anyhow::Error| {
+        Fatal::new(
+            ExitCode::Failure,
+            format!(
+                "the processes of the run could not gather: {}",
+                one_line(&e)
+            ),
+        )
+    };
+    let payload = serde_json::to_vec(report).map_err(|e| failed(e.into()))?;
+    let (me, _) = engine.process();
+    let received = engine.exchange(Audience::First, payload).map_err(failed)?;
+    received
+        .into_iter()
+        .filter(|(from, _)| *from != me)
+        .map(|(_, payload)| serde_json::from_slice(&payload).map_err(|e| failed(e.into())))
+        .collect()
+}
+
+/// The run's exit code, agreed by every process: the first process's that did not succeed
+/// (process order), or success. `mine` is this process's outcome.
+pub fn agree(engine: &mut Engine, mine: &Result<ExitCode, Fatal>) -> Result<ExitCode, Fatal> {
+    let code = match mine {
+        Ok(code) => *code as i32,
+        Err(fatal) => fatal.code as i32,
+    };
+    let answers = engine
+        .exchange(Audience::All, code.to_string().into_bytes())
+        .map_err(|e| Fatal::new(ExitCode::Failure, one_line(&e)))?;
+    let codes: Vec<i32> = answers
+        .iter()
+        .filter_map(|(_, a)| std::str::from_utf8(a).ok()?.parse().ok())
+        .collect();
+    Ok(codes
+        .into_iter()
+        .find(|&c| c != ExitCode::Success as i32)
+        .and_then(ExitCode::from_code)
+        .unwrap_or(ExitCode::Success))
+}
+
+/// Opens the codebook of a cluster run: process 0 opens (or creates) it and checks the output
+/// folder, then tells the others, which open it as followers (process 0 writes it). The salt is
+/// read by each process from the shared PHI folder, never sent between them.
+pub fn open_codebook(
+    engine: &mut Engine,
+    phi: &crate::store::ObjectLocation,
+    output: &crate::store::ObjectLocation,
+    format: crate::output::OutputFormat,
+) -> Result<std::sync::Arc<Codebook>, Fatal> {
+    let (me, _) = engine.process();
+    let round_failed = |e: anyhow::Error| {
+        Fatal::new(
+            ExitCode::Failure,
+            format!(
+                "the processes of the run could not start together: {}",
+                one_line(&e)
+            ),
+        )
+    };
+    if me == 0 {
+        let opened = super::open_codebook(phi, output, true).and_then(|codebook| {
+            super::prepare_output(output, format)?;
+            codebook.save()?;
+            Ok(codebook)
+        });
+        let status = match &opened {
+            Ok(_) => String::new(),
+            Err(fatal) => fatal.message.clone(),
+        };
+        engine
+            .exchange(Audience::All, status.into_bytes())
+            .map_err(round_failed)?;
+        return opened;
+    }
+    let answers = engine
+        .exchange(Audience::All, Vec::new())
+        .map_err(round_failed)?;
+    if let Some((_, status)) = answers.iter().find(|(from, _)| *from == 0)
+        && !status.is_empty()
+    {
+        return Err(Fatal::new(
+            ExitCode::Failure,
+            format!(
+                "process 0 could not open the codebook or the output: {}",
+                String::from_utf8_lossy(status)
+            ),
+        ));
+    }
+    let codebook = super::open_codebook(phi, output, true)?;
+    codebook.follow();
+    Ok(codebook)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_shared_by_size_the_same_way_on_every_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = crate::store::ObjectLocation::local(dir.path()).unwrap();
+        let sizes = [500u64, 10, 300, 300, 90, 0];
+        for (i, size) in sizes.iter().enumerate() {
+            std::fs::write(
+                dir.path().join(format!("f{i}.ndjson")),
+                vec![b'x'; *size as usize],
+            )
+            .unwrap();
+        }
+        let listing = crate::input::Listing::of(&location).unwrap();
+        let files: Vec<InputFile> = listing
+            .under("")
+            .map(|(object, size)| InputFile {
+                object,
+                resource_type: "Patient".into(),
+                size,
+            })
+            .collect();
+        let shares: Vec<Vec<InputFile>> = (0..3).map(|p| share_of(&files, p, 3)).collect();
+        let mut all: Vec<&str> = shares.iter().flatten().map(|f| f.name()).collect();
+        all.sort_unstable();
+        let mut names: Vec<&str> = files.iter().map(|f| f.name()).collect();
+        names.sort_unstable();
+        assert_eq!(all, names, "every file once");
+        let bytes: Vec<u64> = shares
+            .iter()
+            .map(|s| s.iter().map(|f| f.size).sum())
+            .collect();
+        assert_eq!(bytes, [500, 390, 310]);
+        assert_eq!(share_of(&files, 0, 1).len(), files.len());
+    }
+}
