@@ -70,14 +70,59 @@ pub fn install_hook() {
     ONCE.call_once(|| {
         std::panic::set_hook(Box::new(|info| {
             let error = InternalError::from_hook(info);
-            if CATCHING.with(Cell::get) == 0 {
-                let thread = std::thread::current();
-                let name = thread.name().unwrap_or("a worker");
+            let thread = std::thread::current();
+            let name = thread.name().unwrap_or("a worker");
+            if let Some(lost) = lost_connection(name) {
+                let message = format!(
+                    "the connection to process {lost} of the cluster run was lost ({}): it \
+                     stopped, or the network between them failed",
+                    error.message
+                );
+                CONNECTION_LOST.store(true, std::sync::atomic::Ordering::Release);
+                for watcher in CONNECTION_WATCHERS
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                {
+                    watcher(&message);
+                }
+            } else if CATCHING.with(Cell::get) == 0
+                && !CONNECTION_LOST.load(std::sync::atomic::Ordering::Acquire)
+            {
+                // Once a connection is lost, timely's other threads panic in turn (poisoned
+                // queues): consequences, not news.
                 eprintln!("error: {error} (in thread {name})");
             }
             CAUGHT.with(|c| *c.borrow_mut() = Some(error));
         }));
     });
+}
+
+/// Told when a thread of timely's network layer ends in a panic: its connection to another
+/// process of a cluster run broke (timely's threads panic on a closed or failed socket).
+type ConnectionWatcher = Box<dyn Fn(&str) + Send + Sync>;
+
+static CONNECTION_WATCHERS: std::sync::Mutex<Vec<ConnectionWatcher>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// A connection to another process was lost.
+static CONNECTION_LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Calls `watcher` with a message when a connection to another process of a cluster run is
+/// lost, so the run can stop instead of waiting for a process that is gone.
+pub fn on_connection_lost(watcher: impl Fn(&str) + Send + Sync + 'static) {
+    CONNECTION_WATCHERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Box::new(watcher));
+}
+
+/// The process whose connection a timely network thread served (`timely:recv-N`,
+/// `timely:send-N`), if this is one.
+fn lost_connection(thread: &str) -> Option<&str> {
+    thread
+        .strip_prefix("timely:recv-")
+        .or_else(|| thread.strip_prefix("timely:send-"))
 }
 
 /// Runs `f`; a panic in it comes back as an `InternalError` (the hook, if installed, records

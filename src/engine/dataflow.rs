@@ -214,12 +214,22 @@ impl Engine {
             },
         )
         .map_err(|e| anyhow!("could not start the workers: {e}"))?;
+        // A lost connection to another process stops the run, rather than leave the workers
+        // waiting for progress that process will never send.
+        let watched = Arc::downgrade(&feed);
+        panic_guard::on_connection_lost(move |message| {
+            if let Some(feed) = watched.upgrade() {
+                feed.stop(StopCause::Connection, message.to_string());
+            }
+        });
         let (joiner_feed, joiner_rounds) = (feed.clone(), rounds.clone());
         let joiner = std::thread::spawn(move || {
-            let died = guards.join().into_iter().any(|r| r.is_err());
+            // Joining panics when a connection's thread did (a lost process): the workers are
+            // gone all the same.
+            let joined = panic_guard::catch(|| guards.join().into_iter().any(|r| r.is_err()));
             joiner_feed.workers_ended();
             joiner_rounds.workers_ended();
-            died
+            joined.unwrap_or(true)
         });
         Ok(Engine {
             feed,

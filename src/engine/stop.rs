@@ -16,6 +16,8 @@ pub enum StopCause {
     Writing,
     /// A worker thread died outside every operator.
     Worker,
+    /// Another process of a cluster run stopped, or the network to it failed.
+    Connection,
 }
 
 /// Why a run stopped before its input was done.

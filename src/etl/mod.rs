@@ -73,7 +73,8 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let outcome = run_on(opts, &mut engine);
     match engine.process() {
         // Every process of a cluster run exits with the run's code; each printed its error.
-        (_, processes) if processes > 1 => {
+        // A run whose workers stopped (a lost process) cannot agree: each exits with its own.
+        (_, processes) if processes > 1 && engine.is_running() => {
             if let Err(fatal) = &outcome {
                 crate::say!("{}", fatal.message);
             }

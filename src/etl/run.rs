@@ -113,9 +113,15 @@ pub fn stopped_run(shared: &RunShared, error: anyhow::Error) -> Fatal {
     if let Err(e) = shared.scrubber.codebook().save() {
         crate::say!("error: could not save the codebook: {}", one_line(&e));
     }
-    let code = match error.downcast_ref::<RunStopped>() {
-        Some(stopped) if stopped.cause == StopCause::Writing => ExitCode::TaskFailed,
+    let cause = error.downcast_ref::<RunStopped>().map(|s| s.cause);
+    let code = match cause {
+        Some(StopCause::Writing) => ExitCode::TaskFailed,
         _ => ExitCode::Failure,
+    };
+    // A lost process is the machine's or the network's doing, not a bug of ours.
+    let report = match cause {
+        Some(StopCause::Connection) => "",
+        _ => " This is a bug: please report the message above.",
     };
     let again = match shared.outputs.format {
         OutputFormat::Deltalake => {
@@ -127,8 +133,6 @@ pub fn stopped_run(shared: &RunShared, error: anyhow::Error) -> Fatal {
     };
     Fatal::new(
         code,
-        format!(
-            "The run stopped: {error:#}. {again}. This is a bug: please report the message above."
-        ),
+        format!("The run stopped: {error:#}. {again}.{report}"),
     )
 }

@@ -219,3 +219,63 @@ fn a_process_that_never_starts_stops_the_others_within_the_connect_timeout() {
         assert!(last.contains("did not connect within 2s"), "{log}");
     }
 }
+
+#[test]
+fn a_process_killed_mid_run_stops_the_others_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, out, phi) = (
+        tmp.path().join("input"),
+        tmp.path().join("out"),
+        tmp.path().join("phi"),
+    );
+    // Twenty copies of the sample's files (linked, not copied): a run long enough to be
+    // killed in the middle of.
+    std::fs::create_dir_all(&input).unwrap();
+    for entry in std::fs::read_dir(synthea()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".ndjson").filter(|s| *s != "log") {
+            for copy in 0..20 {
+                std::fs::hard_link(entry.path(), input.join(format!("{stem}.{copy}.ndjson")))
+                    .unwrap();
+            }
+        } else {
+            std::fs::copy(entry.path(), input.join(&name)).unwrap();
+        }
+    }
+    let hosts = hostfile(tmp.path(), 3);
+    let args = [
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        phi.to_str().unwrap(),
+        "--output-format",
+        "ndjson",
+        "--workers",
+        "1",
+    ];
+    let mut children: Vec<Child> = (0..3).map(|p| start(&args, &hosts, p)).collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut killed = children.pop().unwrap();
+    assert!(
+        killed.try_wait().unwrap().is_none(),
+        "process 2 ended before it was killed"
+    );
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let started = Instant::now();
+    let runs = wait_all(children, Duration::from_secs(60));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    for (code, log) in &runs {
+        assert_eq!(*code, Some(1), "{log}");
+        let last = log.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("the connection to process 2 of the cluster run was lost"),
+            "{log}"
+        );
+        assert!(!log.contains("This is a bug"), "{log}");
+        assert!(!log.contains("MergeQueue"), "{log}");
+    }
+}
