@@ -71,6 +71,8 @@ pub struct RunReport {
     /// Skipped input lines (PHI), when there is an errors folder.
     pub rejected: Option<Mutex<BufWriter<std::fs::File>>>,
     warnings: Mutex<BTreeMap<SkipReason, u64>>,
+    /// The warnings and errors printed, in order.
+    told: Mutex<Vec<String>>,
 }
 
 impl RunReport {
@@ -82,6 +84,7 @@ impl RunReport {
             errors_dir,
             rejected: rejected.map(|f| Mutex::new(BufWriter::new(f))),
             warnings: Mutex::new(BTreeMap::new()),
+            told: Mutex::new(Vec::new()),
         }
     }
 
@@ -102,21 +105,36 @@ impl RunReport {
             } else {
                 format!(" ({detail})")
             };
-            crate::say!("warning: {place}: skipped: {}{detail}", reason.label());
+            self.tell(format!(
+                "warning: {place}: skipped: {}{detail}",
+                reason.label()
+            ));
         } else if *n == WARNINGS_PER_REASON + 1 {
-            crate::say!(
+            self.tell(format!(
                 "warning: more skipped for '{}'; they are counted in the summary",
                 reason.label()
-            );
+            ));
         }
+    }
+
+    /// Prints a warning or error about the run's input or output, and keeps it (a cluster
+    /// run's process 0 prints every process's).
+    pub fn tell(&self, line: String) {
+        crate::say!("{line}");
+        self.told.lock().unwrap().push(line);
+    }
+
+    /// The warnings and errors told so far.
+    pub fn told(&self) -> Vec<String> {
+        self.told.lock().unwrap().clone()
     }
 
     /// Records a file that could not be read to its end (a truncated or corrupt archive).
     pub fn note_unreadable(&self, file: &InputFile, line: u64, message: &str) {
-        crate::say!(
+        self.tell(format!(
             "warning: {}:{line}: stopped reading: {message}; the rest of this file was skipped",
             file.name()
-        );
+        ));
         *self
             .stats
             .lock()

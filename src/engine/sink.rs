@@ -332,10 +332,10 @@ fn written_callback(
                     let message = format!("writing table {table}: {panic}");
                     shared.stop.stop(StopCause::Writing, message);
                 }
-                crate::say!(
+                shared.report.tell(format!(
                     "error: could not write batch {batch_index} of {table}: {}",
                     one_line(&e)
-                );
+                ));
                 match (&chunks, &failure.rows) {
                     (Some(chunks), _) => {
                         shared

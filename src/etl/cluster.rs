@@ -44,13 +44,18 @@ pub struct ProcessReport {
     pub bytes: u64,
     /// Codebook mappings met (PHI: sent to process 0 only, which saves them).
     pub mappings: Vec<(String, String, String)>,
-    /// Why this process's share did not finish, if it did not.
-    pub failure: Option<(i32, String)>,
+    /// The warnings and errors it printed.
+    pub warnings: Vec<String>,
 }
 
 impl ProcessReport {
     /// A report of this process's statistics and new mappings.
-    pub fn of(stats: &RunStats, bytes: u64, codebook: &Codebook) -> ProcessReport {
+    pub fn of(
+        stats: &RunStats,
+        warnings: Vec<String>,
+        bytes: u64,
+        codebook: &Codebook,
+    ) -> ProcessReport {
         let flat = |m: &std::collections::BTreeMap<(String, String), u64>| {
             m.iter()
                 .map(|((t, u), n)| (t.clone(), u.clone(), *n))
@@ -63,12 +68,23 @@ impl ProcessReport {
             extensions_skipped: flat(&stats.extensions.skipped_modifiers),
             bytes,
             mappings: codebook.take_new_mappings(),
-            failure: None,
+            warnings,
         }
     }
 
-    /// Adds this report's counts into `stats`; returns its bytes.
-    pub fn merge_into(self, stats: &mut RunStats, codebook: &Codebook) -> Result<u64, Fatal> {
+    /// Adds this report's counts into `stats` and prints its warnings (they were printed
+    /// where they happened, and are gathered here); returns its bytes.
+    pub fn merge_into(
+        self,
+        (process, stats): (usize, &mut RunStats),
+        codebook: &Codebook,
+    ) -> Result<u64, Fatal> {
+        if !self.warnings.is_empty() {
+            crate::say!("Warnings of process {process}:");
+            for line in &self.warnings {
+                crate::say!("  {line}");
+            }
+        }
         for table in self.tables {
             let summary = stats.summary(&table.label);
             summary.attempt += table.attempt;
@@ -93,8 +109,12 @@ impl ProcessReport {
     }
 }
 
-/// Sends this process's report to process 0; there, returns every other process's.
-pub fn gather(engine: &mut Engine, report: &ProcessReport) -> Result<Vec<ProcessReport>, Fatal> {
+/// Sends this process's report to process 0; there, returns every other process's, with its
+/// number.
+pub fn gather(
+    engine: &mut Engine,
+    report: &ProcessReport,
+) -> Result<Vec<(usize, ProcessReport)>, Fatal> {
     let failed = |e: anyhow::Error| {
         Fatal::new(
             ExitCode::Failure,
@@ -110,7 +130,10 @@ pub fn gather(engine: &mut Engine, report: &ProcessReport) -> Result<Vec<Process
     received
         .into_iter()
         .filter(|(from, _)| *from != me)
-        .map(|(_, payload)| serde_json::from_slice(&payload).map_err(|e| failed(e.into())))
+        .map(|(from, payload)| {
+            let report = serde_json::from_slice(&payload).map_err(|e| failed(e.into()))?;
+            Ok((from, report))
+        })
         .collect()
 }
 

@@ -410,6 +410,7 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
         // writes the completion rows once every process's tables hold their rows.
         let report = cluster::ProcessReport::of(
             &shared.report.stats.lock().unwrap(),
+            shared.report.told(),
             total_bytes,
             &codebook,
         );
@@ -425,8 +426,8 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
             return Ok(exit_code_of(&stats));
         }
         let mut stats = shared.report.stats.lock().unwrap();
-        for other in others {
-            total_bytes += other.merge_into(&mut stats, &codebook)?;
+        for (from, other) in others {
+            total_bytes += other.merge_into((from, &mut stats), &codebook)?;
         }
     }
     let mut completion_rows = Vec::new();

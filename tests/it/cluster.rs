@@ -60,12 +60,11 @@ fn wait_all(children: Vec<Child>, limit: Duration) -> Vec<(Option<i32>, String)>
 /// Runs `processes` processes of `etl` into `out`; their exit codes and messages.
 fn cluster_etl(
     dir: &Path,
-    (out, phi): (&Path, &Path),
+    (input, out, phi): (&Path, &Path, &Path),
     processes: usize,
     extra: &[&str],
 ) -> Vec<(Option<i32>, String)> {
     let hosts = hostfile(dir, processes);
-    let input = synthea();
     let mut args = vec![
         input.to_str().unwrap(),
         out.to_str().unwrap(),
@@ -115,7 +114,18 @@ fn three_processes_write_the_tables_and_codebook_of_one() {
     let (out, phi) = (tmp.path().join("out"), tmp.path().join("phi"));
     phi_with_salt(&phi_single, "c0ffee");
     phi_with_salt(&phi, "c0ffee");
-    let input = synthea();
+    // The sample with a damaged line in each of two files (read by two processes, the
+    // largest and a small one).
+    let input = tmp.path().join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    for entry in std::fs::read_dir(synthea()).unwrap().flatten() {
+        let mut text = std::fs::read(entry.path()).unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if ["DocumentReference.000.ndjson", "Device.000.ndjson"].contains(&name.as_str()) {
+            text.extend_from_slice(b"{\"resourceType\": \"Device\", broken\n");
+        }
+        std::fs::write(input.join(&name), text).unwrap();
+    }
     let args = |out: &Path, phi: &Path| {
         [input.clone(), out.to_path_buf(), phi.to_path_buf()]
             .map(|p| p.to_str().unwrap().to_string())
@@ -131,7 +141,7 @@ fn three_processes_write_the_tables_and_codebook_of_one() {
 
     let runs = cluster_etl(
         tmp.path(),
-        (&out, &phi),
+        (&input, &out, &phi),
         3,
         &["--output-format", "ndjson", "--workers", "1"],
     );
@@ -161,6 +171,15 @@ fn three_processes_write_the_tables_and_codebook_of_one() {
         .unwrap()
         .to_string();
     assert!(procedures.contains(" 2056 "), "{procedures}");
+    // The damaged lines are counted, and process 0 prints every process's warnings.
+    let log = &runs[0].1;
+    assert!(log.contains("Skipped input (2 in all):"), "{log}");
+    let warned = log
+        .lines()
+        .filter(|l| l.contains(".ndjson:") && l.contains("skipped: unparseable JSON"))
+        .count();
+    assert_eq!(warned, 2, "{log}");
+    assert!(log.contains("Warnings of process "), "{log}");
 
     assert_eq!(ndjson_tables(&out), ndjson_tables(&single));
     assert_eq!(mappings(&phi), mappings(&phi_single));
@@ -182,7 +201,7 @@ fn three_processes_of_two_workers_write_the_delta_tables_of_one() {
         phi.to_str().unwrap(),
     ]);
     assert!(one.status.success(), "{}", stderr(&one));
-    let runs = cluster_etl(tmp.path(), (&out, &phi), 3, &["--workers", "2"]);
+    let runs = cluster_etl(tmp.path(), (&input, &out, &phi), 3, &["--workers", "2"]);
     for (process, (code, log)) in runs.iter().enumerate() {
         assert_eq!(*code, Some(0), "process {process}: {log}");
     }
