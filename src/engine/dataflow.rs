@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
@@ -199,7 +199,7 @@ impl Engine {
             move |worker| {
                 let feed = worker_feed.clone();
                 let _stop_on_unwind = StopOnUnwind(feed.clone(), worker.index());
-                build_dataflow(worker, &feed);
+                build_dataflow(worker, &feed, threads);
                 control::build(worker, &worker_rounds, threads);
                 panic_guard::inject(Site::Worker, &worker.index().to_string(), 0);
                 while worker.has_dataflows() {
@@ -361,6 +361,15 @@ impl Drop for Engine {
     }
 }
 
+/// Bytes of rows this process's sources sent to sinks in other processes of a cluster run.
+static ROW_BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of rows this process has sent to other processes of a cluster run so far (the rows,
+/// ids and tags of the chunks; timely adds its headers).
+pub fn row_bytes_sent() -> u64 {
+    ROW_BYTES_SENT.load(Ordering::Relaxed)
+}
+
 /// Timestamps are `epoch << EPOCH_SHIFT | sequence`: a source's sequence counts its outputs
 /// within the epoch (far fewer than 2^40), and the next epoch starts above every one of them.
 const EPOCH_SHIFT: u32 = 40;
@@ -385,7 +394,7 @@ pub fn run_dataflow(
 /// Builds one worker's operators: a source that reads and de-identifies, and a sink that writes
 /// the tasks routed to this worker, for every epoch the feed offers. A panic in either stops
 /// the run with what was in hand.
-fn build_dataflow(worker: &mut timely::worker::Worker, feed: &Arc<Feed>) {
+fn build_dataflow(worker: &mut timely::worker::Worker, feed: &Arc<Feed>, threads: usize) {
     let index = worker.index();
     worker.dataflow::<u64, _, _>(|scope| {
         let source_feed = feed.clone();
@@ -421,6 +430,9 @@ fn build_dataflow(worker: &mut timely::worker::Worker, feed: &Arc<Feed>) {
                         let mut session = output.session(&*c);
                         for mut chunk in chunks {
                             chunk.sink = offered.sinks[chunk.task as usize];
+                            if chunk.sink as usize / threads != index / threads {
+                                ROW_BYTES_SENT.fetch_add(chunk.wire_bytes(), Ordering::Relaxed);
+                            }
                             session.give(chunk);
                         }
                         drop(session);

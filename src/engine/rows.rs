@@ -89,6 +89,13 @@ impl TableChunk {
         }
     }
 
+    /// About the bytes the chunk takes on the wire to another process: its rows, ids and tags.
+    pub fn wire_bytes(&self) -> u64 {
+        let ids: usize = self.ids.iter().map(|id| id.len() + 8).sum();
+        (self.data.len() + ids + self.tags.len() * std::mem::size_of::<crate::output::RowTag>())
+            as u64
+    }
+
     /// Appends one row given as a JSON value (completion and NLP rows, whose tables have fixed
     /// schemas, so no shape is tracked).
     pub fn push(&mut self, id: String, row: &Value) {

@@ -42,6 +42,8 @@ pub struct ProcessReport {
     pub extensions_skipped: Vec<(String, String, u64)>,
     /// Input bytes this process read.
     pub bytes: u64,
+    /// Bytes of rows it sent to the other processes, on their way to their tables' sinks.
+    pub sent: u64,
     /// Codebook mappings met (PHI: sent to process 0 only, which saves them).
     pub mappings: Vec<(String, String, String)>,
     /// The warnings and errors it printed.
@@ -67,18 +69,19 @@ impl ProcessReport {
             extensions_dropped: flat(&stats.extensions.dropped),
             extensions_skipped: flat(&stats.extensions.skipped_modifiers),
             bytes,
+            sent: crate::engine::dataflow::row_bytes_sent(),
             mappings: codebook.take_new_mappings(),
             warnings,
         }
     }
 
     /// Adds this report's counts into `stats` and prints its warnings (they were printed
-    /// where they happened, and are gathered here); returns its bytes.
+    /// where they happened, and are gathered here); returns its bytes read and sent.
     pub fn merge_into(
         self,
         (process, stats): (usize, &mut RunStats),
         codebook: &Codebook,
-    ) -> Result<u64, Fatal> {
+    ) -> Result<(u64, u64), Fatal> {
         if !self.warnings.is_empty() {
             crate::say!("Warnings of process {process}:");
             for line in &self.warnings {
@@ -105,7 +108,7 @@ impl ProcessReport {
         codebook
             .add_mappings(self.mappings)
             .map_err(|e| Fatal::new(ExitCode::Failure, one_line(&e)))?;
-        Ok(self.bytes)
+        Ok((self.bytes, self.sent))
     }
 }
 

@@ -419,16 +419,25 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
             finish_tables(&shared, opts.optimize_tables);
             let stats = shared.report.stats.lock().unwrap();
             crate::say!(
-                "Process {process}: its share is written ({} read); process 0 prints the run's \
-                 summary",
-                human_bytes(total_bytes)
+                "Process {process}: its share is written ({} read, {} sent to the other \
+                 processes); process 0 prints the run's summary",
+                human_bytes(total_bytes),
+                human_bytes(report.sent)
             );
             return Ok(exit_code_of(&stats));
         }
         let mut stats = shared.report.stats.lock().unwrap();
+        let mut sent = report.sent;
         for (from, other) in others {
-            total_bytes += other.merge_into((from, &mut stats), &codebook)?;
+            let (read, sent_by_it) = other.merge_into((from, &mut stats), &codebook)?;
+            total_bytes += read;
+            sent += sent_by_it;
         }
+        crate::say!(
+            "Cluster: {processes} processes sent each other {} of rows ({} per input MB)",
+            human_bytes(sent),
+            human_bytes(sent * 1_000_000 / total_bytes.max(1))
+        );
     }
     let mut completion_rows = Vec::new();
     for task in &selected {

@@ -180,6 +180,12 @@ fn three_processes_write_the_tables_and_codebook_of_one() {
         .count();
     assert_eq!(warned, 2, "{log}");
     assert!(log.contains("Warnings of process "), "{log}");
+    // Rows crossed between processes on their way to their tables' sinks, and were counted.
+    let sent = log
+        .lines()
+        .find_map(|l| l.strip_prefix("Cluster: 3 processes sent each other "))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(!sent.starts_with("0 B"), "{sent}");
 
     assert_eq!(ndjson_tables(&out), ndjson_tables(&single));
     assert_eq!(mappings(&phi), mappings(&phi_single));
