@@ -431,7 +431,11 @@ fn build_dataflow(worker: &mut timely::worker::Worker, feed: &Arc<Feed>, threads
                         for mut chunk in chunks {
                             chunk.sink = offered.sinks[chunk.task as usize];
                             if chunk.sink as usize / threads != index / threads {
+                                // Its memory is given back here once sent, and counted where
+                                // it arrives: a budget is one process's.
                                 ROW_BYTES_SENT.fetch_add(chunk.wire_bytes(), Ordering::Relaxed);
+                                offered.shared.budget.release(chunk.reserved);
+                                chunk.crossing = true;
                             }
                             session.give(chunk);
                         }

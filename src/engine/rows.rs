@@ -63,6 +63,9 @@ pub struct TableChunk {
     pub task: u32,
     /// The worker whose sink writes the task (set by the source operator).
     pub sink: u64,
+    /// On its way to a sink in another process: its reservation was returned where it was
+    /// made, and is counted again where it arrives (`reserved` bytes).
+    pub crossing: bool,
     pub table: String,
     pub ids: Vec<String>,
     /// A tag per row, or none (see [`crate::output::RowBatch::tags`]).
@@ -173,6 +176,7 @@ impl TableChunk {
         let tail = TableChunk {
             task: self.task,
             sink: self.sink,
+            crossing: self.crossing,
             table: self.table.clone(),
             ids: self.ids.split_off(n.min(self.ids.len())),
             tags: self.tags.split_off(n.min(self.tags.len())),

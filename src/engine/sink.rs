@@ -69,6 +69,10 @@ impl SinkState {
     /// A task's completion rows arrive just before the main rows they track (same ids, same
     /// order), so both are cut at the same row.
     pub fn accept(&mut self, mut chunk: TableChunk) {
+        if chunk.crossing {
+            self.shared.budget.count_arrived(chunk.reserved);
+            chunk.crossing = false;
+        }
         let task_id = chunk.task;
         let batch_size = self.shared.batch_size;
         if self.shared.work.tasks[task_id as usize].whole_chunks {

@@ -155,6 +155,15 @@ impl MemoryBudget {
         ))
     }
 
+    /// Counts `bytes` that arrived already made (rows another process of a cluster run read,
+    /// for a table written here), over the limit if need be: they are in memory whether or not
+    /// they fit, and this process's own reading then waits until they are written.
+    pub fn count_arrived(&self, bytes: u64) {
+        let mut used = self.used.lock().unwrap();
+        *used += bytes;
+        self.peak.fetch_max(*used + self.held(), Ordering::Relaxed);
+    }
+
     /// Returns bytes to the budget.
     pub fn release(&self, bytes: u64) {
         let mut used = self.used.lock().unwrap();

@@ -75,6 +75,22 @@ fn cluster_etl(
     wait_all(children, Duration::from_secs(120))
 }
 
+/// `copies` copies of the sample's files in `dir` (hard links, not copies of the bytes).
+fn linked_copies(dir: &Path, copies: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(synthea()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".ndjson").filter(|s| *s != "log") {
+            for copy in 0..copies {
+                std::fs::hard_link(entry.path(), dir.join(format!("{stem}.{copy}.ndjson")))
+                    .unwrap();
+            }
+        } else {
+            std::fs::copy(entry.path(), dir.join(&name)).unwrap();
+        }
+    }
+}
+
 fn mappings(phi: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(phi.join("codebook-cached-mappings.json")).unwrap())
         .unwrap()
@@ -200,14 +216,23 @@ fn three_processes_of_two_workers_write_the_delta_tables_of_one() {
         tmp.path().join("phi"),
     );
     phi_with_salt(&phi, "c0ffee");
-    let input = synthea();
+    // Five copies of the sample, far more than a budget of 16 MiB holds.
+    let input = tmp.path().join("input");
+    linked_copies(&input, 5);
     let one = run_etl(&[
         input.to_str().unwrap(),
         single.to_str().unwrap(),
         phi.to_str().unwrap(),
     ]);
     assert!(one.status.success(), "{}", stderr(&one));
-    let runs = cluster_etl(tmp.path(), (&input, &out, &phi), 3, &["--workers", "2"]);
+    // A budget far below the input: rows that cross to another process must give their
+    // memory back where they were read, or that process's reading waits forever.
+    let runs = cluster_etl(
+        tmp.path(),
+        (&input, &out, &phi),
+        3,
+        &["--workers", "2", "--memory", "16MiB"],
+    );
     for (process, (code, log)) in runs.iter().enumerate() {
         assert_eq!(*code, Some(0), "process {process}: {log}");
     }
@@ -253,20 +278,8 @@ fn a_process_killed_mid_run_stops_the_others_with_the_reason() {
         tmp.path().join("out"),
         tmp.path().join("phi"),
     );
-    // Twenty copies of the sample's files (linked, not copied): a run long enough to be
-    // killed in the middle of.
-    std::fs::create_dir_all(&input).unwrap();
-    for entry in std::fs::read_dir(synthea()).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(stem) = name.strip_suffix(".ndjson").filter(|s| *s != "log") {
-            for copy in 0..20 {
-                std::fs::hard_link(entry.path(), input.join(format!("{stem}.{copy}.ndjson")))
-                    .unwrap();
-            }
-        } else {
-            std::fs::copy(entry.path(), input.join(&name)).unwrap();
-        }
-    }
+    // Twenty copies of the sample: a run long enough to be killed in the middle of.
+    linked_copies(&input, 20);
     let hosts = hostfile(tmp.path(), 3);
     let args = [
         input.to_str().unwrap(),
