@@ -10,27 +10,45 @@ use crate::engine::report::RunStats;
 use crate::engine::rows::SkipReason;
 use crate::engine::{Audience, Engine};
 use crate::exit::{ExitCode, Fatal, one_line};
-use crate::input::InputFile;
+use crate::input::bundles::WorkItem;
 use crate::output::job::TableSummary;
 
-/// This process's share of the input files: the files, largest first, each to the process
-/// with the fewest bytes so far (the same on every process, which all list the same input).
-pub fn share_of(files: &[InputFile], process: usize, processes: usize) -> Vec<InputFile> {
-    let mut order: Vec<usize> = (0..files.len()).collect();
-    order.sort_by(|&a, &b| (files[b].size, files[a].name()).cmp(&(files[a].size, files[b].name())));
-    let mut bytes = vec![0u64; processes.max(1)];
-    let mut mine = Vec::new();
-    for i in order {
-        let lightest = (0..bytes.len())
-            .min_by_key(|&p| (bytes[p], p))
-            .expect("a process");
-        bytes[lightest] += files[i].size.max(1);
-        if lightest == process {
-            mine.push(i);
-        }
+/// This process's share of the planned bundles: in plan order, each bundle to the process
+/// with the fewest bytes so far (the same on every process, which all plan the same input). A
+/// file is cut between processes by bundles, so each process gets a mix of every resource type,
+/// as a worker of one process does: by whole files, the cheapest types to process (large notes)
+/// made one process finish in half the time of the other.
+pub fn share_of(work: Vec<WorkItem>, process: usize, processes: usize) -> Vec<WorkItem> {
+    let bytes: Vec<u64> = work.iter().map(item_bytes).collect();
+    let mine = shares(&bytes, processes);
+    work.into_iter()
+        .zip(mine)
+        .filter(|(_, owner)| *owner == process)
+        .map(|(item, _)| item)
+        .collect()
+}
+
+/// Input bytes of a planned bundle.
+pub fn item_bytes(item: &WorkItem) -> u64 {
+    match item {
+        WorkItem::Slice { start, end, .. } => (end - start) as u64,
+        WorkItem::Stream { file } | WorkItem::Open { file, .. } => file.size,
     }
-    mine.sort_unstable();
-    mine.into_iter().map(|i| files[i].clone()).collect()
+}
+
+/// The process of each of `weights`, in order, to the one with the least weight so far.
+fn shares(weights: &[u64], processes: usize) -> Vec<usize> {
+    let mut totals = vec![0u64; processes.max(1)];
+    weights
+        .iter()
+        .map(|w| {
+            let lightest = (0..totals.len())
+                .min_by_key(|&p| (totals[p], p))
+                .expect("a process");
+            totals[lightest] += (*w).max(1);
+            lightest
+        })
+        .collect()
 }
 
 /// What one process tells process 0 at the end of its share of a run.
@@ -219,37 +237,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn files_are_shared_by_size_the_same_way_on_every_process() {
-        let dir = tempfile::tempdir().unwrap();
-        let location = crate::store::ObjectLocation::local(dir.path()).unwrap();
-        let sizes = [500u64, 10, 300, 300, 90, 0];
-        for (i, size) in sizes.iter().enumerate() {
-            std::fs::write(
-                dir.path().join(format!("f{i}.ndjson")),
-                vec![b'x'; *size as usize],
-            )
-            .unwrap();
-        }
-        let listing = crate::input::Listing::of(&location).unwrap();
-        let files: Vec<InputFile> = listing
-            .under("")
-            .map(|(object, size)| InputFile {
-                object,
-                resource_type: "Patient".into(),
-                size,
+    fn bundles_go_in_order_to_the_process_with_the_fewest_bytes() {
+        let owners = shares(&[500, 10, 300, 300, 90, 0, 100], 3);
+        assert_eq!(owners, [0, 1, 2, 1, 2, 1, 1]);
+        let totals: Vec<u64> = (0..3)
+            .map(|p| {
+                owners
+                    .iter()
+                    .zip([500, 10, 300, 300, 90, 0, 100])
+                    .filter(|(o, _)| **o == p)
+                    .map(|(_, w)| w)
+                    .sum()
             })
             .collect();
-        let shares: Vec<Vec<InputFile>> = (0..3).map(|p| share_of(&files, p, 3)).collect();
-        let mut all: Vec<&str> = shares.iter().flatten().map(|f| f.name()).collect();
-        all.sort_unstable();
-        let mut names: Vec<&str> = files.iter().map(|f| f.name()).collect();
-        names.sort_unstable();
-        assert_eq!(all, names, "every file once");
-        let bytes: Vec<u64> = shares
-            .iter()
-            .map(|s| s.iter().map(|f| f.size).sum())
-            .collect();
-        assert_eq!(bytes, [500, 390, 310]);
-        assert_eq!(share_of(&files, 0, 1).len(), files.len());
+        assert_eq!(totals, [500, 410, 390]);
+        assert!(shares(&[1, 2, 3], 1).iter().all(|&p| p == 0));
     }
 }

@@ -254,14 +254,14 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
         })
         .collect();
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
-    // A cluster run's processes each read a share of the files; its tables keep no row index
-    // yet (the pre-scan sees every line of an export).
-    let files = match cluster {
-        true => cluster::share_of(&found.files, process, processes),
-        false => found.files.clone(),
-    };
+    // A cluster run's processes each read a share of the bundles; its tables keep no row
+    // index yet (the pre-scan sees every line of an export).
     let row_index = keeps_row_index(opts) && !cluster;
-    let work = bundles::plan(&files, bundle_bytes)?;
+    let files = &found.files;
+    let mut work = bundles::plan(files, bundle_bytes)?;
+    if cluster {
+        work = cluster::share_of(work, process, processes);
+    }
     // The same bundles for a re-run's pre-scan, which reads the files before the dataflow.
     let planned: Vec<bundles::WorkItem> = match row_index {
         true => work
@@ -270,7 +270,12 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
             .collect(),
         false => Vec::new(),
     };
-    let mut total_bytes: u64 = files.iter().map(|f| f.size).sum();
+    let mut total_bytes: u64 = work.iter().map(cluster::item_bytes).sum();
+    let files_read = work
+        .iter()
+        .map(|item| item.file().name())
+        .collect::<HashSet<_>>()
+        .len();
     let scrubber = Scrubber::new(Rules::embedded()?, codebook.clone(), true);
     let shared = RunBuilder {
         memory: opts.memory,
@@ -294,7 +299,7 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
     crate::say!(
         "Reading {} in {} files with {} workers and a {} memory budget...",
         human_bytes(total_bytes),
-        files.len(),
+        files_read,
         opts.engine.workers,
         human_bytes(opts.memory)
     );
