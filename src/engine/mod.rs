@@ -11,6 +11,7 @@ pub mod rows;
 pub mod sink;
 pub mod source;
 pub mod stop;
+pub mod wire;
 pub mod work;
 
 pub use config::{ClusterConfig, EngineConfig};

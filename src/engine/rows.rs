@@ -74,6 +74,7 @@ pub struct TableChunk {
     /// [`crate::output::RowBatch::keys_new`]).
     pub keys_new: bool,
     /// Newline-terminated rows, one per id.
+    #[serde(with = "super::wire::bytes")]
     pub data: Vec<u8>,
     pub shape: Shape,
     pub reserved: u64,
