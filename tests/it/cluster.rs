@@ -271,7 +271,7 @@ fn a_process_that_never_starts_stops_the_others_within_the_connect_timeout() {
 }
 
 #[test]
-fn a_process_killed_mid_run_stops_the_others_with_the_reason() {
+fn a_process_killed_mid_run_stops_the_others_with_the_reason_and_a_rerun_completes_the_tables() {
     let tmp = tempfile::tempdir().unwrap();
     let (input, out, phi) = (
         tmp.path().join("input"),
@@ -285,8 +285,6 @@ fn a_process_killed_mid_run_stops_the_others_with_the_reason() {
         input.to_str().unwrap(),
         out.to_str().unwrap(),
         phi.to_str().unwrap(),
-        "--output-format",
-        "ndjson",
         "--workers",
         "1",
     ];
@@ -315,5 +313,23 @@ fn a_process_killed_mid_run_stops_the_others_with_the_reason() {
         );
         assert!(!log.contains("This is a bug"), "{log}");
         assert!(!log.contains("MergeQueue"), "{log}");
+        assert!(last.contains("a re-run completes them"), "{log}");
     }
+
+    // The same command again on every process completes the Delta tables.
+    let runs = wait_all(
+        (0..3).map(|p| start(&args, &hosts, p)).collect(),
+        Duration::from_secs(120),
+    );
+    for (process, (code, log)) in runs.iter().enumerate() {
+        assert_eq!(*code, Some(0), "process {process}: {log}");
+    }
+    let single = tmp.path().join("single");
+    let one = run_etl(&[
+        input.to_str().unwrap(),
+        single.to_str().unwrap(),
+        phi.to_str().unwrap(),
+    ]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    assert_eq!(keyed_tables(&out), keyed_tables(&single));
 }
