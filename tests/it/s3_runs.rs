@@ -557,3 +557,48 @@ fn watch_loads_an_export_placed_in_s3_into_tables_in_s3_and_stops_on_sigterm() {
     assert_eq!(recorded["export"], "one");
     assert_same_tables(&site, &output, 1);
 }
+
+#[test]
+fn a_cluster_run_of_two_processes_from_s3_into_s3_gives_the_tables_of_a_local_run() {
+    let site = Site::new();
+    let (export, output, phi) = (site.path("export"), site.path("output"), site.path("phi"));
+    site.run(&[&export, &output, &phi]);
+    let ports: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let hosts = site.local.path().join("hosts");
+    let lines: Vec<String> = ports
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    std::fs::write(&hosts, lines.join("\n")).unwrap();
+    drop(ports);
+    let env = site.env_via(&site.server.endpoint());
+    let children: Vec<std::process::Child> = (0..2)
+        .map(|process| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+                .args(S3_RUN)
+                .args(["--hostfile", hosts.to_str().unwrap()])
+                .args(["--process", &process.to_string()])
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (process, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "process {process}: {log}");
+    }
+    assert_same_tables(&site, &output, 1);
+    // Process 0 saved every process's id mappings in the PHI prefix.
+    let bucket = ObjectLocation::parse("s3://hospital", &site.server.settings()).unwrap();
+    let mappings = "codebook-cached-mappings.json";
+    let in_s3: Value =
+        serde_json::from_slice(&bucket.read(&format!("phi/{mappings}")).unwrap().unwrap()).unwrap();
+    let local: Value =
+        serde_json::from_slice(&std::fs::read(Path::new(&phi).join(mappings)).unwrap()).unwrap();
+    assert_eq!(in_s3, local);
+}
