@@ -88,21 +88,15 @@ impl Rounds {
     /// The messages this process received in `round`, from the processes that sent it one,
     /// in process order; None if the workers ended first.
     pub fn wait(&self, round: u64) -> Option<Vec<Message>> {
-        let mut state = self.state();
-        loop {
-            if let Some(mut messages) = state.delivered.remove(&round) {
-                messages.sort_by_key(|m| m.from);
-                return Some(messages);
-            }
-            if state.ended {
-                return None;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let mut state = self
+            .changed
+            .wait_while(self.state(), |s| {
+                !s.delivered.contains_key(&round) && !s.ended
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        let mut messages = state.delivered.remove(&round)?;
+        messages.sort_by_key(|m| m.from);
+        Some(messages)
     }
 
     /// No more rounds.

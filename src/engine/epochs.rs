@@ -7,7 +7,6 @@
 //! last (a re-run's pre-scan must see what the last epoch committed).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
 
 use super::dataflow::{ProducerFactory, RunShared};
 use super::stop::StopCause;
@@ -103,19 +102,13 @@ impl Feed {
     /// Waits until every one of `workers` sinks has finished the current epoch, or the workers
     /// have exited.
     pub fn wait(&self, workers: usize) -> Outcome {
-        let mut state = self.state();
-        loop {
-            if state.sinks_finished >= workers {
-                return Outcome::Finished;
-            }
-            if state.ended {
-                return Outcome::WorkersEnded;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let state = self
+            .changed
+            .wait_while(self.state(), |s| s.sinks_finished < workers && !s.ended)
+            .unwrap_or_else(|p| p.into_inner());
+        match state.sinks_finished >= workers {
+            true => Outcome::Finished,
+            false => Outcome::WorkersEnded,
         }
     }
 

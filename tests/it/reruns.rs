@@ -604,16 +604,18 @@ fn stop_watch(child: std::process::Child) -> (Option<i32>, String) {
     )
 }
 
+/// A temporary folder with the paths of a watch test: a PHI folder (with a salt), the exports'
+/// folder, the watch's output and a clean run's output.
+fn watch_folders() -> (tempfile::TempDir, [PathBuf; 4]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = ["phi", "exports", "out", "clean"].map(|name| tmp.path().join(name));
+    phi_with_salt(&paths[0], "1234");
+    (tmp, paths)
+}
+
 #[test]
 fn watch_loads_exports_as_they_complete_in_their_order_and_stops_on_sigterm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let phi = tmp.path().join("phi");
-    phi_with_salt(&phi, "1234");
-    let (exports, out, clean) = (
-        tmp.path().join("exports"),
-        tmp.path().join("out"),
-        tmp.path().join("clean"),
-    );
+    let (tmp, [phi, exports, out, clean]) = watch_folders();
     // Two exports at the first look: "b" completed an hour before "a", though neither their
     // names nor their times as written say so.
     let (early, late) = (exports.join("b-first"), exports.join("a-second"));
@@ -670,14 +672,7 @@ fn watch_loads_exports_as_they_complete_in_their_order_and_stops_on_sigterm() {
 
 #[test]
 fn an_export_whose_run_stops_leaves_the_watch_running_on_new_workers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let phi = tmp.path().join("phi");
-    phi_with_salt(&phi, "1234");
-    let (exports, out, clean) = (
-        tmp.path().join("exports"),
-        tmp.path().join("out"),
-        tmp.path().join("clean"),
-    );
+    let (tmp, [phi, exports, out, clean]) = watch_folders();
     // The first export has a file whose reading panics (a test hook): its run stops, and its
     // workers with it.
     let (broken, good) = (exports.join("a-broken"), exports.join("b-good"));

@@ -26,11 +26,7 @@ pub async fn for_each_value(
     each: &mut (dyn FnMut(&StringArray) -> Result<()> + Send),
 ) -> Result<u64> {
     let state = table.snapshot()?;
-    let mapping = state
-        .metadata()
-        .configuration()
-        .get("delta.columnMapping.mode");
-    if mapping.is_some_and(|mode| !mode.eq_ignore_ascii_case("none")) {
+    if super::file_merge::maps_columns(state) {
         return Err(anyhow!(
             "its data files name their columns by column mapping"
         ));

@@ -45,17 +45,23 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// use delta-rs's MERGE.
 pub fn unsupported(table: &deltalake::DeltaTable) -> Result<Option<&'static str>> {
     let state = table.snapshot()?;
-    let mapping = state
-        .metadata()
-        .configuration()
-        .get("delta.columnMapping.mode");
-    if mapping.is_some_and(|mode| !mode.eq_ignore_ascii_case("none")) {
+    if maps_columns(state) {
         return Ok(Some("column mapping"));
     }
     if !state.metadata().partition_columns().is_empty() {
         return Ok(Some("partition columns"));
     }
     Ok(None)
+}
+
+/// Whether the table's data files name their columns by column mapping (physical names), so
+/// that reading them raw by the schema's names would misread them.
+pub fn maps_columns(state: &deltalake::table::state::DeltaTableState) -> bool {
+    state
+        .metadata()
+        .configuration()
+        .get("delta.columnMapping.mode")
+        .is_some_and(|mode| !mode.eq_ignore_ascii_case("none"))
 }
 
 /// What a MERGE did, in the log's actions and in counts for its report.
