@@ -615,7 +615,7 @@ fn watch_folders() -> (tempfile::TempDir, [PathBuf; 4]) {
 
 #[test]
 fn watch_loads_exports_as_they_complete_in_their_order_and_stops_on_sigterm() {
-    let (tmp, [phi, exports, out, clean]) = watch_folders();
+    let (_tmp, [phi, exports, out, clean]) = watch_folders();
     // Two exports at the first look: "b" completed an hour before "a", though neither their
     // names nor their times as written say so.
     let (early, late) = (exports.join("b-first"), exports.join("a-second"));
@@ -672,7 +672,7 @@ fn watch_loads_exports_as_they_complete_in_their_order_and_stops_on_sigterm() {
 
 #[test]
 fn an_export_whose_run_stops_leaves_the_watch_running_on_new_workers() {
-    let (tmp, [phi, exports, out, clean]) = watch_folders();
+    let (_tmp, [phi, exports, out, clean]) = watch_folders();
     // The first export has a file whose reading panics (a test hook): its run stops, and its
     // workers with it.
     let (broken, good) = (exports.join("a-broken"), exports.join("b-good"));
