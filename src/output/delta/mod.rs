@@ -18,7 +18,6 @@ mod files;
 mod ledger;
 mod merge_source;
 mod protocol;
-mod row_hash;
 mod s3_log;
 mod stage;
 mod table;
