@@ -70,7 +70,7 @@ pub enum InputFormat {
 /// Runs the ETL; the returned code is 0 or 19 (some batch failed to write).
 pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     let mut engine = start_engine(&opts.engine)?;
-    let outcome = run_on(opts, &mut engine);
+    let outcome = run_on(opts, &mut engine).map(|ran| ran.code);
     match engine.process() {
         // Every process of a cluster run exits with the run's code; each printed its error.
         // A run whose workers stopped (a lost process) cannot agree: each exits with its own.
@@ -84,8 +84,35 @@ pub fn run(opts: &EtlOptions) -> Result<ExitCode, Fatal> {
     }
 }
 
+/// How a run ended, in a line's worth of counts (the watch prints one per export).
+#[derive(Debug, Clone, Copy)]
+pub struct Ran {
+    pub code: ExitCode,
+    /// Rows of the tasks' tables written, or left out as unchanged.
+    pub rows: u64,
+    /// Of those, rows left out as unchanged (re-runs).
+    pub unchanged: u64,
+    /// Input lines skipped (bad input).
+    pub skipped: u64,
+    /// Input bytes (read, or left out unread as unchanged).
+    pub bytes: u64,
+}
+
+impl Ran {
+    /// The counts in a few words.
+    pub fn line(&self) -> String {
+        format!(
+            "{} rows ({} unchanged, left out), {} input lines skipped, {} of input",
+            self.rows,
+            self.unchanged,
+            self.skipped,
+            human_bytes(self.bytes)
+        )
+    }
+}
+
 /// Runs the ETL as the next epoch of `engine` (see [`run`]).
-pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal> {
+pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<Ran, Fatal> {
     let started_at = Instant::now();
     let started = PyDateTime::now_utc();
     let input = &opts.input;
@@ -429,7 +456,13 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
                 human_bytes(total_bytes),
                 human_bytes(report.sent)
             );
-            return Ok(exit_code_of(&stats));
+            return Ok(Ran {
+                code: exit_code_of(&stats),
+                rows: 0,
+                unchanged: 0,
+                skipped: 0,
+                bytes: total_bytes,
+            });
         }
         let mut stats = shared.report.stats.lock().unwrap();
         let mut sent = report.sent;
@@ -486,7 +519,16 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<ExitCode, Fatal>
     } else {
         crate::say!("⭐ All tasks completed successfully! ⭐");
     }
-    Ok(code)
+    let of_tasks = |count: &dyn Fn(&str) -> u64| -> u64 {
+        selected.iter().map(|task| count(&task.name)).sum()
+    };
+    Ok(Ran {
+        code,
+        rows: of_tasks(&|table| stats.tables.get(table).map_or(0, |s| s.success)),
+        unchanged: of_tasks(&|table| rerun.as_ref().map_or(0, |r| r.unchanged(table))),
+        skipped: stats.skipped.values().sum(),
+        bytes: total_bytes,
+    })
 }
 
 /// 19 if some table did not get every row it was given, else 0.

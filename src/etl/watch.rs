@@ -79,15 +79,16 @@ pub fn watch(opts: &EtlOptions, interval: Duration) -> Result<ExitCode, Fatal> {
                 ..opts.clone()
             };
             match super::run_on(&export, &mut engine) {
-                Ok(ExitCode::Success) => {
+                Ok(ran) if ran.code == ExitCode::Success => {
                     record(opts, &name, &completed)?;
                     loaded.insert(name.clone());
                     crate::say!(
-                        "watch: export {name} loaded in {:.1} s",
-                        started.elapsed().as_secs_f64()
+                        "watch: export {name} loaded in {:.1} s: {}",
+                        started.elapsed().as_secs_f64(),
+                        ran.line()
                     );
                 }
-                Ok(code) => {
+                Ok(super::Ran { code, .. }) => {
                     crate::say!(
                         "watch: export {name} did not load completely (exit code {}); it is \
                          tried again when the watch restarts",

@@ -660,6 +660,33 @@ fn watch_loads_exports_as_they_complete_in_their_order_and_stops_on_sigterm() {
         keyed_tables(&out)["condition"],
         keyed_tables(&clean)["condition"]
     );
+    // A line per export says what it did: the first wrote every row; the second, whose
+    // conditions changed, left the rest out as unchanged.
+    let rows: usize = keyed_tables(&clean)
+        .iter()
+        .filter(|(table, _)| *table != "etl__completion_encounters")
+        .map(|(_, rows)| rows.len())
+        .sum();
+    let conditions = keyed_tables(&clean)["condition"].len();
+    let loaded_line = |name: &str| {
+        log.lines()
+            .find(|l| l.starts_with(&format!("watch: export {name} loaded in ")))
+            .unwrap_or_else(|| panic!("{log}"))
+            .to_string()
+    };
+    assert!(
+        loaded_line("b-first").ends_with(&format!(
+            "s: {rows} rows (0 unchanged, left out), 0 input lines skipped, 10.0 MiB of input"
+        )),
+        "{log}"
+    );
+    assert!(
+        loaded_line("a-second").contains(&format!(
+            "s: {rows} rows ({} unchanged, left out)",
+            rows - conditions
+        )),
+        "{log}"
+    );
 
     // Started again, the watch loads nothing it has loaded.
     let watch = start_watch(&exports, &out, &phi);
