@@ -300,8 +300,8 @@ impl Engine {
         self.next_epoch += 1;
         let mut loads = task_loads(&shared);
         if self.processes > 1 {
-            let mine = serde_json::to_vec(&loads)?;
-            let all = self.exchange(Audience::All, mine)?;
+            // Every process's loads, this one's included, summed the same way everywhere.
+            let all = self.exchange(Audience::All, serde_json::to_vec(&loads)?)?;
             if all.len() != self.processes {
                 return Err(anyhow!(
                     "{} of {} processes sent their loads",
@@ -309,18 +309,15 @@ impl Engine {
                     self.processes
                 ));
             }
+            let mut total = vec![0u64; loads.len()];
             for (_, theirs) in all {
                 let theirs: Vec<u64> = serde_json::from_slice(&theirs)?;
-                if theirs.len() != loads.len() {
+                if theirs.len() != total.len() {
                     return Err(anyhow!("the processes of the run have different tasks"));
                 }
-                loads.iter_mut().zip(theirs).for_each(|(l, t)| *l += t);
+                total.iter_mut().zip(theirs).for_each(|(l, t)| *l += t);
             }
-            // Each process counted its own share once more above.
-            loads
-                .iter_mut()
-                .zip(task_loads(&shared))
-                .for_each(|(l, t)| *l -= t);
+            loads = total;
         }
         let sinks = balance(&loads, self.workers * self.processes);
         self.sinks = sinks.clone();

@@ -19,21 +19,13 @@ use crate::output::job::TableSummary;
 /// as a worker of one process does: by whole files, the cheapest types to process (large notes)
 /// made one process finish in half the time of the other.
 pub fn share_of(work: Vec<WorkItem>, process: usize, processes: usize) -> Vec<WorkItem> {
-    let bytes: Vec<u64> = work.iter().map(item_bytes).collect();
+    let bytes: Vec<u64> = work.iter().map(WorkItem::bytes).collect();
     let mine = shares(&bytes, processes);
     work.into_iter()
         .zip(mine)
         .filter(|(_, owner)| *owner == process)
         .map(|(item, _)| item)
         .collect()
-}
-
-/// Input bytes of a planned bundle.
-pub fn item_bytes(item: &WorkItem) -> u64 {
-    match item {
-        WorkItem::Slice { start, end, .. } => (end - start) as u64,
-        WorkItem::Stream { file } | WorkItem::Open { file, .. } => file.size,
-    }
 }
 
 /// The process of each of `weights`, in order, to the one with the least weight so far.

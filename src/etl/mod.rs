@@ -297,7 +297,7 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<Ran, Fatal> {
             .collect(),
         false => Vec::new(),
     };
-    let mut total_bytes: u64 = work.iter().map(cluster::item_bytes).sum();
+    let mut total_bytes: u64 = work.iter().map(bundles::WorkItem::bytes).sum();
     let files_read = work
         .iter()
         .map(|item| item.file().name())

@@ -43,6 +43,14 @@ impl WorkItem {
         }
     }
 
+    /// Input bytes of the item: its slice, or the whole file of a stream.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            WorkItem::Slice { start, end, .. } => (end - start) as u64,
+            WorkItem::Stream { file } | WorkItem::Open { file, .. } => file.size,
+        }
+    }
+
     /// Another item for the same bundle (the same map, or the stream from its start), for a
     /// second reader such as a re-run's pre-scan; None for a stream already being read.
     pub fn duplicate(&self) -> Option<WorkItem> {
