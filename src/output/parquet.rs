@@ -12,7 +12,7 @@ use super::arrow_rows::batch_schema;
 use super::columns::rows_to_record_batch;
 
 /// Rows per Parquet row group (the writer buffers one row group in memory).
-const ROW_GROUP_ROWS: usize = 65_536;
+pub const ROW_GROUP_ROWS: usize = 65_536;
 use super::{
     BatchWriter, BatchedFiles, NextFile, OnWritten, RowBatch, TableKind, TableWriter, UnfitRow,
 };

@@ -486,12 +486,30 @@ fn two_runs_into_the_same_output_at_once_both_succeed_and_leave_one_runs_tables(
 
 #[test]
 fn compaction_clusters_rows_by_id_into_narrow_disjoint_files_and_leaves_other_providers_files() {
+    // Every range's file open at once: rows go straight to their range, unsorted within it.
+    compaction_clusters_into_disjoint_files(None);
+}
+
+#[test]
+fn a_compaction_whose_range_files_do_not_fit_in_memory_sorts_the_rows_first() {
+    // A budget too small to hold every range's open file: the rows are sorted first, which
+    // leaves every file sorted by id.
+    compaction_clusters_into_disjoint_files(Some("16MiB"));
+}
+
+/// Compacts a table of small files with a small target size (and one file another
+/// implementation clustered) at `memory`, and checks that the files hold disjoint ranges of
+/// ids, each sorted within where the compaction had to sort (a small `memory`).
+fn compaction_clusters_into_disjoint_files(memory: Option<&'static str>) {
     let tmp = tempfile::tempdir().unwrap();
     let phi = tmp.path().join("phi");
     phi_with_salt(&phi, SALT);
     let out = tmp.path().join("out");
     let args = |optimize: bool| {
         let mut args = vec!["--batch-size", "50", "--task", "encounter"];
+        if let Some(memory) = memory {
+            args.extend(["--memory", memory]);
+        }
         if !optimize {
             args.push("--no-table-optimization");
         }
@@ -554,11 +572,14 @@ fn compaction_clusters_rows_by_id_into_narrow_disjoint_files_and_leaves_other_pr
             .iter()
             .map(|r| r["id"].as_str().unwrap().to_string())
             .collect();
-        assert!(
-            ids.windows(2).all(|w| w[0] <= w[1]),
-            "{name} is sorted by id"
+        let sorted = ids.windows(2).all(|w| w[0] <= w[1]);
+        assert_eq!(
+            sorted,
+            memory.is_some(),
+            "{name} is sorted where it had to be"
         );
-        ranges.push((ids[0].clone(), ids[ids.len() - 1].clone()));
+        let (lo, hi) = (ids.iter().min().unwrap(), ids.iter().max().unwrap());
+        ranges.push((lo.clone(), hi.clone()));
     }
     assert!(ranges.len() > 2, "several target-sized files: {ranges:?}");
     ranges.sort();

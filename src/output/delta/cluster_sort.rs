@@ -507,13 +507,14 @@ impl Run {
 }
 
 /// The key columns and their order-preserving byte encoding.
-struct Keys {
+pub struct Keys {
     columns: Vec<usize>,
     converter: RowConverter,
 }
 
 impl Keys {
-    fn new(schema: &SchemaRef, names: &[String]) -> Result<Keys> {
+    /// The `names` columns of `schema` (top-level ones).
+    pub fn new(schema: &SchemaRef, names: &[String]) -> Result<Keys> {
         let mut columns = Vec::new();
         let mut fields = Vec::new();
         for name in names {
@@ -529,13 +530,19 @@ impl Keys {
         })
     }
 
-    fn encode(&self, batch: &RecordBatch) -> Result<Rows> {
+    /// The keys of a batch of the schema's rows.
+    pub fn encode(&self, batch: &RecordBatch) -> Result<Rows> {
         let columns: Vec<ArrayRef> = self
             .columns
             .iter()
             .map(|&i| batch.column(i).clone())
             .collect();
-        Ok(self.converter.convert_columns(&columns)?)
+        self.encode_columns(&columns)
+    }
+
+    /// The keys of the key columns alone, in the order of the names (and of the schema's types).
+    pub fn encode_columns(&self, columns: &[ArrayRef]) -> Result<Rows> {
+        Ok(self.converter.convert_columns(columns)?)
     }
 }
 

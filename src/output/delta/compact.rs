@@ -3,10 +3,13 @@
 //! open row group, whatever the size of the table.
 //!
 //! A clustered table is compacted by clustering instead ([`cluster_by_file`]): its small files
-//! that no other clustering implementation claims are read back, sorted on the clustering
-//! columns by an external sort ([`cluster_sort`]) on every thread the run has, and written as
-//! files of the target size, each so holding a narrow key range, tagged as clustered by this
-//! tool (`clusteringProvider`, as PROTOCOL.md asks).
+//! that no other clustering implementation claims are read back and written as files of about
+//! the target size, each holding a narrow key range of the clustering columns, disjoint from
+//! the others, and tagged as clustered by this tool (`clusteringProvider`, as PROTOCOL.md asks).
+//! Where every range's file can be open at once in memory, rows go straight to their range's
+//! file ([`range_cluster`], one pass, as Spark's clustering repartitions by range); otherwise
+//! they are sorted first by an external sort ([`cluster_sort`]), whose memory does not grow
+//! with the table. Both run on every thread the run has.
 //!
 //! delta-rs's OPTIMIZE (1.1) reads each bin through a DataFusion scan and writes it with its own
 //! writer; finishing a 4 GB first load, its compactions were the run's peak (450 to 609 MiB
@@ -17,7 +20,6 @@ use anyhow::{Context, Result};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
-use deltalake::datafile::reader::ParquetFileReader;
 use deltalake::kernel::{Action, Add, Remove};
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -26,8 +28,10 @@ use std::sync::{Arc, Mutex};
 
 use super::cluster_sort;
 use super::deletion_vectors::{DeletedRows, deleted_rows};
-use super::file_merge::{close_writer, read_file};
+use super::file_merge::{SliceReader, close_writer, read_file};
 use super::files::TableFiles;
+use super::range_cluster;
+use crate::output::ENCODE_SLICE_ROWS;
 
 /// What a compaction did: the log's actions (removes of the small files, then adds of the files
 /// that replace them, none of them changing data) and how many files each way.
@@ -99,7 +103,7 @@ pub async fn compact_by_file(
         })
         .collect();
     let sizes: Vec<u64> = stored.iter().map(|(_, size, _)| *size).collect();
-    let reader = ParquetFileReader::new(table.log_store().object_store(None));
+    let reader = SliceReader::new(table.log_store().object_store(None));
     let mut written: Vec<Add> = Vec::new();
     let mut removes: Vec<Remove> = Vec::new();
     let rewritten = async {
@@ -136,10 +140,11 @@ pub async fn compact_by_file(
 pub const CLUSTERING_PROVIDER: &str = "cumulus-etl";
 
 /// Clusters the table's active files smaller than `target` bytes that are unclustered or
-/// clustered by this tool (files another implementation clustered are left to it): their rows,
-/// sorted on the `clustering` columns ([`cluster_sort`], holding about `sort_bytes` of rows at
-/// a time), are written as files of about `target` bytes. Both the sort's runs and the merge
-/// of key ranges into files run on up to `threads` threads. Nothing is committed: the caller
+/// clustered by this tool (files another implementation clustered are left to it): their rows
+/// are written as files of about `target` bytes, each of its own range of the `clustering`
+/// columns' keys, on up to `threads` threads: straight to their range's file where the open
+/// files fit in `sort_bytes` times [`MERGE_MEMORY`], else through an external sort
+/// ([`cluster_sort`], holding about `sort_bytes` of rows at a time). Nothing is committed: the caller
 /// records the returned actions. On error, files this call wrote are removed. None when the
 /// clustering columns are not top-level columns of the table.
 pub async fn cluster_by_file(
@@ -180,9 +185,13 @@ pub async fn cluster_by_file(
     if stored.len() < 2 {
         return Ok(Some(Compaction::default()));
     }
-    // The largest files first, so the sort's readers, which take the next file when done with
-    // one, finish together.
+    // The largest files first, so the readers, which take the next file when done with one,
+    // finish together.
     stored.sort_by_key(|(_, _, size)| std::cmp::Reverse(*size));
+    let sizes: Vec<(deltalake::Path, u64)> = stored
+        .iter()
+        .map(|(path, _, size)| (path.clone(), *size))
+        .collect();
     let mut inputs = Vec::with_capacity(stored.len());
     for (path, vector, _) in stored {
         inputs.push((path, deleted_rows(table, vector).await?));
@@ -193,9 +202,104 @@ pub async fn cluster_by_file(
         0 => u64::MAX,
         _ => (row_count.saturating_mul(target) / bytes).max(1),
     };
-    let parts = key_ranges(row_count, rows_per_file, threads);
     let store = table.log_store().object_store(None);
-    let runs = write_runs(store, &schema, clustering, inputs, sort_bytes, parts).await?;
+    let ranges = range_count(row_count, rows_per_file, threads);
+    let written = if ranges * open_file_bytes(bytes, row_count, ranges) <= sort_bytes * MERGE_MEMORY
+    {
+        let every = row_count.div_ceil(range_cluster::MAX_SAMPLES);
+        let keys = Arc::new(cluster_sort::Keys::new(&schema, clustering)?);
+        let sample =
+            range_cluster::sample_keys(&store, &sizes, &schema, clustering, &keys, every).await?;
+        let ranges = range_cluster::Ranges::cut(keys, sample, ranges);
+        write_ranges(store, files, &schema, inputs, ranges, threads).await?
+    } else {
+        let plan = SortPlan {
+            sort_bytes,
+            parts: key_ranges(row_count, rows_per_file, threads),
+            rows_per_file,
+        };
+        sort_and_write(store, files, &schema, clustering, inputs, plan).await?
+    };
+    Ok(Some(Compaction::of(
+        removes,
+        written,
+        Some(CLUSTERING_PROVIDER),
+    )))
+}
+
+/// Clusters by key ranges ([`range_cluster`]): `threads` readers send the rows of `inputs` to
+/// the files of their `ranges`. Returns the files written; on error, none is left.
+async fn write_ranges(
+    store: deltalake::logstore::ObjectStoreRef,
+    files: &Arc<TableFiles>,
+    schema: &SchemaRef,
+    inputs: Vec<(deltalake::Path, Option<DeletedRows>)>,
+    ranges: range_cluster::Ranges,
+    threads: usize,
+) -> Result<Vec<Add>> {
+    let ranges = Arc::new(ranges);
+    let out = Arc::new(range_cluster::RangeFiles::new(
+        files.clone(),
+        schema.clone(),
+        ranges.count(),
+    ));
+    let readers = threads.min(inputs.len()).max(1);
+    let queue = Arc::new(Mutex::new(VecDeque::from(inputs)));
+    let tasks: Vec<_> = (0..readers)
+        .map(|number| {
+            let (out, ranges, store, schema) =
+                (out.clone(), ranges.clone(), store.clone(), schema.clone());
+            let (runtime, queue) = (tokio::runtime::Handle::current(), queue.clone());
+            tokio::task::spawn_blocking(move || {
+                // Slices as large as the encoder takes: each range's share of a slice is
+                // written at once, and every write walks the wide schema.
+                let reader = SliceReader::new(store).with_slice_rows(ENCODE_SLICE_ROWS);
+                let rows = LiveRows::new(runtime.clone(), reader, schema, queue);
+                out.write(&runtime, &ranges, rows, number)
+            })
+        })
+        .collect();
+    let mut wrote = Ok(());
+    for task in tasks {
+        let done = match task.await {
+            Ok(done) => done,
+            Err(e) => Err(anyhow::anyhow!("clustering rows stopped: {e}")),
+        };
+        wrote = wrote.and(done);
+    }
+    let out = Arc::into_inner(out).expect("the readers have ended");
+    let mut written = Vec::new();
+    if let Err(e) = out.close(wrote, &mut written).await {
+        files.remove(&written).await;
+        return Err(e);
+    }
+    Ok(written)
+}
+
+/// How an external sort clusters: holding about `sort_bytes` of rows at a time, merging
+/// `parts` key ranges at once into files of `rows_per_file` rows.
+struct SortPlan {
+    sort_bytes: usize,
+    parts: usize,
+    rows_per_file: u64,
+}
+
+/// Clusters by an external sort ([`cluster_sort`]) of the rows of `inputs`, as `plan` says.
+/// Returns the files written; on error, none is left.
+async fn sort_and_write(
+    store: deltalake::logstore::ObjectStoreRef,
+    files: &Arc<TableFiles>,
+    schema: &SchemaRef,
+    clustering: &[String],
+    inputs: Vec<(deltalake::Path, Option<DeletedRows>)>,
+    plan: SortPlan,
+) -> Result<Vec<Add>> {
+    let SortPlan {
+        sort_bytes,
+        parts,
+        rows_per_file,
+    } = plan;
+    let runs = write_runs(store, schema, clustering, inputs, sort_bytes, parts).await?;
     // As many merges at once as memory allows: each holds a batch of every run (19 to 21 MB
     // of Arrow memory per merge on a 500 MB to 1 GB first load, at either budget).
     let by_memory = sort_bytes * MERGE_MEMORY / runs.merge_bytes().max(1);
@@ -237,12 +341,30 @@ pub async fn cluster_by_file(
         files.remove(&written).await;
         return Err(e);
     }
-    Ok(Some(Compaction::of(
-        removes,
-        written,
-        Some(CLUSTERING_PROVIDER),
-    )))
+    Ok(written)
 }
+
+/// Key ranges to cluster into by ranges: one per file of `rows_per_file` rows, so no two files
+/// overlap, and at least one per thread (as [`key_ranges`] counts them).
+fn range_count(rows: u64, rows_per_file: u64, threads: usize) -> usize {
+    let files = usize::try_from(rows.div_ceil(rows_per_file.max(1))).unwrap_or(usize::MAX);
+    files.max(key_ranges(rows, rows_per_file, threads))
+}
+
+/// About the memory an open file of one of `ranges` ranges holds while it is written: a row
+/// group's encoded bytes (as many as the files' rows took on average), or the range's share of
+/// them, and an allowance for the column writers of a wide FHIR schema.
+fn open_file_bytes(bytes: u64, rows: u64, ranges: usize) -> usize {
+    let row_group = bytes
+        .saturating_mul(crate::output::parquet::ROW_GROUP_ROWS as u64)
+        .checked_div(rows)
+        .unwrap_or(0);
+    let share = bytes / ranges.max(1) as u64;
+    usize::try_from(row_group.min(share)).unwrap_or(usize::MAX) + OPEN_FILE_ALLOWANCE
+}
+
+/// See [`open_file_bytes`].
+const OPEN_FILE_ALLOWANCE: usize = 1 << 20;
 
 /// Key ranges to merge at once, each into its own files: one per thread, as long as each
 /// range fills a file of `rows_per_file` rows or holds [`MIN_RANGE_ROWS`] (fewer rows merge
@@ -258,8 +380,9 @@ fn key_ranges(rows: u64, rows_per_file: u64, threads: usize) -> usize {
 /// See [`key_ranges`].
 const MIN_RANGE_ROWS: u64 = 65_536;
 
-/// The merges of a compaction together hold up to this many times the sort's share of memory
-/// (the rows of the run are written by then; two compactions run at once).
+/// The merges of a compaction together, or its open range files, hold up to this many times
+/// the sort's share of memory (the rows of the run are written by then; two compactions run at
+/// once).
 const MERGE_MEMORY: usize = 6;
 
 /// Writes the live rows of `inputs` (path, rows their deletion vector removes) as sorted runs
@@ -285,7 +408,7 @@ async fn write_runs(
             let (writer, store, schema) = (writer.clone(), store.clone(), schema.clone());
             let (runtime, files) = (tokio::runtime::Handle::current(), files.clone());
             tokio::task::spawn_blocking(move || {
-                let rows = LiveRows::new(runtime, store, schema, files);
+                let rows = LiveRows::new(runtime, SliceReader::new(store), schema, files);
                 writer.write(rows, run_bytes)
             })
         })
@@ -356,7 +479,7 @@ type FileQueue = Arc<Mutex<VecDeque<(deltalake::Path, Option<DeletedRows>)>>>;
 /// `schema`; read on a thread outside the runtime, which drives the reads.
 struct LiveRows {
     runtime: tokio::runtime::Handle,
-    reader: ParquetFileReader,
+    reader: SliceReader,
     schema: SchemaRef,
     files: FileQueue,
     current: Option<BoxStream<'static, Result<RecordBatch>>>,
@@ -365,13 +488,13 @@ struct LiveRows {
 impl LiveRows {
     fn new(
         runtime: tokio::runtime::Handle,
-        store: deltalake::logstore::ObjectStoreRef,
+        reader: SliceReader,
         schema: SchemaRef,
         files: FileQueue,
     ) -> LiveRows {
         LiveRows {
             runtime,
-            reader: ParquetFileReader::new(store),
+            reader,
             schema,
             files,
             current: None,
@@ -422,6 +545,23 @@ mod tests {
         assert_eq!(key_ranges(20_000, 1_000_000, 16), 1);
         assert_eq!(key_ranges(10_000_000, 100_000, 1), 1);
         assert_eq!(key_ranges(0, u64::MAX, 4), 1);
+    }
+
+    #[test]
+    fn range_clustering_makes_a_range_per_file_and_per_thread() {
+        // 588,693 rows, a million per target-sized file: one range per thread.
+        assert_eq!(range_count(588_693, 1_000_000, 2), 2);
+        // 5,000 rows, 400 per file: 13 ranges, one per file, whatever the threads.
+        assert_eq!(range_count(5_000, 400, 2), 13);
+        assert_eq!(range_count(5_000, 400, 16), 13);
+        // An open file holds a row group's bytes (100 bytes a row here), or its range's share
+        // of a small table, and the allowance.
+        assert_eq!(
+            open_file_bytes(100_000_000, 1_000_000, 2),
+            6_553_600 + OPEN_FILE_ALLOWANCE
+        );
+        assert_eq!(open_file_bytes(1_000, 10, 4), 250 + OPEN_FILE_ALLOWANCE);
+        assert_eq!(open_file_bytes(0, 0, 1), OPEN_FILE_ALLOWANCE);
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod files;
 mod ledger;
 mod merge_source;
 mod protocol;
+mod range_cluster;
 mod s3_log;
 mod stage;
 mod table;

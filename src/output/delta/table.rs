@@ -719,9 +719,7 @@ impl CumulusTable {
     /// Merges the rows of files written for an append (not committed), then removes them.
     async fn merge_written(&mut self, files: WrittenFiles) -> Result<()> {
         let store = self.files(tokio::runtime::Handle::current());
-        let reader = deltalake::datafile::reader::ParquetFileReader::new(
-            self.table.log_store().object_store(None),
-        );
+        let reader = file_merge::SliceReader::new(self.table.log_store().object_store(None));
         let mut batches = Vec::new();
         for add in &files.adds {
             let path = deltalake::Path::from(add.path.as_str());
