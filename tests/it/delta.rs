@@ -336,7 +336,8 @@ fn a_partitioned_table_is_compacted_by_delta_rs() {
         let url = url::Url::from_directory_path(table_dir.canonicalize().unwrap()).unwrap();
         let mut table = deltalake::DeltaTable::try_from_url(url).await.unwrap();
         for run in 0..8 {
-            let rows = [json!({"id": format!("r{run}"), "status": "final"})];
+            let rows =
+                [json!({"id": format!("r{run}"), "status": "final", "valueString": "first"})];
             table = table
                 .write([batch(&rows)])
                 .with_partition_columns(["status"])
@@ -367,6 +368,26 @@ fn a_partitioned_table_is_compacted_by_delta_rs() {
             .sum::<usize>()
     });
     assert_eq!(ids, 8, "every row kept");
+
+    // A MERGE and a DELETE into it go through delta-rs too (its DataFusion plans).
+    table
+        .upsert(
+            &[
+                json!({"id": "r1", "status": "final", "valueString": "changed"}),
+                json!({"id": "r9", "status": "final"}),
+            ],
+            &[],
+        )
+        .unwrap();
+    table.delete(&["r2"]);
+    let rows = read_delta(&table_dir, "id");
+    let mut ids: Vec<&String> = rows.keys().collect();
+    ids.sort();
+    assert_eq!(ids, ["r0", "r1", "r3", "r4", "r5", "r6", "r7", "r9"]);
+    assert_eq!(rows["r1"]["valueString"], "changed");
+    let operations = operations(&table_dir);
+    assert!(operations.contains(&"MERGE".to_string()), "{operations:?}");
+    assert!(operations.contains(&"DELETE".to_string()), "{operations:?}");
 }
 
 #[test]
