@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use cumulus_etl::nlp::cache::NlpCache;
-use cumulus_etl::nlp::ctakes::{CtakesSymptoms, RetryPolicy, ServerUrls};
+use cumulus_etl::nlp::ctakes::{CtakesSymptoms, ServerUrls};
 use cumulus_etl::nlp::embedded::EmbeddedEngine;
 use cumulus_etl::nlp::engine::{EmbeddedSymptoms, SymptomEngine};
+use cumulus_etl::nlp::http::RetryPolicy;
 use cumulus_etl::nlp::study::find_study;
 use nlp_server::FakeNlpServer;
 
@@ -89,7 +90,7 @@ fn concurrency(notes: &[String]) {
             CtakesSymptoms::new(
                 urls,
                 study.engine.clone(),
-                NlpCache::new(
+                NlpCache::ctakes(
                     &cumulus_etl::store::ObjectLocation::private_folder(cache_dir.path()).unwrap(),
                 ),
                 cuis.clone(),

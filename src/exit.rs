@@ -15,6 +15,8 @@ pub enum ExitCode {
     ArgsConflict = 22,
     ArgsInvalid = 23,
     FolderNotEmpty = 26,
+    /// A server an init check asks for (an LLM's) is missing.
+    ServiceMissing = 33,
     CompletionArgMissing = 34,
     TaskHelp = 35,
     MissingRequestedResources = 36,
@@ -26,7 +28,7 @@ pub enum ExitCode {
 
 impl ExitCode {
     /// Every code.
-    const ALL: [ExitCode; 17] = [
+    const ALL: [ExitCode; 18] = [
         ExitCode::Success,
         ExitCode::Failure,
         ExitCode::Usage,
@@ -37,6 +39,7 @@ impl ExitCode {
         ExitCode::ArgsConflict,
         ExitCode::ArgsInvalid,
         ExitCode::FolderNotEmpty,
+        ExitCode::ServiceMissing,
         ExitCode::CompletionArgMissing,
         ExitCode::TaskHelp,
         ExitCode::MissingRequestedResources,

@@ -9,7 +9,7 @@ use crate::engine::{ClusterConfig, EngineConfig};
 use crate::etl::EtlOptions;
 use crate::exit::{ExitCode, Fatal};
 use crate::memory::budget::{default_budget, parse_size};
-use crate::nlp::ctakes::RetryPolicy;
+use crate::nlp::http::RetryPolicy;
 use crate::nlp::run::NlpOptions;
 use crate::output::OutputFormat;
 use crate::store::{ObjectLocation, S3Settings};

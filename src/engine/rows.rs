@@ -217,6 +217,9 @@ pub struct TaskContext {
     pub task: u32,
     pub table: String,
     pub resource_type: String,
+    /// Other resource types the task reads into the same table (an NLP task's notes of every
+    /// type).
+    pub more_resource_types: Vec<String>,
     /// The kind of the main table (its schema and keys).
     pub kind: crate::output::TableKind,
     /// Chunks hold whole groups (all rows of one note), so batches are never cut inside one.

@@ -37,7 +37,11 @@ impl WorkQueue {
     pub fn new(work: Vec<WorkItem>, tasks: Vec<TaskContext>) -> WorkQueue {
         let task_by_resource = tasks
             .iter()
-            .map(|t| (t.resource_type.clone(), t.task))
+            .flat_map(|t| {
+                std::iter::once(&t.resource_type)
+                    .chain(&t.more_resource_types)
+                    .map(|r| (r.clone(), t.task))
+            })
             .collect();
         WorkQueue {
             queue: Mutex::new(Queue {

@@ -273,6 +273,7 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<Ran, Fatal> {
             task: i as u32,
             table: t.name.clone(),
             resource_type: t.resource.clone(),
+            more_resource_types: Vec::new(),
             kind: TableKind::Fhir(t.resource.clone()),
             whole_chunks: false,
             needs_shape: opts.output_format != OutputFormat::Ndjson,

@@ -246,6 +246,7 @@ mod tests {
             task: 0,
             table: resource_type.to_lowercase(),
             resource_type: resource_type.to_string(),
+            more_resource_types: Vec::new(),
             kind: crate::output::TableKind::Fhir(resource_type.to_string()),
             whole_chunks: false,
             needs_shape: true,

@@ -1,6 +1,8 @@
-//! The NLP response cache in the PHI folder, file-compatible with Cumulus ETL's: a response is
-//! stored at `ctakes-cache/<namespace>/<sha256[0:4]>/sha256-<sha256>.json`, keyed by the
-//! SHA-256 of the note text, so a site's existing cache is reused and a re-run asks no server.
+//! The NLP response caches in the PHI folder, file-compatible with Cumulus ETL's: a cTAKES or
+//! cNLP response is stored at `ctakes-cache/<namespace>/<sha256[0:4]>/sha256-<sha256>.json`, an
+//! LLM's at `nlp-cache/<task>_v<version>/<sha256[0:4]>/sha256-<sha256>.cache`, keyed by the
+//! SHA-256 of the note text, so a site's existing cache is reused (answers it paid for with the
+//! Python tool included) and a re-run asks no server.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -12,20 +14,31 @@ use crate::store::ObjectLocation;
 #[derive(Debug, Clone)]
 pub struct NlpCache {
     root: ObjectLocation,
+    /// The file name extension of an entry.
+    extension: &'static str,
 }
 
 impl NlpCache {
-    /// The cache of a PHI folder (or prefix).
-    pub fn new(phi: &ObjectLocation) -> NlpCache {
+    /// The cTAKES and cNLP cache of a PHI folder (or prefix).
+    pub fn ctakes(phi: &ObjectLocation) -> NlpCache {
         NlpCache {
             root: phi.join("ctakes-cache"),
+            extension: "json",
+        }
+    }
+
+    /// The LLM answer cache of a PHI folder (or prefix).
+    pub fn llm(phi: &ObjectLocation) -> NlpCache {
+        NlpCache {
+            root: phi.join("nlp-cache"),
+            extension: "cache",
         }
     }
 
     /// The key of the answer for `text` in `namespace`.
     pub fn key(&self, namespace: &str, text: &str) -> String {
         let sum = hex::encode(Sha256::digest(text.as_bytes()));
-        format!("{namespace}/{}/sha256-{sum}.json", &sum[..4])
+        format!("{namespace}/{}/sha256-{sum}.{}", &sum[..4], self.extension)
     }
 
     /// The cached answer, if there is a readable one (anything else means: ask again).
@@ -55,18 +68,24 @@ mod tests {
     #[test]
     fn path_scheme_matches_cumulus_etl() {
         let phi = ObjectLocation::private_folder(std::path::Path::new("/phi")).unwrap();
-        let cache = NlpCache::new(&phi);
+        let cache = NlpCache::ctakes(&phi);
         // sha256("hello") = 2cf24dba...
         assert_eq!(
             cache.root.url_of(&cache.key("covid_symptom_v4", "hello")),
             "/phi/ctakes-cache/covid_symptom_v4/2cf2/sha256-2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824.json"
+        );
+        let llm = NlpCache::llm(&phi);
+        assert_eq!(
+            llm.root
+                .url_of(&llm.key("example_nlp__nlp_gpt_oss_120b_v1", "hello")),
+            "/phi/nlp-cache/example_nlp__nlp_gpt_oss_120b_v1/2cf2/sha256-2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824.cache"
         );
     }
 
     #[test]
     fn round_trip_and_unreadable_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = NlpCache::new(&ObjectLocation::private_folder(dir.path()).unwrap());
+        let cache = NlpCache::ctakes(&ObjectLocation::private_folder(dir.path()).unwrap());
         assert_eq!(cache.read::<Vec<i8>>("ns", "note"), None);
         cache.write("ns", "note", &vec![0i8, -1]).unwrap();
         assert_eq!(cache.read::<Vec<i8>>("ns", "note"), Some(vec![0, -1]));

@@ -5,16 +5,16 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 
 use super::cache::NlpCache;
 use super::engine::{Finding, SymptomEngine, covid_candidates, positive_findings};
+use super::http::{Http, RetryPolicy};
 use super::mention::{Mention, NEGATED, POSITIVE, SIGN_SYMPTOM, Utf16Offsets};
 use super::study::{EngineSettings, PolarityModel};
 
@@ -49,45 +49,13 @@ impl ServerUrls {
     }
 }
 
-/// How requests are retried.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt.
-    pub retries: u32,
-    /// The first backoff; each retry doubles it (capped at 30 s).
-    pub base_delay: Duration,
-    /// Per-request timeout (cTAKES can take a while on long notes).
-    pub timeout: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> RetryPolicy {
-        RetryPolicy {
-            retries: 4,
-            base_delay: Duration::from_millis(500),
-            timeout: Duration::from_secs(300),
-        }
-    }
-}
-
-/// Counters a run reports.
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    pub requests: AtomicU64,
-    pub retries: AtomicU64,
-    pub cache_hits: AtomicU64,
-}
-
 /// cTAKES plus cNLP as a `SymptomEngine`.
 pub struct CtakesSymptoms {
-    client: reqwest::Client,
+    pub http: Http,
     urls: ServerUrls,
     settings: EngineSettings,
     cache: NlpCache,
     covid_cuis: Arc<HashSet<String>>,
-    permits: Semaphore,
-    retry: RetryPolicy,
-    pub stats: ServerStats,
 }
 
 impl CtakesSymptoms {
@@ -100,20 +68,12 @@ impl CtakesSymptoms {
         concurrency: usize,
         retry: RetryPolicy,
     ) -> Result<CtakesSymptoms> {
-        let client = reqwest::Client::builder()
-            .timeout(retry.timeout)
-            .pool_max_idle_per_host(concurrency.max(1))
-            .build()
-            .context("creating the HTTP client")?;
         Ok(CtakesSymptoms {
-            client,
+            http: Http::new(concurrency, retry)?,
             urls,
             settings,
             cache,
             covid_cuis,
-            permits: Semaphore::new(concurrency.max(1)),
-            retry,
-            stats: ServerStats::default(),
         })
     }
 
@@ -123,11 +83,11 @@ impl CtakesSymptoms {
             .read::<Value>(&self.settings.ctakes_namespace, note)
         {
             Some(cached) => {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.http.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                 cached
             }
             None => {
-                let _permit = self.permits.acquire().await?;
+                let _permit = self.http.permit().await?;
                 let answer = self.ctakes(note).await?;
                 self.cache
                     .write(&self.settings.ctakes_namespace, note, &answer)
@@ -145,11 +105,11 @@ impl CtakesSymptoms {
             .filter(|p| p.len() == candidates.len())
         {
             Some(cached) => {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.http.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                 cached
             }
             None => {
-                let _permit = self.permits.acquire().await?;
+                let _permit = self.http.permit().await?;
                 let answer = self.cnlp(note, &candidates).await?;
                 self.cache
                     .write(&self.settings.cnlp_namespace, note, &answer)
@@ -164,8 +124,10 @@ impl CtakesSymptoms {
     /// Asks cTAKES; the answer's offsets are converted to character offsets.
     async fn ctakes(&self, note: &str) -> Result<Value> {
         let body = self
+            .http
             .send(|| {
-                self.client
+                self.http
+                    .client
                     .post(&self.urls.ctakes)
                     .header("Content-Type", "text/plain; charset=UTF-8")
                     .body(note.to_string())
@@ -194,8 +156,10 @@ impl CtakesSymptoms {
         let spans: Vec<[i64; 2]> = candidates.iter().map(|m| [m.begin, m.end]).collect();
         let request = serde_json::to_vec(&json!({"doc_text": note, "entities": spans}))?;
         let body = self
+            .http
             .send(|| {
-                self.client
+                self.http
+                    .client
                     .post(&self.urls.cnlp)
                     .header("Content-Type", "application/json")
                     .body(request.clone())
@@ -227,59 +191,6 @@ impl CtakesSymptoms {
                 _ => Err(anyhow!("cNLP returned an unknown status {s}")),
             })
             .collect()
-    }
-
-    /// Sends a request, retrying connection failures, timeouts, 429 and 5xx.
-    async fn send(&self, request: impl Fn() -> reqwest::RequestBuilder) -> Result<Vec<u8>> {
-        let mut attempt = 0;
-        loop {
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let outcome = request().send().await;
-            let (retryable, error, wait) = match outcome {
-                Ok(resp) if resp.status().is_success() => {
-                    return Ok(resp.bytes().await.context("reading the answer")?.to_vec());
-                }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let wait = resp
-                        .headers()
-                        .get("Retry-After")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    let retryable = status.as_u16() == 429 || status.is_server_error();
-                    (retryable, anyhow!("HTTP status {status}"), wait)
-                }
-                Err(e) => (
-                    e.is_timeout() || e.is_connect() || e.is_request(),
-                    anyhow!("{}", describe(&e)),
-                    None,
-                ),
-            };
-            if !retryable || attempt >= self.retry.retries {
-                let tries = attempt + 1;
-                return Err(error.context(format!(
-                    "failed after {tries} attempt{}",
-                    if tries == 1 { "" } else { "s" }
-                )));
-            }
-            let backoff = self.retry.base_delay * 2u32.saturating_pow(attempt);
-            let delay = wait.unwrap_or(backoff).min(Duration::from_secs(30));
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(delay).await;
-            attempt += 1;
-        }
-    }
-}
-
-/// A transport error without the URL's query or any note text.
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        "could not connect".into()
-    } else {
-        e.to_string()
     }
 }
 

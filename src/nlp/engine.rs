@@ -1,16 +1,98 @@
-//! The symptom engines behind one trait, and the covid symptom selection they share: positive
-//! SignSymptom mentions whose concepts include a covid CUI, sorted by begin then first code,
-//! then a polarity check that keeps the mentions that are positive.
+//! What turns a note into result rows ([`NoteEngine`]): the covid study's symptom engines
+//! (behind [`SymptomEngine`], with the selection they share: positive SignSymptom mentions
+//! whose concepts include a covid CUI, sorted by begin then first code, then a polarity check
+//! that keeps the mentions that are positive, made rows by [`CovidRows`]) and the LLM studies'
+//! engine (`llm_engine`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use anyhow::Result;
 use futures::future::BoxFuture;
+use serde_json::{Value, json};
 
 use super::embedded::EmbeddedEngine;
 use super::mention::{Mention, POSITIVE, SIGN_SYMPTOM};
+use super::note::NoteIds;
 use super::study::PolarityModel;
+
+/// A note as an engine sees it: its de-identified ids and its text.
+#[derive(Debug, Clone)]
+pub struct NoteInput {
+    pub ids: NoteIds,
+    pub text: String,
+}
+
+/// What an engine made of a note: its result rows (key, row), and a problem that sends the
+/// note to the errors folder although its rows are kept (say, an LLM's quote found nowhere in
+/// the note).
+#[derive(Debug, Default)]
+pub struct NoteOutcome {
+    pub rows: Vec<(String, Value)>,
+    pub problem: Option<String>,
+}
+
+/// Turns a note into result rows, or an error that sends the note to the errors folder.
+/// Engines may call servers; a server engine's future runs on the NLP runtime, never on a
+/// dataflow worker.
+pub trait NoteEngine: Send + Sync {
+    fn analyse<'a>(&'a self, note: &'a NoteInput) -> BoxFuture<'a, Result<NoteOutcome>>;
+}
+
+/// The covid study's rows from a symptom engine: one per positive finding, or a placeholder
+/// `<id>.0` with no match so downstream queries know the note was processed.
+pub struct CovidRows<E> {
+    pub engine: E,
+    /// UTC time stamped on result rows.
+    pub generated_on: String,
+    pub task_version: i32,
+}
+
+impl<E> CovidRows<E> {
+    /// The rows of a note with `findings`.
+    pub fn rows(&self, ids: &NoteIds, findings: &[Finding]) -> Vec<(String, Value)> {
+        let row = |index: usize, matched: Option<&Mention>| {
+            let id = format!("{}.{index}", ids.note_id);
+            let mut value = json!({
+                "id": id,
+                "docref_id": ids.note_id,
+                "encounter_id": ids.encounter_id,
+                "subject_id": ids.subject_id,
+                "generated_on": self.generated_on,
+                "task_version": self.task_version,
+            });
+            if let Some(m) = matched {
+                value["match"] = serde_json::to_value(m).expect("mentions serialize");
+            }
+            (id, value)
+        };
+        if findings.is_empty() {
+            return vec![row(0, None)];
+        }
+        findings
+            .iter()
+            .map(|f| row(f.index, Some(&f.mention)))
+            .collect()
+    }
+}
+
+impl<E: SymptomEngine> NoteEngine for CovidRows<E> {
+    fn analyse<'a>(&'a self, note: &'a NoteInput) -> BoxFuture<'a, Result<NoteOutcome>> {
+        Box::pin(async move {
+            let findings = self.engine.find(&note.text).await?;
+            Ok(NoteOutcome {
+                rows: self.rows(&note.ids, &findings),
+                problem: None,
+            })
+        })
+    }
+}
+
+impl<E: SymptomEngine + ?Sized> SymptomEngine for Arc<E> {
+    fn find<'a>(&'a self, note: &'a str) -> BoxFuture<'a, Result<Vec<Finding>>> {
+        self.as_ref().find(note)
+    }
+}
 
 /// A positive covid symptom mention and its index among the candidate mentions (the row id
 /// suffix; indices of mentions that were not positive are skipped, as upstream).

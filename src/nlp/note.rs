@@ -29,9 +29,10 @@ pub fn is_selected(source: &NoteSource, note: &Value) -> bool {
         None => note.get(field).is_none_or(Value::is_null),
         Some(v) => values.iter().any(|a| a == v),
     };
-    allowed("status", &source.status)
+    let status = source.status_by_type.get(rtype).unwrap_or(&source.status);
+    allowed("status", status)
         && allowed("docStatus", &source.doc_status)
-        && is_ed_note(source, note)
+        && (source.ed_codes.is_empty() || is_ed_note(source, note))
 }
 
 fn is_ed_note(source: &NoteSource, note: &Value) -> bool {
@@ -250,9 +251,24 @@ fn decode_entities(s: &str) -> String {
 /// The anonymized ids of a scrubbed note that a result row carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NoteIds {
+    /// The note's resource type (DocumentReference or DiagnosticReport).
+    pub note_type: String,
     pub note_id: String,
     pub encounter_id: String,
+    pub subject_type: String,
     pub subject_id: String,
+}
+
+impl NoteIds {
+    /// `<type>/<id>` of the note.
+    pub fn note_ref(&self) -> String {
+        format!("{}/{}", self.note_type, self.note_id)
+    }
+
+    /// `<type>/<id>` of the note's subject.
+    pub fn subject_ref(&self) -> String {
+        format!("{}/{}", self.subject_type, self.subject_id)
+    }
 }
 
 /// The note's id, its first encounter and its subject (a typed reference); an error names
@@ -262,6 +278,11 @@ pub fn note_ids(note: &Value) -> Result<NoteIds, String> {
         .get("id")
         .and_then(Value::as_str)
         .ok_or("note without id")?
+        .to_string();
+    let note_type = note
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
         .to_string();
     let encounter = note
         .pointer("/context/encounter/0/reference")
@@ -277,13 +298,19 @@ pub fn note_ids(note: &Value) -> Result<NoteIds, String> {
         .and_then(Value::as_str)
         .and_then(|r| r.split_once('/'))
         .filter(|(t, id)| !t.is_empty() && !id.is_empty() && !t.starts_with('#'))
-        .map(|(_, id)| id.rsplit('/').next().unwrap_or(id).to_string());
-    let Some(subject_id) = subject else {
+        .map(|(t, id)| {
+            let id = id.rsplit('/').next().unwrap_or(id);
+            let t = t.rsplit('/').next().unwrap_or(t);
+            (t.to_string(), id.to_string())
+        });
+    let Some((subject_type, subject_id)) = subject else {
         return Err("no typed subject reference".into());
     };
     Ok(NoteIds {
+        note_type,
         note_id,
         encounter_id,
+        subject_type,
         subject_id,
     })
 }
@@ -341,16 +368,22 @@ mod tests {
 
     #[test]
     fn ids_of_a_note() {
-        let note = json!({"id": "d", "context": {"encounter": [{"reference": "Encounter/e"}]},
+        let note = json!({"resourceType": "DocumentReference", "id": "d",
+            "context": {"encounter": [{"reference": "Encounter/e"}]},
             "subject": {"reference": "Patient/p"}});
+        let ids = note_ids(&note).unwrap();
         assert_eq!(
-            note_ids(&note).unwrap(),
+            ids,
             NoteIds {
+                note_type: "DocumentReference".into(),
                 note_id: "d".into(),
                 encounter_id: "e".into(),
+                subject_type: "Patient".into(),
                 subject_id: "p".into()
             }
         );
+        assert_eq!(ids.note_ref(), "DocumentReference/d");
+        assert_eq!(ids.subject_ref(), "Patient/p");
         assert_eq!(note_ids(&json!({"id": "d"})).unwrap_err(), "no encounter");
     }
 }

@@ -1,5 +1,5 @@
-//! The NLP step of the dataflow: each worker turns a bundle of notes into result rows. The
-//! embedded engine runs right on the worker; a server engine's notes are spawned on the NLP
+//! The NLP step of the dataflow: each worker turns a bundle of notes into result rows. An
+//! in-process engine runs right on the worker; a server engine's notes are spawned on the NLP
 //! runtime (many in flight, bounded by the engine) and the worker collects finished bundles on
 //! later activations, so it never blocks waiting for a server.
 
@@ -10,11 +10,11 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::engine::{EmbeddedSymptoms, Finding, SymptomEngine};
-use super::note::{NoteIds, TextError, is_selected, note_ids, note_text};
-use super::study::Study;
+use super::engine::{NoteEngine, NoteInput, NoteOutcome};
+use super::note::{TextError, is_selected, note_ids, note_text};
+use super::study::NoteSource;
 use crate::deid::ExtensionReport;
 use crate::engine::rows::{SkipReason, Skipped, TableChunk};
 use crate::engine::source::{Bundle, RowProducer};
@@ -28,10 +28,10 @@ const FAILURE_WARNINGS: u64 = 20;
 
 /// Where notes go to be analysed.
 pub enum Dispatch {
-    /// On the worker that read them.
-    Inline(EmbeddedSymptoms),
+    /// On the worker that read them (an engine whose answer is ready at once).
+    Inline(Arc<dyn NoteEngine>),
     /// On the NLP runtime.
-    Spawn(Arc<dyn SymptomEngine>, tokio::runtime::Handle),
+    Spawn(Arc<dyn NoteEngine>, tokio::runtime::Handle),
 }
 
 /// Note counters for the end-of-run report.
@@ -43,7 +43,7 @@ pub struct NoteStats {
     pub selected: AtomicU64,
     /// ... whose text could be read.
     pub with_text: AtomicU64,
-    /// ... that the engine analysed.
+    /// ... that the engine analysed (their rows are written).
     pub analysed: AtomicU64,
     /// Notes sent to the errors folder (no text, no encounter, engine failure).
     pub failed: AtomicU64,
@@ -51,10 +51,9 @@ pub struct NoteStats {
 
 /// What every worker's producer shares.
 pub struct NlpShared {
-    pub study: Study,
+    /// Which notes the task reads.
+    pub source: NoteSource,
     pub dispatch: Dispatch,
-    /// UTC time stamped on result rows.
-    pub generated_on: String,
     pub stats: NoteStats,
     /// `--errors-to/<task>/nlp-errors.ndjson`: the original notes that failed (PHI).
     pub errors: Option<Mutex<BufWriter<std::fs::File>>>,
@@ -63,16 +62,10 @@ pub struct NlpShared {
 
 impl NlpShared {
     /// Shared NLP state of a run.
-    pub fn new(
-        study: Study,
-        dispatch: Dispatch,
-        generated_on: String,
-        errors: Option<std::fs::File>,
-    ) -> NlpShared {
+    pub fn new(source: NoteSource, dispatch: Dispatch, errors: Option<std::fs::File>) -> NlpShared {
         NlpShared {
-            study,
+            source,
             dispatch,
-            generated_on,
             stats: NoteStats::default(),
             errors: errors.map(|f| Mutex::new(BufWriter::new(f))),
             warned_remote: AtomicBool::new(false),
@@ -95,39 +88,12 @@ impl NlpShared {
                 .and_then(|_| out.flush());
         }
     }
-
-    /// The rows of one analysed note: one per positive finding, or a placeholder `<id>.0`
-    /// with no match so downstream queries know the note was processed.
-    pub fn result_rows(&self, ids: &NoteIds, findings: &[Finding]) -> Vec<(String, Value)> {
-        let row = |index: usize, matched: Option<&super::mention::Mention>| {
-            let id = format!("{}.{index}", ids.note_id);
-            let mut value = json!({
-                "id": id,
-                "docref_id": ids.note_id,
-                "encounter_id": ids.encounter_id,
-                "subject_id": ids.subject_id,
-                "generated_on": self.generated_on,
-                "task_version": self.study.task_version,
-            });
-            if let Some(m) = matched {
-                value["match"] = serde_json::to_value(m).expect("mentions serialize");
-            }
-            (id, value)
-        };
-        if findings.is_empty() {
-            return vec![row(0, None)];
-        }
-        findings
-            .iter()
-            .map(|f| row(f.index, Some(&f.mention)))
-            .collect()
-    }
 }
 
 /// A note waiting for its engine.
 struct NoteJob {
-    ids: NoteIds,
-    text: String,
+    /// Taken when the note is sent to the NLP runtime.
+    note: Option<NoteInput>,
     line: u64,
     /// The original line, kept for the errors folder.
     raw: Vec<u8>,
@@ -156,7 +122,7 @@ impl PendingBundle {
     }
 }
 
-type Outcome = (u64, usize, Result<Vec<Finding>>);
+type Outcome = (u64, usize, Result<NoteOutcome>);
 
 /// One worker's NLP producer.
 pub struct NoteRows {
@@ -242,15 +208,20 @@ impl NoteRows {
         };
         // Notes are selected and read from a tree; a lone surrogate reads as U+FFFD there.
         let note: Value = serde_json::from_slice(raw).unwrap_or_else(|_| doc.to_value(0));
-        if note.get("resourceType").and_then(Value::as_str) != Some(b.ctx.resource_type.as_str()) {
+        let rtype = note.get("resourceType").and_then(Value::as_str);
+        let ctx = b.ctx;
+        if !std::iter::once(&ctx.resource_type)
+            .chain(&ctx.more_resource_types)
+            .any(|r| Some(r.as_str()) == rtype)
+        {
             skip(
                 SkipReason::WrongResourceType,
-                format!("expected {}", b.ctx.resource_type),
+                format!("expected {}", ctx.resource_type),
             );
             return None;
         }
         nlp.stats.seen.fetch_add(1, Ordering::Relaxed);
-        if !is_selected(&nlp.study.source, &note) {
+        if !is_selected(&nlp.source, &note) {
             return None;
         }
         scrubbed.clear();
@@ -296,8 +267,7 @@ impl NoteRows {
         };
         nlp.stats.with_text.fetch_add(1, Ordering::Relaxed);
         Some(NoteJob {
-            ids,
-            text,
+            note: Some(NoteInput { ids, text }),
             line,
             raw: raw.to_vec(),
         })
@@ -308,14 +278,17 @@ impl NoteRows {
         &mut self,
         bundle: u64,
         note: usize,
-        outcome: Result<Vec<Finding>>,
+        outcome: Result<NoteOutcome>,
     ) -> Option<TableChunk> {
         let p = self.pending.get_mut(&bundle)?;
         let job = p.jobs[note].take()?;
         match outcome {
-            Ok(findings) => {
+            Ok(outcome) => {
                 self.shared.stats.analysed.fetch_add(1, Ordering::Relaxed);
-                p.results[note] = Some(self.shared.result_rows(&job.ids, &findings));
+                if let Some(problem) = &outcome.problem {
+                    self.shared.fail(&p.path, job.line, problem, &job.raw);
+                }
+                p.results[note] = Some(outcome.rows);
             }
             Err(e) => self
                 .shared
@@ -371,25 +344,27 @@ impl RowProducer for NoteRows {
                 for note in 0..count {
                     let pending = &self.pending[&id];
                     let job = pending.jobs[note].as_ref().expect("queued");
+                    let input = job.note.as_ref().expect("not sent");
                     // A bug met on one note fails that note, as a server error would.
-                    let findings = panic_guard::catch(|| {
+                    let outcome = panic_guard::catch(|| {
                         panic_guard::inject(Site::Note, &pending.path, job.line);
-                        engine.find_now(&job.text)
+                        futures::executor::block_on(engine.analyse(input))
                     })
-                    .map_err(anyhow::Error::new);
-                    out.extend(self.finish_note(id, note, findings));
+                    .map_err(anyhow::Error::new)
+                    .and_then(|outcome| outcome);
+                    out.extend(self.finish_note(id, note, outcome));
                 }
                 out
             }
             Dispatch::Spawn(engine, runtime) => {
                 let pending = self.pending.get_mut(&id).expect("just inserted");
                 for (note, job) in pending.jobs.iter_mut().enumerate() {
-                    let text = std::mem::take(&mut job.as_mut().expect("queued").text);
+                    let input = job.as_mut().expect("queued").note.take().expect("not sent");
                     let engine = engine.clone();
                     let done = self.done_tx.clone();
                     runtime.spawn(async move {
                         // A panic must still answer, or the bundle would wait forever.
-                        let outcome = match Guarded::new(engine.find(&text)).await {
+                        let outcome = match Guarded::new(engine.analyse(&input)).await {
                             Ok(outcome) => outcome,
                             Err(panic) => Err(anyhow::Error::new(panic)),
                         };

@@ -20,16 +20,21 @@ use crate::etl::{
 use crate::exit::{ExitCode, Fatal};
 use crate::fhir::ElementModel;
 use crate::input::{bundles, discover};
-use crate::output::{OutputFormat, TableKind};
+use crate::output::arrow_rows::nlp_symptom_schema;
+use crate::output::{NlpTable, OutputFormat, TableKind};
 use crate::store::ObjectLocation;
 use crate::time::PyDateTime;
 
 use super::cache::NlpCache;
-use super::ctakes::{CtakesSymptoms, RetryPolicy, ServerUrls, check_reachable};
+use super::ctakes::{CtakesSymptoms, ServerUrls, check_reachable};
 use super::embedded::EmbeddedEngine;
-use super::engine::EmbeddedSymptoms;
+use super::engine::{CovidRows, EmbeddedSymptoms};
+use super::http::{Http, RetryPolicy};
+use super::llm_engine::LlmEngine;
+use super::llm_study::{LlmTask, find_llm_task, llm_tasks};
+use super::openai::ChatClient;
 use super::producer::{Dispatch, NlpShared, NoteRows};
-use super::study::{Study, all_studies, find_study};
+use super::study::{NoteSource, Study, all_studies, find_study};
 
 /// Which engine analyses the notes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,11 +69,43 @@ pub struct NlpOptions {
     pub progress_interval: Duration,
 }
 
-/// Whether every named task is an NLP study (and at least one is named). Mixing NLP and
+/// An NLP task: the covid study's (a dictionary and symptom engines) or an LLM study's.
+#[derive(Debug, Clone)]
+pub enum NlpTask {
+    Covid(Box<Study>),
+    Llm(&'static LlmTask),
+}
+
+impl NlpTask {
+    /// The task's (and its table's) name.
+    pub fn name(&self) -> &str {
+        match self {
+            NlpTask::Covid(study) => &study.name,
+            NlpTask::Llm(task) => &task.name,
+        }
+    }
+
+    /// Which notes it reads.
+    fn source(&self) -> NoteSource {
+        match self {
+            NlpTask::Covid(study) => study.source.clone(),
+            NlpTask::Llm(_) => LlmTask::note_source(),
+        }
+    }
+}
+
+/// The NLP task named `name`.
+fn find_task(name: &str) -> Option<NlpTask> {
+    find_study(name)
+        .map(|study| NlpTask::Covid(Box::new(study)))
+        .or_else(|| find_llm_task(name).map(NlpTask::Llm))
+}
+
+/// Whether every named task is an NLP task (and at least one is named). Mixing NLP and
 /// other tasks is an error, as upstream.
 pub fn names_nlp_tasks(names: &[String]) -> Result<bool, Fatal> {
     let names = crate::tasks::expand_names(names);
-    let nlp = names.iter().filter(|n| find_study(n).is_some()).count();
+    let nlp = names.iter().filter(|n| find_task(n).is_some()).count();
     if nlp > 0 && nlp < names.len() {
         return Err(Fatal::new(
             ExitCode::TaskMismatch,
@@ -78,12 +115,16 @@ pub fn names_nlp_tasks(names: &[String]) -> Result<bool, Fatal> {
     Ok(nlp > 0)
 }
 
-/// Picks the studies named by `--task`.
-fn select_studies(names: &[String]) -> Result<Vec<Study>, Fatal> {
+/// Picks the tasks named by `--task`.
+fn select_tasks(names: &[String]) -> Result<Vec<NlpTask>, Fatal> {
     let names = crate::tasks::expand_names(names);
-    let all = all_studies();
     if names.is_empty() || names.iter().any(|n| n == "help") {
-        let list: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        let covid = all_studies();
+        let list: Vec<&str> = covid
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(llm_tasks().iter().map(|t| t.name.as_str()))
+            .collect();
         let code = if names.is_empty() {
             ExitCode::ArgsInvalid
         } else {
@@ -103,8 +144,8 @@ fn select_studies(names: &[String]) -> Result<Vec<Study>, Fatal> {
     names_nlp_tasks(&names)?;
     let mut picked = Vec::new();
     for n in &names {
-        match find_study(n) {
-            Some(s) if !picked.iter().any(|p: &Study| p.name == s.name) => picked.push(s),
+        match find_task(n) {
+            Some(t) if !picked.iter().any(|p: &NlpTask| p.name() == t.name()) => picked.push(t),
             Some(_) => {}
             None => {
                 return Err(Fatal::new(
@@ -129,12 +170,9 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
             "NLP runs in one process: `nlp` cannot be given --hostfile",
         ));
     }
-    let studies = select_studies(&opts.tasks)?;
+    let tasks = select_tasks(&opts.tasks)?;
     let rejected = open_errors_folder(&opts.errors_to)?;
-    let wanted: HashSet<String> = studies
-        .iter()
-        .flat_map(|s| s.source.resources.iter().cloned())
-        .collect();
+    let wanted: HashSet<String> = tasks.iter().flat_map(|t| t.source().resources).collect();
     let found = discover(&list_input(input)?, Some(&wanted), ElementModel::r4())?;
     for u in &found.unreadable {
         crate::say!("warning: {}: skipped: {}", u.name, u.reason);
@@ -153,8 +191,10 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     // NLP runs never record new Patient/Encounter mappings, as upstream.
     let codebook = open_codebook(&opts.phi, output, false)?;
     codebook.save()?;
-    let runtime = match opts.engine_kind {
-        EngineKind::Ctakes => Some(
+    let servers = opts.engine_kind == EngineKind::Ctakes
+        || tasks.iter().any(|t| matches!(t, NlpTask::Llm(_)));
+    let runtime = match servers {
+        true => Some(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -164,7 +204,7 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
                     Fatal::new(ExitCode::Failure, format!("starting the NLP runtime: {e}"))
                 })?,
         ),
-        EngineKind::Embedded => None,
+        false => None,
     };
     crate::say!("NLP configuration:");
     crate::say!("  Input path:  {}", opts.input.url());
@@ -174,26 +214,38 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
         opts.output_format.name()
     );
     crate::say!("  PHI path:    {}", opts.phi.url());
-    crate::say!(
-        "  Engine:      {}",
-        match opts.engine_kind {
-            EngineKind::Embedded => "embedded (dictionary + negation detection)".to_string(),
-            EngineKind::Ctakes => format!("cTAKES + cNLP, {} notes in flight", opts.concurrency),
-        }
-    );
+    let llm = tasks.iter().any(|t| matches!(t, NlpTask::Llm(_)));
+    let covid = tasks.iter().any(|t| matches!(t, NlpTask::Covid(_)));
+    if covid {
+        crate::say!(
+            "  Engine:      {}",
+            match opts.engine_kind {
+                EngineKind::Embedded => "embedded (dictionary + negation detection)".to_string(),
+                EngineKind::Ctakes =>
+                    format!("cTAKES + cNLP, {} notes in flight", opts.concurrency),
+            }
+        );
+    }
+    if llm {
+        crate::say!(
+            "  Models:      local servers, {} notes in flight",
+            opts.concurrency
+        );
+    }
 
     let mut failed = false;
     let mut rejected = rejected;
-    for study in studies {
+    for task in tasks {
+        let resources = task.source().resources;
         let files: Vec<_> = found
             .files
             .iter()
-            .filter(|f| study.source.resources.contains(&f.resource_type))
+            .filter(|f| resources.contains(&f.resource_type))
             .cloned()
             .collect();
-        let outcome = run_study(
+        let outcome = run_task(
             opts,
-            &study,
+            &task,
             &files,
             &codebook,
             runtime.as_ref(),
@@ -211,10 +263,139 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     }
 }
 
-/// Runs one study; returns whether anything failed.
-fn run_study(
+/// What runs a task's notes, and what it reports at the end.
+struct TaskEngine {
+    dispatch: Dispatch,
+    kind: TableKind,
+    servers: Option<Arc<CtakesSymptoms>>,
+    llm: Option<Arc<LlmEngine>>,
+}
+
+/// The covid study's engine: the embedded one, or cTAKES and cNLP (checked first).
+fn covid_engine(
     opts: &NlpOptions,
     study: &Study,
+    runtime: Option<&tokio::runtime::Runtime>,
+    generated_on: String,
+) -> Result<TaskEngine, Fatal> {
+    let dictionary = study.dictionary();
+    let covid_cuis = Arc::new(dictionary.cuis.clone());
+    let kind = TableKind::NlpResults(Arc::new(NlpTable {
+        task_version: study.task_version,
+        schema: Arc::new(nlp_symptom_schema()),
+        key: "id".into(),
+        group_field: study.group_field.clone(),
+    }));
+    let (Some(rt), EngineKind::Ctakes) = (runtime, opts.engine_kind) else {
+        let engine = CovidRows {
+            engine: EmbeddedSymptoms {
+                engine: Arc::new(EmbeddedEngine::new(&dictionary)),
+                covid_cuis,
+                model: study.engine.polarity,
+            },
+            generated_on,
+            task_version: study.task_version,
+        };
+        return Ok(TaskEngine {
+            dispatch: Dispatch::Inline(Arc::new(engine)),
+            kind,
+            servers: None,
+            llm: None,
+        });
+    };
+    let urls = ServerUrls::from_env(study.engine.polarity);
+    if opts.init_checks {
+        for (url, code, what) in [
+            (&urls.ctakes, ExitCode::CtakesMissing, "cTAKES"),
+            (&urls.cnlp, ExitCode::CnlpMissing, "cNLP"),
+        ] {
+            rt.block_on(check_reachable(url, 6, opts.init_check_interval))
+                .map_err(|e| {
+                    Fatal::new(
+                        code,
+                        format!("A running {what} server was not found at {url}: {e}"),
+                    )
+                })?;
+        }
+    }
+    let servers = Arc::new(
+        CtakesSymptoms::new(
+            urls,
+            study.engine.clone(),
+            NlpCache::ctakes(&opts.phi),
+            covid_cuis,
+            opts.concurrency,
+            opts.retry,
+        )
+        .map_err(Fatal::from)?,
+    );
+    let engine = CovidRows {
+        engine: servers.clone(),
+        generated_on,
+        task_version: study.task_version,
+    };
+    Ok(TaskEngine {
+        dispatch: Dispatch::Spawn(Arc::new(engine), rt.handle().clone()),
+        kind,
+        servers: Some(servers),
+        llm: None,
+    })
+}
+
+/// An LLM task's engine, on the model's local server (its URL from the environment, as
+/// upstream reads it), checked first unless `--skip-init-checks`.
+fn llm_engine(
+    opts: &NlpOptions,
+    task: &'static LlmTask,
+    rt: &tokio::runtime::Runtime,
+    generated_on: String,
+) -> Result<TaskEngine, Fatal> {
+    let Some(local) = &task.model.local else {
+        return Err(Fatal::new(
+            ExitCode::ArgsInvalid,
+            format!(
+                "{} runs on {}, which has no local server; its cloud providers are not \
+                 supported yet",
+                task.name, task.model.id
+            ),
+        ));
+    };
+    let url = std::env::var(&local.url_env).unwrap_or_else(|_| local.default_url.clone());
+    let http = Http::new(opts.concurrency, opts.retry).map_err(Fatal::from)?;
+    let client = ChatClient::new(http, &url, &local.model);
+    if opts.init_checks {
+        rt.block_on(client.check_model()).map_err(|e| {
+            let hint = format!(
+                "Try running 'docker compose up {} --wait', or set {} to the server's URL.",
+                local.compose_service, local.url_env
+            );
+            Fatal::new(ExitCode::ServiceMissing, format!("{e}\n{hint}"))
+        })?;
+    }
+    let schema = task.table_schema().map_err(Fatal::from)?;
+    let engine = Arc::new(LlmEngine::new(
+        task,
+        client,
+        NlpCache::llm(&opts.phi),
+        generated_on,
+    ));
+    Ok(TaskEngine {
+        dispatch: Dispatch::Spawn(engine.clone(), rt.handle().clone()),
+        kind: TableKind::NlpResults(Arc::new(NlpTable {
+            task_version: task.definition.version,
+            schema: Arc::new(schema),
+            key: "note_ref".into(),
+            group_field: "note_ref".into(),
+        })),
+        servers: None,
+        llm: Some(engine),
+    })
+}
+
+/// Runs one task; returns whether anything failed.
+fn run_task(
+    opts: &NlpOptions,
+    task: &NlpTask,
     files: &[crate::input::InputFile],
     codebook: &Arc<Codebook>,
     runtime: Option<&tokio::runtime::Runtime>,
@@ -222,51 +403,19 @@ fn run_study(
 ) -> Result<bool, Fatal> {
     let started_at = Instant::now();
     let started = PyDateTime::now_utc();
-    crate::say!("Running {}...", study.name);
-    let dictionary = study.dictionary();
-    let covid_cuis = Arc::new(dictionary.cuis.clone());
-    let server = match runtime {
-        Some(rt) => {
-            let urls = ServerUrls::from_env(study.engine.polarity);
-            if opts.init_checks {
-                for (url, code, what) in [
-                    (&urls.ctakes, ExitCode::CtakesMissing, "cTAKES"),
-                    (&urls.cnlp, ExitCode::CnlpMissing, "cNLP"),
-                ] {
-                    rt.block_on(check_reachable(url, 6, opts.init_check_interval))
-                        .map_err(|e| {
-                            Fatal::new(
-                                code,
-                                format!("A running {what} server was not found at {url}: {e}"),
-                            )
-                        })?;
-                }
-            }
-            Some(Arc::new(
-                CtakesSymptoms::new(
-                    urls,
-                    study.engine.clone(),
-                    NlpCache::new(&opts.phi),
-                    covid_cuis.clone(),
-                    opts.concurrency,
-                    opts.retry,
-                )
-                .map_err(Fatal::from)?,
-            ))
+    let name = task.name().to_string();
+    crate::say!("Running {name}...");
+    let generated_on = started.isoformat();
+    let engine = match task {
+        NlpTask::Covid(study) => covid_engine(opts, study, runtime, generated_on)?,
+        NlpTask::Llm(llm) => {
+            let rt = runtime.expect("LLM tasks start the NLP runtime");
+            llm_engine(opts, llm, rt, generated_on)?
         }
-        None => None,
-    };
-    let dispatch = match (&server, runtime) {
-        (Some(engine), Some(rt)) => Dispatch::Spawn(engine.clone(), rt.handle().clone()),
-        _ => Dispatch::Inline(EmbeddedSymptoms {
-            engine: Arc::new(EmbeddedEngine::new(&dictionary)),
-            covid_cuis,
-            model: study.engine.polarity,
-        }),
     };
     let errors = match &opts.errors_to {
         Some(dir) => {
-            let dir = dir.join(&study.name);
+            let dir = dir.join(&name);
             std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::File::create(dir.join("nlp-errors.ndjson")))
                 .map(Some)
@@ -279,36 +428,25 @@ fn run_study(
         }
         None => None,
     };
-    let nlp = Arc::new(NlpShared::new(
-        study.clone(),
-        dispatch,
-        started.isoformat(),
-        errors,
-    ));
+    let source = task.source();
+    let nlp = Arc::new(NlpShared::new(source.clone(), engine.dispatch, errors));
 
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
     let work = bundles::plan(files, bundle_bytes)?;
     let total_bytes: u64 = files.iter().map(|f| f.size).sum();
-    let kind = TableKind::NlpSymptoms {
-        task_version: study.task_version,
-    };
-    let contexts: Vec<TaskContext> = study
-        .source
-        .resources
-        .iter()
-        .enumerate()
-        .map(|(i, resource)| TaskContext {
-            task: i as u32,
-            table: study.name.clone(),
-            resource_type: resource.clone(),
-            kind: kind.clone(),
-            whole_chunks: true,
-            needs_shape: false,
-            // Result rows are built from Rust strings.
-            utf8_only: false,
-            completion: None,
-        })
-        .collect();
+    // One task (one sink, one table writer) reads the notes of every type.
+    let contexts = vec![TaskContext {
+        task: 0,
+        table: name.clone(),
+        resource_type: source.resources[0].clone(),
+        more_resource_types: source.resources[1..].to_vec(),
+        kind: engine.kind.clone(),
+        whole_chunks: true,
+        needs_shape: false,
+        // Result rows are built from Rust strings.
+        utf8_only: false,
+        completion: None,
+    }];
     let shared = RunBuilder {
         memory: opts.memory,
         format: opts.output_format,
@@ -338,24 +476,41 @@ fn run_study(
         opts.progress_interval,
     )?;
 
-    shared.touch_if_empty(&study.name, &shared.work.tasks[0])?;
+    shared.touch_if_empty(&name, &shared.work.tasks[0])?;
     finish_tables(&shared, opts.optimize_tables);
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let s = &nlp.stats;
+    let selected = match task {
+        NlpTask::Covid(_) => "ED notes with a valid status",
+        NlpTask::Llm(_) => "notes with a valid status",
+    };
     crate::say!(
-        "Notes: {} read, {} selected (ED notes with a valid status), {} with text, {} analysed, {} failed",
+        "Notes: {} read, {} selected ({selected}), {} with text, {} analysed, {} failed",
         n(&s.seen),
         n(&s.selected),
         n(&s.with_text),
         n(&s.analysed),
         n(&s.failed)
     );
-    if let Some(server) = &server {
+    let http = engine
+        .servers
+        .as_ref()
+        .map(|servers| &servers.http)
+        .or(engine.llm.as_ref().map(|llm| &llm.client.http));
+    if let Some(http) = http {
         crate::say!(
             "Servers: {} requests, {} retries, {} answers from the cache",
-            n(&server.stats.requests),
-            n(&server.stats.retries),
-            n(&server.stats.cache_hits)
+            n(&http.stats.requests),
+            n(&http.stats.retries),
+            n(&http.stats.cache_hits)
+        );
+    }
+    if let Some(llm) = &engine.llm {
+        crate::say!(
+            "Tokens: {} new input, {} cached input, {} output",
+            n(&llm.tokens.new_input),
+            n(&llm.tokens.cache_read_input),
+            n(&llm.tokens.output)
         );
     }
     let stats = shared.report.stats.lock().unwrap();

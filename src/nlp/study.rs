@@ -23,12 +23,18 @@ pub enum PolarityModel {
     TermExists,
 }
 
-/// Which notes a study reads.
+/// Which notes a study reads: resource types, the `status` and `docStatus` values allowed
+/// (absent is always allowed), and, if any are listed, the codings that make a note an
+/// emergency department note (one of them is required).
 #[derive(Debug, Clone, Deserialize)]
 pub struct NoteSource {
     pub resources: Vec<String>,
     pub status: Vec<String>,
+    /// `status` values allowed for a resource type, in place of `status`.
+    #[serde(default)]
+    pub status_by_type: BTreeMap<String, Vec<String>>,
     pub doc_status: Vec<String>,
+    #[serde(default)]
     pub ed_codes: BTreeMap<String, HashSet<String>>,
 }
 

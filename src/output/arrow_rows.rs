@@ -16,7 +16,7 @@ pub fn batch_schema(kind: &TableKind, batch: &RowBatch<'_>) -> Arc<Schema> {
         TableKind::Fhir(resource_type) => {
             resource_schema(ElementModel::r4(), resource_type, batch.shape)
         }
-        TableKind::NlpSymptoms { .. } => nlp_symptom_schema(),
+        TableKind::NlpResults(table) => table.schema.as_ref().clone(),
         other => completion_schema(other).expect("completion table"),
     })
 }
@@ -77,7 +77,7 @@ pub fn completion_schema(kind: &TableKind) -> Option<Schema> {
             "etl_time",
             "excluded_resources",
         ],
-        TableKind::Fhir(_) | TableKind::NlpSymptoms { .. } => return None,
+        TableKind::Fhir(_) | TableKind::NlpResults(_) => return None,
     };
     Some(Schema::new(
         names

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use arrow::array::builder::NullBufferBuilder;
 use arrow::array::{
-    ArrayBuilder, ArrayRef, BooleanBuilder, Float64Builder, Int8Builder, Int32Builder, ListArray,
-    StringBuilder, StructArray,
+    ArrayBuilder, ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int8Builder,
+    Int32Builder, ListArray, StringBuilder, StructArray,
 };
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, FieldRef, Fields, Schema};
@@ -139,6 +139,8 @@ enum Column {
     Utf8(StringBuilder),
     Int8(Int8Builder),
     Int32(Int32Builder),
+    /// An NLP answer's `float` fields (as upstream's tables type them).
+    Float32(Float32Builder),
     Float64(Float64Builder),
     Boolean(BooleanBuilder),
     Struct(StructColumns),
@@ -154,6 +156,7 @@ impl Column {
             DataType::Utf8 => Column::Utf8(StringBuilder::new()),
             DataType::Int8 => Column::Int8(Int8Builder::new()),
             DataType::Int32 => Column::Int32(Int32Builder::new()),
+            DataType::Float32 => Column::Float32(Float32Builder::new()),
             DataType::Float64 => Column::Float64(Float64Builder::new()),
             DataType::Boolean => Column::Boolean(BooleanBuilder::new()),
             DataType::Struct(fields) => {
@@ -178,6 +181,9 @@ impl Column {
             }
             (Column::Int32(b), Kind::Number | Kind::String) => {
                 b.append_value(parse_int(doc, i, i32::MIN.into(), i32::MAX.into())? as i32)
+            }
+            (Column::Float32(b), Kind::Number | Kind::String) => {
+                b.append_value(parse_float(doc, i)? as f32)
             }
             (Column::Float64(b), Kind::Number | Kind::String) => {
                 b.append_value(parse_float(doc, i)?)
@@ -261,6 +267,7 @@ impl Column {
             Column::Int32(b) => {
                 b.append_value(int_in(text, i32::MIN.into(), i32::MAX.into())? as i32)
             }
+            Column::Float32(b) => b.append_value(text.parse::<f32>().map_err(|_| NotCompact)?),
             Column::Float64(b) => b.append_value(text.parse::<f64>().map_err(|_| NotCompact)?),
             _ => return Err(NotCompact),
         }
@@ -277,6 +284,7 @@ impl Column {
             Column::Utf8(b) => b.append_nulls(n),
             Column::Int8(b) => b.append_nulls(n),
             Column::Int32(b) => b.append_nulls(n),
+            Column::Float32(b) => b.append_nulls(n),
             Column::Float64(b) => b.append_nulls(n),
             Column::Boolean(b) => b.append_nulls(n),
             Column::Struct(s) => {
@@ -292,7 +300,7 @@ impl Column {
             Column::Utf8(_) => "a string",
             Column::Int8(_) => "a small integer",
             Column::Int32(_) => "an integer",
-            Column::Float64(_) => "a number",
+            Column::Float32(_) | Column::Float64(_) => "a number",
             Column::Boolean(_) => "true or false",
             Column::Struct(_) => "an object",
             Column::List(_) => "a list",
@@ -304,6 +312,7 @@ impl Column {
             Column::Utf8(b) => Arc::new(b.finish()),
             Column::Int8(b) => Arc::new(b.finish()),
             Column::Int32(b) => Arc::new(b.finish()),
+            Column::Float32(b) => Arc::new(b.finish()),
             Column::Float64(b) => Arc::new(b.finish()),
             Column::Boolean(b) => Arc::new(b.finish()),
             Column::Struct(s) => {
@@ -515,6 +524,7 @@ impl Column {
             Column::Utf8(b) => b.len(),
             Column::Int8(b) => b.len(),
             Column::Int32(b) => b.len(),
+            Column::Float32(b) => b.len(),
             Column::Float64(b) => b.len(),
             Column::Boolean(b) => b.len(),
             Column::Struct(s) => s.nulls.len(),

@@ -61,15 +61,26 @@ pub enum TableKind {
     CompletionEncounters,
     /// `etl__completion`.
     Completion,
-    /// Covid symptom NLP results (`<study>__<table>`), grouped by note.
-    NlpSymptoms { task_version: i32 },
+    /// The results of an NLP study's task (`<study>__<table>`), as the study declares them.
+    NlpResults(Arc<NlpTable>),
+}
+
+/// An NLP results table: its schema, key and grouping come from the study.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NlpTable {
+    pub task_version: i32,
+    pub schema: Arc<arrow::datatypes::Schema>,
+    /// The column that identifies a row.
+    pub key: String,
+    /// The column whose touched values replace all their stored rows (a note's results).
+    pub group_field: String,
 }
 
 impl TableKind {
     /// The column whose touched values replace all their stored rows (Delta MERGE).
-    pub fn group_field(&self) -> Option<&'static str> {
+    pub fn group_field(&self) -> Option<&str> {
         match self {
-            TableKind::NlpSymptoms { .. } => Some("docref_id"),
+            TableKind::NlpResults(table) => Some(&table.group_field),
             _ => None,
         }
     }
@@ -164,12 +175,10 @@ impl Outputs {
 
     /// The writer of one table.
     pub fn open(&self, table: &str, kind: TableKind) -> Result<Box<dyn TableWriter>> {
-        if let (
-            TableKind::NlpSymptoms { task_version },
-            OutputFormat::Ndjson | OutputFormat::Parquet,
-        ) = (&kind, self.format)
+        if let (TableKind::NlpResults(nlp), OutputFormat::Ndjson | OutputFormat::Parquet) =
+            (&kind, self.format)
         {
-            return Ok(nlp_files::open(self, table, *task_version, kind.clone()));
+            return Ok(nlp_files::open(self, table, nlp.task_version, kind.clone()));
         }
         let files = BatchedFiles::new(&self.root, table, self.format.name());
         Ok(match (self.format, &self.delta) {

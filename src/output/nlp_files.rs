@@ -3,7 +3,7 @@
 //! written, appended after every successful batch.
 
 use anyhow::Result;
-use serde::Deserialize;
+use serde_json::Value;
 
 use crate::store::ObjectLocation;
 
@@ -19,6 +19,7 @@ pub fn open(outputs: &Outputs, table: &str, version: i32, kind: TableKind) -> Bo
     let name = format!("{short}_v{version}");
     let study_dir = outputs.root.join(study);
     let files = BatchedFiles::in_dir(study_dir.join(&name), &name, outputs.format.name());
+    let group_field: Arc<str> = kind.group_field().unwrap_or("id").into();
     let inner: Box<dyn TableWriter> = match outputs.format {
         OutputFormat::Parquet => Box::new(super::parquet::ParquetTable::new(files, kind)),
         _ => Box::new(super::ndjson::NdjsonTable::new(files)),
@@ -26,6 +27,7 @@ pub fn open(outputs: &Outputs, table: &str, version: i32, kind: TableKind) -> Bo
     Box::new(GroupIdsWriter {
         inner,
         ids: Arc::new(Mutex::new((study_dir, format!("{name}.ids")))),
+        group_field,
     })
 }
 
@@ -35,18 +37,15 @@ struct GroupIdsWriter {
     /// The study folder and the key of the ids file in it; batches written at once add their
     /// groups one after the other.
     ids: Arc<Mutex<(ObjectLocation, String)>>,
+    /// The column naming a row's group (its note).
+    group_field: Arc<str>,
 }
 
 /// One batch of an NLP table and its groups.
 struct GroupIdsBatch {
     inner: Box<dyn BatchWriter>,
     ids: Arc<Mutex<(ObjectLocation, String)>>,
-}
-
-#[derive(Deserialize)]
-struct GroupOf<'a> {
-    #[serde(borrow)]
-    docref_id: Option<std::borrow::Cow<'a, str>>,
+    group_field: Arc<str>,
 }
 
 impl TableWriter for GroupIdsWriter {
@@ -54,6 +53,7 @@ impl TableWriter for GroupIdsWriter {
         Box::new(GroupIdsBatch {
             inner: self.inner.next_batch(),
             ids: self.ids.clone(),
+            group_field: self.group_field.clone(),
         })
     }
 
@@ -71,8 +71,10 @@ impl BatchWriter for GroupIdsBatch {
         let mut groups: Vec<String> = batch
             .rows
             .iter()
-            .filter_map(|r| serde_json::from_slice::<GroupOf>(r).ok()?.docref_id)
-            .map(|g| g.into_owned())
+            .filter_map(|r| {
+                let row: Value = serde_json::from_slice(r).ok()?;
+                Some(row.get(&*self.group_field)?.as_str()?.to_string())
+            })
             .collect();
         groups.sort();
         groups.dedup();

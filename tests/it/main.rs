@@ -9,6 +9,7 @@ mod delta_runs;
 mod etl_runs;
 mod fuzz_regressions;
 mod i2b2;
+mod llm;
 mod mutate;
 mod mutations;
 mod nlp;

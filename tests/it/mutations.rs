@@ -80,6 +80,7 @@ fn damaged_lines_never_panic_and_agree_with_python() {
                 task: 0,
                 table: resource_type.to_lowercase(),
                 resource_type: resource_type.to_string(),
+                more_resource_types: Vec::new(),
                 kind: TableKind::Fhir(resource_type.to_string()),
                 whole_chunks: false,
                 needs_shape: utf8_only,

@@ -4,6 +4,10 @@
 //! symptom), word 1 an IdentifiedAnnotation. cNLP negation says every span is positive;
 //! termexists says the first span is negative. It records requests and the peak number in
 //! flight, can answer slowly, and can fail the first requests with a chosen status.
+//!
+//! It also speaks the OpenAI chat-completions protocol as a vLLM server does (`GET /v1/models`,
+//! `POST /v1/chat/completions`): its answer follows the request's JSON schema, built from the
+//! note (see [`llm_answer`]), so any study's task gets a valid, deterministic answer.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -90,6 +94,11 @@ impl FakeNlpServer {
         format!("http://{}/termexists/process", self.addr)
     }
 
+    /// The base URL of its OpenAI-compatible API (`CUMULUS_<MODEL>_URL`).
+    pub fn llm_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
     /// Requests received so far.
     pub fn requests(&self) -> Vec<Seen> {
         self.state.requests.lock().unwrap().clone()
@@ -169,7 +178,24 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
     }
 }
 
+/// The models the server lists.
+pub const LLM_MODELS: [&str; 2] = [
+    "openai/gpt-oss-120b",
+    "nvidia/Llama-4-Scout-17B-16E-Instruct-FP4",
+];
+
 fn answer(path: &str, body: &[u8]) -> Value {
+    if path.ends_with("/models") {
+        let data: Vec<Value> = LLM_MODELS
+            .iter()
+            .map(|id| json!({"id": id, "object": "model"}))
+            .collect();
+        return json!({"object": "list", "data": data});
+    }
+    if path.ends_with("/chat/completions") {
+        let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        return chat_completion(&request);
+    }
     if path.contains("negation") || path.contains("termexists") {
         let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let spans = request["entities"].as_array().map_or(0, Vec::len);
@@ -213,4 +239,73 @@ fn ctakes_answer(note: &str) -> Value {
              "type": "IdentifiedAnnotation"}
         ]
     })
+}
+
+/// A chat completion answering `request` with [`llm_answer`].
+fn chat_completion(request: &Value) -> Value {
+    let system = request["messages"][0]["content"].as_str().unwrap_or("");
+    let user = request["messages"][1]["content"].as_str().unwrap_or("");
+    // Every study's user message ends with the note, after a blank line where the study adds
+    // an introduction.
+    let note = user.rsplit("\n\n").next().unwrap_or(user);
+    let schema = &request["response_format"]["json_schema"]["schema"];
+    let content = llm_answer(schema, note).to_string();
+    json!({
+        "id": "chatcmpl-test", "object": "chat.completion",
+        "model": request["model"], "system_fingerprint": "fp_test",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": (system.len() + user.len()) / 4,
+                  "completion_tokens": content.len() / 4,
+                  "prompt_tokens_details": {"cached_tokens": 0}},
+    })
+}
+
+/// The answer the fake model gives a note: every field as its schema types it (the first
+/// option of `anyOf` that is not null, an enum's first value): booleans true, integers the
+/// note's word count, numbers 0.5, strings the note's first word, lists of one item, and
+/// `spans` the note's first two words (so they are found in it).
+pub fn llm_answer(schema: &Value, note: &str) -> Value {
+    let words: Vec<&str> = note.split_whitespace().collect();
+    value_for(schema, schema, &words, "")
+}
+
+fn value_for(schema: &Value, root: &Value, words: &[&str], name: &str) -> Value {
+    if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
+        let target = reference.trim_start_matches('#');
+        return value_for(
+            root.pointer(target).unwrap_or(&Value::Null),
+            root,
+            words,
+            name,
+        );
+    }
+    if let Some(options) = schema.get("anyOf").and_then(Value::as_array) {
+        let option = options
+            .iter()
+            .find(|o| o.get("type").and_then(Value::as_str) != Some("null"))
+            .unwrap_or(&Value::Null);
+        return value_for(option, root, words, name);
+    }
+    if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
+        return first.clone();
+    }
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => {
+            let mut out = serde_json::Map::new();
+            for (field, sub) in schema["properties"].as_object().into_iter().flatten() {
+                out.insert(field.clone(), value_for(sub, root, words, field));
+            }
+            Value::Object(out)
+        }
+        Some("array") if name == "spans" => {
+            json!([words.iter().take(2).copied().collect::<Vec<_>>().join(" ")])
+        }
+        Some("array") => json!([value_for(&schema["items"], root, words, "")]),
+        Some("boolean") => json!(true),
+        Some("integer") => json!(words.len()),
+        Some("number") => json!(0.5),
+        Some("string") => json!(words.first().copied().unwrap_or("")),
+        _ => Value::Null,
+    }
 }

@@ -75,8 +75,13 @@ pub struct TableSpec {
 impl TableSpec {
     /// The spec of a table of the given kind.
     pub fn for_kind(name: &str, kind: &TableKind) -> TableSpec {
+        let key;
         let (uniqueness, update_existing): (&[&str], bool) = match kind {
-            TableKind::Fhir(_) | TableKind::NlpSymptoms { .. } => (&["id"], true),
+            TableKind::Fhir(_) => (&["id"], true),
+            TableKind::NlpResults(table) => {
+                key = [table.key.as_str()];
+                (&key, true)
+            }
             TableKind::CompletionEncounters => (&["encounter_id", "group_name"], false),
             TableKind::Completion => (
                 &["table_name", "group_name", "export_time", "etl_time"],

@@ -1,0 +1,193 @@
+//! The LLM studies' engine: a note's text goes to the task's model (or comes from the answer
+//! cache), and its answer becomes one row, as Cumulus ETL writes it: the note's, encounter's
+//! and subject's references, when, the task version, the model's fingerprint, and the answer
+//! with every quoted span made character positions in the note.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result};
+use futures::future::BoxFuture;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::cache::NlpCache;
+use super::engine::{NoteEngine, NoteInput, NoteOutcome};
+use super::llm_study::{LlmTask, ResultType};
+use super::openai::{ChatClient, Usage};
+use super::spans::locate_spans;
+
+/// An answer as the cache holds it (upstream's `PromptResponse`).
+#[derive(Debug, Serialize, Deserialize)]
+struct CachedAnswer {
+    answer: Value,
+    fingerprint: Option<String>,
+}
+
+/// Token counts of the answers asked for in this run.
+#[derive(Debug, Default)]
+pub struct TokenCounts {
+    pub new_input: AtomicU64,
+    pub cache_read_input: AtomicU64,
+    pub output: AtomicU64,
+}
+
+impl TokenCounts {
+    fn add(&self, usage: Usage) {
+        self.new_input
+            .fetch_add(usage.new_input_tokens, Ordering::Relaxed);
+        self.cache_read_input
+            .fetch_add(usage.cache_read_input_tokens, Ordering::Relaxed);
+        self.output
+            .fetch_add(usage.output_tokens, Ordering::Relaxed);
+    }
+}
+
+/// One LLM task's engine.
+pub struct LlmEngine {
+    task: &'static LlmTask,
+    pub client: ChatClient,
+    cache: NlpCache,
+    /// UTC time stamped on result rows.
+    generated_on: String,
+    pub tokens: TokenCounts,
+}
+
+impl LlmEngine {
+    pub fn new(
+        task: &'static LlmTask,
+        client: ChatClient,
+        cache: NlpCache,
+        generated_on: String,
+    ) -> LlmEngine {
+        LlmEngine {
+            task,
+            client,
+            cache,
+            generated_on,
+            tokens: TokenCounts::default(),
+        }
+    }
+
+    /// The model's answer for a note's (trimmed) text: from the cache, or asked and cached.
+    async fn answer(&self, text: &str) -> Result<CachedAnswer> {
+        let namespace = self.task.cache_namespace();
+        if let Some(cached) = self.cache.read::<CachedAnswer>(&namespace, text) {
+            self.client
+                .http
+                .stats
+                .cache_hits
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(cached);
+        }
+        let _permit = self.client.http.permit().await?;
+        let definition = &self.task.definition;
+        let request = self.client.request(
+            &definition.system_prompt,
+            &self.task.user_prompt(text),
+            &definition.response_format,
+        );
+        let done = self.client.complete(&request).await?;
+        self.tokens.add(done.usage);
+        let answer = CachedAnswer {
+            answer: done.answer,
+            fingerprint: done.fingerprint,
+        };
+        self.cache
+            .write(&namespace, text, &answer)
+            .context("writing the NLP cache")?;
+        Ok(answer)
+    }
+
+    async fn analyse_note(&self, note: &NoteInput) -> Result<NoteOutcome> {
+        let trimmed = remove_trailing_whitespace(&note.text);
+        let answer = self.answer(&trimmed).await?;
+        let mut result = conform(&answer.answer, &self.task.definition.result);
+        let missing = locate_spans(&mut result, &note.text);
+        let note_ref = note.ids.note_ref();
+        let row = json!({
+            "note_ref": note_ref,
+            "encounter_ref": format!("Encounter/{}", note.ids.encounter_id),
+            "subject_ref": note.ids.subject_ref(),
+            "generated_on": self.generated_on,
+            "task_version": self.task.definition.version,
+            "system_fingerprint": answer.fingerprint,
+            "result": result,
+        });
+        let problem = match missing.len() {
+            0 => None,
+            n => Some(format!(
+                "{n} passage{} the model quoted could not be found in the note",
+                if n == 1 { "" } else { "s" }
+            )),
+        };
+        Ok(NoteOutcome {
+            rows: vec![(note_ref, row)],
+            problem,
+        })
+    }
+}
+
+impl NoteEngine for LlmEngine {
+    fn analyse<'a>(&'a self, note: &'a NoteInput) -> BoxFuture<'a, Result<NoteOutcome>> {
+        Box::pin(self.analyse_note(note))
+    }
+}
+
+/// The note's text without trailing whitespace on any line (upstream's `\s+$`, multi-line),
+/// which is what the model is sent and what the cache is keyed on.
+pub fn remove_trailing_whitespace(text: &str) -> String {
+    static TRAILING: OnceLock<Regex> = OnceLock::new();
+    let trailing = TRAILING.get_or_init(|| Regex::new(r"(?m)\s+$").expect("a valid pattern"));
+    trailing.replace_all(text, "").into_owned()
+}
+
+/// The answer in the result type's shape, as pydantic dumps the model it validated: object
+/// fields in the type's order, absent ones null, others left out.
+fn conform(value: &Value, shape: &ResultType) -> Value {
+    match (shape, value) {
+        (ResultType::Struct { r#struct }, Value::Object(fields)) => {
+            let mut out = Map::new();
+            for (name, field) in r#struct {
+                let v = fields.get(name).map_or(Value::Null, |v| conform(v, field));
+                out.insert(name.clone(), v);
+            }
+            Value::Object(out)
+        }
+        (ResultType::List { list }, Value::Array(items)) => {
+            Value::Array(items.iter().map(|item| conform(item, list)).collect())
+        }
+        _ => value.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailing_whitespace_goes_from_every_line_as_python_removes_it() {
+        assert_eq!(remove_trailing_whitespace("a  \nb\t\n"), "a\nb");
+        // A blank line after trailing spaces goes with them, as Python's `\s+$` takes it.
+        assert_eq!(remove_trailing_whitespace("a \n\n b\n"), "a\n b");
+        assert_eq!(remove_trailing_whitespace("no change"), "no change");
+    }
+
+    #[test]
+    fn answers_take_the_result_types_order_with_absent_fields_null() {
+        let shape: ResultType = serde_json::from_value(json!(
+            {"struct": [["has_mention", "bool"], ["spans", {"list": "string"}],
+                        ["items", {"list": {"struct": [["b", "string"], ["a", "int32"]]}}],
+                        ["age", "int32"]]}
+        ))
+        .unwrap();
+        let answer = json!({"age": 45, "extra": 1, "spans": ["x"],
+                            "items": [{"a": 1, "b": "y"}]});
+        let conformed = conform(&answer, &shape);
+        assert_eq!(
+            conformed.to_string(),
+            r#"{"has_mention":null,"spans":["x"],"items":[{"b":"y","a":1}],"age":45}"#
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! The OpenAI chat-completions protocol, as Cumulus ETL's `local` provider speaks it to a vLLM
+//! server: `GET /models` to check that the server has the model, and `POST /chat/completions`
+//! with the system and user messages, a strict JSON-schema response format, `seed` 12345 and
+//! `temperature` 0. Retries, timeouts and the concurrency limit are [`Http`]'s.
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+use super::http::Http;
+
+/// Token counts a run reports (from each answer's `usage`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens not read from the server's prompt cache.
+    pub new_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// A model's answer: its JSON object, the server's `system_fingerprint`, and its tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub answer: Value,
+    pub fingerprint: Option<String>,
+    pub usage: Usage,
+}
+
+/// A client of one model on one OpenAI-compatible server.
+pub struct ChatClient {
+    pub http: Http,
+    /// The API's base URL, ending in `/v1` (no trailing slash).
+    base_url: String,
+    model: String,
+}
+
+impl ChatClient {
+    /// A client of `model` at `base_url`.
+    pub fn new(http: Http, base_url: &str, model: &str) -> ChatClient {
+        ChatClient {
+            http,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            model: model.to_string(),
+        }
+    }
+
+    /// Checks that the server answers and lists the model. The error says which.
+    pub async fn check_model(&self) -> Result<(), ModelCheck> {
+        let url = format!("{}/models", self.base_url);
+        let body = self
+            .http
+            .send(|| self.http.client.get(&url))
+            .await
+            .map_err(|e| ModelCheck::Unreachable(format!("{e:#}")))?;
+        let list: Value = serde_json::from_slice(&body)
+            .map_err(|_| ModelCheck::Unreachable("the model list is not JSON".into()))?;
+        let has = list
+            .get("data")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|m| m.get("id").and_then(Value::as_str) == Some(self.model.as_str()));
+        match has {
+            true => Ok(()),
+            false => Err(ModelCheck::NoModel(self.model.clone())),
+        }
+    }
+
+    /// The request body for a note, as upstream builds it.
+    pub fn request(&self, system: &str, user: &str, response_format: &Value) -> Value {
+        json!({
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": user},
+            ],
+            "seed": 12345,
+            "temperature": 0,
+            "response_format": response_format,
+        })
+    }
+
+    /// Asks the model; the answer must be complete (`finish_reason` "stop") and a JSON object.
+    pub async fn complete(&self, request: &Value) -> Result<Completion> {
+        let url = format!("{}/chat/completions", self.base_url);
+        let body = serde_json::to_vec(request)?;
+        let answer = self
+            .http
+            .send(|| {
+                self.http
+                    .client
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .body(body.clone())
+            })
+            .await
+            .context("the NLP server")?;
+        parse_completion(&answer)
+    }
+}
+
+/// Why the start-up check failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelCheck {
+    Unreachable(String),
+    NoModel(String),
+}
+
+impl std::fmt::Display for ModelCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelCheck::Unreachable(why) => write!(f, "NLP server is unreachable: {why}"),
+            ModelCheck::NoModel(model) => {
+                write!(f, "NLP server does not have model ID '{model}'.")
+            }
+        }
+    }
+}
+
+/// A chat completion's answer, fingerprint and tokens.
+fn parse_completion(body: &[u8]) -> Result<Completion> {
+    let response: Value = serde_json::from_slice(body)
+        .map_err(|_| anyhow!("the NLP server answered something other than JSON"))?;
+    let choice = response
+        .pointer("/choices/0")
+        .ok_or_else(|| anyhow!("the NLP server's answer has no choices"))?;
+    let content = choice
+        .pointer("/message/content")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("the NLP server's answer has no message content"))?;
+    let answer: Value =
+        serde_json::from_str(content).map_err(|_| anyhow!("the model's answer is not JSON"))?;
+    if !answer.is_object() {
+        bail!("the model's answer is not a JSON object");
+    }
+    let finish = choice.get("finish_reason").and_then(Value::as_str);
+    if finish != Some("stop") {
+        bail!(
+            "did not complete, with finish reason: {}",
+            finish.unwrap_or("none")
+        );
+    }
+    let count = |pointer: &str| response.pointer(pointer).and_then(Value::as_u64);
+    let prompt = count("/usage/prompt_tokens").unwrap_or(0);
+    let cached = count("/usage/prompt_tokens_details/cached_tokens").unwrap_or(0);
+    Ok(Completion {
+        answer,
+        fingerprint: response
+            .get("system_fingerprint")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        usage: Usage {
+            new_input_tokens: prompt.saturating_sub(cached),
+            cache_read_input_tokens: cached,
+            output_tokens: count("/usage/completion_tokens").unwrap_or(0),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_completion_gives_its_answer_fingerprint_and_tokens() {
+        let body = json!({
+            "choices": [{"finish_reason": "stop",
+                         "message": {"content": "{\"age\": 45, \"spans\": [\"45\"]}"}}],
+            "system_fingerprint": "fp1",
+            "usage": {"prompt_tokens": 100, "completion_tokens": 7,
+                      "prompt_tokens_details": {"cached_tokens": 40}},
+        });
+        let done = parse_completion(body.to_string().as_bytes()).unwrap();
+        assert_eq!(done.answer, json!({"age": 45, "spans": ["45"]}));
+        assert_eq!(done.fingerprint.as_deref(), Some("fp1"));
+        assert_eq!(
+            done.usage,
+            Usage {
+                new_input_tokens: 60,
+                cache_read_input_tokens: 40,
+                output_tokens: 7
+            }
+        );
+    }
+
+    #[test]
+    fn unfinished_or_malformed_answers_are_errors() {
+        let with = |finish: &str, content: &str| {
+            json!({"choices": [{"finish_reason": finish, "message": {"content": content}}]})
+                .to_string()
+        };
+        let e = parse_completion(with("length", "{}").as_bytes()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "did not complete, with finish reason: length"
+        );
+        let e = parse_completion(with("stop", "not json").as_bytes()).unwrap_err();
+        assert_eq!(e.to_string(), "the model's answer is not JSON");
+        let e = parse_completion(with("stop", "[1]").as_bytes()).unwrap_err();
+        assert_eq!(e.to_string(), "the model's answer is not a JSON object");
+        assert!(parse_completion(b"<html>").is_err());
+    }
+}

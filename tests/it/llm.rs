@@ -1,0 +1,339 @@
+//! LLM NLP tasks end to end, against a server speaking the OpenAI chat-completions protocol over
+//! HTTP (`nlp_server`): upstream's request shape, rows and spans, the answer cache in upstream's
+//! layout, a second run that asks nothing, requests that really overlap, retries, and a server
+//! that is missing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::nlp_server::{FakeNlpServer, llm_answer};
+use super::support::{read_table, stderr};
+
+const TASK: &str = "example_nlp__nlp_gpt_oss_120b";
+
+/// A note of either type, with its text as a base64 attachment.
+fn note(resource_type: &str, id: &str, text: &str) -> String {
+    let attachment = json!({"contentType": "text/plain; charset=utf-8",
+        "data": base64::engine::general_purpose::STANDARD.encode(text)});
+    let mut note = json!({
+        "resourceType": resource_type, "id": id,
+        "subject": {"reference": format!("Patient/p{id}")},
+    });
+    match resource_type {
+        "DocumentReference" => {
+            note["status"] = json!("current");
+            note["context"] = json!({"encounter": [{"reference": format!("Encounter/e{id}")}]});
+            note["content"] = json!([{ "attachment": attachment }]);
+        }
+        _ => {
+            note["status"] = json!("final");
+            note["encounter"] = json!({"reference": format!("Encounter/e{id}")});
+            note["presentedForm"] = json!([attachment]);
+        }
+    }
+    note.to_string()
+}
+
+/// Notes in an input folder, DocumentReferences and DiagnosticReports in their own files.
+fn write_notes(dir: &Path, notes: &[(&str, &str, &str)]) -> PathBuf {
+    let input = dir.join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    for kind in ["DocumentReference", "DiagnosticReport"] {
+        let lines: Vec<String> = notes
+            .iter()
+            .filter(|(t, _, _)| *t == kind)
+            .map(|(t, id, text)| note(t, id, text))
+            .collect();
+        if !lines.is_empty() {
+            std::fs::write(
+                input.join(format!("{kind}.ndjson")),
+                lines.join("\n") + "\n",
+            )
+            .unwrap();
+        }
+    }
+    input
+}
+
+/// Runs `cumulus-etl nlp` on `task` with the server as the model's local server.
+fn run_llm(server: &FakeNlpServer, dir: &Path, out: &str, task: &str, extra: &[&str]) -> Output {
+    let (input, phi) = (dir.join("input"), dir.join("phi"));
+    Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+        .arg("nlp")
+        .args([
+            input.to_str().unwrap(),
+            dir.join(out).to_str().unwrap(),
+            phi.to_str().unwrap(),
+            &format!("--task={task}"),
+        ])
+        .args(extra)
+        .env("CUMULUS_GPT_OSS_120B_URL", server.llm_url())
+        .env("CUMULUS_LLAMA4_SCOUT_URL", server.llm_url())
+        .output()
+        .expect("binary runs")
+}
+
+/// Rows of the example task's NDJSON output, without `generated_on`, keyed by note_ref.
+fn example_rows(dir: &Path, out: &str) -> BTreeMap<String, Value> {
+    read_table(
+        &dir.join(out).join("example_nlp/nlp_gpt_oss_120b_v1"),
+        "note_ref",
+    )
+    .into_iter()
+    .map(|(k, mut v)| {
+        assert!(v["generated_on"].as_str().is_some_and(|t| t.contains('T')));
+        v.as_object_mut().unwrap().remove("generated_on");
+        (k, v)
+    })
+    .collect()
+}
+
+fn chat_requests(server: &FakeNlpServer) -> Vec<Value> {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v1/chat/completions")
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect()
+}
+
+#[test]
+fn an_llm_task_writes_upstreams_rows_caches_answers_and_a_second_run_asks_nothing() {
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    let texts = [
+        "Patient is 45 years old.  \nNo fever.   \n",
+        "Follow-up visit, doing well",
+    ];
+    write_notes(
+        tmp.path(),
+        &[
+            ("DocumentReference", "1", texts[0]),
+            ("DiagnosticReport", "2", texts[1]),
+            // Not done yet: not read.
+            ("DocumentReference", "3", "draft"),
+        ],
+    );
+    let mut draft = note("DocumentReference", "3", "draft");
+    draft = draft.replace("\"current\"", "\"superseded\"");
+    let input = tmp.path().join("input");
+    let docs = std::fs::read_to_string(input.join("DocumentReference.ndjson")).unwrap();
+    let docs = docs.replace(&note("DocumentReference", "3", "draft"), &draft);
+    std::fs::write(input.join("DocumentReference.ndjson"), docs).unwrap();
+
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out",
+        TASK,
+        &["--output-format=ndjson"],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let err = stderr(&run);
+    assert!(err.contains("Tokens: "), "{err}");
+
+    // The requests, as upstream makes them.
+    let requests = chat_requests(&server);
+    assert_eq!(requests.len(), 2);
+    let example = &requests
+        .iter()
+        .find(|r| r["messages"][1]["content"] == json!("Patient is 45 years old.\nNo fever."))
+        .expect("the note's text, trailing whitespace removed, is the user message");
+    assert_eq!(example["model"], "openai/gpt-oss-120b");
+    assert_eq!(example["seed"], 12345);
+    assert_eq!(example["temperature"], 0);
+    assert_eq!(example["messages"][0]["role"], "system");
+    let system = example["messages"][0]["content"].as_str().unwrap();
+    assert!(
+        system.starts_with("You are a clinical chart reviewer."),
+        "{system}"
+    );
+    assert!(system.contains(r#""title": "AgeMention""#), "{system}");
+    assert_eq!(example["response_format"]["type"], "json_schema");
+    assert_eq!(example["response_format"]["json_schema"]["strict"], true);
+    assert_eq!(
+        example["response_format"]["json_schema"]["name"],
+        "AgeMention"
+    );
+    let models = server.requests();
+    assert_eq!(
+        models[0].path, "/v1/models",
+        "the start-up check comes first"
+    );
+
+    // The rows: references de-identified, the answer with its spans as positions.
+    let rows = example_rows(tmp.path(), "out");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (doc_ref, doc) = rows
+        .iter()
+        .find(|(k, _)| k.starts_with("DocumentReference/"))
+        .unwrap();
+    assert_ne!(doc_ref, "DocumentReference/1", "the note's id is anonymous");
+    assert!(doc["subject_ref"].as_str().unwrap().starts_with("Patient/"));
+    assert_ne!(doc["subject_ref"], "Patient/p1");
+    assert!(
+        doc["encounter_ref"]
+            .as_str()
+            .unwrap()
+            .starts_with("Encounter/")
+    );
+    assert_ne!(doc["encounter_ref"], "Encounter/e1");
+    assert_eq!(doc["task_version"], 1);
+    assert_eq!(doc["system_fingerprint"], "fp_test");
+    // "Patient is" is characters 0 to 10 of the note; 7 words.
+    assert_eq!(
+        doc["result"],
+        json!({"has_mention": true, "spans": [[0, 10]], "age": 7})
+    );
+    let (_, report) = rows
+        .iter()
+        .find(|(k, _)| k.starts_with("DiagnosticReport/"))
+        .unwrap();
+    assert_eq!(
+        report["result"],
+        json!({"has_mention": true, "spans": [[0, 15]], "age": 4})
+    );
+    // The finished notes are listed beside the table.
+    let ids = std::fs::read_to_string(tmp.path().join("out/example_nlp/nlp_gpt_oss_120b_v1.ids"))
+        .unwrap();
+    let mut listed: Vec<&str> = ids.lines().collect();
+    listed.sort();
+    let mut refs: Vec<&str> = rows.keys().map(String::as_str).collect();
+    refs.sort();
+    assert_eq!(listed, refs);
+
+    // The cache, in upstream's layout: keyed by the text the model was sent.
+    let sum = hex::encode(Sha256::digest("Patient is 45 years old.\nNo fever."));
+    let cached = tmp.path().join(format!(
+        "phi/nlp-cache/{TASK}_v1/{}/sha256-{sum}.cache",
+        &sum[..4]
+    ));
+    let cached: Value = serde_json::from_slice(&std::fs::read(&cached).unwrap()).unwrap();
+    assert_eq!(cached["fingerprint"], "fp_test");
+    assert_eq!(
+        cached["answer"],
+        llm_answer(
+            &example["response_format"]["json_schema"]["schema"],
+            "Patient is 45 years old.\nNo fever."
+        )
+    );
+
+    // A second run into a new folder asks the model nothing and writes the same rows.
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "again",
+        TASK,
+        &["--output-format=ndjson"],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert_eq!(
+        chat_requests(&server).len(),
+        2,
+        "answers come from the cache"
+    );
+    assert_eq!(example_rows(tmp.path(), "again"), rows);
+}
+
+#[test]
+fn requests_overlap_up_to_the_concurrency_and_failures_are_retried() {
+    let server = FakeNlpServer::start(Duration::from_millis(300), vec![503, 429]);
+    let tmp = tempfile::tempdir().unwrap();
+    let texts: Vec<String> = (0..8).map(|i| format!("note number {i} here")).collect();
+    let notes: Vec<(&str, String, &str)> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ("DocumentReference", i.to_string(), t.as_str()))
+        .collect();
+    let notes: Vec<(&str, &str, &str)> =
+        notes.iter().map(|(a, b, c)| (*a, b.as_str(), *c)).collect();
+    write_notes(tmp.path(), &notes);
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out",
+        TASK,
+        &["--output-format=ndjson", "--nlp-concurrency=4"],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert_eq!(example_rows(tmp.path(), "out").len(), 8);
+    let peak = server
+        .state
+        .peak_in_flight
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!((2..=4).contains(&peak), "peak in flight {peak}");
+    // Eight answers and two retried failures (the first of which is the model check).
+    let err = stderr(&run);
+    assert!(err.contains("2 retries"), "{err}");
+}
+
+#[test]
+fn a_missing_server_or_model_stops_the_run_before_any_note() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(tmp.path(), &[("DocumentReference", "1", "some text")]);
+    let run = Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+        .arg("nlp")
+        .args([
+            tmp.path().join("input").to_str().unwrap(),
+            tmp.path().join("out").to_str().unwrap(),
+            tmp.path().join("phi").to_str().unwrap(),
+            &format!("--task={TASK}"),
+            "--nlp-retries=0",
+        ])
+        .env("CUMULUS_GPT_OSS_120B_URL", "http://127.0.0.1:9/v1")
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(33), "{}", stderr(&run));
+    let err = stderr(&run);
+    assert!(err.contains("NLP server is unreachable"), "{err}");
+    assert!(err.contains("docker compose up gpt-oss-120b"), "{err}");
+
+    // A task whose model has no local server is refused by name.
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let run = run_llm(&server, tmp.path(), "out2", "example_nlp__nlp_gpt4o", &[]);
+    assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
+    assert!(stderr(&run).contains("no local server"), "{}", stderr(&run));
+}
+
+#[test]
+fn a_task_of_every_study_writes_its_answers_into_a_delta_table() {
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(
+        tmp.path(),
+        &[
+            (
+                "DocumentReference",
+                "1",
+                "Glioblastoma, IDH wild-type; on temozolomide.",
+            ),
+            ("DiagnosticReport", "2", "Colonoscopy shows mild colitis."),
+        ],
+    );
+    for task in [
+        "glioma__nlp_gene_gpt_oss_120b",
+        "ibd__nlp_endoscopy_gpt_oss_120b",
+        "irae__nlp_donor_llama4_scout",
+    ] {
+        let run = run_llm(
+            &server,
+            tmp.path(),
+            "delta",
+            task,
+            &["--output-format=deltalake"],
+        );
+        assert_eq!(run.status.code(), Some(0), "{task}: {}", stderr(&run));
+        let rows = crate::support::read_delta_rows(&tmp.path().join("delta").join(task));
+        assert_eq!(rows.len(), 2, "{task}: {rows:?}");
+        for row in rows {
+            assert!(row["result"].is_object(), "{task}: {row}");
+            assert!(row["note_ref"].as_str().unwrap().contains('/'), "{task}");
+        }
+    }
+}
