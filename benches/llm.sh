@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# The LLM NLP tasks side by side with the reference Cumulus ETL, and their throughput. Starts
+# benches/llm_server.py (an OpenAI-compatible server answering after a fixed latency), then:
+#   1. runs one task of each study with this tool and with the reference on the same notes (the
+#      bundled Synthea sample's DocumentReferences, NOTES of them, made current) and the same
+#      codebook, and
+#      compares their rows (all but `generated_on`);
+#   2. runs the reference again on this tool's PHI folder: it must find every answer in the
+#      cache this tool wrote, and ask the server nothing;
+#   3. times notes per second for the example task, ours at --nlp-concurrency 1 and 8, and the
+#      reference (which asks one note after another).
+#
+#   BIN=target/release/cumulus-etl benches/llm.sh [NOTES] [LATENCY_SECONDS]
+#
+# The reference comes from ../shared/tools/reference-cumulus.sh (its virtualenv). Its `local`
+# provider starts the `openai` client with an empty API key, which the package refuses; the
+# reference is run through a wrapper that gives it a placeholder key, and nothing else changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+notes=${1:-40}
+latency=${2:-0.1}
+bin=${BIN:-target/release/cumulus-etl}
+venv=${REFERENCE_VENV:-$HOME/.cache/reference-cumulus/venv}
+[ -x "$bin" ] || { echo "build first: cargo build --release (or set BIN)" >&2; exit 2; }
+[ -x "$venv/bin/python" ] || ../shared/tools/reference-cumulus.sh --version >/dev/null 2>&1 || true
+work=$(mktemp -d)
+server=
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
+
+port=$((20000 + RANDOM % 20000))
+python3 benches/llm_server.py "$port" "$latency" >"$work/server.out" &
+server=$!
+for _ in $(seq 50); do
+    curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+export CUMULUS_GPT_OSS_120B_URL="http://127.0.0.1:$port/v1"
+export CUMULUS_LLAMA4_SCOUT_URL="http://127.0.0.1:$port/v1"
+
+cat >"$work/reference.py" <<'EOF'
+import sys
+import openai
+init = openai.AsyncOpenAI.__init__
+def with_placeholder_key(self, *args, **kwargs):
+    if kwargs.get("api_key") == "":
+        kwargs["api_key"] = "placeholder"
+    init(self, *args, **kwargs)
+openai.AsyncOpenAI.__init__ = with_placeholder_key
+from cumulus_etl.cli import main_cli
+sys.argv[0] = "cumulus-etl"
+sys.exit(main_cli())
+EOF
+reference() { "$venv/bin/python" "$work/reference.py" "$@"; }
+
+mkdir -p "$work/input"
+# Synthea marks its notes superseded, which both tools skip: they are made current.
+python3 -c '
+import json, sys
+out = open(sys.argv[3], "w")
+for n, line in enumerate(open(sys.argv[1])):
+    if n == int(sys.argv[2]):
+        break
+    note = json.loads(line)
+    note["status"] = "current"
+    out.write(json.dumps(note) + "\n")' tests/data/synthea-10/DocumentReference.000.ndjson "$notes" \
+    "$work/input/DocumentReference.ndjson"
+
+# rows DIR: the rows of an NLP NDJSON table, one per line, sorted, without generated_on.
+rows() {
+    python3 -c '
+import json, sys, glob
+rows = []
+for f in sorted(glob.glob(sys.argv[1] + "/*.ndjson")):
+    for line in open(f):
+        if line.strip():
+            row = json.loads(line)
+            row.pop("generated_on", None)
+            rows.append(json.dumps(row, sort_keys=True))
+print("\n".join(sorted(rows)))' "$1"
+}
+
+status=0
+first=1
+for task in example_nlp__nlp_gpt_oss_120b glioma__nlp_gene_gpt_oss_120b \
+    ibd__nlp_endoscopy_gpt_oss_120b irae__nlp_donor_llama4_scout; do
+    study=${task%%__*}
+    table=${task#*__}
+    version=$(python3 -c "
+import json, sys
+for t in json.load(open('dataflows/llm/$study.json'))['tasks']:
+    if '$task'.startswith(t['name'] + '_'):
+        print(t['version']); break")
+    rm -rf "$work/ours" "$work/ref"
+    mkdir -p "$work/phi-ours"
+    "$bin" nlp "$work/input" "$work/ours" "$work/phi-ours" --task "$task" \
+        --output-format ndjson >"$work/ours.log" 2>&1 || { cat "$work/ours.log"; status=1; continue; }
+    if [ $first = 1 ]; then
+        mkdir -p "$work/phi-ref"
+        cp "$work/phi-ours/codebook.json" "$work/phi-ref/"
+        first=0
+    fi
+    reference nlp "$work/input" "$work/ref" "$work/phi-ref" --task "$task" \
+        --output-format ndjson >"$work/ref.log" 2>&1 || { tail -20 "$work/ref.log"; status=1; continue; }
+    ours_rows=$(rows "$work/ours/$study/${table}_v$version")
+    ref_rows=$(rows "$work/ref/$study/${table}_v$version")
+    count=$(printf '%s\n' "$ours_rows" | grep -c . || true)
+    if [ "$ours_rows" = "$ref_rows" ] && [ "$count" -gt 0 ]; then
+        echo "$task: identical rows ($count)"
+    else
+        echo "$task: rows DIFFER (ours $count, reference $(printf '%s\n' "$ref_rows" | grep -c . || true))"
+        diff <(printf '%s\n' "$ours_rows") <(printf '%s\n' "$ref_rows") | head -6
+        status=1
+    fi
+done
+
+# The reference on our cache: every answer found, nothing asked.
+asked() {
+    curl -s "http://127.0.0.1:$port/stats" | python3 -c 'import json, sys; print(json.load(sys.stdin)["requests"])'
+}
+rm -rf "$work/ref"
+cp -r "$work/phi-ours" "$work/phi-cache"
+before=$(asked)
+reference nlp "$work/input" "$work/ref" "$work/phi-cache" --task example_nlp__nlp_gpt_oss_120b \
+    --output-format ndjson >"$work/ref.log" 2>&1 || { tail -20 "$work/ref.log"; status=1; }
+after=$(asked)
+echo "reference run on this tool's answer cache: $((after - before)) requests to the server"
+[ "$after" = "$before" ] || status=1
+
+# Throughput: notes per second on the example task, a fresh PHI folder (no cache) each run.
+# time_run LABEL COMMAND [options after `nlp INPUT OUTPUT PHI`]
+time_run() {
+    local label=$1 runner=$2
+    shift 2
+    rm -rf "$work/t-out" "$work/t-phi"
+    mkdir -p "$work/t-phi"
+    cp "$work/phi-ours/codebook.json" "$work/t-phi/"
+    local start end
+    start=$(date +%s.%N)
+    "$runner" nlp "$work/input" "$work/t-out" "$work/t-phi" \
+        --task example_nlp__nlp_gpt_oss_120b --output-format ndjson "$@" >"$work/t.log" 2>&1 ||
+        { tail -5 "$work/t.log"; status=1; }
+    end=$(date +%s.%N)
+    printf '%-26s %7.2f s %8.1f notes/s\n' "$label" "$(echo "$end - $start" | bc -l)" \
+        "$(echo "$notes / ($end - $start)" | bc -l)"
+}
+echo "throughput, $notes notes, $latency s per request:"
+time_run "ours, 1 at a time" "$bin" --nlp-concurrency 1
+time_run "ours, 8 at a time" "$bin" --nlp-concurrency 8
+time_run "reference" reference
+exit $status

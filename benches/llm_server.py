@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""An OpenAI-compatible chat-completions server for side-by-side runs and benchmarks of the LLM
+NLP tasks: it speaks the protocol as a vLLM server does (`GET /v1/models`,
+`POST /v1/chat/completions`) and answers every request after a fixed latency with the same
+deterministic answer the integration tests' server gives (`tests/it/nlp_server.rs`): every field
+as the request's JSON schema types it, built from the note (the user message after its last
+blank line): booleans true, integers the note's word count, numbers 0.5, strings the note's first
+word, lists of one item, `spans` the note's first two words.
+
+    benches/llm_server.py PORT [LATENCY_SECONDS]
+
+It counts chat requests and the most in flight at once (`GET /stats`), and prints them on
+SIGTERM or Ctrl-C.
+"""
+
+import json
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MODELS = ["openai/gpt-oss-120b", "nvidia/Llama-4-Scout-17B-16E-Instruct-FP4"]
+STATE = {"requests": 0, "in_flight": 0, "peak": 0}
+LOCK = threading.Lock()
+
+
+def value_for(schema, root, words, name):
+    if "$ref" in schema:
+        target = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target.get(part, {})
+        return value_for(target, root, words, name)
+    if "anyOf" in schema:
+        options = [o for o in schema["anyOf"] if o.get("type") != "null"]
+        return value_for(options[0] if options else {}, root, words, name)
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        return {
+            field: value_for(sub, root, words, field)
+            for field, sub in schema.get("properties", {}).items()
+        }
+    if kind == "array" and name == "spans":
+        return [" ".join(words[:2])]
+    if kind == "array":
+        return [value_for(schema.get("items", {}), root, words, "")]
+    return {
+        "boolean": True,
+        "integer": len(words),
+        "number": 0.5,
+        "string": words[0] if words else "",
+    }.get(kind)
+
+
+def completion(request):
+    system = request["messages"][0]["content"]
+    user = request["messages"][1]["content"]
+    note = user.rsplit("\n\n", 1)[-1]
+    schema = request["response_format"]["json_schema"]["schema"]
+    content = json.dumps(value_for(schema, schema, note.split(), ""))
+    return {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request["model"],
+        "system_fingerprint": "fp_test",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
+        "usage": {
+            "prompt_tokens": (len(system) + len(user)) // 4,
+            "completion_tokens": len(content) // 4,
+            "total_tokens": (len(system) + len(user) + len(content)) // 4,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
+    }
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    latency = 0.0
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/stats":
+            with LOCK:
+                self.answer({"requests": STATE["requests"], "peak_in_flight": STATE["peak"]})
+        elif self.path.endswith("/models"):
+            self.answer({"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]})
+        else:
+            self.send_error(404)
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", 0))
+        request = json.loads(self.rfile.read(length))
+        with LOCK:
+            STATE["requests"] += 1
+            STATE["in_flight"] += 1
+            STATE["peak"] = max(STATE["peak"], STATE["in_flight"])
+        try:
+            time.sleep(self.latency)
+            self.answer(completion(request))
+        finally:
+            with LOCK:
+                STATE["in_flight"] -= 1
+
+
+def main():
+    port = int(sys.argv[1])
+    Handler.latency = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+
+    def stop(*_):
+        print(json.dumps({"requests": STATE["requests"], "peak_in_flight": STATE["peak"]}), flush=True)
+        threading.Thread(target=server.shutdown).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
