@@ -166,6 +166,10 @@ pub struct NlpEngineArgs {
     /// Milliseconds between the start-up connection checks.
     #[arg(long, default_value_t = 3000, hide = true)]
     pub init_check_interval_ms: u64,
+    /// Remove the task's earlier results (every version, and its list of finished notes) from
+    /// the NDJSON or Parquet output first, instead of skipping the notes they list.
+    #[arg(long)]
+    pub clean: bool,
 }
 
 /// `cumulus-etl nlp` arguments.
@@ -515,6 +519,7 @@ fn nlp_options(
         },
         init_checks: !run.skip_init_checks,
         init_check_interval: Duration::from_millis(nlp.init_check_interval_ms),
+        clean: nlp.clean,
         engine: settings.engine,
         memory: settings.memory,
         optimize_tables: settings.optimize_tables,

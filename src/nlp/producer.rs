@@ -3,7 +3,7 @@
 //! runtime (many in flight, bounded by the engine) and the worker collects finished bundles on
 //! later activations, so it never blocks waiting for a server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -34,11 +34,22 @@ pub enum Dispatch {
     Spawn(Arc<dyn NoteEngine>, tokio::runtime::Handle),
 }
 
+/// What names a note's group in the results (and in the `.ids` list of finished notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKey {
+    /// The note's (anonymous) id: the covid study's `docref_id`.
+    NoteId,
+    /// `<type>/<anonymous id>`: the LLM studies' `note_ref`.
+    NoteRef,
+}
+
 /// Note counters for the end-of-run report.
 #[derive(Debug, Default)]
 pub struct NoteStats {
     /// Notes of the study's resource types read.
     pub seen: AtomicU64,
+    /// ... that an earlier run finished (listed in the output's `.ids`), so left out.
+    pub finished_before: AtomicU64,
     /// ... that passed the status and note-type rules.
     pub selected: AtomicU64,
     /// ... whose text could be read.
@@ -55,6 +66,9 @@ pub struct NlpShared {
     pub source: NoteSource,
     pub dispatch: Dispatch,
     pub stats: NoteStats,
+    /// Groups an earlier run finished, and what names a note's group.
+    finished: HashSet<String>,
+    group_key: GroupKey,
     /// `--errors-to/<task>/nlp-errors.ndjson`: the original notes that failed (PHI).
     pub errors: Option<Mutex<BufWriter<std::fs::File>>>,
     warned_remote: AtomicBool,
@@ -67,9 +81,34 @@ impl NlpShared {
             source,
             dispatch,
             stats: NoteStats::default(),
+            finished: HashSet::new(),
+            group_key: GroupKey::NoteId,
             errors: errors.map(|f| Mutex::new(BufWriter::new(f))),
             warned_remote: AtomicBool::new(false),
         }
+    }
+
+    /// Leaves out the notes whose group is in `finished` (named by `key`).
+    pub fn skipping(mut self, finished: HashSet<String>, key: GroupKey) -> NlpShared {
+        self.finished = finished;
+        self.group_key = key;
+        self
+    }
+
+    /// Whether an earlier run finished this (de-identified) note.
+    fn finished_before(&self, note: &Value) -> bool {
+        if self.finished.is_empty() {
+            return false;
+        }
+        let id = note.get("id").and_then(Value::as_str).unwrap_or_default();
+        let group = match self.group_key {
+            GroupKey::NoteId => id.to_string(),
+            GroupKey::NoteRef => {
+                let rtype = note.get("resourceType").and_then(Value::as_str);
+                format!("{}/{id}", rtype.unwrap_or_default())
+            }
+        };
+        self.finished.contains(&group)
     }
 
     /// Counts a failed note, warns (file and line, never the text) and keeps the original.
@@ -240,6 +279,10 @@ impl NoteRows {
                 }
             },
         };
+        if nlp.finished_before(&note) {
+            nlp.stats.finished_before.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         nlp.stats.selected.fetch_add(1, Ordering::Relaxed);
         let ids = match note_ids(&note) {
             Ok(ids) => ids,

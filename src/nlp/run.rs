@@ -21,7 +21,7 @@ use crate::exit::{ExitCode, Fatal};
 use crate::fhir::ElementModel;
 use crate::input::{bundles, discover};
 use crate::output::arrow_rows::nlp_symptom_schema;
-use crate::output::{NlpTable, OutputFormat, TableKind};
+use crate::output::{NlpTable, OutputFormat, TableKind, nlp_files};
 use crate::store::ObjectLocation;
 use crate::time::PyDateTime;
 
@@ -33,7 +33,7 @@ use super::http::{Http, RetryPolicy};
 use super::llm_engine::LlmEngine;
 use super::llm_study::{LlmTask, find_llm_task, llm_tasks};
 use super::openai::ChatClient;
-use super::producer::{Dispatch, NlpShared, NoteRows};
+use super::producer::{Dispatch, GroupKey, NlpShared, NoteRows};
 use super::study::{NoteSource, Study, all_studies, find_study};
 
 /// Which engine analyses the notes.
@@ -63,6 +63,8 @@ pub struct NlpOptions {
     /// Check that the servers accept connections before starting (6 tries).
     pub init_checks: bool,
     pub init_check_interval: Duration,
+    /// Remove the task's earlier results from a file-format output first (`--clean`).
+    pub clean: bool,
     pub engine: EngineConfig,
     pub memory: u64,
     pub optimize_tables: bool,
@@ -187,7 +189,14 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
             ),
         ));
     }
-    prepare_output(output, opts.output_format)?;
+    // NLP results go beside earlier ones, as upstream's: a file-format output need not be
+    // empty (the notes an earlier run finished are left out, or removed first by --clean).
+    match opts.output_format {
+        OutputFormat::Deltalake => prepare_output(output, opts.output_format)?,
+        _ => output
+            .create_folder()
+            .map_err(|e| Fatal::new(ExitCode::Failure, format!("{e:#}")))?,
+    }
     // NLP runs never record new Patient/Encounter mappings, as upstream.
     let codebook = open_codebook(&opts.phi, output, false)?;
     codebook.save()?;
@@ -429,7 +438,23 @@ fn run_task(
         None => None,
     };
     let source = task.source();
-    let nlp = Arc::new(NlpShared::new(source.clone(), engine.dispatch, errors));
+    let (version, group_key) = match task {
+        NlpTask::Covid(study) => (study.task_version, GroupKey::NoteId),
+        NlpTask::Llm(llm) => (llm.definition.version, GroupKey::NoteRef),
+    };
+    let finished = match opts.output_format {
+        OutputFormat::Deltalake => HashSet::new(),
+        _ => {
+            if opts.clean {
+                let removed = nlp_files::clean(&opts.output, &name).map_err(Fatal::from)?;
+                crate::say!("Removed {removed} files of earlier {name} results (--clean).");
+            }
+            nlp_files::finished_groups(&opts.output, &name, version).map_err(Fatal::from)?
+        }
+    };
+    let nlp = Arc::new(
+        NlpShared::new(source.clone(), engine.dispatch, errors).skipping(finished, group_key),
+    );
 
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
     let work = bundles::plan(files, bundle_bytes)?;
@@ -485,8 +510,9 @@ fn run_task(
         NlpTask::Llm(_) => "notes with a valid status",
     };
     crate::say!(
-        "Notes: {} read, {} selected ({selected}), {} with text, {} analysed, {} failed",
+        "Notes: {} read, {} finished by an earlier run, {} selected ({selected}), {} with text, {} analysed, {} failed",
         n(&s.seen),
+        n(&s.finished_before),
         n(&s.selected),
         n(&s.with_text),
         n(&s.analysed),

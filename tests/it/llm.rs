@@ -337,3 +337,71 @@ fn a_task_of_every_study_writes_its_answers_into_a_delta_table() {
         }
     }
 }
+
+#[test]
+fn a_rerun_into_the_same_output_skips_finished_notes_and_clean_starts_over() {
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(tmp.path(), &[("DocumentReference", "1", "first note text")]);
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out",
+        TASK,
+        &["--output-format=ndjson"],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert_eq!(chat_requests(&server).len(), 1);
+
+    // A new note arrives; a new PHI folder, so nothing comes from the cache.
+    write_notes(
+        tmp.path(),
+        &[
+            ("DocumentReference", "1", "first note text"),
+            ("DocumentReference", "2", "second note text"),
+        ],
+    );
+    std::fs::rename(tmp.path().join("phi"), tmp.path().join("phi-before")).unwrap();
+    std::fs::create_dir_all(tmp.path().join("phi")).unwrap();
+    std::fs::copy(
+        tmp.path().join("phi-before/codebook.json"),
+        tmp.path().join("phi/codebook.json"),
+    )
+    .unwrap();
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out",
+        TASK,
+        &["--output-format=ndjson"],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let err = stderr(&run);
+    assert!(err.contains("1 finished by an earlier run"), "{err}");
+    assert_eq!(
+        chat_requests(&server).len(),
+        2,
+        "only the new note is asked"
+    );
+    let rows = example_rows(tmp.path(), "out");
+    assert_eq!(rows.len(), 2, "both notes' rows, in two batch files");
+    let table = tmp.path().join("out/example_nlp/nlp_gpt_oss_120b_v1");
+    assert_eq!(std::fs::read_dir(&table).unwrap().count(), 2);
+    let ids = tmp.path().join("out/example_nlp/nlp_gpt_oss_120b_v1.ids");
+    assert_eq!(std::fs::read_to_string(&ids).unwrap().lines().count(), 2);
+
+    // --clean removes the earlier results first: both notes are analysed again (from the
+    // cache now) into one new batch file.
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out",
+        TASK,
+        &["--output-format=ndjson", "--clean"],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert!(stderr(&run).contains("0 finished by an earlier run"));
+    assert_eq!(std::fs::read_dir(&table).unwrap().count(), 1);
+    assert_eq!(example_rows(tmp.path(), "out").len(), 2);
+    assert_eq!(std::fs::read_to_string(&ids).unwrap().lines().count(), 2);
+}

@@ -438,7 +438,7 @@ fn embedded_engine_on_synthea_and_negation() {
     assert!(texts.contains(&"Cough"), "the chief complaint is found");
     // Most Synthea notes are superseded; two current ED notes remain.
     assert!(
-        stderr(&run).contains("1215 read, 2 selected"),
+        stderr(&run).contains("1215 read, 0 finished by an earlier run, 2 selected"),
         "{}",
         stderr(&run)
     );
