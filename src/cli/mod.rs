@@ -170,6 +170,21 @@ pub struct NlpEngineArgs {
     /// the NDJSON or Parquet output first, instead of skipping the notes they list.
     #[arg(long)]
     pub clean: bool,
+    /// Only notes whose text has this word or phrase (whole, any case; repeatable).
+    #[arg(long, value_name = "WORD")]
+    pub select_by_word: Vec<String>,
+    /// Only notes whose text matches this regex (whole words; repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub select_by_regex: Vec<String>,
+    /// Leave out notes whose text has this word or phrase (repeatable).
+    #[arg(long, value_name = "WORD")]
+    pub reject_by_word: Vec<String>,
+    /// Leave out notes whose text matches this regex (repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub reject_by_regex: Vec<String>,
+    /// Accepted for upstream's command lines: this tool never asks before a large selection.
+    #[arg(long)]
+    pub allow_large_selection: bool,
 }
 
 /// `cumulus-etl nlp` arguments.
@@ -520,6 +535,12 @@ fn nlp_options(
         init_checks: !run.skip_init_checks,
         init_check_interval: Duration::from_millis(nlp.init_check_interval_ms),
         clean: nlp.clean,
+        text_rules: crate::nlp::selection::TextRules {
+            select_words: nlp.select_by_word.clone(),
+            select_regexes: nlp.select_by_regex.clone(),
+            reject_words: nlp.reject_by_word.clone(),
+            reject_regexes: nlp.reject_by_regex.clone(),
+        },
         engine: settings.engine,
         memory: settings.memory,
         optimize_tables: settings.optimize_tables,

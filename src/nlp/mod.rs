@@ -15,5 +15,6 @@ pub mod note;
 pub mod openai;
 pub mod producer;
 pub mod run;
+pub mod selection;
 pub mod spans;
 pub mod study;

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use super::engine::{NoteEngine, NoteInput, NoteOutcome};
 use super::note::{TextError, is_selected, note_ids, note_text};
+use super::selection::TextFilter;
 use super::study::NoteSource;
 use crate::deid::ExtensionReport;
 use crate::engine::rows::{SkipReason, Skipped, TableChunk};
@@ -54,6 +55,8 @@ pub struct NoteStats {
     pub selected: AtomicU64,
     /// ... whose text could be read.
     pub with_text: AtomicU64,
+    /// ... left out by `--select-by-*` or `--reject-by-*`.
+    pub left_out_by_text: AtomicU64,
     /// ... that the engine analysed (their rows are written).
     pub analysed: AtomicU64,
     /// Notes sent to the errors folder (no text, no encounter, engine failure).
@@ -69,6 +72,8 @@ pub struct NlpShared {
     /// Groups an earlier run finished, and what names a note's group.
     finished: HashSet<String>,
     group_key: GroupKey,
+    /// `--select-by-*` and `--reject-by-*`.
+    text_filter: Option<Arc<TextFilter>>,
     /// `--errors-to/<task>/nlp-errors.ndjson`: the original notes that failed (PHI).
     pub errors: Option<Mutex<BufWriter<std::fs::File>>>,
     warned_remote: AtomicBool,
@@ -83,6 +88,7 @@ impl NlpShared {
             stats: NoteStats::default(),
             finished: HashSet::new(),
             group_key: GroupKey::NoteId,
+            text_filter: None,
             errors: errors.map(|f| Mutex::new(BufWriter::new(f))),
             warned_remote: AtomicBool::new(false),
         }
@@ -92,6 +98,12 @@ impl NlpShared {
     pub fn skipping(mut self, finished: HashSet<String>, key: GroupKey) -> NlpShared {
         self.finished = finished;
         self.group_key = key;
+        self
+    }
+
+    /// Leaves out the notes whose text `filter` does not keep.
+    pub fn filtering(mut self, filter: Option<Arc<TextFilter>>) -> NlpShared {
+        self.text_filter = filter;
         self
     }
 
@@ -309,6 +321,10 @@ impl NoteRows {
             }
         };
         nlp.stats.with_text.fetch_add(1, Ordering::Relaxed);
+        if nlp.text_filter.as_ref().is_some_and(|f| !f.keeps(&text)) {
+            nlp.stats.left_out_by_text.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         Some(NoteJob {
             note: Some(NoteInput { ids, text }),
             line,

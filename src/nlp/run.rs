@@ -34,6 +34,7 @@ use super::llm_engine::LlmEngine;
 use super::llm_study::{LlmTask, find_llm_task, llm_tasks};
 use super::openai::ChatClient;
 use super::producer::{Dispatch, GroupKey, NlpShared, NoteRows};
+use super::selection::{TextFilter, TextRules};
 use super::study::{NoteSource, Study, all_studies, find_study};
 
 /// Which engine analyses the notes.
@@ -65,6 +66,8 @@ pub struct NlpOptions {
     pub init_check_interval: Duration,
     /// Remove the task's earlier results from a file-format output first (`--clean`).
     pub clean: bool,
+    /// `--select-by-*` and `--reject-by-*` on the notes' text.
+    pub text_rules: TextRules,
     pub engine: EngineConfig,
     pub memory: u64,
     pub optimize_tables: bool,
@@ -173,6 +176,15 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
         ));
     }
     let tasks = select_tasks(&opts.tasks)?;
+    if opts.clean && opts.output_format == OutputFormat::Deltalake {
+        return Err(Fatal::new(
+            ExitCode::ArgsConflict,
+            "Cannot provide --clean with the deltalake output format.",
+        ));
+    }
+    let text_filter = TextFilter::new(&opts.text_rules)
+        .map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("{e:#}")))?
+        .map(Arc::new);
     let rejected = open_errors_folder(&opts.errors_to)?;
     let wanted: HashSet<String> = tasks.iter().flat_map(|t| t.source().resources).collect();
     let found = discover(&list_input(input)?, Some(&wanted), ElementModel::r4())?;
@@ -257,7 +269,7 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
             &task,
             &files,
             &codebook,
-            runtime.as_ref(),
+            (runtime.as_ref(), text_filter.clone()),
             rejected.take(),
         )?;
         failed |= outcome;
@@ -407,7 +419,7 @@ fn run_task(
     task: &NlpTask,
     files: &[crate::input::InputFile],
     codebook: &Arc<Codebook>,
-    runtime: Option<&tokio::runtime::Runtime>,
+    (runtime, text_filter): (Option<&tokio::runtime::Runtime>, Option<Arc<TextFilter>>),
     rejected: Option<std::fs::File>,
 ) -> Result<bool, Fatal> {
     let started_at = Instant::now();
@@ -453,7 +465,9 @@ fn run_task(
         }
     };
     let nlp = Arc::new(
-        NlpShared::new(source.clone(), engine.dispatch, errors).skipping(finished, group_key),
+        NlpShared::new(source.clone(), engine.dispatch, errors)
+            .skipping(finished, group_key)
+            .filtering(text_filter),
     );
 
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
@@ -510,11 +524,12 @@ fn run_task(
         NlpTask::Llm(_) => "notes with a valid status",
     };
     crate::say!(
-        "Notes: {} read, {} finished by an earlier run, {} selected ({selected}), {} with text, {} analysed, {} failed",
+        "Notes: {} read, {} finished by an earlier run, {} selected ({selected}), {} with text, {} left out by their text (--select-by/--reject-by), {} analysed, {} failed",
         n(&s.seen),
         n(&s.finished_before),
         n(&s.selected),
         n(&s.with_text),
+        n(&s.left_out_by_text),
         n(&s.analysed),
         n(&s.failed)
     );

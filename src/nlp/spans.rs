@@ -23,20 +23,7 @@ const ESCAPED_WHITESPACE: [char; 6] = [' ', '\t', '\n', '\r', '\x0b', '\x0c'];
 /// every position, as Python's `re.finditer` does.
 pub fn quote_positions(text: &str, quote: &str) -> Vec<[usize; 2]> {
     let trimmed = quote.trim_matches(|c| TRIMMED.contains(c));
-    let mut pattern = String::with_capacity(trimmed.len() * 2);
-    let mut in_space = false;
-    for c in trimmed.chars() {
-        if ESCAPED_WHITESPACE.contains(&c) {
-            if !in_space {
-                pattern.push_str(r"\s+");
-            }
-            in_space = true;
-            continue;
-        }
-        in_space = false;
-        let mut buf = [0u8; 4];
-        pattern.push_str(&regex::escape(c.encode_utf8(&mut buf)));
-    }
+    let pattern = literal_pattern(trimmed);
     let Ok(found) = RegexBuilder::new(&pattern)
         .case_insensitive(true)
         .size_limit(1 << 24)
@@ -58,6 +45,27 @@ pub fn quote_positions(text: &str, quote: &str) -> Vec<[usize; 2]> {
         positions.push([start, end]);
     }
     positions
+}
+
+/// A pattern matching `text` literally, except that each run of whitespace in it matches any
+/// run of whitespace (Python's `re.escape`, then its escaped whitespace made `\s+`, as upstream
+/// builds patterns from quotes and from `--select-by-word`).
+pub fn literal_pattern(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() * 2);
+    let mut in_space = false;
+    for c in text.chars() {
+        if ESCAPED_WHITESPACE.contains(&c) {
+            if !in_space {
+                pattern.push_str(r"\s+");
+            }
+            in_space = true;
+            continue;
+        }
+        in_space = false;
+        let mut buf = [0u8; 4];
+        pattern.push_str(&regex::escape(c.encode_utf8(&mut buf)));
+    }
+    pattern
 }
 
 /// Replaces every `spans` list in `answer` by the positions of its quotes in `text`; returns

@@ -405,3 +405,63 @@ fn a_rerun_into_the_same_output_skips_finished_notes_and_clean_starts_over() {
     assert_eq!(example_rows(tmp.path(), "out").len(), 2);
     assert_eq!(std::fs::read_to_string(&ids).unwrap().lines().count(), 2);
 }
+
+#[test]
+fn notes_are_selected_and_rejected_by_their_text() {
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(
+        tmp.path(),
+        &[
+            ("DocumentReference", "1", "A high Fever today"),
+            ("DocumentReference", "2", "A dry cough"),
+            (
+                "DiagnosticReport",
+                "3",
+                "fever\nthen tested positive for COVID",
+            ),
+            ("DocumentReference", "4", "feverish"),
+        ],
+    );
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out",
+        TASK,
+        &[
+            "--output-format=ndjson",
+            "--select-by-word=fever",
+            "--reject-by-regex=covid(-19)?",
+            "--allow-large-selection",
+        ],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let asked: Vec<String> = chat_requests(&server)
+        .iter()
+        .map(|r| r["messages"][1]["content"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(asked, ["A high Fever today"]);
+    let err = stderr(&run);
+    assert!(err.contains("3 left out by their text"), "{err}");
+
+    // --clean has nothing to clean in a Delta table, as upstream says.
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "delta",
+        TASK,
+        &["--output-format=deltalake", "--clean"],
+    );
+    assert_eq!(run.status.code(), Some(22), "{}", stderr(&run));
+    assert!(stderr(&run).contains("Cannot provide --clean with the deltalake output format."));
+    // A regex that does not compile is named.
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out2",
+        TASK,
+        &["--select-by-regex=fever("],
+    );
+    assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
+    assert!(stderr(&run).contains("'fever('"), "{}", stderr(&run));
+}
