@@ -185,6 +185,12 @@ pub struct NlpEngineArgs {
     /// Accepted for upstream's command lines: this tool never asks before a large selection.
     #[arg(long)]
     pub allow_large_selection: bool,
+    /// Which service answers the LLM tasks.
+    #[arg(long, value_enum, default_value = "local")]
+    pub provider: crate::nlp::run::Provider,
+    /// The Azure deployment to ask (the model's name by default).
+    #[arg(long)]
+    pub azure_deployment: Option<String>,
 }
 
 /// `cumulus-etl nlp` arguments.
@@ -535,6 +541,8 @@ fn nlp_options(
         init_checks: !run.skip_init_checks,
         init_check_interval: Duration::from_millis(nlp.init_check_interval_ms),
         clean: nlp.clean,
+        provider: nlp.provider,
+        azure_deployment: nlp.azure_deployment.clone(),
         text_rules: crate::nlp::selection::TextRules {
             select_words: nlp.select_by_word.clone(),
             select_regexes: nlp.select_by_regex.clone(),

@@ -70,12 +70,33 @@ pub struct LocalModel {
     pub compose_service: String,
 }
 
+/// Dollars per 1,000 tokens, as of `date` (upstream's `TokenPrices`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenPrices {
+    pub date: String,
+    pub new_input_tokens: f64,
+    pub cache_read_input_tokens: f64,
+    pub cache_written_input_tokens: f64,
+    pub output_tokens: f64,
+    pub multiplier: f64,
+}
+
+/// A model on Azure OpenAI.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AzureModel {
+    /// The model's name on Azure (the deployment's, unless `--azure-deployment`).
+    pub model: String,
+    /// Whether it takes a strict JSON schema (else a JSON object is asked for).
+    pub schema: bool,
+    pub prices: Option<TokenPrices>,
+}
+
 /// A model and how each provider names it (`dataflows/llm/models.json`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelInfo {
     pub id: String,
     pub local: Option<LocalModel>,
-    pub azure: Option<Value>,
+    pub azure: Option<AzureModel>,
     pub bedrock: Option<Value>,
 }
 

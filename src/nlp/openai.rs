@@ -1,7 +1,8 @@
-//! The OpenAI chat-completions protocol, as Cumulus ETL's `local` provider speaks it to a vLLM
-//! server: `GET /models` to check that the server has the model, and `POST /chat/completions`
-//! with the system and user messages, a strict JSON-schema response format, `seed` 12345 and
-//! `temperature` 0. Retries, timeouts and the concurrency limit are [`Http`]'s.
+//! The OpenAI chat-completions protocol, as Cumulus ETL speaks it to a vLLM server (its `local`
+//! provider) and to Azure OpenAI (`azure`): `GET .../models` to check that the server has the
+//! model, and `POST .../chat/completions` with the system and user messages, a strict
+//! JSON-schema response format (or a JSON object, for models that take no schema), `seed`
+//! 12345 and `temperature` 0. Retries, timeouts and the concurrency limit are [`Http`]'s.
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
@@ -25,30 +26,91 @@ pub struct Completion {
     pub usage: Usage,
 }
 
+/// Where a model is served.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// An OpenAI-compatible server; its API's base URL ends in `/v1`.
+    Local { base_url: String },
+    /// Azure OpenAI: the resource's endpoint, its API key, and the deployment to ask.
+    Azure {
+        endpoint: String,
+        api_key: String,
+        deployment: String,
+    },
+}
+
+/// The API version Cumulus ETL's Azure client asks for.
+pub const AZURE_API_VERSION: &str = "2024-10-21";
+
 /// A client of one model on one OpenAI-compatible server.
 pub struct ChatClient {
     pub http: Http,
-    /// The API's base URL, ending in `/v1` (no trailing slash).
-    base_url: String,
+    endpoint: Endpoint,
+    /// The model's name in requests (the deployment's, on Azure).
     model: String,
+    /// Whether the model takes a strict JSON schema (else a JSON object is asked for).
+    schema: bool,
 }
 
 impl ChatClient {
-    /// A client of `model` at `base_url`.
-    pub fn new(http: Http, base_url: &str, model: &str) -> ChatClient {
+    /// A client of `model` (named so in the list of models) at `endpoint`.
+    pub fn new(http: Http, endpoint: Endpoint, model: &str, schema: bool) -> ChatClient {
+        let endpoint = match endpoint {
+            Endpoint::Local { base_url } => Endpoint::Local {
+                base_url: base_url.trim_end_matches('/').to_string(),
+            },
+            Endpoint::Azure {
+                endpoint,
+                api_key,
+                deployment,
+            } => Endpoint::Azure {
+                endpoint: endpoint.trim_end_matches('/').to_string(),
+                api_key,
+                deployment,
+            },
+        };
+        let model = match &endpoint {
+            Endpoint::Azure { deployment, .. } => deployment.clone(),
+            Endpoint::Local { .. } => model.to_string(),
+        };
         ChatClient {
             http,
-            base_url: base_url.trim_end_matches('/').to_string(),
-            model: model.to_string(),
+            endpoint,
+            model,
+            schema,
         }
     }
 
-    /// Checks that the server answers and lists the model. The error says which.
-    pub async fn check_model(&self) -> Result<(), ModelCheck> {
-        let url = format!("{}/models", self.base_url);
+    /// A request to `path` of the API (`models`, `chat/completions`), with its credentials.
+    fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        match &self.endpoint {
+            Endpoint::Local { base_url } => self
+                .http
+                .client
+                .request(method, format!("{base_url}/{path}")),
+            Endpoint::Azure {
+                endpoint,
+                api_key,
+                deployment,
+            } => {
+                let path = match path {
+                    "models" => "models".to_string(),
+                    other => format!("deployments/{deployment}/{other}"),
+                };
+                self.http
+                    .client
+                    .request(method, format!("{endpoint}/openai/{path}"))
+                    .query(&[("api-version", AZURE_API_VERSION)])
+                    .header("api-key", api_key)
+            }
+        }
+    }
+
+    /// Checks that the server answers and lists the model (`listed`). The error says which.
+    pub async fn check_model(&self, listed: &str) -> Result<(), ModelCheck> {
         let body = self
             .http
-            .send(|| self.http.client.get(&url))
+            .send(|| self.api(reqwest::Method::GET, "models"))
             .await
             .map_err(|e| ModelCheck::Unreachable(format!("{e:#}")))?;
         let list: Value = serde_json::from_slice(&body)
@@ -58,15 +120,19 @@ impl ChatClient {
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-            .any(|m| m.get("id").and_then(Value::as_str) == Some(self.model.as_str()));
+            .any(|m| m.get("id").and_then(Value::as_str) == Some(listed));
         match has {
             true => Ok(()),
-            false => Err(ModelCheck::NoModel(self.model.clone())),
+            false => Err(ModelCheck::NoModel(listed.to_string())),
         }
     }
 
     /// The request body for a note, as upstream builds it.
     pub fn request(&self, system: &str, user: &str, response_format: &Value) -> Value {
+        let response_format = match self.schema {
+            true => response_format.clone(),
+            false => json!({"type": "json_object"}),
+        };
         json!({
             "model": self.model,
             "messages": [
@@ -81,14 +147,11 @@ impl ChatClient {
 
     /// Asks the model; the answer must be complete (`finish_reason` "stop") and a JSON object.
     pub async fn complete(&self, request: &Value) -> Result<Completion> {
-        let url = format!("{}/chat/completions", self.base_url);
         let body = serde_json::to_vec(request)?;
         let answer = self
             .http
             .send(|| {
-                self.http
-                    .client
-                    .post(&url)
+                self.api(reqwest::Method::POST, "chat/completions")
                     .header("Content-Type", "application/json")
                     .body(body.clone())
             })

@@ -32,7 +32,7 @@ use super::engine::{CovidRows, EmbeddedSymptoms};
 use super::http::{Http, RetryPolicy};
 use super::llm_engine::LlmEngine;
 use super::llm_study::{LlmTask, find_llm_task, llm_tasks};
-use super::openai::ChatClient;
+use super::openai::{ChatClient, Endpoint};
 use super::producer::{Dispatch, GroupKey, NlpShared, NoteRows};
 use super::selection::{TextFilter, TextRules};
 use super::study::{NoteSource, Study, all_studies, find_study};
@@ -44,6 +44,27 @@ pub enum EngineKind {
     Embedded,
     /// cTAKES REST plus cNLP transformers servers.
     Ctakes,
+}
+
+/// Which service answers the LLM tasks (`--provider`), as upstream names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Provider {
+    /// A local OpenAI-compatible server (vLLM), its URL from `CUMULUS_<MODEL>_URL`.
+    Local,
+    /// Azure OpenAI (`AZURE_OPENAI_API_KEY`, `AZURE_OPENAI_ENDPOINT`).
+    Azure,
+    /// AWS Bedrock (not supported yet).
+    Bedrock,
+}
+
+impl Provider {
+    fn name(self) -> &'static str {
+        match self {
+            Provider::Local => "local",
+            Provider::Azure => "azure",
+            Provider::Bedrock => "bedrock",
+        }
+    }
 }
 
 /// The options of an NLP run.
@@ -68,6 +89,10 @@ pub struct NlpOptions {
     pub clean: bool,
     /// `--select-by-*` and `--reject-by-*` on the notes' text.
     pub text_rules: TextRules,
+    /// Where the LLM tasks' models are asked (`--provider`).
+    pub provider: Provider,
+    /// The Azure deployment to ask (`--azure-deployment`; the model's name by default).
+    pub azure_deployment: Option<String>,
     pub engine: EngineConfig,
     pub memory: u64,
     pub optimize_tables: bool,
@@ -249,7 +274,8 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     }
     if llm {
         crate::say!(
-            "  Models:      local servers, {} notes in flight",
+            "  Models:      the {} provider, {} notes in flight",
+            opts.provider.name(),
             opts.concurrency
         );
     }
@@ -371,27 +397,64 @@ fn llm_engine(
     rt: &tokio::runtime::Runtime,
     generated_on: String,
 ) -> Result<TaskEngine, Fatal> {
-    let Some(local) = &task.model.local else {
-        return Err(Fatal::new(
+    let unsupported = || {
+        Fatal::new(
             ExitCode::ArgsInvalid,
             format!(
-                "{} runs on {}, which has no local server; its cloud providers are not \
-                 supported yet",
-                task.name, task.model.id
+                "{} ({}) does not support the '{}' provider.",
+                task.name,
+                task.model.id,
+                opts.provider.name()
             ),
-        ));
+        )
     };
-    let url = std::env::var(&local.url_env).unwrap_or_else(|_| local.default_url.clone());
     let http = Http::new(opts.concurrency, opts.retry).map_err(Fatal::from)?;
-    let client = ChatClient::new(http, &url, &local.model);
-    if opts.init_checks {
-        rt.block_on(client.check_model()).map_err(|e| {
+    let (client, listed, hint) = match opts.provider {
+        Provider::Local => {
+            let local = task.model.local.as_ref().ok_or_else(unsupported)?;
+            let url = std::env::var(&local.url_env).unwrap_or_else(|_| local.default_url.clone());
+            let client =
+                ChatClient::new(http, Endpoint::Local { base_url: url }, &local.model, true);
             let hint = format!(
-                "Try running 'docker compose up {} --wait', or set {} to the server's URL.",
+                "\nTry running 'docker compose up {} --wait', or set {} to the server's URL.",
                 local.compose_service, local.url_env
             );
-            Fatal::new(ExitCode::ServiceMissing, format!("{e}\n{hint}"))
-        })?;
+            (client, local.model.clone(), hint)
+        }
+        Provider::Azure => {
+            let azure = task.model.azure.as_ref().ok_or_else(unsupported)?;
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let (Some(api_key), Some(endpoint)) =
+                (env("AZURE_OPENAI_API_KEY"), env("AZURE_OPENAI_ENDPOINT"))
+            else {
+                return Err(Fatal::new(
+                    ExitCode::ArgsInvalid,
+                    "Missing Azure environment variables. Set both AZURE_OPENAI_API_KEY & \
+                     AZURE_OPENAI_ENDPOINT.",
+                ));
+            };
+            let deployment = opts
+                .azure_deployment
+                .clone()
+                .unwrap_or_else(|| azure.model.clone());
+            let endpoint = Endpoint::Azure {
+                endpoint,
+                api_key,
+                deployment,
+            };
+            let client = ChatClient::new(http, endpoint, &azure.model, azure.schema);
+            (client, azure.model.clone(), String::new())
+        }
+        Provider::Bedrock => {
+            return Err(Fatal::new(
+                ExitCode::ArgsInvalid,
+                "The bedrock provider is not supported yet; use --provider local or azure.",
+            ));
+        }
+    };
+    if opts.init_checks {
+        rt.block_on(client.check_model(&listed))
+            .map_err(|e| Fatal::new(ExitCode::ServiceMissing, format!("{e}{hint}")))?;
     }
     let schema = task.table_schema().map_err(Fatal::from)?;
     let engine = Arc::new(LlmEngine::new(
@@ -553,6 +616,20 @@ fn run_task(
             n(&llm.tokens.cache_read_input),
             n(&llm.tokens.output)
         );
+        let prices = match (opts.provider, task) {
+            (Provider::Azure, NlpTask::Llm(t)) => {
+                t.model.azure.as_ref().and_then(|a| a.prices.as_ref())
+            }
+            _ => None,
+        };
+        if let Some(prices) = prices {
+            let cost = (n(&llm.tokens.new_input) as f64 * prices.new_input_tokens
+                + n(&llm.tokens.cache_read_input) as f64 * prices.cache_read_input_tokens
+                + n(&llm.tokens.output) as f64 * prices.output_tokens)
+                / 1000.0
+                * prices.multiplier;
+            crate::say!("Estimated cost (prices as of {}): ${cost:.2}", prices.date);
+        }
     }
     let stats = shared.report.stats.lock().unwrap();
     print_extension_report(&stats.extensions);

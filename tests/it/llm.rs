@@ -298,7 +298,11 @@ fn a_missing_server_or_model_stops_the_run_before_any_note() {
     let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
     let run = run_llm(&server, tmp.path(), "out2", "example_nlp__nlp_gpt4o", &[]);
     assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
-    assert!(stderr(&run).contains("no local server"), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("does not support the 'local' provider"),
+        "{}",
+        stderr(&run)
+    );
 }
 
 #[test]
@@ -464,4 +468,95 @@ fn notes_are_selected_and_rejected_by_their_text() {
     );
     assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
     assert!(stderr(&run).contains("'fever('"), "{}", stderr(&run));
+}
+
+#[test]
+fn the_azure_provider_asks_the_deployment_with_its_key_and_estimates_the_cost() {
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(
+        tmp.path(),
+        &[("DocumentReference", "1", "Patient is 45 years old")],
+    );
+    let azure = |out: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cumulus-etl"));
+        cmd.arg("nlp")
+            .args([
+                tmp.path().join("input").to_str().unwrap(),
+                tmp.path().join(out).to_str().unwrap(),
+                tmp.path().join("phi").to_str().unwrap(),
+                "--task=example_nlp__nlp_gpt4o",
+                "--output-format=ndjson",
+            ])
+            .args(extra)
+            .env_remove("AZURE_OPENAI_API_KEY")
+            .env_remove("AZURE_OPENAI_ENDPOINT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let endpoint = format!("http://{}", server.addr);
+    let env = [
+        ("AZURE_OPENAI_ENDPOINT", endpoint.as_str()),
+        ("AZURE_OPENAI_API_KEY", "secret-key"),
+    ];
+    let run = azure("out", &["--provider=azure"], &env);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let seen = server.requests();
+    assert_eq!(seen[0].path, "/openai/models?api-version=2024-10-21");
+    assert_eq!(
+        seen[1].path,
+        "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    );
+    assert!(seen.iter().all(|r| r.api_key == "secret-key"));
+    let request: Value = serde_json::from_slice(&seen[1].body).unwrap();
+    assert_eq!(request["model"], "gpt-4o");
+    assert_eq!(request["response_format"]["json_schema"]["strict"], true);
+    let err = stderr(&run);
+    assert!(
+        err.contains("Estimated cost (prices as of 2025-10-15): $"),
+        "{err}"
+    );
+
+    // --azure-deployment names the deployment asked (a new PHI folder: nothing cached).
+    let before = server.requests().len();
+    std::fs::remove_dir_all(tmp.path().join("phi")).unwrap();
+    let run = azure(
+        "out2",
+        &["--provider=azure", "--azure-deployment=my-gpt4o"],
+        &env,
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let paths: Vec<String> = server.requests()[before..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/openai/models?api-version=2024-10-21",
+            "/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21"
+        ]
+    );
+    // Without its settings, or on Bedrock, the run stops before any note.
+    let run = azure("out3", &["--provider=azure"], &[]);
+    assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
+    assert!(stderr(&run).contains("Set both AZURE_OPENAI_API_KEY & AZURE_OPENAI_ENDPOINT"));
+    let run = azure("out4", &["--provider=bedrock"], &env);
+    assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
+    // A model Azure does not serve is named.
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out5",
+        "example_nlp__nlp_claude_sonnet45",
+        &["--provider=azure"],
+    );
+    assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("does not support the 'azure' provider"),
+        "{}",
+        stderr(&run)
+    );
 }

@@ -26,6 +26,8 @@ pub const STALL: Duration = Duration::from_millis(2500);
 pub struct Seen {
     pub path: String,
     pub content_type: String,
+    /// The `api-key` header (Azure OpenAI's).
+    pub api_key: String,
     pub body: Vec<u8>,
 }
 
@@ -119,6 +121,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
             .to_string();
         let mut length = 0usize;
         let mut content_type = String::new();
+        let mut api_key = String::new();
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
@@ -132,6 +135,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
                 match name.trim().to_ascii_lowercase().as_str() {
                     "content-length" => length = value.trim().parse().unwrap_or(0),
                     "content-type" => content_type = value.trim().to_string(),
+                    "api-key" => api_key = value.trim().to_string(),
                     _ => {}
                 }
             }
@@ -145,6 +149,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
         state.requests.lock().unwrap().push(Seen {
             path: path.clone(),
             content_type,
+            api_key,
             body: body.clone(),
         });
         tokio::time::sleep(state.delay).await;
@@ -179,12 +184,14 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
 }
 
 /// The models the server lists.
-pub const LLM_MODELS: [&str; 2] = [
+pub const LLM_MODELS: [&str; 3] = [
     "openai/gpt-oss-120b",
     "nvidia/Llama-4-Scout-17B-16E-Instruct-FP4",
+    "gpt-4o",
 ];
 
 fn answer(path: &str, body: &[u8]) -> Value {
+    let path = path.split('?').next().unwrap_or(path);
     if path.ends_with("/models") {
         let data: Vec<Value> = LLM_MODELS
             .iter()
