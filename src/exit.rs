@@ -22,13 +22,15 @@ pub enum ExitCode {
     MissingRequestedResources = 36,
     WrongPhiFolder = 41,
     TaskMismatch = 43,
+    MultipleCohortArgs = 47,
+    CohortNotFound = 48,
     FolderDoesNotExist = 54,
     FeatureRemoved = 59,
 }
 
 impl ExitCode {
     /// Every code.
-    const ALL: [ExitCode; 18] = [
+    const ALL: [ExitCode; 20] = [
         ExitCode::Success,
         ExitCode::Failure,
         ExitCode::Usage,
@@ -45,6 +47,8 @@ impl ExitCode {
         ExitCode::MissingRequestedResources,
         ExitCode::WrongPhiFolder,
         ExitCode::TaskMismatch,
+        ExitCode::MultipleCohortArgs,
+        ExitCode::CohortNotFound,
         ExitCode::FolderDoesNotExist,
         ExitCode::FeatureRemoved,
     ];

@@ -182,6 +182,12 @@ pub struct NlpEngineArgs {
     /// Leave out notes whose text matches this regex (repeatable).
     #[arg(long, value_name = "REGEX")]
     pub reject_by_regex: Vec<String>,
+    /// Only the notes (or patients' notes) listed by original id in this CSV file.
+    #[arg(long, value_name = "FILE")]
+    pub select_by_csv: Option<std::path::PathBuf>,
+    /// Only the notes (or patients' notes) listed by anonymous id in this CSV file.
+    #[arg(long, value_name = "FILE")]
+    pub select_by_anon_csv: Option<std::path::PathBuf>,
     /// Accepted for upstream's command lines: this tool never asks before a large selection.
     #[arg(long)]
     pub allow_large_selection: bool,
@@ -548,6 +554,17 @@ fn nlp_options(
             select_regexes: nlp.select_by_regex.clone(),
             reject_words: nlp.reject_by_word.clone(),
             reject_regexes: nlp.reject_by_regex.clone(),
+        },
+        cohort_csv: match (&nlp.select_by_csv, &nlp.select_by_anon_csv) {
+            (Some(_), Some(_)) => {
+                return Err(Fatal::new(
+                    ExitCode::MultipleCohortArgs,
+                    "Multiple CSV selection arguments provided. Please specify just one.",
+                ));
+            }
+            (Some(path), None) => Some((path.clone(), false)),
+            (None, Some(path)) => Some((path.clone(), true)),
+            (None, None) => None,
         },
         engine: settings.engine,
         memory: settings.memory,

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::engine::{NoteEngine, NoteInput, NoteOutcome};
 use super::note::{TextError, is_selected, note_ids, note_text};
-use super::selection::TextFilter;
+use super::selection::{RefSelection, TextFilter};
 use super::study::NoteSource;
 use crate::deid::ExtensionReport;
 use crate::engine::rows::{SkipReason, Skipped, TableChunk};
@@ -56,7 +56,7 @@ pub struct NoteStats {
     /// ... whose text could be read.
     pub with_text: AtomicU64,
     /// ... left out by `--select-by-*` or `--reject-by-*`.
-    pub left_out_by_text: AtomicU64,
+    pub left_out: AtomicU64,
     /// ... that the engine analysed (their rows are written).
     pub analysed: AtomicU64,
     /// Notes sent to the errors folder (no text, no encounter, engine failure).
@@ -74,6 +74,8 @@ pub struct NlpShared {
     group_key: GroupKey,
     /// `--select-by-*` and `--reject-by-*`.
     text_filter: Option<Arc<TextFilter>>,
+    /// `--select-by-csv` or `--select-by-anon-csv`.
+    cohort: Option<Arc<RefSelection>>,
     /// `--errors-to/<task>/nlp-errors.ndjson`: the original notes that failed (PHI).
     pub errors: Option<Mutex<BufWriter<std::fs::File>>>,
     warned_remote: AtomicBool,
@@ -89,6 +91,7 @@ impl NlpShared {
             finished: HashSet::new(),
             group_key: GroupKey::NoteId,
             text_filter: None,
+            cohort: None,
             errors: errors.map(|f| Mutex::new(BufWriter::new(f))),
             warned_remote: AtomicBool::new(false),
         }
@@ -101,10 +104,30 @@ impl NlpShared {
         self
     }
 
-    /// Leaves out the notes whose text `filter` does not keep.
-    pub fn filtering(mut self, filter: Option<Arc<TextFilter>>) -> NlpShared {
+    /// Leaves out the notes whose text `filter` does not keep, and those not in `cohort`.
+    pub fn filtering(
+        mut self,
+        filter: Option<Arc<TextFilter>>,
+        cohort: Option<Arc<RefSelection>>,
+    ) -> NlpShared {
         self.text_filter = filter;
+        self.cohort = cohort;
         self
+    }
+
+    /// Whether `note` (original, or de-identified for an anonymous cohort) is in the cohort;
+    /// true when the run has none, or it is of the other kind.
+    fn in_cohort(&self, note: &Value, anonymous: bool) -> bool {
+        let Some(cohort) = self.cohort.as_ref().filter(|c| c.anonymous == anonymous) else {
+            return true;
+        };
+        let text = |pointer: &str| note.pointer(pointer).and_then(Value::as_str);
+        let note_ref = format!(
+            "{}/{}",
+            text("/resourceType").unwrap_or_default(),
+            text("/id").unwrap_or_default()
+        );
+        cohort.keeps(&note_ref, text("/subject/reference"))
     }
 
     /// Whether an earlier run finished this (de-identified) note.
@@ -275,6 +298,10 @@ impl NoteRows {
         if !is_selected(&nlp.source, &note) {
             return None;
         }
+        if !nlp.in_cohort(&note, false) {
+            nlp.stats.left_out.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         scrubbed.clear();
         if let Err(rejection) = b.shared.scrubber.scrub(&doc, scrubbed, report) {
             skip(rejection_reason(&rejection), rejection.detail());
@@ -291,6 +318,10 @@ impl NoteRows {
                 }
             },
         };
+        if !nlp.in_cohort(&note, true) {
+            nlp.stats.left_out.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         if nlp.finished_before(&note) {
             nlp.stats.finished_before.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -322,7 +353,7 @@ impl NoteRows {
         };
         nlp.stats.with_text.fetch_add(1, Ordering::Relaxed);
         if nlp.text_filter.as_ref().is_some_and(|f| !f.keeps(&text)) {
-            nlp.stats.left_out_by_text.fetch_add(1, Ordering::Relaxed);
+            nlp.stats.left_out.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         Some(NoteJob {

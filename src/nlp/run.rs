@@ -34,7 +34,7 @@ use super::llm_engine::LlmEngine;
 use super::llm_study::{LlmTask, find_llm_task, llm_tasks};
 use super::openai::{ChatClient, Endpoint};
 use super::producer::{Dispatch, GroupKey, NlpShared, NoteRows};
-use super::selection::{TextFilter, TextRules};
+use super::selection::{RefSelection, TextFilter, TextRules};
 use super::study::{NoteSource, Study, all_studies, find_study};
 
 /// Which engine analyses the notes.
@@ -89,6 +89,8 @@ pub struct NlpOptions {
     pub clean: bool,
     /// `--select-by-*` and `--reject-by-*` on the notes' text.
     pub text_rules: TextRules,
+    /// `--select-by-csv` (false) or `--select-by-anon-csv` (true): a cohort file.
+    pub cohort_csv: Option<(PathBuf, bool)>,
     /// Where the LLM tasks' models are asked (`--provider`).
     pub provider: Provider,
     /// The Azure deployment to ask (`--azure-deployment`; the model's name by default).
@@ -210,6 +212,13 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     let text_filter = TextFilter::new(&opts.text_rules)
         .map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("{e:#}")))?
         .map(Arc::new);
+    let cohort = match &opts.cohort_csv {
+        Some((path, anonymous)) => Some(Arc::new(
+            RefSelection::from_csv(path, *anonymous)
+                .map_err(|e| Fatal::new(ExitCode::CohortNotFound, format!("{e:#}")))?,
+        )),
+        None => None,
+    };
     let rejected = open_errors_folder(&opts.errors_to)?;
     let wanted: HashSet<String> = tasks.iter().flat_map(|t| t.source().resources).collect();
     let found = discover(&list_input(input)?, Some(&wanted), ElementModel::r4())?;
@@ -295,7 +304,7 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
             &task,
             &files,
             &codebook,
-            (runtime.as_ref(), text_filter.clone()),
+            (runtime.as_ref(), text_filter.clone(), cohort.clone()),
             rejected.take(),
         )?;
         failed |= outcome;
@@ -482,7 +491,11 @@ fn run_task(
     task: &NlpTask,
     files: &[crate::input::InputFile],
     codebook: &Arc<Codebook>,
-    (runtime, text_filter): (Option<&tokio::runtime::Runtime>, Option<Arc<TextFilter>>),
+    (runtime, text_filter, cohort): (
+        Option<&tokio::runtime::Runtime>,
+        Option<Arc<TextFilter>>,
+        Option<Arc<RefSelection>>,
+    ),
     rejected: Option<std::fs::File>,
 ) -> Result<bool, Fatal> {
     let started_at = Instant::now();
@@ -530,7 +543,7 @@ fn run_task(
     let nlp = Arc::new(
         NlpShared::new(source.clone(), engine.dispatch, errors)
             .skipping(finished, group_key)
-            .filtering(text_filter),
+            .filtering(text_filter, cohort),
     );
 
     let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
@@ -587,12 +600,12 @@ fn run_task(
         NlpTask::Llm(_) => "notes with a valid status",
     };
     crate::say!(
-        "Notes: {} read, {} finished by an earlier run, {} selected ({selected}), {} with text, {} left out by their text (--select-by/--reject-by), {} analysed, {} failed",
+        "Notes: {} read, {} finished by an earlier run, {} selected ({selected}), {} with text, {} left out by --select-by/--reject-by, {} analysed, {} failed",
         n(&s.seen),
         n(&s.finished_before),
         n(&s.selected),
         n(&s.with_text),
-        n(&s.left_out_by_text),
+        n(&s.left_out),
         n(&s.analysed),
         n(&s.failed)
     );

@@ -8,8 +8,15 @@
 //! Upstream joins the terms into one Python pattern with look-aheads that `.` cannot carry past
 //! a line break, so its rejections (and selections combined with them) look only at a note's
 //! first line; here every term is looked for in the whole text, as the options describe.
+//!
+//! Notes can also be selected by a cohort in a CSV file ([`RefSelection`]): `--select-by-csv`
+//! with the original ids of notes or patients, `--select-by-anon-csv` with anonymous ones, in
+//! the columns upstream looks for (`note_ref`, `docref_id`, `patient_id`, `subject_ref`, ...).
 
-use anyhow::{Context, Result};
+use std::collections::HashSet;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
 use regex::{Regex, RegexBuilder};
 
 use super::spans::literal_pattern;
@@ -81,6 +88,134 @@ fn standing_alone(term: &str) -> String {
     format!(r"(?:\W|^|$)(?:{term})(?:\W|^|$)")
 }
 
+/// The notes of a cohort: note references, or, where a file names no notes, patients.
+#[derive(Debug, Default)]
+pub struct RefSelection {
+    notes: HashSet<String>,
+    patients: HashSet<String>,
+    /// The file holds anonymous ids (compared with de-identified notes).
+    pub anonymous: bool,
+}
+
+impl RefSelection {
+    /// The cohort in the CSV file at `path`, read as upstream reads it: per row, a
+    /// DiagnosticReport id or reference, else a DocumentReference one, and patients only when
+    /// the file has no note columns. Columns are matched without case; `anonymous` files may
+    /// also name them `anon_<column>` (preferred).
+    pub fn from_csv(path: &Path, anonymous: bool) -> Result<RefSelection> {
+        let mut reader =
+            csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+        let headers: Vec<String> = reader
+            .headers()
+            .with_context(|| format!("reading {}", path.display()))?
+            .iter()
+            .map(str::to_lowercase)
+            .collect();
+        let report = Column::find(&headers, "DiagnosticReport", anonymous);
+        let document = Column::find(&headers, "DocumentReference", anonymous);
+        let patient = match (&report, &document) {
+            (None, None) => Column::find(&headers, "Patient", anonymous),
+            _ => None,
+        };
+        if report.is_none() && document.is_none() && patient.is_none() {
+            return Err(anyhow!(
+                "No patient or note IDs found in CSV file '{}'.",
+                path.display()
+            ));
+        }
+        let mut selection = RefSelection {
+            anonymous,
+            ..Default::default()
+        };
+        for row in reader.records() {
+            let row = row.with_context(|| format!("reading {}", path.display()))?;
+            let cell = |c: &Option<Column>| c.as_ref().and_then(|c| c.reference(&row));
+            if let Some(note) = cell(&report).or_else(|| cell(&document)) {
+                selection.notes.insert(note);
+            } else if let Some(subject) = cell(&patient) {
+                selection.patients.insert(subject);
+            }
+        }
+        Ok(selection)
+    }
+
+    /// Whether the note `note_ref` of the patient `subject_ref` is in the cohort.
+    pub fn keeps(&self, note_ref: &str, subject_ref: Option<&str>) -> bool {
+        (self.patients.is_empty() || subject_ref.is_some_and(|s| self.patients.contains(s)))
+            && (self.notes.is_empty() || self.notes.contains(note_ref))
+    }
+}
+
+/// The CSV column holding a resource type's ids or references.
+struct Column {
+    index: usize,
+    resource_type: &'static str,
+    /// The column holds whole references (`<type>/<id>`), not ids.
+    references: bool,
+}
+
+impl Column {
+    /// The first of upstream's column names for `resource_type` among `headers` (ids before
+    /// references).
+    fn find(headers: &[String], resource_type: &'static str, anonymous: bool) -> Option<Column> {
+        let folded = resource_type.to_lowercase();
+        let mut ids = vec![format!("{folded}_id")];
+        let mut refs = vec![format!("{folded}_ref")];
+        match resource_type {
+            "DocumentReference" => {
+                refs.extend(["document_ref".into(), "note_ref".into()]);
+                ids.push("docref_id".into());
+            }
+            "DiagnosticReport" => refs.extend(["document_ref".into(), "note_ref".into()]),
+            _ => {
+                ids.push("subject_id".into());
+                refs.push("subject_ref".into());
+            }
+        }
+        if anonymous {
+            ids = ids
+                .iter()
+                .map(|n| format!("anon_{n}"))
+                .chain(ids.clone())
+                .collect();
+            refs = refs
+                .iter()
+                .map(|n| format!("anon_{n}"))
+                .chain(refs.clone())
+                .collect();
+        }
+        let position = |names: &[String]| {
+            names
+                .iter()
+                .find_map(|n| headers.iter().position(|h| h == n))
+        };
+        if let Some(index) = position(&ids) {
+            return Some(Column {
+                index,
+                resource_type,
+                references: false,
+            });
+        }
+        position(&refs).map(|index| Column {
+            index,
+            resource_type,
+            references: true,
+        })
+    }
+
+    /// The reference in this column of `row`, if it holds one of the column's type.
+    fn reference(&self, row: &csv::StringRecord) -> Option<String> {
+        let value = row.get(self.index).filter(|v| !v.is_empty())?;
+        match self.references {
+            false => Some(format!("{}/{value}", self.resource_type)),
+            true => value
+                .strip_prefix(self.resource_type)
+                .filter(|rest| rest.starts_with('/'))
+                .map(|_| value.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +270,45 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "the note selection regex 'fever(' is not valid"
+        );
+    }
+}
+
+#[cfg(test)]
+mod cohort_tests {
+    use super::*;
+
+    fn cohort(text: &str, anonymous: bool) -> Result<RefSelection> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cohort.csv");
+        std::fs::write(&path, text).unwrap();
+        RefSelection::from_csv(&path, anonymous)
+    }
+
+    #[test]
+    fn notes_are_read_from_upstreams_columns_and_patients_only_without_them() {
+        let notes = cohort(
+            "Patient_ID,note_ref,DocRef_ID\np1,DiagnosticReport/r1,d9\np2,Patient/x,d2\n",
+            false,
+        )
+        .unwrap();
+        // Per row, a DiagnosticReport first (note_ref holds one in row 1), then a
+        // DocumentReference (docref_id); patients are not looked at when notes are named.
+        assert!(notes.keeps("DiagnosticReport/r1", Some("Patient/other")));
+        assert!(!notes.keeps("DocumentReference/d9", None));
+        assert!(notes.keeps("DocumentReference/d2", None));
+        let patients = cohort("subject_ref\nPatient/p1\nGroup/g\n", false).unwrap();
+        assert!(patients.keeps("DocumentReference/any", Some("Patient/p1")));
+        assert!(!patients.keeps("DocumentReference/any", Some("Patient/p2")));
+        assert!(!patients.keeps("DocumentReference/any", Some("Group/g")));
+        let anon = cohort("docref_id,anon_docref_id\nraw,hashed\n", true).unwrap();
+        assert!(anon.keeps("DocumentReference/hashed", None));
+        assert!(!anon.keeps("DocumentReference/raw", None));
+        let e = cohort("name,age\nx,1\n", false).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("No patient or note IDs found in CSV file"),
+            "{e}"
         );
     }
 }

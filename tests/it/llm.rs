@@ -446,7 +446,10 @@ fn notes_are_selected_and_rejected_by_their_text() {
         .collect();
     assert_eq!(asked, ["A high Fever today"]);
     let err = stderr(&run);
-    assert!(err.contains("3 left out by their text"), "{err}");
+    assert!(
+        err.contains("3 left out by --select-by/--reject-by"),
+        "{err}"
+    );
 
     // --clean has nothing to clean in a Delta table, as upstream says.
     let run = run_llm(
@@ -559,4 +562,84 @@ fn the_azure_provider_asks_the_deployment_with_its_key_and_estimates_the_cost() 
         "{}",
         stderr(&run)
     );
+}
+
+#[test]
+fn notes_are_selected_by_a_cohort_of_original_or_anonymous_ids() {
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(
+        tmp.path(),
+        &[
+            ("DocumentReference", "1", "first note"),
+            ("DocumentReference", "2", "second note"),
+            ("DiagnosticReport", "3", "third note"),
+        ],
+    );
+    let csv = tmp.path().join("cohort.csv");
+    std::fs::write(&csv, "DocRef_ID,comment\n1,original id\n").unwrap();
+    let select = format!("--select-by-csv={}", csv.display());
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out",
+        TASK,
+        &["--output-format=ndjson", &select],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let rows = example_rows(tmp.path(), "out");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let anonymous = rows.keys().next().unwrap().clone();
+    assert!(anonymous.starts_with("DocumentReference/") && !anonymous.ends_with("/1"));
+    assert!(stderr(&run).contains("2 left out by"), "{}", stderr(&run));
+
+    // The same note by its anonymous reference; a patient cohort picks a patient's notes.
+    let anon_csv = tmp.path().join("anon.csv");
+    std::fs::write(&anon_csv, format!("note_ref\n{anonymous}\n")).unwrap();
+    let select = format!("--select-by-anon-csv={}", anon_csv.display());
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out2",
+        TASK,
+        &["--output-format=ndjson", &select],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let rows2: Vec<String> = read_table(
+        &tmp.path().join("out2/example_nlp/nlp_gpt_oss_120b_v1"),
+        "note_ref",
+    )
+    .into_keys()
+    .collect();
+    assert_eq!(rows2, [anonymous]);
+    std::fs::write(&csv, "patient_id\np3\n").unwrap();
+    let select = format!("--select-by-csv={}", csv.display());
+    let run = run_llm(
+        &server,
+        tmp.path(),
+        "out3",
+        TASK,
+        &["--output-format=ndjson", &select],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let rows3: Vec<String> = read_table(
+        &tmp.path().join("out3/example_nlp/nlp_gpt_oss_120b_v1"),
+        "note_ref",
+    )
+    .into_keys()
+    .collect();
+    assert_eq!(rows3.len(), 1);
+    assert!(rows3[0].starts_with("DiagnosticReport/"), "{rows3:?}");
+
+    // Both kinds at once, or a file without id columns, stop the run.
+    let both = [
+        format!("--select-by-csv={}", csv.display()),
+        format!("--select-by-anon-csv={}", anon_csv.display()),
+    ];
+    let run = run_llm(&server, tmp.path(), "out4", TASK, &[&both[0], &both[1]]);
+    assert_eq!(run.status.code(), Some(47), "{}", stderr(&run));
+    std::fs::write(&csv, "name\nx\n").unwrap();
+    let run = run_llm(&server, tmp.path(), "out5", TASK, &[&both[0]]);
+    assert_eq!(run.status.code(), Some(48), "{}", stderr(&run));
+    assert!(stderr(&run).contains("No patient or note IDs found in CSV file"));
 }
