@@ -79,6 +79,13 @@ fn run_llm(server: &FakeNlpServer, dir: &Path, out: &str, task: &str, extra: &[&
         .expect("binary runs")
 }
 
+/// [`run_llm`], which must succeed.
+fn run_ok(server: &FakeNlpServer, dir: &Path, out: &str, task: &str, extra: &[&str]) -> Output {
+    let run = run_llm(server, dir, out, task, extra);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    run
+}
+
 /// Rows of the example task's NDJSON output, without `generated_on`, keyed by note_ref.
 fn example_rows(dir: &Path, out: &str) -> BTreeMap<String, Value> {
     read_table(
@@ -127,14 +134,13 @@ fn an_llm_task_writes_upstreams_rows_caches_answers_and_a_second_run_asks_nothin
     let docs = docs.replace(&note("DocumentReference", "3", "draft"), &draft);
     std::fs::write(input.join("DocumentReference.ndjson"), docs).unwrap();
 
-    let run = run_llm(
+    let run = run_ok(
         &server,
         tmp.path(),
         "out",
         TASK,
         &["--output-format=ndjson"],
     );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     let err = stderr(&run);
     assert!(err.contains("Tokens: "), "{err}");
 
@@ -225,14 +231,13 @@ fn an_llm_task_writes_upstreams_rows_caches_answers_and_a_second_run_asks_nothin
     );
 
     // A second run into a new folder asks the model nothing and writes the same rows.
-    let run = run_llm(
+    run_ok(
         &server,
         tmp.path(),
         "again",
         TASK,
         &["--output-format=ndjson"],
     );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     assert_eq!(
         chat_requests(&server).len(),
         2,
@@ -254,14 +259,13 @@ fn requests_overlap_up_to_the_concurrency_and_failures_are_retried() {
     let notes: Vec<(&str, &str, &str)> =
         notes.iter().map(|(a, b, c)| (*a, b.as_str(), *c)).collect();
     write_notes(tmp.path(), &notes);
-    let run = run_llm(
+    let run = run_ok(
         &server,
         tmp.path(),
         "out",
         TASK,
         &["--output-format=ndjson", "--nlp-concurrency=4"],
     );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     assert_eq!(example_rows(tmp.path(), "out").len(), 8);
     let peak = server
         .state
@@ -297,12 +301,7 @@ fn a_missing_server_or_model_stops_the_run_before_any_note() {
     // A task whose model has no local server is refused by name.
     let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
     let run = run_llm(&server, tmp.path(), "out2", "example_nlp__nlp_gpt4o", &[]);
-    assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
-    assert!(
-        stderr(&run).contains("does not support the 'local' provider"),
-        "{}",
-        stderr(&run)
-    );
+    assert_stops(&run, 23, "does not support the 'local' provider");
 }
 
 #[test]
@@ -347,14 +346,13 @@ fn a_rerun_into_the_same_output_skips_finished_notes_and_clean_starts_over() {
     let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
     let tmp = tempfile::tempdir().unwrap();
     write_notes(tmp.path(), &[("DocumentReference", "1", "first note text")]);
-    let run = run_llm(
+    run_ok(
         &server,
         tmp.path(),
         "out",
         TASK,
         &["--output-format=ndjson"],
     );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     assert_eq!(chat_requests(&server).len(), 1);
 
     // A new note arrives; a new PHI folder, so nothing comes from the cache.
@@ -372,14 +370,13 @@ fn a_rerun_into_the_same_output_skips_finished_notes_and_clean_starts_over() {
         tmp.path().join("phi/codebook.json"),
     )
     .unwrap();
-    let run = run_llm(
+    let run = run_ok(
         &server,
         tmp.path(),
         "out",
         TASK,
         &["--output-format=ndjson"],
     );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     let err = stderr(&run);
     assert!(err.contains("1 finished by an earlier run"), "{err}");
     assert_eq!(
@@ -403,8 +400,7 @@ fn a_rerun_into_the_same_output_skips_finished_notes_and_clean_starts_over() {
         TASK,
         &["--output-format=ndjson", "--clean"],
     );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
-    assert!(stderr(&run).contains("0 finished by an earlier run"));
+    assert_stops(&run, 0, "0 finished by an earlier run");
     assert_eq!(std::fs::read_dir(&table).unwrap().count(), 1);
     assert_eq!(example_rows(tmp.path(), "out").len(), 2);
     assert_eq!(std::fs::read_to_string(&ids).unwrap().lines().count(), 2);
@@ -427,7 +423,7 @@ fn notes_are_selected_and_rejected_by_their_text() {
             ("DocumentReference", "4", "feverish"),
         ],
     );
-    let run = run_llm(
+    let run = run_ok(
         &server,
         tmp.path(),
         "out",
@@ -439,7 +435,6 @@ fn notes_are_selected_and_rejected_by_their_text() {
             "--allow-large-selection",
         ],
     );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     let asked: Vec<String> = chat_requests(&server)
         .iter()
         .map(|r| r["messages"][1]["content"].as_str().unwrap().to_string())
@@ -459,8 +454,11 @@ fn notes_are_selected_and_rejected_by_their_text() {
         TASK,
         &["--output-format=deltalake", "--clean"],
     );
-    assert_eq!(run.status.code(), Some(22), "{}", stderr(&run));
-    assert!(stderr(&run).contains("Cannot provide --clean with the deltalake output format."));
+    assert_stops(
+        &run,
+        22,
+        "Cannot provide --clean with the deltalake output format.",
+    );
     // A regex that does not compile is named.
     let run = run_llm(
         &server,
@@ -544,8 +542,11 @@ fn the_azure_provider_asks_the_deployment_with_its_key_and_estimates_the_cost() 
     );
     // Without its settings, or on Bedrock, the run stops before any note.
     let run = azure("out3", &["--provider=azure"], &[]);
-    assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
-    assert!(stderr(&run).contains("Set both AZURE_OPENAI_API_KEY & AZURE_OPENAI_ENDPOINT"));
+    assert_stops(
+        &run,
+        23,
+        "Set both AZURE_OPENAI_API_KEY & AZURE_OPENAI_ENDPOINT",
+    );
     let run = azure("out4", &["--provider=bedrock"], &env);
     assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
     // A model Azure does not serve is named.
@@ -556,12 +557,7 @@ fn the_azure_provider_asks_the_deployment_with_its_key_and_estimates_the_cost() 
         "example_nlp__nlp_claude_sonnet45",
         &["--provider=azure"],
     );
-    assert_eq!(run.status.code(), Some(23), "{}", stderr(&run));
-    assert!(
-        stderr(&run).contains("does not support the 'azure' provider"),
-        "{}",
-        stderr(&run)
-    );
+    assert_stops(&run, 23, "does not support the 'azure' provider");
 }
 
 #[test]
@@ -579,14 +575,13 @@ fn notes_are_selected_by_a_cohort_of_original_or_anonymous_ids() {
     let csv = tmp.path().join("cohort.csv");
     std::fs::write(&csv, "DocRef_ID,comment\n1,original id\n").unwrap();
     let select = format!("--select-by-csv={}", csv.display());
-    let run = run_llm(
+    let run = run_ok(
         &server,
         tmp.path(),
         "out",
         TASK,
         &["--output-format=ndjson", &select],
     );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     let rows = example_rows(tmp.path(), "out");
     assert_eq!(rows.len(), 1, "{rows:?}");
     let anonymous = rows.keys().next().unwrap().clone();
@@ -596,40 +591,18 @@ fn notes_are_selected_by_a_cohort_of_original_or_anonymous_ids() {
     // The same note by its anonymous reference; a patient cohort picks a patient's notes.
     let anon_csv = tmp.path().join("anon.csv");
     std::fs::write(&anon_csv, format!("note_ref\n{anonymous}\n")).unwrap();
-    let select = format!("--select-by-anon-csv={}", anon_csv.display());
-    let run = run_llm(
+    let picked = cohort_run(
         &server,
         tmp.path(),
         "out2",
-        TASK,
-        &["--output-format=ndjson", &select],
+        "--select-by-anon-csv",
+        &anon_csv,
     );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
-    let rows2: Vec<String> = read_table(
-        &tmp.path().join("out2/example_nlp/nlp_gpt_oss_120b_v1"),
-        "note_ref",
-    )
-    .into_keys()
-    .collect();
-    assert_eq!(rows2, [anonymous]);
+    assert_eq!(picked, [anonymous]);
     std::fs::write(&csv, "patient_id\np3\n").unwrap();
-    let select = format!("--select-by-csv={}", csv.display());
-    let run = run_llm(
-        &server,
-        tmp.path(),
-        "out3",
-        TASK,
-        &["--output-format=ndjson", &select],
-    );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
-    let rows3: Vec<String> = read_table(
-        &tmp.path().join("out3/example_nlp/nlp_gpt_oss_120b_v1"),
-        "note_ref",
-    )
-    .into_keys()
-    .collect();
-    assert_eq!(rows3.len(), 1);
-    assert!(rows3[0].starts_with("DiagnosticReport/"), "{rows3:?}");
+    let picked = cohort_run(&server, tmp.path(), "out3", "--select-by-csv", &csv);
+    assert_eq!(picked.len(), 1);
+    assert!(picked[0].starts_with("DiagnosticReport/"), "{picked:?}");
 
     // Both kinds at once, or a file without id columns, stop the run.
     let both = [
@@ -640,6 +613,29 @@ fn notes_are_selected_by_a_cohort_of_original_or_anonymous_ids() {
     assert_eq!(run.status.code(), Some(47), "{}", stderr(&run));
     std::fs::write(&csv, "name\nx\n").unwrap();
     let run = run_llm(&server, tmp.path(), "out5", TASK, &[&both[0]]);
-    assert_eq!(run.status.code(), Some(48), "{}", stderr(&run));
-    assert!(stderr(&run).contains("No patient or note IDs found in CSV file"));
+    assert_stops(&run, 48, "No patient or note IDs found in CSV file");
+}
+
+/// The notes (`note_ref`) a run with the cohort `option=csv` wrote into `out`.
+fn cohort_run(
+    server: &FakeNlpServer,
+    dir: &Path,
+    out: &str,
+    option: &str,
+    csv: &Path,
+) -> Vec<String> {
+    let select = format!("{option}={}", csv.display());
+    run_ok(server, dir, out, TASK, &["--output-format=ndjson", &select]);
+    read_table(
+        &dir.join(out).join("example_nlp/nlp_gpt_oss_120b_v1"),
+        "note_ref",
+    )
+    .into_keys()
+    .collect()
+}
+
+/// Asserts that `run` stopped with exit `code`, saying `says`.
+fn assert_stops(run: &Output, code: i32, says: &str) {
+    assert_eq!(run.status.code(), Some(code), "{}", stderr(run));
+    assert!(stderr(run).contains(says), "{}", stderr(run));
 }
