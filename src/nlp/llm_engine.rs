@@ -3,8 +3,9 @@
 //! and subject's references, when, the task version, the model's fingerprint, and the answer
 //! with every quoted span made character positions in the note.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
 use futures::future::BoxFuture;
@@ -19,7 +20,7 @@ use super::openai::{ChatClient, Usage};
 use super::spans::locate_spans;
 
 /// An answer as the cache holds it (upstream's `PromptResponse`).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct CachedAnswer {
     answer: Value,
     fingerprint: Option<String>,
@@ -52,6 +53,9 @@ pub struct LlmEngine {
     /// UTC time stamped on result rows.
     generated_on: String,
     pub tokens: TokenCounts,
+    /// Texts being asked right now, by their cache key: a note with the same text as one in
+    /// flight waits for that answer instead of asking again.
+    in_flight: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<CachedAnswer>>>>,
 }
 
 impl LlmEngine {
@@ -67,20 +71,54 @@ impl LlmEngine {
             cache,
             generated_on,
             tokens: TokenCounts::default(),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The model's answer for a note's (trimmed) text: from the cache, or asked and cached.
+    /// The model's answer for a note's (trimmed) text: from the cache, from the request of a
+    /// note with the same text in flight, or asked and cached.
     async fn answer(&self, text: &str) -> Result<CachedAnswer> {
         let namespace = self.task.cache_namespace();
-        if let Some(cached) = self.cache.read::<CachedAnswer>(&namespace, text) {
+        let hit = || {
             self.client
                 .http
                 .stats
                 .cache_hits
-                .fetch_add(1, Ordering::Relaxed);
+                .fetch_add(1, Ordering::Relaxed)
+        };
+        if let Some(cached) = self.cache.read::<CachedAnswer>(&namespace, text) {
+            hit();
             return Ok(cached);
         }
+        let key = self.cache.key(&namespace, text);
+        let cell = self
+            .in_flight
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let mut asked = false;
+        let answer = cell
+            .get_or_try_init(|| {
+                asked = true;
+                self.ask(&namespace, text)
+            })
+            .await
+            .cloned();
+        if !asked && answer.is_ok() {
+            hit();
+        }
+        // Answered (and cached on disk: later notes with this text read the cache), or failed.
+        let mut in_flight = self.in_flight.lock().unwrap();
+        if in_flight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            in_flight.remove(&key);
+        }
+        answer
+    }
+
+    /// Asks the model for `text`'s answer and caches it under `namespace`.
+    async fn ask(&self, namespace: &str, text: &str) -> Result<CachedAnswer> {
         let _permit = self.client.http.permit().await?;
         let definition = &self.task.definition;
         let request = self.client.request(
@@ -95,7 +133,7 @@ impl LlmEngine {
             fingerprint: done.fingerprint,
         };
         self.cache
-            .write(&namespace, text, &answer)
+            .write(namespace, text, &answer)
             .context("writing the NLP cache")?;
         Ok(answer)
     }

@@ -639,3 +639,33 @@ fn assert_stops(run: &Output, code: i32, says: &str) {
     assert_eq!(run.status.code(), Some(code), "{}", stderr(run));
     assert!(stderr(run).contains(says), "{}", stderr(run));
 }
+
+#[test]
+fn notes_with_the_same_text_in_flight_at_once_are_asked_once() {
+    let server = FakeNlpServer::start(Duration::from_millis(400), Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(
+        tmp.path(),
+        &[
+            ("DocumentReference", "1", "the same text"),
+            ("DocumentReference", "2", "the same text"),
+            ("DiagnosticReport", "3", "the same text"),
+            ("DocumentReference", "4", "another text"),
+        ],
+    );
+    let run = run_ok(
+        &server,
+        tmp.path(),
+        "out",
+        TASK,
+        &["--output-format=ndjson", "--nlp-concurrency=8"],
+    );
+    assert_eq!(
+        chat_requests(&server).len(),
+        2,
+        "one request per distinct text"
+    );
+    assert_eq!(example_rows(tmp.path(), "out").len(), 4);
+    let err = stderr(&run);
+    assert!(err.contains("2 answers from the cache"), "{err}");
+}
