@@ -3,8 +3,8 @@
 //! written, appended after every successful batch.
 
 use anyhow::Result;
-use serde_json::Value;
 
+use crate::json::top_level::top_level_str;
 use crate::store::ObjectLocation;
 
 use std::collections::HashSet;
@@ -116,10 +116,7 @@ impl BatchWriter for GroupIdsBatch {
         let mut groups: Vec<String> = batch
             .rows
             .iter()
-            .filter_map(|r| {
-                let row: Value = serde_json::from_slice(r).ok()?;
-                Some(row.get(&*self.group_field)?.as_str()?.to_string())
-            })
+            .filter_map(|r| top_level_str(r, &self.group_field).map(|g| g.into_owned()))
             .collect();
         groups.sort();
         groups.dedup();

@@ -123,16 +123,13 @@ fn an_llm_task_writes_upstreams_rows_caches_answers_and_a_second_run_asks_nothin
         &[
             ("DocumentReference", "1", texts[0]),
             ("DiagnosticReport", "2", texts[1]),
-            // Not done yet: not read.
-            ("DocumentReference", "3", "draft"),
         ],
     );
-    let mut draft = note("DocumentReference", "3", "draft");
-    draft = draft.replace("\"current\"", "\"superseded\"");
-    let input = tmp.path().join("input");
-    let docs = std::fs::read_to_string(input.join("DocumentReference.ndjson")).unwrap();
-    let docs = docs.replace(&note("DocumentReference", "3", "draft"), &draft);
-    std::fs::write(input.join("DocumentReference.ndjson"), docs).unwrap();
+    // A superseded note is not read.
+    let superseded = note("DocumentReference", "3", "old").replace("current", "superseded");
+    let docs = tmp.path().join("input/DocumentReference.ndjson");
+    let lines = std::fs::read_to_string(&docs).unwrap() + &superseded + "\n";
+    std::fs::write(&docs, lines).unwrap();
 
     let run = run_ok(
         &server,
