@@ -316,6 +316,7 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<Ran, Fatal> {
         errors_to: errors_to.clone(),
         rejected,
         row_journal: row_index.then(|| rerun::row_journal(&codebook)),
+        optimize_tables: opts.optimize_tables,
     }
     .build(scrubber, &codebook, contexts, work)?;
     let input = (files.as_slice(), planned.as_slice());

@@ -40,6 +40,8 @@ pub struct RunBuilder {
     /// The row index tag Delta appends write their row journals under, when the run keeps
     /// row indexes (`etl::rerun`).
     pub row_journal: Option<crate::output::delta::RowJournal>,
+    /// The run compacts its Delta tables at the end (not `--no-table-optimization`).
+    pub optimize_tables: bool,
 }
 
 impl RunBuilder {
@@ -56,6 +58,7 @@ impl RunBuilder {
         let delta = DeltaSettings::for_budget(self.memory, &self.run_name)
             .with_merge_rows(self.batch_size)
             .with_threads(self.workers)
+            .with_cut_appends(self.optimize_tables)
             .with_row_journals(self.row_journal);
         delta.count_routing_keys_in(&budget);
         let outputs = Outputs::new(self.format, &self.output, delta)?;

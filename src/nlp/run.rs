@@ -573,6 +573,7 @@ fn run_task(
         errors_to: opts.errors_to.clone(),
         rejected,
         row_journal: None,
+        optimize_tables: opts.optimize_tables,
     }
     .build(
         Scrubber::new(Rules::embedded()?, codebook.clone(), false),

@@ -589,6 +589,159 @@ fn compaction_clusters_into_disjoint_files(memory: Option<&'static str>) {
     );
 }
 
+/// How many rows a Parquet file has.
+fn ids_in_file(file: &Path) -> usize {
+    let reader =
+        parquet::file::reader::SerializedFileReader::new(std::fs::File::open(file).unwrap())
+            .unwrap();
+    let rows = parquet::file::reader::FileReader::metadata(&reader)
+        .file_metadata()
+        .num_rows();
+    usize::try_from(rows).unwrap()
+}
+
+/// An export of `count` small Patients (ids `p0`, `p1`, ...) in `dir`; those from `speaking_from`
+/// on have a language, a nested column, and come in a second file: the table's schema (made
+/// from each file's rows) grows by it once the second file's rows are written.
+fn many_patients(dir: &Path, count: usize, speaking_from: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut files = [String::new(), String::new()];
+    for i in 0..count {
+        let gender = ["female", "male"][i % 2];
+        let born = 1930 + i % 80;
+        let speaks = match i >= speaking_from {
+            true => r#","communication":[{"language":{"coding":[{"code":"en"}]}}]"#,
+            false => "",
+        };
+        let text = &mut files[usize::from(i >= speaking_from)];
+        text.push_str(&format!(
+            r#"{{"resourceType":"Patient","id":"p{i}","gender":"{gender}","birthDate":"{born}-01-01"{speaks}}}"#
+        ));
+        text.push('\n');
+    }
+    for (i, text) in files.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+        std::fs::write(dir.join(format!("Patient.00{i}.ndjson")), text).unwrap();
+    }
+    std::fs::copy(synthea().join("log.ndjson"), dir.join("log.ndjson")).unwrap();
+}
+
+#[test]
+fn a_first_load_is_cut_into_key_ranges_as_written_and_compaction_joins_them_without_encoding() {
+    // Every batch of the same schema: each range's pieces are joined as they are.
+    cut_and_joined(PATIENTS);
+}
+
+#[test]
+fn pieces_whose_schemas_differ_are_written_again_into_their_ranges_file() {
+    // The schema grows in the last batches: the pieces of a range cannot be joined as they are.
+    cut_and_joined(PATIENTS - 15_000);
+}
+
+const PATIENTS: usize = 140_000;
+
+/// Loads `PATIENTS` patients (those from `speaking_from` on with a language) into a new
+/// Delta table in batches cut into key ranges, and checks the compaction that joins them.
+fn cut_and_joined(speaking_from: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("input");
+    many_patients(&input, PATIENTS, speaking_from);
+    // Batches of 10,000 rows on two workers, each cut into two key ranges as it is written;
+    // and the same export written without compaction (and so without cutting), to compare.
+    let load = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let phi = tmp.path().join(format!("{name}-phi"));
+        phi_with_salt(&phi, SALT);
+        let mut args = vec![
+            input.to_str().unwrap(),
+            out.to_str().unwrap(),
+            phi.to_str().unwrap(),
+            "--task=patient",
+            "--workers=2",
+            "--batch-size=10000",
+        ];
+        args.extend(extra);
+        let run = run_etl(&args);
+        assert!(run.status.success(), "{}", stderr(&run));
+        out.join("patient")
+    };
+    let uncut = load("uncut", &["--no-table-optimization"]);
+    let table = load("cut", &[]);
+    assert_eq!(
+        crate::support::read_delta(&table, "id"),
+        crate::support::read_delta(&uncut, "id")
+    );
+    let adds: Vec<Value> = delta_log_actions(&table)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.get("add").cloned())
+        .collect();
+    // Every batch was written as pieces: a file per key range, tagged with the cut and range.
+    let pieces: Vec<&Value> = adds
+        .iter()
+        .filter(|a| a["tags"]["cumulusEtlRange"].is_string())
+        .collect();
+    let batches: BTreeSet<&str> = pieces
+        .iter()
+        .map(|a| a["tags"]["cumulusEtlBatch"].as_str().unwrap())
+        .collect();
+    assert_eq!(batches.len(), PATIENTS / 10_000);
+    assert_eq!(pieces.len(), 2 * batches.len(), "two ranges per batch");
+    let cuts: BTreeSet<&str> = pieces
+        .iter()
+        .map(|a| a["tags"]["cumulusEtlRange"].as_str().unwrap())
+        .map(|tag| tag.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(cuts.len(), 1, "one cut for the run");
+    // Compaction joined each range's pieces into a file of their row groups, copied as written.
+    let live = delta_live_files(&table);
+    assert_eq!(live.len(), 2, "{live:?}");
+    let mut ranges = Vec::new();
+    for file in &live {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        let add = adds.iter().rfind(|a| a["path"] == name).unwrap();
+        assert_eq!(add["clusteringProvider"], "cumulus-etl", "{name}");
+        assert!(
+            add["tags"].get("cumulusEtlRange").is_none(),
+            "{name}: {add}"
+        );
+        let reader =
+            parquet::file::reader::SerializedFileReader::new(std::fs::File::open(file).unwrap())
+                .unwrap();
+        let groups = parquet::file::reader::FileReader::metadata(&reader).num_row_groups();
+        match speaking_from < PATIENTS {
+            false => assert_eq!(groups, batches.len(), "{name}: a row group per piece"),
+            // Decoded and encoded again, in row groups of 65,536 rows.
+            true => assert_eq!(groups, ids_in_file(file).div_ceil(65_536), "{name}"),
+        }
+        let rows = parquet_file_rows(file);
+        let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+        let (lo, hi) = (*ids.iter().min().unwrap(), *ids.iter().max().unwrap());
+        // The joined file's statistics are its rows'.
+        let stats: Value = serde_json::from_str(add["stats"].as_str().unwrap()).unwrap();
+        assert_eq!(stats["numRecords"], ids.len(), "{name}");
+        assert_eq!(stats["minValues"]["id"], lo, "{name}");
+        assert_eq!(stats["maxValues"]["id"], hi, "{name}");
+        assert_eq!(stats["nullCount"]["id"], 0, "{name}");
+        let genders: BTreeSet<&str> = rows.iter().map(|r| r["gender"].as_str().unwrap()).collect();
+        assert_eq!(
+            stats["minValues"]["gender"],
+            *genders.first().unwrap(),
+            "{name}"
+        );
+        ranges.push((lo.to_string(), hi.to_string(), ids.len()));
+    }
+    ranges.sort();
+    assert!(ranges[0].1 < ranges[1].0, "disjoint key ranges: {ranges:?}");
+    assert!(
+        ranges.iter().all(|r| r.2 > PATIENTS / 4),
+        "about equal ranges: {ranges:?}"
+    );
+    // Other readers read the joined files.
+    let read = read_both(&table, &["id", "gender"], true);
+    assert_eq!(read.duckdb.len(), PATIENTS);
+    assert_eq!(read.deltalake.unwrap().len(), PATIENTS);
+}
+
 #[test]
 fn an_unchanged_export_leaves_a_deletion_vector_in_place_and_says_what_the_manifest_lists() {
     let tmp = tempfile::tempdir().unwrap();

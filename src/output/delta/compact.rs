@@ -31,6 +31,8 @@ use super::deletion_vectors::{DeletedRows, deleted_rows};
 use super::file_merge::{SliceReader, close_writer, read_file};
 use super::files::TableFiles;
 use super::range_cluster;
+use super::range_pieces;
+use super::{file_concat, stats_merge};
 use crate::output::ENCODE_SLICE_ROWS;
 
 /// What a compaction did: the log's actions (removes of the small files, then adds of the files
@@ -165,15 +167,34 @@ pub async fn cluster_by_file(
     }
     let mut stored = Vec::new();
     let mut removes = Vec::new();
+    // The files as pieces of a first load's cut, while every one is ([`range_pieces`]).
+    let mut pieces = Some(Vec::new());
     let (mut bytes, mut row_count) = (0u64, 0u64);
     for file in state.log_data().iter() {
         let size = u64::try_from(file.size()).unwrap_or(0);
         // Deprecated in delta-rs, but the only way it shows a file's clustering provider.
         #[allow(deprecated)]
-        let provider = file.add_action().clustering_provider;
-        if size >= target || provider.is_some_and(|p| p.as_str() != CLUSTERING_PROVIDER) {
+        let add = file.add_action();
+        let provider = add.clustering_provider.as_deref();
+        if size >= target || provider.is_some_and(|p| p != CLUSTERING_PROVIDER) {
             continue;
         }
+        let piece = match file.deletion_vector_descriptor() {
+            None => range_pieces::piece_of(add.tags.as_ref()),
+            Some(_) => None,
+        };
+        pieces = match (pieces, piece) {
+            (Some(mut all), Some(piece)) => {
+                all.push(JoinInput {
+                    piece,
+                    path: file.object_store_path(),
+                    size,
+                    stats: add.stats.clone(),
+                });
+                Some(all)
+            }
+            _ => None,
+        };
         let vector = file.deletion_vector_descriptor();
         let deleted = vector.as_ref().map_or(0, |v| v.cardinality);
         let records = file.num_records().map_or(0, |n| n as i64 - deleted);
@@ -204,6 +225,16 @@ pub async fn cluster_by_file(
     };
     let store = table.log_store().object_store(None);
     let ranges = range_count(row_count, rows_per_file, threads);
+    if let Some(pieces) = pieces {
+        let joined = join_pieces(&store, files, &schema, clustering, pieces, ranges).await?;
+        if let Some(written) = joined {
+            return Ok(Some(Compaction::of(
+                removes,
+                written,
+                Some(CLUSTERING_PROVIDER),
+            )));
+        }
+    }
     let written = if ranges * open_file_bytes(bytes, row_count, ranges) <= sort_bytes * MERGE_MEMORY
     {
         let every = row_count.div_ceil(range_cluster::MAX_SAMPLES);
@@ -269,11 +300,110 @@ async fn write_ranges(
     }
     let out = Arc::into_inner(out).expect("the readers have ended");
     let mut written = Vec::new();
-    if let Err(e) = out.close(wrote, &mut written).await {
+    let closed = out.close(wrote, &mut written).await;
+    let written: Vec<Add> = written.into_iter().map(|(_, add)| add).collect();
+    if let Err(e) = closed {
         files.remove(&written).await;
         return Err(e);
     }
     Ok(written)
+}
+
+/// A piece of a first load's cut, to join ([`range_pieces`]).
+struct JoinInput {
+    piece: range_pieces::Piece,
+    path: deltalake::Path,
+    size: u64,
+    stats: Option<String>,
+}
+
+/// Joins `pieces` (the small files of a first load, all pieces of its cut) into `count` files of
+/// contiguous key ranges by copying their column chunks, the files at once; a file whose pieces
+/// do not share one schema is written by reading them instead. None when the pieces cannot make
+/// `count` files ([`range_pieces::join_plan`]). On error, no file written is left.
+async fn join_pieces(
+    store: &deltalake::logstore::ObjectStoreRef,
+    files: &Arc<TableFiles>,
+    schema: &SchemaRef,
+    clustering: &[String],
+    pieces: Vec<JoinInput>,
+    count: usize,
+) -> Result<Option<Vec<Add>>> {
+    let planned: Vec<(range_pieces::Piece, u64)> =
+        pieces.iter().map(|p| (p.piece.clone(), p.size)).collect();
+    let Some(groups) = range_pieces::join_plan(&planned, count) else {
+        return Ok(None);
+    };
+    let pieces = Arc::new(pieces);
+    let tasks: Vec<_> = groups
+        .into_iter()
+        .map(|group| {
+            let (store, files, schema, pieces) =
+                (store.clone(), files.clone(), schema.clone(), pieces.clone());
+            let clustering = clustering.to_vec();
+            tokio::spawn(async move {
+                let group: Vec<&JoinInput> = group.iter().map(|&i| &pieces[i]).collect();
+                join_group(&store, &files, &schema, &clustering, &group).await
+            })
+        })
+        .collect();
+    let mut written = Vec::new();
+    let mut failed = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(adds)) => written.extend(adds),
+            Ok(Err(e)) => failed = failed.or(Some(e)),
+            Err(e) => failed = failed.or(Some(anyhow::anyhow!("joining pieces stopped: {e}"))),
+        }
+    }
+    if let Some(e) = failed {
+        files.remove(&written).await;
+        return Err(e);
+    }
+    Ok(Some(written))
+}
+
+/// Joins one file's pieces ([`join_pieces`]); returns the files written.
+async fn join_group(
+    store: &deltalake::logstore::ObjectStoreRef,
+    files: &Arc<TableFiles>,
+    schema: &SchemaRef,
+    clustering: &[String],
+    group: &[&JoinInput],
+) -> Result<Vec<Add>> {
+    let mut footers = Vec::with_capacity(group.len());
+    for piece in group {
+        footers.push(file_concat::footer(store, &piece.path, piece.size).await?);
+    }
+    if !file_concat::same_schema(&footers) {
+        let inputs = group.iter().map(|p| (p.path.clone(), None)).collect();
+        let keys = Arc::new(cluster_sort::Keys::new(schema, clustering)?);
+        let one = range_cluster::Ranges::cut(keys, Vec::new(), 1);
+        return write_ranges(store.clone(), files, schema, inputs, one, 1).await;
+    }
+    let inputs: Vec<(deltalake::Path, _)> =
+        group.iter().map(|p| p.path.clone()).zip(footers).collect();
+    let name = format!("part-00000-{}-c000.snappy.parquet", uuid::Uuid::new_v4());
+    let out = deltalake::Path::from(name.as_str());
+    let (runtime, copy_store, copy_out) = (
+        tokio::runtime::Handle::current(),
+        store.clone(),
+        out.clone(),
+    );
+    let size = tokio::task::spawn_blocking(move || {
+        file_concat::join(&runtime, &copy_store, &inputs, &copy_out)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("joining pieces stopped: {e}"))??;
+    let stats: Vec<Option<&str>> = group.iter().map(|p| p.stats.as_deref()).collect();
+    Ok(vec![Add {
+        path: name,
+        size: i64::try_from(size)?,
+        modification_time: chrono::Utc::now().timestamp_millis(),
+        data_change: false,
+        stats: stats_merge::merge(&stats),
+        ..Default::default()
+    }])
 }
 
 /// How an external sort clusters: holding about `sort_bytes` of rows at a time, merging

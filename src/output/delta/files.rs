@@ -11,8 +11,12 @@ use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::operations::write::WriterStatsConfig;
 use deltalake::operations::write::writer::{DeltaWriter, WriterConfig};
 
+use std::sync::Arc;
+
 use super::conform::conform_batch;
 use super::ledger::key_fingerprints;
+use super::range_cluster::RangeFiles;
+use super::range_pieces::{Cutting, RANGE_TAG};
 use crate::output::ENCODE_SLICE_ROWS;
 use crate::output::columns::rows_to_record_batch;
 use crate::output::{RowTag, UnfitRow};
@@ -24,6 +28,8 @@ pub struct TableFiles {
     runtime: tokio::runtime::Handle,
     /// Threads a large batch is encoded on, a part (and a file) each.
     threads: usize,
+    /// How batches are cut into key ranges, a file each, for a first load's clustering.
+    cutting: Option<Cutting>,
 }
 
 /// The tag on the files of a batch encoded in parts (`add.tags`), naming the batch by its first
@@ -75,7 +81,17 @@ impl TableFiles {
             stats,
             runtime,
             threads: 1,
+            cutting: None,
         }
+    }
+
+    /// Cuts batches into key ranges of the `clustering` columns, one per thread, a file each
+    /// ([`range_pieces`](super::range_pieces)). Call after [`TableFiles::with_threads`].
+    pub fn with_cutting(mut self, clustering: Vec<String>) -> TableFiles {
+        if !clustering.is_empty() {
+            self.cutting = Some(Cutting::new(clustering, self.threads));
+        }
+        self
     }
 
     /// Encodes large batches on up to `threads` threads.
@@ -91,12 +107,19 @@ impl TableFiles {
     /// `uniqueness`. Must not be called from within an async runtime. A failure leaves no file
     /// behind.
     pub fn write(
-        &self,
+        self: &Arc<Self>,
         (rows, tags): (&[&[u8]], &[RowTag]),
         schema: &SchemaRef,
         target: &SchemaRef,
         uniqueness: &[String],
     ) -> Result<WrittenFiles> {
+        if let Some(cutting) = &self.cutting
+            && cutting.cuts(rows.len())
+            && let Some(written) =
+                self.write_cut(cutting, (rows, tags), schema, target, uniqueness)?
+        {
+            return Ok(written);
+        }
         let parts = (rows.len() / MIN_PART_ROWS).clamp(1, self.threads);
         if parts == 1 {
             return self.write_part((rows, tags), schema, target, uniqueness);
@@ -127,12 +150,21 @@ impl TableFiles {
                 }))
                 .collect()
         });
+        self.gather(target, written)
+    }
+
+    /// The files of a batch's parts together (none, if a part failed), tagged as one batch.
+    fn gather(
+        &self,
+        target: &SchemaRef,
+        written: impl IntoIterator<Item = Result<WrittenFiles>>,
+    ) -> Result<WrittenFiles> {
         let mut all = WrittenFiles {
             adds: Vec::new(),
             schema: target.clone(),
-            keys: Vec::with_capacity(rows.len()),
+            keys: Vec::new(),
             unfit: Vec::new(),
-            tags: Vec::with_capacity(tags.len()),
+            tags: Vec::new(),
         };
         let mut failed = None;
         for part in written {
@@ -160,6 +192,96 @@ impl TableFiles {
         Ok(all)
     }
 
+    /// Writes `rows` as one file per key range of the table's cut (made from this batch's first
+    /// slice if none is yet): the batch's parts are decoded on up to the table's threads, and
+    /// each part's rows go to their range's file ([`RangeFiles`]). None (nothing written) when
+    /// the clustering columns are not top-level columns of the table.
+    fn write_cut(
+        self: &Arc<Self>,
+        cutting: &Cutting,
+        (rows, tags): (&[&[u8]], &[RowTag]),
+        schema: &SchemaRef,
+        target: &SchemaRef,
+        uniqueness: &[String],
+    ) -> Result<Option<WrittenFiles>> {
+        let clustering = cutting.clustering();
+        if clustering
+            .iter()
+            .any(|c| target.column_with_name(c).is_none())
+        {
+            return Ok(None);
+        }
+        let first = &rows[..rows.len().min(ENCODE_SLICE_ROWS)];
+        let cut = match Decoded::new((first, &[]), schema, target, uniqueness).next() {
+            Some(slice) => cutting.cut(target, &slice?)?,
+            None => return self.gather(target, []).map(Some),
+        };
+        let ranges = cut.ranges_for(target, clustering)?;
+        let range_files = RangeFiles::new(self.clone(), target.clone(), ranges.count());
+        let parts = (rows.len() / MIN_PART_ROWS).clamp(1, self.threads);
+        let part_rows = rows.len().div_ceil(parts);
+        let tags_of = |i: usize| match tags.is_empty() {
+            true => &[][..],
+            false => &tags[i * part_rows..((i + 1) * part_rows).min(tags.len())],
+        };
+        let (out, ranges) = (&range_files, &ranges);
+        let decoded: Vec<Result<WrittenFiles>> = std::thread::scope(|scope| {
+            let parts: Vec<_> = rows
+                .chunks(part_rows)
+                .enumerate()
+                .map(|(i, part)| {
+                    let part = (part, tags_of(i));
+                    let write = move || {
+                        let mut rows = Decoded::new(part, schema, target, uniqueness);
+                        out.write(&self.runtime, ranges, &mut rows, i)?;
+                        Ok(rows.into_files(target))
+                    };
+                    match i {
+                        0 => Err(write),
+                        _ => Ok(scope.spawn(write)),
+                    }
+                })
+                .collect();
+            parts
+                .into_iter()
+                .map(|part| match part {
+                    Err(here) => here(),
+                    // A panic is the worker's, as if it had encoded the part itself.
+                    Ok(other) => other
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                })
+                .collect()
+        });
+        let wrote = decoded
+            .iter()
+            .find_map(|part| part.as_ref().err())
+            .map_or(Ok(()), |e| Err(anyhow::anyhow!("{e:#}")));
+        let mut written = Vec::new();
+        let closed = self
+            .runtime
+            .block_on(range_files.close(wrote, &mut written));
+        let adds = written.into_iter().map(|(range, mut add)| {
+            add.tags
+                .get_or_insert_default()
+                .insert(RANGE_TAG.to_string(), Some(cut.tag(range)));
+            add
+        });
+        let files = WrittenFiles {
+            adds: adds.collect(),
+            schema: target.clone(),
+            keys: Vec::new(),
+            unfit: Vec::new(),
+            tags: Vec::new(),
+        };
+        if let Err(e) = closed {
+            self.discard(&files);
+            return Err(e);
+        }
+        self.gather(target, std::iter::once(Ok(files)).chain(decoded))
+            .map(Some)
+    }
+
     /// Writes `rows` as one file (see [`TableFiles::write`]).
     fn write_part(
         &self,
@@ -169,23 +291,10 @@ impl TableFiles {
         uniqueness: &[String],
     ) -> Result<WrittenFiles> {
         let mut writer = self.writer(target);
-        let mut keys = Vec::with_capacity(rows.len());
-        let mut unfit = Vec::new();
-        let mut kept_tags = Vec::with_capacity(tags.len());
+        let mut decoded = Decoded::new((rows, tags), schema, target, uniqueness);
         let encoded = self.runtime.block_on(async {
-            for (i, slice) in rows.chunks(ENCODE_SLICE_ROWS).enumerate() {
-                let decoded = rows_to_record_batch(schema.clone(), slice)
-                    .context("rows do not fit the table's FHIR schema")?;
-                unfit.extend(UnfitRow::from_decode(slice, &decoded.unfit));
-                if !tags.is_empty() {
-                    let start = i * ENCODE_SLICE_ROWS;
-                    let slice_tags = &tags[start..start + slice.len()];
-                    kept_tags.extend(fit_tags(slice_tags, &decoded.unfit));
-                }
-                keys.extend(key_fingerprints(uniqueness, &decoded.batch, &[])?);
-                writer
-                    .write(&conform_batch(&decoded.batch, target)?)
-                    .await?;
+            for slice in &mut decoded {
+                writer.write(&slice?).await?;
             }
             anyhow::Ok(())
         });
@@ -197,13 +306,9 @@ impl TableFiles {
             .runtime
             .block_on(writer.close())
             .context("writing a data file")?;
-        Ok(WrittenFiles {
-            adds,
-            schema: target.clone(),
-            keys,
-            unfit,
-            tags: kept_tags,
-        })
+        let mut files = decoded.into_files(target);
+        files.adds = adds;
+        Ok(files)
     }
 
     /// A writer of data files of `schema` for this table (one file until it is closed), with
@@ -235,5 +340,74 @@ impl TableFiles {
                 crate::say!("warning: could not remove the unused data file {path}: {e}");
             }
         }
+    }
+}
+
+/// A batch's rows decoded a slice at a time and reshaped to the table's schema, keeping what
+/// the written files must report: the rows' key fingerprints, the rows left out and the tags of
+/// the rows kept.
+struct Decoded<'a> {
+    slices: std::iter::Enumerate<std::slice::Chunks<'a, &'a [u8]>>,
+    tags: &'a [RowTag],
+    schema: &'a SchemaRef,
+    target: &'a SchemaRef,
+    uniqueness: &'a [String],
+    keys: Vec<u64>,
+    unfit: Vec<UnfitRow>,
+    kept_tags: Vec<RowTag>,
+}
+
+impl<'a> Decoded<'a> {
+    fn new(
+        (rows, tags): (&'a [&'a [u8]], &'a [RowTag]),
+        schema: &'a SchemaRef,
+        target: &'a SchemaRef,
+        uniqueness: &'a [String],
+    ) -> Decoded<'a> {
+        Decoded {
+            slices: rows.chunks(ENCODE_SLICE_ROWS).enumerate(),
+            tags,
+            schema,
+            target,
+            uniqueness,
+            keys: Vec::with_capacity(rows.len()),
+            unfit: Vec::new(),
+            kept_tags: Vec::with_capacity(tags.len()),
+        }
+    }
+
+    fn decode(&mut self, i: usize, slice: &[&[u8]]) -> Result<arrow::record_batch::RecordBatch> {
+        let decoded = rows_to_record_batch(self.schema.clone(), slice)
+            .context("rows do not fit the table's FHIR schema")?;
+        self.unfit
+            .extend(UnfitRow::from_decode(slice, &decoded.unfit));
+        if !self.tags.is_empty() {
+            let start = i * ENCODE_SLICE_ROWS;
+            let slice_tags = &self.tags[start..start + slice.len()];
+            self.kept_tags.extend(fit_tags(slice_tags, &decoded.unfit));
+        }
+        self.keys
+            .extend(key_fingerprints(self.uniqueness, &decoded.batch, &[])?);
+        conform_batch(&decoded.batch, self.target)
+    }
+
+    /// What the files of the rows decoded must report (their adds to be filled in).
+    fn into_files(self, target: &SchemaRef) -> WrittenFiles {
+        WrittenFiles {
+            adds: Vec::new(),
+            schema: target.clone(),
+            keys: self.keys,
+            unfit: self.unfit,
+            tags: self.kept_tags,
+        }
+    }
+}
+
+impl Iterator for Decoded<'_> {
+    type Item = Result<arrow::record_batch::RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (i, slice) = self.slices.next()?;
+        Some(self.decode(i, slice))
     }
 }

@@ -13,14 +13,17 @@ mod commit;
 mod compact;
 mod conform;
 mod deletion_vectors;
+mod file_concat;
 mod file_merge;
 mod files;
 mod ledger;
 mod merge_source;
 mod protocol;
 mod range_cluster;
+mod range_pieces;
 mod s3_log;
 mod stage;
+mod stats_merge;
 mod table;
 
 use std::collections::BTreeMap;

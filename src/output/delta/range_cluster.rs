@@ -53,6 +53,15 @@ impl Ranges {
         Ranges { keys, bounds }
     }
 
+    /// The same ranges over rows of another schema (`keys` of the same key columns): where a
+    /// table's schema widens between batches, its key columns may move.
+    pub fn with_keys(&self, keys: Arc<Keys>) -> Ranges {
+        Ranges {
+            keys,
+            bounds: self.bounds.clone(),
+        }
+    }
+
     /// How many ranges there are.
     pub fn count(&self) -> usize {
         self.bounds.len() + 1
@@ -184,11 +193,11 @@ impl RangeFiles {
     }
 
     /// Closes every range's file (aborting them all when `wrote` is an error), recording the
-    /// files written in `written`.
-    pub async fn close(self, wrote: Result<()>, written: &mut Vec<Add>) -> Result<()> {
+    /// files written in `written`, each with its range.
+    pub async fn close(self, wrote: Result<()>, written: &mut Vec<(usize, Add)>) -> Result<()> {
         let what = "writing a clustered data file";
         let mut result = wrote;
-        for file in self.open {
+        for (range, file) in self.open.into_iter().enumerate() {
             let writer = file
                 .into_inner()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -196,7 +205,10 @@ impl RangeFiles {
                 Ok(()) => Ok(()),
                 Err(e) => Err(anyhow::anyhow!("{e:#}")),
             };
-            if let Err(e) = close_writer(writer, this, what, written).await {
+            let mut adds = Vec::new();
+            let closed = close_writer(writer, this, what, &mut adds).await;
+            written.extend(adds.into_iter().map(|add| (range, add)));
+            if let Err(e) = closed {
                 result = result.and(Err(e));
             }
         }

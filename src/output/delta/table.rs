@@ -128,6 +128,10 @@ pub struct DeltaSettings {
     routing_keys: HeldMemory,
     /// Threads a compaction may use (the run's workers, which have finished by then).
     threads: usize,
+    /// Appends to clustered tables are cut into key ranges as they are written, so the
+    /// compaction at the end joins them without decoding them (`range_pieces`): set when the
+    /// run compacts its tables.
+    cut_appends: bool,
 }
 
 /// What a table's commits after a version say ([`CumulusTable::commits_since`]).
@@ -195,6 +199,7 @@ impl DeltaSettings {
             merge_bytes: memory_limit / 4 / PARALLEL_MERGES,
             routing_keys: HeldMemory::default(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cut_appends: false,
         }
     }
 
@@ -223,6 +228,13 @@ impl DeltaSettings {
     /// Compactions use up to `threads` threads (the machine's cores by default).
     pub fn with_threads(mut self, threads: usize) -> DeltaSettings {
         self.threads = threads.max(1);
+        self
+    }
+
+    /// Appends to clustered tables are cut into key ranges as they are written, for the
+    /// compaction at the end of the run (`range_pieces`); only worth it when one follows.
+    pub fn with_cut_appends(mut self, cut: bool) -> DeltaSettings {
+        self.cut_appends = cut;
         self
     }
 }
@@ -416,8 +428,12 @@ impl CumulusTable {
             }
             Err(_) => WriterStatsConfig::new(Default::default(), None),
         };
-        TableFiles::new(self.table.log_store().object_store(None), stats, runtime)
-            .with_threads(self.settings.threads)
+        let files = TableFiles::new(self.table.log_store().object_store(None), stats, runtime)
+            .with_threads(self.settings.threads);
+        match self.settings.cut_appends {
+            true => files.with_cutting(self.clustering.clone()),
+            false => files,
+        }
     }
 
     /// Routes a batch (records its keys in the ledger); returns the route and the keys.

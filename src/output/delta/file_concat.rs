@@ -1,0 +1,182 @@
+//! Joins Parquet data files of one schema into one by copying their row groups' encoded column
+//! chunks: no row is decoded or encoded, so joining costs about what reading and writing the
+//! bytes costs. The joined file is streamed to the store as it is written (a multipart upload on
+//! S3), holding one input file and one upload part at a time.
+
+use std::io::Write;
+
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
+use deltalake::logstore::ObjectStoreRef;
+use deltalake::logstore::object_store::ObjectStoreExt;
+use parquet::column::writer::ColumnCloseResult;
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use std::sync::Arc;
+use tokio::runtime::Handle;
+
+/// Bytes of the joined file held before they go to the store as one upload part.
+const PART_BYTES: usize = 8 << 20;
+
+/// The footer of the data file at `path` (of `size` bytes).
+pub async fn footer(
+    store: &ObjectStoreRef,
+    path: &deltalake::Path,
+    size: u64,
+) -> Result<ParquetMetaData> {
+    // The reader delta-rs 1.1's own file reader uses (see `file_merge::read_file`).
+    #[allow(deprecated)]
+    let mut reader =
+        parquet::arrow::async_reader::ParquetObjectReader::new(store.clone(), path.clone())
+            .with_file_size(size);
+    ParquetMetaDataReader::new()
+        .with_page_index_policy(PageIndexPolicy::Optional)
+        .load_and_finish(&mut reader, size)
+        .await
+        .with_context(|| format!("reading the footer of {path}"))
+}
+
+/// Whether files with these footers can be joined: the same Parquet schema, column for column.
+pub fn same_schema(footers: &[ParquetMetaData]) -> bool {
+    let mut schemas = footers.iter().map(|f| f.file_metadata().schema());
+    match schemas.next() {
+        Some(first) => schemas.all(|other| other == first),
+        None => true,
+    }
+}
+
+/// Writes the row groups of `inputs` (paths and their footers, all of one schema, see
+/// [`same_schema`]) in order as the file `out` in `store`; returns its size in bytes. Runs on a
+/// thread outside the runtime, which `runtime` names. A failure leaves no file behind.
+pub fn join(
+    runtime: &Handle,
+    store: &ObjectStoreRef,
+    inputs: &[(deltalake::Path, ParquetMetaData)],
+    out: &deltalake::Path,
+) -> Result<u64> {
+    let first = inputs
+        .first()
+        .map(|(_, footer)| footer.file_metadata())
+        .ok_or_else(|| anyhow!("nothing to join into {out}"))?;
+    // The writer's own key-value metadata (the Arrow schema) and creator, as the inputs have them.
+    let properties = WriterProperties::builder()
+        .set_key_value_metadata(first.key_value_metadata().cloned())
+        .set_created_by(
+            first
+                .created_by()
+                .unwrap_or(parquet::file::properties::DEFAULT_CREATED_BY)
+                .to_string(),
+        )
+        .build();
+    let schema = first.schema_descr().root_schema_ptr();
+    let sink = UploadSink::new(runtime.clone(), store, out);
+    let mut writer = SerializedFileWriter::new(sink, schema, Arc::new(properties))?;
+    for (path, footer) in inputs {
+        let bytes = runtime
+            .block_on(async { store.get(path).await?.bytes().await })
+            .with_context(|| format!("reading {path}"))?;
+        append_row_groups(&mut writer, &bytes, footer)
+            .with_context(|| format!("copying {path}"))?;
+    }
+    let mut sink = writer.into_inner().context("finishing the joined file")?;
+    sink.flush()?;
+    sink.finish().with_context(|| format!("writing {out}"))
+}
+
+/// Copies every row group of the file `bytes` (whose footer is `footer`) into `writer`.
+fn append_row_groups<W: Write + Send>(
+    writer: &mut SerializedFileWriter<W>,
+    bytes: &Bytes,
+    footer: &ParquetMetaData,
+) -> Result<()> {
+    for (index, group) in footer.row_groups().iter().enumerate() {
+        let offsets = footer.offset_index().and_then(|all| all.get(index));
+        let mut out = writer.next_row_group()?;
+        for (column, chunk) in group.columns().iter().enumerate() {
+            let close = ColumnCloseResult {
+                bytes_written: u64::try_from(chunk.compressed_size())?,
+                rows_written: u64::try_from(group.num_rows())?,
+                metadata: chunk.clone(),
+                bloom_filter: None,
+                column_index: None,
+                offset_index: offsets.and_then(|row| row.get(column)).cloned(),
+            };
+            out.append_column(bytes, close)?;
+        }
+        out.close()?;
+    }
+    Ok(())
+}
+
+/// A file written to the store a part at a time; nothing appears unless it is finished.
+struct UploadSink {
+    runtime: Handle,
+    upload: Option<deltalake::logstore::object_store::buffered::BufWriter>,
+    buffer: Vec<u8>,
+    written: u64,
+}
+
+impl UploadSink {
+    fn new(runtime: Handle, store: &ObjectStoreRef, path: &deltalake::Path) -> UploadSink {
+        let upload = deltalake::logstore::object_store::buffered::BufWriter::with_capacity(
+            store.clone(),
+            path.clone(),
+            PART_BYTES,
+        );
+        UploadSink {
+            runtime,
+            upload: Some(upload),
+            buffer: Vec::with_capacity(PART_BYTES),
+            written: 0,
+        }
+    }
+
+    /// Sends what is buffered to the upload.
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let part = Bytes::from(std::mem::replace(
+            &mut self.buffer,
+            Vec::with_capacity(PART_BYTES),
+        ));
+        let upload = self.upload.as_mut().expect("written before it finishes");
+        self.runtime
+            .block_on(upload.put(part))
+            .map_err(std::io::Error::other)
+    }
+
+    /// Completes the upload; returns the file's size.
+    fn finish(mut self) -> Result<u64> {
+        self.send()?;
+        let mut upload = self.upload.take().expect("finished once");
+        self.runtime
+            .block_on(tokio::io::AsyncWriteExt::shutdown(&mut upload))?;
+        Ok(self.written)
+    }
+}
+
+impl Write for UploadSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(buf);
+        self.written += buf.len() as u64;
+        if self.buffer.len() >= PART_BYTES {
+            self.send()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for UploadSink {
+    /// An upload not finished is aborted, so the store keeps none of it.
+    fn drop(&mut self) {
+        if let Some(mut upload) = self.upload.take() {
+            let _ = self.runtime.block_on(upload.abort());
+        }
+    }
+}
