@@ -602,3 +602,50 @@ fn a_cluster_run_of_two_processes_from_s3_into_s3_gives_the_tables_of_a_local_ru
         serde_json::from_slice(&std::fs::read(Path::new(&phi).join(mappings)).unwrap()).unwrap();
     assert_eq!(in_s3, local);
 }
+
+#[test]
+fn a_first_loads_pieces_are_joined_in_s3_into_one_encrypted_file_that_deltalake_reads() {
+    let site = Site::new();
+    // 10,000 patients in two batches, each cut into two key ranges on two workers.
+    let export = site.local.path().join("patients");
+    std::fs::create_dir_all(&export).unwrap();
+    let lines: Vec<String> = (0..10_000)
+        .map(|i| format!(r#"{{"resourceType":"Patient","id":"p{i}","gender":"female"}}"#))
+        .collect();
+    std::fs::write(export.join("Patient.000.ndjson"), lines.join("\n")).unwrap();
+    std::fs::copy(synthea().join("log.ndjson"), export.join("log.ndjson")).unwrap();
+    site.run(&[
+        export.to_str().unwrap(),
+        "s3://hospital/joined",
+        &site.path("phi"),
+        "--task=patient",
+        "--workers=2",
+        "--batch-size=5000",
+        "--s3-kms-key",
+        KMS_KEY,
+    ]);
+    let body = r#"
+table = DeltaTable("s3://hospital/joined/patient", storage_options=options)
+files = table.file_uris()
+rows = table.to_pyarrow_table().num_rows
+print(json.dumps({"files": files, "rows": rows}), flush=True)
+os._exit(0)
+"#;
+    let read = read_delta_from(&site.server.endpoint(), body, &[]);
+    assert_eq!(read["rows"], 10_000, "{read}");
+    assert_eq!(read["files"].as_array().unwrap().len(), 1, "{read}");
+    // Four pieces were written and joined: every data file, joined or not, is encrypted.
+    let written = site.encryption_of_all("joined/patient/");
+    let data: Vec<_> = written
+        .iter()
+        .filter(|(key, _, _)| key.ends_with(".parquet") && !key.contains("_delta_log"))
+        .collect();
+    assert_eq!(data.len(), 5, "{written:?}");
+    for (key, sse, key_id) in &written {
+        assert_eq!(
+            (sse.as_str(), key_id.as_str()),
+            ("aws:kms", KMS_KEY),
+            "{key}"
+        );
+    }
+}

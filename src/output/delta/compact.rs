@@ -154,9 +154,13 @@ pub async fn cluster_by_file(
     files: &Arc<TableFiles>,
     target: u64,
     clustering: &[String],
-    sort_bytes: usize,
-    threads: usize,
+    sorting: Sorting,
 ) -> Result<Option<Compaction>> {
+    let Sorting {
+        memory: sort_bytes,
+        threads,
+        joins_only,
+    } = sorting;
     let state = table.snapshot()?;
     let schema = state.snapshot().arrow_schema();
     if clustering
@@ -235,6 +239,9 @@ pub async fn cluster_by_file(
             )));
         }
     }
+    if joins_only {
+        return Ok(Some(Compaction::default()));
+    }
     let written = if ranges * open_file_bytes(bytes, row_count, ranges) <= sort_bytes * MERGE_MEMORY
     {
         let every = row_count.div_ceil(range_cluster::MAX_SAMPLES);
@@ -307,6 +314,15 @@ async fn write_ranges(
         return Err(e);
     }
     Ok(written)
+}
+
+/// How [`cluster_by_file`] may cluster: holding about `memory` bytes of rows at a time (when it
+/// sorts), on up to `threads` threads; with `joins_only`, only by joining a first load's pieces
+/// ([`range_pieces`]), and otherwise not at all.
+pub struct Sorting {
+    pub memory: usize,
+    pub threads: usize,
+    pub joins_only: bool,
 }
 
 /// A piece of a first load's cut, to join ([`range_pieces`]).

@@ -1169,7 +1169,12 @@ impl CumulusTable {
 
     /// Bin-packs the table's small files into files of the table's target size: file by file
     /// ([`compact`]) where the table allows, with delta-rs's OPTIMIZE where it does not.
-    async fn compact(&mut self) -> Result<()> {
+    /// With `joins_only`, only a first load's pieces are joined, if they can be (cheap: no row
+    /// is decoded); nothing else is compacted.
+    async fn compact(&mut self, joins_only: bool) -> Result<()> {
+        if joins_only && (self.clustering.is_empty() || self.table_features()?.is_some()) {
+            return Ok(());
+        }
         if self.table_features()?.is_some() {
             return self.compact_with_delta_rs().await;
         }
@@ -1198,8 +1203,11 @@ impl CumulusTable {
                     &files,
                     target,
                     &self.clustering,
-                    memory,
-                    threads,
+                    compact::Sorting {
+                        memory,
+                        threads,
+                        joins_only,
+                    },
                 )
                 .await;
                 match sorted {
@@ -1217,6 +1225,7 @@ impl CumulusTable {
         };
         let compaction = match clustered {
             Some(clustered) => clustered,
+            None if joins_only => return Ok(()),
             None => compact::compact_by_file(&self.table, &files, target)
                 .await
                 .with_context(|| format!("compacting {}", self.spec.name))?,
@@ -1346,16 +1355,21 @@ impl CumulusTable {
 
     /// The table's data files, the parts of one batch counted once
     /// ([`files::BATCH_TAG`](super::files::BATCH_TAG)).
-    fn batch_files(&self) -> Result<usize> {
+    fn batch_files(&self) -> Result<BatchFiles> {
         let mut batches = std::collections::HashSet::new();
+        let mut pieces = 0;
         for file in self.table.snapshot()?.log_data().iter() {
             // Deprecated in delta-rs, but the only way it shows a file's tags.
             #[allow(deprecated)]
             let tags = file.add_action().tags;
+            pieces += usize::from(super::range_pieces::piece_of(tags.as_ref()).is_some());
             let batch = tags.and_then(|mut t| t.remove(super::files::BATCH_TAG).flatten());
             batches.insert(batch.unwrap_or_else(|| file.path().to_string()));
         }
-        Ok(batches.len())
+        Ok(BatchFiles {
+            batches: batches.len(),
+            pieces,
+        })
     }
 
     /// End-of-run maintenance: compaction and VACUUM (when `optimize` and the table has at
@@ -1367,8 +1381,12 @@ impl CumulusTable {
             return Ok(());
         }
         if optimize {
-            if self.batch_files()? >= COMPACTION_MIN_FILES {
-                self.compact().await?;
+            let files = self.batch_files()?;
+            if files.batches >= COMPACTION_MIN_FILES {
+                self.compact(false).await?;
+            } else if files.pieces > 1 {
+                // Fewer batches than are worth compacting, but their pieces join at little cost.
+                self.compact(true).await?;
             }
             self.vacuum()
                 .await
@@ -1398,6 +1416,13 @@ impl CumulusTable {
             .with_context(|| format!("writing the symlink manifest of {}", self.spec.name))?;
         Ok(())
     }
+}
+
+/// How many batches a table's files hold (the files of one batch's parts count once), and how
+/// many of its files are pieces of a first load's cut (`range_pieces`).
+struct BatchFiles {
+    batches: usize,
+    pieces: usize,
 }
 
 /// The Delta table `name` under `root`, loaded if it exists. A table on S3 goes through the
