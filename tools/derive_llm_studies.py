@@ -127,13 +127,15 @@ def main() -> None:
             "response_format": models.OpenAIProvider.pydantic_to_response_format(
                 task.response_format
             ),
+            # The schema as Bedrock is given it (its tool's input schema), not made strict.
+            "json_schema": task.response_format.model_json_schema(),
             "result": struct_of(task.response_format),
             "models": [],
         }
         tasks = studies.setdefault(study, {"study": study, "tasks": {}})["tasks"]
         known = tasks.setdefault(base, definition)
         known["models"].append(model.CONFIG_ID)
-        for key in ("kind", "version", "system_prompt", "user_prompt", "response_format"):
+        for key in ("kind", "version", "system_prompt", "user_prompt", "response_format", "json_schema"):
             assert known[key] == definition[key], (task.name, key)
     for study, entry in studies.items():
         entry["tasks"] = list(entry["tasks"].values())

@@ -31,6 +31,7 @@ struct CachedAnswer {
 pub struct TokenCounts {
     pub new_input: AtomicU64,
     pub cache_read_input: AtomicU64,
+    pub cache_written_input: AtomicU64,
     pub output: AtomicU64,
 }
 
@@ -40,6 +41,8 @@ impl TokenCounts {
             .fetch_add(usage.new_input_tokens, Ordering::Relaxed);
         self.cache_read_input
             .fetch_add(usage.cache_read_input_tokens, Ordering::Relaxed);
+        self.cache_written_input
+            .fetch_add(usage.cache_written_input_tokens, Ordering::Relaxed);
         self.output
             .fetch_add(usage.output_tokens, Ordering::Relaxed);
     }
@@ -125,6 +128,7 @@ impl LlmEngine {
             &definition.system_prompt,
             &self.task.user_prompt(text),
             &definition.response_format,
+            &definition.json_schema,
         );
         let done = self.client.complete(&request).await?;
         self.tokens.add(done.usage);

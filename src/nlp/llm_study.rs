@@ -48,6 +48,8 @@ pub struct TaskDefinition {
     pub user_prompt: String,
     /// The `response_format` of the request: a strict JSON schema.
     pub response_format: Value,
+    /// Pydantic's JSON schema of the answer, not made strict (Bedrock's tool input schema).
+    pub json_schema: Value,
     pub result: ResultType,
     pub models: Vec<String>,
 }
@@ -97,7 +99,18 @@ pub struct ModelInfo {
     pub id: String,
     pub local: Option<LocalModel>,
     pub azure: Option<AzureModel>,
-    pub bedrock: Option<Value>,
+    pub bedrock: Option<BedrockModelInfo>,
+}
+
+/// A model on AWS Bedrock.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BedrockModelInfo {
+    /// The model id (`modelId`).
+    pub model: String,
+    /// Whether it caches prompts (cache points are sent) and takes a tool's input schema.
+    pub cache: bool,
+    pub schema: bool,
+    pub prices: Option<TokenPrices>,
 }
 
 /// One LLM task: a definition on one model.

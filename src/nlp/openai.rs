@@ -2,11 +2,13 @@
 //! provider) and to Azure OpenAI (`azure`): `GET .../models` to check that the server has the
 //! model, and `POST .../chat/completions` with the system and user messages, a strict
 //! JSON-schema response format (or a JSON object, for models that take no schema), `seed`
-//! 12345 and `temperature` 0. Retries, timeouts and the concurrency limit are [`Http`]'s.
+//! 12345 and `temperature` 0. The same client asks AWS Bedrock's Converse API for the `bedrock`
+//! provider ([`super::bedrock`]). Retries, timeouts and the concurrency limit are [`Http`]'s.
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
+use super::bedrock::{BedrockModel, parse_converse};
 use super::http::Http;
 
 /// Token counts a run reports (from each answer's `usage`).
@@ -15,6 +17,8 @@ pub struct Usage {
     /// Prompt tokens not read from the server's prompt cache.
     pub new_input_tokens: u64,
     pub cache_read_input_tokens: u64,
+    /// Prompt tokens written to the server's prompt cache (Bedrock counts them).
+    pub cache_written_input_tokens: u64,
     pub output_tokens: u64,
 }
 
@@ -36,6 +40,11 @@ pub enum Endpoint {
         endpoint: String,
         api_key: String,
         deployment: String,
+    },
+    /// AWS Bedrock's Converse API, its requests signed with the credentials found.
+    Bedrock {
+        model: BedrockModel,
+        credentials: object_store::aws::AwsCredentialProvider,
     },
 }
 
@@ -68,10 +77,12 @@ impl ChatClient {
                 api_key,
                 deployment,
             },
+            bedrock @ Endpoint::Bedrock { .. } => bedrock,
         };
         let model = match &endpoint {
             Endpoint::Azure { deployment, .. } => deployment.clone(),
             Endpoint::Local { .. } => model.to_string(),
+            Endpoint::Bedrock { model, .. } => model.model.clone(),
         };
         ChatClient {
             http,
@@ -103,7 +114,13 @@ impl ChatClient {
                     .query(&[("api-version", AZURE_API_VERSION)])
                     .header("api-key", api_key)
             }
+            Endpoint::Bedrock { model, .. } => self.http.client.request(method, model.url()),
         }
+    }
+
+    /// Whether the start-up check applies: Bedrock lists no models (upstream checks nothing).
+    pub fn checks_model(&self) -> bool {
+        !matches!(self.endpoint, Endpoint::Bedrock { .. })
     }
 
     /// Checks that the server answers and lists the model (`listed`). The error says which.
@@ -127,8 +144,18 @@ impl ChatClient {
         }
     }
 
-    /// The request body for a note, as upstream builds it.
-    pub fn request(&self, system: &str, user: &str, response_format: &Value) -> Value {
+    /// The request body for a note, as upstream builds it: with the strict `response_format`
+    /// for OpenAI's protocol, with pydantic's `json_schema` for Bedrock's.
+    pub fn request(
+        &self,
+        system: &str,
+        user: &str,
+        response_format: &Value,
+        json_schema: &Value,
+    ) -> Value {
+        if let Endpoint::Bedrock { model, .. } = &self.endpoint {
+            return model.request(system, user, json_schema);
+        }
         let response_format = match self.schema {
             true => response_format.clone(),
             false => json!({"type": "json_object"}),
@@ -148,6 +175,32 @@ impl ChatClient {
     /// Asks the model; the answer must be complete (`finish_reason` "stop") and a JSON object.
     pub async fn complete(&self, request: &Value) -> Result<Completion> {
         let body = serde_json::to_vec(request)?;
+        if let Endpoint::Bedrock { model, credentials } = &self.endpoint {
+            let credential = credentials
+                .get_credential()
+                .await
+                .context("finding AWS credentials for Bedrock")?;
+            let url = model.url();
+            // Checked once here; each attempt below signs again (a signature is good for
+            // minutes), the same way.
+            model.signature(&credential, &url, &body)?;
+            let answer = self
+                .http
+                .send(|| {
+                    let signed = model.signature(&credential, &url, &body);
+                    let request = self
+                        .api(reqwest::Method::POST, "converse")
+                        .header("Content-Type", "application/json")
+                        .body(body.clone());
+                    match signed {
+                        Ok(headers) => request.headers(headers),
+                        Err(_) => request,
+                    }
+                })
+                .await
+                .context("Bedrock")?;
+            return parse_converse(&answer);
+        }
         let answer = self
             .http
             .send(|| {
@@ -214,6 +267,7 @@ fn parse_completion(body: &[u8]) -> Result<Completion> {
         usage: Usage {
             new_input_tokens: prompt.saturating_sub(cached),
             cache_read_input_tokens: cached,
+            cache_written_input_tokens: 0,
             output_tokens: count("/usage/completion_tokens").unwrap_or(0),
         },
     })
@@ -240,6 +294,7 @@ mod tests {
             Usage {
                 new_input_tokens: 60,
                 cache_read_input_tokens: 40,
+                cache_written_input_tokens: 0,
                 output_tokens: 7
             }
         );

@@ -25,6 +25,7 @@ use crate::output::{NlpTable, OutputFormat, TableKind, nlp_files};
 use crate::store::ObjectLocation;
 use crate::time::PyDateTime;
 
+use super::bedrock::BedrockModel;
 use super::cache::NlpCache;
 use super::ctakes::{CtakesSymptoms, ServerUrls, check_reachable};
 use super::embedded::EmbeddedEngine;
@@ -455,13 +456,41 @@ fn llm_engine(
             (client, azure.model.clone(), String::new())
         }
         Provider::Bedrock => {
-            return Err(Fatal::new(
-                ExitCode::ArgsInvalid,
-                "The bedrock provider is not supported yet; use --provider local or azure.",
-            ));
+            let bedrock = task.model.bedrock.as_ref().ok_or_else(unsupported)?;
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let Some(region) = env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")) else {
+                return Err(Fatal::new(
+                    ExitCode::ArgsInvalid,
+                    "Missing AWS region for Bedrock. Set AWS_REGION (or AWS_DEFAULT_REGION).",
+                ));
+            };
+            // The credentials the S3 store would use (environment, web identity, ECS or
+            // instance roles); a store for no bucket in particular.
+            let credentials = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name("bedrock")
+                .with_region(&region)
+                .build()
+                .map_err(|e| {
+                    Fatal::new(
+                        ExitCode::ArgsInvalid,
+                        format!("AWS credentials for Bedrock: {e}"),
+                    )
+                })?
+                .credentials()
+                .clone();
+            let model = BedrockModel {
+                base_url: BedrockModel::base_url_from_env(&region),
+                region,
+                model: bedrock.model.clone(),
+                schema: bedrock.schema,
+                cache: bedrock.cache,
+            };
+            let endpoint = Endpoint::Bedrock { model, credentials };
+            let client = ChatClient::new(http, endpoint, &bedrock.model, bedrock.schema);
+            (client, bedrock.model.clone(), String::new())
         }
     };
-    if opts.init_checks {
+    if opts.init_checks && client.checks_model() {
         rt.block_on(client.check_model(&listed))
             .map_err(|e| Fatal::new(ExitCode::ServiceMissing, format!("{e}{hint}")))?;
     }
@@ -624,21 +653,31 @@ fn run_task(
         );
     }
     if let Some(llm) = &engine.llm {
+        let written = n(&llm.tokens.cache_written_input);
         crate::say!(
-            "Tokens: {} new input, {} cached input, {} output",
+            "Tokens: {} new input, {} cached input, {}{} output",
             n(&llm.tokens.new_input),
             n(&llm.tokens.cache_read_input),
+            // Only Bedrock counts these.
+            match written {
+                0 => String::new(),
+                _ => format!("{written} written to the cache, "),
+            },
             n(&llm.tokens.output)
         );
         let prices = match (opts.provider, task) {
             (Provider::Azure, NlpTask::Llm(t)) => {
                 t.model.azure.as_ref().and_then(|a| a.prices.as_ref())
             }
+            (Provider::Bedrock, NlpTask::Llm(t)) => {
+                t.model.bedrock.as_ref().and_then(|b| b.prices.as_ref())
+            }
             _ => None,
         };
         if let Some(prices) = prices {
             let cost = (n(&llm.tokens.new_input) as f64 * prices.new_input_tokens
                 + n(&llm.tokens.cache_read_input) as f64 * prices.cache_read_input_tokens
+                + written as f64 * prices.cache_written_input_tokens
                 + n(&llm.tokens.output) as f64 * prices.output_tokens)
                 / 1000.0
                 * prices.multiplier;

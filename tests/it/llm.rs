@@ -537,7 +537,8 @@ fn the_azure_provider_asks_the_deployment_with_its_key_and_estimates_the_cost() 
             "/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21"
         ]
     );
-    // Without its settings, or on Bedrock, the run stops before any note.
+    // Without its settings, or with a model Bedrock does not serve, the run stops before any
+    // note.
     let run = azure("out3", &["--provider=azure"], &[]);
     assert_stops(
         &run,
@@ -665,4 +666,103 @@ fn notes_with_the_same_text_in_flight_at_once_are_asked_once() {
     assert_eq!(example_rows(tmp.path(), "out").len(), 4);
     let err = stderr(&run);
     assert!(err.contains("2 answers from the cache"), "{err}");
+}
+
+#[test]
+fn the_bedrock_provider_asks_converse_signed_with_aws_credentials() {
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(
+        tmp.path(),
+        &[("DocumentReference", "1", "Patient is 45 years old")],
+    );
+    let endpoint = format!("http://{}", server.addr);
+    let bedrock = |out: &str, task: &str, region: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cumulus-etl"));
+        cmd.arg("nlp")
+            .args([
+                tmp.path().join("input").to_str().unwrap(),
+                tmp.path().join(out).to_str().unwrap(),
+                tmp.path().join("phi").to_str().unwrap(),
+                &format!("--task={task}"),
+                "--output-format=ndjson",
+                "--provider=bedrock",
+            ])
+            .env("AWS_ENDPOINT_URL", &endpoint)
+            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_ENDPOINT_URL_BEDROCK_RUNTIME")
+            .env_remove("AWS_DEFAULT_REGION");
+        match region {
+            Some(region) => cmd.env("AWS_REGION", region),
+            None => cmd.env_remove("AWS_REGION"),
+        };
+        cmd.output().unwrap()
+    };
+    // Claude on Bedrock: the tool with the task's schema, and cache points.
+    let run = bedrock("out", "example_nlp__nlp_claude_sonnet45", Some("us-west-2"));
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let seen = server.requests();
+    assert_eq!(seen.len(), 1, "no start-up check: {seen:?}");
+    assert_eq!(
+        seen[0].path,
+        "/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/converse"
+    );
+    let auth = &seen[0].authorization;
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDTEST/")
+            && auth.contains("/us-west-2/bedrock/aws4_request")
+            && auth.contains("Signature="),
+        "{auth}"
+    );
+    let request: Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(request["inferenceConfig"], json!({"temperature": 0}));
+    assert_eq!(
+        request["system"][1],
+        json!({"cachePoint": {"type": "default"}})
+    );
+    let tool = &request["toolConfig"]["tools"][0]["toolSpec"];
+    assert_eq!(tool["name"], "to_json");
+    // pydantic's schema, not the strict one: its fields keep their defaults.
+    assert!(
+        tool["inputSchema"]["json"]
+            .to_string()
+            .contains("\"default\""),
+        "{tool}"
+    );
+    assert_eq!(
+        request["messages"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .rsplit("\n\n")
+            .next(),
+        Some("Patient is 45 years old")
+    );
+    let rows = read_table(
+        &tmp.path().join("out/example_nlp/nlp_claude_sonnet45_v1"),
+        "note_ref",
+    );
+    let row = rows.values().next().unwrap();
+    let expected = llm_answer(&tool["inputSchema"]["json"], "Patient is 45 years old");
+    assert_eq!(
+        row["result"]["has_mention"], expected["has_mention"],
+        "{row}"
+    );
+    assert_eq!(row["system_fingerprint"], Value::Null);
+    let err = stderr(&run);
+    assert!(err.contains("100 written to the cache"), "{err}");
+    assert!(
+        err.contains("Estimated cost (prices as of 2025-10-15): $"),
+        "{err}"
+    );
+    // Llama 4 Scout takes no schema: the answer comes as JSON in the text.
+    let run = bedrock("out2", "example_nlp__nlp_llama4_scout", Some("us-east-1"));
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let request: Value = serde_json::from_slice(&server.requests()[1].body).unwrap();
+    assert!(request.get("toolConfig").is_none(), "{request}");
+    assert_eq!(request["system"].as_array().unwrap().len(), 1);
+    // Without a region, the run stops before any note.
+    let run = bedrock("out3", "example_nlp__nlp_claude_sonnet45", None);
+    assert_stops(&run, 23, "Set AWS_REGION");
 }

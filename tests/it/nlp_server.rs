@@ -28,6 +28,8 @@ pub struct Seen {
     pub content_type: String,
     /// The `api-key` header (Azure OpenAI's).
     pub api_key: String,
+    /// The `authorization` header (AWS's signature, for Bedrock).
+    pub authorization: String,
     pub body: Vec<u8>,
 }
 
@@ -122,6 +124,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
         let mut length = 0usize;
         let mut content_type = String::new();
         let mut api_key = String::new();
+        let mut authorization = String::new();
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
@@ -136,6 +139,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
                     "content-length" => length = value.trim().parse().unwrap_or(0),
                     "content-type" => content_type = value.trim().to_string(),
                     "api-key" => api_key = value.trim().to_string(),
+                    "authorization" => authorization = value.trim().to_string(),
                     _ => {}
                 }
             }
@@ -150,6 +154,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
             path: path.clone(),
             content_type,
             api_key,
+            authorization,
             body: body.clone(),
         });
         tokio::time::sleep(state.delay).await;
@@ -202,6 +207,10 @@ fn answer(path: &str, body: &[u8]) -> Value {
     if path.ends_with("/chat/completions") {
         let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         return chat_completion(&request);
+    }
+    if path.ends_with("/converse") {
+        let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        return converse(&request);
     }
     if path.contains("negation") || path.contains("termexists") {
         let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
@@ -265,6 +274,34 @@ fn chat_completion(request: &Value) -> Value {
         "usage": {"prompt_tokens": (system.len() + user.len()) / 4,
                   "completion_tokens": content.len() / 4,
                   "prompt_tokens_details": {"cached_tokens": 0}},
+    })
+}
+
+/// A Bedrock Converse answer to `request` with [`llm_answer`]: the `to_json` tool's input when
+/// the request offers the tool, else the answer as JSON in a Markdown fence (as llama4 writes
+/// it), after a reasoning block (as gpt-oss gives one).
+fn converse(request: &Value) -> Value {
+    let user = request["messages"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap_or("");
+    let note = user.rsplit("\n\n").next().unwrap_or(user);
+    let tool = &request["toolConfig"]["tools"][0]["toolSpec"];
+    let block = match tool["inputSchema"]["json"].is_object() {
+        true => json!({"toolUse": {"toolUseId": "t1", "name": tool["name"],
+                                   "input": llm_answer(&tool["inputSchema"]["json"], note)}}),
+        false => json!({"text": format!("```json\n{}\n```", json!({}))}),
+    };
+    let stop = if tool.is_object() {
+        "tool_use"
+    } else {
+        "end_turn"
+    };
+    json!({
+        "output": {"message": {"role": "assistant", "content": [
+            {"reasoningContent": {"reasoningText": {"text": "thinking"}}}, block]}},
+        "stopReason": stop,
+        "usage": {"inputTokens": user.len() / 4, "outputTokens": 20,
+                  "cacheReadInputTokens": 0, "cacheWriteInputTokens": 100},
     })
 }
 
