@@ -82,9 +82,29 @@ def completion(request):
     }
 
 
+def converse(request):
+    """A Bedrock Converse answer: the to_json tool's input, or fenced JSON text without a tool."""
+    user = request["messages"][0]["content"][0]["text"]
+    note = user.rsplit("\n\n", 1)[-1]
+    tool = (request.get("toolConfig") or {}).get("tools", [{}])[0].get("toolSpec")
+    if tool:
+        schema = tool["inputSchema"]["json"]
+        block = {"toolUse": {"toolUseId": "t1", "name": tool["name"],
+                             "input": value_for(schema, schema, note.split(), "")}}
+    else:
+        block = {"text": "```json\n{}\n```"}
+    return {
+        "output": {"message": {"role": "assistant", "content": [block]}},
+        "stopReason": "tool_use" if tool else "end_turn",
+        "usage": {"inputTokens": len(user) // 4, "outputTokens": 20, "totalTokens": 0},
+        "metrics": {"latencyMs": 1},
+    }
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     latency = 0.0
+    request_log = None
 
     def log_message(self, *args):
         pass
@@ -113,9 +133,15 @@ class Handler(BaseHTTPRequestHandler):
             STATE["requests"] += 1
             STATE["in_flight"] += 1
             STATE["peak"] = max(STATE["peak"], STATE["in_flight"])
+        if Handler.request_log:
+            with LOCK, open(Handler.request_log, "a") as log:
+                log.write(json.dumps({"path": self.path, "body": request}, sort_keys=True) + "\n")
         try:
             time.sleep(self.latency)
-            self.answer(completion(request))
+            if self.path.endswith("/converse"):
+                self.answer(converse(request))
+            else:
+                self.answer(completion(request))
         finally:
             with LOCK:
                 STATE["in_flight"] -= 1
@@ -124,6 +150,8 @@ class Handler(BaseHTTPRequestHandler):
 def main():
     port = int(sys.argv[1])
     Handler.latency = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    # Every POST's path and body, a JSON line each, when a third argument names a file.
+    Handler.request_log = sys.argv[3] if len(sys.argv) > 3 else None
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
 

@@ -148,7 +148,7 @@ impl LlmEngine {
         let mut result = conform(&answer.answer, &self.task.definition.result);
         let missing = locate_spans(&mut result, &note.text);
         let note_ref = note.ids.note_ref();
-        let row = json!({
+        let mut row = json!({
             "note_ref": note_ref,
             "encounter_ref": format!("Encounter/{}", note.ids.encounter_id),
             "subject_ref": note.ids.subject_ref(),
@@ -157,6 +157,9 @@ impl LlmEngine {
             "system_fingerprint": answer.fingerprint,
             "result": result,
         });
+        // Without null fields, as upstream writes its NDJSON rows (a table's columns are null
+        // where a row has no field, so the other formats are the same either way).
+        drop_nulls(&mut row);
         let problem = match missing.len() {
             0 => None,
             n => Some(format!(
@@ -204,6 +207,19 @@ fn conform(value: &Value, shape: &ResultType) -> Value {
     }
 }
 
+/// Removes every null field of every object in `value` (upstream's `sparse_dict`; list items
+/// stay, null or not).
+fn drop_nulls(value: &mut Value) {
+    match value {
+        Value::Object(object) => {
+            object.retain(|_, v| !v.is_null());
+            object.values_mut().for_each(drop_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +247,12 @@ mod tests {
             conformed.to_string(),
             r#"{"has_mention":null,"spans":["x"],"items":[{"b":"y","a":1}],"age":45}"#
         );
+    }
+
+    #[test]
+    fn null_fields_are_dropped_at_every_depth_but_list_items_stay() {
+        let mut row = json!({"a": null, "b": {"c": null, "d": 1}, "e": [null, {"f": null}]});
+        drop_nulls(&mut row);
+        assert_eq!(row, json!({"b": {"d": 1}, "e": [null, {}]}));
     }
 }

@@ -749,7 +749,10 @@ fn the_bedrock_provider_asks_converse_signed_with_aws_credentials() {
         row["result"]["has_mention"], expected["has_mention"],
         "{row}"
     );
-    assert_eq!(row["system_fingerprint"], Value::Null);
+    assert!(
+        row.get("system_fingerprint").is_none(),
+        "left out, as upstream: {row}"
+    );
     let err = stderr(&run);
     assert!(err.contains("100 written to the cache"), "{err}");
     assert!(
