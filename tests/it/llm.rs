@@ -79,6 +79,34 @@ fn run_llm(server: &FakeNlpServer, dir: &Path, out: &str, task: &str, extra: &[&
         .expect("binary runs")
 }
 
+/// Runs `cumulus-etl nlp` on `task` over the notes of `dir` into `out` (NDJSON) with `extra`
+/// options, and `env` set in order (a None value removes the variable).
+fn run_nlp_with(
+    dir: &Path,
+    out: &str,
+    task: &str,
+    extra: &[&str],
+    env: &[(&str, Option<&str>)],
+) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cumulus-etl"));
+    cmd.arg("nlp")
+        .args([
+            dir.join("input").to_str().unwrap(),
+            dir.join(out).to_str().unwrap(),
+            dir.join("phi").to_str().unwrap(),
+            &format!("--task={task}"),
+            "--output-format=ndjson",
+        ])
+        .args(extra);
+    for (name, value) in env {
+        match value {
+            Some(value) => cmd.env(name, value),
+            None => cmd.env_remove(name),
+        };
+    }
+    cmd.output().unwrap()
+}
+
 /// [`run_llm`], which must succeed.
 fn run_ok(server: &FakeNlpServer, dir: &Path, out: &str, task: &str, extra: &[&str]) -> Output {
     let run = run_llm(server, dir, out, task, extra);
@@ -477,22 +505,12 @@ fn the_azure_provider_asks_the_deployment_with_its_key_and_estimates_the_cost() 
         &[("DocumentReference", "1", "Patient is 45 years old")],
     );
     let azure = |out: &str, extra: &[&str], env: &[(&str, &str)]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cumulus-etl"));
-        cmd.arg("nlp")
-            .args([
-                tmp.path().join("input").to_str().unwrap(),
-                tmp.path().join(out).to_str().unwrap(),
-                tmp.path().join("phi").to_str().unwrap(),
-                "--task=example_nlp__nlp_gpt4o",
-                "--output-format=ndjson",
-            ])
-            .args(extra)
-            .env_remove("AZURE_OPENAI_API_KEY")
-            .env_remove("AZURE_OPENAI_ENDPOINT");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.output().unwrap()
+        let mut vars = vec![
+            ("AZURE_OPENAI_API_KEY", None),
+            ("AZURE_OPENAI_ENDPOINT", None),
+        ];
+        vars.extend(env.iter().map(|(k, v)| (*k, Some(*v))));
+        run_nlp_with(tmp.path(), out, "example_nlp__nlp_gpt4o", extra, &vars)
     };
     let endpoint = format!("http://{}", server.addr);
     let env = [
@@ -678,27 +696,16 @@ fn the_bedrock_provider_asks_converse_signed_with_aws_credentials() {
     );
     let endpoint = format!("http://{}", server.addr);
     let bedrock = |out: &str, task: &str, region: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cumulus-etl"));
-        cmd.arg("nlp")
-            .args([
-                tmp.path().join("input").to_str().unwrap(),
-                tmp.path().join(out).to_str().unwrap(),
-                tmp.path().join("phi").to_str().unwrap(),
-                &format!("--task={task}"),
-                "--output-format=ndjson",
-                "--provider=bedrock",
-            ])
-            .env("AWS_ENDPOINT_URL", &endpoint)
-            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
-            .env("AWS_SECRET_ACCESS_KEY", "secret")
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove("AWS_ENDPOINT_URL_BEDROCK_RUNTIME")
-            .env_remove("AWS_DEFAULT_REGION");
-        match region {
-            Some(region) => cmd.env("AWS_REGION", region),
-            None => cmd.env_remove("AWS_REGION"),
-        };
-        cmd.output().unwrap()
+        let env = [
+            ("AWS_ENDPOINT_URL", Some(endpoint.as_str())),
+            ("AWS_ACCESS_KEY_ID", Some("AKIDTEST")),
+            ("AWS_SECRET_ACCESS_KEY", Some("secret")),
+            ("AWS_SESSION_TOKEN", None),
+            ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", None),
+            ("AWS_DEFAULT_REGION", None),
+            ("AWS_REGION", region),
+        ];
+        run_nlp_with(tmp.path(), out, task, &["--provider=bedrock"], &env)
     };
     // Claude on Bedrock: the tool with the task's schema, and cache points.
     let run = bedrock("out", "example_nlp__nlp_claude_sonnet45", Some("us-west-2"));
