@@ -457,27 +457,18 @@ fn llm_engine(
         }
         Provider::Bedrock => {
             let bedrock = task.model.bedrock.as_ref().ok_or_else(unsupported)?;
-            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-            let Some(region) = env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")) else {
+            // The account as the S3 store finds it: the environment, the shared files'
+            // profile, web identity, ECS or instance roles.
+            let (credentials, region) = crate::store::objects::aws_account().map_err(|e| {
+                Fatal::new(ExitCode::ArgsInvalid, format!("AWS for Bedrock: {e:#}"))
+            })?;
+            let Some(region) = region else {
                 return Err(Fatal::new(
                     ExitCode::ArgsInvalid,
-                    "Missing AWS region for Bedrock. Set AWS_REGION (or AWS_DEFAULT_REGION).",
+                    "Missing AWS region for Bedrock. Set AWS_REGION (or AWS_DEFAULT_REGION), \
+                     or a region in the AWS profile.",
                 ));
             };
-            // The credentials the S3 store would use (environment, web identity, ECS or
-            // instance roles); a store for no bucket in particular.
-            let credentials = object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name("bedrock")
-                .with_region(&region)
-                .build()
-                .map_err(|e| {
-                    Fatal::new(
-                        ExitCode::ArgsInvalid,
-                        format!("AWS credentials for Bedrock: {e}"),
-                    )
-                })?
-                .credentials()
-                .clone();
             let model = BedrockModel {
                 base_url: BedrockModel::base_url_from_env(&region),
                 region,

@@ -68,6 +68,59 @@ pub struct S3Settings {
     pub credentials: Option<(String, String)>,
 }
 
+/// `builder` with the account's region and credentials: `settings` first, then the environment
+/// (which `AmazonS3Builder::from_env` read), then the shared files' profile for what the
+/// environment leaves out; without keys, object_store's chain (web identity, ECS, instance
+/// roles) finds them.
+fn with_account(mut builder: AmazonS3Builder, settings: &S3Settings) -> AmazonS3Builder {
+    // The shared files' profile fills in what the environment leaves out.
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty());
+    let profile = super::aws_profile::selected_profile();
+    let region = settings.region.clone().or_else(|| {
+        let from_env = set("AWS_REGION") || set("AWS_DEFAULT_REGION");
+        profile.region.clone().filter(|_| !from_env)
+    });
+    if let Some(region) = region {
+        builder = builder.with_region(region);
+    }
+    let credentials = settings.credentials.clone().or_else(|| {
+        let keys = (
+            profile.access_key_id.clone(),
+            profile.secret_access_key.clone(),
+        );
+        match keys {
+            (Some(id), Some(secret)) if !set("AWS_ACCESS_KEY_ID") => Some((id, secret)),
+            _ => None,
+        }
+    });
+    if let Some((id, secret)) = &credentials {
+        builder = builder
+            .with_access_key_id(id)
+            .with_secret_access_key(secret);
+        if settings.credentials.is_none()
+            && let Some(token) = &profile.session_token
+        {
+            builder = builder.with_token(token);
+        }
+    }
+    builder
+}
+
+/// The AWS account as the S3 store finds it ([`with_account`], no S3 settings), for another AWS
+/// service: its credentials, and its region if the environment or profile names one.
+pub fn aws_account() -> Result<(object_store::aws::AwsCredentialProvider, Option<String>)> {
+    let builder = with_account(
+        AmazonS3Builder::from_env().with_bucket_name("unused"),
+        &S3Settings::default(),
+    );
+    let region = builder
+        .get_config_value(&AmazonS3ConfigKey::Region)
+        .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::DefaultRegion))
+        .filter(|r| !r.is_empty());
+    let store = builder.build().context("setting up AWS credentials")?;
+    Ok((store.credentials().clone(), region))
+}
+
 /// One object under a location: its key (relative to the location) and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectEntry {
@@ -162,36 +215,7 @@ impl ObjectLocation {
                 .with_allow_http(endpoint.starts_with("http://"))
                 .with_endpoint(endpoint);
         }
-        // The shared files' profile fills in what the environment leaves out.
-        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty());
-        let profile = super::aws_profile::selected_profile();
-        let region = settings.region.clone().or_else(|| {
-            let from_env = set("AWS_REGION") || set("AWS_DEFAULT_REGION");
-            profile.region.clone().filter(|_| !from_env)
-        });
-        if let Some(region) = region {
-            builder = builder.with_region(region);
-        }
-        let credentials = settings.credentials.clone().or_else(|| {
-            let keys = (
-                profile.access_key_id.clone(),
-                profile.secret_access_key.clone(),
-            );
-            match keys {
-                (Some(id), Some(secret)) if !set("AWS_ACCESS_KEY_ID") => Some((id, secret)),
-                _ => None,
-            }
-        });
-        if let Some((id, secret)) = &credentials {
-            builder = builder
-                .with_access_key_id(id)
-                .with_secret_access_key(secret);
-            if settings.credentials.is_none()
-                && let Some(token) = &profile.session_token
-            {
-                builder = builder.with_token(token);
-            }
-        }
+        builder = with_account(builder, settings);
         if let Some(key) = &settings.kms_key {
             builder = builder.with_sse_kms_encryption(key);
         }
@@ -323,6 +347,7 @@ impl ObjectLocation {
         };
         Ok(ObjectWriter {
             out: std::io::BufWriter::with_capacity(1 << 20, WriteSink { target, url }),
+            written: 0,
         })
     }
 
@@ -713,11 +738,15 @@ impl StoredObject {
 /// Writes one object; see [`ObjectLocation::writer`].
 pub struct ObjectWriter {
     out: std::io::BufWriter<WriteSink>,
+    /// Bytes written so far.
+    written: u64,
 }
 
 impl std::io::Write for ObjectWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.out.write(buf)
+        let wrote = self.out.write(buf)?;
+        self.written += wrote as u64;
+        Ok(wrote)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -727,6 +756,29 @@ impl std::io::Write for ObjectWriter {
 }
 
 impl ObjectWriter {
+    /// A writer of the object at `path` in `store` (any store, such as a Delta table's), which
+    /// appears whole when finished, by a multipart upload (see [`ObjectLocation::writer`]).
+    pub fn upload(store: Arc<dyn ObjectStore>, path: object_store::path::Path) -> ObjectWriter {
+        let url = path.to_string();
+        let upload =
+            object_store::buffered::BufWriter::with_capacity(store, path, UPLOAD_PART_BYTES);
+        ObjectWriter {
+            out: std::io::BufWriter::with_capacity(
+                1 << 20,
+                WriteSink {
+                    target: WriteTarget::Upload(Some(upload)),
+                    url,
+                },
+            ),
+            written: 0,
+        }
+    }
+
+    /// How many bytes have been written to the object.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
     /// Makes the object appear with everything written to it.
     pub fn finish(self) -> Result<()> {
         let sink = self.out.into_inner().map_err(|e| {

@@ -695,18 +695,46 @@ fn the_bedrock_provider_asks_converse_signed_with_aws_credentials() {
         &[("DocumentReference", "1", "Patient is 45 years old")],
     );
     let endpoint = format!("http://{}", server.addr);
-    let bedrock = |out: &str, task: &str, region: Option<&str>| {
-        let env = [
-            ("AWS_ENDPOINT_URL", Some(endpoint.as_str())),
-            ("AWS_ACCESS_KEY_ID", Some("AKIDTEST")),
-            ("AWS_SECRET_ACCESS_KEY", Some("secret")),
+    // An AWS profile file, used only where the environment names it.
+    let profiles = tmp.path().join("aws-config");
+    std::fs::write(
+        &profiles,
+        "[profile site]\nregion = eu-west-1\naws_access_key_id = AKIDPROFILE\n\
+         aws_secret_access_key = secret2\n",
+    )
+    .unwrap();
+    let missing = tmp.path().join("no-such-file");
+    let profile_env = |profile: Option<&str>| {
+        let config = profile.map_or(&missing, |_| &profiles);
+        vec![
+            ("AWS_PROFILE", profile.map(str::to_string)),
+            (
+                "AWS_CONFIG_FILE",
+                Some(config.to_str().unwrap().to_string()),
+            ),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                Some(missing.to_str().unwrap().to_string()),
+            ),
+        ]
+    };
+    let bedrock_with = |out: &str, task: &str, region: Option<&str>, profile: Option<&str>| {
+        let keys = profile.is_none().then_some(("AKIDTEST", "secret"));
+        let mut env: Vec<(&str, Option<String>)> = vec![
+            ("AWS_ENDPOINT_URL", Some(endpoint.clone())),
+            ("AWS_ACCESS_KEY_ID", keys.map(|k| k.0.to_string())),
+            ("AWS_SECRET_ACCESS_KEY", keys.map(|k| k.1.to_string())),
             ("AWS_SESSION_TOKEN", None),
             ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", None),
             ("AWS_DEFAULT_REGION", None),
-            ("AWS_REGION", region),
+            ("AWS_REGION", region.map(str::to_string)),
         ];
+        env.extend(profile_env(profile));
+        let env: Vec<(&str, Option<&str>)> = env.iter().map(|(k, v)| (*k, v.as_deref())).collect();
         run_nlp_with(tmp.path(), out, task, &["--provider=bedrock"], &env)
     };
+    let bedrock =
+        |out: &str, task: &str, region: Option<&str>| bedrock_with(out, task, region, None);
     // Claude on Bedrock: the tool with the task's schema, and cache points.
     let run = bedrock("out", "example_nlp__nlp_claude_sonnet45", Some("us-west-2"));
     assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
@@ -775,4 +803,22 @@ fn the_bedrock_provider_asks_converse_signed_with_aws_credentials() {
     // Without a region, the run stops before any note.
     let run = bedrock("out3", "example_nlp__nlp_claude_sonnet45", None);
     assert_stops(&run, 23, "Set AWS_REGION");
+    // The region and keys of the AWS profile, as the S3 store reads them (the note asked
+    // again: its cached answer removed).
+    std::fs::remove_dir_all(tmp.path().join("phi/nlp-cache")).unwrap();
+    let before = server.requests().len();
+    let run = bedrock_with(
+        "out4",
+        "example_nlp__nlp_claude_sonnet45",
+        None,
+        Some("site"),
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert_eq!(server.requests().len(), before + 1);
+    let auth = server.requests().last().unwrap().authorization.clone();
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDPROFILE/")
+            && auth.contains("/eu-west-1/bedrock/aws4_request"),
+        "{auth}"
+    );
 }

@@ -1,9 +1,7 @@
 //! Joins Parquet data files of one schema into one by copying their row groups' encoded column
 //! chunks: no row is decoded or encoded, so joining costs about what reading and writing the
-//! bytes costs. The joined file is streamed to the store as it is written (a multipart upload on
-//! S3), holding one input file and one upload part at a time.
-
-use std::io::Write;
+//! bytes costs. The joined file is streamed to the store as it is written (a multipart upload,
+//! [`ObjectWriter::upload`]), holding one input file and one upload part at a time.
 
 use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
@@ -16,8 +14,7 @@ use parquet::file::writer::SerializedFileWriter;
 use std::sync::Arc;
 use tokio::runtime::Handle;
 
-/// Bytes of the joined file held before they go to the store as one upload part.
-const PART_BYTES: usize = 8 << 20;
+use crate::store::objects::ObjectWriter;
 
 /// The footer of the data file at `path` (of `size` bytes).
 pub async fn footer(
@@ -70,7 +67,7 @@ pub fn join(
         )
         .build();
     let schema = first.schema_descr().root_schema_ptr();
-    let sink = UploadSink::new(runtime.clone(), store, out);
+    let sink = ObjectWriter::upload(store.clone(), out.clone());
     let mut writer = SerializedFileWriter::new(sink, schema, Arc::new(properties))?;
     for (path, footer) in inputs {
         let bytes = runtime
@@ -79,13 +76,14 @@ pub fn join(
         append_row_groups(&mut writer, &bytes, footer)
             .with_context(|| format!("copying {path}"))?;
     }
-    let mut sink = writer.into_inner().context("finishing the joined file")?;
-    sink.flush()?;
-    sink.finish().with_context(|| format!("writing {out}"))
+    let sink = writer.into_inner().context("finishing the joined file")?;
+    let size = sink.written();
+    sink.finish().with_context(|| format!("writing {out}"))?;
+    Ok(size)
 }
 
 /// Copies every row group of the file `bytes` (whose footer is `footer`) into `writer`.
-fn append_row_groups<W: Write + Send>(
+fn append_row_groups<W: std::io::Write + Send>(
     writer: &mut SerializedFileWriter<W>,
     bytes: &Bytes,
     footer: &ParquetMetaData,
@@ -107,76 +105,4 @@ fn append_row_groups<W: Write + Send>(
         out.close()?;
     }
     Ok(())
-}
-
-/// A file written to the store a part at a time; nothing appears unless it is finished.
-struct UploadSink {
-    runtime: Handle,
-    upload: Option<deltalake::logstore::object_store::buffered::BufWriter>,
-    buffer: Vec<u8>,
-    written: u64,
-}
-
-impl UploadSink {
-    fn new(runtime: Handle, store: &ObjectStoreRef, path: &deltalake::Path) -> UploadSink {
-        let upload = deltalake::logstore::object_store::buffered::BufWriter::with_capacity(
-            store.clone(),
-            path.clone(),
-            PART_BYTES,
-        );
-        UploadSink {
-            runtime,
-            upload: Some(upload),
-            buffer: Vec::with_capacity(PART_BYTES),
-            written: 0,
-        }
-    }
-
-    /// Sends what is buffered to the upload.
-    fn send(&mut self) -> std::io::Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        let part = Bytes::from(std::mem::replace(
-            &mut self.buffer,
-            Vec::with_capacity(PART_BYTES),
-        ));
-        let upload = self.upload.as_mut().expect("written before it finishes");
-        self.runtime
-            .block_on(upload.put(part))
-            .map_err(std::io::Error::other)
-    }
-
-    /// Completes the upload; returns the file's size.
-    fn finish(mut self) -> Result<u64> {
-        self.send()?;
-        let mut upload = self.upload.take().expect("finished once");
-        self.runtime
-            .block_on(tokio::io::AsyncWriteExt::shutdown(&mut upload))?;
-        Ok(self.written)
-    }
-}
-
-impl Write for UploadSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.buffer.extend_from_slice(buf);
-        self.written += buf.len() as u64;
-        if self.buffer.len() >= PART_BYTES {
-            self.send()?;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for UploadSink {
-    /// An upload not finished is aborted, so the store keeps none of it.
-    fn drop(&mut self) {
-        if let Some(mut upload) = self.upload.take() {
-            let _ = self.runtime.block_on(upload.abort());
-        }
-    }
 }

@@ -120,27 +120,41 @@ impl TableFiles {
         {
             return Ok(written);
         }
-        let parts = (rows.len() / MIN_PART_ROWS).clamp(1, self.threads);
-        if parts == 1 {
+        if rows.len() < 2 * MIN_PART_ROWS || self.threads == 1 {
             return self.write_part((rows, tags), schema, target, uniqueness);
         }
-        let part_rows = rows.len().div_ceil(parts);
+        let written = self.in_parts((rows, tags), |_, part| {
+            self.write_part(part, schema, target, uniqueness)
+        });
+        self.gather(target, written)
+    }
+
+    /// Runs `each` on every part of a batch's rows (with the part's number), as many parts as
+    /// the rows make of at least [`MIN_PART_ROWS`], up to the table's threads: the first on
+    /// this thread, the others on scoped threads at once. Their results, in part order.
+    fn in_parts<'a, T: Send>(
+        &self,
+        (rows, tags): (&'a [&'a [u8]], &'a [RowTag]),
+        each: impl Fn(usize, (&'a [&'a [u8]], &'a [RowTag])) -> Result<T> + Sync,
+    ) -> Vec<Result<T>> {
+        let parts = (rows.len() / MIN_PART_ROWS).clamp(1, self.threads);
+        let part_rows = rows.len().div_ceil(parts).max(1);
         let tags_of = |i: usize| match tags.is_empty() {
             true => &[][..],
             false => &tags[i * part_rows..((i + 1) * part_rows).min(tags.len())],
         };
-        let written: Vec<Result<WrittenFiles>> = std::thread::scope(|scope| {
+        let each = &each;
+        std::thread::scope(|scope| {
             let others: Vec<_> = rows
                 .chunks(part_rows)
                 .enumerate()
                 .skip(1)
                 .map(|(i, part)| {
                     let part = (part, tags_of(i));
-                    scope.spawn(move || self.write_part(part, schema, target, uniqueness))
+                    scope.spawn(move || each(i, part))
                 })
                 .collect();
-            let first = (&rows[..part_rows], tags_of(0));
-            let first = self.write_part(first, schema, target, uniqueness);
+            let first = each(0, (&rows[..part_rows.min(rows.len())], tags_of(0)));
             std::iter::once(first)
                 .chain(others.into_iter().map(|other| {
                     // A panic is the worker's, as if it had encoded the part itself.
@@ -149,8 +163,7 @@ impl TableFiles {
                         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
                 }))
                 .collect()
-        });
-        self.gather(target, written)
+        })
     }
 
     /// The files of a batch's parts together (none, if a part failed), tagged as one batch.
@@ -211,47 +224,19 @@ impl TableFiles {
         {
             return Ok(None);
         }
+        // The table's cut, or one made from this batch's first slice of keys.
         let first = &rows[..rows.len().min(ENCODE_SLICE_ROWS)];
-        let cut = match Decoded::new((first, &[]), schema, target, uniqueness).next() {
-            Some(slice) => cutting.cut(target, &slice?)?,
-            None => return self.gather(target, []).map(Some),
+        let first_slice = || Decoded::new((first, &[]), schema, target, uniqueness).next();
+        let Some(cut) = cutting.cut(target, first_slice)? else {
+            return self.gather(target, []).map(Some);
         };
         let ranges = cut.ranges_for(target, clustering)?;
         let range_files = RangeFiles::new(self.clone(), target.clone(), ranges.count());
-        let parts = (rows.len() / MIN_PART_ROWS).clamp(1, self.threads);
-        let part_rows = rows.len().div_ceil(parts);
-        let tags_of = |i: usize| match tags.is_empty() {
-            true => &[][..],
-            false => &tags[i * part_rows..((i + 1) * part_rows).min(tags.len())],
-        };
         let (out, ranges) = (&range_files, &ranges);
-        let decoded: Vec<Result<WrittenFiles>> = std::thread::scope(|scope| {
-            let parts: Vec<_> = rows
-                .chunks(part_rows)
-                .enumerate()
-                .map(|(i, part)| {
-                    let part = (part, tags_of(i));
-                    let write = move || {
-                        let mut rows = Decoded::new(part, schema, target, uniqueness);
-                        out.write(&self.runtime, ranges, &mut rows, i)?;
-                        Ok(rows.into_files(target))
-                    };
-                    match i {
-                        0 => Err(write),
-                        _ => Ok(scope.spawn(write)),
-                    }
-                })
-                .collect();
-            parts
-                .into_iter()
-                .map(|part| match part {
-                    Err(here) => here(),
-                    // A panic is the worker's, as if it had encoded the part itself.
-                    Ok(other) => other
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                })
-                .collect()
+        let decoded = self.in_parts((rows, tags), |i, part| {
+            let mut rows = Decoded::new(part, schema, target, uniqueness);
+            out.write(&self.runtime, ranges, &mut rows, i)?;
+            Ok(rows.into_files())
         });
         let wrote = decoded
             .iter()
@@ -306,7 +291,7 @@ impl TableFiles {
             .runtime
             .block_on(writer.close())
             .context("writing a data file")?;
-        let mut files = decoded.into_files(target);
+        let mut files = decoded.into_files();
         files.adds = adds;
         Ok(files)
     }
@@ -392,10 +377,10 @@ impl<'a> Decoded<'a> {
     }
 
     /// What the files of the rows decoded must report (their adds to be filled in).
-    fn into_files(self, target: &SchemaRef) -> WrittenFiles {
+    fn into_files(self) -> WrittenFiles {
         WrittenFiles {
             adds: Vec::new(),
-            schema: target.clone(),
+            schema: self.target.clone(),
             keys: self.keys,
             unfit: self.unfit,
             tags: self.kept_tags,

@@ -72,13 +72,21 @@ impl Cutting {
         self.cut.get().is_some() || rows >= self.ranges * MIN_PIECE_ROWS
     }
 
-    /// The cut, made from `slice` (rows of `schema`) if none is yet.
-    pub fn cut(&self, schema: &SchemaRef, slice: &RecordBatch) -> Result<Arc<Cut>> {
+    /// The cut, or one made from the keys of `first_slice` (rows of `schema`; called only when
+    /// there is no cut yet). None when there is no cut and the slice has no rows.
+    pub fn cut(
+        &self,
+        schema: &SchemaRef,
+        first_slice: impl FnOnce() -> Option<Result<RecordBatch>>,
+    ) -> Result<Option<Arc<Cut>>> {
         if let Some(cut) = self.cut.get() {
-            return Ok(cut.clone());
+            return Ok(Some(cut.clone()));
         }
+        let Some(slice) = first_slice() else {
+            return Ok(None);
+        };
         let keys = Arc::new(Keys::new(schema, &self.clustering)?);
-        let encoded = keys.encode(slice)?;
+        let encoded = keys.encode(&slice?)?;
         let sample = (0..encoded.num_rows())
             .map(|i| encoded.row(i).owned())
             .collect();
@@ -87,7 +95,7 @@ impl Cutting {
             ranges: Ranges::cut(keys, sample, self.ranges),
         });
         // Two batches may make one at once: the first set is everyone's.
-        Ok(self.cut.get_or_init(|| made).clone())
+        Ok(Some(self.cut.get_or_init(|| made).clone()))
     }
 
     /// The clustering columns.
@@ -190,10 +198,17 @@ mod tests {
         let cutting = Cutting::new(vec!["id".into()], 4);
         assert!(!cutting.cuts(4 * MIN_PIECE_ROWS - 1), "too small to cut");
         assert!(cutting.cuts(4 * MIN_PIECE_ROWS));
-        let cut = cutting.cut(&schema, &slice).unwrap();
+        assert!(
+            cutting.cut(&schema, || None).unwrap().is_none(),
+            "no rows, no cut"
+        );
+        let cut = cutting.cut(&schema, || Some(Ok(slice))).unwrap().unwrap();
         assert!(cutting.cuts(1), "once cut, every batch is");
         assert_eq!(cut.count(), 4);
-        let again = cutting.cut(&schema, &slice).unwrap();
+        let again = cutting
+            .cut(&schema, || panic!("not decoded again"))
+            .unwrap()
+            .unwrap();
         assert!(Arc::ptr_eq(&cut, &again), "one cut per table");
         let tags: HashMap<String, Option<String>> =
             [(RANGE_TAG.to_string(), Some(cut.tag(2)))].into();
