@@ -8,6 +8,7 @@ pub mod ctakes;
 pub mod dictionary;
 pub mod embedded;
 pub mod engine;
+pub mod html;
 pub mod http;
 pub mod llm_engine;
 pub mod llm_study;

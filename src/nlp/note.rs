@@ -61,7 +61,7 @@ fn is_ed_note(source: &NoteSource, note: &Value) -> bool {
 }
 
 /// The note's text: the best attachment (text/plain, then HTML, then XHTML), decoded with its
-/// charset; HTML becomes plain text; `¿` (a mis-decoded space) becomes a space; trimmed.
+/// charset; HTML becomes plain text as the reference's inscriptis makes it; trimmed.
 pub fn note_text(note: &Value) -> Result<String, TextError> {
     let attachments: Vec<&Value> = match note.get("resourceType").and_then(Value::as_str) {
         Some("DiagnosticReport") => note
@@ -110,9 +110,9 @@ pub fn note_text(note: &Value) -> Result<String, TextError> {
     let text = if ct.mimetype == "text/plain" {
         text
     } else {
-        html_to_text(&text)
+        super::html::html_to_text(&text)
     };
-    Ok(text.replace('¿', " ").trim().to_string())
+    Ok(text.trim_matches(super::html::is_py_space).to_string())
 }
 
 /// A parsed `Content-Type` value.
@@ -147,105 +147,6 @@ fn decode(data: &str, charset: &str) -> Result<String> {
         }
         other => bail!("unsupported charset {other}"),
     }
-}
-
-/// A readable plain-text version of an HTML note: block elements become line breaks, scripts
-/// and styles disappear, entities are decoded.
-pub fn html_to_text(html: &str) -> String {
-    let mut out = String::with_capacity(html.len());
-    let mut rest = html;
-    while let Some(lt) = rest.find('<') {
-        out.push_str(&decode_entities(&rest[..lt]));
-        let Some(gt) = rest[lt..].find('>') else {
-            rest = "";
-            break;
-        };
-        let tag = rest[lt + 1..lt + gt].trim().to_ascii_lowercase();
-        rest = &rest[lt + gt + 1..];
-        let name: String = tag
-            .trim_start_matches('/')
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric())
-            .collect();
-        if (name == "script" || name == "style") && !tag.starts_with('/') {
-            let close = format!("</{name}");
-            let end = rest.to_ascii_lowercase().find(&close).unwrap_or(rest.len());
-            rest = &rest[end..];
-            continue;
-        }
-        if matches!(
-            name.as_str(),
-            "br" | "p"
-                | "div"
-                | "li"
-                | "tr"
-                | "h1"
-                | "h2"
-                | "h3"
-                | "h4"
-                | "h5"
-                | "h6"
-                | "table"
-                | "ul"
-                | "ol"
-                | "pre"
-                | "blockquote"
-                | "hr"
-                | "title"
-        ) && !out.ends_with('\n')
-        {
-            out.push('\n');
-        } else if matches!(name.as_str(), "td" | "th") {
-            out.push(' ');
-        }
-    }
-    out.push_str(&decode_entities(rest));
-    out.lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn decode_entities(s: &str) -> String {
-    if !s.contains('&') {
-        return s.to_string();
-    }
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(amp) = rest.find('&') {
-        out.push_str(&rest[..amp]);
-        rest = &rest[amp..];
-        let entity = rest[1..]
-            .find(';')
-            .filter(|&e| e <= 10)
-            .map(|e| &rest[1..e + 1]);
-        let decoded = entity.and_then(|e| match e {
-            "amp" => Some('&'),
-            "lt" => Some('<'),
-            "gt" => Some('>'),
-            "quot" => Some('"'),
-            "apos" => Some('\''),
-            "nbsp" => Some(' '),
-            _ => e
-                .strip_prefix("#x")
-                .or_else(|| e.strip_prefix("#X"))
-                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                .or_else(|| e.strip_prefix('#').and_then(|d| d.parse().ok()))
-                .and_then(char::from_u32),
-        });
-        match (entity, decoded) {
-            (Some(e), Some(c)) => {
-                out.push(c);
-                rest = &rest[e.len() + 2..];
-            }
-            _ => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// The anonymized ids of a scrubbed note that a result row carries.
@@ -335,7 +236,8 @@ mod tests {
             {"attachment": {"contentType": "application/xhtml+xml", "data": b64(b"x")}},
             {"attachment": {"contentType": "text/html", "data": b64(b"<html><style>p{}</style><p>Denies&nbsp;fever</p><p>Cough &amp; cold</p></html>")}},
         ]});
-        assert_eq!(note_text(&html).unwrap(), "Denies fever\nCough & cold");
+        // As inscriptis: paragraphs a blank line apart, a no-break space collapsed.
+        assert_eq!(note_text(&html).unwrap(), "Denies fever\n\nCough & cold");
         let remote = json!({"resourceType": "DocumentReference", "content": [
             {"attachment": {"contentType": "text/plain", "url": "http://x"}}]});
         assert_eq!(note_text(&remote), Err(TextError::RemoteOnly));

@@ -8,6 +8,7 @@ mod delta;
 mod delta_runs;
 mod etl_runs;
 mod fuzz_regressions;
+mod html_text;
 mod i2b2;
 mod llm;
 mod mutate;

@@ -1,13 +1,17 @@
 //! Delta tables read back by independent readers: the Python `deltalake` package and DuckDB's
 //! delta extension (delta-kernel-rs based; it reads deletion vectors), installed once into a
 //! virtualenv under the user's cache folder (or `CUMULUS_TEST_PYTHON`, a Python that has them),
-//! with moto's S3 server (`tests/it/s3_server.rs`).
+//! with moto's S3 server (`tests/it/s3_server.rs`) and the reference's HTML-to-text converter.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use serde_json::Value;
+
+/// The HTML-to-text converter the reference uses and the lxml (so libxml2) it reads HTML with,
+/// at the reference's versions (`tests/it/html_text.rs` compares against them).
+const INSCRIPTIS: [&str; 2] = ["inscriptis==2.7.6", "lxml==6.1.3"];
 
 /// The DuckDB release, and the delta extension package built for it (they must match).
 const DUCKDB: &str = "duckdb==1.4.4";
@@ -31,7 +35,7 @@ fn install() -> PathBuf {
         Command::new(p)
             .args([
                 "-c",
-                "import deltalake, pyarrow, duckdb, duckdb_ext, moto, flask_cors",
+                "import deltalake, pyarrow, duckdb, duckdb_ext, moto, flask_cors, inscriptis",
             ])
             .status()
             .is_ok_and(|s| s.success())
@@ -48,6 +52,7 @@ fn install() -> PathBuf {
         let ok = Command::new(&python)
             .args(["-m", "pip", "install", "--quiet", "deltalake", "pyarrow"])
             .args([DUCKDB, DUCKDB_DELTA, "moto[s3]", "flask", "flask-cors"])
+            .args(INSCRIPTIS)
             .status()
             .unwrap()
             .success();
