@@ -12,6 +12,10 @@
 #
 #   BIN=target/release/cumulus-etl benches/llm.sh [NOTES] [LATENCY_SECONDS]
 #
+# HTML=1 turns each note into an HTML note first (headings, paragraphs, lists, a table, line
+# breaks, entities, styles): both tools then convert it to text, and identical rows and a shared
+# cache (keyed by the text) show they made the same text of it.
+#
 # The reference comes from ../shared/tools/reference-cumulus.sh (its virtualenv). Its `local`
 # provider starts the `openai` client with an empty API key, which the package refuses; the
 # reference is run through a wrapper that gives it a placeholder key, and nothing else changes.
@@ -65,6 +69,9 @@ for n, line in enumerate(open(sys.argv[1])):
     note["status"] = "current"
     out.write(json.dumps(note) + "\n")' tests/data/synthea-10/DocumentReference.000.ndjson "$notes" \
     "$work/input/DocumentReference.ndjson"
+if [ "${HTML:-0}" = 1 ]; then
+    python3 benches/html_notes.py "$work/input/DocumentReference.ndjson"
+fi
 
 # rows DIR: the rows of an NLP NDJSON table, one per line, sorted, without generated_on.
 rows() {
