@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The LLM NLP tasks side by side with the reference Cumulus ETL, and their throughput. Starts
 # benches/llm_server.py (an OpenAI-compatible server answering after a fixed latency), then:
-#   1. runs one task of each study with this tool and with the reference on the same notes (the
+#   1. runs one task of each study (the covid study's two GPT tasks through the server as their
+#      Azure endpoint) with this tool and with the reference on the same notes (the
 #      bundled Synthea sample's DocumentReferences, NOTES of them, made current) and the same
 #      codebook, and
 #      compares their rows (all but `generated_on`);
@@ -111,6 +112,30 @@ for t in json.load(open('dataflows/llm/$study.json'))['tasks']:
         --output-format ndjson >"$work/ref.log" 2>&1 || { tail -20 "$work/ref.log"; status=1; continue; }
     ours_rows=$(rows "$work/ours/$study/${table}_v$version")
     ref_rows=$(rows "$work/ref/$study/${table}_v$version")
+    count=$(printf '%s\n' "$ours_rows" | grep -c . || true)
+    if [ "$ours_rows" = "$ref_rows" ] && [ "$count" -gt 0 ]; then
+        echo "$task: identical rows ($count)"
+    else
+        echo "$task: rows DIFFER (ours $count, reference $(printf '%s\n' "$ref_rows" | grep -c . || true))"
+        diff <(printf '%s\n' "$ours_rows") <(printf '%s\n' "$ref_rows") | head -6
+        status=1
+    fi
+done
+
+# The covid study's GPT tasks (upstream runs them on Azure only): both tools ask the same server
+# as their Azure endpoint, and keep the study's older rows (`id`, `docref_id`, ..., `symptoms`).
+for task in covid_symptom__nlp_results_gpt35 covid_symptom__nlp_results_gpt4; do
+    rm -rf "$work/ours" "$work/ref"
+    azure=(env AZURE_OPENAI_ENDPOINT="http://127.0.0.1:$port" AZURE_OPENAI_API_KEY=placeholder)
+    "${azure[@]}" "$bin" nlp "$work/input" "$work/ours" "$work/phi-ours" --task "$task" \
+        --provider azure --output-format ndjson >"$work/ours.log" 2>&1 ||
+        { cat "$work/ours.log"; status=1; continue; }
+    "${azure[@]}" "$venv/bin/python" "$work/reference.py" nlp "$work/input" "$work/ref" \
+        "$work/phi-ref" --task "$task" --provider azure --output-format ndjson \
+        >"$work/ref.log" 2>&1 || { tail -20 "$work/ref.log"; status=1; continue; }
+    table=${task#*__}
+    ours_rows=$(rows "$work/ours/covid_symptom/${table}_v3")
+    ref_rows=$(rows "$work/ref/covid_symptom/${table}_v3")
     count=$(printf '%s\n' "$ours_rows" | grep -c . || true)
     if [ "$ours_rows" = "$ref_rows" ] && [ "$count" -gt 0 ]; then
         echo "$task: identical rows ($count)"

@@ -4,8 +4,10 @@ NLP tasks: it speaks the protocol as a vLLM server does (`GET /v1/models`,
 `POST /v1/chat/completions`) and answers every request after a fixed latency with the same
 deterministic answer the integration tests' server gives (`tests/it/nlp_server.rs`): every field
 as the request's JSON schema types it, built from the note (the user message after its last
-blank line): booleans true, integers the note's word count, numbers 0.5, strings the note's first
-word, lists of one item, `spans` the note's first two words.
+blank line, or after `### Text ###`): booleans true, integers the note's word count, numbers
+0.5, strings the note's first word, lists of one item, `spans` the note's first two words; asked
+for a JSON object without a schema (the covid study on GPT-3.5), the keys the prompt lists, each
+true when the note has its first word. It answers OpenAI's and Azure's paths alike.
 
     benches/llm_server.py PORT [LATENCY_SECONDS]
 
@@ -14,13 +16,20 @@ SIGTERM or Ctrl-C.
 """
 
 import json
+import re
 import signal
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-MODELS = ["openai/gpt-oss-120b", "nvidia/Llama-4-Scout-17B-16E-Instruct-FP4"]
+MODELS = [
+    "openai/gpt-oss-120b",
+    "nvidia/Llama-4-Scout-17B-16E-Instruct-FP4",
+    "gpt-4o",
+    "gpt-35-turbo-0125",
+    "gpt-4",
+]
 STATE = {"requests": 0, "in_flight": 0, "peak": 0}
 LOCK = threading.Lock()
 
@@ -54,12 +63,26 @@ def value_for(schema, root, words, name):
     }.get(kind)
 
 
+def answer_from_prompt(prompt, note):
+    """A JSON object without a schema: the keys the prompt lists as `"<key>": boolean` (the
+    covid study's), each true when the note mentions its first word."""
+    note = note.lower()
+    keys = re.findall(r'"([^"]+)": boolean', prompt)
+    return {key: key.split(" ")[0].lower() in note for key in keys}
+
+
 def completion(request):
     system = request["messages"][0]["content"]
     user = request["messages"][1]["content"]
-    note = user.rsplit("\n\n", 1)[-1]
-    schema = request["response_format"]["json_schema"]["schema"]
-    content = json.dumps(value_for(schema, schema, note.split(), ""))
+    if "### Text ###\n" in user:
+        note = user.rsplit("### Text ###\n", 1)[-1]
+    else:
+        note = user.rsplit("\n\n", 1)[-1]
+    schema = request["response_format"].get("json_schema", {}).get("schema")
+    if schema is None:
+        content = json.dumps(answer_from_prompt(user, note))
+    else:
+        content = json.dumps(value_for(schema, schema, note.split(), ""))
     return {
         "id": "chatcmpl-bench",
         "object": "chat.completion",
@@ -121,7 +144,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/stats":
             with LOCK:
                 self.answer({"requests": STATE["requests"], "peak_in_flight": STATE["peak"]})
-        elif self.path.endswith("/models"):
+        elif self.path.split("?")[0].endswith("/models"):
             self.answer({"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]})
         else:
             self.send_error(404)

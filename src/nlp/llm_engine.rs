@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 
 use super::cache::NlpCache;
 use super::engine::{NoteEngine, NoteInput, NoteOutcome};
-use super::llm_study::{LlmTask, ResultType};
+use super::llm_study::{LlmTask, ResultType, RowFormat};
 use super::openai::{ChatClient, Usage};
 use super::spans::locate_spans;
 
@@ -145,18 +145,45 @@ impl LlmEngine {
     async fn analyse_note(&self, note: &NoteInput) -> Result<NoteOutcome> {
         let trimmed = remove_trailing_whitespace(&note.text);
         let answer = self.answer(&trimmed).await?;
-        let mut result = conform(&answer.answer, &self.task.definition.result);
-        let missing = locate_spans(&mut result, &note.text);
-        let note_ref = note.ids.note_ref();
-        let mut row = json!({
-            "note_ref": note_ref,
-            "encounter_ref": format!("Encounter/{}", note.ids.encounter_id),
-            "subject_ref": note.ids.subject_ref(),
-            "generated_on": self.generated_on,
-            "task_version": self.task.definition.version,
-            "system_fingerprint": answer.fingerprint,
-            "result": result,
-        });
+        let definition = &self.task.definition;
+        let (key, mut row, missing) = match self.task.row_format() {
+            RowFormat::Result => {
+                let mut result = conform(&answer.answer, &definition.result);
+                let missing = locate_spans(&mut result, &note.text);
+                let note_ref = note.ids.note_ref();
+                let row = json!({
+                    "note_ref": note_ref,
+                    "encounter_ref": format!("Encounter/{}", note.ids.encounter_id),
+                    "subject_ref": note.ids.subject_ref(),
+                    "generated_on": self.generated_on,
+                    "task_version": definition.version,
+                    "system_fingerprint": answer.fingerprint,
+                    "result": result,
+                });
+                (note_ref, row, missing)
+            }
+            RowFormat::Covid => {
+                // Upstream strips these prefixes from the references: a DiagnosticReport's id
+                // keeps its type, as does a subject that is not a Patient.
+                let note_ref = note.ids.note_ref();
+                let id = note_ref
+                    .strip_prefix("DocumentReference/")
+                    .unwrap_or(&note_ref)
+                    .to_string();
+                let subject_ref = note.ids.subject_ref();
+                let row = json!({
+                    "id": id,
+                    "docref_id": id,
+                    "encounter_id": note.ids.encounter_id,
+                    "subject_id": subject_ref.strip_prefix("Patient/").unwrap_or(&subject_ref),
+                    "generated_on": self.generated_on,
+                    "task_version": definition.version,
+                    "system_fingerprint": answer.fingerprint,
+                    "symptoms": from_aliases(&answer.answer, &self.task.answer_fields()),
+                });
+                (id, row, Vec::new())
+            }
+        };
         // Without null fields, as upstream writes its NDJSON rows (a table's columns are null
         // where a row has no field, so the other formats are the same either way).
         drop_nulls(&mut row);
@@ -168,7 +195,7 @@ impl LlmEngine {
             )),
         };
         Ok(NoteOutcome {
-            rows: vec![(note_ref, row)],
+            rows: vec![(key, row)],
             problem,
         })
     }
@@ -205,6 +232,19 @@ fn conform(value: &Value, shape: &ResultType) -> Value {
         }
         _ => value.clone(),
     }
+}
+
+/// An answer written with the model's field names (pydantic's aliases) under the row's names,
+/// in the type's order, absent ones null (as pydantic dumps a model it validated by alias).
+fn from_aliases(answer: &Value, fields: &[(String, String)]) -> Value {
+    let object: Map<String, Value> = fields
+        .iter()
+        .map(|(written, stored)| {
+            let value = answer.get(written).cloned().unwrap_or(Value::Null);
+            (stored.clone(), value)
+        })
+        .collect();
+    Value::Object(object)
 }
 
 /// Removes every null field of every object in `value` (upstream's `sparse_dict`; list items

@@ -113,6 +113,18 @@ pub struct BedrockModelInfo {
     pub prices: Option<TokenPrices>,
 }
 
+/// How a task's rows are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowFormat {
+    /// Upstream's LLM studies: `note_ref`, `encounter_ref`, `subject_ref`, `generated_on`,
+    /// `task_version`, `system_fingerprint` and the answer as `result`, keyed by `note_ref`.
+    Result,
+    /// The covid study's GPT tasks, which predate that: `id` and `docref_id` (the note's id),
+    /// `encounter_id`, `subject_id`, `generated_on`, `task_version`, `system_fingerprint` and
+    /// the answer as `symptoms`, keyed by `id`.
+    Covid,
+}
+
 /// One LLM task: a definition on one model.
 #[derive(Debug, Clone)]
 pub struct LlmTask {
@@ -156,10 +168,57 @@ impl LlmTask {
         }
     }
 
+    /// Whether its rows have the covid study's older format ([`RowFormat::Covid`]).
+    pub fn row_format(&self) -> RowFormat {
+        match self.definition.kind.as_str() {
+            "covid_gpt" => RowFormat::Covid,
+            _ => RowFormat::Result,
+        }
+    }
+
+    /// The answer's field names as the model writes them (pydantic's aliases, the keys of the
+    /// JSON schema) and as the row stores them (the result type's), in the type's order.
+    pub fn answer_fields(&self) -> Vec<(String, String)> {
+        let ResultType::Struct { r#struct } = &self.definition.result else {
+            return Vec::new();
+        };
+        let written: Vec<String> = self.definition.json_schema["properties"]
+            .as_object()
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        r#struct
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                (
+                    written.get(i).cloned().unwrap_or(name.clone()),
+                    name.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// The results table's schema: the note's references, when and by which version and
-    /// model fingerprint, and the answer (every `spans` list as [start, end] pairs).
+    /// model fingerprint, and the answer (every `spans` list as [start, end] pairs); for the
+    /// covid study's tasks, their older columns.
     pub fn table_schema(&self) -> Result<Schema> {
         let text = |name: &str| Field::new(name, DataType::Utf8, true);
+        if self.row_format() == RowFormat::Covid {
+            return Ok(Schema::new(vec![
+                text("id"),
+                text("docref_id"),
+                text("encounter_id"),
+                text("subject_id"),
+                text("generated_on"),
+                Field::new("task_version", DataType::Int32, true),
+                text("system_fingerprint"),
+                Field::new(
+                    "symptoms",
+                    arrow_type(&self.definition.result, false)?,
+                    true,
+                ),
+            ]));
+        }
         Ok(Schema::new(vec![
             text("note_ref"),
             text("encounter_ref"),
@@ -198,7 +257,7 @@ fn arrow_type(result: &ResultType, spans: bool) -> Result<DataType> {
     })
 }
 
-/// Every LLM task with upstream's row format, in study order.
+/// Every LLM task, in study order.
 pub fn llm_tasks() -> &'static [LlmTask] {
     static TASKS: OnceLock<Vec<LlmTask>> = OnceLock::new();
     TASKS.get_or_init(|| load().expect("the embedded LLM study files are valid"))
@@ -216,10 +275,6 @@ fn load() -> Result<Vec<LlmTask>> {
     for file in STUDY_FILES {
         let study: StudyFile = serde_json::from_str(file).context("a dataflows/llm study")?;
         for definition in study.tasks {
-            // The covid study's GPT tasks write an older format, not yet carried over.
-            if definition.kind != "spans" {
-                continue;
-            }
             let definition = Arc::new(definition);
             for id in &definition.models {
                 let model = models
@@ -264,6 +319,33 @@ mod tests {
         assert!(!example.definition.system_prompt.contains("%JSON-SCHEMA%"));
         assert!(example.definition.system_prompt.contains("\"AgeMention\""));
         assert_eq!(example.user_prompt("note text"), "note text");
+    }
+
+    #[test]
+    fn the_covid_studys_gpt_tasks_keep_their_older_rows_and_read_aliased_answers() {
+        let gpt35 = find_llm_task("covid_symptom__nlp_results_gpt35").unwrap();
+        assert!(find_llm_task("covid_symptom__nlp_results_gpt4").is_some());
+        assert_eq!(gpt35.row_format(), RowFormat::Covid);
+        assert_eq!(gpt35.definition.version, 3);
+        assert_eq!(
+            gpt35.cache_namespace(),
+            "covid_symptom__nlp_results_gpt35_v3"
+        );
+        let schema = gpt35.table_schema().unwrap();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names[..2], ["id", "docref_id"]);
+        assert_eq!(names[7], "symptoms");
+        let fields = gpt35.answer_fields();
+        assert_eq!(fields.len(), 11);
+        assert_eq!(
+            fields[0],
+            (
+                "Congestion or runny nose".into(),
+                "congestion_or_runny_nose".into()
+            )
+        );
+        assert_eq!(fields[10], ("Sore throat".into(), "sore_throat".into()));
+        assert!(gpt35.user_prompt("NOTE").ends_with("### Text ###\nNOTE"));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use super::embedded::EmbeddedEngine;
 use super::engine::{CovidRows, EmbeddedSymptoms};
 use super::http::{Http, RetryPolicy};
 use super::llm_engine::LlmEngine;
-use super::llm_study::{LlmTask, find_llm_task, llm_tasks};
+use super::llm_study::{LlmTask, RowFormat, find_llm_task, llm_tasks};
 use super::openai::{ChatClient, Endpoint};
 use super::producer::{Dispatch, GroupKey, NlpShared, NoteRows};
 use super::selection::{RefSelection, TextFilter, TextRules};
@@ -486,6 +486,11 @@ fn llm_engine(
             .map_err(|e| Fatal::new(ExitCode::ServiceMissing, format!("{e}{hint}")))?;
     }
     let schema = task.table_schema().map_err(Fatal::from)?;
+    // A row per note: keyed by the note's reference, or by its id in the covid study's format.
+    let key = match task.row_format() {
+        RowFormat::Result => "note_ref",
+        RowFormat::Covid => "id",
+    };
     let engine = Arc::new(LlmEngine::new(
         task,
         client,
@@ -497,8 +502,8 @@ fn llm_engine(
         kind: TableKind::NlpResults(Arc::new(NlpTable {
             task_version: task.definition.version,
             schema: Arc::new(schema),
-            key: "note_ref".into(),
-            group_field: "note_ref".into(),
+            key: key.into(),
+            group_field: key.into(),
         })),
         servers: None,
         llm: Some(engine),

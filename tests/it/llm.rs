@@ -79,8 +79,8 @@ fn run_llm(server: &FakeNlpServer, dir: &Path, out: &str, task: &str, extra: &[&
         .expect("binary runs")
 }
 
-/// Runs `cumulus-etl nlp` on `task` over the notes of `dir` into `out` (NDJSON) with `extra`
-/// options, and `env` set in order (a None value removes the variable).
+/// Runs `cumulus-etl nlp` on `task` over the notes of `dir` into `out` (NDJSON unless `extra`
+/// says otherwise) with `extra` options, and `env` set in order (a None value removes the variable).
 fn run_nlp_with(
     dir: &Path,
     out: &str,
@@ -95,9 +95,11 @@ fn run_nlp_with(
             dir.join(out).to_str().unwrap(),
             dir.join("phi").to_str().unwrap(),
             &format!("--task={task}"),
-            "--output-format=ndjson",
         ])
         .args(extra);
+    if !extra.iter().any(|o| o.starts_with("--output-format")) {
+        cmd.arg("--output-format=ndjson");
+    }
     for (name, value) in env {
         match value {
             Some(value) => cmd.env(name, value),
@@ -574,6 +576,118 @@ fn the_azure_provider_asks_the_deployment_with_its_key_and_estimates_the_cost() 
         &["--provider=azure"],
     );
     assert_stops(&run, 23, "does not support the 'azure' provider");
+}
+
+#[test]
+fn the_covid_studys_gpt_tasks_ask_azure_and_write_their_older_rows() {
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(
+        tmp.path(),
+        &[
+            (
+                "DocumentReference",
+                "1",
+                "Cough and fever since Monday.  \nNo headache",
+            ),
+            ("DiagnosticReport", "2", "Sore throat."),
+        ],
+    );
+    let endpoint = format!("http://{}", server.addr);
+    let env = [
+        ("AZURE_OPENAI_ENDPOINT", Some(endpoint.as_str())),
+        ("AZURE_OPENAI_API_KEY", Some("secret-key")),
+    ];
+    let task = "covid_symptom__nlp_results_gpt35";
+    let run = run_nlp_with(tmp.path(), "out", task, &["--provider=azure"], &env);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+
+    // GPT-3.5 takes no schema: a JSON object is asked for, the keys listed in the prompt.
+    let seen = server.requests();
+    let chat: Vec<Value> = seen
+        .iter()
+        .filter(|r| r.path.contains("/chat/completions"))
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect();
+    assert!(seen.iter().any(|r| r.path
+        == "/openai/deployments/gpt-35-turbo-0125/chat/completions?api-version=2024-10-21"));
+    assert_eq!(chat.len(), 2);
+    let request = &chat[0];
+    assert_eq!(request["response_format"], json!({"type": "json_object"}));
+    assert_eq!(
+        request["messages"][0]["content"],
+        "You are a helpful assistant."
+    );
+    let user = request["messages"][1]["content"].as_str().unwrap();
+    assert!(user.starts_with("### Instructions ###\n"), "{user}");
+    assert!(user.contains("\"Sore throat\": boolean}"), "{user}");
+    // The note's text with trailing whitespace removed from every line, as upstream sends it.
+    assert!(
+        chat.iter().any(|r| r["messages"][1]["content"]
+            .as_str()
+            .unwrap()
+            .ends_with("### Text ###\nCough and fever since Monday.\nNo headache")),
+        "{chat:?}"
+    );
+
+    // Rows in the older format: the note's id twice, bare encounter and subject ids, and the
+    // answer's aliased keys stored under the field names.
+    let rows = read_table(
+        &tmp.path().join("out/covid_symptom/nlp_results_gpt35_v3"),
+        "id",
+    );
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (docref_id, docref) = rows
+        .iter()
+        .find(|(id, _)| !id.starts_with("DiagnosticReport/"))
+        .unwrap();
+    assert_eq!(docref["docref_id"], json!(docref_id));
+    assert_eq!(docref["task_version"], 3);
+    assert_eq!(docref["system_fingerprint"], "fp_test");
+    assert!(!docref["encounter_id"].as_str().unwrap().contains('/'));
+    assert!(!docref["subject_id"].as_str().unwrap().contains('/'));
+    let symptoms = docref["symptoms"].as_object().unwrap();
+    let names: Vec<&str> = symptoms.keys().map(String::as_str).collect();
+    assert_eq!(names.len(), 11);
+    assert_eq!(names[0], "congestion_or_runny_nose");
+    assert_eq!(symptoms["cough"], true);
+    assert_eq!(symptoms["fever_or_chills"], true);
+    assert_eq!(
+        symptoms["headache"], true,
+        "the fake model reads words, not negations"
+    );
+    assert_eq!(symptoms["diarrhea"], false);
+    // A DiagnosticReport keeps its type in `id`, as upstream strips only DocumentReference/.
+    let (report_id, report) = rows
+        .iter()
+        .find(|(id, _)| id.starts_with("DiagnosticReport/"))
+        .unwrap();
+    assert_eq!(report["docref_id"], json!(report_id));
+    assert_eq!(report["symptoms"]["sore_throat"], true);
+    assert_eq!(report["symptoms"]["cough"], false);
+
+    // GPT-4 takes the strict schema, whose properties are the aliases; into Delta Lake.
+    let run = run_nlp_with(
+        tmp.path(),
+        "delta",
+        "covid_symptom__nlp_results_gpt4",
+        &["--provider=azure", "--output-format=deltalake"],
+        &env,
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let request: Value = serde_json::from_slice(&server.requests().last().unwrap().body).unwrap();
+    let properties = &request["response_format"]["json_schema"]["schema"]["properties"];
+    assert!(
+        properties["Congestion or runny nose"].is_object(),
+        "{request}"
+    );
+    let rows =
+        crate::support::read_delta_rows(&tmp.path().join("delta/covid_symptom__nlp_results_gpt4"));
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in rows {
+        assert_eq!(row["symptoms"]["congestion_or_runny_nose"], true, "{row}");
+        assert_eq!(row["task_version"], 3);
+    }
 }
 
 #[test]

@@ -189,10 +189,12 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
 }
 
 /// The models the server lists.
-pub const LLM_MODELS: [&str; 3] = [
+pub const LLM_MODELS: [&str; 5] = [
     "openai/gpt-oss-120b",
     "nvidia/Llama-4-Scout-17B-16E-Instruct-FP4",
     "gpt-4o",
+    "gpt-35-turbo-0125",
+    "gpt-4",
 ];
 
 fn answer(path: &str, body: &[u8]) -> Value {
@@ -261,11 +263,19 @@ fn ctakes_answer(note: &str) -> Value {
 fn chat_completion(request: &Value) -> Value {
     let system = request["messages"][0]["content"].as_str().unwrap_or("");
     let user = request["messages"][1]["content"].as_str().unwrap_or("");
-    // Every study's user message ends with the note, after a blank line where the study adds
-    // an introduction.
-    let note = user.rsplit("\n\n").next().unwrap_or(user);
+    // Every study's user message ends with the note: after a blank line where the study adds
+    // an introduction, after `### Text ###` in the covid study's.
+    let note = match user.rsplit_once("### Text ###\n") {
+        Some((_, note)) => note,
+        None => user.rsplit("\n\n").next().unwrap_or(user),
+    };
     let schema = &request["response_format"]["json_schema"]["schema"];
-    let content = llm_answer(schema, note).to_string();
+    let content = match schema.is_object() {
+        true => llm_answer(schema, note),
+        // A JSON object without a schema: the keys the prompt lists (the covid study's).
+        false => answer_from_prompt(user, note),
+    }
+    .to_string();
     json!({
         "id": "chatcmpl-test", "object": "chat.completion",
         "model": request["model"], "system_fingerprint": "fp_test",
@@ -303,6 +313,22 @@ fn converse(request: &Value) -> Value {
         "usage": {"inputTokens": user.len() / 4, "outputTokens": 20,
                   "cacheReadInputTokens": 0, "cacheWriteInputTokens": 100},
     })
+}
+
+/// The answer to a prompt that lists its keys as `"<key>": boolean` (the covid study's GPT
+/// prompt): each key true when the note mentions its first word (in lowercase).
+fn answer_from_prompt(prompt: &str, note: &str) -> Value {
+    let note = note.to_lowercase();
+    let mut answer = serde_json::Map::new();
+    for (end, _) in prompt.match_indices("\": boolean") {
+        let Some(start) = prompt[..end].rfind('"') else {
+            continue;
+        };
+        let key = &prompt[start + 1..end];
+        let first = key.split(' ').next().unwrap_or(key).to_lowercase();
+        answer.insert(key.to_string(), Value::Bool(note.contains(&first)));
+    }
+    Value::Object(answer)
 }
 
 /// The answer the fake model gives a note: every field as its schema types it (the first
