@@ -6,6 +6,8 @@
 #      bundled Synthea sample's DocumentReferences, NOTES of them, made current) and the same
 #      codebook, and
 #      compares their rows (all but `generated_on`);
+#      Then Azure's batch mode (`--batch`) on GPT-4o: the same batch file uploaded and the same
+#      rows written;
 #   2. runs the reference again on this tool's PHI folder: it must find every answer in the
 #      cache this tool wrote, and ask the server nothing;
 #   3. times notes per second for the example task, ours at --nlp-concurrency 1 and 8, and the
@@ -34,7 +36,8 @@ server=
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 
 port=$((20000 + RANDOM % 20000))
-python3 benches/llm_server.py "$port" "$latency" >"$work/server.out" &
+mkdir -p "$work/uploads"
+UPLOADS_DIR="$work/uploads" python3 benches/llm_server.py "$port" "$latency" >"$work/server.out" &
 server=$!
 for _ in $(seq 50); do
     curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null 2>&1 && break
@@ -145,6 +148,42 @@ for task in covid_symptom__nlp_results_gpt35 covid_symptom__nlp_results_gpt4; do
         status=1
     fi
 done
+
+# Batch mode (Azure's batch API, `--batch`): both tools send the example task's notes on GPT-4o
+# as a batch from a fresh PHI folder; the batch files they upload (sorted: the tools read notes in
+# different orders) and the rows they write must be the same.
+task=example_nlp__nlp_gpt4o
+rm -rf "$work/ours" "$work/ref" "$work/phi-b-ours" "$work/phi-b-ref" "$work/uploads"/*
+mkdir -p "$work/phi-b-ours" "$work/phi-b-ref"
+cp "$work/phi-ours/codebook.json" "$work/phi-b-ours/"
+cp "$work/phi-ours/codebook.json" "$work/phi-b-ref/"
+azure=(env AZURE_OPENAI_ENDPOINT="http://127.0.0.1:$port" AZURE_OPENAI_API_KEY=placeholder)
+"${azure[@]}" "$bin" nlp "$work/input" "$work/ours" "$work/phi-b-ours" --task "$task" \
+    --provider azure --batch --output-format ndjson >"$work/ours.log" 2>&1 ||
+    { cat "$work/ours.log"; status=1; }
+ours_upload=$(ls "$work/uploads")
+"${azure[@]}" "$venv/bin/python" "$work/reference.py" nlp "$work/input" "$work/ref" \
+    "$work/phi-b-ref" --task "$task" --provider azure --batch --output-format ndjson \
+    >"$work/ref.log" 2>&1 || { tail -20 "$work/ref.log"; status=1; }
+ref_upload=$(ls "$work/uploads" | grep -vxF "$ours_upload" || true)
+if [ -n "$ours_upload" ] && [ -n "$ref_upload" ] &&
+    cmp -s <(sort "$work/uploads/$ours_upload") <(sort "$work/uploads/$ref_upload"); then
+    echo "$task --batch: identical batch files ($(wc -l <"$work/uploads/$ours_upload") requests)"
+else
+    echo "$task --batch: batch files DIFFER (ours: ${ours_upload:-none}, reference: ${ref_upload:-none})"
+    [ -n "$ours_upload" ] && [ -n "$ref_upload" ] &&
+        diff <(sort "$work/uploads/$ours_upload") <(sort "$work/uploads/$ref_upload") | cut -c1-600 | head -4
+    status=1
+fi
+ours_rows=$(rows "$work/ours/example_nlp/nlp_gpt4o_v1")
+ref_rows=$(rows "$work/ref/example_nlp/nlp_gpt4o_v1")
+if [ "$ours_rows" = "$ref_rows" ] && [ -n "$ours_rows" ]; then
+    echo "$task --batch: identical rows ($(printf '%s\n' "$ours_rows" | grep -c .))"
+else
+    echo "$task --batch: rows DIFFER"
+    diff <(printf '%s\n' "$ours_rows") <(printf '%s\n' "$ref_rows") | head -6
+    status=1
+fi
 
 # The reference on our cache: every answer found, nothing asked.
 asked() {

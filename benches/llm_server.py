@@ -11,11 +11,14 @@ true when the note has its first word. It answers OpenAI's and Azure's paths ali
 
     benches/llm_server.py PORT [LATENCY_SECONDS]
 
-It counts chat requests and the most in flight at once (`GET /stats`), and prints them on
-SIGTERM or Ctrl-C.
+It also speaks Azure OpenAI's batch API (`/openai/files`, `/openai/batches`): a batch is complete
+when first asked about, its requests answered as above; with UPLOADS_DIR set, every uploaded batch
+file is kept there. It counts chat requests (batched ones included) and the most in flight at
+once (`GET /stats`), and prints them on SIGTERM or Ctrl-C.
 """
 
 import json
+import os
 import re
 import signal
 import sys
@@ -124,6 +127,62 @@ def converse(request):
     }
 
 
+# Azure OpenAI's batch API: files uploaded or produced, and batches (their input file).
+FILES = []
+BATCHES = []
+
+
+def upload(body, content_type):
+    """`POST /openai/files`: the `file` part of a multipart upload, kept (and written to
+    UPLOADS_DIR as `file-<n>.jsonl` when that is set, to compare what each tool uploaded)."""
+    boundary = content_type.split("boundary=", 1)[1].strip('"').encode()
+    for part in body.split(b"--" + boundary):
+        head, _, content = part.partition(b"\r\n\r\n")
+        if b'name="file"' in head:
+            data = content.removesuffix(b"\r\n")
+            with LOCK:
+                FILES.append(data)
+                n = len(FILES) - 1
+            if os.environ.get("UPLOADS_DIR"):
+                with open(os.path.join(os.environ["UPLOADS_DIR"], f"file-{n}.jsonl"), "wb") as f:
+                    f.write(data)
+            return {"id": f"file-{n}", "object": "file", "bytes": len(data),
+                    "created_at": int(time.time()), "filename": "batch.jsonl",
+                    "purpose": "batch", "status": "processed"}
+    raise ValueError("no file in the upload")
+
+
+def create_batch(request):
+    with LOCK:
+        BATCHES.append(int(request["input_file_id"].removeprefix("file-")))
+        n = len(BATCHES) - 1
+    return {"id": f"batch_{n}", "object": "batch", "endpoint": request["endpoint"],
+            "input_file_id": request["input_file_id"], "completion_window": "24h",
+            "status": "validating", "created_at": int(time.time())}
+
+
+def batch_status(batch_id):
+    """A batch is complete when first asked about: every request answered as
+    `chat/completions` answers it, in an output file made then."""
+    n = int(batch_id.removeprefix("batch_"))
+    lines = []
+    for line in FILES[BATCHES[n]].decode().splitlines():
+        row = json.loads(line)
+        with LOCK:
+            STATE["requests"] += 1
+        lines.append(json.dumps({"id": f"response-{len(lines)}", "custom_id": row["custom_id"],
+                                 "response": {"status_code": 200, "request_id": "r",
+                                              "body": completion(row["body"])},
+                                 "error": None}))
+    with LOCK:
+        FILES.append(("\n".join(lines) + "\n").encode())
+        output = f"file-{len(FILES) - 1}"
+    return {"id": batch_id, "object": "batch", "endpoint": "/v1/chat/completions",
+            "input_file_id": f"file-{BATCHES[n]}", "completion_window": "24h",
+            "status": "completed", "output_file_id": output, "error_file_id": None,
+            "created_at": int(time.time())}
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     latency = 0.0
@@ -140,18 +199,38 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def send_raw(self, data):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def do_GET(self):
+        path = self.path.split("?")[0]
         if self.path == "/stats":
             with LOCK:
                 self.answer({"requests": STATE["requests"], "peak_in_flight": STATE["peak"]})
-        elif self.path.split("?")[0].endswith("/models"):
+        elif path.endswith("/models"):
             self.answer({"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]})
+        elif path.startswith("/openai/batches/"):
+            self.answer(batch_status(path.rsplit("/", 1)[-1]))
+        elif path.startswith("/openai/files/") and path.endswith("/content"):
+            self.send_raw(FILES[int(path.split("/")[3].removeprefix("file-"))])
         else:
             self.send_error(404)
 
     def do_POST(self):
         length = int(self.headers.get("Content-Length", 0))
-        request = json.loads(self.rfile.read(length))
+        raw = self.rfile.read(length)
+        path = self.path.split("?")[0]
+        if path == "/openai/files":
+            self.answer(upload(raw, self.headers.get("Content-Type", "")))
+            return
+        if path == "/openai/batches":
+            self.answer(create_batch(json.loads(raw)))
+            return
+        request = json.loads(raw)
         with LOCK:
             STATE["requests"] += 1
             STATE["in_flight"] += 1

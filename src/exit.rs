@@ -24,13 +24,15 @@ pub enum ExitCode {
     TaskMismatch = 43,
     MultipleCohortArgs = 47,
     CohortNotFound = 48,
+    /// `--batch` for a model its provider cannot batch.
+    NlpBatchingUnsupported = 53,
     FolderDoesNotExist = 54,
     FeatureRemoved = 59,
 }
 
 impl ExitCode {
     /// Every code.
-    const ALL: [ExitCode; 20] = [
+    const ALL: [ExitCode; 21] = [
         ExitCode::Success,
         ExitCode::Failure,
         ExitCode::Usage,
@@ -49,6 +51,7 @@ impl ExitCode {
         ExitCode::TaskMismatch,
         ExitCode::MultipleCohortArgs,
         ExitCode::CohortNotFound,
+        ExitCode::NlpBatchingUnsupported,
         ExitCode::FolderDoesNotExist,
         ExitCode::FeatureRemoved,
     ];

@@ -8,29 +8,34 @@ use serde_json::ser::{CharEscape, Formatter};
 
 struct AsciiFormatter;
 
+/// Writes a string's text with every character outside printable ASCII escaped, as Python does
+/// (DEL, 0x7f, included).
+fn write_ascii_fragment<W: ?Sized + io::Write>(w: &mut W, fragment: &str) -> io::Result<()> {
+    if fragment.is_ascii() && memchr::memchr(0x7f, fragment.as_bytes()).is_none() {
+        return w.write_all(fragment.as_bytes());
+    }
+    let mut start = 0;
+    for (i, c) in fragment.char_indices() {
+        if c < '\x7f' {
+            continue;
+        }
+        w.write_all(&fragment.as_bytes()[start..i])?;
+        let mut units = [0u16; 2];
+        for unit in c.encode_utf16(&mut units) {
+            write!(w, "\\u{unit:04x}")?;
+        }
+        start = i + c.len_utf8();
+    }
+    w.write_all(&fragment.as_bytes()[start..])
+}
+
 impl Formatter for AsciiFormatter {
     fn write_string_fragment<W: ?Sized + io::Write>(
         &mut self,
         w: &mut W,
         fragment: &str,
     ) -> io::Result<()> {
-        // Python escapes every character outside printable ASCII, DEL (0x7f) included.
-        if fragment.is_ascii() && memchr::memchr(0x7f, fragment.as_bytes()).is_none() {
-            return w.write_all(fragment.as_bytes());
-        }
-        let mut start = 0;
-        for (i, c) in fragment.char_indices() {
-            if c < '\x7f' {
-                continue;
-            }
-            w.write_all(&fragment.as_bytes()[start..i])?;
-            let mut units = [0u16; 2];
-            for unit in c.encode_utf16(&mut units) {
-                write!(w, "\\u{unit:04x}")?;
-            }
-            start = i + c.len_utf8();
-        }
-        w.write_all(&fragment.as_bytes()[start..])
+        write_ascii_fragment(w, fragment)
     }
 
     fn write_char_escape<W: ?Sized + io::Write>(
@@ -40,6 +45,56 @@ impl Formatter for AsciiFormatter {
     ) -> io::Result<()> {
         serde_json::ser::CompactFormatter.write_char_escape(w, escape)
     }
+}
+
+/// `json.dumps` with its default separators (`", "` and `": "`), ASCII-only.
+struct SpacedAsciiFormatter;
+
+impl Formatter for SpacedAsciiFormatter {
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        write_ascii_fragment(w, fragment)
+    }
+
+    fn write_char_escape<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        escape: CharEscape,
+    ) -> io::Result<()> {
+        serde_json::ser::CompactFormatter.write_char_escape(w, escape)
+    }
+
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
+/// Appends `value` as Python's `json.dumps(value)` writes it: ASCII-only, `", "` between
+/// items and `": "` after keys (upstream's NLP batch files are written so).
+pub fn write_dumps_ascii<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let mut ser = serde_json::Serializer::with_formatter(out, SpacedAsciiFormatter);
+    value
+        .serialize(&mut ser)
+        .expect("serializing to memory cannot fail");
 }
 
 /// Appends `value` as compact, ASCII-only JSON.
@@ -83,6 +138,18 @@ fn needs_escape(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dumps_writes_pythons_default_separators() {
+        let mut out = Vec::new();
+        let value = serde_json::json!({"a": [1, "\u{e9}\u{7f}", {"b": null}], "c": "x\"y"});
+        write_dumps_ascii(&mut out, &value);
+        // As `json.dumps` writes it (checked against Python).
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"a": [1, "\u00e9\u007f", {"b": null}], "c": "x\"y"}"#
+        );
+    }
 
     #[test]
     fn strings_are_written_as_the_serializer_writes_them() {

@@ -9,5 +9,5 @@ pub mod tape;
 pub mod top_level;
 pub mod utf16;
 
-pub use ascii::{write_compact_ascii, write_str, write_str_parts};
+pub use ascii::{write_compact_ascii, write_dumps_ascii, write_str, write_str_parts};
 pub use tape::{Doc, Kind, Tape, Token};

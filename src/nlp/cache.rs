@@ -35,15 +35,29 @@ impl NlpCache {
         }
     }
 
+    /// The checksum a note's answer is filed under: the SHA-256 of its text, in hex.
+    pub fn checksum(text: &str) -> String {
+        hex::encode(Sha256::digest(text.as_bytes()))
+    }
+
     /// The key of the answer for `text` in `namespace`.
     pub fn key(&self, namespace: &str, text: &str) -> String {
-        let sum = hex::encode(Sha256::digest(text.as_bytes()));
-        format!("{namespace}/{}/sha256-{sum}.{}", &sum[..4], self.extension)
+        self.checksum_key(namespace, &Self::checksum(text))
+    }
+
+    fn checksum_key(&self, namespace: &str, sum: &str) -> String {
+        let prefix = sum.get(..4).unwrap_or(sum);
+        format!("{namespace}/{prefix}/sha256-{sum}.{}", self.extension)
     }
 
     /// The cached answer, if there is a readable one (anything else means: ask again).
     pub fn read<T: DeserializeOwned>(&self, namespace: &str, text: &str) -> Option<T> {
-        let bytes = self.root.read(&self.key(namespace, text)).ok()??;
+        self.read_checksum(namespace, &Self::checksum(text))
+    }
+
+    /// [`NlpCache::read`] by the text's checksum.
+    pub fn read_checksum<T: DeserializeOwned>(&self, namespace: &str, sum: &str) -> Option<T> {
+        let bytes = self.root.read(&self.checksum_key(namespace, sum)).ok()??;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -54,10 +68,42 @@ impl NlpCache {
         text: &str,
         value: &T,
     ) -> anyhow::Result<()> {
+        self.write_checksum(namespace, &Self::checksum(text), value)
+    }
+
+    /// [`NlpCache::write`] by the text's checksum (a batch's answers come back with it alone).
+    pub fn write_checksum<T: Serialize>(
+        &self,
+        namespace: &str,
+        sum: &str,
+        value: &T,
+    ) -> anyhow::Result<()> {
         // Answers hold the note's text and what was found in it: PHI, in the PHI location
         // (whose local files are private to this user).
         let data = serde_json::to_vec(value)?;
-        self.root.write(&self.key(namespace, text), data.into())
+        self.root
+            .write(&self.checksum_key(namespace, sum), data.into())
+    }
+
+    /// The namespace's `metadata.json` (upstream keeps unfinished batches there), or `{}`.
+    pub fn metadata(&self, namespace: &str) -> anyhow::Result<serde_json::Value> {
+        let key = format!("{namespace}/metadata.json");
+        Ok(match self.root.read(&key)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow::anyhow!("{key} in the NLP cache: {e}"))?,
+            None => serde_json::json!({}),
+        })
+    }
+
+    /// Replaces the namespace's `metadata.json`.
+    pub fn write_metadata(
+        &self,
+        namespace: &str,
+        metadata: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let data = serde_json::to_vec_pretty(metadata)?;
+        self.root
+            .write(&format!("{namespace}/metadata.json"), data.into())
     }
 }
 

@@ -21,9 +21,9 @@ use super::spans::locate_spans;
 
 /// An answer as the cache holds it (upstream's `PromptResponse`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct CachedAnswer {
-    answer: Value,
-    fingerprint: Option<String>,
+pub struct CachedAnswer {
+    pub answer: Value,
+    pub fingerprint: Option<String>,
 }
 
 /// Token counts of the answers asked for in this run.
@@ -36,7 +36,7 @@ pub struct TokenCounts {
 }
 
 impl TokenCounts {
-    fn add(&self, usage: Usage) {
+    pub fn add(&self, usage: Usage) {
         self.new_input
             .fetch_add(usage.new_input_tokens, Ordering::Relaxed);
         self.cache_read_input
@@ -50,9 +50,9 @@ impl TokenCounts {
 
 /// One LLM task's engine.
 pub struct LlmEngine {
-    task: &'static LlmTask,
+    pub task: &'static LlmTask,
     pub client: ChatClient,
-    cache: NlpCache,
+    pub cache: NlpCache,
     /// UTC time stamped on result rows.
     generated_on: String,
     pub tokens: TokenCounts,

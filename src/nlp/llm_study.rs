@@ -90,6 +90,9 @@ pub struct AzureModel {
     pub model: String,
     /// Whether it takes a strict JSON schema (else a JSON object is asked for).
     pub schema: bool,
+    /// Whether Azure's batch API serves it (`--batch`).
+    #[serde(default)]
+    pub batches: bool,
     pub prices: Option<TokenPrices>,
 }
 

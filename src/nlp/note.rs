@@ -112,7 +112,7 @@ pub fn note_text(note: &Value) -> Result<String, TextError> {
     } else {
         super::html::html_to_text(&text)
     };
-    Ok(text.trim_matches(super::html::is_py_space).to_string())
+    Ok(crate::json::utf16::python_strip(&text).to_string())
 }
 
 /// A parsed `Content-Type` value.

@@ -104,8 +104,11 @@ impl ChatClient {
                 api_key,
                 deployment,
             } => {
+                // The resource's own paths; the rest belong to the deployment.
                 let path = match path {
-                    "models" => "models".to_string(),
+                    p if p == "models" || p.starts_with("files") || p.starts_with("batches") => {
+                        p.to_string()
+                    }
                     other => format!("deployments/{deployment}/{other}"),
                 };
                 self.http
@@ -172,6 +175,93 @@ impl ChatClient {
         })
     }
 
+    /// Whether the model is asked through Azure OpenAI (whose batch API `--batch` uses).
+    pub fn is_azure(&self) -> bool {
+        matches!(self.endpoint, Endpoint::Azure { .. })
+    }
+
+    /// The body of a batch row: the request as upstream puts it in its batch file, which
+    /// carries the client's `timeout` argument (120 seconds) among the fields.
+    pub fn batch_body(&self, system: &str, user: &str, response_format: &Value) -> Value {
+        let request = self.request(system, user, response_format, &Value::Null);
+        let mut body = serde_json::Map::new();
+        for (key, value) in request.as_object().into_iter().flatten() {
+            if key == "response_format" {
+                body.insert("timeout".into(), json!(120));
+            }
+            body.insert(key.clone(), value.clone());
+        }
+        Value::Object(body)
+    }
+
+    /// Uploads a batch input file (`POST files`, multipart with `purpose` "batch"); its id.
+    pub async fn upload_batch_file(&self, name: &str, data: Vec<u8>) -> Result<String> {
+        // A boundary the file cannot hold: the hash of its own content.
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(&data);
+        let boundary = format!("cumulus-etl-{}", hex::encode(&digest[..16]));
+        let mut body = Vec::with_capacity(data.len() + 512);
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+                 --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(&data);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let answer = self
+            .http
+            .send(|| {
+                self.api(reqwest::Method::POST, "files")
+                    .header(
+                        "Content-Type",
+                        format!("multipart/form-data; boundary={boundary}"),
+                    )
+                    .body(body.clone())
+            })
+            .await
+            .context("uploading a batch file")?;
+        id_of(&answer, "the uploaded batch file")
+    }
+
+    /// Starts a batch of the chat completions in an uploaded file; the batch's id.
+    pub async fn create_batch(&self, file_id: &str) -> Result<String> {
+        let body = serde_json::to_vec(&json!({
+            "completion_window": "24h",
+            "endpoint": "/v1/chat/completions",
+            "input_file_id": file_id,
+        }))?;
+        let answer = self
+            .http
+            .send(|| {
+                self.api(reqwest::Method::POST, "batches")
+                    .header("Content-Type", "application/json")
+                    .body(body.clone())
+            })
+            .await
+            .context("creating a batch")?;
+        id_of(&answer, "the new batch")
+    }
+
+    /// A batch as the API describes it (`status`, `output_file_id`, `error_file_id`).
+    pub async fn batch(&self, id: &str) -> Result<Value> {
+        let answer = self
+            .http
+            .send(|| self.api(reqwest::Method::GET, &format!("batches/{id}")))
+            .await
+            .with_context(|| format!("asking about batch {id}"))?;
+        serde_json::from_slice(&answer).with_context(|| format!("batch {id}'s description"))
+    }
+
+    /// A file's content (a batch's output or errors).
+    pub async fn file_content(&self, id: &str) -> Result<Vec<u8>> {
+        self.http
+            .send(|| self.api(reqwest::Method::GET, &format!("files/{id}/content")))
+            .await
+            .with_context(|| format!("downloading file {id}"))
+    }
+
     /// Asks the model; the answer must be complete (`finish_reason` "stop") and a JSON object.
     pub async fn complete(&self, request: &Value) -> Result<Completion> {
         let body = serde_json::to_vec(request)?;
@@ -232,8 +322,19 @@ impl std::fmt::Display for ModelCheck {
     }
 }
 
+/// The `id` of an API object.
+fn id_of(answer: &[u8], what: &str) -> Result<String> {
+    let value: Value =
+        serde_json::from_slice(answer).with_context(|| format!("{what}: not JSON"))?;
+    value
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{what} has no id"))
+}
+
 /// A chat completion's answer, fingerprint and tokens.
-fn parse_completion(body: &[u8]) -> Result<Completion> {
+pub fn parse_completion(body: &[u8]) -> Result<Completion> {
     let response: Value = serde_json::from_slice(body)
         .map_err(|_| anyhow!("the NLP server answered something other than JSON"))?;
     let choice = response

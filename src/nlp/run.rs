@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::deid::{Codebook, Rules, Scrubber};
-use crate::engine::EngineConfig;
 use crate::engine::dataflow::ProducerFactory;
 use crate::engine::rows::TaskContext;
+use crate::engine::{EngineConfig, RunShared};
 use crate::etl::run::{RunBuilder, finish_tables, run_to_end, start_engine};
 use crate::etl::{
     bundle_size, check_run_arguments, list_input, open_codebook, open_errors_folder,
@@ -25,6 +25,7 @@ use crate::output::{NlpTable, OutputFormat, TableKind, nlp_files};
 use crate::store::ObjectLocation;
 use crate::time::PyDateTime;
 
+use super::batch::{self, BatchCollector};
 use super::bedrock::BedrockModel;
 use super::cache::NlpCache;
 use super::ctakes::{CtakesSymptoms, ServerUrls, check_reachable};
@@ -96,6 +97,8 @@ pub struct NlpOptions {
     pub provider: Provider,
     /// The Azure deployment to ask (`--azure-deployment`; the model's name by default).
     pub azure_deployment: Option<String>,
+    /// Ask through the provider's batch API first (`--batch`).
+    pub batch: bool,
     pub engine: EngineConfig,
     pub memory: u64,
     pub optimize_tables: bool,
@@ -485,6 +488,14 @@ fn llm_engine(
         rt.block_on(client.check_model(&listed))
             .map_err(|e| Fatal::new(ExitCode::ServiceMissing, format!("{e}{hint}")))?;
     }
+    let batches =
+        opts.provider == Provider::Azure && task.model.azure.as_ref().is_some_and(|a| a.batches);
+    if opts.batch && !batches {
+        return Err(Fatal::new(
+            ExitCode::NlpBatchingUnsupported,
+            format!("Model {listed} does not support batching."),
+        ));
+    }
     let schema = task.table_schema().map_err(Fatal::from)?;
     // A row per note: keyed by the note's reference, or by its id in the covid study's format.
     let key = match task.row_format() {
@@ -508,6 +519,149 @@ fn llm_engine(
         servers: None,
         llm: Some(engine),
     })
+}
+
+/// One pass of a task over the input's notes: read, select, de-identify, analyse with an
+/// engine, and write what it gives into an output.
+struct NotePass<'a> {
+    opts: &'a NlpOptions,
+    task: &'a NlpTask,
+    files: &'a [crate::input::InputFile],
+    codebook: &'a Arc<Codebook>,
+    run_name: String,
+    /// Notes an earlier run finished (in the output's `.ids` lists), skipped.
+    finished: &'a HashSet<String>,
+    group_key: GroupKey,
+    filters: (Option<Arc<TextFilter>>, Option<Arc<RefSelection>>),
+}
+
+impl NotePass<'_> {
+    fn run(
+        &self,
+        dispatch: Dispatch,
+        kind: TableKind,
+        errors: Option<std::fs::File>,
+        (output, format): (ObjectLocation, OutputFormat),
+        rejected: Option<std::fs::File>,
+    ) -> Result<(Arc<RunShared>, Arc<NlpShared>), Fatal> {
+        let opts = self.opts;
+        let source = self.task.source();
+        let nlp = Arc::new(
+            NlpShared::new(source.clone(), dispatch, errors)
+                .skipping(self.finished.clone(), self.group_key)
+                .filtering(self.filters.0.clone(), self.filters.1.clone()),
+        );
+        let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
+        let work = bundles::plan(self.files, bundle_bytes)?;
+        let total_bytes: u64 = self.files.iter().map(|f| f.size).sum();
+        // One task (one sink, one table writer) reads the notes of every type.
+        let contexts = vec![TaskContext {
+            task: 0,
+            table: self.task.name().to_string(),
+            resource_type: source.resources[0].clone(),
+            more_resource_types: source.resources[1..].to_vec(),
+            kind,
+            whole_chunks: true,
+            needs_shape: false,
+            // Result rows are built from Rust strings.
+            utf8_only: false,
+            completion: None,
+        }];
+        let shared = RunBuilder {
+            memory: opts.memory,
+            format,
+            output,
+            run_name: self.run_name.clone(),
+            batch_size: opts.batch_size,
+            workers: opts.engine.workers,
+            bundle_bytes,
+            errors_to: opts.errors_to.clone(),
+            rejected,
+            row_journal: None,
+            optimize_tables: opts.optimize_tables,
+        }
+        .build(
+            Scrubber::new(Rules::embedded()?, self.codebook.clone(), false),
+            self.codebook,
+            contexts,
+            work,
+        )?;
+        let producer_state = nlp.clone();
+        let producers: ProducerFactory =
+            Arc::new(move |_| Box::new(NoteRows::new(producer_state.clone())));
+        run_to_end(
+            &shared,
+            &mut start_engine(&opts.engine)?,
+            producers,
+            total_bytes,
+            opts.progress_interval,
+        )?;
+        Ok((shared, nlp))
+    }
+}
+
+/// `--batch`: resumes the batches an earlier run left, gathers the notes whose answers are not
+/// cached into new batches (a pass over the notes that writes nothing), and waits for them all;
+/// their answers land in the cache, where the task's own pass finds them.
+fn ask_in_batches(
+    pass: &NotePass<'_>,
+    llm: &Arc<LlmEngine>,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), Fatal> {
+    let poll = batch::poll_interval();
+    let earlier = batch::unfinished(llm).map_err(Fatal::from)?;
+    if !earlier.is_empty() {
+        crate::say!(
+            "Resuming {} batch{} an earlier run started.",
+            earlier.len(),
+            if earlier.len() == 1 { "" } else { "es" }
+        );
+        rt.block_on(batch::wait_all(llm, &earlier, poll))
+            .map_err(Fatal::from)?;
+    }
+    crate::say!("Gathering the notes to ask in batches...");
+    let collector = Arc::new(BatchCollector::new(llm.clone()).map_err(Fatal::from)?);
+    // The pass writes nothing anyone keeps: NDJSON into a private folder, removed after.
+    let scratch = tempfile::Builder::new()
+        .prefix("cumulus-etl-batch-pass-")
+        .tempdir()
+        .map_err(|e| Fatal::new(ExitCode::Failure, format!("a temporary folder: {e}")))?;
+    let scratch_output = ObjectLocation::local(scratch.path()).map_err(Fatal::from)?;
+    let kind = TableKind::NlpResults(Arc::new(NlpTable {
+        task_version: llm.task.definition.version,
+        schema: Arc::new(llm.task.table_schema().map_err(Fatal::from)?),
+        key: "note_ref".into(),
+        group_field: "note_ref".into(),
+    }));
+    pass.run(
+        Dispatch::Spawn(collector.clone(), rt.handle().clone()),
+        kind,
+        None,
+        (scratch_output, OutputFormat::Ndjson),
+        None,
+    )?;
+    let (sent, requests) = rt.block_on(collector.finish()).map_err(Fatal::from)?;
+    if sent.is_empty() {
+        crate::say!("Every answer is cached: no batch to send.");
+        return Ok(());
+    }
+    crate::say!(
+        "Waiting for {} batch{} of {requests} request{} (may take up to a day; an interrupted run resumes them; polling every {}).",
+        sent.len(),
+        if sent.len() == 1 { "" } else { "es" },
+        if requests == 1 { "" } else { "s" },
+        format!("{} s", poll.as_secs_f64())
+    );
+    let result = rt
+        .block_on(batch::wait_all(llm, &sent, poll))
+        .map_err(Fatal::from)?;
+    crate::say!(
+        "Batches done: {} answer{} cached, {} failed (asked again one by one).",
+        result.answers,
+        if result.answers == 1 { "" } else { "s" },
+        result.failed
+    );
+    Ok(())
 }
 
 /// Runs one task; returns whether anything failed.
@@ -550,7 +704,6 @@ fn run_task(
         }
         None => None,
     };
-    let source = task.source();
     let (version, group_key) = match task {
         NlpTask::Covid(study) => (study.task_version, GroupKey::NoteId),
         NlpTask::Llm(llm) => (llm.definition.version, GroupKey::NoteRef),
@@ -565,58 +718,27 @@ fn run_task(
             nlp_files::finished_groups(&opts.output, &name, version).map_err(Fatal::from)?
         }
     };
-    let nlp = Arc::new(
-        NlpShared::new(source.clone(), engine.dispatch, errors)
-            .skipping(finished, group_key)
-            .filtering(text_filter, cohort),
-    );
-
-    let bundle_bytes = bundle_size(opts.memory, opts.engine.workers);
-    let work = bundles::plan(files, bundle_bytes)?;
-    let total_bytes: u64 = files.iter().map(|f| f.size).sum();
-    // One task (one sink, one table writer) reads the notes of every type.
-    let contexts = vec![TaskContext {
-        task: 0,
-        table: name.clone(),
-        resource_type: source.resources[0].clone(),
-        more_resource_types: source.resources[1..].to_vec(),
-        kind: engine.kind.clone(),
-        whole_chunks: true,
-        needs_shape: false,
-        // Result rows are built from Rust strings.
-        utf8_only: false,
-        completion: None,
-    }];
-    let shared = RunBuilder {
-        memory: opts.memory,
-        format: opts.output_format,
-        output: opts.output.clone(),
-        run_name: started.folder_name(),
-        batch_size: opts.batch_size,
-        workers: opts.engine.workers,
-        bundle_bytes,
-        errors_to: opts.errors_to.clone(),
-        rejected,
-        row_journal: None,
-        optimize_tables: opts.optimize_tables,
-    }
-    .build(
-        Scrubber::new(Rules::embedded()?, codebook.clone(), false),
+    let pass = NotePass {
+        opts,
+        task,
+        files,
         codebook,
-        contexts,
-        work,
+        run_name: started.folder_name(),
+        finished: &finished,
+        group_key,
+        filters: (text_filter, cohort),
+    };
+    if let (true, Some(llm), Some(rt)) = (opts.batch, &engine.llm, runtime) {
+        ask_in_batches(&pass, llm, rt)?;
+    }
+    let (shared, nlp) = pass.run(
+        engine.dispatch,
+        engine.kind.clone(),
+        errors,
+        (opts.output.clone(), opts.output_format),
+        rejected,
     )?;
-    let producer_state = nlp.clone();
-    let producers: ProducerFactory =
-        Arc::new(move |_| Box::new(NoteRows::new(producer_state.clone())));
-    run_to_end(
-        &shared,
-        &mut start_engine(&opts.engine)?,
-        producers,
-        total_bytes,
-        opts.progress_interval,
-    )?;
-
+    let total_bytes: u64 = files.iter().map(|f| f.size).sum();
     shared.touch_if_empty(&name, &shared.work.tasks[0])?;
     finish_tables(&shared, opts.optimize_tables);
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -676,7 +798,9 @@ fn run_task(
                 + written as f64 * prices.cache_written_input_tokens
                 + n(&llm.tokens.output) as f64 * prices.output_tokens)
                 / 1000.0
-                * prices.multiplier;
+                * prices.multiplier
+                // Azure bills batches at half price, as upstream counts them.
+                * if opts.batch { 0.5 } else { 1.0 };
             crate::say!("Estimated cost (prices as of {}): ${cost:.2}", prices.date);
         }
     }

@@ -691,6 +691,160 @@ fn the_covid_studys_gpt_tasks_ask_azure_and_write_their_older_rows() {
 }
 
 #[test]
+fn batch_mode_sends_uncached_notes_as_an_azure_batch_and_resumes_an_unfinished_one() {
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    let texts = ["Patient is 45 years old", "the model is overloaded today"];
+    write_notes(
+        tmp.path(),
+        &[
+            ("DocumentReference", "1", texts[0]),
+            ("DocumentReference", "2", texts[0]),
+            ("DiagnosticReport", "3", texts[1]),
+        ],
+    );
+    let endpoint = format!("http://{}", server.addr);
+    let env = [
+        ("AZURE_OPENAI_ENDPOINT", Some(endpoint.as_str())),
+        ("AZURE_OPENAI_API_KEY", Some("secret-key")),
+        ("CUMULUS_ETL_BATCH_POLL_SECONDS", Some("0.05")),
+    ];
+    let task = "example_nlp__nlp_gpt4o";
+    let batch = ["--provider=azure", "--batch"];
+    let run = run_nlp_with(tmp.path(), "out", task, &batch, &env);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let err = stderr(&run);
+    assert!(
+        err.contains("Started batch batch_0 of 2 requests."),
+        "{err}"
+    );
+    assert!(err.contains("the model is overloaded"), "{err}");
+
+    // One file of the two texts (the repeated one once), as upstream writes batch rows.
+    let seen = server.requests();
+    let paths: Vec<&str> = seen
+        .iter()
+        .map(|r| r.path.split('?').next().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/openai/models",
+            "/openai/files",
+            "/openai/batches",
+            "/openai/batches/batch_0",
+            "/openai/batches/batch_0",
+            // The errors (file-2) are read first, then the answers (file-1).
+            "/openai/files/file-2/content",
+            "/openai/files/file-1/content",
+            "/openai/deployments/gpt-4o/chat/completions",
+        ]
+    );
+    assert!(
+        seen[1]
+            .content_type
+            .starts_with("multipart/form-data; boundary=")
+    );
+    let uploaded = server.state.files.lock().unwrap()[0].clone();
+    let rows: Vec<Value> = String::from_utf8(uploaded)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    let sum = |t: &str| hex::encode(Sha256::digest(t.as_bytes()));
+    let mut ids: Vec<&str> = rows
+        .iter()
+        .map(|r| r["custom_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut expected = [sum(texts[0]), sum(texts[1])];
+    expected.sort();
+    assert_eq!(ids, expected);
+    let row = rows
+        .iter()
+        .find(|r| r["custom_id"] == sum(texts[0]))
+        .unwrap();
+    assert_eq!(row["method"], "POST");
+    assert_eq!(row["url"], "/v1/chat/completions");
+    let body = row["body"].as_object().unwrap();
+    let keys: Vec<&str> = body.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "model",
+            "messages",
+            "seed",
+            "temperature",
+            "timeout",
+            "response_format"
+        ]
+    );
+    assert_eq!(body["model"], "gpt-4o");
+    assert_eq!(body["timeout"], 120);
+    assert_eq!(body["response_format"]["json_schema"]["strict"], true);
+    assert_eq!(body["messages"][1]["content"], texts[0]);
+    let created: Value = serde_json::from_slice(&seen[2].body).unwrap();
+    assert_eq!(
+        created,
+        json!({"completion_window": "24h", "endpoint": "/v1/chat/completions",
+               "input_file_id": "file-0"})
+    );
+    // The failed request was asked online; every note has its row and its cached answer.
+    let rows = read_table(&tmp.path().join("out/example_nlp/nlp_gpt4o_v1"), "note_ref");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let cache = tmp.path().join("phi/nlp-cache/example_nlp__nlp_gpt4o_v1");
+    for text in texts {
+        let s = sum(text);
+        assert!(
+            cache
+                .join(&s[..4])
+                .join(format!("sha256-{s}.cache"))
+                .exists()
+        );
+    }
+    let metadata: Value =
+        serde_json::from_slice(&std::fs::read(cache.join("metadata.json")).unwrap()).unwrap();
+    assert_eq!(metadata, json!({"batches-azure": []}));
+
+    // An interrupted run left a batch behind: the next run waits for it first, and batches
+    // only what it did not answer.
+    std::fs::remove_dir_all(&cache).unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(
+        cache.join("metadata.json"),
+        json!({"batches-azure": ["batch_0"]}).to_string(),
+    )
+    .unwrap();
+    let run = run_nlp_with(tmp.path(), "out2", task, &batch, &env);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let err = stderr(&run);
+    assert!(
+        err.contains("Resuming 1 batch an earlier run started."),
+        "{err}"
+    );
+    assert!(err.contains("Started batch batch_1 of 1 request."), "{err}");
+    assert_eq!(
+        read_table(
+            &tmp.path().join("out2/example_nlp/nlp_gpt4o_v1"),
+            "note_ref"
+        )
+        .len(),
+        3
+    );
+
+    // A model Azure does not batch, or a provider without batches, stops the run.
+    let run = run_nlp_with(
+        tmp.path(),
+        "out3",
+        "covid_symptom__nlp_results_gpt4",
+        &batch,
+        &env,
+    );
+    assert_stops(&run, 53, "Model gpt-4 does not support batching.");
+}
+
+#[test]
 fn notes_are_selected_by_a_cohort_of_original_or_anonymous_ids() {
     let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
     let tmp = tempfile::tempdir().unwrap();

@@ -45,6 +45,10 @@ pub struct ServerState {
     pub peak_in_flight: AtomicUsize,
     /// TCP connections accepted (fewer than requests when the client reuses them).
     pub connections: AtomicUsize,
+    /// Azure's batch API: uploaded and produced files, and batches (their input file and how
+    /// many times they were looked at).
+    pub files: Mutex<Vec<Vec<u8>>>,
+    pub batches: Mutex<Vec<(usize, usize)>>,
 }
 
 /// A running fake server (stops with its runtime when dropped).
@@ -165,13 +169,17 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
         let (status, answer) = match failure {
             Some(0) => {
                 tokio::time::sleep(STALL).await;
-                (200, answer(&path, &body))
+                (200, answer(&path, &body, &state))
             }
             Some(code) => (code, json!({"error": "injected"})),
-            None => (200, answer(&path, &body)),
+            None => (200, answer(&path, &body, &state)),
         };
         state.in_flight.fetch_sub(1, Ordering::SeqCst);
-        let text = answer.to_string();
+        // A file's content is sent as it is; everything else as JSON.
+        let text = match answer {
+            Value::String(raw) => raw,
+            other => other.to_string(),
+        };
         let reason = if status == 200 { "OK" } else { "Error" };
         let response = format!(
             "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
@@ -197,8 +205,11 @@ pub const LLM_MODELS: [&str; 5] = [
     "gpt-4",
 ];
 
-fn answer(path: &str, body: &[u8]) -> Value {
+fn answer(path: &str, body: &[u8], state: &ServerState) -> Value {
     let path = path.split('?').next().unwrap_or(path);
+    if let Some(answer) = batch_api(path, body, state) {
+        return answer;
+    }
     if path.ends_with("/models") {
         let data: Vec<Value> = LLM_MODELS
             .iter()
@@ -225,6 +236,90 @@ fn answer(path: &str, body: &[u8]) -> Value {
         return json!({ "statuses": statuses });
     }
     ctakes_answer(&String::from_utf8_lossy(body))
+}
+
+/// Azure OpenAI's batch API under `/openai/`: `files` takes a multipart upload, `batches`
+/// starts a batch of an uploaded file, `batches/<id>` says it is in progress the first time it
+/// is asked and completed after (its output file made then: every request of the input
+/// answered as `chat/completions` answers it, but a note that says "overloaded" failed), and
+/// `files/<id>/content` gives a file.
+fn batch_api(path: &str, body: &[u8], state: &ServerState) -> Option<Value> {
+    let rest = path.strip_prefix("/openai/")?;
+    let file_id = |n: usize| format!("file-{n}");
+    let number = |id: &str, prefix: &str| id.strip_prefix(prefix)?.parse::<usize>().ok();
+    if rest == "files" {
+        let text = String::from_utf8_lossy(body);
+        let boundary = text.lines().next()?.trim().to_string();
+        let part = text
+            .split(&boundary)
+            .find(|p| p.contains("name=\"file\""))?;
+        let content = part.split_once("\r\n\r\n")?.1;
+        let content = content.strip_suffix("\r\n").unwrap_or(content);
+        let mut files = state.files.lock().unwrap();
+        files.push(content.as_bytes().to_vec());
+        return Some(json!({"id": file_id(files.len() - 1), "object": "file", "purpose": "batch"}));
+    }
+    if rest == "batches" {
+        let request: Value = serde_json::from_slice(body).ok()?;
+        let input = number(request["input_file_id"].as_str()?, "file-")?;
+        let mut batches = state.batches.lock().unwrap();
+        batches.push((input, 0));
+        return Some(json!({"id": format!("batch_{}", batches.len() - 1), "status": "validating"}));
+    }
+    if let Some(id) = rest.strip_prefix("batches/") {
+        let n = number(id, "batch_")?;
+        let (input, looks) = {
+            let mut batches = state.batches.lock().unwrap();
+            let batch = batches.get_mut(n)?;
+            batch.1 += 1;
+            *batch
+        };
+        if looks == 1 {
+            return Some(json!({"id": id, "status": "in_progress"}));
+        }
+        let input = state.files.lock().unwrap().get(input)?.clone();
+        let mut output = String::new();
+        let mut errors = String::new();
+        for line in String::from_utf8_lossy(&input).lines() {
+            let row: Value = serde_json::from_str(line).ok()?;
+            let user = row["body"]["messages"][1]["content"].as_str().unwrap_or("");
+            if user.contains("overloaded") {
+                errors.push_str(
+                    &json!({"custom_id": row["custom_id"], "error": {"message": {"error":
+                    {"message": "the model is overloaded"}}}})
+                    .to_string(),
+                );
+                errors.push('\n');
+                continue;
+            }
+            let completion = chat_completion(&row["body"]);
+            output.push_str(
+                &json!({"custom_id": row["custom_id"],
+                "response": {"status_code": 200, "body": completion}})
+                .to_string(),
+            );
+            output.push('\n');
+        }
+        let mut files = state.files.lock().unwrap();
+        files.push(output.into_bytes());
+        let output_id = file_id(files.len() - 1);
+        let error_id = (!errors.is_empty()).then(|| {
+            files.push(errors.into_bytes());
+            file_id(files.len() - 1)
+        });
+        return Some(
+            json!({"id": id, "status": "completed", "output_file_id": output_id,
+                           "error_file_id": error_id}),
+        );
+    }
+    let id = rest.strip_prefix("files/")?.strip_suffix("/content")?;
+    let file = state
+        .files
+        .lock()
+        .unwrap()
+        .get(number(id, "file-")?)?
+        .clone();
+    Some(Value::String(String::from_utf8_lossy(&file).into_owned()))
 }
 
 /// The mock cTAKES answer (UTF-16 offsets, as the Java server reports them).

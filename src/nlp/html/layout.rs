@@ -7,8 +7,8 @@
 //! is unescaped once more as it is written).
 
 use super::entities::unescape;
-use super::is_py_space;
 use super::tree::{Element, Node};
+use crate::json::utf16::is_python_space;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Display {
@@ -145,10 +145,10 @@ impl Style {
             };
             // inscriptis names its handlers after the key, so `margin_top` works too.
             let key = key
-                .trim_matches(is_py_space)
+                .trim_matches(is_python_space)
                 .replace("-webkit-", "")
                 .replace('_', "-");
-            let value = value.trim_matches(is_py_space);
+            let value = value.trim_matches(is_python_space);
             match key.as_str() {
                 "display" if self.display != Display::None => {
                     self.display = match value {
@@ -201,10 +201,10 @@ impl Style {
             return self;
         }
         if self.limit_whitespace_affixes && parent.whitespace == WhiteSpace::Pre {
-            if is_all_py_space(self.prefix) {
+            if is_all_python_space(self.prefix) {
                 self.prefix = "";
             }
-            if is_all_py_space(self.suffix) {
+            if is_all_python_space(self.suffix) {
                 self.suffix = "";
             }
         }
@@ -275,8 +275,8 @@ fn em_length(value: &str) -> Option<i64> {
     None
 }
 
-fn is_all_py_space(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(is_py_space)
+fn is_all_python_space(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(is_python_space)
 }
 
 fn spaces(n: i64) -> String {
@@ -429,7 +429,7 @@ impl Canvas {
     fn merge_normal(&mut self, text: &str) {
         let mut normalized = String::new();
         for c in text.chars() {
-            if !is_py_space(c) {
+            if !is_python_space(c) {
                 normalized.push(c);
                 self.collapsable_whitespace = false;
             } else if !self.collapsable_whitespace {
@@ -677,7 +677,7 @@ impl Layout {
         };
         // Text inside the table but in no cell goes before it.
         let outside = self.canvas(style.canvas).text();
-        let outside = outside.trim_matches(is_py_space);
+        let outside = outside.trim_matches(is_python_space);
         if !outside.is_empty() {
             self.write_styled(1, outside);
             let parent_canvas = self.styles[self.styles.len() - 2].canvas;

@@ -10,7 +10,7 @@ mod tree;
 
 /// The text of an HTML document, as `inscriptis.get_text` gives it.
 pub fn html_to_text(html: &str) -> String {
-    let html = html.trim_matches(is_py_space);
+    let html = crate::json::utf16::python_strip(html);
     if html.is_empty() {
         return String::new();
     }
@@ -20,12 +20,6 @@ pub fn html_to_text(html: &str) -> String {
         Some(root) => layout::render(&root),
         None => String::new(),
     }
-}
-
-/// Whitespace as Python's `str.isspace` counts it (and `str.strip` strips it): Unicode's
-/// white space and the four information separators.
-pub fn is_py_space(c: char) -> bool {
-    c.is_whitespace() || ('\x1c'..='\x1f').contains(&c)
 }
 
 /// The document without a leading `<?xml ...?>` declaration.
