@@ -22,6 +22,9 @@ pub enum ExitCode {
     MissingRequestedResources = 36,
     WrongPhiFolder = 41,
     TaskMismatch = 43,
+    AthenaTableTooBig = 44,
+    AthenaTableNameInvalid = 45,
+    AthenaDatabaseMissing = 46,
     MultipleCohortArgs = 47,
     CohortNotFound = 48,
     /// `--batch` for a model its provider cannot batch.
@@ -32,7 +35,7 @@ pub enum ExitCode {
 
 impl ExitCode {
     /// Every code.
-    const ALL: [ExitCode; 21] = [
+    const ALL: [ExitCode; 24] = [
         ExitCode::Success,
         ExitCode::Failure,
         ExitCode::Usage,
@@ -49,6 +52,9 @@ impl ExitCode {
         ExitCode::MissingRequestedResources,
         ExitCode::WrongPhiFolder,
         ExitCode::TaskMismatch,
+        ExitCode::AthenaTableTooBig,
+        ExitCode::AthenaTableNameInvalid,
+        ExitCode::AthenaDatabaseMissing,
         ExitCode::MultipleCohortArgs,
         ExitCode::CohortNotFound,
         ExitCode::NlpBatchingUnsupported,

@@ -188,7 +188,21 @@ pub struct NlpEngineArgs {
     /// Only the notes (or patients' notes) listed by anonymous id in this CSV file.
     #[arg(long, value_name = "FILE")]
     pub select_by_anon_csv: Option<std::path::PathBuf>,
-    /// Accepted for upstream's command lines: this tool never asks before a large selection.
+    /// Only the notes (or patients' notes) whose anonymous ids an Athena table lists
+    /// (`DB.TABLE`, or `TABLE` in `--athena-database`).
+    #[arg(long, value_name = "DB.TABLE")]
+    pub select_by_athena_table: Option<String>,
+    /// The region of the Athena workgroup (default: the AWS account's, else us-east-1).
+    #[arg(long, value_name = "REGION")]
+    pub athena_region: Option<String>,
+    /// The Athena workgroup to query in.
+    #[arg(long, value_name = "GROUP")]
+    pub athena_workgroup: Option<String>,
+    /// The Athena database of the cohort table.
+    #[arg(long, value_name = "DB")]
+    pub athena_database: Option<String>,
+    /// Accepted for upstream's command lines: this tool never asks before a large selection;
+    /// an Athena cohort of more than 50,000 rows needs it.
     #[arg(long)]
     pub allow_large_selection: bool,
     /// Which service answers the LLM tasks.
@@ -560,17 +574,29 @@ fn nlp_options(
             reject_words: nlp.reject_by_word.clone(),
             reject_regexes: nlp.reject_by_regex.clone(),
         },
-        cohort_csv: match (&nlp.select_by_csv, &nlp.select_by_anon_csv) {
-            (Some(_), Some(_)) => {
+        cohort: {
+            use crate::nlp::run::Cohort;
+            let given = [
+                nlp.select_by_csv.clone().map(Cohort::Csv),
+                nlp.select_by_anon_csv.clone().map(Cohort::AnonCsv),
+                nlp.select_by_athena_table.clone().map(Cohort::AthenaTable),
+            ];
+            let mut given = given.into_iter().flatten();
+            let cohort = given.next();
+            if given.next().is_some() {
                 return Err(Fatal::new(
                     ExitCode::MultipleCohortArgs,
                     "Multiple CSV selection arguments provided. Please specify just one.",
                 ));
             }
-            (Some(path), None) => Some((path.clone(), false)),
-            (None, Some(path)) => Some((path.clone(), true)),
-            (None, None) => None,
+            cohort
         },
+        athena: crate::nlp::athena::AthenaSettings {
+            region: nlp.athena_region.clone(),
+            workgroup: nlp.athena_workgroup.clone(),
+            database: nlp.athena_database.clone(),
+        },
+        allow_large_selection: nlp.allow_large_selection,
         engine: settings.engine,
         memory: settings.memory,
         optimize_tables: settings.optimize_tables,

@@ -32,12 +32,10 @@ const SIGNING_SERVICE: &str = "bedrock";
 impl BedrockModel {
     /// The runtime of `region`, or the endpoint the environment names for it (as boto3 reads it).
     pub fn base_url_from_env(region: &str) -> String {
-        let named = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        named("AWS_ENDPOINT_URL_BEDROCK_RUNTIME")
-            .or_else(|| named("AWS_ENDPOINT_URL"))
-            .unwrap_or_else(|| format!("https://bedrock-runtime.{region}.amazonaws.com"))
-            .trim_end_matches('/')
-            .to_string()
+        crate::store::aws_api::service_url(
+            "AWS_ENDPOINT_URL_BEDROCK_RUNTIME",
+            format!("https://bedrock-runtime.{region}.amazonaws.com"),
+        )
     }
 
     /// The Converse URL of the model (its id escaped as one path segment, as botocore does).
@@ -89,16 +87,13 @@ impl BedrockModel {
         url: &str,
         body: &[u8],
     ) -> Result<reqwest::header::HeaderMap> {
-        let mut request =
-            object_store::client::HttpRequest::new(bytes::Bytes::copy_from_slice(body).into());
-        *request.method_mut() = reqwest::Method::POST;
-        *request.uri_mut() = url.parse()?;
-        request
-            .headers_mut()
-            .insert("content-type", "application/json".parse()?);
-        object_store::aws::AwsAuthorizer::new(credential, SIGNING_SERVICE, &self.region)
-            .authorize(&mut request, None);
-        Ok(request.headers().clone())
+        crate::store::aws_api::signed_post(
+            credential,
+            (SIGNING_SERVICE, &self.region),
+            url,
+            "application/json",
+            body,
+        )
     }
 }
 

@@ -2,6 +2,7 @@
 //! cNLP servers, declared in `dataflows/covid_symptom*.toml`, and upstream's LLM studies against
 //! OpenAI-compatible servers, derived into `dataflows/llm/`. See `docs/nlp.md`.
 
+pub mod athena;
 pub mod batch;
 pub mod bedrock;
 pub mod cache;

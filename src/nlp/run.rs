@@ -25,6 +25,7 @@ use crate::output::{NlpTable, OutputFormat, TableKind, nlp_files};
 use crate::store::ObjectLocation;
 use crate::time::PyDateTime;
 
+use super::athena::{self, AthenaSettings};
 use super::batch::{self, BatchCollector};
 use super::bedrock::BedrockModel;
 use super::cache::NlpCache;
@@ -46,6 +47,15 @@ pub enum EngineKind {
     Embedded,
     /// cTAKES REST plus cNLP transformers servers.
     Ctakes,
+}
+
+/// The notes' cohort: a CSV file of original or anonymous ids, or an Athena table of
+/// anonymous ones.
+#[derive(Debug, Clone)]
+pub enum Cohort {
+    Csv(PathBuf),
+    AnonCsv(PathBuf),
+    AthenaTable(String),
 }
 
 /// Which service answers the LLM tasks (`--provider`), as upstream names them.
@@ -92,7 +102,11 @@ pub struct NlpOptions {
     /// `--select-by-*` and `--reject-by-*` on the notes' text.
     pub text_rules: TextRules,
     /// `--select-by-csv` (false) or `--select-by-anon-csv` (true): a cohort file.
-    pub cohort_csv: Option<(PathBuf, bool)>,
+    pub cohort: Option<Cohort>,
+    /// Where an Athena cohort table is queried.
+    pub athena: AthenaSettings,
+    /// An Athena cohort may have more than 50,000 rows.
+    pub allow_large_selection: bool,
     /// Where the LLM tasks' models are asked (`--provider`).
     pub provider: Provider,
     /// The Azure deployment to ask (`--azure-deployment`; the model's name by default).
@@ -216,13 +230,17 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     let text_filter = TextFilter::new(&opts.text_rules)
         .map_err(|e| Fatal::new(ExitCode::ArgsInvalid, format!("{e:#}")))?
         .map(Arc::new);
-    let cohort = match &opts.cohort_csv {
-        Some((path, anonymous)) => Some(Arc::new(
-            RefSelection::from_csv(path, *anonymous)
-                .map_err(|e| Fatal::new(ExitCode::CohortNotFound, format!("{e:#}")))?,
-        )),
+    let not_found = |e: anyhow::Error| Fatal::new(ExitCode::CohortNotFound, format!("{e:#}"));
+    let cohort = match &opts.cohort {
+        Some(Cohort::Csv(path)) => Some(RefSelection::from_csv(path, false).map_err(not_found)?),
+        Some(Cohort::AnonCsv(path)) => Some(RefSelection::from_csv(path, true).map_err(not_found)?),
+        Some(Cohort::AthenaTable(table)) => {
+            let csv = athena::cohort_csv(table, &opts.athena, opts.allow_large_selection)?;
+            Some(RefSelection::from_reader(csv.as_bytes(), table, true).map_err(not_found)?)
+        }
         None => None,
-    };
+    }
+    .map(Arc::new);
     let rejected = open_errors_folder(&opts.errors_to)?;
     let wanted: HashSet<String> = tasks.iter().flat_map(|t| t.source().resources).collect();
     let found = discover(&list_input(input)?, Some(&wanted), ElementModel::r4())?;

@@ -103,11 +103,21 @@ impl RefSelection {
     /// the file has no note columns. Columns are matched without case; `anonymous` files may
     /// also name them `anon_<column>` (preferred).
     pub fn from_csv(path: &Path, anonymous: bool) -> Result<RefSelection> {
-        let mut reader =
-            csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_reader(file, &path.display().to_string(), anonymous)
+    }
+
+    /// [`RefSelection::from_csv`] from CSV text read from `input`, which messages call `name`.
+    pub fn from_reader(
+        input: impl std::io::Read,
+        name: &str,
+        anonymous: bool,
+    ) -> Result<RefSelection> {
+        let mut reader = csv::Reader::from_reader(input);
         let headers: Vec<String> = reader
             .headers()
-            .with_context(|| format!("reading {}", path.display()))?
+            .with_context(|| format!("reading {name}"))?
             .iter()
             .map(str::to_lowercase)
             .collect();
@@ -119,8 +129,7 @@ impl RefSelection {
         };
         if report.is_none() && document.is_none() && patient.is_none() {
             return Err(anyhow!(
-                "No patient or note IDs found in CSV file '{}'.",
-                path.display()
+                "No patient or note IDs found in CSV file '{name}'."
             ));
         }
         let mut selection = RefSelection {
@@ -128,7 +137,7 @@ impl RefSelection {
             ..Default::default()
         };
         for row in reader.records() {
-            let row = row.with_context(|| format!("reading {}", path.display()))?;
+            let row = row.with_context(|| format!("reading {name}"))?;
             let cell = |c: &Option<Column>| c.as_ref().and_then(|c| c.reference(&row));
             if let Some(note) = cell(&report).or_else(|| cell(&document)) {
                 selection.notes.insert(note);

@@ -12,7 +12,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::nlp_server::{FakeNlpServer, llm_answer};
+use super::nlp_server::{FakeNlpServer, Seen, llm_answer};
 use super::support::{read_table, stderr};
 
 const TASK: &str = "example_nlp__nlp_gpt_oss_120b";
@@ -898,6 +898,150 @@ fn notes_are_selected_by_a_cohort_of_original_or_anonymous_ids() {
     std::fs::write(&csv, "name\nx\n").unwrap();
     let run = run_llm(&server, tmp.path(), "out5", TASK, &[&both[0]]);
     assert_stops(&run, 48, "No patient or note IDs found in CSV file");
+}
+
+#[test]
+fn notes_are_selected_by_an_athena_table_of_anonymous_ids() {
+    // The test's server answers Athena's JSON API too (moto's Athena does not speak the
+    // protocol its own botocore now uses).
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(
+        tmp.path(),
+        &[
+            ("DocumentReference", "1", "first note"),
+            ("DocumentReference", "2", "second note"),
+            ("DocumentReference", "3", "third note"),
+        ],
+    );
+    // The anonymous references of notes 1 and 3, from a run that selects them by original id.
+    let csv = tmp.path().join("cohort.csv");
+    std::fs::write(&csv, "docref_id\n1\n3\n").unwrap();
+    let picked = cohort_run(&server, tmp.path(), "out", "--select-by-csv", &csv);
+    assert_eq!(picked.len(), 2);
+    let endpoint = format!("http://{}", server.addr);
+    let run = |out: &str, extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cumulus-etl"));
+        cmd.arg("nlp")
+            .args([
+                tmp.path().join("input").to_str().unwrap(),
+                tmp.path().join(out).to_str().unwrap(),
+                tmp.path().join("phi").to_str().unwrap(),
+                &format!("--task={TASK}"),
+                "--output-format=ndjson",
+                "--athena-workgroup=cumulus",
+            ])
+            .args(extra)
+            .env("CUMULUS_GPT_OSS_120B_URL", server.llm_url())
+            .env("AWS_ENDPOINT_URL_ATHENA", &endpoint)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-west-2");
+        cmd.output().unwrap()
+    };
+    let queue = |results: Vec<Vec<Vec<&str>>>| {
+        let owned = results
+            .into_iter()
+            .map(|rows| {
+                rows.into_iter()
+                    .map(|row| row.into_iter().map(str::to_string).collect())
+                    .collect()
+            })
+            .collect();
+        *server.state.athena_results.lock().unwrap() = owned;
+    };
+    // The count, then the rows (the column names first; three rows: two pages).
+    queue(vec![
+        vec![vec!["_col0"], vec!["2"]],
+        vec![
+            vec!["note_ref", "reason"],
+            vec![&picked[0], "in the cohort"],
+            vec![&picked[1], "also"],
+        ],
+    ]);
+    let selected = run(
+        "athena",
+        &["--select-by-athena-table=cohort", "--athena-database=study"],
+    );
+    assert_eq!(selected.status.code(), Some(0), "{}", stderr(&selected));
+    let rows = read_table(
+        &tmp.path().join("athena/example_nlp/nlp_gpt_oss_120b_v1"),
+        "note_ref",
+    );
+    assert_eq!(rows.into_keys().collect::<Vec<_>>(), picked);
+    let athena: Vec<Seen> = server
+        .requests()
+        .into_iter()
+        .filter(|r| !r.target.is_empty())
+        .collect();
+    let targets: Vec<&str> = athena.iter().map(|r| r.target.as_str()).collect();
+    let query = [
+        "AmazonAthena.StartQueryExecution",
+        "AmazonAthena.GetQueryExecution",
+        "AmazonAthena.GetQueryExecution",
+        "AmazonAthena.GetQueryResults",
+    ];
+    let mut expected = query.to_vec();
+    expected.extend(query);
+    expected.push("AmazonAthena.GetQueryResults");
+    assert_eq!(targets, expected);
+    let start: Value = serde_json::from_slice(&athena[0].body).unwrap();
+    assert_eq!(
+        start,
+        json!({"QueryString": "SELECT count(*) FROM \"cohort\"",
+               "QueryExecutionContext": {"Database": "study"}, "WorkGroup": "cumulus"})
+    );
+    let start: Value = serde_json::from_slice(&athena[4].body).unwrap();
+    assert_eq!(start["QueryString"], "SELECT * FROM \"cohort\"");
+    assert!(
+        athena[0]
+            .authorization
+            .contains("/us-west-2/athena/aws4_request"),
+        "{}",
+        athena[0].authorization
+    );
+
+    // A table of more than 50,000 rows needs --allow-large-selection.
+    queue(vec![vec![vec!["_col0"], vec!["60000"]]]);
+    let large = run("large", &["--select-by-athena-table=study.cohort"]);
+    assert_stops(
+        &large,
+        44,
+        "Athena cohort in 'cohort' is very large (60,000 rows).",
+    );
+    queue(vec![
+        vec![vec!["_col0"], vec!["60000"]],
+        vec![vec!["note_ref"], vec![&picked[0]]],
+    ]);
+    let allowed = run(
+        "allowed",
+        &[
+            "--select-by-athena-table=study.cohort",
+            "--allow-large-selection",
+        ],
+    );
+    assert_eq!(allowed.status.code(), Some(0), "{}", stderr(&allowed));
+
+    // No database, a name Athena would not take as is, or two cohorts at once stop the run.
+    let run_stops = |extra: &[&str], code: i32, says: &str| {
+        assert_stops(&run("stopped", extra), code, says);
+    };
+    run_stops(
+        &["--select-by-athena-table=cohort"],
+        46,
+        "You must provide an Athena database with --athena-database.",
+    );
+    run_stops(
+        &["--select-by-athena-table=study.co;hort"],
+        45,
+        "Athena table name 'co;hort' has invalid characters.",
+    );
+    let both = format!("--select-by-anon-csv={}", csv.display());
+    run_stops(
+        &["--select-by-athena-table=study.cohort", &both],
+        47,
+        "Multiple CSV selection arguments provided",
+    );
 }
 
 /// The notes (`note_ref`) a run with the cohort `option=csv` wrote into `out`.

@@ -30,6 +30,8 @@ pub struct Seen {
     pub api_key: String,
     /// The `authorization` header (AWS's signature, for Bedrock).
     pub authorization: String,
+    /// `X-Amz-Target`: the operation of an AWS JSON API (Athena's).
+    pub target: String,
     pub body: Vec<u8>,
 }
 
@@ -49,6 +51,10 @@ pub struct ServerState {
     /// many times they were looked at).
     pub files: Mutex<Vec<Vec<u8>>>,
     pub batches: Mutex<Vec<(usize, usize)>>,
+    /// Athena: the results the next queries give (rows of text cells, the column names first),
+    /// and the queries started (their text and their result).
+    pub athena_results: Mutex<Vec<Vec<Vec<String>>>>,
+    pub athena_queries: Mutex<Vec<(String, Vec<Vec<String>>)>>,
 }
 
 /// A running fake server (stops with its runtime when dropped).
@@ -129,6 +135,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
         let mut content_type = String::new();
         let mut api_key = String::new();
         let mut authorization = String::new();
+        let mut target = String::new();
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
@@ -144,6 +151,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
                     "content-type" => content_type = value.trim().to_string(),
                     "api-key" => api_key = value.trim().to_string(),
                     "authorization" => authorization = value.trim().to_string(),
+                    "x-amz-target" => target = value.trim().to_string(),
                     _ => {}
                 }
             }
@@ -159,6 +167,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
             content_type,
             api_key,
             authorization,
+            target: target.clone(),
             body: body.clone(),
         });
         tokio::time::sleep(state.delay).await;
@@ -169,10 +178,10 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
         let (status, answer) = match failure {
             Some(0) => {
                 tokio::time::sleep(STALL).await;
-                (200, answer(&path, &body, &state))
+                (200, answer(&path, &target, &body, &state))
             }
             Some(code) => (code, json!({"error": "injected"})),
-            None => (200, answer(&path, &body, &state)),
+            None => (200, answer(&path, &target, &body, &state)),
         };
         state.in_flight.fetch_sub(1, Ordering::SeqCst);
         // A file's content is sent as it is; everything else as JSON.
@@ -205,8 +214,11 @@ pub const LLM_MODELS: [&str; 5] = [
     "gpt-4",
 ];
 
-fn answer(path: &str, body: &[u8], state: &ServerState) -> Value {
+fn answer(path: &str, target: &str, body: &[u8], state: &ServerState) -> Value {
     let path = path.split('?').next().unwrap_or(path);
+    if let Some(operation) = target.strip_prefix("AmazonAthena.") {
+        return athena(operation, body, state);
+    }
     if let Some(answer) = batch_api(path, body, state) {
         return answer;
     }
@@ -236,6 +248,68 @@ fn answer(path: &str, body: &[u8], state: &ServerState) -> Value {
         return json!({ "statuses": statuses });
     }
     ctakes_answer(&String::from_utf8_lossy(body))
+}
+
+/// Athena's JSON API (`X-Amz-Target: AmazonAthena.<operation>`): a query takes the next
+/// queued result; it is running the first time it is looked at and succeeded after; its rows
+/// come two to a page, with a `NextToken` to the next.
+fn athena(operation: &str, body: &[u8], state: &ServerState) -> Value {
+    let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let id_of = |request: &Value| {
+        request["QueryExecutionId"]
+            .as_str()
+            .and_then(|id| id.strip_prefix("query-"))
+            .and_then(|n| n.parse::<usize>().ok())
+    };
+    match operation {
+        "StartQueryExecution" => {
+            let mut queued = state.athena_results.lock().unwrap();
+            let rows = if queued.is_empty() {
+                Vec::new()
+            } else {
+                queued.remove(0)
+            };
+            let mut queries = state.athena_queries.lock().unwrap();
+            let sql = request["QueryString"].as_str().unwrap_or("").to_string();
+            queries.push((sql, rows));
+            json!({"QueryExecutionId": format!("query-{}", queries.len() - 1)})
+        }
+        "GetQueryExecution" => {
+            let id = request["QueryExecutionId"].clone();
+            // Looked at once before: running; after: done.
+            let looks = state
+                .requests
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.target.ends_with("GetQueryExecution") && r.body == body)
+                .count();
+            let status = if looks <= 1 { "RUNNING" } else { "SUCCEEDED" };
+            json!({"QueryExecution": {"QueryExecutionId": id, "Status": {"State": status}}})
+        }
+        "GetQueryResults" => {
+            let Some(n) = id_of(&request) else {
+                return json!({"message": "no such query"});
+            };
+            let rows = state.athena_queries.lock().unwrap()[n].1.clone();
+            let from: usize = request["NextToken"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            let page: Vec<Value> = rows
+                .iter()
+                .skip(from)
+                .take(2)
+                .map(|row| json!({"Data": row.iter().map(|c| json!({"VarCharValue": c})).collect::<Vec<_>>()}))
+                .collect();
+            let mut answer = json!({"ResultSet": {"Rows": page}});
+            if from + 2 < rows.len() {
+                answer["NextToken"] = json!((from + 2).to_string());
+            }
+            answer
+        }
+        _ => json!({"message": format!("unknown operation {operation}")}),
+    }
 }
 
 /// Azure OpenAI's batch API under `/openai/`: `files` takes a multipart upload, `batches`
