@@ -31,11 +31,15 @@ pub enum ExitCode {
     NlpBatchingUnsupported = 53,
     FolderDoesNotExist = 54,
     FeatureRemoved = 59,
+    /// The Athena workgroup's results are not encrypted.
+    AthenaNotEncrypted = 60,
+    /// An Athena table is still defined by a Glue crawler.
+    AthenaTableStillCrawler = 61,
 }
 
 impl ExitCode {
     /// Every code.
-    const ALL: [ExitCode; 24] = [
+    const ALL: [ExitCode; 26] = [
         ExitCode::Success,
         ExitCode::Failure,
         ExitCode::Usage,
@@ -60,6 +64,8 @@ impl ExitCode {
         ExitCode::NlpBatchingUnsupported,
         ExitCode::FolderDoesNotExist,
         ExitCode::FeatureRemoved,
+        ExitCode::AthenaNotEncrypted,
+        ExitCode::AthenaTableStillCrawler,
     ];
 
     /// The code with this number (another process's, in a cluster run).

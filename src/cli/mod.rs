@@ -217,6 +217,17 @@ pub struct NlpEngineArgs {
     pub batch: bool,
 }
 
+impl NlpEngineArgs {
+    /// Where Athena is asked.
+    fn athena_settings(&self) -> crate::nlp::athena::AthenaSettings {
+        crate::nlp::athena::AthenaSettings {
+            region: self.athena_region.clone(),
+            workgroup: self.athena_workgroup.clone(),
+            database: self.athena_database.clone(),
+        }
+    }
+}
+
 /// `cumulus-etl nlp` arguments.
 #[derive(Debug, Parser)]
 #[command(
@@ -226,10 +237,11 @@ pub struct NlpEngineArgs {
 pub struct NlpArgs {
     /// Input folder of the FHIR bulk export (DocumentReference NDJSON).
     pub input: String,
-    /// Output folder for the results table.
+    /// Output folder for the results table; with --athena-workgroup and no PHI folder after
+    /// it, the PHI folder (the results then go to the workgroup's results location).
     pub output: String,
     /// PHI folder: codebook and NLP cache (keep it private).
-    pub phi: String,
+    pub phi: Option<String>,
     /// NLP task(s) to run, comma-separated; `--task help` lists them.
     #[arg(long = "task", required = true)]
     pub task: Vec<String>,
@@ -456,15 +468,42 @@ fn run_nlp(args: &[String]) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
+    // Upstream's Athena mode: `nlp INPUT PHI --athena-workgroup G --athena-database D` writes
+    // into the workgroup's results location and registers the tables.
+    let athena_mode = a.phi.is_none();
+    let located = match (&a.phi, &a.nlp.athena_workgroup) {
+        (Some(_), Some(_)) => Err(Fatal::new(
+            ExitCode::ArgsConflict,
+            "Both an output folder and an Athena workgroup were provided. An output folder is \
+             only needed in local, non-Athena mode. Otherwise, we upload directly to the \
+             workgroup's results folder in S3. Please provide an output folder or a workgroup, \
+             but not both.",
+        )),
+        (Some(phi), None) => Ok((a.output.clone(), phi.clone())),
+        (None, _) if a.output_format == OutputFormat::Deltalake => Err(Fatal::new(
+            ExitCode::ArgsConflict,
+            "You cannot use the deltalake output format with --athena-workgroup.",
+        )),
+        (None, _) => crate::nlp::athena::results_location(&a.nlp.athena_settings())
+            .map(|location| (location, a.output.clone())),
+    };
+    let (output, phi) = match located {
+        Ok(folders) => folders,
+        Err(fatal) => return finish_run(Err(fatal)),
+    };
     let options = nlp_options(
-        [&a.input, &a.output, &a.phi],
+        [&a.input, &output, &phi],
         a.output_format,
         a.batch_size,
         a.task.clone(),
         &a.run,
         &a.nlp,
         &a.s3,
-    );
+    )
+    .map(|o| crate::nlp::run::NlpOptions {
+        athena_tables: athena_mode,
+        ..o
+    });
     finish_run(options.and_then(|o| crate::nlp::run::run(&o)))
 }
 
@@ -591,11 +630,8 @@ fn nlp_options(
             }
             cohort
         },
-        athena: crate::nlp::athena::AthenaSettings {
-            region: nlp.athena_region.clone(),
-            workgroup: nlp.athena_workgroup.clone(),
-            database: nlp.athena_database.clone(),
-        },
+        athena: nlp.athena_settings(),
+        athena_tables: false,
         allow_large_selection: nlp.allow_large_selection,
         engine: settings.engine,
         memory: settings.memory,

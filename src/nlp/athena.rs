@@ -52,13 +52,8 @@ pub fn cohort_csv(
             format!("Athena table name '{table}' has invalid characters."),
         ));
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Fatal::new(ExitCode::Failure, format!("a runtime for Athena: {e}")))?;
     let athena = Athena::new(settings, database).map_err(Fatal::from)?;
-    let count_rows = runtime
-        .block_on(athena.query(&format!("SELECT count(*) FROM \"{table}\"")))
+    let count_rows = blocking(athena.query(&format!("SELECT count(*) FROM \"{table}\"")))
         .map_err(|e| Fatal::new(ExitCode::Failure, format!("Athena: {e:#}")))?;
     let count: u64 = count_rows
         .get(1)
@@ -75,8 +70,7 @@ pub fn cohort_csv(
             ),
         ));
     }
-    let rows = runtime
-        .block_on(athena.query(&format!("SELECT * FROM \"{table}\"")))
+    let rows = blocking(athena.query(&format!("SELECT * FROM \"{table}\"")))
         .map_err(|e| Fatal::new(ExitCode::Failure, format!("Athena: {e:#}")))?;
     let mut csv = csv::Writer::from_writer(Vec::new());
     for row in &rows {
@@ -100,7 +94,7 @@ fn with_thousands(n: u64) -> String {
 }
 
 /// Athena's API in one region, for queries in one database.
-struct Athena {
+pub struct Athena {
     http: reqwest::Client,
     url: String,
     region: String,
@@ -110,7 +104,7 @@ struct Athena {
 }
 
 impl Athena {
-    fn new(settings: &AthenaSettings, database: String) -> Result<Athena> {
+    pub fn new(settings: &AthenaSettings, database: String) -> Result<Athena> {
         let (credentials, account_region) = crate::store::objects::aws_account()?;
         let region = settings
             .region
@@ -134,7 +128,7 @@ impl Athena {
     }
 
     /// Calls an operation of Athena's JSON API.
-    async fn call(&self, operation: &str, body: &Value) -> Result<Value> {
+    pub async fn call(&self, operation: &str, body: &Value) -> Result<Value> {
         let body = serde_json::to_vec(body)?;
         let credential = self
             .credentials
@@ -177,7 +171,7 @@ impl Athena {
     }
 
     /// Runs a query to its end; its rows (Athena gives the column names as the first).
-    async fn query(&self, sql: &str) -> Result<Vec<Vec<String>>> {
+    pub async fn query(&self, sql: &str) -> Result<Vec<Vec<String>>> {
         let mut start = json!({
             "QueryString": sql,
             "QueryExecutionContext": {"Database": self.database},
@@ -235,9 +229,159 @@ impl Athena {
     }
 }
 
+/// Runs `call` to its end on a runtime of its own (the NLP run's is not started yet, or busy).
+fn blocking<T>(call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(call)
+}
+
+/// Upstream's Athena mode (`nlp INPUT PHI --athena-workgroup GROUP --athena-database DB`): the
+/// results go to the workgroup's results location, under `cumulus_user_uploads/<DB>/`, which
+/// must be encrypted; each results table is registered in the database.
+pub fn results_location(settings: &AthenaSettings) -> Result<String, Fatal> {
+    let Some(workgroup) = settings.workgroup.clone() else {
+        return Err(Fatal::new(
+            ExitCode::ArgsInvalid,
+            "No Athena workgroup provided. Please pass --athena-workgroup with the name of your \
+             Athena workgroup (and also --athena-database).",
+        ));
+    };
+    let Some(database) = settings.database.clone() else {
+        return Err(Fatal::new(
+            ExitCode::ArgsInvalid,
+            "No Athena database provided. Please pass --athena-database with the name of your \
+             Athena database.",
+        ));
+    };
+    let athena = Athena::new(settings, database.clone()).map_err(Fatal::from)?;
+    let group = blocking(athena.call("GetWorkGroup", &json!({"WorkGroup": workgroup})))
+        .map_err(|e| Fatal::new(ExitCode::Failure, format!("Athena: {e:#}")))?;
+    let results = &group["WorkGroup"]["Configuration"]["ResultConfiguration"];
+    let Some(location) = results["OutputLocation"].as_str() else {
+        return Err(Fatal::new(
+            ExitCode::Failure,
+            format!("The workgroup {workgroup} has no results location."),
+        ));
+    };
+    if results["EncryptionConfiguration"]["EncryptionOption"].is_null() {
+        let bucket = location.split('/').nth(2).unwrap_or(location);
+        return Err(Fatal::new(
+            ExitCode::AthenaNotEncrypted,
+            format!(
+                "The workgroup {workgroup} is not reporting an encrypted status. Either bucket \
+                 {bucket} is not encrypted, or the workgroup is overriding the bucket's default \
+                 encryption. Please confirm the encryption status of both. Cumulus requires \
+                 encryption as part of ensuring safety for limited data sets"
+            ),
+        ));
+    }
+    Ok(format!("{location}cumulus_user_uploads/{database}"))
+}
+
+/// Registers NLP results table `name` (rows of `schema`, files of `format` under `location`,
+/// an `s3://` URL) in the database, replacing its earlier definition, as upstream does.
+pub fn register_table(
+    settings: &AthenaSettings,
+    name: &str,
+    schema: &arrow::datatypes::Schema,
+    (location, format): (&str, crate::output::OutputFormat),
+) -> Result<(), Fatal> {
+    let database = settings.database.clone().unwrap_or_default();
+    let athena = Athena::new(settings, database).map_err(Fatal::from)?;
+    let failed = |e: anyhow::Error| Fatal::new(ExitCode::Failure, format!("Athena: {e:#}"));
+    if let Err(e) = blocking(athena.query(&format!("DROP TABLE IF EXISTS {name}"))) {
+        if format!("{e:#}").contains("DROP TABLE not supported for Delta Lake") {
+            return Err(Fatal::new(
+                ExitCode::AthenaTableStillCrawler,
+                format!(
+                    "The {name} table is still being defined by a Glue crawler. Please manually \
+                     remove its crawler definition from your AWS Glue config. Or use \
+                     --output-format=deltalake which will still work for a little bit."
+                ),
+            ));
+        }
+        return Err(failed(e));
+    }
+    let columns = athena_columns(schema.fields(), Nesting::Table).map_err(failed)?;
+    let (before, after) = match format {
+        crate::output::OutputFormat::Parquet => (
+            "STORED AS PARQUET",
+            "TBLPROPERTIES (\"parquet.compression\"=\"SNAPPY\")",
+        ),
+        _ => ("ROW FORMAT SERDE 'org.openx.data.jsonserde.JsonSerDe'", ""),
+    };
+    let location = location.trim_end_matches('/');
+    let create = format!(
+        "CREATE EXTERNAL TABLE {name} (\n    {columns}\n)\n{before}\nLOCATION '{location}/'\n{after}"
+    );
+    blocking(athena.query(&create)).map_err(failed)?;
+    Ok(())
+}
+
+/// Where a list of fields stands: a table's columns, a struct's fields, a list's items.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Nesting {
+    Table,
+    Struct,
+    List,
+}
+
+/// The Athena (Hive) column list of `fields`, as upstream maps Arrow types.
+fn athena_columns(fields: &arrow::datatypes::Fields, nesting: Nesting) -> Result<String> {
+    use arrow::datatypes::DataType;
+    let mut columns = Vec::new();
+    for field in fields {
+        let kind = match field.data_type() {
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "STRING".to_string(),
+            t if t.is_integer() => "INT".to_string(),
+            t if t.is_floating() => "DOUBLE".to_string(),
+            DataType::Boolean => "BOOLEAN".to_string(),
+            DataType::Timestamp(..) => "TIMESTAMP".to_string(),
+            DataType::List(item) | DataType::LargeList(item) | DataType::FixedSizeList(item, _) => {
+                let items: arrow::datatypes::Fields = vec![item.clone()].into();
+                format!("ARRAY<{}>", athena_columns(&items, Nesting::List)?)
+            }
+            DataType::Struct(inner) => {
+                format!("STRUCT<{}>", athena_columns(inner, Nesting::Struct)?)
+            }
+            other => bail!("Unsupported type {other} found."),
+        };
+        columns.push(match nesting {
+            Nesting::List => kind,
+            Nesting::Struct => format!("{}: {kind}", field.name()),
+            Nesting::Table => format!("{} {kind}", field.name()),
+        });
+    }
+    Ok(columns.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn columns_are_declared_as_upstream_maps_arrow_types() {
+        use arrow::datatypes::{DataType, Field, Fields};
+        let item = |t| std::sync::Arc::new(Field::new("item", t, true));
+        let spans = DataType::List(item(DataType::List(item(DataType::Int32))));
+        let result = DataType::Struct(Fields::from(vec![
+            Field::new("has_mention", DataType::Boolean, true),
+            Field::new("spans", spans, true),
+            Field::new("score", DataType::Float32, true),
+        ]));
+        let fields = Fields::from(vec![
+            Field::new("note_ref", DataType::Utf8, true),
+            Field::new("task_version", DataType::Int32, true),
+            Field::new("result", result, true),
+        ]);
+        assert_eq!(
+            athena_columns(&fields, Nesting::Table).unwrap(),
+            "note_ref STRING, task_version INT, result STRUCT<has_mention: BOOLEAN, \
+             spans: ARRAY<ARRAY<INT>>, score: DOUBLE>"
+        );
+    }
 
     #[test]
     fn counts_are_written_with_thousands_separators() {

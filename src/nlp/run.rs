@@ -107,6 +107,9 @@ pub struct NlpOptions {
     pub athena: AthenaSettings,
     /// An Athena cohort may have more than 50,000 rows.
     pub allow_large_selection: bool,
+    /// Upstream's Athena mode: the output is the workgroup's results location, tied to one PHI
+    /// folder (`codebook.id`), and each results table is registered in the Athena database.
+    pub athena_tables: bool,
     /// Where the LLM tasks' models are asked (`--provider`).
     pub provider: Provider,
     /// The Azure deployment to ask (`--azure-deployment`; the model's name by default).
@@ -268,6 +271,9 @@ pub fn run(opts: &NlpOptions) -> Result<ExitCode, Fatal> {
     // NLP runs never record new Patient/Encounter mappings, as upstream.
     let codebook = open_codebook(&opts.phi, output, false)?;
     codebook.save()?;
+    if opts.athena_tables {
+        tie_to_phi_folder(output, &codebook.codebook_id(), &opts.athena)?;
+    }
     let servers = opts.engine_kind == EngineKind::Ctakes
         || tasks.iter().any(|t| matches!(t, NlpTask::Llm(_)));
     let runtime = match servers {
@@ -682,6 +688,52 @@ fn ask_in_batches(
     Ok(())
 }
 
+/// Registers a results table in the Athena database (its files' folder, its schema).
+fn register_in_athena(
+    opts: &NlpOptions,
+    name: &str,
+    version: i32,
+    kind: &TableKind,
+) -> Result<(), Fatal> {
+    let schema = match kind {
+        TableKind::NlpResults(table) => table.schema.clone(),
+        _ => return Ok(()),
+    };
+    let folder = nlp_files::table_folder(&opts.output, name, version);
+    athena::register_table(
+        &opts.athena,
+        name,
+        &schema,
+        (folder.url(), opts.output_format),
+    )?;
+    crate::say!("Registered the Athena table {name} ({}).", folder.url());
+    Ok(())
+}
+
+/// In Athena mode, the results location belongs to one PHI folder (its codebook's id in
+/// `codebook.id` there, written by the first run), or anonymous ids would not match.
+fn tie_to_phi_folder(
+    output: &ObjectLocation,
+    codebook_id: &str,
+    athena: &AthenaSettings,
+) -> Result<(), Fatal> {
+    let failed = |e: anyhow::Error| Fatal::new(ExitCode::Failure, format!("{e:#}"));
+    match output.read("codebook.id").map_err(failed)? {
+        Some(saved) if String::from_utf8_lossy(&saved).trim() != codebook_id => Err(Fatal::new(
+            ExitCode::WrongPhiFolder,
+            format!(
+                "The Athena workgroup '{}' is already associated with another PHI folder. You \
+                 must always use the same PHI folder for a given Athena workgroup.",
+                athena.workgroup.as_deref().unwrap_or_default()
+            ),
+        )),
+        Some(_) => Ok(()),
+        None => output
+            .write("codebook.id", codebook_id.as_bytes().to_vec().into())
+            .map_err(failed),
+    }
+}
+
 /// Runs one task; returns whether anything failed.
 fn run_task(
     opts: &NlpOptions,
@@ -759,6 +811,9 @@ fn run_task(
     let total_bytes: u64 = files.iter().map(|f| f.size).sum();
     shared.touch_if_empty(&name, &shared.work.tasks[0])?;
     finish_tables(&shared, opts.optimize_tables);
+    if opts.athena_tables {
+        register_in_athena(opts, &name, version, &engine.kind)?;
+    }
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let s = &nlp.stats;
     let selected = match task {

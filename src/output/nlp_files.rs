@@ -21,6 +21,12 @@ fn study_folder(root: &ObjectLocation, table: &str) -> (ObjectLocation, String) 
     (root.join(study), short.to_string())
 }
 
+/// The folder of NLP table `table` at `version` under `root` (`<study>/<name>_v<version>`).
+pub fn table_folder(root: &ObjectLocation, table: &str, version: i32) -> ObjectLocation {
+    let (dir, short) = study_folder(root, table);
+    dir.join(&format!("{short}_v{version}"))
+}
+
 /// The notes (groups) an earlier run of `table` at `version` finished, from its `.ids` list;
 /// none when there is no list.
 pub fn finished_groups(

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::nlp_server::{FakeNlpServer, Seen, llm_answer};
 use super::support::{read_table, stderr};
+use cumulus_etl::store::ObjectLocation;
 
 const TASK: &str = "example_nlp__nlp_gpt_oss_120b";
 
@@ -929,7 +930,6 @@ fn notes_are_selected_by_an_athena_table_of_anonymous_ids() {
                 tmp.path().join("phi").to_str().unwrap(),
                 &format!("--task={TASK}"),
                 "--output-format=ndjson",
-                "--athena-workgroup=cumulus",
             ])
             .args(extra)
             .env("CUMULUS_GPT_OSS_120B_URL", server.llm_url())
@@ -988,8 +988,9 @@ fn notes_are_selected_by_an_athena_table_of_anonymous_ids() {
     let start: Value = serde_json::from_slice(&athena[0].body).unwrap();
     assert_eq!(
         start,
+        // No workgroup with an output folder (it would conflict): Athena uses its default.
         json!({"QueryString": "SELECT count(*) FROM \"cohort\"",
-               "QueryExecutionContext": {"Database": "study"}, "WorkGroup": "cumulus"})
+               "QueryExecutionContext": {"Database": "study"}})
     );
     let start: Value = serde_json::from_slice(&athena[4].body).unwrap();
     assert_eq!(start["QueryString"], "SELECT * FROM \"cohort\"");
@@ -1041,6 +1042,149 @@ fn notes_are_selected_by_an_athena_table_of_anonymous_ids() {
         &["--select-by-athena-table=study.cohort", &both],
         47,
         "Multiple CSV selection arguments provided",
+    );
+}
+
+#[test]
+fn athena_mode_writes_into_the_workgroups_results_bucket_and_registers_the_table() {
+    let server = FakeNlpServer::start(Duration::ZERO, Vec::new());
+    let s3 = crate::s3_server::S3Server::start();
+    s3.create_bucket("athena-results");
+    let tmp = tempfile::tempdir().unwrap();
+    write_notes(
+        tmp.path(),
+        &[("DocumentReference", "1", "Patient is 45 years old")],
+    );
+    let workgroup = |encryption: Value| {
+        *server.state.athena_workgroup.lock().unwrap() = json!({"Name": "cumulus",
+            "Configuration": {"ResultConfiguration": {
+                "OutputLocation": "s3://athena-results/query-results/",
+                "EncryptionConfiguration": encryption}}});
+    };
+    workgroup(json!({"EncryptionOption": "SSE_S3"}));
+    let athena = format!("http://{}", server.addr);
+    let run = |phi: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+            .arg("nlp")
+            .args([
+                tmp.path().join("input").to_str().unwrap(),
+                tmp.path().join(phi).to_str().unwrap(),
+                &format!("--task={TASK}"),
+            ])
+            .args(extra)
+            .env("CUMULUS_GPT_OSS_120B_URL", server.llm_url())
+            .env("AWS_ENDPOINT_URL_ATHENA", &athena)
+            .env("AWS_ENDPOINT_URL_S3", s3.endpoint())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .output()
+            .unwrap()
+    };
+    let athena_args = ["--athena-workgroup=cumulus", "--athena-database=study"];
+    let mode = |format: &'static str| {
+        let mut args = athena_args.to_vec();
+        args.push(format);
+        args
+    };
+    let done = run("phi", &mode("--output-format=ndjson"));
+    assert_eq!(done.status.code(), Some(0), "{}", stderr(&done));
+
+    // The rows and the .ids list under the workgroup's results, tied to this PHI folder.
+    let uploads = ObjectLocation::parse(
+        "s3://athena-results/query-results/cumulus_user_uploads/study",
+        &s3.settings(),
+    )
+    .unwrap();
+    let keys: Vec<String> = uploads.list().unwrap().into_iter().map(|e| e.key).collect();
+    assert!(keys.contains(&"codebook.id".to_string()), "{keys:?}");
+    assert!(
+        keys.contains(&"example_nlp/nlp_gpt_oss_120b_v1.ids".to_string()),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("example_nlp/nlp_gpt_oss_120b_v1/") && k.ends_with(".ndjson")),
+        "{keys:?}"
+    );
+    // The table registered again: dropped, then created over the files.
+    let queries: Vec<String> = server
+        .state
+        .athena_queries
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(sql, _)| sql.clone())
+        .collect();
+    assert_eq!(
+        queries[0],
+        "DROP TABLE IF EXISTS example_nlp__nlp_gpt_oss_120b"
+    );
+    let create = &queries[1];
+    assert!(
+        create.starts_with(
+            "CREATE EXTERNAL TABLE example_nlp__nlp_gpt_oss_120b (\n    note_ref STRING, \
+             encounter_ref STRING, subject_ref STRING, generated_on STRING, task_version INT, \
+             system_fingerprint STRING, result STRUCT<"
+        ),
+        "{create}"
+    );
+    assert!(create.contains("spans: ARRAY<ARRAY<INT>>"), "{create}");
+    assert!(
+        create.ends_with(
+            "ROW FORMAT SERDE 'org.openx.data.jsonserde.JsonSerDe'\nLOCATION \
+             's3://athena-results/query-results/cumulus_user_uploads/study/example_nlp/\
+             nlp_gpt_oss_120b_v1/'\n"
+        ),
+        "{create}"
+    );
+
+    // Parquet tables are declared as such; a second run skips the finished note.
+    let done = run("phi", &mode("--output-format=parquet"));
+    assert_eq!(done.status.code(), Some(0), "{}", stderr(&done));
+    assert!(
+        stderr(&done).contains("1 finished by an earlier run"),
+        "{}",
+        stderr(&done)
+    );
+    let queries = server.state.athena_queries.lock().unwrap().clone();
+    let create = &queries.last().unwrap().0;
+    assert!(
+        create.contains("STORED AS PARQUET\nLOCATION")
+            && create.ends_with("TBLPROPERTIES (\"parquet.compression\"=\"SNAPPY\")"),
+        "{create}"
+    );
+
+    // Another PHI folder, an unencrypted workgroup, Delta Lake, a third folder or no database
+    // stop the run.
+    assert_stops(
+        &run("other-phi", &mode("--output-format=ndjson")),
+        41,
+        "The Athena workgroup 'cumulus' is already associated with another PHI folder.",
+    );
+    assert_stops(
+        &run("phi", &mode("--output-format=deltalake")),
+        22,
+        "You cannot use the deltalake output format with --athena-workgroup.",
+    );
+    let third = tmp.path().join("phi2");
+    let mut args = athena_args.to_vec();
+    args.insert(0, third.to_str().unwrap());
+    assert_stops(
+        &run("out", &args),
+        22,
+        "Both an output folder and an Athena workgroup were provided.",
+    );
+    assert_stops(
+        &run("phi", &["--athena-workgroup=cumulus"]),
+        23,
+        "No Athena database provided.",
+    );
+    workgroup(Value::Null);
+    assert_stops(
+        &run("phi", &mode("--output-format=ndjson")),
+        60,
+        "The workgroup cumulus is not reporting an encrypted status.",
     );
 }
 

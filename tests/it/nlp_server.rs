@@ -55,6 +55,8 @@ pub struct ServerState {
     /// and the queries started (their text and their result).
     pub athena_results: Mutex<Vec<Vec<Vec<String>>>>,
     pub athena_queries: Mutex<Vec<(String, Vec<Vec<String>>)>>,
+    /// What `GetWorkGroup` answers (its `WorkGroup`).
+    pub athena_workgroup: Mutex<Value>,
 }
 
 /// A running fake server (stops with its runtime when dropped).
@@ -287,6 +289,7 @@ fn athena(operation: &str, body: &[u8], state: &ServerState) -> Value {
             let status = if looks <= 1 { "RUNNING" } else { "SUCCEEDED" };
             json!({"QueryExecution": {"QueryExecutionId": id, "Status": {"State": status}}})
         }
+        "GetWorkGroup" => json!({"WorkGroup": state.athena_workgroup.lock().unwrap().clone()}),
         "GetQueryResults" => {
             let Some(n) = id_of(&request) else {
                 return json!({"message": "no such query"});
