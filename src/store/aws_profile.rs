@@ -1,39 +1,75 @@
-//! Static keys and region from the AWS shared files (`~/.aws/credentials`, `~/.aws/config`) for
-//! the profile `AWS_PROFILE` names (else `AWS_DEFAULT_PROFILE`, else `default`). The S3 client
-//! reads the environment, web identity and instance credentials but not these files, where a
-//! site's `aws configure` puts its keys. Profiles that get their keys another way (SSO,
-//! `credential_process`, `role_arn`) are not resolved here.
+//! The profiles of the AWS shared files (`~/.aws/credentials`, `~/.aws/config`), the selected
+//! one named by `AWS_PROFILE` (else `AWS_DEFAULT_PROFILE`, else `default`): static keys, region,
+//! and how a profile gets keys otherwise (`credential_process`, `role_arn` with a
+//! `source_profile` or `credential_source`; [`super::aws_credentials`] resolves those). The S3
+//! client reads the environment, web identity and instance credentials but not these files,
+//! where a site's `aws configure` puts its keys. SSO profiles are not resolved.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// What a profile holds that the S3 client can use.
+/// What a profile holds that the AWS clients can use.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Profile {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub session_token: Option<String>,
     pub region: Option<String>,
+    /// A command that prints the profile's credentials as JSON.
+    pub credential_process: Option<String>,
+    /// A role assumed with the keys of `source_profile` (or of `credential_source`).
+    pub role_arn: Option<String>,
+    pub source_profile: Option<String>,
+    pub credential_source: Option<String>,
+    pub external_id: Option<String>,
+    pub role_session_name: Option<String>,
+    pub duration_seconds: Option<u64>,
+}
+
+/// The texts of the shared credentials and config files.
+#[derive(Debug, Default, Clone)]
+pub struct SharedFiles {
+    credentials: String,
+    config: String,
+}
+
+impl SharedFiles {
+    /// The files the environment names (`AWS_SHARED_CREDENTIALS_FILE`, `AWS_CONFIG_FILE`), else
+    /// those under `~/.aws`; a missing file reads as empty.
+    pub fn read() -> SharedFiles {
+        let home = var("HOME").map(PathBuf::from).unwrap_or_default();
+        let read = |override_var: &str, default: &str| {
+            let path = var(override_var)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".aws").join(default));
+            std::fs::read_to_string(path).unwrap_or_default()
+        };
+        SharedFiles {
+            credentials: read("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+            config: read("AWS_CONFIG_FILE", "config"),
+        }
+    }
+
+    /// The profile `name`, as far as the files hold it.
+    pub fn profile(&self, name: &str) -> Profile {
+        profile_from(name, &self.credentials, &self.config)
+    }
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The name of the selected profile.
+pub fn selected_name() -> String {
+    var("AWS_PROFILE")
+        .or_else(|| var("AWS_DEFAULT_PROFILE"))
+        .unwrap_or_else(|| "default".into())
 }
 
 /// The selected profile from the shared files, as far as they hold it.
 pub fn selected_profile() -> Profile {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let name = var("AWS_PROFILE")
-        .or_else(|| var("AWS_DEFAULT_PROFILE"))
-        .unwrap_or_else(|| "default".into());
-    let home = var("HOME").map(PathBuf::from).unwrap_or_default();
-    let read = |override_var: &str, default: &str| {
-        let path = var(override_var)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home.join(".aws").join(default));
-        std::fs::read_to_string(path).unwrap_or_default()
-    };
-    profile_from(
-        &name,
-        &read("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
-        &read("AWS_CONFIG_FILE", "config"),
-    )
+    SharedFiles::read().profile(&selected_name())
 }
 
 /// The profile `name` from the texts of the credentials and config files (the credentials
@@ -56,6 +92,13 @@ pub fn profile_from(name: &str, credentials: &str, config: &str) -> Profile {
         secret_access_key: get("aws_secret_access_key"),
         session_token: get("aws_session_token"),
         region: get("region"),
+        credential_process: get("credential_process"),
+        role_arn: get("role_arn"),
+        source_profile: get("source_profile"),
+        credential_source: get("credential_source"),
+        external_id: get("external_id"),
+        role_session_name: get("role_session_name"),
+        duration_seconds: get("duration_seconds").and_then(|d| d.parse().ok()),
     }
 }
 
@@ -118,5 +161,31 @@ aws_secret_access_key = not-this-one
             profile_from("missing", CREDENTIALS, CONFIG),
             Profile::default()
         );
+    }
+
+    #[test]
+    fn profiles_that_get_keys_otherwise_say_how() {
+        let config = "\
+[profile tool]
+credential_process = /usr/local/bin/get-keys --account 12
+[profile analyst]
+role_arn = arn:aws:iam::123456789012:role/cumulus
+source_profile = etl
+external_id = site-7
+duration_seconds = 900
+";
+        let tool = profile_from("tool", CREDENTIALS, config);
+        assert_eq!(
+            tool.credential_process.as_deref(),
+            Some("/usr/local/bin/get-keys --account 12")
+        );
+        let analyst = profile_from("analyst", CREDENTIALS, config);
+        assert_eq!(
+            analyst.role_arn.as_deref(),
+            Some("arn:aws:iam::123456789012:role/cumulus")
+        );
+        assert_eq!(analyst.source_profile.as_deref(), Some("etl"));
+        assert_eq!(analyst.external_id.as_deref(), Some("site-7"));
+        assert_eq!(analyst.duration_seconds, Some(900));
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 pub mod aws_api;
+pub mod aws_credentials;
 pub mod aws_profile;
 pub mod objects;
 

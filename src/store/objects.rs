@@ -70,17 +70,20 @@ pub struct S3Settings {
 
 /// `builder` with the account's region and credentials: `settings` first, then the environment
 /// (which `AmazonS3Builder::from_env` read), then the shared files' profile for what the
-/// environment leaves out; without keys, object_store's chain (web identity, ECS, instance
-/// roles) finds them.
-fn with_account(mut builder: AmazonS3Builder, settings: &S3Settings) -> AmazonS3Builder {
+/// environment leaves out (static keys, or keys from a `credential_process` or an assumed role,
+/// [`super::aws_credentials`]); without keys, object_store's chain (web identity, ECS,
+/// instance roles) finds them.
+fn with_account(mut builder: AmazonS3Builder, settings: &S3Settings) -> Result<AmazonS3Builder> {
     // The shared files' profile fills in what the environment leaves out.
     let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty());
-    let profile = super::aws_profile::selected_profile();
+    let files = super::aws_profile::SharedFiles::read();
+    let name = super::aws_profile::selected_name();
+    let profile = files.profile(&name);
     let region = settings.region.clone().or_else(|| {
         let from_env = set("AWS_REGION") || set("AWS_DEFAULT_REGION");
         profile.region.clone().filter(|_| !from_env)
     });
-    if let Some(region) = region {
+    if let Some(region) = &region {
         builder = builder.with_region(region);
     }
     let credentials = settings.credentials.clone().or_else(|| {
@@ -102,8 +105,18 @@ fn with_account(mut builder: AmazonS3Builder, settings: &S3Settings) -> AmazonS3
         {
             builder = builder.with_token(token);
         }
+    } else if !set("AWS_ACCESS_KEY_ID") {
+        let region = region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok());
+        let provider = super::aws_credentials::profile_provider(&files, &name, region.as_deref())
+            .with_context(|| format!("the AWS profile {name}"))?;
+        if let Some(provider) = provider {
+            builder = builder.with_credentials(provider);
+        }
     }
-    builder
+    Ok(builder)
 }
 
 /// The AWS account as the S3 store finds it ([`with_account`], no S3 settings), for another AWS
@@ -112,7 +125,7 @@ pub fn aws_account() -> Result<(object_store::aws::AwsCredentialProvider, Option
     let builder = with_account(
         AmazonS3Builder::from_env().with_bucket_name("unused"),
         &S3Settings::default(),
-    );
+    )?;
     let region = builder
         .get_config_value(&AmazonS3ConfigKey::Region)
         .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::DefaultRegion))
@@ -215,7 +228,7 @@ impl ObjectLocation {
                 .with_allow_http(endpoint.starts_with("http://"))
                 .with_endpoint(endpoint);
         }
-        builder = with_account(builder, settings);
+        builder = with_account(builder, settings)?;
         if let Some(key) = &settings.kms_key {
             builder = builder.with_sse_kms_encryption(key);
         }

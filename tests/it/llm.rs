@@ -1256,7 +1256,12 @@ fn the_bedrock_provider_asks_converse_signed_with_aws_credentials() {
     std::fs::write(
         &profiles,
         "[profile site]\nregion = eu-west-1\naws_access_key_id = AKIDPROFILE\n\
-         aws_secret_access_key = secret2\n",
+         aws_secret_access_key = secret2\n\
+         [profile tool]\nregion = eu-west-1\ncredential_process = printf '{\"Version\": 1, \
+         \"AccessKeyId\": \"AKIDPROCESS\", \"SecretAccessKey\": \"s\", \
+         \"SessionToken\": \"t\", \"Expiration\": \"2099-01-01T00:00:00Z\"}'\n\
+         [profile analyst]\nregion = eu-west-1\nrole_arn = arn:aws:iam::123456789012:role/cumulus\n\
+         source_profile = site\nrole_session_name = nlp\n",
     )
     .unwrap();
     let missing = tmp.path().join("no-such-file");
@@ -1375,6 +1380,44 @@ fn the_bedrock_provider_asks_converse_signed_with_aws_credentials() {
     assert!(
         auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDPROFILE/")
             && auth.contains("/eu-west-1/bedrock/aws4_request"),
+        "{auth}"
+    );
+    // A profile whose keys a credential_process prints, and one that assumes a role with the
+    // static profile's keys (STS: moto's).
+    let signed_with = |out: &str, profile: &str, sts: Option<&str>| {
+        std::fs::remove_dir_all(tmp.path().join("phi/nlp-cache")).unwrap();
+        let mut env: Vec<(&str, Option<String>)> = vec![
+            ("AWS_ENDPOINT_URL", Some(endpoint.clone())),
+            ("AWS_ENDPOINT_URL_STS", sts.map(str::to_string)),
+            ("AWS_ACCESS_KEY_ID", None),
+            ("AWS_SECRET_ACCESS_KEY", None),
+            ("AWS_SESSION_TOKEN", None),
+            ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", None),
+            ("AWS_DEFAULT_REGION", None),
+            ("AWS_REGION", None),
+        ];
+        env.extend(profile_env(Some(profile)));
+        let env: Vec<(&str, Option<&str>)> = env.iter().map(|(k, v)| (*k, v.as_deref())).collect();
+        let run = run_nlp_with(
+            tmp.path(),
+            out,
+            "example_nlp__nlp_claude_sonnet45",
+            &["--provider=bedrock"],
+            &env,
+        );
+        assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+        server.requests().last().unwrap().authorization.clone()
+    };
+    let auth = signed_with("out5", "tool", None);
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDPROCESS/"),
+        "{auth}"
+    );
+    let sts = crate::s3_server::S3Server::start();
+    let auth = signed_with("out6", "analyst", Some(&sts.endpoint()));
+    // moto's STS hands out temporary keys (ASIA...), not the source profile's.
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=ASIA"),
         "{auth}"
     );
 }
