@@ -91,6 +91,22 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.ndjson")):
 print("\n".join(sorted(rows)))' "$1"
 }
 
+# compare_rows LABEL TABLE: the rows of TABLE (a folder under each tool's output) must be the
+# same and not none.
+compare_rows() {
+    local ours_rows ref_rows count
+    ours_rows=$(rows "$work/ours/$2")
+    ref_rows=$(rows "$work/ref/$2")
+    count=$(printf '%s\n' "$ours_rows" | grep -c . || true)
+    if [ "$ours_rows" = "$ref_rows" ] && [ "$count" -gt 0 ]; then
+        echo "$1: identical rows ($count)"
+    else
+        echo "$1: rows DIFFER (ours $count, reference $(printf '%s\n' "$ref_rows" | grep -c . || true))"
+        diff <(printf '%s\n' "$ours_rows") <(printf '%s\n' "$ref_rows") | head -6
+        status=1
+    fi
+}
+
 status=0
 first=1
 for task in example_nlp__nlp_gpt_oss_120b glioma__nlp_gene_gpt_oss_120b \
@@ -113,16 +129,7 @@ for t in json.load(open('dataflows/llm/$study.json'))['tasks']:
     fi
     reference nlp "$work/input" "$work/ref" "$work/phi-ref" --task "$task" \
         --output-format ndjson >"$work/ref.log" 2>&1 || { tail -20 "$work/ref.log"; status=1; continue; }
-    ours_rows=$(rows "$work/ours/$study/${table}_v$version")
-    ref_rows=$(rows "$work/ref/$study/${table}_v$version")
-    count=$(printf '%s\n' "$ours_rows" | grep -c . || true)
-    if [ "$ours_rows" = "$ref_rows" ] && [ "$count" -gt 0 ]; then
-        echo "$task: identical rows ($count)"
-    else
-        echo "$task: rows DIFFER (ours $count, reference $(printf '%s\n' "$ref_rows" | grep -c . || true))"
-        diff <(printf '%s\n' "$ours_rows") <(printf '%s\n' "$ref_rows") | head -6
-        status=1
-    fi
+    compare_rows "$task" "$study/${table}_v$version"
 done
 
 # The covid study's GPT tasks (upstream runs them on Azure only): both tools ask the same server
@@ -136,17 +143,7 @@ for task in covid_symptom__nlp_results_gpt35 covid_symptom__nlp_results_gpt4; do
     "${azure[@]}" "$venv/bin/python" "$work/reference.py" nlp "$work/input" "$work/ref" \
         "$work/phi-ref" --task "$task" --provider azure --output-format ndjson \
         >"$work/ref.log" 2>&1 || { tail -20 "$work/ref.log"; status=1; continue; }
-    table=${task#*__}
-    ours_rows=$(rows "$work/ours/covid_symptom/${table}_v3")
-    ref_rows=$(rows "$work/ref/covid_symptom/${table}_v3")
-    count=$(printf '%s\n' "$ours_rows" | grep -c . || true)
-    if [ "$ours_rows" = "$ref_rows" ] && [ "$count" -gt 0 ]; then
-        echo "$task: identical rows ($count)"
-    else
-        echo "$task: rows DIFFER (ours $count, reference $(printf '%s\n' "$ref_rows" | grep -c . || true))"
-        diff <(printf '%s\n' "$ours_rows") <(printf '%s\n' "$ref_rows") | head -6
-        status=1
-    fi
+    compare_rows "$task" "covid_symptom/${task#*__}_v3"
 done
 
 # Batch mode (Azure's batch API, `--batch`): both tools send the example task's notes on GPT-4o
@@ -175,15 +172,7 @@ else
         diff <(sort "$work/uploads/$ours_upload") <(sort "$work/uploads/$ref_upload") | cut -c1-600 | head -4
     status=1
 fi
-ours_rows=$(rows "$work/ours/example_nlp/nlp_gpt4o_v1")
-ref_rows=$(rows "$work/ref/example_nlp/nlp_gpt4o_v1")
-if [ "$ours_rows" = "$ref_rows" ] && [ -n "$ours_rows" ]; then
-    echo "$task --batch: identical rows ($(printf '%s\n' "$ours_rows" | grep -c .))"
-else
-    echo "$task --batch: rows DIFFER"
-    diff <(printf '%s\n' "$ours_rows") <(printf '%s\n' "$ref_rows") | head -6
-    status=1
-fi
+compare_rows "$task --batch" example_nlp/nlp_gpt4o_v1
 
 # The reference on our cache: every answer found, nothing asked.
 asked() {

@@ -6,7 +6,11 @@ use std::io;
 use serde::Serialize;
 use serde_json::ser::{CharEscape, Formatter};
 
-struct AsciiFormatter;
+/// ASCII-only JSON as Python writes it: compact (Cumulus ETL's NDJSON rows), or with
+/// `json.dumps`'s default separators, `", "` and `": "` (`spaced`).
+struct AsciiFormatter {
+    spaced: bool,
+}
 
 /// Writes a string's text with every character outside printable ASCII escaped, as Python does
 /// (DEL, 0x7f, included).
@@ -45,34 +49,13 @@ impl Formatter for AsciiFormatter {
     ) -> io::Result<()> {
         serde_json::ser::CompactFormatter.write_char_escape(w, escape)
     }
-}
-
-/// `json.dumps` with its default separators (`", "` and `": "`), ASCII-only.
-struct SpacedAsciiFormatter;
-
-impl Formatter for SpacedAsciiFormatter {
-    fn write_string_fragment<W: ?Sized + io::Write>(
-        &mut self,
-        w: &mut W,
-        fragment: &str,
-    ) -> io::Result<()> {
-        write_ascii_fragment(w, fragment)
-    }
-
-    fn write_char_escape<W: ?Sized + io::Write>(
-        &mut self,
-        w: &mut W,
-        escape: CharEscape,
-    ) -> io::Result<()> {
-        serde_json::ser::CompactFormatter.write_char_escape(w, escape)
-    }
 
     fn begin_array_value<W: ?Sized + io::Write>(
         &mut self,
         w: &mut W,
         first: bool,
     ) -> io::Result<()> {
-        if first { Ok(()) } else { w.write_all(b", ") }
+        self.separator(w, first)
     }
 
     fn begin_object_key<W: ?Sized + io::Write>(
@@ -80,26 +63,36 @@ impl Formatter for SpacedAsciiFormatter {
         w: &mut W,
         first: bool,
     ) -> io::Result<()> {
-        if first { Ok(()) } else { w.write_all(b", ") }
+        self.separator(w, first)
     }
 
     fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        w.write_all(b": ")
+        w.write_all(if self.spaced { b": " } else { b":" })
     }
 }
 
-/// Appends `value` as Python's `json.dumps(value)` writes it: ASCII-only, `", "` between
-/// items and `": "` after keys (upstream's NLP batch files are written so).
-pub fn write_dumps_ascii<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    let mut ser = serde_json::Serializer::with_formatter(out, SpacedAsciiFormatter);
+impl AsciiFormatter {
+    fn separator<W: ?Sized + io::Write>(&self, w: &mut W, first: bool) -> io::Result<()> {
+        match (first, self.spaced) {
+            (true, _) => Ok(()),
+            (false, true) => w.write_all(b", "),
+            (false, false) => w.write_all(b","),
+        }
+    }
+}
+
+/// Appends `value` as compact, ASCII-only JSON.
+pub fn write_compact_ascii<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let mut ser = serde_json::Serializer::with_formatter(out, AsciiFormatter { spaced: false });
     value
         .serialize(&mut ser)
         .expect("serializing to memory cannot fail");
 }
 
-/// Appends `value` as compact, ASCII-only JSON.
-pub fn write_compact_ascii<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    let mut ser = serde_json::Serializer::with_formatter(out, AsciiFormatter);
+/// Appends `value` as Python's `json.dumps(value)` writes it: ASCII-only, `", "` between
+/// items and `": "` after keys (upstream's NLP batch files are written so).
+pub fn write_dumps_ascii<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let mut ser = serde_json::Serializer::with_formatter(out, AsciiFormatter { spaced: true });
     value
         .serialize(&mut ser)
         .expect("serializing to memory cannot fail");
