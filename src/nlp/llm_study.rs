@@ -207,20 +207,14 @@ impl LlmTask {
     pub fn table_schema(&self) -> Result<Schema> {
         let text = |name: &str| Field::new(name, DataType::Utf8, true);
         if self.row_format() == RowFormat::Covid {
-            return Ok(Schema::new(vec![
-                text("id"),
-                text("docref_id"),
-                text("encounter_id"),
-                text("subject_id"),
-                text("generated_on"),
-                Field::new("task_version", DataType::Int32, true),
-                text("system_fingerprint"),
-                Field::new(
-                    "symptoms",
-                    arrow_type(&self.definition.result, false)?,
-                    true,
-                ),
-            ]));
+            let mut fields = crate::output::arrow_rows::covid_row_fields();
+            fields.push(text("system_fingerprint"));
+            fields.push(Field::new(
+                "symptoms",
+                arrow_type(&self.definition.result, false)?,
+                true,
+            ));
+            return Ok(Schema::new(fields));
         }
         Ok(Schema::new(vec![
             text("note_ref"),

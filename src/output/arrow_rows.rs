@@ -21,6 +21,20 @@ pub fn batch_schema(kind: &TableKind, batch: &RowBatch<'_>) -> Arc<Schema> {
     })
 }
 
+/// The columns every covid study row starts with (its cTAKES and its GPT tasks alike): the
+/// note's id twice, the encounter's and subject's, when, and by which task version.
+pub fn covid_row_fields() -> Vec<Field> {
+    let text = |name: &str| Field::new(name, DataType::Utf8, true);
+    vec![
+        text("id"),
+        text("docref_id"),
+        text("encounter_id"),
+        text("subject_id"),
+        text("generated_on"),
+        Field::new("task_version", DataType::Int32, true),
+    ]
+}
+
 /// The schema of covid symptom results, as Cumulus ETL declares it.
 pub fn nlp_symptom_schema() -> Schema {
     let text = |name: &str| Field::new(name, DataType::Utf8, true);
@@ -41,15 +55,9 @@ pub fn nlp_symptom_schema() -> Schema {
         ]
         .into(),
     );
-    Schema::new(vec![
-        text("id"),
-        text("docref_id"),
-        text("encounter_id"),
-        text("subject_id"),
-        text("generated_on"),
-        Field::new("task_version", DataType::Int32, true),
-        Field::new("match", matched, true),
-    ])
+    let mut fields = covid_row_fields();
+    fields.push(Field::new("match", matched, true));
+    Schema::new(fields)
 }
 
 /// One batch of a table as an Arrow record batch, without the rows that do not fit its schema

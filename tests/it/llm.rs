@@ -921,24 +921,15 @@ fn notes_are_selected_by_an_athena_table_of_anonymous_ids() {
     let picked = cohort_run(&server, tmp.path(), "out", "--select-by-csv", &csv);
     assert_eq!(picked.len(), 2);
     let endpoint = format!("http://{}", server.addr);
-    let run = |out: &str, extra: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cumulus-etl"));
-        cmd.arg("nlp")
-            .args([
-                tmp.path().join("input").to_str().unwrap(),
-                tmp.path().join(out).to_str().unwrap(),
-                tmp.path().join("phi").to_str().unwrap(),
-                &format!("--task={TASK}"),
-                "--output-format=ndjson",
-            ])
-            .args(extra)
-            .env("CUMULUS_GPT_OSS_120B_URL", server.llm_url())
-            .env("AWS_ENDPOINT_URL_ATHENA", &endpoint)
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_REGION", "us-west-2");
-        cmd.output().unwrap()
-    };
+    let llm_url = server.llm_url();
+    let env = [
+        ("CUMULUS_GPT_OSS_120B_URL", Some(llm_url.as_str())),
+        ("AWS_ENDPOINT_URL_ATHENA", Some(endpoint.as_str())),
+        ("AWS_ACCESS_KEY_ID", Some("testing")),
+        ("AWS_SECRET_ACCESS_KEY", Some("testing")),
+        ("AWS_REGION", Some("us-west-2")),
+    ];
+    let run = |out: &str, extra: &[&str]| run_nlp_with(tmp.path(), out, TASK, extra, &env);
     let queue = |results: Vec<Vec<Vec<&str>>>| {
         let owned = results
             .into_iter()
