@@ -1,8 +1,10 @@
 //! Credentials of a shared-files profile that has no static keys but gets them another way, as
 //! the AWS CLI does: `credential_process` (a command that prints them as JSON, run again
-//! before they expire) and `role_arn` (an STS `AssumeRole` with the keys of the profile's
-//! `source_profile`, which may itself run a process or assume a role, or of the environment
-//! for `credential_source = Environment`; assumed again before the keys expire). Both S3 and the
+//! before they expire), `role_arn` (an STS `AssumeRole` with the keys of the profile's
+//! `source_profile`, which may itself run a process, sign in with SSO or assume a role, or of
+//! the environment for `credential_source = Environment`; assumed again before the keys
+//! expire), and IAM Identity Center (SSO: the role's keys from the portal, asked with the token
+//! `aws sso login` left in `~/.aws/sso/cache`; an expired token says to sign in again). Both S3 and the
 //! other AWS services (Bedrock, Athena) take them through [`super::objects::aws_account`].
 
 use std::sync::Arc;
@@ -30,7 +32,10 @@ pub fn profile_provider(
     region: Option<&str>,
 ) -> Result<Option<AwsCredentialProvider>> {
     let profile = files.profile(name);
-    if profile.role_arn.is_none() && profile.credential_process.is_none() {
+    if profile.role_arn.is_none()
+        && profile.credential_process.is_none()
+        && profile.sso_account_id.is_none()
+    {
         return Ok(None);
     }
     let source = source_of(files, name, &profile, region, 0)?;
@@ -46,6 +51,18 @@ enum Source {
     Static(Arc<AwsCredential>),
     Process(String),
     AssumeRole(Box<AssumeRole>),
+    Sso(SsoRole),
+}
+
+/// A role in an account, signed in to through IAM Identity Center.
+#[derive(Debug)]
+struct SsoRole {
+    account_id: String,
+    role_name: String,
+    /// The portal's region, and what names the cached token (the session's name, else the
+    /// start URL).
+    region: String,
+    token_name: String,
 }
 
 #[derive(Debug)]
@@ -102,6 +119,25 @@ fn source_of(
     if let Some(command) = &profile.credential_process {
         return Ok(Source::Process(command.clone()));
     }
+    if let Some(account_id) = &profile.sso_account_id {
+        let missing = |what: &str| anyhow!("AWS profile {name}: SSO without {what}");
+        return Ok(Source::Sso(SsoRole {
+            account_id: account_id.clone(),
+            role_name: profile
+                .sso_role_name
+                .clone()
+                .ok_or_else(|| missing("sso_role_name"))?,
+            region: profile
+                .sso_region
+                .clone()
+                .ok_or_else(|| missing("sso_region"))?,
+            token_name: profile
+                .sso_session
+                .clone()
+                .or_else(|| profile.sso_start_url.clone())
+                .ok_or_else(|| missing("sso_session or sso_start_url"))?,
+        }));
+    }
     static_keys(name, profile)
 }
 
@@ -141,6 +177,7 @@ impl Source {
                     let (keys, _) = role.source.fetch().await?;
                     assume_role(role, &keys).await
                 }
+                Source::Sso(role) => sso_role_keys(role).await,
             }
         })
     }
@@ -242,6 +279,78 @@ async fn assume_role(role: &AssumeRole, source: &AwsCredential) -> Result<Timed>
         token: Some(field("SessionToken")?),
     };
     Ok((Arc::new(keys), Some(expiry(&field("Expiration")?)?)))
+}
+
+/// The role's keys from the IAM Identity Center portal, with the cached sign-in token.
+async fn sso_role_keys(role: &SsoRole) -> Result<Timed> {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        role.token_name.as_bytes(),
+    );
+    let home = std::env::var("HOME").unwrap_or_default();
+    let path = std::path::Path::new(&home)
+        .join(".aws/sso/cache")
+        .join(format!("{}.json", hex::encode(digest.as_ref())));
+    let sign_in = || {
+        format!(
+            "run 'aws sso login' for {} (its token is kept in {})",
+            role.token_name,
+            path.display()
+        )
+    };
+    let cached: serde_json::Value = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| anyhow!("no SSO sign-in: {}", sign_in()))?;
+    let token = cached["accessToken"].as_str().unwrap_or_default();
+    let expired = cached["expiresAt"]
+        .as_str()
+        .and_then(|t| expiry(t).ok())
+        .is_none_or(|t| t <= Utc::now());
+    if token.is_empty() || expired {
+        bail!("the SSO sign-in has expired: {}", sign_in());
+    }
+    let url = service_url(
+        "AWS_ENDPOINT_URL_SSO",
+        format!("https://portal.sso.{}.amazonaws.com", role.region),
+    );
+    let response = reqwest::Client::new()
+        .get(format!("{url}/federation/credentials"))
+        .query(&[
+            ("role_name", &role.role_name),
+            ("account_id", &role.account_id),
+        ])
+        .header("x-amz-sso_bearer_token", token)
+        .send()
+        .await
+        .context("IAM Identity Center")?;
+    let status = response.status();
+    if !status.is_success() {
+        bail!(
+            "IAM Identity Center refused the role {} in {} (HTTP status {status}): {}",
+            role.role_name,
+            role.account_id,
+            sign_in()
+        );
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&response.bytes().await?)
+        .context("IAM Identity Center answered something other than JSON")?;
+    let keys = &answer["roleCredentials"];
+    let field = |name: &str| {
+        keys[name]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("IAM Identity Center answered without {name}"))
+    };
+    let expires = keys["expiration"]
+        .as_i64()
+        .and_then(DateTime::from_timestamp_millis);
+    let keys = AwsCredential {
+        key_id: field("accessKeyId")?,
+        secret_key: field("secretAccessKey")?,
+        token: Some(field("sessionToken")?),
+    };
+    Ok((Arc::new(keys), expires))
 }
 
 /// The text of the first `<name>` element of an XML answer.

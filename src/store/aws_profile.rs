@@ -24,6 +24,13 @@ pub struct Profile {
     pub external_id: Option<String>,
     pub role_session_name: Option<String>,
     pub duration_seconds: Option<u64>,
+    /// AWS IAM Identity Center: the account and role, and the portal's start URL and region
+    /// (in the profile, or in the `[sso-session NAME]` section it names).
+    pub sso_account_id: Option<String>,
+    pub sso_role_name: Option<String>,
+    pub sso_session: Option<String>,
+    pub sso_start_url: Option<String>,
+    pub sso_region: Option<String>,
 }
 
 /// The texts of the shared credentials and config files.
@@ -50,9 +57,16 @@ impl SharedFiles {
         }
     }
 
-    /// The profile `name`, as far as the files hold it.
+    /// The profile `name`, as far as the files hold it; an SSO profile's start URL and region
+    /// from the `[sso-session NAME]` section it names.
     pub fn profile(&self, name: &str) -> Profile {
-        profile_from(name, &self.credentials, &self.config)
+        let mut profile = profile_from(name, &self.credentials, &self.config);
+        if let Some(session) = &profile.sso_session {
+            let section = section(&self.config, &format!("sso-session {session}"));
+            profile.sso_start_url = section.get("sso_start_url").cloned();
+            profile.sso_region = section.get("sso_region").cloned();
+        }
+        profile
     }
 }
 
@@ -99,6 +113,11 @@ pub fn profile_from(name: &str, credentials: &str, config: &str) -> Profile {
         external_id: get("external_id"),
         role_session_name: get("role_session_name"),
         duration_seconds: get("duration_seconds").and_then(|d| d.parse().ok()),
+        sso_account_id: get("sso_account_id"),
+        sso_role_name: get("sso_role_name"),
+        sso_session: get("sso_session"),
+        sso_start_url: get("sso_start_url"),
+        sso_region: get("sso_region"),
     }
 }
 
@@ -187,5 +206,30 @@ duration_seconds = 900
         assert_eq!(analyst.source_profile.as_deref(), Some("etl"));
         assert_eq!(analyst.external_id.as_deref(), Some("site-7"));
         assert_eq!(analyst.duration_seconds, Some(900));
+    }
+
+    #[test]
+    fn an_sso_profile_takes_its_portal_from_the_session_it_names() {
+        let config = "\
+[profile hospital]
+sso_session = main
+sso_account_id = 123456789012
+sso_role_name = cumulus
+[sso-session main]
+sso_start_url = https://hospital.awsapps.com/start
+sso_region = us-east-2
+";
+        let files = SharedFiles {
+            credentials: String::new(),
+            config: config.into(),
+        };
+        let hospital = files.profile("hospital");
+        assert_eq!(hospital.sso_account_id.as_deref(), Some("123456789012"));
+        assert_eq!(hospital.sso_role_name.as_deref(), Some("cumulus"));
+        assert_eq!(
+            hospital.sso_start_url.as_deref(),
+            Some("https://hospital.awsapps.com/start")
+        );
+        assert_eq!(hospital.sso_region.as_deref(), Some("us-east-2"));
     }
 }

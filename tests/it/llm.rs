@@ -1252,7 +1252,11 @@ fn the_bedrock_provider_asks_converse_signed_with_aws_credentials() {
          \"AccessKeyId\": \"AKIDPROCESS\", \"SecretAccessKey\": \"s\", \
          \"SessionToken\": \"t\", \"Expiration\": \"2099-01-01T00:00:00Z\"}'\n\
          [profile analyst]\nregion = eu-west-1\nrole_arn = arn:aws:iam::123456789012:role/cumulus\n\
-         source_profile = site\nrole_session_name = nlp\n",
+         source_profile = site\nrole_session_name = nlp\n\
+         [profile hospital]\nregion = eu-west-1\nsso_session = hospital\n\
+         sso_account_id = 123456789012\nsso_role_name = cumulus\n\
+         [sso-session hospital]\nsso_start_url = https://hospital.awsapps.com/start\n\
+         sso_region = us-east-2\n",
     )
     .unwrap();
     let missing = tmp.path().join("no-such-file");
@@ -1375,11 +1379,14 @@ fn the_bedrock_provider_asks_converse_signed_with_aws_credentials() {
     );
     // A profile whose keys a credential_process prints, and one that assumes a role with the
     // static profile's keys (STS: moto's).
+    let home = tmp.path().join("home");
     let signed_with = |out: &str, profile: &str, sts: Option<&str>| {
         std::fs::remove_dir_all(tmp.path().join("phi/nlp-cache")).unwrap();
         let mut env: Vec<(&str, Option<String>)> = vec![
             ("AWS_ENDPOINT_URL", Some(endpoint.clone())),
             ("AWS_ENDPOINT_URL_STS", sts.map(str::to_string)),
+            ("AWS_ENDPOINT_URL_SSO", Some(endpoint.clone())),
+            ("HOME", Some(home.to_str().unwrap().to_string())),
             ("AWS_ACCESS_KEY_ID", None),
             ("AWS_SECRET_ACCESS_KEY", None),
             ("AWS_SESSION_TOKEN", None),
@@ -1409,6 +1416,20 @@ fn the_bedrock_provider_asks_converse_signed_with_aws_credentials() {
     // moto's STS hands out temporary keys (ASIA...), not the source profile's.
     assert!(
         auth.starts_with("AWS4-HMAC-SHA256 Credential=ASIA"),
+        "{auth}"
+    );
+    // An IAM Identity Center profile: the role's keys from the portal (the test's server) for
+    // the token `aws sso login` cached under the SHA-1 of the session's name.
+    let cache = home.join(".aws/sso/cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(
+        cache.join("2b2d005e88ce14a4112785bb266b2c0c16be7eb4.json"),
+        json!({"accessToken": "sso-token", "expiresAt": "2099-01-01T00:00:00Z"}).to_string(),
+    )
+    .unwrap();
+    let auth = signed_with("out7", "hospital", None);
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDSSO/"),
         "{auth}"
     );
 }

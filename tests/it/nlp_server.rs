@@ -138,6 +138,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
         let mut api_key = String::new();
         let mut authorization = String::new();
         let mut target = String::new();
+        let mut sso_token = String::new();
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
@@ -154,6 +155,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
                     "api-key" => api_key = value.trim().to_string(),
                     "authorization" => authorization = value.trim().to_string(),
                     "x-amz-target" => target = value.trim().to_string(),
+                    "x-amz-sso_bearer_token" => sso_token = value.trim().to_string(),
                     _ => {}
                 }
             }
@@ -180,10 +182,10 @@ async fn serve_connection(stream: TcpStream, state: Arc<ServerState>) {
         let (status, answer) = match failure {
             Some(0) => {
                 tokio::time::sleep(STALL).await;
-                (200, answer(&path, &target, &body, &state))
+                (200, answer(&path, (&target, &sso_token), &body, &state))
             }
             Some(code) => (code, json!({"error": "injected"})),
-            None => (200, answer(&path, &target, &body, &state)),
+            None => (200, answer(&path, (&target, &sso_token), &body, &state)),
         };
         state.in_flight.fetch_sub(1, Ordering::SeqCst);
         // A file's content is sent as it is; everything else as JSON.
@@ -216,7 +218,21 @@ pub const LLM_MODELS: [&str; 5] = [
     "gpt-4",
 ];
 
-fn answer(path: &str, target: &str, body: &[u8], state: &ServerState) -> Value {
+fn answer(
+    path: &str,
+    (target, sso_token): (&str, &str),
+    body: &[u8],
+    state: &ServerState,
+) -> Value {
+    // IAM Identity Center's portal: a role's keys for the token `aws sso login` cached.
+    if path.starts_with("/federation/credentials?") {
+        let asked = path.contains("role_name=cumulus") && path.contains("account_id=123456789012");
+        if sso_token != "sso-token" || !asked {
+            return json!({"message": "Session token not found or invalid"});
+        }
+        return json!({"roleCredentials": {"accessKeyId": "AKIDSSO", "secretAccessKey": "s",
+            "sessionToken": "t", "expiration": 4_102_444_800_000_i64}});
+    }
     let path = path.split('?').next().unwrap_or(path);
     if let Some(operation) = target.strip_prefix("AmazonAthena.") {
         return athena(operation, body, state);
