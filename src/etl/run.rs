@@ -55,10 +55,22 @@ impl RunBuilder {
     ) -> Result<Arc<RunShared>, Fatal> {
         let budget = MemoryBudget::new(self.memory);
         budget.hold_codebook(codebook.held_bytes());
+        // What each table reads, which sizes the cut of its appends.
+        let mut table_inputs = std::collections::HashMap::new();
+        for item in &work {
+            let kind = &item.file().resource_type;
+            let reading = contexts.iter().filter(|c| {
+                &c.resource_type == kind || c.more_resource_types.iter().any(|t| t == kind)
+            });
+            for context in reading {
+                *table_inputs.entry(context.table.clone()).or_insert(0u64) += item.bytes();
+            }
+        }
         let delta = DeltaSettings::for_budget(self.memory, &self.run_name)
             .with_merge_rows(self.batch_size)
             .with_threads(self.workers)
             .with_cut_appends(self.optimize_tables)
+            .with_table_inputs(table_inputs)
             .with_row_journals(self.row_journal);
         delta.count_routing_keys_in(&budget);
         let outputs = Outputs::new(self.format, &self.output, delta)?;

@@ -85,11 +85,11 @@ impl TableFiles {
         }
     }
 
-    /// Cuts batches into key ranges of the `clustering` columns, one per thread, a file each
-    /// ([`range_pieces`](super::range_pieces)). Call after [`TableFiles::with_threads`].
-    pub fn with_cutting(mut self, clustering: Vec<String>) -> TableFiles {
+    /// Cuts batches into `ranges` key ranges of the `clustering` columns, a file each
+    /// ([`range_pieces`](super::range_pieces)).
+    pub fn with_cutting(mut self, clustering: Vec<String>, ranges: usize) -> TableFiles {
         if !clustering.is_empty() {
-            self.cutting = Some(Cutting::new(clustering, self.threads));
+            self.cutting = Some(Cutting::new(clustering, ranges));
         }
         self
     }

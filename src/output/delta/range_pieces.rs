@@ -3,15 +3,16 @@
 //! ([`file_concat`]) instead of decoding and encoding every row again ([`range_cluster`]).
 //!
 //! The first batch large enough cuts the key space, from its first slice of keys, into one
-//! range per thread (the anonymous ids are uniform hashes, so any slice of them is a fair
-//! sample). From then on every batch of the table is written as one file per range (its
-//! *pieces*, tagged with the cut and their range). At the end, when the table's small files are
-//! all pieces of one cut and the clustered table would have no more files than the cut has
-//! ranges, contiguous ranges are joined into the files of the clustered table: disjoint key
-//! ranges, as [`range_cluster`] makes them. Anything else (files written before the cut, by a
-//! MERGE, by an earlier run, more files than ranges) is clustered by [`range_cluster`] as
-//! before; pieces whose schemas differ (the table's schema widened in between) are written
-//! again by it, one range group at a time.
+//! range per thread, or, for a table whose input promises more compacted files than threads,
+//! one per such file (up to ranges of 8,192 rows a batch; [`planned_ranges`]); the anonymous
+//! ids are uniform hashes, so any slice of them is a fair sample. From then on every batch of
+//! the table is written as one file per range (its *pieces*, tagged with the cut and their
+//! range). At the end, when the table's small files are all pieces of one cut and the clustered
+//! table would have no more than twice as many files as the cut has ranges, contiguous ranges
+//! are joined into the files of the clustered table: disjoint key ranges, as [`range_cluster`]
+//! makes them. Anything else (files written before the cut, by a MERGE, by an earlier run, more
+//! files than that) is clustered by [`range_cluster`] as before; pieces whose schemas differ
+//! (the table's schema widened in between) are written again by it, one range group at a time.
 //!
 //! [`file_concat`]: super::file_concat
 //! [`range_cluster`]: super::range_cluster
@@ -25,6 +26,24 @@ use arrow::record_batch::RecordBatch;
 
 use super::cluster_sort::Keys;
 use super::range_cluster::Ranges;
+
+/// Input bytes per byte of the compacted table, low (FHIR NDJSON compresses 8 to 9 times
+/// into Parquet), so a table is given rather too many ranges than too few.
+const INPUT_PER_TABLE_BYTE: u64 = 6;
+
+/// Rows a range gets per batch, at least, when a large table is cut into more ranges than
+/// threads: its row groups in the joined files are this small.
+const MIN_RANGE_ROWS: usize = 8192;
+
+/// How many ranges a table's batches are cut into: one per thread, or, for a table whose
+/// input promises more compacted files of `target` bytes than threads, one per such file (as
+/// many as batches of `batch_rows` rows give ranges of [`MIN_RANGE_ROWS`]).
+pub fn planned_ranges(input_bytes: u64, target: u64, threads: usize, batch_rows: usize) -> usize {
+    let files = (input_bytes / INPUT_PER_TABLE_BYTE).div_ceil(target.max(1));
+    let files = usize::try_from(files).unwrap_or(usize::MAX);
+    let most = (batch_rows / MIN_RANGE_ROWS).max(threads);
+    files.clamp(threads.max(1), most.max(1))
+}
 
 /// The tag on a piece (`add.tags`): `<cut> <range> <ranges>`. Readers ignore tags.
 pub const RANGE_TAG: &str = "cumulusEtlRange";
@@ -134,19 +153,25 @@ pub fn piece_of(tags: Option<&HashMap<String, Option<String>>>) -> Option<Piece>
 }
 
 /// Which pieces to join into each file: `pieces` (each with its size in bytes), all of one cut,
-/// joined into `files` files of contiguous ranges of about equal bytes. None when the pieces
-/// are not all of one cut, or the cut has fewer ranges than `files`.
+/// joined into `files` files of contiguous ranges of about equal bytes (one per range when the
+/// cut has fewer than twice as many ranges). None when the pieces are not all of one cut, or
+/// the cut has fewer than half as many ranges as `files`.
 pub fn join_plan(pieces: &[(Piece, u64)], files: usize) -> Option<Vec<Vec<usize>>> {
     let first = &pieces.first()?.0;
     let (cut, ranges) = (&first.cut, first.ranges);
+    // A table needing up to twice as many files as the cut has ranges gets one per range, each
+    // up to twice the target size, rather than decoding every row again.
     if files == 0
-        || files > ranges
+        || files > ranges * 2
         || pieces
             .iter()
             .any(|(p, _)| &p.cut != cut || p.ranges != ranges)
     {
         return None;
     }
+    // Fewer than twice as many ranges as files: one file per range, each at least half the
+    // target size, rather than files of one and of two ranges.
+    let files = if ranges < files * 2 { ranges } else { files };
     let mut range_bytes = vec![0u64; ranges];
     for (piece, bytes) in pieces {
         range_bytes[piece.range] += bytes;
@@ -223,6 +248,21 @@ mod tests {
     }
 
     #[test]
+    fn a_large_tables_appends_are_cut_into_as_many_ranges_as_its_files() {
+        const MB: u64 = 1_000_000;
+        let target = 100 * MB;
+        // A table of less than the threads' worth of files: one range per thread.
+        assert_eq!(planned_ranges(500 * MB, target, 2, 100_000), 2);
+        assert_eq!(planned_ranges(0, target, 4, 100_000), 4);
+        // 3 GB of input promise 5 files; 10 GB 17, as many as 100,000-row batches cut into
+        // ranges of 8,192 rows allow (12).
+        assert_eq!(planned_ranges(3_000 * MB, target, 2, 100_000), 5);
+        assert_eq!(planned_ranges(10_000 * MB, target, 2, 100_000), 12);
+        // Small batches never give fewer ranges than threads.
+        assert_eq!(planned_ranges(10_000 * MB, target, 8, 10_000), 8);
+    }
+
+    #[test]
     fn contiguous_ranges_of_about_equal_bytes_make_each_file() {
         let pieces = vec![
             (piece("c", 0, 4), 10),
@@ -238,8 +278,13 @@ mod tests {
         // As many files as ranges: one range each.
         assert_eq!(join_plan(&pieces, 4).unwrap().len(), 4);
         assert_eq!(join_plan(&pieces, 1).unwrap(), vec![vec![0, 4, 1, 2, 3, 5]]);
-        // More files than ranges, or two cuts: not joinable.
-        assert_eq!(join_plan(&pieces, 5), None);
+        // Up to twice as many files as ranges: one file per range (larger than the target).
+        assert_eq!(
+            join_plan(&pieces, 8).unwrap(),
+            join_plan(&pieces, 4).unwrap()
+        );
+        // More than that, or two cuts: not joinable.
+        assert_eq!(join_plan(&pieces, 9), None);
         let mut mixed = pieces.clone();
         mixed.push((piece("d", 0, 4), 10));
         assert_eq!(join_plan(&mixed, 2), None);

@@ -3,6 +3,7 @@
 //! and end-of-run maintenance. Every data commit carries a (run, sequence) transaction so a
 //! retried commit is recognised instead of applied twice.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -97,6 +98,9 @@ impl TableSpec {
     }
 }
 
+/// Delta's default target file size, for a table whose properties cannot be read yet.
+const DEFAULT_TARGET_FILE_SIZE: u64 = 104_857_600;
+
 /// Settings shared by all Delta tables of a run.
 #[derive(Clone)]
 pub struct DeltaSettings {
@@ -132,6 +136,8 @@ pub struct DeltaSettings {
     /// compaction at the end joins them without decoding them (`range_pieces`): set when the
     /// run compacts its tables.
     cut_appends: bool,
+    /// The input bytes each table reads in this run (by table name), which size its cut.
+    table_inputs: Arc<HashMap<String, u64>>,
 }
 
 /// What a table's commits after a version say ([`CumulusTable::commits_since`]).
@@ -200,6 +206,7 @@ impl DeltaSettings {
             routing_keys: HeldMemory::default(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             cut_appends: false,
+            table_inputs: Arc::default(),
         }
     }
 
@@ -233,6 +240,13 @@ impl DeltaSettings {
 
     /// Appends to clustered tables are cut into key ranges as they are written, for the
     /// compaction at the end of the run (`range_pieces`); only worth it when one follows.
+    /// The input bytes each table reads in this run (by table name): a large table's appends
+    /// are cut into as many ranges as its compacted files, so that they too are joined.
+    pub fn with_table_inputs(mut self, inputs: HashMap<String, u64>) -> DeltaSettings {
+        self.table_inputs = Arc::new(inputs);
+        self
+    }
+
     pub fn with_cut_appends(mut self, cut: bool) -> DeltaSettings {
         self.cut_appends = cut;
         self
@@ -430,10 +444,22 @@ impl CumulusTable {
         };
         let files = TableFiles::new(self.table.log_store().object_store(None), stats, runtime)
             .with_threads(self.settings.threads);
-        match self.settings.cut_appends {
-            true => files.with_cutting(self.clustering.clone()),
-            false => files,
+        if !self.settings.cut_appends {
+            return files;
         }
+        let target = self
+            .table
+            .snapshot()
+            .map(|s| s.snapshot().table_properties().target_file_size().get())
+            .unwrap_or(DEFAULT_TARGET_FILE_SIZE);
+        let input = self.settings.table_inputs.get(&self.spec.name).copied();
+        let ranges = super::range_pieces::planned_ranges(
+            input.unwrap_or(0),
+            target,
+            self.settings.threads,
+            self.settings.merge_rows,
+        );
+        files.with_cutting(self.clustering.clone(), ranges)
     }
 
     /// Routes a batch (records its keys in the ledger); returns the route and the keys.
