@@ -84,6 +84,28 @@ fn clinical_notes_as_ehr_exports_write_them() {
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(
+        // Nested as deep as libxml2 parses (the root at 256) and one deeper, where it stops.
+        [253, 254, 255, 400].map(|n| {
+            format!(
+                "<p>before</p>{}x{}after",
+                "<div>".repeat(n),
+                "</div>".repeat(n)
+            )
+        }),
+    )
+    .collect();
+    assert_same_as_inscriptis(&docs);
+}
+
+#[test]
+fn notes_nested_too_deep_for_the_parser() {
+    let docs: Vec<String> = [
+        "<span>".repeat(300) + "deep",
+        "<table><tr><td>".repeat(100) + "cell",
+    ]
+    .iter()
+    .map(|s| s.to_string())
     .collect();
     assert_same_as_inscriptis(&docs);
 }

@@ -8,7 +8,7 @@
 //! to their element unless an element of a higher rank is in between (a stray `</b>` does not
 //! close a `div`), and are ignored when nothing matches; void elements; `/>` closing any
 //! element; raw text in `script`, `style` and their kind; comments and `<?...>` as comments;
-//! nothing after the root element is closed.
+//! nothing after the root element is closed, or after an element nested deeper than 256.
 
 use std::collections::HashSet;
 use std::sync::OnceLock;
@@ -57,6 +57,11 @@ const VOID: [&str; 13] = [
 /// (`textarea`, `title`) or not; `plaintext` runs to the end of the document.
 const ESCAPABLE_RAW: [&str; 2] = ["textarea", "title"];
 const RAW: [&str; 6] = ["iframe", "noembed", "noframes", "script", "style", "xmp"];
+
+/// How deep elements may nest (the root at depth 1): libxml2 stops parsing a document that
+/// nests deeper (lxml does not ask for its `HUGE` option), which also bounds the layout's
+/// recursion.
+const MAX_DEPTH: usize = 256;
 
 /// Elements that belong in `head` when they come before anything else.
 const HEAD_CONTENT: [&str; 6] = ["script", "style", "meta", "link", "title", "base"];
@@ -232,6 +237,11 @@ impl Builder {
             return false;
         }
         if self.done {
+            return false;
+        }
+        if self.open.len() >= MAX_DEPTH {
+            // libxml2 stops parsing there: the rest of the document is lost.
+            self.done = true;
             return false;
         }
         match name.as_str() {
@@ -547,6 +557,10 @@ mod tests {
             tree("<script>if (a<b) x</script>y<br/>z<div/>w"),
             "<html><head><script>if (a<b) x</script></head><body>y<br></br>z<div></div>w</body></html>"
         );
+        // Nested deeper than 256 elements: the parse stops there.
+        let deep = |n: usize| format!("{}x{}after", "<b>".repeat(n), "</b>".repeat(n));
+        assert!(tree(&deep(254)).contains("x</b>") && tree(&deep(254)).contains("after"));
+        assert!(!tree(&deep(255)).contains('x') && !tree(&deep(255)).contains("after"));
         assert_eq!(
             tree("a<!-- c -->b<?pi?>c"),
             "<html><body>a<!---->b<!---->c</body></html>"
