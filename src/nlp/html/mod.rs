@@ -33,3 +33,36 @@ fn strip_xml_declaration(html: &str) -> &str {
         _ => html,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Any text is read without panicking: markup cut anywhere, multi-byte characters next to
+    /// `<!`, `&` and `</`, deep nesting.
+    #[test]
+    fn any_text_converts_without_panicking() {
+        const PIECES: [&str; 24] = [
+            "<", ">", "/", "!", "?", "-", "&", "#", ";", "x", "é", "😀", " ", "\n", "=", "\"", "'",
+            "div", "p", "td", "table", "li", "script", "amp",
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut bytes = 0;
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..next() % 40 {
+                text.push_str(PIECES[(next() % PIECES.len() as u64) as usize]);
+            }
+            bytes += text.len();
+            html_to_text(&text);
+        }
+        assert!(bytes > 20_000 * 20, "{bytes}");
+        html_to_text("<!abcdefé<!é<!doctypé<!--é<?é</é&#é&é");
+    }
+}

@@ -138,7 +138,10 @@ impl Builder {
         match bytes.get(1) {
             Some(b'/') => self.end_tag(s),
             Some(b'!') => {
-                if s.len() >= 9 && s[2..9].eq_ignore_ascii_case("doctype") {
+                if bytes
+                    .get(2..9)
+                    .is_some_and(|b| b.eq_ignore_ascii_case(b"doctype"))
+                {
                     after(s, ">")
                 } else if s[2..].starts_with("--") {
                     self.comment();
