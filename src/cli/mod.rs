@@ -195,10 +195,12 @@ pub struct NlpEngineArgs {
     /// The region of the Athena workgroup (default: the AWS account's, else us-east-1).
     #[arg(long, value_name = "REGION")]
     pub athena_region: Option<String>,
-    /// The Athena workgroup to query in.
+    /// The Athena workgroup: with `nlp INPUT PHI` (no output folder), the results go to its
+    /// results location and are registered as Athena tables (upstream's Athena mode).
     #[arg(long, value_name = "GROUP")]
     pub athena_workgroup: Option<String>,
-    /// The Athena database of the cohort table.
+    /// The Athena database: where Athena mode registers the results tables, and where a cohort
+    /// table without `DB.` is.
     #[arg(long, value_name = "DB")]
     pub athena_database: Option<String>,
     /// Accepted for upstream's command lines: this tool never asks before a large selection;
