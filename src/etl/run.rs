@@ -63,7 +63,11 @@ impl RunBuilder {
                 &c.resource_type == kind || c.more_resource_types.iter().any(|t| t == kind)
             });
             for context in reading {
-                *table_inputs.entry(context.table.clone()).or_insert(0u64) += item.bytes();
+                let bytes = match item {
+                    WorkItem::Slice { .. } => item.bytes(),
+                    _ => item.file().ndjson_bytes(),
+                };
+                *table_inputs.entry(context.table.clone()).or_insert(0u64) += bytes;
             }
         }
         let delta = DeltaSettings::for_budget(self.memory, &self.run_name)
