@@ -637,6 +637,74 @@ fn pieces_whose_schemas_differ_are_written_again_into_their_ranges_file() {
     cut_and_joined(PATIENTS - 15_000);
 }
 
+#[test]
+fn a_large_tables_first_load_is_cut_into_as_many_ranges_as_its_input_promises_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("input");
+    many_patients(&input, PATIENTS, PATIENTS);
+    // The table made first, with a small target file size (as a site's table may have), so
+    // that 12 MB of Patients promise more compacted files than the two threads.
+    let out = tmp.path().join("out");
+    let init = run_etl(&["init", out.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let table = out.join("patient");
+    // A commit that changes the table's metadata alone, as a property change writes it.
+    let log = table.join("_delta_log");
+    let first = std::fs::read_to_string(log.join("00000000000000000000.json")).unwrap();
+    let mut metadata: Value = first
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|a| a.get("metaData").is_some())
+        .unwrap();
+    metadata["metaData"]["configuration"]["delta.targetFileSize"] = json!("400000");
+    std::fs::write(
+        log.join("00000000000000000001.json"),
+        format!("{metadata}\n"),
+    )
+    .unwrap();
+    let phi = tmp.path().join("phi");
+    phi_with_salt(&phi, SALT);
+    let run = run_etl(&[
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        phi.to_str().unwrap(),
+        "--task=patient",
+        "--workers=2",
+        "--batch-size=50000",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let adds: Vec<Value> = delta_log_actions(&table)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.get("add").cloned())
+        .collect();
+    let tags: Vec<&str> = adds
+        .iter()
+        .filter_map(|a| a["tags"]["cumulusEtlRange"].as_str())
+        .collect();
+    // Each batch cut into as many ranges as the input promises files (a sixth of its bytes
+    // over 400 kB), as far as 50,000-row batches give ranges of 8,192 rows (six).
+    let bytes = std::fs::metadata(input.join("Patient.000.ndjson"))
+        .unwrap()
+        .len();
+    let promised = (bytes / 6).div_ceil(400_000) as usize;
+    assert!(promised > 2, "{bytes} input bytes");
+    let expected = promised.min(6);
+    let ranges: BTreeSet<&str> = tags.iter().map(|t| t.rsplit(' ').next().unwrap()).collect();
+    assert_eq!(
+        ranges,
+        BTreeSet::from([expected.to_string().as_str()]),
+        "{tags:?}"
+    );
+    assert_eq!(tags.len(), expected * PATIENTS.div_ceil(50_000));
+    // Small rows compress little (about 1:1 here, 8:1 for real FHIR), so these pieces make
+    // more files than the join takes; with three batches the table keeps them as they are
+    // (the join itself is tested with two ranges above, and its plan with more in unit tests).
+    let read = read_both(&table, &["id", "gender"], true);
+    assert_eq!(read.duckdb.len(), PATIENTS);
+    assert_eq!(read.deltalake.unwrap().len(), PATIENTS);
+}
+
 const PATIENTS: usize = 140_000;
 
 /// Loads `PATIENTS` patients (those from `speaking_from` on with a language) into a new
