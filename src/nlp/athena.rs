@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use crate::exit::{ExitCode, Fatal};
-use crate::store::aws_api::{service_url, signed_post};
+use crate::store::aws_api::{SignedPost, service_url};
 
 /// Where Athena is asked (`--athena-region`, `--athena-workgroup`, `--athena-database`).
 #[derive(Debug, Clone, Default)]
@@ -136,25 +136,15 @@ impl Athena {
             .await
             .context("finding AWS credentials for Athena")?;
         let url = format!("{}/", self.url);
-        let content_type = "application/x-amz-json-1.1";
-        let headers = signed_post(
-            &credential,
-            ("athena", &self.region),
-            &url,
-            content_type,
-            &body,
-        )?;
-        let response = self
-            .http
-            .post(&url)
-            .headers(headers)
-            .header("X-Amz-Target", format!("AmazonAthena.{operation}"))
-            .body(body)
-            .send()
-            .await
-            .with_context(|| format!("{operation} at {}", self.url))?;
-        let status = response.status();
-        let answer = response.bytes().await?;
+        let post = SignedPost {
+            service: "athena",
+            region: &self.region,
+            url: &url,
+            content_type: "application/x-amz-json-1.1",
+            extra: Some(("X-Amz-Target", format!("AmazonAthena.{operation}"))),
+        };
+        let what = format!("{operation} at {}", self.url);
+        let (status, answer) = post.send(&self.http, &credential, body, &what).await?;
         if !status.is_success() {
             let message = serde_json::from_slice::<Value>(&answer)
                 .ok()

@@ -629,7 +629,7 @@ impl NotePass<'_> {
 /// their answers land in the cache, where the task's own pass finds them.
 fn ask_in_batches(
     pass: &NotePass<'_>,
-    llm: &Arc<LlmEngine>,
+    (llm, kind): (&Arc<LlmEngine>, &TableKind),
     rt: &tokio::runtime::Runtime,
 ) -> Result<(), Fatal> {
     let poll = batch::poll_interval();
@@ -651,15 +651,9 @@ fn ask_in_batches(
         .tempdir()
         .map_err(|e| Fatal::new(ExitCode::Failure, format!("a temporary folder: {e}")))?;
     let scratch_output = ObjectLocation::local(scratch.path()).map_err(Fatal::from)?;
-    let kind = TableKind::NlpResults(Arc::new(NlpTable {
-        task_version: llm.task.definition.version,
-        schema: Arc::new(llm.task.table_schema().map_err(Fatal::from)?),
-        key: "note_ref".into(),
-        group_field: "note_ref".into(),
-    }));
     pass.run(
         Dispatch::Spawn(collector.clone(), rt.handle().clone()),
-        kind,
+        kind.clone(),
         None,
         (scratch_output, OutputFormat::Ndjson),
         None,
@@ -799,7 +793,7 @@ fn run_task(
         filters: (text_filter, cohort),
     };
     if let (true, Some(llm), Some(rt)) = (opts.batch, &engine.llm, runtime) {
-        ask_in_batches(&pass, llm, rt)?;
+        ask_in_batches(&pass, (llm, &engine.kind), rt)?;
     }
     let (shared, nlp) = pass.run(
         engine.dispatch,

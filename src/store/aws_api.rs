@@ -36,3 +36,43 @@ pub fn signed_post(
     AwsAuthorizer::new(credential, service, region).authorize(&mut request, None);
     Ok(request.headers().clone())
 }
+
+/// A signed request to an AWS API: `body` (of `content_type`) posted to `url` for `service` in
+/// `region`, with `extra` headers left unsigned (such as `X-Amz-Target`).
+pub struct SignedPost<'a> {
+    pub service: &'a str,
+    pub region: &'a str,
+    pub url: &'a str,
+    pub content_type: &'a str,
+    pub extra: Option<(&'a str, String)>,
+}
+
+impl SignedPost<'_> {
+    /// Sends `body` signed with `credential`; the answer's status and bytes, or what stopped
+    /// the request (`what` names it).
+    pub async fn send(
+        &self,
+        client: &reqwest::Client,
+        credential: &AwsCredential,
+        body: Vec<u8>,
+        what: &str,
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes)> {
+        let headers = signed_post(
+            credential,
+            (self.service, self.region),
+            self.url,
+            self.content_type,
+            &body,
+        )?;
+        let mut request = client.post(self.url).headers(headers).body(body);
+        if let Some((name, value)) = &self.extra {
+            request = request.header(*name, value);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+        let status = response.status();
+        Ok((status, response.bytes().await?))
+    }
+}

@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use object_store::aws::{AwsCredential, AwsCredentialProvider};
 use object_store::client::CredentialProvider;
 
-use super::aws_api::{service_url, signed_post};
+use super::aws_api::{SignedPost, service_url};
 use super::aws_profile::{Profile, SharedFiles};
 
 /// Credentials this close to their expiry are fetched again.
@@ -249,23 +249,18 @@ async fn assume_role(role: &AssumeRole, source: &AwsCredential) -> Result<Timed>
         .map(|(k, v)| format!("{k}={}", form_encode(v)))
         .collect::<Vec<_>>()
         .join("&");
-    let content_type = "application/x-www-form-urlencoded; charset=utf-8";
-    let headers = signed_post(
-        source,
-        ("sts", &region),
-        &url,
-        content_type,
-        body.as_bytes(),
-    )?;
-    let response = reqwest::Client::new()
-        .post(&url)
-        .headers(headers)
-        .body(body)
-        .send()
-        .await
-        .with_context(|| format!("STS AssumeRole {}", role.role_arn))?;
-    let status = response.status();
-    let text = response.text().await?;
+    let post = SignedPost {
+        service: "sts",
+        region: &region,
+        url: &url,
+        content_type: "application/x-www-form-urlencoded; charset=utf-8",
+        extra: None,
+    };
+    let what = format!("STS AssumeRole {}", role.role_arn);
+    let (status, answer) = post
+        .send(&reqwest::Client::new(), source, body.into_bytes(), &what)
+        .await?;
+    let text = String::from_utf8_lossy(&answer);
     if !status.is_success() {
         let message = tag(&text, "Message").unwrap_or_else(|| format!("HTTP status {status}"));
         bail!("STS AssumeRole {}: {message}", role.role_arn);

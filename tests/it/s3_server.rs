@@ -84,15 +84,10 @@ print(json.dumps([head.get("ServerSideEncryption", ""), head.get("SSEKMSKeyId", 
 
     /// One plain HTTP/1.1 request (moto does not check signatures).
     fn request(&self, method: &str, path: &str) -> (u16, BTreeMap<String, String>) {
-        self.send(method, path, "")
-    }
-
-    fn send(&self, method: &str, path: &str, body: &str) -> (u16, BTreeMap<String, String>) {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.port,
-            body.len()
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
         );
         stream.write_all(request.as_bytes()).unwrap();
         let mut response = Vec::new();

@@ -558,11 +558,7 @@ fn compaction_clusters_into_disjoint_files(memory: Option<&'static str>) {
         live.iter().any(|f| f.ends_with(&others)),
         "the file another implementation clustered is left to it"
     );
-    let adds: Vec<Value> = delta_log_actions(&table)
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.get("add").cloned())
-        .collect();
+    let adds = add_actions(&table);
     let mut ranges = Vec::new();
     for file in live.iter().filter(|f| !f.ends_with(&others)) {
         let name = file.file_name().unwrap().to_str().unwrap();
@@ -673,11 +669,7 @@ fn a_large_tables_first_load_is_cut_into_as_many_ranges_as_its_input_promises_fi
         "--batch-size=50000",
     ]);
     assert!(run.status.success(), "{}", stderr(&run));
-    let adds: Vec<Value> = delta_log_actions(&table)
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.get("add").cloned())
-        .collect();
+    let adds = add_actions(&table);
     let tags: Vec<&str> = adds
         .iter()
         .filter_map(|a| a["tags"]["cumulusEtlRange"].as_str())
@@ -703,6 +695,15 @@ fn a_large_tables_first_load_is_cut_into_as_many_ranges_as_its_input_promises_fi
     let read = read_both(&table, &["id", "gender"], true);
     assert_eq!(read.duckdb.len(), PATIENTS);
     assert_eq!(read.deltalake.unwrap().len(), PATIENTS);
+}
+
+/// Every `add` action of a table's log, oldest first.
+fn add_actions(table: &Path) -> Vec<Value> {
+    delta_log_actions(table)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.get("add").cloned())
+        .collect()
 }
 
 const PATIENTS: usize = 140_000;
@@ -738,11 +739,7 @@ fn cut_and_joined(speaking_from: usize) {
         crate::support::read_delta(&table, "id"),
         crate::support::read_delta(&uncut, "id")
     );
-    let adds: Vec<Value> = delta_log_actions(&table)
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.get("add").cloned())
-        .collect();
+    let adds = add_actions(&table);
     // Every batch was written as pieces: a file per key range, tagged with the cut and range.
     let pieces: Vec<&Value> = adds
         .iter()
