@@ -566,17 +566,19 @@ fn wait_for_lines(file: &Path, n: usize) {
     }
 }
 
-fn start_watch(exports: &Path, out: &Path, phi: &Path) -> std::process::Child {
+fn start_watch(exports: &Path, out: &Path, phi: &Path) -> Watch {
     start_watch_with(exports, out, phi, &[])
 }
 
-fn start_watch_with(
-    exports: &Path,
-    out: &Path,
-    phi: &Path,
-    env: &[(&str, &str)],
-) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
+/// A running watch and the reader of its messages: they are read as they come, so that a
+/// long message (a panic's backtrace) never fills the pipe and blocks the watch.
+struct Watch {
+    child: std::process::Child,
+    log: std::thread::JoinHandle<String>,
+}
+
+fn start_watch_with(exports: &Path, out: &Path, phi: &Path, env: &[(&str, &str)]) -> Watch {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cumulus-etl"))
         .envs(env.iter().copied())
         .args([
             "etl",
@@ -590,18 +592,22 @@ fn start_watch_with(
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
+    Watch { child, log }
 }
 
 /// Sends SIGTERM and returns the watch's exit code and messages.
-fn stop_watch(child: std::process::Child) -> (Option<i32>, String) {
+fn stop_watch(mut watch: Watch) -> (Option<i32>, String) {
     // SAFETY: a signal to the child this test started.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    unsafe { libc::kill(watch.child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = watch.child.wait().unwrap();
+    (status.code(), watch.log.join().unwrap())
 }
 
 /// A temporary folder with the paths of a watch test: a PHI folder (with a salt), the exports'
