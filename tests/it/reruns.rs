@@ -549,19 +549,22 @@ fn completed_at(export: &Path, time: &str) {
     write_lines(&log, &events);
 }
 
-/// Waits until `file` has `n` lines.
-fn wait_for_lines(file: &Path, n: usize) {
+/// Waits until `file` has `n` lines; past two minutes, stops the watch and fails with what it
+/// said.
+fn wait_for_lines(file: &Path, n: usize, watch: Watch) -> Watch {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let lines = std::fs::read_to_string(file).map_or(0, |t| t.lines().count());
         if lines >= n {
-            return;
+            return watch;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} has {lines} lines",
-            file.display()
-        );
+        if std::time::Instant::now() >= deadline {
+            let (code, log) = stop_watch(watch);
+            panic!(
+                "{} has {lines} lines; the watch (exit {code:?}) said:\n{log}",
+                file.display()
+            );
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
@@ -637,12 +640,12 @@ fn watch_loads_exports_as_they_complete_in_their_order_and_stops_on_sigterm() {
 
     let watch = start_watch(&exports, &out, &phi);
     let record = out.join("JobConfig/watched-exports.ndjson");
-    wait_for_lines(&record, 2);
+    let watch = wait_for_lines(&record, 2, watch);
     // A third export placed while the watch runs.
     let third = exports.join("c-third");
     copy_of_sample(&third);
     completed_at(&third, "2025-01-02T00:00:00Z");
-    wait_for_lines(&record, 3);
+    let watch = wait_for_lines(&record, 3, watch);
     let (code, log) = stop_watch(watch);
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("watch: stopped (3 exports loaded)"), "{log}");
@@ -722,7 +725,7 @@ fn an_export_whose_run_stops_leaves_the_watch_running_on_new_workers() {
     let env = [("CUMULUS_ETL_TEST_PANIC", "source:Condition.broken.ndjson")];
     let watch = start_watch_with(&exports, &out, &phi, &env);
     let record = out.join("JobConfig/watched-exports.ndjson");
-    wait_for_lines(&record, 1);
+    let watch = wait_for_lines(&record, 1, watch);
     let (code, log) = stop_watch(watch);
     assert_eq!(code, Some(0), "{log}");
     let loaded: Vec<String> = lines_of(&record)
