@@ -126,7 +126,7 @@ pub fn finish_tables(shared: &RunShared, optimize: bool) {
 /// saved, so a re-run completes the tables; the error names what was in hand. Writing failures
 /// exit as a failed task (19), the rest as a failure (1).
 pub fn stopped_run(shared: &RunShared, error: anyhow::Error) -> Fatal {
-    for (table, e) in shared.outputs.finish(false) {
+    for (table, e) in shared.outputs.finish_stopped() {
         crate::say!("warning: finishing table {table} failed: {}", one_line(&e));
     }
     if let Err(e) = shared.scrubber.codebook().save() {

@@ -192,7 +192,16 @@ impl Outputs {
     /// Waits for every pending commit, then runs table maintenance (Delta only).
     pub fn finish(&self, optimize: bool) -> Vec<(String, anyhow::Error)> {
         match &self.delta {
-            Some(delta) => delta.finish(optimize),
+            Some(delta) => delta.finish(optimize, false),
+            None => Vec::new(),
+        }
+    }
+
+    /// [`Outputs::finish`] after a run that stopped early, without table maintenance: what its
+    /// writers queued is done, and their handles are not waited for.
+    pub fn finish_stopped(&self) -> Vec<(String, anyhow::Error)> {
+        match &self.delta {
+            Some(delta) => delta.finish(false, true),
             None => Vec::new(),
         }
     }

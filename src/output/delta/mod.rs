@@ -94,6 +94,9 @@ enum Job {
         each: ValueSink,
         reply: std::sync::mpsc::Sender<Result<u64>>,
     },
+    /// A stopped run is finishing: what was queued before is done, and the committer ends,
+    /// though a writer of the run may still hold a handle on its queue.
+    Close,
 }
 
 /// Where a column's values go, a batch at a time.
@@ -239,12 +242,17 @@ impl DeltaOutput {
     }
 
     /// Waits for every queued commit, then maintains each table (in parallel). Returns the
-    /// tables whose maintenance failed; their data is committed either way.
-    pub fn finish(&self, optimize: bool) -> Vec<(String, anyhow::Error)> {
+    /// tables whose maintenance failed; their data is committed either way. A committer ends
+    /// when the last handle on its queue goes, or, after a run that `stopped` (whose writers may
+    /// outlive it: a watch waited for them forever), once what was queued before now is done.
+    pub fn finish(&self, optimize: bool, stopped: bool) -> Vec<(String, anyhow::Error)> {
         let committers = std::mem::take(&mut *self.committers.lock().unwrap());
         self.runtime.block_on(async {
             let mut tables = Vec::new();
             for (name, committer) in committers {
+                if stopped {
+                    let _ = committer.jobs.send(Job::Close);
+                }
                 drop(committer.jobs);
                 match committer.done.await {
                     Ok(Ok(table)) => tables.push((name, table, committer.opened_at)),
@@ -298,6 +306,9 @@ async fn commit_loop(
     mut queue: mpsc::UnboundedReceiver<Job>,
 ) -> Result<CumulusTable, InternalError> {
     while let Some(job) = queue.recv().await {
+        if matches!(job, Job::Close) {
+            break;
+        }
         let applied = Guarded::new(async {
             panic_guard::inject(Site::Committer, &name, 0);
             apply_job(&mut table, job).await
@@ -342,6 +353,7 @@ async fn apply_job(table: &mut CumulusTable, job: Job) {
             mut each,
             reply,
         } => drop(reply.send(table.for_each_value(&column, &mut *each).await)),
+        Job::Close => {}
     }
 }
 
@@ -356,6 +368,7 @@ fn fail_job(job: Job, panic: &InternalError) {
         Job::Flush { reply } => drop(reply.send(())),
         Job::Journals { reply, .. } => drop(reply.send(Err(error()))),
         Job::Values { reply, .. } => drop(reply.send(Err(error()))),
+        Job::Close => {}
     }
 }
 
@@ -381,7 +394,8 @@ impl DeltaTableWriter {
                 Job::Delete { .. }
                 | Job::Flush { .. }
                 | Job::Journals { .. }
-                | Job::Values { .. } => return,
+                | Job::Values { .. }
+                | Job::Close => return,
             };
             on_written.done(Err(anyhow!("the table's committer has stopped")));
         }
