@@ -192,9 +192,76 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Appends to `out` the compact object of `row`'s top-level entries named in `names`, as they
+/// are written, reading the row only until each name is found (the first entry of a name
+/// counts: rows we write repeat no key). On a row the cursor does not take, `out` is left as it
+/// was.
+pub fn project_entries(row: &[u8], names: &[&str], out: &mut Vec<u8>) -> Step<()> {
+    let start = out.len();
+    let projected = (|| {
+        let mut cursor = Cursor::new(row);
+        cursor.eat(b'{')?;
+        out.push(b'{');
+        let mut found = vec![false; names.len()];
+        let mut left = names.len();
+        if cursor.peek()? != b'}' {
+            while left > 0 {
+                let entry_start = cursor.pos;
+                let key = cursor.plain_string()?;
+                cursor.eat(b':')?;
+                cursor.skip_value()?;
+                if let Some(n) = names.iter().position(|name| *name == key)
+                    && !std::mem::replace(&mut found[n], true)
+                {
+                    if left < names.len() {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(&row[entry_start..cursor.pos]);
+                    left -= 1;
+                }
+                if cursor.end_or_next(b'}')? {
+                    break;
+                }
+            }
+        }
+        out.push(b'}');
+        Ok(())
+    })();
+    if projected.is_err() {
+        out.truncate(start);
+    }
+    projected
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn projected_entries_are_the_first_of_each_name_and_reading_stops_once_all_are_found() {
+        let project = |row: &[u8], names: &[&str]| {
+            let mut out = b"kept".to_vec();
+            let result = project_entries(row, names, &mut out).map(|()| out[4..].to_vec());
+            (result.ok(), out.starts_with(b"kept"))
+        };
+        let row = br#"{"resourceType":"Observation","id":"a\"b","n":[1,{"id":"inner"}],"x":2,"id":"later"}"#;
+        let (got, _) = project(row, &["id"]);
+        assert_eq!(got.unwrap(), br#"{"id":"a\"b"}"#);
+        let (got, _) = project(row, &["x", "n"]);
+        assert_eq!(got.unwrap(), br#"{"n":[1,{"id":"inner"}],"x":2}"#);
+        assert_eq!(project(row, &["absent"]).0.unwrap(), b"{}");
+        assert_eq!(project(b"{}", &["id"]).0.unwrap(), b"{}");
+        // Reading stops at the names found: what follows them is not read.
+        assert_eq!(
+            project(br#"{"id":"a", oops"#, &["id"]).0.unwrap(),
+            br#"{"id":"a"}"#
+        );
+        // A row the cursor does not take leaves the buffer as it was.
+        for bad in [&b"[1]"[..], b"{ \"id\":1}", b"{\"i\\u0064\":1}", b"{\"id\""] {
+            let (got, intact) = project(bad, &["id"]);
+            assert!(got.is_none() && intact, "{}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn values_are_read_and_skipped_as_json_has_them() {

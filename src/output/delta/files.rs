@@ -16,7 +16,7 @@ use std::sync::Arc;
 use super::conform::conform_batch;
 use super::ledger::key_fingerprints;
 use super::range_cluster::RangeFiles;
-use super::range_pieces::{Cutting, RANGE_TAG};
+use super::range_pieces::{Cutting, RANGE_TAG, RowRouter};
 use crate::output::ENCODE_SLICE_ROWS;
 use crate::output::columns::rows_to_record_batch;
 use crate::output::{RowTag, UnfitRow};
@@ -66,6 +66,27 @@ pub struct WrittenFiles {
     pub unfit: Vec<UnfitRow>,
     /// The tags of the rows the files hold (none when the batch had none).
     pub tags: Vec<RowTag>,
+}
+
+impl WrittenFiles {
+    /// No files, of `schema`.
+    fn empty(schema: &SchemaRef) -> WrittenFiles {
+        WrittenFiles {
+            adds: Vec::new(),
+            schema: schema.clone(),
+            keys: Vec::new(),
+            unfit: Vec::new(),
+            tags: Vec::new(),
+        }
+    }
+
+    /// Adds the files of another part of the same batch.
+    fn absorb(&mut self, part: WrittenFiles) {
+        self.adds.extend(part.adds);
+        self.keys.extend(part.keys);
+        self.unfit.extend(part.unfit);
+        self.tags.extend(part.tags);
+    }
 }
 
 impl TableFiles {
@@ -172,22 +193,11 @@ impl TableFiles {
         target: &SchemaRef,
         written: impl IntoIterator<Item = Result<WrittenFiles>>,
     ) -> Result<WrittenFiles> {
-        let mut all = WrittenFiles {
-            adds: Vec::new(),
-            schema: target.clone(),
-            keys: Vec::new(),
-            unfit: Vec::new(),
-            tags: Vec::new(),
-        };
+        let mut all = WrittenFiles::empty(target);
         let mut failed = None;
         for part in written {
             match part {
-                Ok(part) => {
-                    all.adds.extend(part.adds);
-                    all.keys.extend(part.keys);
-                    all.unfit.extend(part.unfit);
-                    all.tags.extend(part.tags);
-                }
+                Ok(part) => all.absorb(part),
                 Err(e) => failed = failed.or(Some(e)),
             }
         }
@@ -206,8 +216,9 @@ impl TableFiles {
     }
 
     /// Writes `rows` as one file per key range of the table's cut (made from this batch's first
-    /// slice if none is yet): the batch's parts are decoded on up to the table's threads, and
-    /// each part's rows go to their range's file ([`RangeFiles`]). None (nothing written) when
+    /// slice if none is yet): the batch's parts are split by range on up to the table's threads
+    /// ([`RowRouter`]), and each range's rows of a part decoded into its file ([`RangeFiles`]).
+    /// None (nothing written) when
     /// the clustering columns are not top-level columns of the table.
     fn write_cut(
         self: &Arc<Self>,
@@ -230,13 +241,24 @@ impl TableFiles {
         let Some(cut) = cutting.cut(target, first_slice)? else {
             return self.gather(target, []).map(Some);
         };
-        let ranges = cut.ranges_for(target, clustering)?;
-        let range_files = RangeFiles::new(self.clone(), target.clone(), ranges.count());
-        let (out, ranges) = (&range_files, &ranges);
+        let router = RowRouter::new(&cut, schema, target, clustering)?;
+        let range_files = RangeFiles::new(self.clone(), target.clone(), router.count());
+        let (out, router) = (&range_files, &router);
         let decoded = self.in_parts((rows, tags), |i, part| {
-            let mut rows = Decoded::new(part, schema, target, uniqueness);
-            out.write(&self.runtime, ranges, &mut rows, i)?;
-            Ok(rows.into_files())
+            let split = router.split(part)?;
+            let mut sources: Vec<Option<Decoded>> = split
+                .iter()
+                .map(|(rows, tags)| {
+                    let range = (rows.as_slice(), tags.as_slice());
+                    (!rows.is_empty()).then(|| Decoded::new(range, schema, target, uniqueness))
+                })
+                .collect();
+            out.write_each(&self.runtime, &mut sources, i)?;
+            let mut files = WrittenFiles::empty(target);
+            for range in sources.into_iter().flatten() {
+                files.absorb(range.into_files());
+            }
+            Ok(files)
         });
         let wrote = decoded
             .iter()
@@ -254,10 +276,7 @@ impl TableFiles {
         });
         let files = WrittenFiles {
             adds: adds.collect(),
-            schema: target.clone(),
-            keys: Vec::new(),
-            unfit: Vec::new(),
-            tags: Vec::new(),
+            ..WrittenFiles::empty(target)
         };
         if let Err(e) = closed {
             self.discard(&files);
@@ -379,11 +398,10 @@ impl<'a> Decoded<'a> {
     /// What the files of the rows decoded must report (their adds to be filled in).
     fn into_files(self) -> WrittenFiles {
         WrittenFiles {
-            adds: Vec::new(),
-            schema: self.target.clone(),
             keys: self.keys,
             unfit: self.unfit,
             tags: self.kept_tags,
+            ..WrittenFiles::empty(self.target)
         }
     }
 }

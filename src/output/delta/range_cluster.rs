@@ -149,33 +149,71 @@ impl RangeFiles {
         rows: impl Iterator<Item = Result<RecordBatch>>,
         reader: usize,
     ) -> Result<()> {
-        let written = (|| {
-            for batch in rows {
-                if self.failed.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                let batch = batch?;
-                let mut picks = ranges.route(&batch)?;
-                let count = picks.len();
-                let mut pending: Vec<usize> = (0..count)
-                    .map(|i| (i + reader) % count)
-                    .filter(|&r| !picks[r].is_empty())
-                    .collect();
-                while !pending.is_empty() {
-                    let (at, mut file) = self.next_free(&pending);
-                    let range = pending.remove(at);
-                    let positions = UInt32Array::from(std::mem::take(&mut picks[range]));
-                    let rows = take_record_batch(&batch, &positions)?;
-                    let writer = file.get_or_insert_with(|| self.files.writer(&self.schema));
-                    runtime.block_on(writer.write(&rows))?;
-                }
+        for batch in rows {
+            if self.failed.load(Ordering::Relaxed) {
+                return Ok(());
             }
-            anyhow::Ok(())
-        })();
-        if written.is_err() {
-            self.failed.store(true, Ordering::Relaxed);
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => return Err(self.fail(e)),
+            };
+            let picks = ranges.route(&batch).map_err(|e| self.fail(e))?;
+            // Each range's rows are taken only once its file is held.
+            let mut sources: Vec<_> = picks
+                .into_iter()
+                .map(|picks| {
+                    let batch = &batch;
+                    (!picks.is_empty()).then(|| {
+                        std::iter::once_with(move || {
+                            Ok(take_record_batch(batch, &UInt32Array::from(picks))?)
+                        })
+                    })
+                })
+                .collect();
+            self.write_each(runtime, &mut sources, reader)?;
         }
-        written
+        Ok(())
+    }
+
+    /// Writes every batch of each range's source (`sources[range]`; None for a range without
+    /// rows) to that range's file, taking first the ranges no other reader holds; `reader` is
+    /// this reader's number, so readers start at different ranges. Runs on a thread outside the
+    /// runtime, which drives the writers.
+    pub fn write_each<I>(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        sources: &mut [Option<I>],
+        reader: usize,
+    ) -> Result<()>
+    where
+        I: Iterator<Item = Result<RecordBatch>>,
+    {
+        let count = sources.len();
+        let mut pending: Vec<usize> = (0..count)
+            .map(|i| (i + reader) % count)
+            .filter(|&r| sources[r].is_some())
+            .collect();
+        while !pending.is_empty() {
+            if self.failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let (at, mut file) = self.next_free(&pending);
+            let range = pending.remove(at);
+            for batch in sources[range].as_mut().into_iter().flatten() {
+                let written = batch.and_then(|batch| {
+                    let writer = file.get_or_insert_with(|| self.files.writer(&self.schema));
+                    Ok(runtime.block_on(writer.write(&batch))?)
+                });
+                written.map_err(|e| self.fail(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes that a reader failed with `error` (so the others stop), and returns it.
+    fn fail(&self, error: anyhow::Error) -> anyhow::Error {
+        self.failed.store(true, Ordering::Relaxed);
+        error
     }
 
     /// The first of the `pending` ranges whose file no other reader holds, or else the first

@@ -20,12 +20,16 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use anyhow::Result;
-use arrow::datatypes::SchemaRef;
+use anyhow::{Context, Result};
+use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
 use super::cluster_sort::Keys;
+use super::conform::conform_batch;
 use super::range_cluster::Ranges;
+use crate::json::compact::project_entries;
+use crate::output::RowTag;
+use crate::output::columns::rows_to_record_batch;
 
 /// Input bytes per byte of the compacted table, low (FHIR NDJSON compresses 8 to 9 times
 /// into Parquet), so a table is given rather too many ranges than too few.
@@ -142,6 +146,100 @@ impl Cut {
     }
 }
 
+/// A range's rows of a batch, with their tags (none when the batch has none).
+pub type RangeRows<'r> = (Vec<&'r [u8]>, Vec<RowTag>);
+
+/// Sends a batch's JSON rows to the ranges of a cut by decoding their clustering entries alone
+/// (read from the start of each row up to the last of them: `id` comes second in a FHIR row), so
+/// that each range's rows are then decoded and encoded by themselves: taking a range's rows out
+/// of a decoded batch copies every nested column once more.
+pub struct RowRouter {
+    /// The clustering columns the batch's schema has, typed as there.
+    source: SchemaRef,
+    /// The clustering columns, typed as in the table.
+    target: SchemaRef,
+    ranges: Ranges,
+}
+
+impl RowRouter {
+    /// Routes rows of `schema` to the ranges of `cut` over the table's schema `target` (which
+    /// has every clustering column).
+    pub fn new(
+        cut: &Cut,
+        schema: &SchemaRef,
+        target: &SchemaRef,
+        clustering: &[String],
+    ) -> Result<RowRouter> {
+        let project = |schema: &Schema| {
+            let fields = clustering
+                .iter()
+                .filter_map(|name| schema.field_with_name(name).ok().cloned());
+            Arc::new(Schema::new(fields.collect::<Vec<_>>()))
+        };
+        let target = project(target);
+        let ranges = cut.ranges_for(&target, clustering)?;
+        Ok(RowRouter {
+            source: project(schema),
+            target,
+            ranges,
+        })
+    }
+
+    /// How many ranges there are.
+    pub fn count(&self) -> usize {
+        self.ranges.count()
+    }
+
+    /// The rows of `rows` (with their tags, if any) in each range, in row order. A row whose
+    /// keys do not decode goes to the first range, whose decode leaves it out and reports it.
+    pub fn split<'r>(&self, (rows, tags): (&[&'r [u8]], &[RowTag])) -> Result<Vec<RangeRows<'r>>> {
+        // Each row's key entries alone (or the whole row, where the cursor stops), decoded.
+        let names: Vec<&str> = self
+            .source
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        let mut entries = Vec::with_capacity(rows.len() * 64);
+        let mut ends = Vec::with_capacity(rows.len());
+        for row in rows {
+            if project_entries(row, &names, &mut entries).is_err() {
+                entries.extend_from_slice(row);
+            }
+            ends.push(entries.len());
+        }
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        let key_rows: Vec<&[u8]> = starts.zip(&ends).map(|(a, &b)| &entries[a..b]).collect();
+        let decoded = rows_to_record_batch(self.source.clone(), &key_rows)
+            .context("rows do not fit the table's FHIR schema")?;
+        let keys = conform_batch(&decoded.batch, &self.target)?;
+        let mut unfit = decoded.unfit.iter().map(|u| u.index).peekable();
+        let fit_rows: Vec<usize> = (0..rows.len())
+            .filter(|i| {
+                let left_out = unfit.peek() == Some(i);
+                if left_out {
+                    unfit.next();
+                }
+                !left_out
+            })
+            .collect();
+        let mut range_of = vec![0; rows.len()];
+        for (range, picks) in self.ranges.route(&keys)?.into_iter().enumerate() {
+            for pick in picks {
+                range_of[fit_rows[pick as usize]] = range;
+            }
+        }
+        let mut split: Vec<RangeRows> = (0..self.count()).map(|_| Default::default()).collect();
+        for (i, &range) in range_of.iter().enumerate() {
+            split[range].0.push(rows[i]);
+            if let Some(tag) = tags.get(i) {
+                split[range].1.push(*tag);
+            }
+        }
+        Ok(split)
+    }
+}
+
 /// The piece a file's tags name, if any.
 pub fn piece_of(tags: Option<&HashMap<String, Option<String>>>) -> Option<Piece> {
     let tag = tags?.get(RANGE_TAG)?.as_deref()?;
@@ -245,6 +343,84 @@ mod tests {
             assert_eq!(piece_of(Some(&tags)), None, "{bad}");
         }
         assert_eq!(piece_of(None), None);
+    }
+
+    #[test]
+    fn rows_go_to_their_keys_ranges_with_their_tags_and_rows_without_readable_keys_to_the_first() {
+        let field = |name: &str, t: DataType| Field::new(name, t, true);
+        let target: SchemaRef = Arc::new(Schema::new(vec![
+            field("resourceType", DataType::Utf8),
+            field("id", DataType::Utf8),
+            field("n", DataType::Int64),
+        ]));
+        let ids = StringArray::from_iter_values((0..100).map(|i| format!("{i:03}")));
+        let slice = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![field("id", DataType::Utf8)])),
+            vec![Arc::new(ids)],
+        )
+        .unwrap();
+        let cutting = Cutting::new(vec!["id".into()], 4);
+        let cut = cutting
+            .cut(&slice.schema(), || Some(Ok(slice.clone())))
+            .unwrap()
+            .unwrap();
+        // The batch's own schema lacks `n`: its key columns are read as the batch has them.
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            field("resourceType", DataType::Utf8),
+            field("id", DataType::Utf8),
+        ]));
+        let router = RowRouter::new(&cut, &schema, &target, &["id".into()]).unwrap();
+        assert_eq!(router.count(), 4);
+        let rows: Vec<&[u8]> = vec![
+            br#"{"resourceType":"Patient","id":"099","name":[{"text":"x"}]}"#,
+            br#"{"resourceType":"Patient","id":"000"}"#,
+            br#"{"resourceType":"Patient","id":"050","extra":{"id":"999"}}"#,
+            // Whitespace stops the cursor: the whole row is decoded for its key.
+            br#"{"resourceType": "Patient", "id": "098"}"#,
+            // No id (a null key) and an id that is no string (left out by the decode).
+            br#"{"resourceType":"Patient"}"#,
+            br#"{"resourceType":"Patient","id":[1]}"#,
+            br#"{"resourceType":"Patient","id":"001"}"#,
+        ];
+        let tags: Vec<RowTag> = (0..rows.len() as u8).map(|i| [i; 24]).collect();
+        let split = router.split((&rows, &tags)).unwrap();
+        let range_of = |id: &str| {
+            let batch = RecordBatch::try_new(
+                Arc::new(Schema::new(vec![field("id", DataType::Utf8)])),
+                vec![Arc::new(StringArray::from(vec![id]))],
+            )
+            .unwrap();
+            let picks = cut
+                .ranges_for(&batch.schema(), &["id".into()])
+                .unwrap()
+                .route(&batch)
+                .unwrap();
+            picks.iter().position(|p| !p.is_empty()).unwrap()
+        };
+        let mut expected: Vec<Vec<usize>> = vec![Vec::new(); 4];
+        for (i, id) in ["099", "000", "050", "098"].iter().enumerate() {
+            expected[range_of(id)].push(i);
+        }
+        expected[0].extend([4, 5]);
+        expected[range_of("001")].push(6);
+        for list in &mut expected {
+            list.sort();
+        }
+        assert_eq!(range_of("000"), 0);
+        assert_eq!(range_of("099"), 3);
+        for (range, (got_rows, got_tags)) in split.iter().enumerate() {
+            let want: Vec<&[u8]> = expected[range].iter().map(|&i| rows[i]).collect();
+            assert_eq!(got_rows, &want, "range {range}");
+            let want: Vec<RowTag> = expected[range].iter().map(|&i| tags[i]).collect();
+            assert_eq!(got_tags, &want, "range {range}");
+        }
+        // Without tags, none.
+        let split = router.split((&rows, &[])).unwrap();
+        assert!(split.iter().all(|(_, tags)| tags.is_empty()));
+        assert_eq!(
+            split.iter().map(|(r, _)| r.len()).sum::<usize>(),
+            rows.len()
+        );
     }
 
     #[test]
