@@ -1,7 +1,7 @@
 //! The allow-list rules, loaded once from the embedded `allow_list.toml` and flattened so the
 //! scrubber never walks inheritance chains on the hot path.
 
-use crate::fast_hash::{FastMap, FastSet};
+use crate::fast_hash::{FastMap, FastSet, Name, NameRef};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -56,12 +56,12 @@ pub struct Filter {
 }
 
 /// The flattened field table of one type (its own fields plus everything inherited).
-pub type FieldRules = FastMap<String, Treatment>;
+pub type FieldRules = FastMap<Name, Treatment>;
 
 /// All rules: per-type field tables and the extension URL lists.
 #[derive(Debug)]
 pub struct Rules {
-    types: FastMap<String, FieldRules>,
+    types: FastMap<Name, FieldRules>,
     pub allowed_extensions: FastSet<String>,
     pub ignored_extensions: FastSet<String>,
     pub allowed_modifier_extensions: FastSet<String>,
@@ -138,13 +138,19 @@ impl Rules {
             ];
             for (list, treatment) in leafs {
                 for field in list {
-                    if fields.insert(field.clone(), treatment.clone()).is_some() {
+                    if fields
+                        .insert(field.as_str().into(), treatment.clone())
+                        .is_some()
+                    {
                         bail!("field {name}.{field} is listed twice in the rules");
                     }
                 }
             }
             for (field, spec) in &t.types {
-                if fields.insert(field.clone(), parse_nested(spec)?).is_some() {
+                if fields
+                    .insert(field.as_str().into(), parse_nested(spec)?)
+                    .is_some()
+                {
                     bail!("field {name}.{field} is listed twice in the rules");
                 }
             }
@@ -166,7 +172,7 @@ impl Rules {
                 type_name: Arc::from(name.as_str()),
                 filter: None,
             };
-            if entry.1.insert(child.to_string(), nested).is_some() {
+            if entry.1.insert(child.into(), nested).is_some() {
                 bail!("field {parent}.{child} is listed twice in the rules");
             }
         }
@@ -188,7 +194,7 @@ impl Rules {
                     bail!("type {name} has a cyclic base chain");
                 }
             }
-            types.insert(name.clone(), flat);
+            types.insert(name.as_str().into(), flat);
         }
         for (name, fields) in &types {
             for (field, t) in fields {
@@ -209,13 +215,13 @@ impl Rules {
 
     /// The field table for a type, if the rules know it.
     pub fn fields(&self, type_name: &str) -> Option<&FieldRules> {
-        self.types.get(type_name)
+        self.types.get(NameRef::new(type_name))
     }
 
     /// Field table for a resource type; unknown resource types get the bare `Resource` rules.
     pub fn resource_fields(&self, resource_type: &str) -> (&str, &FieldRules) {
-        match self.types.get_key_value(resource_type) {
-            Some((k, v)) if !k.contains('.') => (k.as_str(), v),
+        match self.types.get_key_value(NameRef::new(resource_type)) {
+            Some((k, v)) if !k.contains('.') => (k, v),
             _ => ("Resource", &self.types["Resource"]),
         }
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::codebook::Codebook;
 use super::rules::{FieldRules, Filter, Rules, Treatment};
+use crate::fast_hash::NameRef;
 use crate::fhir::Shape;
 use crate::json::utf16::{python_strip, strip_units, write_units, write_units_unquoted};
 use crate::json::{Doc, Kind, write_compact_ascii, write_str, write_str_parts};
@@ -420,10 +421,10 @@ impl Scrubber {
             let name = doc.str(key);
             let found = match name.strip_prefix('_') {
                 Some(base) => fields
-                    .get_key_value(base)
+                    .get_key_value(NameRef::new(base))
                     .map(|(k, _)| (k.as_ptr() as usize, true, &self.backbone)),
                 None => fields
-                    .get_key_value(name.as_ref())
+                    .get_key_value(NameRef::new(&name))
                     .map(|(k, t)| (k.as_ptr() as usize, false, t)),
             };
             let Some((ptr, sunder, treatment)) = found else {
@@ -753,7 +754,7 @@ impl Pass<'_, '_> {
         if self.novel {
             return None;
         }
-        shape?.children.get(key)
+        shape?.children.get(NameRef::new(key))
     }
 
     /// A key kept under a known `parent` that lacks it (`child` is None) makes the row novel.

@@ -10,7 +10,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema};
 use serde::{Deserialize, Serialize};
 
 use super::model::{ElementModel, Kind as ModelKind, Property};
-use crate::fast_hash::FastMap;
+use crate::fast_hash::{FastMap, Name, NameRef};
 use crate::json::{Doc, Kind};
 
 const LEVEL_INCLUSION: usize = 1;
@@ -20,7 +20,7 @@ const FULL_SCHEMA_TYPES: [&str; 4] = ["CodeableConcept", "Coding", "Period", "Re
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Shape {
     /// Looked up for every key of every row (foldhash: cheaper than ordered string compares).
-    pub children: FastMap<String, Shape>,
+    pub children: FastMap<Name, Shape>,
     /// Resource types of contained resources, tracked at the top level only.
     pub contained_types: BTreeSet<String>,
 }
@@ -52,11 +52,11 @@ impl Shape {
                     let key = doc.str(k);
                     // Look up before inserting: most keys are already known, and `entry` would
                     // allocate a copy of every key of every row.
-                    match self.children.get_mut(key.as_ref()) {
+                    match self.children.get_mut(NameRef::new(&key)) {
                         Some(child) => child.add(doc, v),
                         None => self
                             .children
-                            .entry(key.into_owned())
+                            .entry(key.into_owned().into())
                             .or_default()
                             .add(doc, v),
                     }
@@ -116,14 +116,14 @@ fn type_fields(
             out.push(f);
         }
         let sunder = format!("_{}", prop.name);
-        if let Some(sub) = shape.and_then(|s| s.children.get(&sunder)) {
+        if let Some(sub) = shape.and_then(|s| s.children.get(sunder.as_str())) {
             let element = Property {
                 name: sunder.clone(),
                 kind: ModelKind::Struct("Element".into()),
                 is_list: prop.is_list,
             };
             let mut holder = Shape::default();
-            holder.children.insert(sunder, sub.clone());
+            holder.children.insert(sunder.into(), sub.clone());
             if let Some(f) = property_field(model, &element, false, Some(&holder), LEVEL_INCLUSION)
             {
                 out.push(f);
@@ -140,7 +140,7 @@ fn property_field(
     parent_shape: Option<&Shape>,
     level: usize,
 ) -> Option<Field> {
-    let shape = parent_shape.and_then(|s| s.children.get(&prop.name));
+    let shape = parent_shape.and_then(|s| s.children.get(prop.name.as_str()));
     let is_extension = prop.kind == ModelKind::Struct("Extension".into());
     let include = shape.is_some() || (inside_full && !is_extension);
     let data_type = match &prop.kind {

@@ -5,6 +5,7 @@
 //! back to the tape (`Shape::add_row`), so the shape is the same either way.
 
 use super::schema::Shape;
+use crate::fast_hash::NameRef;
 use crate::json::compact::{Cursor, Step};
 
 impl Shape {
@@ -112,9 +113,9 @@ impl<'a> Scanner<'a> {
 /// Runs `f` on the child shape for `key`, created on first sight (looked up before inserting,
 /// so known keys are not copied).
 fn with_child<R>(shape: &mut Shape, key: &str, f: impl FnOnce(&mut Shape) -> R) -> R {
-    match shape.children.get_mut(key) {
+    match shape.children.get_mut(NameRef::new(key)) {
         Some(child) => f(child),
-        None => f(shape.children.entry(key.to_string()).or_default()),
+        None => f(shape.children.entry(key.into()).or_default()),
     }
 }
 

@@ -104,7 +104,7 @@ impl<'a> Cursor<'a> {
         let (rest, n) = (&self.bytes[self.pos..], name.len());
         let matches = rest.len() > n + 2
             && rest[0] == b'"'
-            && &rest[1..=n] == name.as_bytes()
+            && crate::fast_hash::bytes_eq(&rest[1..=n], name.as_bytes())
             && rest[n + 1] == b'"'
             && rest[n + 2] == b':';
         if matches {

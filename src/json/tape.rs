@@ -568,7 +568,7 @@ impl<'a> Doc<'a> {
     pub fn key_is(&self, i: usize, name: &str) -> bool {
         let t = self.tokens[i];
         if t.plain {
-            self.raw(i) == name.as_bytes()
+            crate::fast_hash::bytes_eq(self.raw(i), name.as_bytes())
         } else {
             self.str(i) == name
         }
