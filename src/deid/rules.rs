@@ -35,6 +35,8 @@ pub enum Treatment {
     /// Recurse into a structure with the rules of a named type, optionally filtered.
     Nested {
         type_name: Arc<str>,
+        /// The type's field table (`Rules::table`), resolved once the rules are loaded.
+        table: usize,
         filter: Option<Filter>,
     },
     /// Recurse as a full resource (contained resources).
@@ -55,13 +57,18 @@ pub struct Filter {
     pub values: FastSet<String>,
 }
 
+/// A nested type's table before the rules are all read.
+const UNRESOLVED: usize = usize::MAX;
+
 /// The flattened field table of one type (its own fields plus everything inherited).
 pub type FieldRules = FastMap<Name, Treatment>;
 
 /// All rules: per-type field tables and the extension URL lists.
 #[derive(Debug)]
 pub struct Rules {
-    types: FastMap<Name, FieldRules>,
+    /// Each type's place in `tables`.
+    types: FastMap<Name, usize>,
+    tables: Vec<FieldRules>,
     pub allowed_extensions: FastSet<String>,
     pub ignored_extensions: FastSet<String>,
     pub allowed_modifier_extensions: FastSet<String>,
@@ -170,13 +177,15 @@ impl Rules {
                 .ok_or_else(|| anyhow!("backbone {name} has no parent type {parent}"))?;
             let nested = Treatment::Nested {
                 type_name: Arc::from(name.as_str()),
+                table: UNRESOLVED,
                 filter: None,
             };
             if entry.1.insert(child.into(), nested).is_some() {
                 bail!("field {parent}.{child} is listed twice in the rules");
             }
         }
-        let mut types = FastMap::default();
+        let mut types: FastMap<Name, usize> = FastMap::default();
+        let mut tables = Vec::with_capacity(own.len());
         for name in own.keys() {
             let mut flat = FieldRules::default();
             let mut current = Some(name.clone());
@@ -194,19 +203,29 @@ impl Rules {
                     bail!("type {name} has a cyclic base chain");
                 }
             }
-            types.insert(name.as_str().into(), flat);
+            types.insert(name.as_str().into(), tables.len());
+            tables.push((name, flat));
         }
-        for (name, fields) in &types {
-            for (field, t) in fields {
-                if let Treatment::Nested { type_name, .. } = t
-                    && !types.contains_key(type_name.as_ref())
-                {
-                    bail!("{name}.{field} refers to undefined type {type_name}");
+        // Nested types resolved to their tables once, not looked up by name per value.
+        let tables = tables
+            .into_iter()
+            .map(|(name, mut fields)| {
+                for (field, t) in fields.iter_mut() {
+                    if let Treatment::Nested {
+                        type_name, table, ..
+                    } = t
+                    {
+                        *table = *types.get(type_name.as_ref()).ok_or_else(|| {
+                            anyhow!("{name}.{field} refers to undefined type {type_name}")
+                        })?;
+                    }
                 }
-            }
-        }
+                Ok(fields)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Rules {
             types,
+            tables,
             allowed_extensions: raw.extensions.allowed.into_iter().collect(),
             ignored_extensions: raw.extensions.ignored.into_iter().collect(),
             allowed_modifier_extensions: raw.extensions.modifier_allowed.into_iter().collect(),
@@ -215,14 +234,29 @@ impl Rules {
 
     /// The field table for a type, if the rules know it.
     pub fn fields(&self, type_name: &str) -> Option<&FieldRules> {
-        self.types.get(NameRef::new(type_name))
+        let table = *self.types.get(NameRef::new(type_name))?;
+        Some(&self.tables[table])
+    }
+
+    /// The field table a resolved [`Treatment::Nested`] names.
+    pub fn table(&self, table: usize) -> &FieldRules {
+        &self.tables[table]
+    }
+
+    /// Recursion into the named type with its rules, if the rules know it.
+    pub fn nested(&self, type_name: &str) -> Option<Treatment> {
+        Some(Treatment::Nested {
+            type_name: Arc::from(type_name),
+            table: *self.types.get(NameRef::new(type_name))?,
+            filter: None,
+        })
     }
 
     /// Field table for a resource type; unknown resource types get the bare `Resource` rules.
     pub fn resource_fields(&self, resource_type: &str) -> (&str, &FieldRules) {
         match self.types.get_key_value(NameRef::new(resource_type)) {
-            Some((k, v)) if !k.contains('.') => (k, v),
-            _ => ("Resource", &self.types["Resource"]),
+            Some((k, &table)) if !k.contains('.') => (k, &self.tables[table]),
+            _ => ("Resource", &self.tables[self.types["Resource"]]),
         }
     }
 }
@@ -234,6 +268,7 @@ fn parse_nested(spec: &str) -> Result<Treatment> {
     let Some((type_name, rest)) = spec.split_once('[') else {
         return Ok(Treatment::Nested {
             type_name: Arc::from(spec),
+            table: UNRESOLVED,
             filter: None,
         });
     };
@@ -245,6 +280,7 @@ fn parse_nested(spec: &str) -> Result<Treatment> {
         .ok_or_else(|| anyhow!("bad type filter {spec:?}: expected field=value"))?;
     Ok(Treatment::Nested {
         type_name: Arc::from(type_name),
+        table: UNRESOLVED,
         filter: Some(Filter {
             field: field.to_string(),
             values: values.split('|').map(str::to_string).collect(),

@@ -156,10 +156,9 @@ enum Appended {
 impl Scrubber {
     /// `mask_notes` is true for the ETL and false for NLP, which needs the note text.
     pub fn new(rules: Rules, codebook: Arc<Codebook>, mask_notes: bool) -> Scrubber {
-        let backbone = Treatment::Nested {
-            type_name: Arc::from("BackboneElement"),
-            filter: None,
-        };
+        let backbone = rules
+            .nested("BackboneElement")
+            .expect("the rules define BackboneElement");
         Scrubber {
             rules,
             codebook,
@@ -581,11 +580,12 @@ impl Scrubber {
                     pass.novel = true;
                     self.resource(doc, item, false, None, out, pass)
                 }
-                Treatment::Nested { type_name, filter } => {
-                    let fields = self
-                        .rules
-                        .fields(type_name)
-                        .expect("rules validated at load");
+                Treatment::Nested {
+                    type_name,
+                    table,
+                    filter,
+                } => {
+                    let fields = self.rules.table(*table);
                     let mut inside = ctx.inside_extension;
                     if type_name.as_ref() == "Extension" && !ctx.inside_extension {
                         self.check_extension(doc, ctx.rtype, ctx.key, item, pass.report)?;
