@@ -52,14 +52,17 @@ warm_input() {
     find "$input" -type f -exec cat {} + >/dev/null
 }
 
-# timed_run LABEL FORMAT OUTPUT: one timed run of ours; sets $seconds, $kib and $budget.
+# timed_run LABEL FORMAT OUTPUT: one timed run of ours; sets $seconds, $kib, $cpu (user + system
+# seconds: on a shared machine, a steadier measure of the work done than the wall time) and
+# $budget.
 timed_run() {
     local label=$1 format=$2 out=$3
     warm_input
-    /usr/bin/time -f '%e %M' -o "$work/time" "$bin" etl --output-format="$format" \
+    /usr/bin/time -f '%e %M %U %S' -o "$work/time" "$bin" etl --output-format="$format" \
         --progress-interval 60 "${extra[@]}" "$input" "$out" "$work/phi" >"$work/$label.log" 2>&1 \
         || { echo "run '$label' failed:"; tail -20 "$work/$label.log"; exit 1; }
-    read -r seconds kib <"$work/time"
+    read -r seconds kib user system <"$work/time"
+    cpu=$(echo "$user + $system" | bc -l)
     budget=$(grep -o 'a [0-9.]* [KMG]iB memory budget' "$work/$label.log" | head -1 \
         | sed 's/^a //; s/ memory budget//')
 }
@@ -68,17 +71,19 @@ timed_run() {
 # (a first load) or into the same one (a re-run); prints one row with the median wall time and
 # the highest peak RSS, and sets $seconds and $kib to them.
 run() {
-    local label=$1 format=$2 out=$3 fresh=$4 walls=() peak=0
+    local label=$1 format=$2 out=$3 fresh=$4 walls=() cpus=() peak=0
     for ((i = 1; i <= runs; i++)); do
         if [ "$fresh" = 1 ]; then rm -rf "$out"; fi
         timed_run "$label" "$format" "$out"
         walls+=("$seconds")
+        cpus+=("$cpu")
         if ((kib > peak)); then peak=$kib; fi
     done
     seconds=$(printf '%s\n' "${walls[@]}" | sort -n | sed -n "$(((runs + 1) / 2))p")
     kib=$peak
     row "$label" "$seconds" "$kib" "$budget"
     if ((runs > 1)); then printf '%-16s wall times: %s\n' "" "${walls[*]}"; fi
+    printf '%-16s cpu s (user + system): %s\n' "" "${cpus[*]}"
 }
 
 declare -A secs rss
