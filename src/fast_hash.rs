@@ -15,7 +15,7 @@ pub type FastSet<T> = foldhash::HashSet<T>;
 
 /// Whether two byte strings are equal, compared a word at a time inline (for the short names
 /// of a schema: no call, a branch or two).
-#[inline]
+#[inline(always)]
 pub fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
     let n = a.len();
     if n != b.len() {
@@ -84,6 +84,7 @@ impl PartialEq for Name {
 impl Eq for Name {}
 
 impl std::hash::Hash for Name {
+    #[inline]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         // As the text hashes: lookups by `&str` and by `NameRef` find it.
         self.as_str().hash(state)
@@ -129,7 +130,7 @@ impl NameRef {
 }
 
 impl PartialEq for NameRef {
-    #[inline]
+    #[inline(always)]
     fn eq(&self, other: &NameRef) -> bool {
         bytes_eq(self.0.as_bytes(), other.0.as_bytes())
     }
@@ -138,6 +139,7 @@ impl PartialEq for NameRef {
 impl Eq for NameRef {}
 
 impl std::hash::Hash for NameRef {
+    #[inline]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         // As the text hashes, and so as a `Name` does.
         self.0.hash(state)

@@ -587,10 +587,11 @@ fn uuid4() -> String {
 /// showed costing twice the SHA-256 itself.
 fn lower_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = Vec::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize]);
-        out.push(DIGITS[(b & 0xf) as usize]);
+    // Filled in place: one digit pair per byte, without a capacity check per digit.
+    let mut out = vec![0; bytes.len() * 2];
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
     String::from_utf8(out).expect("hex digits are ASCII")
 }

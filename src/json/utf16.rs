@@ -15,7 +15,14 @@ pub fn is_python_space(c: char) -> bool {
 
 /// `text` without leading and trailing whitespace, as Python's `str.strip()` removes it.
 pub fn python_strip(text: &str) -> &str {
-    text.trim_matches(is_python_space)
+    // Most kept strings (codes, ids, dates) start and end with an ASCII character that is not
+    // a space: nothing to decode at either end.
+    let kept = |b: u8| b.is_ascii() && !is_python_space(char::from(b));
+    match text.as_bytes() {
+        [first, .., last] if kept(*first) && kept(*last) => text,
+        [only] if kept(*only) => text,
+        _ => text.trim_matches(is_python_space),
+    }
 }
 
 /// Decodes the text of a JSON string (between its quotes, already validated) into UTF-16 code
@@ -222,5 +229,24 @@ mod tests {
         assert_eq!(strip_units(&units), [b'a' as u16, 0xd83d]);
         assert_eq!(strip_units(&[0x20, 0x0b]), [] as [u16; 0]);
         assert_eq!(python_strip("\u{1f} x\u{200b} \u{3000}"), "x\u{200b}");
+        // Strings whose ends need no look at a whole character, and those that do.
+        for (text, stripped) in [
+            ("", ""),
+            ("a", "a"),
+            (" ", ""),
+            ("\u{1c}", ""),
+            ("final", "final"),
+            ("a b", "a b"),
+            ("a ", "a"),
+            ("\ta", "a"),
+            ("a\u{1f}", "a"),
+            ("a\u{a0}", "a"),
+            ("\u{3000}a", "a"),
+            ("é", "é"),
+            ("aé", "aé"),
+            ("a\u{85}", "a"),
+        ] {
+            assert_eq!(python_strip(text), stripped, "{text:?}");
+        }
     }
 }
