@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::fhir::Shape;
 use crate::json::lines::split_lines;
 use crate::json::{Tape, write_compact_ascii};
+use crate::memory::Recycler;
 
 /// Why an input line was skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -81,6 +82,18 @@ pub struct TableChunk {
     /// Scratch space for reading rows back into the shape.
     #[serde(skip)]
     tape: Tape,
+    /// Where `data` goes back to for the next bundle once the rows are written (a buffer
+    /// from the run's pool).
+    #[serde(skip)]
+    recycler: Option<Recycler>,
+}
+
+impl Drop for TableChunk {
+    fn drop(&mut self) {
+        if let Some(recycler) = self.recycler.take() {
+            recycler.recycle(std::mem::take(&mut self.data));
+        }
+    }
 }
 
 impl TableChunk {
@@ -88,9 +101,27 @@ impl TableChunk {
     pub fn new(task: u32, table: &str) -> TableChunk {
         TableChunk {
             task,
+            sink: 0,
+            crossing: false,
             table: table.to_string(),
-            ..Default::default()
+            ids: Vec::new(),
+            tags: Vec::new(),
+            keys_new: false,
+            data: Vec::new(),
+            shape: Shape::default(),
+            reserved: 0,
+            tape: Tape::default(),
+            recycler: None,
         }
+    }
+
+    /// An empty chunk whose rows are written into `buffer`, which goes back to the pool of
+    /// `recycler` when the chunk is dropped.
+    pub fn with_buffer(task: u32, table: &str, buffer: Vec<u8>, recycler: Recycler) -> TableChunk {
+        let mut chunk = TableChunk::new(task, table);
+        chunk.data = buffer;
+        chunk.recycler = Some(recycler);
+        chunk
     }
 
     /// About the bytes the chunk takes on the wire to another process: its rows, ids and tags.
@@ -139,9 +170,19 @@ impl TableChunk {
     }
 
     /// Gives back the spare capacity of a finished chunk. Its rows wait in the sink until the
-    /// batch is written, and a buffer grown by doubling is up to half empty.
+    /// batch is written, and a buffer grown by doubling is up to half empty. A pooled buffer
+    /// stays whole unless its rows fill less than half of it: they are then moved to a buffer
+    /// that fits (pooled too where one is), and the large one goes back to the pool at once.
     pub fn shrink_to_fit(&mut self) {
-        self.data.shrink_to_fit();
+        match &self.recycler {
+            Some(recycler) if self.data.len() * 2 < self.data.capacity() => {
+                let mut fitted = recycler.take(self.data.len()).unwrap_or_default();
+                fitted.extend_from_slice(&self.data);
+                recycler.recycle(std::mem::replace(&mut self.data, fitted));
+            }
+            Some(_) => {}
+            None => self.data.shrink_to_fit(),
+        }
         self.ids.shrink_to_fit();
         self.tags.shrink_to_fit();
     }
@@ -186,6 +227,7 @@ impl TableChunk {
             shape: self.shape.clone(),
             reserved: self.reserved,
             tape: Tape::default(),
+            recycler: None,
         };
         self.reserved = 0;
         tail
@@ -252,4 +294,56 @@ pub fn write_rejected(out: &mut impl Write, file: &str, s: &Skipped<'_>) -> std:
     });
     serde_json::to_writer(&mut *out, &row)?;
     out.write_all(b"\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryBudget;
+    use serde_json::json;
+
+    fn chunk_in_pooled_buffer(budget: &MemoryBudget, capacity: usize) -> TableChunk {
+        let (_, buffer) = budget.try_reserve_with_buffer(0, capacity);
+        TableChunk::with_buffer(0, "t", buffer.unwrap(), budget.recycler())
+    }
+
+    #[test]
+    fn a_dropped_chunk_gives_its_buffer_back_to_the_pool() {
+        let budget = MemoryBudget::new(64 << 20);
+        let mut chunk = chunk_in_pooled_buffer(&budget, 1 << 20);
+        chunk.push("1".into(), &json!({"id": "1"}));
+        chunk.data.resize(800 << 10, b' ');
+        chunk.shrink_to_fit();
+        assert!(
+            chunk.data.capacity() >= 1 << 20,
+            "more than half full: kept"
+        );
+        let address = chunk.data.as_ptr();
+        let split = chunk.split_off(1);
+        drop(split);
+        assert_eq!(budget.pooled(), 0, "a split-off tail is not pooled");
+        drop(chunk);
+        assert!(budget.pooled() >= 1 << 20);
+        let again = chunk_in_pooled_buffer(&budget, 1 << 20);
+        assert_eq!(
+            again.data.as_ptr(),
+            address,
+            "the same memory serves the next bundle"
+        );
+    }
+
+    #[test]
+    fn rows_filling_less_than_half_a_pooled_buffer_move_out_of_it() {
+        let budget = MemoryBudget::new(64 << 20);
+        let mut chunk = chunk_in_pooled_buffer(&budget, 1 << 20);
+        chunk.push("1".into(), &json!({"id": "1", "note": "short"}));
+        let rows = chunk.data.clone();
+        chunk.shrink_to_fit();
+        assert_eq!(chunk.data, rows, "the rows are unchanged");
+        assert!(chunk.data.capacity() < 1 << 10, "{}", chunk.data.capacity());
+        assert!(
+            budget.pooled() >= 1 << 20,
+            "the large buffer went back at once"
+        );
+    }
 }

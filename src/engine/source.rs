@@ -36,6 +36,16 @@ pub struct Bundle<'a> {
     pub bytes: &'a [u8],
     pub first_line: u64,
     pub reserved: u64,
+    /// An empty buffer, at least as large as `bytes`, for the bundle's rows (from the run's
+    /// pool, within the reservation).
+    pub rows: Vec<u8>,
+}
+
+/// The buffer for the rows of a bundle of `bytes`. De-identified rows are about as long as the
+/// input or shorter, but escapes and masked markers can make them a little longer, and a buffer
+/// that has to grow doubles.
+fn rows_capacity(bytes: usize) -> usize {
+    bytes + bytes / 16
 }
 
 /// Turns bundles into table chunks, now or later. The chunks of a bundle carry its reserved
@@ -156,8 +166,8 @@ impl SourceState {
                     return Step::Emit(Vec::new());
                 }
                 let reserved = self.shared.outputs.format.reservation((end - start) as u64);
-                match budget.try_reserve(reserved) {
-                    Reservation::Refused => {
+                match budget.try_reserve_with_buffer(reserved, rows_capacity(end - start)) {
+                    (Reservation::Refused, _) => {
                         let item = WorkItem::Slice {
                             file,
                             map,
@@ -169,7 +179,7 @@ impl SourceState {
                         self.shared.work.give_back(item);
                         Step::Wait
                     }
-                    granted => {
+                    (granted, rows) => {
                         if granted == Reservation::GrantedAlone {
                             crate::say!(
                                 "note: a bundle of {} in {} is larger than the memory budget; processing it alone",
@@ -177,7 +187,9 @@ impl SourceState {
                                 file.name()
                             );
                         }
-                        let chunks = self.process(&file, &map[start..end], first_line, reserved);
+                        let rows = rows.unwrap_or_default();
+                        let bytes = &map[start..end];
+                        let chunks = self.process(&file, bytes, first_line, (reserved, rows));
                         crate::input::bundles::release_pages(&map, start, end);
                         self.shared
                             .report
@@ -196,11 +208,16 @@ impl SourceState {
     fn read_stream(&mut self, file: Arc<InputFile>, mut reader: Box<StreamReader>) -> Step {
         let bundle_bytes = self.shared.bundle_bytes;
         let reserved = self.shared.outputs.format.reservation(bundle_bytes as u64);
-        if self.shared.budget.try_reserve(reserved) == Reservation::Refused {
+        let budget = &self.shared.budget;
+        let capacity = bundle_bytes + 4096;
+        let (Reservation::Granted | Reservation::GrantedAlone, Some(rows)) =
+            budget.try_reserve_with_buffer(reserved, rows_capacity(capacity))
+        else {
             self.shared.work.give_back(WorkItem::Open { file, reader });
             return Step::Wait;
-        }
-        let mut buf = Vec::with_capacity(bundle_bytes + 4096);
+        };
+        let recycler = budget.recycler();
+        let mut buf = budget.take_buffer(capacity);
         let (first_line, error) = reader.next_bundle(&mut buf, bundle_bytes);
         let bad_rows = std::mem::take(&mut reader.bad_rows);
         if reader.finished {
@@ -210,7 +227,7 @@ impl SourceState {
             self.shared.work.give_back(WorkItem::Open { file, reader });
         }
         self.note_bad_rows(&file, bad_rows);
-        let chunks = self.process(&file, &buf, first_line, reserved);
+        let chunks = self.process(&file, &buf, first_line, (reserved, rows));
         if let Some((line, message)) = error {
             self.shared.report.note_unreadable(&file, line, &message);
         }
@@ -219,6 +236,7 @@ impl SourceState {
             .progress
             .bytes_read
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        recycler.recycle(buf);
         Step::Emit(chunks)
     }
 
@@ -257,7 +275,7 @@ impl SourceState {
         file: &InputFile,
         bytes: &[u8],
         first_line: u64,
-        reserved: u64,
+        (reserved, rows): (u64, Vec<u8>),
     ) -> Vec<TableChunk> {
         let shared = &self.shared;
         let Some(ctx) = shared.work.task_for(&file.resource_type) else {
@@ -283,6 +301,7 @@ impl SourceState {
             bytes,
             first_line,
             reserved,
+            rows,
         };
         let chunks = self
             .producer

@@ -32,10 +32,11 @@ impl RowProducer for FhirRows {
         report: &mut ExtensionReport,
         on_skip: &mut dyn FnMut(Skipped<'_>),
     ) -> Vec<TableChunk> {
-        let mut main = TableChunk::new(b.ctx.task, &b.ctx.table);
+        // De-identified rows are about as long as the input or shorter: one buffer, as large
+        // as the bundle.
+        let recycler = b.shared.budget.recycler();
+        let mut main = TableChunk::with_buffer(b.ctx.task, &b.ctx.table, b.rows, recycler);
         main.reserved = b.reserved;
-        // De-identified rows are about as long as the input or shorter: one allocation.
-        main.data.reserve(b.bytes.len());
         let mut completion = b
             .ctx
             .completion

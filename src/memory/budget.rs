@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::buffer_pool::{BufferPool, Recycler};
 use super::human_bytes;
 
 /// Memory one owner holds for the whole run outside any reservation (the codebook's id
@@ -51,6 +52,9 @@ pub struct MemoryBudget {
     peak: AtomicU64,
     oversized: AtomicU64,
     sinks: Mutex<Vec<Box<dyn Fn() + Send>>>,
+    /// Row buffers kept for the next bundles, counted as used until a reservation needs their
+    /// room.
+    pool: Arc<BufferPool>,
 }
 
 /// The outcome of a reservation request.
@@ -80,6 +84,7 @@ impl MemoryBudget {
             peak: AtomicU64::new(0),
             oversized: AtomicU64::new(0),
             sinks: Mutex::new(Vec::new()),
+            pool: Arc::new(BufferPool::new(limit / 2)),
         }
     }
 
@@ -92,9 +97,38 @@ impl MemoryBudget {
     /// reserved, so an oversized bundle is processed alone instead of deadlocking (and so is
     /// every bundle once held memory fills the budget).
     pub fn try_reserve(&self, bytes: u64) -> Reservation {
+        self.reserve(bytes, None).0
+    }
+
+    /// Reserves `bytes` for a bundle, with an empty buffer of at least `capacity` bytes for its
+    /// rows, which counts inside the reservation: a pooled one where there is one (its pooled
+    /// bytes become part of the reservation), else a new one. No buffer when refused.
+    pub fn try_reserve_with_buffer(
+        &self,
+        bytes: u64,
+        capacity: usize,
+    ) -> (Reservation, Option<Vec<u8>>) {
+        let (outcome, pooled) = self.reserve(bytes, Some(capacity));
+        let buffer = match outcome {
+            Reservation::Refused => None,
+            _ => Some(pooled.unwrap_or_else(|| Vec::with_capacity(capacity))),
+        };
+        (outcome, buffer)
+    }
+
+    fn reserve(&self, bytes: u64, capacity: Option<usize>) -> (Reservation, Option<Vec<u8>>) {
         let held = self.held();
         let mut used = self.used.lock().unwrap();
-        let outcome = if *used + held + bytes <= self.limit {
+        let taken = capacity.and_then(|c| self.pool.take(c));
+        let needed = *used + held + bytes;
+        // Pooled buffers give way to a reservation they alone keep out.
+        let evicted = if needed <= self.limit || *used == 0 {
+            self.pool.shrink_to(self.limit.saturating_sub(needed))
+        } else {
+            Vec::new()
+        };
+        let pooled = self.pool.bytes();
+        let outcome = if needed + pooled <= self.limit {
             Reservation::Granted
         } else if *used == 0 {
             if bytes > self.limit {
@@ -105,16 +139,41 @@ impl MemoryBudget {
             Reservation::Refused
         };
         if outcome == Reservation::Refused {
+            if let Some(buffer) = taken {
+                self.pool.put_back(buffer);
+            }
             drop(used);
+            drop(evicted);
             self.pressure.fetch_add(1, Ordering::AcqRel);
             for wake in self.sinks.lock().unwrap().iter() {
                 wake();
             }
-            return outcome;
+            return (outcome, None);
         }
         *used += bytes;
-        self.peak.fetch_max(*used + held, Ordering::Relaxed);
-        outcome
+        self.peak
+            .fetch_max(*used + held + pooled, Ordering::Relaxed);
+        drop(used);
+        drop(evicted);
+        (outcome, taken)
+    }
+
+    /// An empty buffer of at least `capacity` bytes, pooled or new, for memory the caller has
+    /// already reserved.
+    pub fn take_buffer(&self, capacity: usize) -> Vec<u8> {
+        self.pool
+            .take(capacity)
+            .unwrap_or_else(|| Vec::with_capacity(capacity))
+    }
+
+    /// A handle that gives finished row buffers back to this budget's pool.
+    pub fn recycler(&self) -> Recycler {
+        Recycler(self.pool.clone())
+    }
+
+    /// Bytes of buffers pooled for reuse.
+    pub fn pooled(&self) -> u64 {
+        self.pool.bytes()
     }
 
     /// Counts `held` (named by `what` in the warning) as memory held for the whole run: sources
@@ -352,6 +411,43 @@ mod tests {
         assert_eq!(b.oversized_count(), 0);
         keys.change(120, 0);
         assert_eq!(b.held(), 30, "an owner that lets go gives its room back");
+    }
+
+    #[test]
+    fn pooled_buffers_count_until_a_reservation_needs_their_room() {
+        let b = MemoryBudget::new(4 << 20);
+        let (outcome, rows) = b.try_reserve_with_buffer(1 << 20, 1 << 20);
+        assert_eq!(outcome, Reservation::Granted);
+        let rows = rows.expect("a buffer with the reservation");
+        assert!(rows.capacity() >= 1 << 20);
+        let address = rows.as_ptr();
+        b.recycler().recycle(rows);
+        b.release(1 << 20);
+        assert_eq!(b.pooled(), 1 << 20);
+        assert_eq!(b.used(), 0);
+
+        // The next bundle gets the same memory; its pooled bytes become its reservation's.
+        let (_, rows) = b.try_reserve_with_buffer(1 << 20, 1 << 20);
+        let rows = rows.unwrap();
+        assert_eq!(rows.as_ptr(), address);
+        assert_eq!(b.pooled(), 0);
+        assert_eq!(b.used(), 1 << 20);
+        b.release(1 << 20);
+
+        // Pooled bytes take at most half the budget and give way to a reservation that fits
+        // once they are freed (the oldest first).
+        let b = MemoryBudget::new(8 << 20);
+        for _ in 0..3 {
+            b.recycler().recycle(Vec::with_capacity(2 << 20));
+        }
+        assert_eq!(b.pooled(), 4 << 20, "half the budget");
+        assert_eq!(b.try_reserve(5 << 20), Reservation::Granted);
+        assert_eq!(b.pooled(), 2 << 20, "one buffer gave way");
+        assert_eq!(b.peak(), 7 << 20, "pooled bytes are counted");
+
+        // A reservation refused anyway leaves the pool alone.
+        assert_eq!(b.try_reserve(4 << 20), Reservation::Refused);
+        assert_eq!(b.pooled(), 2 << 20);
     }
 
     #[test]

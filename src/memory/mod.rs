@@ -2,8 +2,10 @@
 //! back-pressure and the memory held for the whole run, and how sizes are written in messages.
 
 pub mod budget;
+pub mod buffer_pool;
 
 pub use budget::{HeldMemory, MemoryBudget, Reservation, physical_memory};
+pub use buffer_pool::Recycler;
 
 /// `1.5 MiB`-style sizes for messages.
 pub fn human_bytes(n: u64) -> String {
