@@ -83,7 +83,13 @@ impl WorkItem {
 
 /// Cuts every file into work items of about `bundle_bytes`.
 pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
-    let mut items = Vec::new();
+    /// A file read as a stream, or a mapped file cut into slices whose lines are not yet
+    /// counted.
+    enum Planned {
+        Stream(Arc<InputFile>),
+        Mapped(Arc<InputFile>, Arc<Mmap>, Vec<(usize, usize)>),
+    }
+    let mut planned = Vec::new();
     for f in files {
         let file = Arc::new(f.clone());
         let local = f.object.local_path();
@@ -91,7 +97,7 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
         let Some(path) = local.filter(|_| !streamed) else {
             // Compressed and CSV files, and objects in S3, are read as a stream.
             if f.size > 0 {
-                items.push(WorkItem::Stream { file });
+                planned.push(Planned::Stream(file));
             }
             continue;
         };
@@ -104,35 +110,68 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
         let map = Arc::new(unsafe { Mmap::map(&handle) }?);
         let _ = map.advise(memmap2::Advice::Sequential);
         let bounds = crate::json::lines::bundle_bounds(&map, bundle_bytes);
-        let mut line = 1u64;
-        for ((start, end), lines) in bounds.iter().copied().zip(count_lines(&map, &bounds)) {
-            items.push(WorkItem::Slice {
-                file: file.clone(),
-                map: map.clone(),
-                start,
-                end,
-                first_line: line,
-                lines,
-            });
-            line += lines;
+        planned.push(Planned::Mapped(file, map, bounds));
+    }
+    let slices: Vec<(&Mmap, usize, usize)> = planned
+        .iter()
+        .flat_map(|p| match p {
+            Planned::Stream(_) => Vec::new(),
+            Planned::Mapped(_, map, bounds) => bounds
+                .iter()
+                .map(|&(start, end)| (map.as_ref(), start, end))
+                .collect(),
+        })
+        .collect();
+    let mut counts = count_lines(&slices).into_iter();
+    let mut items = Vec::new();
+    for p in &planned {
+        match p {
+            Planned::Stream(file) => items.push(WorkItem::Stream { file: file.clone() }),
+            Planned::Mapped(file, map, bounds) => {
+                let mut line = 1u64;
+                for &(start, end) in bounds {
+                    let lines = counts.next().expect("a count per slice");
+                    items.push(WorkItem::Slice {
+                        file: file.clone(),
+                        map: map.clone(),
+                        start,
+                        end,
+                        first_line: line,
+                        lines,
+                    });
+                    line += lines;
+                }
+            }
         }
     }
     Ok(items)
 }
 
-/// The newlines of each slice, counted on every core (the workers start only once planning
-/// is done), each slice's pages released once read: without that, planning's one read of the
-/// whole file would leave its pages resident.
-fn count_lines(map: &Mmap, bounds: &[(usize, usize)]) -> Vec<u64> {
+/// The newlines of each slice (of every file at once), counted on every core in shares of
+/// about equal bytes (the workers start only once planning is done), each slice's pages
+/// released once read: without that, planning's one read of the whole input would leave its
+/// pages resident.
+fn count_lines(slices: &[(&Mmap, usize, usize)]) -> Vec<u64> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = bounds.len().div_ceil(threads).max(1);
+    let total: usize = slices.iter().map(|&(_, start, end)| end - start).sum();
+    let share = total.div_ceil(threads).max(1);
+    let mut parts = Vec::new();
+    let (mut from, mut bytes) = (0, 0);
+    for (i, &(_, start, end)) in slices.iter().enumerate() {
+        bytes += end - start;
+        if bytes >= share {
+            parts.push(&slices[from..=i]);
+            (from, bytes) = (i + 1, 0);
+        }
+    }
+    parts.push(&slices[from..]);
     std::thread::scope(|scope| {
-        let counting: Vec<_> = bounds
-            .chunks(per_thread)
+        let counting: Vec<_> = parts
+            .into_iter()
             .map(|part| {
                 scope.spawn(move || {
                     part.iter()
-                        .map(|&(start, end)| {
+                        .map(|&(map, start, end)| {
                             let lines = memchr::memchr_iter(b'\n', &map[start..end]).count();
                             release_pages(map, start, end);
                             lines as u64
@@ -270,6 +309,7 @@ impl StreamReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     /// Gives its data a few bytes at a time, then fails if asked to.
     struct Trickle {
@@ -355,20 +395,35 @@ mod tests {
     #[test]
     fn slices_end_on_line_boundaries_and_count_lines() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("Patient.ndjson");
-        let text: String = (0..100).map(|i| format!("{{\"n\":{i}}}\n")).collect();
-        std::fs::write(&path, &text).unwrap();
         let root = crate::store::ObjectLocation::local(dir.path()).unwrap();
-        let f = InputFile {
-            object: root.object("Patient.ndjson"),
-            resource_type: "Patient".into(),
-            size: text.len() as u64,
-        };
-        let items = plan(&[f], 64).unwrap();
-        assert!(items.len() > 5);
-        let mut expected_line = 1;
-        let mut joined = Vec::new();
+        let mut files = Vec::new();
+        let mut texts = Vec::new();
+        // Lines of several files are counted together; each file's numbers start at 1, and a
+        // stream keeps its place among them.
+        for (name, rows) in [
+            ("Patient.ndjson", 100),
+            ("Condition.ndjson.gz", 3),
+            ("Encounter.ndjson", 37),
+            ("Device.ndjson", 1),
+        ] {
+            let text: String = (0..rows).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+            std::fs::write(dir.path().join(name), &text).unwrap();
+            files.push(InputFile {
+                object: root.object(name),
+                resource_type: name.split('.').next().unwrap().into(),
+                size: text.len() as u64,
+            });
+            texts.push(text);
+        }
+        let items = plan(&files, 64).unwrap();
+        assert!(items.len() > 10);
+        let mut names = Vec::new();
+        let mut joined: HashMap<String, (Vec<u8>, u64)> = HashMap::new();
         for item in &items {
+            let name = item.file().name().to_string();
+            if names.last() != Some(&name) {
+                names.push(name.clone());
+            }
             let WorkItem::Slice {
                 map,
                 start,
@@ -378,15 +433,24 @@ mod tests {
                 ..
             } = item
             else {
-                panic!()
+                assert!(matches!(item, WorkItem::Stream { .. }), "{name}");
+                continue;
             };
-            assert_eq!(*first_line, expected_line);
+            let (text, next_line) = joined.entry(name).or_insert_with(|| (Vec::new(), 1));
+            assert_eq!(*first_line, *next_line);
             assert!(map[*end - 1] == b'\n');
             let newlines = map[*start..*end].iter().filter(|&&b| b == b'\n').count() as u64;
             assert_eq!(*lines, newlines);
-            expected_line += newlines;
-            joined.extend_from_slice(&map[*start..*end]);
+            *next_line += newlines;
+            text.extend_from_slice(&map[*start..*end]);
         }
-        assert_eq!(joined, text.as_bytes());
+        let in_order: Vec<&str> = files.iter().map(|f| f.name()).collect();
+        assert_eq!(names, in_order);
+        for (f, text) in files.iter().zip(&texts) {
+            if let Some((joined, _)) = joined.get(f.name()) {
+                assert_eq!(joined, text.as_bytes(), "{}", f.name());
+            }
+        }
+        assert_eq!(joined.len(), 3, "every mapped file was cut");
     }
 }
