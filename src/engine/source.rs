@@ -128,7 +128,10 @@ impl SourceState {
             Taken::Item(item) => item,
             Taken::Later => return Step::Wait,
             Taken::Empty if self.producer.in_flight() => return Step::Wait,
-            Taken::Empty => return Step::Done,
+            Taken::Empty => {
+                budget.close_pool();
+                return Step::Done;
+            }
         };
         match item {
             WorkItem::Stream { file } => match StreamReader::open(&file) {

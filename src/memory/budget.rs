@@ -119,6 +119,9 @@ impl MemoryBudget {
     fn reserve(&self, bytes: u64, capacity: Option<usize>) -> (Reservation, Option<Vec<u8>>) {
         let held = self.held();
         let mut used = self.used.lock().unwrap();
+        if capacity.is_some() {
+            self.pool.open();
+        }
         let taken = capacity.and_then(|c| self.pool.take(c));
         let needed = *used + held + bytes;
         // Pooled buffers give way to a reservation they alone keep out.
@@ -169,6 +172,12 @@ impl MemoryBudget {
     /// A handle that gives finished row buffers back to this budget's pool.
     pub fn recycler(&self) -> Recycler {
         Recycler(self.pool.clone())
+    }
+
+    /// Frees the pooled buffers and keeps no more until a bundle is reserved again: the input
+    /// is all read (see [`BufferPool::close`]).
+    pub fn close_pool(&self) {
+        self.pool.close();
     }
 
     /// Bytes of buffers pooled for reuse.

@@ -10,6 +10,7 @@
 //! reservation needs room (see `MemoryBudget::try_reserve_with_buffer`): the pool never holds
 //! back reading, and peak RSS keeps following the budget.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Buffers smaller than this come from the allocator's own heap and are not worth keeping.
@@ -20,6 +21,8 @@ pub const MIN_POOLED_CAPACITY: usize = 128 << 10;
 pub struct BufferPool {
     state: Mutex<Pooled>,
     max_bytes: u64,
+    /// No bundle is left to read: buffers are freed, not kept, until one is again.
+    closed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +37,7 @@ impl BufferPool {
         BufferPool {
             state: Mutex::new(Pooled::default()),
             max_bytes,
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -41,7 +45,7 @@ impl BufferPool {
     /// otherwise.
     pub fn recycle(&self, mut buffer: Vec<u8>) {
         let capacity = buffer.capacity() as u64;
-        if buffer.capacity() < MIN_POOLED_CAPACITY {
+        if buffer.capacity() < MIN_POOLED_CAPACITY || self.closed.load(Ordering::Acquire) {
             return;
         }
         let mut state = self.state.lock().unwrap();
@@ -90,6 +94,21 @@ impl BufferPool {
         evicted
     }
 
+    /// Frees every pooled buffer and keeps none until [`BufferPool::open`]: once the input is
+    /// read, pooled memory would only sit beside the end of the run's writes (a Delta table's
+    /// last batches and the joining of its files), over what the budget counts for them.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        drop(self.shrink_to(0));
+    }
+
+    /// Keeps buffers again (there is input to read).
+    pub fn open(&self) {
+        if self.closed.load(Ordering::Acquire) {
+            self.closed.store(false, Ordering::Release);
+        }
+    }
+
     /// Bytes pooled now.
     pub fn bytes(&self) -> u64 {
         self.state.lock().unwrap().bytes
@@ -132,6 +151,19 @@ mod tests {
         assert_eq!(again.as_ptr(), address, "the same memory");
         assert!(again.is_empty());
         assert_eq!(pool.bytes(), 0);
+    }
+
+    #[test]
+    fn a_closed_pool_keeps_nothing_until_opened_again() {
+        let pool = BufferPool::new(1 << 30);
+        pool.recycle(Vec::with_capacity(1 << 20));
+        pool.close();
+        assert_eq!(pool.bytes(), 0, "freed when closed");
+        pool.recycle(Vec::with_capacity(1 << 20));
+        assert_eq!(pool.bytes(), 0, "not kept while closed");
+        pool.open();
+        pool.recycle(Vec::with_capacity(1 << 20));
+        assert_eq!(pool.bytes(), 1 << 20);
     }
 
     #[test]
