@@ -202,7 +202,9 @@ pub fn project_entries(row: &[u8], names: &[&str], out: &mut Vec<u8>) -> Step<()
         let mut cursor = Cursor::new(row);
         cursor.eat(b'{')?;
         out.push(b'{');
-        let mut found = vec![false; names.len()];
+        // A bit per name, not a vector per row (this runs for every row a first load routes).
+        assert!(names.len() <= 64, "at most 64 names are projected");
+        let mut found = 0u64;
         let mut left = names.len();
         if cursor.peek()? != b'}' {
             while left > 0 {
@@ -211,8 +213,9 @@ pub fn project_entries(row: &[u8], names: &[&str], out: &mut Vec<u8>) -> Step<()
                 cursor.eat(b':')?;
                 cursor.skip_value()?;
                 if let Some(n) = names.iter().position(|name| *name == key)
-                    && !std::mem::replace(&mut found[n], true)
+                    && found & (1 << n) == 0
                 {
+                    found |= 1 << n;
                     if left < names.len() {
                         out.push(b',');
                     }

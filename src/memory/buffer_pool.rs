@@ -48,11 +48,13 @@ impl BufferPool {
         if buffer.capacity() < MIN_POOLED_CAPACITY || self.closed.load(Ordering::Acquire) {
             return;
         }
+        buffer.clear();
         let mut state = self.state.lock().unwrap();
         if state.bytes + capacity > self.max_bytes {
+            // Freed (unmapped) outside the lock.
+            drop(state);
             return;
         }
-        buffer.clear();
         state.bytes += capacity;
         state.buffers.push(buffer);
     }
