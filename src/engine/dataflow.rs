@@ -105,13 +105,15 @@ impl RunShared {
 /// first onto the least loaded worker. Routing by task id had put the three largest tables of a
 /// Synthea export on one worker, which then wrote alone at the end of the run. Input bytes
 /// were the next measure, but notes lose their attachments: by bytes, the notes (382 MB in, 164
-/// MB out of 1 GB) had a worker to themselves while the other wrote twice as much.
+/// MB out of 1 GB) had a worker to themselves while the other wrote twice as much. A slice's
+/// lines are counted as it is read, so until then they are estimated from the start of its
+/// file.
 fn task_loads(shared: &RunShared) -> Vec<u64> {
     let mut resources = vec![0u64; shared.work.tasks.len()];
     shared.work.for_each(|item| {
         if let Some(ctx) = shared.work.task_for(&item.file().resource_type) {
             resources[ctx.task as usize] += match item {
-                WorkItem::Slice { lines, .. } => *lines,
+                WorkItem::Slice { mapped, slice, .. } => mapped.estimated_newlines(*slice),
                 // Not counted before it is read: about a kilobyte per resource.
                 WorkItem::Stream { file } | WorkItem::Open { file, .. } => file.size / 1024,
             };

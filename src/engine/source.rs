@@ -69,9 +69,16 @@ pub trait RowProducer: Send {
         false
     }
 
-    /// Whether the producer would make nothing of lines `lines` of `path` (a re-run's
-    /// unchanged lines), so the bundle need not be read; it counts them as it would have.
-    fn leaves_out_all(&mut self, _ctx: &TaskContext, _path: &str, _lines: Range<u64>) -> bool {
+    /// Whether the producer would make nothing of the bundle of `path` whose lines `lines`
+    /// numbers (a re-run's unchanged lines), so it need not be read; it counts them as it
+    /// would have. `lines` counts them if no one has: a producer with nothing to leave out
+    /// does not call it.
+    fn leaves_out_all(
+        &mut self,
+        _ctx: &TaskContext,
+        _path: &str,
+        _lines: &dyn Fn() -> Range<u64>,
+    ) -> bool {
         false
     }
 }
@@ -147,37 +154,32 @@ impl SourceState {
             WorkItem::Open { file, reader } => self.read_stream(file, reader),
             WorkItem::Slice {
                 file,
-                map,
-                start,
-                end,
-                first_line,
-                lines,
+                mapped,
+                slice,
             } => {
+                let size = mapped.bytes(slice).len();
                 // A bundle whose lines are all left out is not read at all.
-                let last = u64::from(end > start && map[end - 1] != b'\n');
-                let numbers = first_line..first_line + lines + last;
+                let numbers = || {
+                    let first = mapped.first_line(slice);
+                    first..first + mapped.lines(slice)
+                };
                 if let Some(ctx) = self.shared.work.task_for(&file.resource_type)
-                    && self
-                        .producer
-                        .leaves_out_all(ctx, file.name(), numbers.clone())
+                    && self.producer.leaves_out_all(ctx, file.name(), &numbers)
                 {
                     let progress = &self.shared.report.progress;
-                    progress.add_read(ctx.task, numbers.end - numbers.start);
+                    progress.add_read(ctx.task, mapped.lines(slice));
                     progress
                         .bytes_read
-                        .fetch_add((end - start) as u64, Ordering::Relaxed);
+                        .fetch_add(size as u64, Ordering::Relaxed);
                     return Step::Emit(Vec::new());
                 }
-                let reserved = self.shared.outputs.format.reservation((end - start) as u64);
-                match budget.try_reserve_with_buffer(reserved, rows_capacity(end - start)) {
+                let reserved = self.shared.outputs.format.reservation(size as u64);
+                match budget.try_reserve_with_buffer(reserved, rows_capacity(size)) {
                     (Reservation::Refused, _) => {
                         let item = WorkItem::Slice {
                             file,
-                            map,
-                            start,
-                            end,
-                            first_line,
-                            lines,
+                            mapped,
+                            slice,
                         };
                         self.shared.work.give_back(item);
                         Step::Wait
@@ -186,19 +188,25 @@ impl SourceState {
                         if granted == Reservation::GrantedAlone {
                             crate::say!(
                                 "note: a bundle of {} in {} is larger than the memory budget; processing it alone",
-                                human_bytes((end - start) as u64),
+                                human_bytes(size as u64),
                                 file.name()
                             );
                         }
                         let rows = rows.unwrap_or_default();
-                        let bytes = &map[start..end];
+                        // The next slice is read from disk while this one is processed.
+                        mapped.prefetch(slice + 1);
+                        // Its own lines first: the worker taking the next slice needs their
+                        // count, and counting brings the slice's pages in.
+                        mapped.newlines(slice);
+                        let first_line = mapped.first_line(slice);
+                        let bytes = mapped.bytes(slice);
                         let chunks = self.process(&file, bytes, first_line, (reserved, rows));
-                        crate::input::bundles::release_pages(&map, start, end);
+                        mapped.release(slice);
                         self.shared
                             .report
                             .progress
                             .bytes_read
-                            .fetch_add((end - start) as u64, Ordering::Relaxed);
+                            .fetch_add(size as u64, Ordering::Relaxed);
                         Step::Emit(chunks)
                     }
                 }

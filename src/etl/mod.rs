@@ -288,6 +288,8 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<Ran, Fatal> {
     let files = &found.files;
     let mut work = bundles::plan(files, bundle_bytes)?;
     if cluster {
+        // A process numbers the lines of its slices without reading the other processes'.
+        bundles::count_all_lines(&work);
         work = cluster::share_of(work, process, processes);
     }
     // The same bundles for a re-run's pre-scan, which reads the files before the dataflow.

@@ -19,7 +19,12 @@ pub struct FhirRows {
 }
 
 impl RowProducer for FhirRows {
-    fn leaves_out_all(&mut self, ctx: &TaskContext, path: &str, lines: Range<u64>) -> bool {
+    fn leaves_out_all(
+        &mut self,
+        ctx: &TaskContext,
+        path: &str,
+        lines: &dyn Fn() -> Range<u64>,
+    ) -> bool {
         let tracks_encounters = ctx.completion.is_some();
         self.rerun
             .as_ref()

@@ -10,18 +10,16 @@ use memmap2::Mmap;
 
 use super::discovery::InputFile;
 use super::i2b2::{BadRow, CsvToFhir, is_i2b2_csv};
+use super::line_numbers::{self, MappedFile};
 
 /// A unit of work handed to a source.
 pub enum WorkItem {
-    /// Lines `[start, end)` of a memory-mapped file; `first_line` is 1-based, and `lines`
-    /// counts the newlines in the slice.
+    /// One slice of whole lines of a memory-mapped file (its lines numbered as they are read:
+    /// `line_numbers`).
     Slice {
         file: Arc<InputFile>,
-        map: Arc<Mmap>,
-        start: usize,
-        end: usize,
-        first_line: u64,
-        lines: u64,
+        mapped: Arc<MappedFile>,
+        slice: usize,
     },
     /// A compressed file, an i2b2 CSV or an S3 object, read as a stream, a bundle at a time,
     /// by whichever worker holds it.
@@ -46,7 +44,7 @@ impl WorkItem {
     /// Input bytes of the item: its slice, or the whole file of a stream.
     pub fn bytes(&self) -> u64 {
         match self {
-            WorkItem::Slice { start, end, .. } => (end - start) as u64,
+            WorkItem::Slice { mapped, slice, .. } => mapped.bytes(*slice).len() as u64,
             WorkItem::Stream { file } | WorkItem::Open { file, .. } => file.size,
         }
     }
@@ -57,18 +55,12 @@ impl WorkItem {
         match self {
             WorkItem::Slice {
                 file,
-                map,
-                start,
-                end,
-                first_line,
-                lines,
+                mapped,
+                slice,
             } => Some(WorkItem::Slice {
                 file: file.clone(),
-                map: map.clone(),
-                start: *start,
-                end: *end,
-                first_line: *first_line,
-                lines: *lines,
+                mapped: mapped.clone(),
+                slice: *slice,
             }),
             WorkItem::Stream { file } => Some(WorkItem::Stream { file: file.clone() }),
             WorkItem::Open { .. } => None,
@@ -81,15 +73,10 @@ impl WorkItem {
     }
 }
 
-/// Cuts every file into work items of about `bundle_bytes`.
+/// Cuts every file into work items of about `bundle_bytes`. A mapped file's lines are counted
+/// as its slices are read (`line_numbers`), or all at once by [`count_all_lines`].
 pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
-    /// A file read as a stream, or a mapped file cut into slices whose lines are not yet
-    /// counted.
-    enum Planned {
-        Stream(Arc<InputFile>),
-        Mapped(Arc<InputFile>, Arc<Mmap>, Vec<(usize, usize)>),
-    }
-    let mut planned = Vec::new();
+    let mut items = Vec::new();
     for f in files {
         let file = Arc::new(f.clone());
         let local = f.object.local_path();
@@ -97,7 +84,7 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
         let Some(path) = local.filter(|_| !streamed) else {
             // Compressed and CSV files, and objects in S3, are read as a stream.
             if f.size > 0 {
-                planned.push(Planned::Stream(file));
+                items.push(WorkItem::Stream { file });
             }
             continue;
         };
@@ -107,100 +94,65 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
         }
         // SAFETY: bulk-export files are not modified while the ETL reads them (documented in
         // the README); a concurrent writer would be a misuse we cannot guard against.
-        let map = Arc::new(unsafe { Mmap::map(&handle) }?);
+        let map = unsafe { Mmap::map(&handle) }?;
         let _ = map.advise(memmap2::Advice::Sequential);
-        let bounds = crate::json::lines::bundle_bounds(&map, bundle_bytes);
-        planned.push(Planned::Mapped(file, map, bounds));
-    }
-    let slices: Vec<(&Mmap, usize, usize)> = planned
-        .iter()
-        .flat_map(|p| match p {
-            Planned::Stream(_) => Vec::new(),
-            Planned::Mapped(_, map, bounds) => bounds
-                .iter()
-                .map(|&(start, end)| (map.as_ref(), start, end))
-                .collect(),
-        })
-        .collect();
-    let mut counts = count_lines(&slices).into_iter();
-    let mut items = Vec::new();
-    for p in &planned {
-        match p {
-            Planned::Stream(file) => items.push(WorkItem::Stream { file: file.clone() }),
-            Planned::Mapped(file, map, bounds) => {
-                let mut line = 1u64;
-                for &(start, end) in bounds {
-                    let lines = counts.next().expect("a count per slice");
-                    items.push(WorkItem::Slice {
-                        file: file.clone(),
-                        map: map.clone(),
-                        start,
-                        end,
-                        first_line: line,
-                        lines,
-                    });
-                    line += lines;
-                }
-            }
-        }
+        let bounds = cut_file(&handle, map.len(), bundle_bytes)
+            .with_context(|| format!("reading {}", f.name()))?;
+        let mapped = Arc::new(MappedFile::new(map, bounds));
+        items.extend((0..mapped.slices()).map(|slice| WorkItem::Slice {
+            file: file.clone(),
+            mapped: mapped.clone(),
+            slice,
+        }));
     }
     Ok(items)
 }
 
-/// The newlines of each slice (of every file at once), counted on every core in shares of
-/// about equal bytes (the workers start only once planning is done), each slice's pages
-/// released once read: without that, planning's one read of the whole input would leave its
-/// pages resident.
-fn count_lines(slices: &[(&Mmap, usize, usize)]) -> Vec<u64> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let total: usize = slices.iter().map(|&(_, start, end)| end - start).sum();
-    let share = total.div_ceil(threads).max(1);
-    let mut parts = Vec::new();
-    let (mut from, mut bytes) = (0, 0);
-    for (i, &(_, start, end)) in slices.iter().enumerate() {
-        bytes += end - start;
-        if bytes >= share {
-            parts.push(&slices[from..=i]);
-            (from, bytes) = (i + 1, 0);
+/// Cuts a file into slices of whole lines of about `target` bytes, reading a little at each
+/// cut to find its line end. Not through the map: a page fault there waits for a readahead
+/// of megabytes (0.6 s for the cuts of the realistic 1 GB when it is not in the page cache),
+/// and the kernel maps a whole large folio at a time, which stays resident until its slices
+/// are processed.
+fn cut_file(
+    file: &std::fs::File,
+    len: usize,
+    target: usize,
+) -> std::io::Result<Vec<(usize, usize)>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 4096];
+    crate::json::lines::cut_at_newlines(len, target, |mut from| {
+        while from < len {
+            let read = file.read_at(&mut buf, from as u64)?;
+            if read == 0 {
+                break;
+            }
+            if let Some(at) = memchr::memchr(b'\n', &buf[..read]) {
+                return Ok(Some(from + at));
+            }
+            from += read;
+        }
+        Ok(None)
+    })
+}
+
+/// Counts the lines of every mapped file among `items` now (`line_numbers::count_all`), for a
+/// run that needs every slice's line numbers before it starts.
+pub fn count_all_lines(items: &[WorkItem]) {
+    let mut files: Vec<&MappedFile> = Vec::new();
+    for item in items {
+        if let WorkItem::Slice { mapped, .. } = item
+            && !files
+                .last()
+                .is_some_and(|f| std::ptr::eq(*f, mapped.as_ref()))
+        {
+            files.push(mapped);
         }
     }
-    parts.push(&slices[from..]);
-    std::thread::scope(|scope| {
-        let counting: Vec<_> = parts
-            .into_iter()
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|&(map, start, end)| {
-                            let lines = memchr::memchr_iter(b'\n', &map[start..end]).count();
-                            release_pages(map, start, end);
-                            lines as u64
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        counting
-            .into_iter()
-            .flat_map(|t| t.join().expect("counting lines does not panic"))
-            .collect()
-    })
+    line_numbers::count_all(&files);
 }
 
 /// Bytes asked of a stream at a time once a bundle is full but has no line end yet.
 const READ_BYTES: usize = 64 << 10;
-
-/// Drops a slice's pages from this process's resident set once read, so RSS follows the
-/// memory budget rather than the input size. The mapping is read-only and file-backed: a later
-/// touch (a neighbouring slice sharing a page) reads the same bytes again from the page cache.
-pub fn release_pages(map: &Mmap, start: usize, end: usize) {
-    const PAGE: usize = 4096;
-    let aligned = start / PAGE * PAGE;
-    // SAFETY: MADV_DONTNEED on a read-only shared file mapping never changes its contents.
-    let _ = unsafe {
-        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, end - aligned)
-    };
-}
 
 /// Reads a compressed NDJSON file, an S3 object, or an i2b2 CSV converted to NDJSON, a bundle
 /// at a time. Bytes are read in large blocks straight into the bundle, which is then cut after
@@ -393,13 +345,26 @@ mod tests {
     }
 
     #[test]
-    fn slices_end_on_line_boundaries_and_count_lines() {
+    fn a_file_is_cut_where_the_text_in_memory_would_be() {
+        // Lines longer than a read at a cut, a last line without an end, and lines of one byte.
+        let long = "y".repeat(10_000);
+        let text = format!("a\n{long}\nb\n\n{long}{long}\nc\nd");
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+        for target in [1, 2, 100, 4096, 10_001, 30_000, 100_000] {
+            let cut = cut_file(file.as_file(), text.len(), target).unwrap();
+            let expected = crate::json::lines::bundle_bounds(text.as_bytes(), target);
+            assert_eq!(cut, expected, "target {target}");
+        }
+    }
+
+    #[test]
+    fn slices_end_on_line_boundaries_and_number_lines_per_file() {
         let dir = tempfile::tempdir().unwrap();
         let root = crate::store::ObjectLocation::local(dir.path()).unwrap();
         let mut files = Vec::new();
         let mut texts = Vec::new();
-        // Lines of several files are counted together; each file's numbers start at 1, and a
-        // stream keeps its place among them.
+        // Each file's numbers start at 1, and a stream keeps its place among them.
         for (name, rows) in [
             ("Patient.ndjson", 100),
             ("Condition.ndjson.gz", 3),
@@ -424,25 +389,18 @@ mod tests {
             if names.last() != Some(&name) {
                 names.push(name.clone());
             }
-            let WorkItem::Slice {
-                map,
-                start,
-                end,
-                first_line,
-                lines,
-                ..
-            } = item
-            else {
+            let WorkItem::Slice { mapped, slice, .. } = item else {
                 assert!(matches!(item, WorkItem::Stream { .. }), "{name}");
                 continue;
             };
             let (text, next_line) = joined.entry(name).or_insert_with(|| (Vec::new(), 1));
-            assert_eq!(*first_line, *next_line);
-            assert!(map[*end - 1] == b'\n');
-            let newlines = map[*start..*end].iter().filter(|&&b| b == b'\n').count() as u64;
-            assert_eq!(*lines, newlines);
+            let bytes = mapped.bytes(*slice);
+            assert_eq!(mapped.first_line(*slice), *next_line);
+            assert!(bytes.ends_with(b"\n"));
+            let newlines = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+            assert_eq!(mapped.newlines(*slice), newlines);
             *next_line += newlines;
-            text.extend_from_slice(&map[*start..*end]);
+            text.extend_from_slice(bytes);
         }
         let in_order: Vec<&str> = files.iter().map(|f| f.name()).collect();
         assert_eq!(names, in_order);

@@ -6,5 +6,6 @@ pub mod discovery;
 pub mod export_log;
 pub mod i2b2;
 mod icd10cm;
+pub mod line_numbers;
 
 pub use discovery::{Discovery, InputFile, Listing, discover};

@@ -46,23 +46,37 @@ pub fn line_content(line: &[u8]) -> Option<&[u8]> {
 /// after a newline, or at the end of the text): `(start, end)` ranges that cover the text in
 /// order.
 pub fn bundle_bounds(bytes: &[u8], target: usize) -> Vec<(usize, usize)> {
+    let newline_from = |from: usize| {
+        let found = memchr::memchr(b'\n', &bytes[from..]).map(|at| from + at);
+        Ok::<_, std::convert::Infallible>(found)
+    };
+    match cut_at_newlines(bytes.len(), target, newline_from) {
+        Ok(bounds) => bounds,
+    }
+}
+
+/// Cuts `len` bytes into bundles of whole lines, as [`bundle_bounds`], finding the first
+/// newline at or after an offset with `newline_from` (None: none up to the end), for text
+/// that is not in memory.
+pub fn cut_at_newlines<E>(
+    len: usize,
+    target: usize,
+    mut newline_from: impl FnMut(usize) -> Result<Option<usize>, E>,
+) -> Result<Vec<(usize, usize)>, E> {
     let target = target.max(1);
     let mut bounds = Vec::new();
     let mut start = 0;
-    while start < bytes.len() {
-        let want = (start + target).min(bytes.len());
-        let end = if want == bytes.len() {
-            bytes.len()
+    while start < len {
+        let want = (start + target).min(len);
+        let end = if want == len {
+            len
         } else {
-            match memchr::memchr(b'\n', &bytes[want - 1..]) {
-                Some(off) => want + off,
-                None => bytes.len(),
-            }
+            newline_from(want - 1)?.map_or(len, |at| at + 1)
         };
         bounds.push((start, end));
         start = end;
     }
-    bounds
+    Ok(bounds)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::index::{Entry, entry_parts};
 use super::skip::SkipLines;
 use crate::deid::Codebook;
 use crate::input::InputFile;
-use crate::input::bundles::{StreamReader, WorkItem, plan, release_pages};
+use crate::input::bundles::{StreamReader, WorkItem, plan};
 use crate::json::lines::{line_content, split_lines};
 use crate::json::top_level::top_level_str;
 use crate::json::utf16::python_strip;
@@ -161,15 +161,12 @@ fn scan_item(
     sort: &Mutex<SpillSort<RECORD_BYTES>>,
 ) -> io::Result<()> {
     match item {
-        WorkItem::Slice {
-            map,
-            start,
-            end,
-            first_line,
-            ..
-        } => {
-            let records = fingerprint_lines(input, file, &map[start..end], first_line);
-            release_pages(&map, start, end);
+        WorkItem::Slice { mapped, slice, .. } => {
+            // Its own lines first, for the thread scanning the next slice (`line_numbers`).
+            mapped.newlines(slice);
+            let first_line = mapped.first_line(slice);
+            let records = fingerprint_lines(input, file, mapped.bytes(slice), first_line);
+            mapped.release(slice);
             sort.lock().unwrap().extend(records)
         }
         WorkItem::Stream { file: stream } | WorkItem::Open { file: stream, .. } => {

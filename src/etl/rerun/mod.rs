@@ -34,7 +34,7 @@ use crate::rerun::RowFingerprints;
 use crate::rerun::index;
 use crate::rerun::journals::replayed;
 use crate::rerun::prescan::{Compared, Expect, ScanInput, scan};
-use crate::rerun::skip::SkipLines;
+use crate::rerun::skip::{LineSet, SkipLines};
 use crate::store::ObjectLocation;
 use crate::tasks::{COMPLETION_ENCOUNTERS_TABLE, Task};
 
@@ -215,19 +215,25 @@ impl RerunIndex {
 
     /// Whether every line of `lines` of `path` (task `task`) is left out, completion rows
     /// included when the task tracks encounters; if so, they are counted as left out, and the
-    /// bundle need not be read.
+    /// bundle need not be read. `lines` is called only for a file with lines left out.
     pub fn leaves_out_all(
         &self,
         task: u32,
         path: &str,
-        lines: std::ops::Range<u64>,
+        lines: &dyn Fn() -> std::ops::Range<u64>,
         tracks_encounters: bool,
     ) -> bool {
-        let all = |set: &SkipLines| {
-            set.file(path)
-                .is_some_and(|s| s.contains_all(lines.clone()))
+        // The completion rows' set, where the task has them (None: a file with none left out).
+        let completed = match tracks_encounters {
+            true => self.completed.file(path).map(Some),
+            false => Some(None),
         };
-        if lines.is_empty() || !all(&self.skip) || (tracks_encounters && !all(&self.completed)) {
+        let (Some(skip), Some(completed)) = (self.skip.file(path), completed) else {
+            return false;
+        };
+        let lines = lines();
+        let all = |set: &LineSet| set.contains_all(lines.clone());
+        if lines.is_empty() || !all(skip) || completed.is_some_and(|c| !all(c)) {
             return false;
         }
         let count = lines.end - lines.start;
