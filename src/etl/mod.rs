@@ -506,7 +506,7 @@ pub fn run_on(opts: &EtlOptions, engine: &mut Engine) -> Result<Ran, Fatal> {
     }
     finish_tables(&shared, opts.optimize_tables);
     if let Some(rerun) = &rerun {
-        rerun.save(&shared);
+        rerun.save(&shared, opts.engine.workers);
     }
     codebook.save()?;
     let stats = shared.report.stats.lock().unwrap();

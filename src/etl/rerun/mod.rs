@@ -261,69 +261,94 @@ impl RerunIndex {
     /// committed, deletions included). A table another writer committed to during the run, or
     /// with a commit that wrote no journal (delta-rs's MERGE or DELETE), gets none. Failures
     /// are warnings: a table without an index is only processed whole next time.
-    pub fn save(&self, shared: &RunShared) {
-        for (number, table) in self.tables.iter().enumerate() {
-            let finished = shared.outputs.finished(&table.name);
-            let (version, journals) = match finished {
-                Some(f) if !f.since_opened.only_this_run => {
-                    remove(
-                        table,
-                        Some("another writer committed to the table during the run"),
-                    );
-                    continue;
-                }
-                Some(FinishedTable {
-                    version: Some(version),
-                    since_opened:
-                        CommitsSince {
-                            journals: Some(journals),
-                            ..
-                        },
-                }) => (version, journals),
-                Some(FinishedTable { version: None, .. }) => continue,
-                Some(_) => {
-                    remove(table, Some("a commit of the run wrote no row journal"));
-                    continue;
-                }
-                None => {
-                    remove(table, Some("the table was not finished"));
-                    continue;
-                }
-            };
-            if journals.is_empty() && table.usable_at == Some(version) && table.is_stored() {
-                // Nothing committed: the index describes the table as it is.
-                continue;
-            }
-            let old = match table.usable_at {
-                Some(_) => match table.reopen_old(self.tag) {
-                    Some(reader) => Some(reader),
-                    None => {
-                        remove(table, Some("its old index could not be read again"));
-                        continue;
+    ///
+    /// Tables are saved on `threads` threads at once, those with the most rows written first
+    /// (one large table's index is most of the work), the sorts' memory shared among them.
+    pub fn save(&self, shared: &RunShared, threads: usize) {
+        let written: Vec<u64> = {
+            let stats = shared.report.stats.lock().unwrap();
+            let rows = |t: &IndexedTable| stats.tables.get(&t.name).map_or(0, |s| s.success);
+            self.tables.iter().map(rows).collect()
+        };
+        let mut order: Vec<usize> = (0..self.tables.len()).collect();
+        order.sort_by_key(|&t| std::cmp::Reverse(written[t]));
+        let threads = threads.clamp(1, order.len().max(1));
+        let memory = self.memory / threads;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    while let Some(&number) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        self.save_table(shared, number, memory);
                     }
-                },
-                None => None,
-            };
-            let Ok(Some(readers)) = table.open_journals(&journals, self.tag) else {
-                remove(table, Some("a row journal of the run is missing"));
-                continue;
-            };
-            // The completion table's index is kept by encounter, not by its rows' keys.
-            let complete = table.complete && Some(number) != self.completion.map(|c| c.0);
-            let written = replayed(old, readers, self.memory).map_err(anyhow::Error::from);
-            let saved = written
-                .and_then(|new| index::write(&table.dir, (self.tag, version, complete), new));
-            match saved {
-                // The index covers every commit: their journals are no longer needed.
-                Ok(_) => table.remove_journals(),
-                Err(e) => {
-                    crate::say!(
-                        "warning: the row index of {} was not saved: {}",
-                        table.name,
-                        one_line(&e)
-                    );
-                    remove(table, None);
+                });
+            }
+        });
+    }
+
+    /// Rewrites the index of table `number` (`save`), its sort holding about `memory` bytes.
+    fn save_table(&self, shared: &RunShared, number: usize, memory: usize) {
+        let table = &self.tables[number];
+        let finished = shared.outputs.finished(&table.name);
+        let (version, journals) = match finished {
+            Some(f) if !f.since_opened.only_this_run => {
+                remove(
+                    table,
+                    Some("another writer committed to the table during the run"),
+                );
+                return;
+            }
+            Some(FinishedTable {
+                version: Some(version),
+                since_opened:
+                    CommitsSince {
+                        journals: Some(journals),
+                        ..
+                    },
+            }) => (version, journals),
+            Some(FinishedTable { version: None, .. }) => return,
+            Some(_) => {
+                remove(table, Some("a commit of the run wrote no row journal"));
+                return;
+            }
+            None => {
+                remove(table, Some("the table was not finished"));
+                return;
+            }
+        };
+        if journals.is_empty() && table.usable_at == Some(version) && table.is_stored() {
+            // Nothing committed: the index describes the table as it is.
+            return;
+        }
+        let old = match table.usable_at {
+            Some(_) => match table.reopen_old(self.tag) {
+                Some(reader) => Some(reader),
+                None => {
+                    remove(table, Some("its old index could not be read again"));
+                    return;
                 }
+            },
+            None => None,
+        };
+        let Ok(Some(readers)) = table.open_journals(&journals, self.tag) else {
+            remove(table, Some("a row journal of the run is missing"));
+            return;
+        };
+        // The completion table's index is kept by encounter, not by its rows' keys.
+        let complete = table.complete && Some(number) != self.completion.map(|c| c.0);
+        let written = replayed(old, readers, memory).map_err(anyhow::Error::from);
+        let saved =
+            written.and_then(|new| index::write(&table.dir, (self.tag, version, complete), new));
+        match saved {
+            // The index covers every commit: their journals are no longer needed.
+            Ok(_) => table.remove_journals(),
+            Err(e) => {
+                crate::say!(
+                    "warning: the row index of {} was not saved: {}",
+                    table.name,
+                    one_line(&e)
+                );
+                remove(table, None);
             }
         }
     }
