@@ -1,15 +1,16 @@
 //! Joins Parquet data files of one schema into one by copying their row groups' encoded column
 //! chunks: no row is decoded or encoded, so joining costs about what reading and writing the
 //! bytes costs. The joined file is streamed to the store as it is written (a multipart upload,
-//! [`ObjectWriter::upload`]), holding one input file and one upload part at a time.
+//! [`ObjectWriter::upload`]), holding one upload part at a time, and one input file when the
+//! store is not local (a local one is copied from the file itself).
 
 use anyhow::{Context, Result, anyhow};
-use bytes::Bytes;
 use deltalake::logstore::ObjectStoreRef;
-use deltalake::logstore::object_store::ObjectStoreExt;
+use deltalake::logstore::object_store::{GetResultPayload, ObjectStoreExt};
 use parquet::column::writer::ColumnCloseResult;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::properties::WriterProperties;
+use parquet::file::reader::ChunkReader;
 use parquet::file::writer::SerializedFileWriter;
 use std::sync::Arc;
 use tokio::runtime::Handle;
@@ -70,11 +71,20 @@ pub fn join(
     let sink = ObjectWriter::upload(store.clone(), out.clone());
     let mut writer = SerializedFileWriter::new(sink, schema, Arc::new(properties))?;
     for (path, footer) in inputs {
-        let bytes = runtime
-            .block_on(async { store.get(path).await?.bytes().await })
+        let got = runtime
+            .block_on(store.get(path))
             .with_context(|| format!("reading {path}"))?;
-        append_row_groups(&mut writer, &bytes, footer)
-            .with_context(|| format!("copying {path}"))?;
+        // A local file is copied from the file itself, not read whole into memory first.
+        let copied = match got.payload {
+            GetResultPayload::File(file, _) => append_row_groups(&mut writer, &file, footer),
+            GetResultPayload::Stream(_) => {
+                let bytes = runtime
+                    .block_on(got.bytes())
+                    .with_context(|| format!("reading {path}"))?;
+                append_row_groups(&mut writer, &bytes, footer)
+            }
+        };
+        copied.with_context(|| format!("copying {path}"))?;
     }
     let sink = writer.into_inner().context("finishing the joined file")?;
     let size = sink.written();
@@ -82,10 +92,11 @@ pub fn join(
     Ok(size)
 }
 
-/// Copies every row group of the file `bytes` (whose footer is `footer`) into `writer`.
-fn append_row_groups<W: std::io::Write + Send>(
+/// Copies every row group of the file `bytes` (its contents or the file itself; its footer is
+/// `footer`) into `writer`.
+fn append_row_groups<W: std::io::Write + Send, R: ChunkReader>(
     writer: &mut SerializedFileWriter<W>,
-    bytes: &Bytes,
+    bytes: &R,
     footer: &ParquetMetaData,
 ) -> Result<()> {
     for (index, group) in footer.row_groups().iter().enumerate() {
