@@ -15,6 +15,9 @@
 #      with Observations and DiagnosticReports added as Synthea writes them
 #      (benches/add_observations.py), about 60% Observations, like a real export; "one-table":
 #      only the realistic input's Observations, the one-table export),
+#      COLD=1 (drop the page cache before each of our timed runs, so the input is read from
+#      disk, as a large export is; needs root; the binary is read back in first, so only the
+#      input is cold; the reference still runs warm),
 #      REFERENCE (path of the reference `cumulus-etl`, default its venv from
 #      ../shared/tools/reference-cumulus.sh; "none" skips it), REFERENCE_RERUN=1 (time it again
 #      instead of reusing the cached timing for this input), BIN (a binary to run instead of
@@ -52,12 +55,21 @@ warm_input() {
     find "$input" -type f -exec cat {} + >/dev/null
 }
 
+# Drops the page cache (COLD=1), then reads the binary back in, so a run reads its input from
+# disk but does not time loading the binary.
+cold_input() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches \
+        || { echo "COLD=1 needs root, to write /proc/sys/vm/drop_caches" >&2; exit 2; }
+    cat "$bin" >/dev/null
+}
+
 # timed_run LABEL FORMAT OUTPUT: one timed run of ours; sets $seconds, $kib, $cpu (user + system
 # seconds: on a shared machine, a steadier measure of the work done than the wall time) and
 # $budget.
 timed_run() {
     local label=$1 format=$2 out=$3
-    warm_input
+    if [ "${COLD:-}" = 1 ]; then cold_input; else warm_input; fi
     /usr/bin/time -f '%e %M %U %S' -o "$work/time" "$bin" etl --output-format="$format" \
         --progress-interval 60 "${extra[@]}" "$input" "$out" "$work/phi" >"$work/$label.log" 2>&1 \
         || { echo "run '$label' failed:"; tail -20 "$work/$label.log"; exit 1; }
