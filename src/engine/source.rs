@@ -195,10 +195,7 @@ impl SourceState {
                         let rows = rows.unwrap_or_default();
                         // The next slice is read from disk while this one is processed.
                         mapped.prefetch(slice + 1);
-                        // Its own lines first: the worker taking the next slice needs their
-                        // count, and counting brings the slice's pages in.
-                        mapped.newlines(slice);
-                        let first_line = mapped.first_line(slice);
+                        let first_line = mapped.first_line_when_taken(slice);
                         let bytes = mapped.bytes(slice);
                         let chunks = self.process(&file, bytes, first_line, (reserved, rows));
                         mapped.release(slice);

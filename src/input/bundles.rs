@@ -248,7 +248,7 @@ impl StreamReader {
             // A partial line after a read error cannot be trusted: it is dropped.
             buf.truncate(whole_lines);
         }
-        let mut lines = memchr::memchr_iter(b'\n', buf).count() as u64;
+        let mut lines = crate::json::lines::count_newlines(buf);
         if !buf.is_empty() && !buf.ends_with(b"\n") {
             lines += 1; // the last line of the stream, without a line end
         }

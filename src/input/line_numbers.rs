@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::Mmap;
 
+use crate::json::lines::count_newlines;
+
 /// A count or line number not known yet.
 const NOT_YET: u64 = u64::MAX;
 
@@ -73,7 +75,7 @@ impl MappedFile {
     pub fn newlines(&self, slice: usize) -> u64 {
         match self.newlines[slice].load(Ordering::Relaxed) {
             NOT_YET => {
-                let counted = memchr::memchr_iter(b'\n', self.bytes(slice)).count() as u64;
+                let counted = count_newlines(self.bytes(slice));
                 self.newlines[slice].store(counted, Ordering::Relaxed);
                 counted
             }
@@ -97,6 +99,14 @@ impl MappedFile {
         line
     }
 
+    /// The first line of a slice its reader has just taken: its own newlines are counted
+    /// first, since the reader of the next slice needs them (and counting brings the slice's
+    /// pages in for the reading that follows).
+    pub fn first_line_when_taken(&self, slice: usize) -> u64 {
+        self.newlines(slice);
+        self.first_line(slice)
+    }
+
     /// The lines of a slice: its newlines, and its last line if it has no line end (the end
     /// of the file).
     pub fn lines(&self, slice: usize) -> u64 {
@@ -115,10 +125,7 @@ impl MappedFile {
                         small if small <= SAMPLE_BYTES => (self.newlines(0), small),
                         _ => {
                             let sample = &self.map[..SAMPLE_BYTES];
-                            (
-                                memchr::memchr_iter(b'\n', sample).count() as u64,
-                                SAMPLE_BYTES,
-                            )
+                            (count_newlines(sample), SAMPLE_BYTES)
                         }
                     };
                     release_pages(&self.map, 0, bytes);

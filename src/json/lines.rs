@@ -42,9 +42,15 @@ pub fn line_content(line: &[u8]) -> Option<&[u8]> {
     Some(&line[start..end])
 }
 
+/// The line ends in `bytes`.
+pub fn count_newlines(bytes: &[u8]) -> u64 {
+    memchr::memchr_iter(b'\n', bytes).count() as u64
+}
+
 /// Cuts `bytes` into bundles of whole lines of about `target` bytes each (a bundle ends just
 /// after a newline, or at the end of the text): `(start, end)` ranges that cover the text in
-/// order.
+/// order: [`cut_at_newlines`] over text in memory (the input is cut without reading it whole;
+/// the tests and fuzz checks compare the two).
 pub fn bundle_bounds(bytes: &[u8], target: usize) -> Vec<(usize, usize)> {
     let newline_from = |from: usize| {
         let found = memchr::memchr(b'\n', &bytes[from..]).map(|at| from + at);
@@ -55,9 +61,10 @@ pub fn bundle_bounds(bytes: &[u8], target: usize) -> Vec<(usize, usize)> {
     }
 }
 
-/// Cuts `len` bytes into bundles of whole lines, as [`bundle_bounds`], finding the first
-/// newline at or after an offset with `newline_from` (None: none up to the end), for text
-/// that is not in memory.
+/// Cuts `len` bytes into bundles of whole lines of about `target` bytes each (a bundle ends
+/// just after a newline, or at the end): `(start, end)` ranges that cover them in order. The
+/// first newline at or after an offset is found with `newline_from` (None: none up to the
+/// end), so the text need not be in memory.
 pub fn cut_at_newlines<E>(
     len: usize,
     target: usize,

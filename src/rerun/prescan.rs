@@ -162,9 +162,7 @@ fn scan_item(
 ) -> io::Result<()> {
     match item {
         WorkItem::Slice { mapped, slice, .. } => {
-            // Its own lines first, for the thread scanning the next slice (`line_numbers`).
-            mapped.newlines(slice);
-            let first_line = mapped.first_line(slice);
+            let first_line = mapped.first_line_when_taken(slice);
             let records = fingerprint_lines(input, file, mapped.bytes(slice), first_line);
             mapped.release(slice);
             sort.lock().unwrap().extend(records)
