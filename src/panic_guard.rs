@@ -243,6 +243,12 @@ fn injection() -> Option<&'static Injection> {
         .as_ref()
 }
 
+/// Whether a test asked for a panic somewhere: a caller that would have to work out the
+/// line to [`inject`] at asks this first.
+pub fn armed() -> bool {
+    injection().is_some()
+}
+
 /// Panics if a test asked for a panic at this site, for this name (and line). `name` may be a
 /// file's path: its file name is what matches (worked out only when a panic is asked for).
 pub fn inject(site: Site, name: &str, line: u64) {

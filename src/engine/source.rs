@@ -14,6 +14,7 @@ use super::work::Taken;
 use crate::deid::ExtensionReport;
 use crate::input::InputFile;
 use crate::input::bundles::{StreamReader, WorkItem};
+use crate::input::line_numbers::FirstLine;
 use crate::memory::{Reservation, human_bytes};
 use crate::panic_guard::{self, Site};
 
@@ -34,7 +35,8 @@ pub struct Bundle<'a> {
     /// The input file, for messages.
     pub path: &'a str,
     pub bytes: &'a [u8],
-    pub first_line: u64,
+    /// Where the bundle's lines are numbered from: worked out when asked for.
+    pub first_line: FirstLine,
     pub reserved: u64,
     /// An empty buffer, at least as large as `bytes`, for the bundle's rows (from the run's
     /// pool, within the reservation).
@@ -89,7 +91,7 @@ pub struct SourceState {
     producer: Box<dyn RowProducer>,
     pub extensions: ExtensionReport,
     /// The file and first line of the bundle being processed, for messages.
-    in_hand: Option<(String, u64)>,
+    in_hand: Option<(String, FirstLine)>,
 }
 
 impl SourceState {
@@ -106,7 +108,7 @@ impl SourceState {
     /// Where this source is in its input, for a message about a failure there.
     pub fn in_hand(&self) -> String {
         match &self.in_hand {
-            Some((path, line)) => format!("reading {path} (the bundle from line {line}):"),
+            Some((path, line)) => format!("reading {path} (the bundle from line {}):", line.get()),
             None => "reading the input:".into(),
         }
     }
@@ -195,7 +197,7 @@ impl SourceState {
                         let rows = rows.unwrap_or_default();
                         // The next slice is read from disk while this one is processed.
                         mapped.prefetch(slice + 1);
-                        let first_line = mapped.first_line_when_taken(slice);
+                        let first_line = FirstLine::Slice(mapped.clone(), slice);
                         let bytes = mapped.bytes(slice);
                         let chunks = self.process(&file, bytes, first_line, (reserved, rows));
                         mapped.release(slice);
@@ -235,6 +237,7 @@ impl SourceState {
             self.shared.work.give_back(WorkItem::Open { file, reader });
         }
         self.note_bad_rows(&file, bad_rows);
+        let first_line = FirstLine::Known(first_line);
         let chunks = self.process(&file, &buf, first_line, (reserved, rows));
         if let Some((line, message)) = error {
             self.shared.report.note_unreadable(&file, line, &message);
@@ -282,7 +285,7 @@ impl SourceState {
         &mut self,
         file: &InputFile,
         bytes: &[u8],
-        first_line: u64,
+        first_line: FirstLine,
         (reserved, rows): (u64, Vec<u8>),
     ) -> Vec<TableChunk> {
         let shared = &self.shared;
@@ -292,8 +295,10 @@ impl SourceState {
         };
         let mut skipped: BTreeMap<SkipReason, u64> = BTreeMap::new();
         let path = file.name().to_string();
-        self.in_hand = Some((path.clone(), first_line));
-        panic_guard::inject(Site::Source, &path, first_line);
+        self.in_hand = Some((path.clone(), first_line.clone()));
+        if panic_guard::armed() {
+            panic_guard::inject(Site::Source, &path, first_line.get());
+        }
         let mut on_skip = |s: Skipped<'_>| {
             *skipped.entry(s.reason).or_default() += 1;
             shared.report.warn_skip(&path, &s);

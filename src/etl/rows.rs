@@ -6,6 +6,7 @@ use serde_json::Value;
 use crate::deid::{ExtensionReport, Scrubbed, Scrubber};
 use crate::engine::rows::{SkipReason, Skipped, TableChunk, TaskContext};
 use crate::etl::rerun::BundleIndex;
+use crate::input::line_numbers::FirstLine;
 use crate::json::lines::{line_content, split_lines};
 use crate::json::top_level::top_level_str;
 use crate::json::utf16::python_strip;
@@ -28,8 +29,8 @@ pub struct BundleLines<'a> {
     /// The input file, for messages.
     pub path: &'a str,
     pub bytes: &'a [u8],
-    /// The line number of the first line.
-    pub first_line: u64,
+    /// Where the lines are numbered from: worked out only for a message or a re-run's index.
+    pub first_line: FirstLine,
 }
 
 /// Processes every line of a bundle, appending rows to `main` (and `completion`), and calling
@@ -45,17 +46,24 @@ pub fn process_bundle(
     mut index: Option<&mut BundleIndex<'_>>,
 ) {
     let mut tape = Tape::default();
-    for (this_line, raw) in (lines.first_line..).zip(split_lines(lines.bytes)) {
+    // A re-run's index looks every line up by its number.
+    let first_known = index
+        .is_some()
+        .then(|| lines.first_line.get_for_every_line());
+    let line_number = |offset: u64| first_known.unwrap_or_else(|| lines.first_line.get()) + offset;
+    let mut newlines = 0;
+    for (offset, raw) in (0..).zip(split_lines(lines.bytes)) {
+        newlines = offset;
         let Some(trimmed) = line_content(raw) else {
             continue;
         };
         if let Some(index) = index.as_deref_mut()
-            && index.leaves_out(this_line)
+            && index.leaves_out(line_number(offset))
         {
             // Unchanged since the last run; an encounter still gets this export's completion
             // row, unless the table has it.
             if completion.is_some()
-                && !index.completion_known(this_line)
+                && !index.completion_known(line_number(offset))
                 && let Some(id) = top_level_str(trimmed, "id")
             {
                 let id = scrubber
@@ -68,7 +76,9 @@ pub fn process_bundle(
         }
         let marks = (main.mark(), completion.as_ref().map(TableChunk::mark));
         let outcome = panic_guard::catch(|| {
-            panic_guard::inject(Site::Line, lines.path, this_line);
+            if panic_guard::armed() {
+                panic_guard::inject(Site::Line, lines.path, line_number(offset));
+            }
             process_line(ctx, scrubber, trimmed, &mut tape, main, report)
         });
         let (reason, detail) = match outcome {
@@ -79,6 +89,7 @@ pub fn process_bundle(
                         let id = id.clone();
                         let tag = index.made(&id, trimmed);
                         main.tags.push(tag);
+                        let this_line = line_number(offset);
                         main.keys_new &= index.is_new_key(this_line);
                         if completion.is_some() && !index.completion_known(this_line) {
                             let tag = index.completed(&id);
@@ -100,12 +111,13 @@ pub fn process_bundle(
             }
         };
         on_skip(Skipped {
-            line_no: this_line,
+            line_no: line_number(offset),
             reason,
             detail,
             raw: trimmed,
         });
     }
+    lines.first_line.read_through(newlines);
 }
 
 /// Turns one line into rows, or says why it is skipped (the chunks are left as they were).
@@ -259,7 +271,7 @@ mod tests {
         let lines = BundleLines {
             path: "test.ndjson",
             bytes,
-            first_line: 1,
+            first_line: FirstLine::Known(1),
         };
         process_bundle(
             &ctx,

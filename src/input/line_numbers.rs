@@ -2,17 +2,16 @@
 //! message about a bad line names its number, so a slice needs the count of every line before
 //! it. Counting them all in a pass before the run read the whole input before any bundle was
 //! processed: an export not in the page cache was read from disk twice, and the workers waited
-//! for it. Now the worker that takes a slice counts its own lines first (which also brings its
-//! pages in for the processing that follows), and a slice's first line is the sum of the
-//! counts before it. Slices are taken in order, so those are almost always counted by then;
-//! one that is not is counted by whoever needs it first (two counting at once get the same
-//! answer).
+//! for it. Now a slice's lines are counted by the worker that processes it, as it goes through
+//! them, and a slice's first line is the sum of the counts before it, worked out only when a
+//! message (or a re-run's index) asks for it ([`FirstLine`]). A slice not counted yet is
+//! counted by whoever needs it first (two counting at once get the same answer).
 //!
 //! Runs that need every count before they start (a cluster run, whose processes each take a
 //! share of the slices) count them all at once with [`count_all`].
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 
@@ -99,12 +98,20 @@ impl MappedFile {
         line
     }
 
-    /// The first line of a slice its reader has just taken: its own newlines are counted
-    /// first, since the reader of the next slice needs them (and counting brings the slice's
-    /// pages in for the reading that follows).
+    /// The first line of a slice its reader has just taken, for a reader that numbers every
+    /// line as it goes: its own newlines are counted first, since the reader of the next slice
+    /// will need them at once too (and counting brings the slice's pages in for the reading
+    /// that follows).
     pub fn first_line_when_taken(&self, slice: usize) -> u64 {
         self.newlines(slice);
         self.first_line(slice)
+    }
+
+    /// Records a slice's newlines, counted by a reader that went through all its lines, so
+    /// that no one counts them again.
+    pub fn read_through(&self, slice: usize, newlines: u64) {
+        debug_assert_eq!(newlines, count_newlines(self.bytes(slice)));
+        self.newlines[slice].store(newlines, Ordering::Relaxed);
     }
 
     /// The lines of a slice: its newlines, and its last line if it has no line end (the end
@@ -152,6 +159,44 @@ impl MappedFile {
     pub fn release(&self, slice: usize) {
         let (start, end) = self.bounds[slice];
         release_pages(&self.map, start, end);
+    }
+}
+
+/// Where a bundle's lines are numbered from. Most readers name a line only in a message
+/// about it, so a slice's first line is worked out only when asked for: its reader goes
+/// through its lines once and records their count ([`FirstLine::read_through`]), instead of
+/// counting them in a pass of their own first.
+#[derive(Clone)]
+pub enum FirstLine {
+    /// A stream's bundle, whose reader numbers lines as it reads them.
+    Known(u64),
+    /// A slice of a mapped file.
+    Slice(Arc<MappedFile>, usize),
+}
+
+impl FirstLine {
+    /// The number of the first line, the newlines of earlier slices counted now if no one has.
+    pub fn get(&self) -> u64 {
+        match self {
+            FirstLine::Known(line) => *line,
+            FirstLine::Slice(file, slice) => file.first_line(*slice),
+        }
+    }
+
+    /// The number of the first line, for a reader that numbers every line as it goes (see
+    /// [`MappedFile::first_line_when_taken`]).
+    pub fn get_for_every_line(&self) -> u64 {
+        match self {
+            FirstLine::Known(line) => *line,
+            FirstLine::Slice(file, slice) => file.first_line_when_taken(*slice),
+        }
+    }
+
+    /// Records the bundle's newlines, once its reader went through all its lines.
+    pub fn read_through(&self, newlines: u64) {
+        if let FirstLine::Slice(file, slice) = self {
+            file.read_through(*slice, newlines);
+        }
     }
 }
 
@@ -265,6 +310,26 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn slices_counted_by_their_readers_number_the_slices_after_them() {
+        let (_keep, file) = mapped(&numbered(900), 80);
+        let file = Arc::new(file);
+        let expected = true_first_lines(&file);
+        // Readers go through every other slice, as two workers would, and record the count.
+        for s in (0..file.slices()).step_by(2) {
+            let newlines = crate::json::lines::split_lines(file.bytes(s)).count() - 1;
+            FirstLine::Slice(file.clone(), s).read_through(newlines as u64);
+        }
+        for s in (1..file.slices()).step_by(2) {
+            assert_eq!(file.newlines[s].load(Ordering::Relaxed), NOT_YET);
+        }
+        // Asked for late, the others are counted then.
+        for (s, &first) in expected.iter().enumerate().rev() {
+            assert_eq!(FirstLine::Slice(file.clone(), s).get(), first, "slice {s}");
+        }
+        assert_eq!(FirstLine::Known(42).get_for_every_line(), 42);
     }
 
     #[test]

@@ -231,7 +231,7 @@ impl NoteRows {
         let mut jobs = Vec::new();
         let mut tape = Tape::default();
         let mut scrubbed = Vec::new();
-        for (line, raw) in (b.first_line..).zip(split_lines(b.bytes)) {
+        for (line, raw) in (b.first_line.get_for_every_line()..).zip(split_lines(b.bytes)) {
             let Some(raw) = line_content(raw) else {
                 continue;
             };

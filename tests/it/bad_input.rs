@@ -2,7 +2,7 @@
 //! and sent to `--errors-to`, while the good rows around it are written.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -31,6 +31,11 @@ fn run_with(bad: &[u8]) -> Outcome {
 }
 
 fn run_with_file(name: &str, content: &[u8]) -> Outcome {
+    run_with_file_and(name, content, &[])
+}
+
+/// [`run_with_file`] with more options.
+fn run_with_file_and(name: &str, content: &[u8], options: &[&str]) -> Outcome {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in");
     std::fs::create_dir_all(&input).unwrap();
@@ -41,26 +46,27 @@ fn run_with_file(name: &str, content: &[u8]) -> Outcome {
         tmp.path().join("errors"),
     );
     let p = |p: &PathBuf| p.to_str().unwrap().to_string();
-    let run = run_etl(&[
+    let (errors, input, out, phi) = (p(&errors), p(&input), p(&out), p(&phi));
+    let mut args = vec![
         "etl",
         "--output-format=ndjson",
         "--task=condition",
         "--export-group=g",
         "--export-timestamp=2024-01-01T00:00:00Z",
         "--errors-to",
-        &p(&errors),
-        &p(&input),
-        &p(&out),
-        &p(&phi),
-    ]);
-    let rejected = std::fs::read_to_string(errors.join("rejected-rows.ndjson"))
+        &errors,
+    ];
+    args.extend_from_slice(options);
+    args.extend([input.as_str(), out.as_str(), phi.as_str()]);
+    let run = run_etl(&args);
+    let rejected = std::fs::read_to_string(Path::new(&errors).join("rejected-rows.ndjson"))
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     Outcome {
         stderr: stderr(&run),
-        rows: read_table(&out.join("condition"), "id").len(),
+        rows: read_table(&Path::new(&out).join("condition"), "id").len(),
         rejected,
         code: run.status.code(),
     }
@@ -234,4 +240,53 @@ fn all_kinds_together_are_counted_by_reason() {
         );
     }
     assert_eq!(o.rejected.len(), 4);
+}
+
+#[test]
+fn bad_lines_in_every_slice_of_a_large_file_are_numbered_right() {
+    // About 11 MB: at the smallest budget, on four workers, the file is read in slices of
+    // 1 MiB, and a slice's first line is worked out only when one of its lines is bad.
+    let mut content = String::new();
+    let mut bad_lines = Vec::new();
+    let mut good = 0;
+    for line in 1..=150_000u64 {
+        if line % 1_000 == 0 {
+            content.push('\n');
+        } else if line % 9_973 == 7 || line == 149_999 {
+            content.push_str("{oops\n");
+            bad_lines.push(line);
+        } else {
+            content.push_str(&format!(
+                r#"{{"resourceType":"Condition","id":"c{line}","subject":{{"reference":"Patient/p1"}}}}"#
+            ));
+            content.push('\n');
+            good += 1;
+        }
+    }
+    let options = ["--memory=16MiB", "--workers=4"];
+    let o = run_with_file_and("Condition.ndjson", content.as_bytes(), &options);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_eq!(o.rows, good);
+    let mut numbered: Vec<u64> = o
+        .rejected
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    numbered.sort_unstable();
+    assert_eq!(numbered, bad_lines);
+    // The first few are named on stderr too.
+    let named: Vec<u64> = o
+        .stderr
+        .lines()
+        .filter_map(|l| {
+            l.split("Condition.ndjson:")
+                .nth(1)?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(!named.is_empty(), "{}", o.stderr);
+    assert!(named.iter().all(|n| bad_lines.contains(n)), "{}", o.stderr);
 }

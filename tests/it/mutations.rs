@@ -9,6 +9,7 @@ use std::sync::Arc;
 use cumulus_etl::deid::{Codebook, ExtensionReport, Rules, Scrubber};
 use cumulus_etl::engine::rows::{SkipReason, TableChunk, TaskContext};
 use cumulus_etl::etl::rows::{BundleLines, process_bundle};
+use cumulus_etl::input::line_numbers::FirstLine;
 use cumulus_etl::output::TableKind;
 
 use crate::mutate::{Rng, damage, python_accepts, sample_lines};
@@ -46,7 +47,7 @@ fn process(scrubber: &Scrubber, ctx: &TaskContext, line: &[u8]) -> Fate {
         BundleLines {
             path: "damaged.ndjson",
             bytes: line,
-            first_line: 1,
+            first_line: FirstLine::Known(1),
         },
         (&mut main, &mut None),
         &mut ExtensionReport::default(),
