@@ -53,12 +53,7 @@ fn failure(e: anyhow::Error) -> Fatal {
 }
 
 fn empty_batch(shape: &Shape) -> RowBatch<'_> {
-    RowBatch {
-        rows: Vec::new(),
-        shape,
-        tags: Vec::new(),
-        keys_new: false,
-    }
+    RowBatch::of_rows(Vec::new(), shape)
 }
 
 /// `convert ORIGINAL TARGET`: loads every table of an NDJSON output folder into Delta tables
@@ -174,16 +169,8 @@ fn convert_table(
             rows.push(line);
         }
         total += rows.len() as u64;
-        write_and_wait(
-            writer.as_mut(),
-            &RowBatch {
-                rows,
-                shape: &shape,
-                tags: Vec::new(),
-                keys_new: false,
-            },
-        )
-        .with_context(|| format!("loading {name}"))?;
+        write_and_wait(writer.as_mut(), &RowBatch::of_rows(rows, &shape))
+            .with_context(|| format!("loading {name}"))?;
     }
     if files.is_empty() {
         write_and_wait(writer.as_mut(), &empty_batch(&Shape::default()))?;

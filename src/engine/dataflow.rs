@@ -87,12 +87,7 @@ impl RunShared {
             let mut writer = self.open_writer(table, ctx)?;
             crate::output::write_and_wait(
                 writer.as_mut(),
-                &crate::output::RowBatch {
-                    rows: Vec::new(),
-                    shape: &crate::fhir::Shape::default(),
-                    tags: Vec::new(),
-                    keys_new: false,
-                },
+                &crate::output::RowBatch::of_rows(Vec::new(), &crate::fhir::Shape::default()),
             )?;
             self.report.stats.lock().unwrap().summary(table);
         }

@@ -3,12 +3,12 @@
 //! sources count and write to the errors folder.
 
 use std::io::Write;
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::fhir::Shape;
-use crate::json::lines::split_lines;
 use crate::json::{Tape, write_compact_ascii};
 use crate::memory::Recycler;
 
@@ -77,6 +77,8 @@ pub struct TableChunk {
     /// Newline-terminated rows, one per id.
     #[serde(with = "super::wire::bytes")]
     pub data: Vec<u8>,
+    /// Where each row's newline is in `data`, so the rows are found without reading it again.
+    ends: Vec<usize>,
     pub shape: Shape,
     pub reserved: u64,
     /// Scratch space for reading rows back into the shape.
@@ -108,6 +110,7 @@ impl TableChunk {
             tags: Vec::new(),
             keys_new: false,
             data: Vec::new(),
+            ends: Vec::new(),
             shape: Shape::default(),
             reserved: 0,
             tape: Tape::default(),
@@ -149,6 +152,7 @@ impl TableChunk {
                 .expect("rows are written as valid JSON");
             self.shape.add_row(&doc);
         }
+        self.ends.push(self.data.len());
         self.data.push(b'\n');
         self.ids.push(id);
     }
@@ -165,6 +169,7 @@ impl TableChunk {
     /// keeps any keys it gained: a wider schema is harmless.
     pub fn rewind(&mut self, mark: ChunkMark) {
         self.data.truncate(mark.data);
+        self.ends.truncate(mark.rows);
         self.ids.truncate(mark.rows);
         self.tags.truncate(mark.rows);
     }
@@ -184,6 +189,7 @@ impl TableChunk {
             None => self.data.shrink_to_fit(),
         }
         self.ids.shrink_to_fit();
+        self.ends.shrink_to_fit();
         self.tags.shrink_to_fit();
     }
 
@@ -191,8 +197,12 @@ impl TableChunk {
     pub fn held_bytes(&self) -> u64 {
         let ids: usize = self.ids.iter().map(String::capacity).sum();
         let tags = self.tags.capacity() * std::mem::size_of::<crate::output::RowTag>();
-        (self.data.capacity() + self.ids.capacity() * std::mem::size_of::<String>() + ids + tags)
-            as u64
+        let ends = self.ends.capacity() * std::mem::size_of::<usize>();
+        (self.data.capacity()
+            + self.ids.capacity() * std::mem::size_of::<String>()
+            + ids
+            + tags
+            + ends) as u64
     }
 
     /// Number of rows.
@@ -208,22 +218,23 @@ impl TableChunk {
     /// Moves rows `n..` into a new chunk (same task and table). The shape is kept on both
     /// halves (a superset only widens the schema) and the budget bytes move with the tail.
     pub fn split_off(&mut self, n: usize) -> TableChunk {
-        let cut = if n == 0 {
-            0
-        } else {
-            memchr::memchr_iter(b'\n', &self.data)
-                .nth(n - 1)
-                .map_or(self.data.len(), |p| p + 1)
+        let n = n.min(self.ends.len());
+        let cut = match n {
+            0 => 0,
+            n => self.ends[n - 1] + 1,
         };
+        let mut ends = self.ends.split_off(n);
+        ends.iter_mut().for_each(|end| *end -= cut);
         let tail = TableChunk {
             task: self.task,
             sink: self.sink,
             crossing: self.crossing,
             table: self.table.clone(),
-            ids: self.ids.split_off(n.min(self.ids.len())),
+            ids: self.ids.split_off(n),
             tags: self.tags.split_off(n.min(self.tags.len())),
             keys_new: self.keys_new,
             data: self.data.split_off(cut),
+            ends,
             shape: self.shape.clone(),
             reserved: self.reserved,
             tape: Tape::default(),
@@ -233,9 +244,21 @@ impl TableChunk {
         tail
     }
 
+    /// Where row `i` is in `data`, its newline included.
+    pub fn line_range(&self, i: usize) -> Range<usize> {
+        let start = match i {
+            0 => 0,
+            i => self.ends[i - 1] + 1,
+        };
+        start..self.ends[i] + 1
+    }
+
     /// Iterates over the rows' JSON text.
     pub fn rows(&self) -> impl Iterator<Item = &[u8]> {
-        split_lines(&self.data).filter(|r| !r.is_empty())
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&end| end + 1));
+        starts
+            .zip(&self.ends)
+            .map(|(start, &end)| &self.data[start..end])
     }
 }
 
@@ -330,6 +353,35 @@ mod tests {
             address,
             "the same memory serves the next bundle"
         );
+    }
+
+    #[test]
+    fn rows_are_found_again_after_a_rewind_and_splits() {
+        let row = |i: &str| json!({"id": i, "text": format!("line {i}\nand more")});
+        let mut chunk = TableChunk::new(0, "t");
+        for i in 0..5 {
+            chunk.push(i.to_string(), &row(&i.to_string()));
+        }
+        let mark = chunk.mark();
+        chunk.push("x".into(), &row("x"));
+        chunk.rewind(mark);
+        let text = |c: &TableChunk| -> Vec<Value> {
+            c.rows()
+                .map(|r| serde_json::from_slice(r).unwrap())
+                .collect()
+        };
+        let rows = |ids: &[&str]| -> Vec<Value> { ids.iter().map(|i| row(i)).collect() };
+        assert_eq!(text(&chunk), rows(&["0", "1", "2", "3", "4"]));
+        let mut tail = chunk.split_off(2);
+        assert_eq!(text(&chunk), rows(&["0", "1"]));
+        assert_eq!(text(&tail), rows(&["2", "3", "4"]));
+        assert_eq!(tail.ids, ["2", "3", "4"]);
+        let whole = tail.split_off(0);
+        assert_eq!((tail.rows().count(), tail.data.len()), (0, 0));
+        assert_eq!(text(&whole), rows(&["2", "3", "4"]));
+        let mut whole = whole;
+        assert_eq!(whole.split_off(9).rows().count(), 0);
+        assert_eq!(text(&whole), rows(&["2", "3", "4"]));
     }
 
     #[test]

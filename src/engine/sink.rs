@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -257,7 +258,7 @@ impl BatchWrite {
     /// Drops duplicate ids (last wins) and writes the rows.
     fn run(self, shared: &Arc<RunShared>, batch_index: usize) {
         let chunks = Arc::new(self.chunks);
-        let (rows, tags) = unique_tagged_rows(&chunks);
+        let (rows, tags, lines) = unique_tagged_rows(&chunks);
         let mut shape = Shape::default();
         chunks.iter().for_each(|c| shape.merge(&c.shape));
         let on_written = written_callback(
@@ -276,6 +277,7 @@ impl BatchWrite {
                     shape: &shape,
                     tags,
                     keys_new: !chunks.is_empty() && chunks.iter().all(|c| c.keys_new),
+                    lines,
                 };
                 writer.write(&batch, on_written)
             }
@@ -374,8 +376,11 @@ fn unique_rows(chunks: &[TableChunk]) -> Vec<&[u8]> {
     unique_tagged_rows(chunks).0
 }
 
-/// [`unique_rows`], with the tags of the rows kept when every chunk has them (none otherwise).
-fn unique_tagged_rows(chunks: &[TableChunk]) -> (Vec<&[u8]>, Vec<crate::output::RowTag>) {
+/// [`unique_rows`], with the tags of the rows kept when every chunk has them (none otherwise),
+/// and the kept rows as runs of lines (see [`RowBatch::lines`]).
+fn unique_tagged_rows(
+    chunks: &[TableChunk],
+) -> (Vec<&[u8]>, Vec<crate::output::RowTag>, Vec<&[u8]>) {
     let tagged = chunks.iter().all(|c| c.tags.len() == c.ids.len());
     let tags: Vec<&crate::output::RowTag> = match tagged {
         true => chunks.iter().flat_map(|c| &c.tags).collect(),
@@ -396,7 +401,33 @@ fn unique_tagged_rows(chunks: &[TableChunk]) -> (Vec<&[u8]>, Vec<crate::output::
         true => Vec::new(),
         false => kept.iter().map(|&i| *tags[i]).collect(),
     };
-    (rows, tags)
+    (rows, tags, runs_of_lines(chunks, &kept))
+}
+
+/// The lines of the rows `kept` (indexes into all the chunks' rows, in order), as few runs of
+/// a chunk's text as they make.
+fn runs_of_lines<'a>(chunks: &'a [TableChunk], kept: &[usize]) -> Vec<&'a [u8]> {
+    let mut runs: Vec<&[u8]> = Vec::new();
+    let mut kept = kept.iter().peekable();
+    let mut first_row = 0;
+    for chunk in chunks {
+        let rows = first_row..first_row + chunk.len();
+        let mut run: Option<Range<usize>> = None;
+        while let Some(&i) = kept.next_if(|&&i| rows.contains(&i)) {
+            let line = chunk.line_range(i - first_row);
+            run = match run {
+                Some(r) if r.end == line.start => Some(r.start..line.end),
+                Some(r) => {
+                    runs.push(&chunk.data[r]);
+                    Some(line)
+                }
+                None => Some(line),
+            };
+        }
+        runs.extend(run.map(|r| &chunk.data[r]));
+        first_row = rows.end;
+    }
+    runs
 }
 
 /// Appends rows left out of a batch to `<errors>/<table>/unfit-rows.ndjson`, each with why.
@@ -464,5 +495,49 @@ mod tests {
                 r#"{"id":"3","v":1}"#
             ]
         );
+    }
+
+    #[test]
+    fn kept_rows_come_as_few_runs_of_lines_as_they_make() {
+        let chunk = |ids: &[&str]| {
+            let mut c = TableChunk::new(0, "t");
+            ids.iter()
+                .for_each(|&id| c.push(id.into(), &json!({"id": id, "t": "a\nb"})));
+            c
+        };
+        // 2 and 4 come again later: their first rows break the runs they were in.
+        let chunks = [
+            chunk(&["1", "2", "3"]),
+            chunk(&["4", "5"]),
+            chunk(&["2", "4", "6"]),
+        ];
+        let (rows, _, lines) = unique_tagged_rows(&chunks);
+        let joined: Vec<u8> = rows
+            .iter()
+            .flat_map(|r| [*r, b"\n"])
+            .flatten()
+            .copied()
+            .collect();
+        assert_eq!(lines.concat(), joined);
+        let ids = |run: &[u8]| -> Vec<String> {
+            run.split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap()["id"].to_string())
+                .collect()
+        };
+        let runs: Vec<Vec<String>> = lines.iter().map(|run| ids(run)).collect();
+        assert_eq!(
+            runs,
+            [
+                vec!["\"1\""],
+                vec!["\"3\""],
+                vec!["\"5\""],
+                vec!["\"2\"", "\"4\"", "\"6\""]
+            ]
+        );
+        // No duplicates: one run per chunk, its whole text.
+        let whole = [chunk(&["1", "2"]), chunk(&["3"])];
+        let (_, _, lines) = unique_tagged_rows(&whole);
+        assert_eq!(lines, [whole[0].data.as_slice(), whole[1].data.as_slice()]);
     }
 }

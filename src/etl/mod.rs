@@ -728,12 +728,10 @@ fn write_completion_rows(shared: &RunShared, rows: &[(&Task, Vec<u8>)]) {
         .and_then(|mut writer| {
             write_and_wait(
                 writer.as_mut(),
-                &RowBatch {
-                    rows: rows.iter().map(|(_, row)| row.as_slice()).collect(),
-                    shape: &Shape::default(),
-                    tags: Vec::new(),
-                    keys_new: false,
-                },
+                &RowBatch::of_rows(
+                    rows.iter().map(|(_, row)| row.as_slice()).collect(),
+                    &Shape::default(),
+                ),
             )
         });
     if let Err(e) = written {

@@ -97,6 +97,24 @@ pub struct RowBatch<'a> {
     /// Every row's key is known to be new to the table, and met once in the input (the re-run
     /// index says so): a Delta table appends the batch even when it holds rows.
     pub keys_new: bool,
+    /// The rows again, as runs of newline-ended lines in order, where the batch was cut from
+    /// rows stored that way (a sink's chunks; rows lost to a later duplicate break a run): an
+    /// NDJSON file writes them at once, without copying each row into its buffer. Empty
+    /// otherwise.
+    pub lines: Vec<&'a [u8]>,
+}
+
+impl<'a> RowBatch<'a> {
+    /// A batch of `rows`, without tags or runs of lines.
+    pub fn of_rows(rows: Vec<&'a [u8]>, shape: &'a Shape) -> RowBatch<'a> {
+        RowBatch {
+            rows,
+            shape,
+            tags: Vec::new(),
+            keys_new: false,
+            lines: Vec::new(),
+        }
+    }
 }
 
 /// A row's tag (see [`RowBatch::tags`]): 24 opaque bytes to the writers.

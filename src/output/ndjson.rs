@@ -37,12 +37,24 @@ impl BatchWriter for NdjsonBatch {
     }
 }
 
+/// Bytes of a batch's text written at a time: as large as the file's buffer, so each piece
+/// goes straight to the file. Whole runs of lines (a chunk's, up to 8 MiB) cost the kernel
+/// twice the system time to copy (ext4, Linux 6.18; `docs/performance.md`).
+const WRITE_BYTES: usize = crate::store::objects::WRITE_BUFFER_BYTES;
+
 fn write_file(file: &NextFile, batch: &RowBatch<'_>) -> Result<()> {
     let (mut out, name) = file.create()?;
-    for row in &batch.rows {
-        out.write_all(row)
-            .and_then(|()| out.write_all(b"\n"))
-            .with_context(|| format!("writing {name}"))?;
-    }
+    let written = match batch.lines.is_empty() {
+        true => batch
+            .rows
+            .iter()
+            .try_for_each(|row| out.write_all(row).and_then(|()| out.write_all(b"\n"))),
+        false => batch
+            .lines
+            .iter()
+            .flat_map(|lines| lines.chunks(WRITE_BYTES))
+            .try_for_each(|piece| out.write_all(piece)),
+    };
+    written.with_context(|| format!("writing {name}"))?;
     out.finish()
 }

@@ -359,7 +359,7 @@ impl ObjectLocation {
             }
         };
         Ok(ObjectWriter {
-            out: std::io::BufWriter::with_capacity(1 << 20, WriteSink { target, url }),
+            out: std::io::BufWriter::with_capacity(WRITE_BUFFER_BYTES, WriteSink { target, url }),
             written: 0,
         })
     }
@@ -683,6 +683,9 @@ impl Read for StreamRead {
 
 /// Bytes of an S3 upload sent as one part (S3 wants at least 5 MiB per part but the last).
 const UPLOAD_PART_BYTES: usize = 8 << 20;
+
+/// The buffer of an [`ObjectWriter`]: a write at least as large goes straight through.
+pub const WRITE_BUFFER_BYTES: usize = 1 << 20;
 
 /// One object of a location, named for messages by its URL or path.
 #[derive(Clone)]

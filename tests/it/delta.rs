@@ -720,12 +720,7 @@ fn write_rows(outputs: &Outputs, rows: &[Value]) {
     let mut writer = outputs
         .open("condition", TableKind::Fhir("Condition".into()))
         .unwrap();
-    let batch = RowBatch {
-        rows: text.iter().map(Vec::as_slice).collect(),
-        shape: &shape,
-        tags: Vec::new(),
-        keys_new: false,
-    };
+    let batch = RowBatch::of_rows(text.iter().map(Vec::as_slice).collect(), &shape);
     if let Err(e) = write_and_wait(writer.as_mut(), &batch) {
         panic!("{e:#}");
     }
@@ -829,12 +824,7 @@ fn a_writer_stages_its_merge_batch_before_handing_it_to_the_committer() {
     let mut tape = Tape::default();
     let mut shape = Shape::default();
     shape.add_row(&tape.parse(&text).unwrap());
-    let batch = RowBatch {
-        rows: vec![text.as_slice()],
-        shape: &shape,
-        tags: Vec::new(),
-        keys_new: false,
-    };
+    let batch = RowBatch::of_rows(vec![text.as_slice()], &shape);
     let log: Log = Default::default();
     let (staged, done) = (log.clone(), log.clone());
     let report = OnWritten::new(move |result| {
