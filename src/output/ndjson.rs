@@ -38,8 +38,9 @@ impl BatchWriter for NdjsonBatch {
 }
 
 /// Bytes of a batch's text written at a time: as large as the file's buffer, so each piece
-/// goes straight to the file. Whole runs of lines (a chunk's, up to 8 MiB) cost the kernel
-/// twice the system time to copy (ext4, Linux 6.18; `docs/performance.md`).
+/// goes straight to the file, in writes of the size the buffer made before. Whole runs of
+/// lines (a chunk's, up to 8 MiB) were measured with more system time, though not in every
+/// state of the build machine (`docs/performance.md`).
 const WRITE_BYTES: usize = crate::store::objects::WRITE_BUFFER_BYTES;
 
 fn write_file(file: &NextFile, batch: &RowBatch<'_>) -> Result<()> {
