@@ -46,11 +46,17 @@ pub fn process_bundle(
     mut index: Option<&mut BundleIndex<'_>>,
 ) {
     let mut tape = Tape::default();
-    // A re-run's index looks every line up by its number.
-    let first_known = index
-        .is_some()
-        .then(|| lines.first_line.get_for_every_line());
-    let line_number = |offset: u64| first_known.unwrap_or_else(|| lines.first_line.get()) + offset;
+    // Worked out when first needed: by a re-run's index, which then looks every line up by
+    // its number (only for a file it has lines of), or by a message about a bad line.
+    let every_line = index.as_ref().is_some_and(|i| i.looks_up_lines());
+    let first_line = std::cell::OnceCell::new();
+    let line_number = |offset: u64| {
+        let first = first_line.get_or_init(|| match every_line {
+            true => lines.first_line.get_for_every_line(),
+            false => lines.first_line.get(),
+        });
+        first + offset
+    };
     let mut newlines = 0;
     for (offset, raw) in (0..).zip(split_lines(lines.bytes)) {
         newlines = offset;
@@ -58,12 +64,12 @@ pub fn process_bundle(
             continue;
         };
         if let Some(index) = index.as_deref_mut()
-            && index.leaves_out(line_number(offset))
+            && index.leaves_out(|| line_number(offset))
         {
             // Unchanged since the last run; an encounter still gets this export's completion
             // row, unless the table has it.
             if completion.is_some()
-                && !index.completion_known(line_number(offset))
+                && !index.completion_known(|| line_number(offset))
                 && let Some(id) = top_level_str(trimmed, "id")
             {
                 let id = scrubber
@@ -89,9 +95,8 @@ pub fn process_bundle(
                         let id = id.clone();
                         let tag = index.made(&id, trimmed);
                         main.tags.push(tag);
-                        let this_line = line_number(offset);
-                        main.keys_new &= index.is_new_key(this_line);
-                        if completion.is_some() && !index.completion_known(this_line) {
+                        main.keys_new &= index.is_new_key(|| line_number(offset));
+                        if completion.is_some() && !index.completion_known(|| line_number(offset)) {
                             let tag = index.completed(&id);
                             push_completion(ctx, completion, id, Some(tag));
                         }

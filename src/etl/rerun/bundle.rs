@@ -22,23 +22,29 @@ pub struct BundleIndex<'a> {
 
 impl BundleIndex<'_> {
     /// Whether line `line` is left out as unchanged (counted).
-    pub fn leaves_out(&mut self, line: u64) -> bool {
-        let out = self.skip.is_some_and(|s| s.contains(line));
+    pub fn leaves_out(&mut self, line: impl FnOnce() -> u64) -> bool {
+        let out = self.skip.is_some_and(|s| s.contains(line()));
         self.unchanged += u64::from(out);
         out
     }
 
     /// Whether the completion row of the encounter on line `line` is in the table already
     /// (counted).
-    pub fn completion_known(&mut self, line: u64) -> bool {
-        let known = self.completed.is_some_and(|s| s.contains(line));
+    pub fn completion_known(&mut self, line: impl FnOnce() -> u64) -> bool {
+        let known = self.completed.is_some_and(|s| s.contains(line()));
         self.completions_known += u64::from(known);
         known
     }
 
     /// Whether the row of line `line` has a key no row of the table has, nor another line.
-    pub fn is_new_key(&self, line: u64) -> bool {
-        self.new_keys.is_some_and(|s| s.contains(line))
+    pub fn is_new_key(&self, line: impl FnOnce() -> u64) -> bool {
+        self.new_keys.is_some_and(|s| s.contains(line()))
+    }
+
+    /// Whether the index looks any line of this file up (so every line's number is needed); a
+    /// first load's index does not.
+    pub fn looks_up_lines(&self) -> bool {
+        self.skip.is_some() || self.completed.is_some() || self.new_keys.is_some()
     }
 
     /// Lines left out so far.
