@@ -127,11 +127,13 @@ impl TableChunk {
         chunk
     }
 
-    /// About the bytes the chunk takes on the wire to another process: its rows, ids and tags.
+    /// About the bytes the chunk takes on the wire to another process: its rows, ids, row ends
+    /// and tags.
     pub fn wire_bytes(&self) -> u64 {
         let ids: usize = self.ids.iter().map(|id| id.len() + 8).sum();
-        (self.data.len() + ids + self.tags.len() * std::mem::size_of::<crate::output::RowTag>())
-            as u64
+        let ends = self.ends.len() * std::mem::size_of::<usize>();
+        let tags = self.tags.len() * std::mem::size_of::<crate::output::RowTag>();
+        (self.data.len() + ids + ends + tags) as u64
     }
 
     /// Appends one row given as a JSON value (completion and NLP rows, whose tables have fixed
