@@ -243,22 +243,17 @@ fn injection() -> Option<&'static Injection> {
         .as_ref()
 }
 
-/// Whether a test asked for a panic somewhere: a caller that would have to work out the
-/// line to [`inject`] at asks this first.
-pub fn armed() -> bool {
-    injection().is_some()
-}
-
 /// Panics if a test asked for a panic at this site, for this name (and line). `name` may be a
 /// file's path: its file name is what matches (worked out only when a panic is asked for).
-pub fn inject(site: Site, name: &str, line: u64) {
+/// `line` too is worked out only then: a bundle's line numbers may not be known yet.
+pub fn inject(site: Site, name: &str, line: impl FnOnce() -> u64) {
     if let Some(i) = injection()
         && i.site == site
-        && i.line.is_none_or(|l| l == line)
         && (i.name == name
             || std::path::Path::new(name)
                 .file_name()
                 .is_some_and(|n| n == i.name.as_str()))
+        && i.line.is_none_or(|l| l == line())
     {
         panic!("injected for a test at {site:?} {name}");
     }

@@ -198,7 +198,7 @@ impl Engine {
                 let _stop_on_unwind = StopOnUnwind(feed.clone(), worker.index());
                 build_dataflow(worker, &feed, threads);
                 control::build(worker, &worker_rounds, threads);
-                panic_guard::inject(Site::Worker, &worker.index().to_string(), 0);
+                panic_guard::inject(Site::Worker, &worker.index().to_string(), || 0);
                 while worker.has_dataflows() {
                     if feed.is_stopped() {
                         for dataflow in worker.installed_dataflows() {

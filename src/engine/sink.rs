@@ -271,7 +271,7 @@ impl BatchWrite {
         );
         match self.writer {
             Ok(writer) => {
-                panic_guard::inject(Site::Writer, &self.table, 0);
+                panic_guard::inject(Site::Writer, &self.table, || 0);
                 let batch = RowBatch {
                     rows,
                     shape: &shape,

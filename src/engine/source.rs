@@ -296,9 +296,7 @@ impl SourceState {
         let mut skipped: BTreeMap<SkipReason, u64> = BTreeMap::new();
         let path = file.name().to_string();
         self.in_hand = Some((path.clone(), first_line.clone()));
-        if panic_guard::armed() {
-            panic_guard::inject(Site::Source, &path, first_line.get());
-        }
+        panic_guard::inject(Site::Source, &path, || first_line.get());
         let mut on_skip = |s: Skipped<'_>| {
             *skipped.entry(s.reason).or_default() += 1;
             shared.report.warn_skip(&path, &s);

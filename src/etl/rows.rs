@@ -82,9 +82,7 @@ pub fn process_bundle(
         }
         let marks = (main.mark(), completion.as_ref().map(TableChunk::mark));
         let outcome = panic_guard::catch(|| {
-            if panic_guard::armed() {
-                panic_guard::inject(Site::Line, lines.path, line_number(offset));
-            }
+            panic_guard::inject(Site::Line, lines.path, || line_number(offset));
             process_line(ctx, scrubber, trimmed, &mut tape, main, report)
         });
         let (reason, detail) = match outcome {

@@ -244,7 +244,7 @@ impl NoteRows {
                 })
             };
             let read = panic_guard::catch(|| {
-                panic_guard::inject(Site::Line, b.path, line);
+                panic_guard::inject(Site::Line, b.path, || line);
                 self.read_note(
                     b,
                     (line, raw),
@@ -437,7 +437,7 @@ impl RowProducer for NoteRows {
                     let input = job.note.as_ref().expect("not sent");
                     // A bug met on one note fails that note, as a server error would.
                     let outcome = panic_guard::catch(|| {
-                        panic_guard::inject(Site::Note, &pending.path, job.line);
+                        panic_guard::inject(Site::Note, &pending.path, || job.line);
                         futures::executor::block_on(engine.analyse(input))
                     })
                     .map_err(anyhow::Error::new)

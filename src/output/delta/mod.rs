@@ -310,7 +310,7 @@ async fn commit_loop(
             break;
         }
         let applied = Guarded::new(async {
-            panic_guard::inject(Site::Committer, &name, 0);
+            panic_guard::inject(Site::Committer, &name, || 0);
             apply_job(&mut table, job).await
         })
         .await;
