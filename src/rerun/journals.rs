@@ -2,46 +2,35 @@
 //! none) and the row journals of the commits after it, each the entries of the rows one commit
 //! wrote. A key's rows in later commits replace its earlier ones, so for each key only the
 //! entries of the last journal that has it count; the old index keeps the keys no journal
-//! touched ([`super::update`]). Journals are sorted together on disk beyond `memory`.
+//! touched ([`super::update`]). Each journal is sorted when written (`index::encode`), so they
+//! are merged as they are read, not sorted again: a sort of every entry was most of the time a
+//! Delta first load spent saving its index after its last commit.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io;
-use std::iter::Peekable;
 
 use super::index::{Entry, entry, entry_parts};
 use super::update::updated;
-use crate::spill_sort::{Sorted, SpillSort};
 
-/// A journal entry with its journal's place: key, journal, line (big-endian).
-const RECORD_BYTES: usize = 8 + 4 + 16;
-
-/// The entries of `base` (or none) updated by `journals`, in commit order, as a sorted stream.
+/// The entries of `base` (or none) updated by `journals` (each sorted), in commit order, as a
+/// sorted stream.
 pub fn replayed<B, J>(
     base: Option<B>,
     journals: Vec<J>,
-    memory: usize,
 ) -> io::Result<impl Iterator<Item = io::Result<Entry>>>
 where
     B: Iterator<Item = io::Result<Entry>> + 'static,
     J: Iterator<Item = io::Result<Entry>>,
 {
-    let mut sort = SpillSort::<RECORD_BYTES>::new(memory);
-    for (number, journal) in journals.into_iter().enumerate() {
-        let number = u32::try_from(number).unwrap_or(u32::MAX);
-        let mut records = Vec::new();
-        for e in journal {
-            let (key, line) = entry_parts(&e?);
-            let mut r = [0u8; RECORD_BYTES];
-            r[..8].copy_from_slice(&key.to_be_bytes());
-            r[8..12].copy_from_slice(&number.to_be_bytes());
-            r[12..].copy_from_slice(&line.to_be_bytes());
-            records.push(r);
-        }
-        sort.extend(records)?;
-    }
-    let latest = Latest {
-        records: sort.finish()?.peekable(),
+    let mut latest = Latest {
+        heads: BinaryHeap::with_capacity(journals.len()),
+        journals,
         pending: Vec::new(),
     };
+    for number in 0..latest.journals.len() {
+        latest.advance(number)?;
+    }
     let base: Box<dyn Iterator<Item = io::Result<Entry>>> = match base {
         Some(base) => Box::new(base),
         None => Box::new(std::iter::empty()),
@@ -50,46 +39,55 @@ where
 }
 
 /// For each key, the entries of the last journal that has it.
-struct Latest {
-    records: Peekable<Sorted<RECORD_BYTES>>,
+struct Latest<J> {
+    journals: Vec<J>,
+    /// The next entry of each journal not yet ended, as (key, journal, line): the smallest
+    /// first, so a key's entries come journal by journal.
+    heads: BinaryHeap<Reverse<(u64, usize, u128)>>,
     pending: Vec<Entry>,
 }
 
-fn parts(r: &[u8; RECORD_BYTES]) -> (u64, u32, u128) {
-    (
-        u64::from_be_bytes(r[..8].try_into().unwrap()),
-        u32::from_be_bytes(r[8..12].try_into().unwrap()),
-        u128::from_be_bytes(r[12..].try_into().unwrap()),
-    )
+impl<J: Iterator<Item = io::Result<Entry>>> Latest<J> {
+    /// Puts the next entry of journal `number` among the heads (none once it has ended).
+    fn advance(&mut self, number: usize) -> io::Result<()> {
+        if let Some(next) = self.journals[number].next() {
+            let (key, line) = entry_parts(&next?);
+            self.heads.push(Reverse((key, number, line)));
+        }
+        Ok(())
+    }
+
+    /// The next (key, journal, line) of the merged journals.
+    fn pop(&mut self) -> Option<io::Result<(u64, usize, u128)>> {
+        let Reverse(head) = self.heads.pop()?;
+        Some(self.advance(head.1).map(|_| head))
+    }
 }
 
-impl Iterator for Latest {
+impl<J: Iterator<Item = io::Result<Entry>>> Iterator for Latest<J> {
     type Item = io::Result<Entry>;
 
     fn next(&mut self) -> Option<io::Result<Entry>> {
         if let Some(e) = self.pending.pop() {
             return Some(Ok(e));
         }
-        let first = match self.records.next()? {
-            Ok(r) => parts(&r),
+        let (key, mut journal, line) = match self.pop()? {
+            Ok(head) => head,
             Err(e) => return Some(Err(e)),
         };
-        let (key, mut journal, line) = first;
         let mut lines = vec![line];
-        while let Some(Ok(next)) = self.records.peek() {
-            let (k, j, l) = parts(next);
-            if k != key {
-                break;
-            }
+        while let Some(Reverse((k, _, _))) = self.heads.peek()
+            && *k == key
+        {
+            let (_, j, l) = match self.pop()? {
+                Ok(head) => head,
+                Err(e) => return Some(Err(e)),
+            };
             if j != journal {
                 journal = j;
                 lines.clear();
             }
             lines.push(l);
-            self.records.next();
-        }
-        if let Some(Err(_)) = self.records.peek() {
-            return Some(Err(self.records.next()?.unwrap_err()));
         }
         // Repeats of a line are one entry; the update drops a key written from two lines.
         lines.dedup();
@@ -124,7 +122,6 @@ mod tests {
                 .into_iter()
                 .map(|j| j.into_iter().map(Ok))
                 .collect(),
-            0,
         )
         .unwrap()
         .collect::<io::Result<_>>()
@@ -135,5 +132,71 @@ mod tests {
             replayed,
             [entry(1, 10), entry(2, 22), entry(5, unknown), entry(6, 60)]
         );
+    }
+
+    #[test]
+    fn many_journals_merge_as_a_sort_of_all_their_entries_would() {
+        // Twenty journals of keys 0..50, some lines repeated, some keys on two lines.
+        let mut state = 7u64;
+        let mut next = |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        let journals: Vec<Vec<Entry>> = (0..20)
+            .map(|_| {
+                let mut j: Vec<Entry> = (0..30)
+                    .map(|_| entry(next(50), 1 + next(3) as u128))
+                    .collect();
+                j.sort_unstable();
+                j
+            })
+            .collect();
+        let mut last: std::collections::BTreeMap<u64, (usize, Vec<u128>)> = Default::default();
+        for (number, journal) in journals.iter().enumerate() {
+            for (key, line) in journal.iter().map(entry_parts) {
+                let seen = last.entry(key).or_insert((number, Vec::new()));
+                if seen.0 != number {
+                    *seen = (number, Vec::new());
+                }
+                if !seen.1.contains(&line) {
+                    seen.1.push(line);
+                }
+            }
+        }
+        let unknown = crate::rerun::update::UNKNOWN_LINE;
+        let expected: Vec<Entry> = last
+            .iter()
+            .map(|(&key, (_, lines))| entry(key, if lines.len() == 1 { lines[0] } else { unknown }))
+            .collect();
+        let no_base: Option<std::vec::IntoIter<io::Result<Entry>>> = None;
+        let journals = journals
+            .into_iter()
+            .map(|j| j.into_iter().map(Ok))
+            .collect();
+        let merged: Vec<Entry> = replayed(no_base, journals)
+            .unwrap()
+            .collect::<io::Result<_>>()
+            .unwrap();
+        assert_eq!(merged, expected);
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_read_ends_the_replay_with_its_error() {
+        let good = vec![Ok(entry(1, 10)), Ok(entry(3, 30))];
+        let bad = vec![
+            Ok(entry(2, 20)),
+            Err(io::Error::other("journal 2: cut short")),
+        ];
+        let no_base: Option<std::vec::IntoIter<io::Result<Entry>>> = None;
+        let errors: Vec<String> = match replayed(no_base, vec![good.into_iter(), bad.into_iter()]) {
+            Ok(entries) => entries
+                .filter_map(|e| e.err())
+                .map(|e| e.to_string())
+                .collect(),
+            Err(e) => vec![e.to_string()],
+        };
+        assert_eq!(errors, ["journal 2: cut short"]);
     }
 }

@@ -53,8 +53,6 @@ pub struct RerunIndex {
     completed: SkipLines,
     /// Lines whose key is in no row of the table, nor on another line of the export.
     new_keys: SkipLines,
-    /// Memory the index's sorts hold.
-    memory: usize,
 }
 /// The secret the fingerprints are keyed with: derived from the codebook's salt (so as private
 /// as it, and new with it), and unlike the anonymous ids not a keyed hash of some id.
@@ -93,8 +91,7 @@ impl RerunIndex {
         let mut readers = Vec::with_capacity(tasks.len());
         for (task, ctx) in tasks.iter().zip(&shared.work.tasks) {
             drop(shared.open_writer(&task.name, ctx)?);
-            let (mut table, mut reader) =
-                IndexedTable::open(shared, output, &task.name, (tag, memory))?;
+            let (mut table, mut reader) = IndexedTable::open(shared, output, &task.name, tag)?;
             if !table.complete {
                 // A table written by another tool or writer: its keys from its rows, so that
                 // new keys are known for new (and appended), and the index saved lists them.
@@ -112,9 +109,8 @@ impl RerunIndex {
             .find(|(t, _)| t.tracks_encounters)
         {
             drop(shared.open_writer(COMPLETION_ENCOUNTERS_TABLE, ctx)?);
-            let opened = (tag, memory);
             let (table, reader) =
-                IndexedTable::open(shared, output, COMPLETION_ENCOUNTERS_TABLE, opened)?;
+                IndexedTable::open(shared, output, COMPLETION_ENCOUNTERS_TABLE, tag)?;
             completion = Some((tables.len(), completion_value));
             completion_reader = reader;
             tables.push(table);
@@ -196,7 +192,6 @@ impl RerunIndex {
             skip,
             completed,
             new_keys,
-            memory,
         })
     }
 
@@ -263,7 +258,7 @@ impl RerunIndex {
     /// are warnings: a table without an index is only processed whole next time.
     ///
     /// Tables are saved on `threads` threads at once, those with the most rows written first
-    /// (one large table's index is most of the work), the sorts' memory shared among them.
+    /// (one large table's index is most of the work).
     pub fn save(&self, shared: &RunShared, threads: usize) {
         let written: Vec<u64> = {
             let stats = shared.report.stats.lock().unwrap();
@@ -273,21 +268,20 @@ impl RerunIndex {
         let mut order: Vec<usize> = (0..self.tables.len()).collect();
         order.sort_by_key(|&t| std::cmp::Reverse(written[t]));
         let threads = threads.clamp(1, order.len().max(1));
-        let memory = self.memory / threads;
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|scope| {
             for _ in 0..threads {
                 scope.spawn(|| {
                     while let Some(&number) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        self.save_table(shared, number, memory);
+                        self.save_table(shared, number);
                     }
                 });
             }
         });
     }
 
-    /// Rewrites the index of table `number` (`save`), its sort holding about `memory` bytes.
-    fn save_table(&self, shared: &RunShared, number: usize, memory: usize) {
+    /// Rewrites the index of table `number` (`save`).
+    fn save_table(&self, shared: &RunShared, number: usize) {
         let table = &self.tables[number];
         let finished = shared.outputs.finished(&table.name);
         let (version, journals) = match finished {
@@ -336,7 +330,7 @@ impl RerunIndex {
         };
         // The completion table's index is kept by encounter, not by its rows' keys.
         let complete = table.complete && Some(number) != self.completion.map(|c| c.0);
-        let written = replayed(old, readers, memory).map_err(anyhow::Error::from);
+        let written = replayed(old, readers).map_err(anyhow::Error::from);
         let saved =
             written.and_then(|new| index::write(&table.dir, (self.tag, version, complete), new));
         match saved {

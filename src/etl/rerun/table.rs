@@ -45,12 +45,12 @@ pub(super) enum OldIndex {
 impl IndexedTable {
     /// The table's index if it describes the version the run opened the table at, or can be
     /// rebuilt for it from the row journals of the commits since; says why not otherwise
-    /// (nothing when there is none). Rebuilding holds about `memory` bytes.
+    /// (nothing when there is none).
     pub(super) fn open(
         shared: &RunShared,
         output: &ObjectLocation,
         name: &str,
-        (tag, memory): (u128, usize),
+        tag: u128,
     ) -> Result<(IndexedTable, Option<IndexReader>)> {
         let mut table = IndexedTable {
             name: name.to_string(),
@@ -107,7 +107,7 @@ impl IndexedTable {
             .prefix("cumulus-etl-index-")
             .tempdir()?;
         let location = ObjectLocation::local(temp.path())?;
-        let replayed = replayed(base, readers, memory)?;
+        let replayed = replayed(base, readers)?;
         index::write(&location, (tag, version, complete), replayed)?;
         let reader = index::open(&location, tag, version)?
             .map_err(|u| anyhow::anyhow!("a rebuilt row index: {}", u.reason()))?;
