@@ -68,7 +68,11 @@ pub struct TableChunk {
     /// made, and is counted again where it arrives (`reserved` bytes).
     pub crossing: bool,
     pub table: String,
-    pub ids: Vec<String>,
+    /// The rows' ids, one after another: row `i`'s ends at `id_ends[i]`. One string per chunk,
+    /// not one per row: a row's id was its own allocation, freed by whichever thread wrote
+    /// the batch.
+    ids: String,
+    id_ends: Vec<usize>,
     /// A tag per row, or none (see [`crate::output::RowBatch::tags`]).
     pub tags: Vec<crate::output::RowTag>,
     /// Every row's key is new to its table and met once in the input (see
@@ -106,7 +110,8 @@ impl TableChunk {
             sink: 0,
             crossing: false,
             table: table.to_string(),
-            ids: Vec::new(),
+            ids: String::new(),
+            id_ends: Vec::new(),
             tags: Vec::new(),
             keys_new: false,
             data: Vec::new(),
@@ -130,7 +135,7 @@ impl TableChunk {
     /// About the bytes the chunk takes on the wire to another process: its rows, ids, row ends
     /// and tags.
     pub fn wire_bytes(&self) -> u64 {
-        let ids: usize = self.ids.iter().map(|id| id.len() + 8).sum();
+        let ids = self.ids.len() + self.id_ends.len() * std::mem::size_of::<usize>();
         let ends = self.ends.len() * std::mem::size_of::<usize>();
         let tags = self.tags.len() * std::mem::size_of::<crate::output::RowTag>();
         (self.data.len() + ids + ends + tags) as u64
@@ -138,7 +143,7 @@ impl TableChunk {
 
     /// Appends one row given as a JSON value (completion and NLP rows, whose tables have fixed
     /// schemas, so no shape is tracked).
-    pub fn push(&mut self, id: String, row: &Value) {
+    pub fn push(&mut self, id: &str, row: &Value) {
         let start = self.data.len();
         write_compact_ascii(&mut self.data, row);
         self.commit_row(id, start, false);
@@ -146,7 +151,7 @@ impl TableChunk {
 
     /// Takes the row just written at `data[start..]` (compact JSON, no newline yet): ends the
     /// line and records its id and, `with_shape`, its shape.
-    pub fn commit_row(&mut self, id: String, start: usize, with_shape: bool) {
+    pub fn commit_row(&mut self, id: &str, start: usize, with_shape: bool) {
         if with_shape && !self.shape.add_compact_row(&self.data[start..]) {
             let doc = self
                 .tape
@@ -156,14 +161,34 @@ impl TableChunk {
         }
         self.ends.push(self.data.len());
         self.data.push(b'\n');
-        self.ids.push(id);
+        self.ids.push_str(id);
+        self.id_ends.push(self.ids.len());
+    }
+
+    /// Row `i`'s id.
+    pub fn id(&self, i: usize) -> &str {
+        let start = match i {
+            0 => 0,
+            i => self.id_ends[i - 1],
+        };
+        &self.ids[start..self.id_ends[i]]
+    }
+
+    /// The rows' ids, in order.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).map(|i| self.id(i))
+    }
+
+    /// The last row's id.
+    pub fn last_id(&self) -> Option<&str> {
+        self.len().checked_sub(1).map(|i| self.id(i))
     }
 
     /// Where the chunk ends now, to `rewind` to.
     pub fn mark(&self) -> ChunkMark {
         ChunkMark {
             data: self.data.len(),
-            rows: self.ids.len(),
+            rows: self.len(),
         }
     }
 
@@ -172,7 +197,8 @@ impl TableChunk {
     pub fn rewind(&mut self, mark: ChunkMark) {
         self.data.truncate(mark.data);
         self.ends.truncate(mark.rows);
-        self.ids.truncate(mark.rows);
+        self.id_ends.truncate(mark.rows);
+        self.ids.truncate(self.id_ends.last().copied().unwrap_or(0));
         self.tags.truncate(mark.rows);
     }
 
@@ -191,30 +217,27 @@ impl TableChunk {
             None => self.data.shrink_to_fit(),
         }
         self.ids.shrink_to_fit();
+        self.id_ends.shrink_to_fit();
         self.ends.shrink_to_fit();
         self.tags.shrink_to_fit();
     }
 
-    /// Heap bytes the chunk holds while it waits in the sink (rows, ids and their strings).
+    /// Heap bytes the chunk holds while it waits in the sink (rows, ids, tags, row ends).
     pub fn held_bytes(&self) -> u64 {
-        let ids: usize = self.ids.iter().map(String::capacity).sum();
+        let ids = self.ids.capacity() + self.id_ends.capacity() * std::mem::size_of::<usize>();
         let tags = self.tags.capacity() * std::mem::size_of::<crate::output::RowTag>();
         let ends = self.ends.capacity() * std::mem::size_of::<usize>();
-        (self.data.capacity()
-            + self.ids.capacity() * std::mem::size_of::<String>()
-            + ids
-            + tags
-            + ends) as u64
+        (self.data.capacity() + ids + tags + ends) as u64
     }
 
     /// Number of rows.
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.id_ends.len()
     }
 
     /// Whether the chunk has no rows.
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.id_ends.is_empty()
     }
 
     /// Moves rows `n..` into a new chunk (same task and table). The shape is kept on both
@@ -227,12 +250,16 @@ impl TableChunk {
         };
         let mut ends = self.ends.split_off(n);
         ends.iter_mut().for_each(|end| *end -= cut);
+        let id_cut = n.checked_sub(1).map_or(0, |last| self.id_ends[last]);
+        let mut id_ends = self.id_ends.split_off(n);
+        id_ends.iter_mut().for_each(|end| *end -= id_cut);
         let tail = TableChunk {
             task: self.task,
             sink: self.sink,
             crossing: self.crossing,
             table: self.table.clone(),
-            ids: self.ids.split_off(n),
+            ids: self.ids.split_off(id_cut),
+            id_ends,
             tags: self.tags.split_off(n.min(self.tags.len())),
             keys_new: self.keys_new,
             data: self.data.split_off(cut),
@@ -336,7 +363,7 @@ mod tests {
     fn a_dropped_chunk_gives_its_buffer_back_to_the_pool() {
         let budget = MemoryBudget::new(64 << 20);
         let mut chunk = chunk_in_pooled_buffer(&budget, 1 << 20);
-        chunk.push("1".into(), &json!({"id": "1"}));
+        chunk.push("1", &json!({"id": "1"}));
         chunk.data.resize(800 << 10, b' ');
         chunk.shrink_to_fit();
         assert!(
@@ -362,10 +389,10 @@ mod tests {
         let row = |i: &str| json!({"id": i, "text": format!("line {i}\nand more")});
         let mut chunk = TableChunk::new(0, "t");
         for i in 0..5 {
-            chunk.push(i.to_string(), &row(&i.to_string()));
+            chunk.push(&i.to_string(), &row(&i.to_string()));
         }
         let mark = chunk.mark();
-        chunk.push("x".into(), &row("x"));
+        chunk.push("x", &row("x"));
         chunk.rewind(mark);
         let text = |c: &TableChunk| -> Vec<Value> {
             c.rows()
@@ -377,7 +404,9 @@ mod tests {
         let mut tail = chunk.split_off(2);
         assert_eq!(text(&chunk), rows(&["0", "1"]));
         assert_eq!(text(&tail), rows(&["2", "3", "4"]));
-        assert_eq!(tail.ids, ["2", "3", "4"]);
+        assert_eq!(tail.ids().collect::<Vec<_>>(), ["2", "3", "4"]);
+        assert_eq!(chunk.ids().collect::<Vec<_>>(), ["0", "1"]);
+        assert_eq!(tail.last_id(), Some("4"));
         let whole = tail.split_off(0);
         assert_eq!((tail.rows().count(), tail.data.len()), (0, 0));
         assert_eq!(text(&whole), rows(&["2", "3", "4"]));
@@ -390,7 +419,7 @@ mod tests {
     fn rows_filling_less_than_half_a_pooled_buffer_move_out_of_it() {
         let budget = MemoryBudget::new(64 << 20);
         let mut chunk = chunk_in_pooled_buffer(&budget, 1 << 20);
-        chunk.push("1".into(), &json!({"id": "1", "note": "short"}));
+        chunk.push("1", &json!({"id": "1", "note": "short"}));
         let rows = chunk.data.clone();
         chunk.shrink_to_fit();
         assert_eq!(chunk.data, rows, "the rows are unchanged");

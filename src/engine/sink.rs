@@ -381,15 +381,12 @@ fn unique_rows(chunks: &[TableChunk]) -> Vec<&[u8]> {
 fn unique_tagged_rows(
     chunks: &[TableChunk],
 ) -> (Vec<&[u8]>, Vec<crate::output::RowTag>, Vec<&[u8]>) {
-    let tagged = chunks.iter().all(|c| c.tags.len() == c.ids.len());
+    let tagged = chunks.iter().all(|c| c.tags.len() == c.len());
     let tags: Vec<&crate::output::RowTag> = match tagged {
         true => chunks.iter().flat_map(|c| &c.tags).collect(),
         false => Vec::new(),
     };
-    let all: Vec<(&str, &[u8])> = chunks
-        .iter()
-        .flat_map(|c| c.ids.iter().map(String::as_str).zip(c.rows()))
-        .collect();
+    let all: Vec<(&str, &[u8])> = chunks.iter().flat_map(|c| c.ids().zip(c.rows())).collect();
     let mut seen = FastSet::with_capacity_and_hasher(all.len(), Default::default());
     let mut kept: Vec<usize> = (0..all.len())
         .rev()
@@ -478,11 +475,11 @@ mod tests {
     #[test]
     fn duplicates_keep_the_last_occurrence_in_order() {
         let mut a = TableChunk::new(0, "t");
-        a.push("1".into(), &json!({"id": "1", "v": 1}));
-        a.push("2".into(), &json!({"id": "2", "v": 1}));
+        a.push("1", &json!({"id": "1", "v": 1}));
+        a.push("2", &json!({"id": "2", "v": 1}));
         let mut b = TableChunk::new(0, "t");
-        b.push("1".into(), &json!({"id": "1", "v": 2}));
-        b.push("3".into(), &json!({"id": "3", "v": 1}));
+        b.push("1", &json!({"id": "1", "v": 2}));
+        b.push("3", &json!({"id": "3", "v": 1}));
         let rows: Vec<String> = unique_rows(&[a, b])
             .iter()
             .map(|r| String::from_utf8(r.to_vec()).unwrap())
@@ -502,7 +499,7 @@ mod tests {
         let chunk = |ids: &[&str]| {
             let mut c = TableChunk::new(0, "t");
             ids.iter()
-                .for_each(|&id| c.push(id.into(), &json!({"id": id, "t": "a\nb"})));
+                .for_each(|&id| c.push(id, &json!({"id": id, "t": "a\nb"})));
             c
         };
         // 2 and 4 come again later: their first rows break the runs they were in.

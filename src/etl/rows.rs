@@ -76,7 +76,7 @@ pub fn process_bundle(
                     .codebook()
                     .fake_id(&ctx.resource_type, python_strip(&id), true);
                 let tag = index.completed(&id);
-                push_completion(ctx, completion, id, Some(tag));
+                push_completion(ctx, completion, &id, Some(tag));
             }
             continue;
         }
@@ -87,19 +87,23 @@ pub fn process_bundle(
         });
         let (reason, detail) = match outcome {
             Ok(Ok(())) => {
-                let id = main.ids.last().expect("a row was made");
                 match index.as_deref_mut() {
                     Some(index) => {
-                        let id = id.clone();
-                        let tag = index.made(&id, trimmed);
+                        let tag = index.made(main.last_id().expect("a row was made"), trimmed);
                         main.tags.push(tag);
                         main.keys_new &= index.is_new_key(|| line_number(offset));
                         if completion.is_some() && !index.completion_known(|| line_number(offset)) {
-                            let tag = index.completed(&id);
+                            let id = main.last_id().expect("a row was made");
+                            let tag = index.completed(id);
                             push_completion(ctx, completion, id, Some(tag));
                         }
                     }
-                    None => push_completion(ctx, completion, id.clone(), None),
+                    None => push_completion(
+                        ctx,
+                        completion,
+                        main.last_id().expect("a row was made"),
+                        None,
+                    ),
                 }
                 continue;
             }
@@ -166,7 +170,7 @@ fn process_line(
         ));
     }
     // A row whose keys the shape already has would add nothing to it.
-    main.commit_row(id, start, ctx.needs_shape && novel);
+    main.commit_row(&id, start, ctx.needs_shape && novel);
     Ok(())
 }
 
@@ -175,7 +179,7 @@ fn process_line(
 fn push_completion(
     ctx: &TaskContext,
     completion: &mut Option<TableChunk>,
-    id: String,
+    id: &str,
     tag: Option<crate::output::RowTag>,
 ) {
     if let (Some(tpl), Some(chunk)) = (&ctx.completion, completion.as_mut()) {

@@ -190,7 +190,7 @@ impl PendingBundle {
         let mut chunk = TableChunk::new(self.task, &self.table);
         chunk.reserved = self.reserved;
         for (id, row) in self.results.into_iter().flatten().flatten() {
-            chunk.push(id, &row);
+            chunk.push(&id, &row);
         }
         chunk
     }

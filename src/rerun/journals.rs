@@ -44,6 +44,7 @@ struct Latest<J> {
     /// The next entry of each journal not yet ended, as (key, journal, line): the smallest
     /// first, so a key's entries come journal by journal.
     heads: BinaryHeap<Reverse<(u64, usize, u128)>>,
+    /// The entries of the key at hand still to come, the next last.
     pending: Vec<Entry>,
 }
 
@@ -75,7 +76,12 @@ impl<J: Iterator<Item = io::Result<Entry>>> Iterator for Latest<J> {
             Ok(head) => head,
             Err(e) => return Some(Err(e)),
         };
-        let mut lines = vec![line];
+        // Most keys are in one journal once.
+        if self.heads.peek().is_none_or(|Reverse((k, _, _))| *k != key) {
+            return Some(Ok(entry(key, line)));
+        }
+        // The key's lines, in reverse: the last journal's come out first.
+        self.pending.push(entry(key, line));
         while let Some(Reverse((k, _, _))) = self.heads.peek()
             && *k == key
         {
@@ -85,13 +91,14 @@ impl<J: Iterator<Item = io::Result<Entry>>> Iterator for Latest<J> {
             };
             if j != journal {
                 journal = j;
-                lines.clear();
+                self.pending.clear();
             }
-            lines.push(l);
+            // Repeats of a line are one entry; the update drops a key written from two lines.
+            if self.pending.last() != Some(&entry(key, l)) {
+                self.pending.push(entry(key, l));
+            }
         }
-        // Repeats of a line are one entry; the update drops a key written from two lines.
-        lines.dedup();
-        self.pending = lines.into_iter().rev().map(|l| entry(key, l)).collect();
+        self.pending.reverse();
         self.pending.pop().map(Ok)
     }
 }

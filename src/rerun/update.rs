@@ -24,6 +24,8 @@ where
     old: Peekable<O>,
     written: Peekable<W>,
     pending: VecDeque<Entry>,
+    /// The old and the written lines of the key at hand (kept, not allocated per key).
+    lines: (Vec<u128>, Vec<u128>),
 }
 
 /// Merges `old` (the index the run started from, or nothing) and `written` (an entry per row
@@ -37,6 +39,7 @@ where
         old: old.peekable(),
         written: written.peekable(),
         pending: VecDeque::new(),
+        lines: (Vec::new(), Vec::new()),
     }
 }
 
@@ -55,12 +58,13 @@ pub(super) fn peek_key(
 fn take_key(
     entries: &mut Peekable<impl Iterator<Item = io::Result<Entry>>>,
     key: u64,
-) -> io::Result<Vec<u128>> {
-    let mut lines = Vec::new();
+    lines: &mut Vec<u128>,
+) -> io::Result<()> {
+    lines.clear();
     while peek_key(entries)? == Some(key) {
         lines.push(entry_parts(&entries.next().unwrap()?).1);
     }
-    Ok(lines)
+    Ok(())
 }
 
 impl<O, W> Updated<O, W>
@@ -74,16 +78,17 @@ where
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) | (None, Some(a)) => a,
         };
-        let old = take_key(&mut self.old, key)?;
-        let mut written = take_key(&mut self.written, key)?;
+        let (old, written) = &mut self.lines;
+        take_key(&mut self.old, key, old)?;
+        take_key(&mut self.written, key, written)?;
         written.dedup();
-        if written == [DELETED_LINE] {
+        if *written == [DELETED_LINE] {
             return Ok(Some(()));
         }
         match written.as_slice() {
             [] => self
                 .pending
-                .extend(old.into_iter().map(|line| entry(key, line))),
+                .extend(old.iter().map(|&line| entry(key, line))),
             [line] => self.pending.push_back(entry(key, *line)),
             // Two different lines in one export: which row won is not the index's to say. The
             // key stays, with the line 0 (no line's), so the index still lists every key.
