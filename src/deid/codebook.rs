@@ -46,11 +46,13 @@ struct RecentIds {
     entries: Vec<Option<RecentId>>,
 }
 
+/// Strings, not boxed strings: a newcomer is copied into the place's strings (which rarely
+/// need to grow) instead of freeing the ones there, long out of the cache.
 #[derive(Clone)]
 struct RecentId {
     slot: usize,
-    real_id: Box<str>,
-    fake: Box<str>,
+    real_id: String,
+    fake: String,
 }
 
 impl RecentIds {
@@ -307,11 +309,22 @@ impl Codebook {
                 recent.entries = vec![None; RECENT_SLOTS];
                 recent.instance = self.instance;
             }
-            recent.entries[place] = Some(RecentId {
-                slot,
-                real_id: real_id.into(),
-                fake: fake.as_str().into(),
-            });
+            match &mut recent.entries[place] {
+                Some(known) => {
+                    known.slot = slot;
+                    known.real_id.clear();
+                    known.real_id.push_str(real_id);
+                    known.fake.clear();
+                    known.fake.push_str(&fake);
+                }
+                empty => {
+                    *empty = Some(RecentId {
+                        slot,
+                        real_id: real_id.into(),
+                        fake: fake.clone(),
+                    })
+                }
+            }
         });
         (use_it.take().expect("not used on a miss"))(&fake)
     }

@@ -111,6 +111,14 @@ impl From<Rejection> for Skip {
 /// four times per Synthea resource (2.4% of the instructions of an NDJSON run, callgrind).
 const ENTRIES_PER_RESOURCE: usize = 64;
 
+/// The entries' stack, kept from one resource to the next by a caller that scrubs many (a
+/// bundle's lines): allocated per resource, it was a malloc and a free of a few kilobytes per
+/// line, too large for the allocator's per-thread cache.
+#[derive(Default)]
+pub struct ScrubScratch<'s> {
+    entries: Vec<Entry<'s>>,
+}
+
 /// State of one `scrub` call.
 struct Pass<'r, 's> {
     report: &'r mut ExtensionReport,
@@ -181,25 +189,31 @@ impl Scrubber {
         out: &mut Vec<u8>,
         report: &mut ExtensionReport,
     ) -> Result<Option<String>, Rejection> {
-        self.scrub_within(doc, out, report, None).map(|s| s.id)
+        let mut scratch = ScrubScratch::default();
+        self.scrub_within(doc, out, report, None, &mut scratch)
+            .map(|s| s.id)
     }
 
     /// As `scrub`, and also says whether every key written is already in the `known` shape (a
     /// batch's shape so far). Such a row adds nothing to the shape, and reading it back into
     /// the shape (a tenth of a Parquet run) is skipped. The check may only err towards novel:
     /// contained resources and lists in lists always count as novel.
-    pub fn scrub_within(
-        &self,
+    pub fn scrub_within<'s>(
+        &'s self,
         doc: &Doc<'_>,
         out: &mut Vec<u8>,
         report: &mut ExtensionReport,
         known: Option<&Shape>,
+        scratch: &mut ScrubScratch<'s>,
     ) -> Result<Scrubbed, Rejection> {
         let start = out.len();
+        let mut entries = std::mem::take(&mut scratch.entries);
+        entries.clear();
+        entries.reserve(ENTRIES_PER_RESOURCE);
         let mut pass = Pass {
             report,
             id: None,
-            entries: Vec::with_capacity(ENTRIES_PER_RESOURCE),
+            entries,
             novel: known.is_none(),
         };
         let result = if doc.token(0).kind == Kind::Object {
@@ -207,6 +221,7 @@ impl Scrubber {
         } else {
             Err(Skip::Value)
         };
+        scratch.entries = std::mem::take(&mut pass.entries);
         match result {
             Ok(()) => Ok(Scrubbed {
                 id: pass.id,
@@ -1104,7 +1119,13 @@ mod tests {
             let mut out = Vec::new();
             let doc = tape.parse(text.as_bytes()).unwrap();
             let scrubbed = s
-                .scrub_within(&doc, &mut out, &mut ExtensionReport::default(), Some(known))
+                .scrub_within(
+                    &doc,
+                    &mut out,
+                    &mut ExtensionReport::default(),
+                    Some(known),
+                    &mut ScrubScratch::default(),
+                )
                 .unwrap();
             assert!(known.add_compact_row(&out));
             scrubbed.novel
@@ -1122,7 +1143,14 @@ mod tests {
         // Without a known shape every row is novel.
         let mut out = Vec::new();
         let doc = tape.parse(plain.as_bytes()).unwrap();
-        let scrubbed = s.scrub_within(&doc, &mut out, &mut ExtensionReport::default(), None);
+        let scratch = &mut ScrubScratch::default();
+        let scrubbed = s.scrub_within(
+            &doc,
+            &mut out,
+            &mut ExtensionReport::default(),
+            None,
+            scratch,
+        );
         assert!(scrubbed.unwrap().novel);
     }
 

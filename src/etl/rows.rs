@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 
+use crate::deid::scrubber::ScrubScratch;
 use crate::deid::{ExtensionReport, Scrubbed, Scrubber};
 use crate::engine::rows::{SkipReason, Skipped, TableChunk, TaskContext};
 use crate::etl::rerun::BundleIndex;
@@ -46,6 +47,7 @@ pub fn process_bundle(
     mut index: Option<&mut BundleIndex<'_>>,
 ) {
     let mut tape = Tape::default();
+    let mut scratch = ScrubScratch::default();
     // Worked out when first needed: by a re-run's index, which then looks every line up by
     // its number (only for a file it has lines of), or by a message about a bad line.
     let every_line = index.as_ref().is_some_and(|i| i.looks_up_lines());
@@ -83,7 +85,8 @@ pub fn process_bundle(
         let marks = (main.mark(), completion.as_ref().map(TableChunk::mark));
         let outcome = panic_guard::catch(|| {
             panic_guard::inject(Site::Line, lines.path, || line_number(offset));
-            process_line(ctx, scrubber, trimmed, &mut tape, main, report)
+            let room = (&mut tape, &mut scratch);
+            process_line(ctx, scrubber, trimmed, room, main, report)
         });
         let (reason, detail) = match outcome {
             Ok(Ok(())) => {
@@ -128,11 +131,11 @@ pub fn process_bundle(
 }
 
 /// Turns one line into rows, or says why it is skipped (the chunks are left as they were).
-fn process_line(
+fn process_line<'s>(
     ctx: &TaskContext,
-    scrubber: &Scrubber,
+    scrubber: &'s Scrubber,
     line: &[u8],
-    tape: &mut Tape,
+    (tape, scratch): (&mut Tape, &mut ScrubScratch<'s>),
     main: &mut TableChunk,
     report: &mut ExtensionReport,
 ) -> Result<(), (SkipReason, String)> {
@@ -148,7 +151,7 @@ fn process_line(
     }
     let start = main.data.len();
     let known = ctx.needs_shape.then_some(&main.shape);
-    let (id, novel) = match scrubber.scrub_within(&doc, &mut main.data, report, known) {
+    let (id, novel) = match scrubber.scrub_within(&doc, &mut main.data, report, known, scratch) {
         Ok(Scrubbed {
             id: Some(id),
             novel,
