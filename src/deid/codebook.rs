@@ -55,6 +55,19 @@ struct RecentId {
     fake: String,
 }
 
+impl RecentId {
+    /// The slot of a place that answers for no id.
+    const NONE: usize = usize::MAX;
+
+    fn none() -> RecentId {
+        RecentId {
+            slot: RecentId::NONE,
+            real_id: String::new(),
+            fake: String::new(),
+        }
+    }
+}
+
 impl RecentIds {
     fn place(slot: usize, real_id: &str) -> usize {
         use std::hash::BuildHasher;
@@ -254,6 +267,11 @@ impl Codebook {
         lower_hex(&self.mac(real_id))
     }
 
+    /// Appends [`Codebook::hash`] of `real_id` to `out`.
+    fn push_hash(&self, real_id: &str, out: &mut String) {
+        push_lower_hex(out, &self.mac(real_id));
+    }
+
     fn mac(&self, real_id: &str) -> Mac32 {
         let mut mac = self.keyed.clone();
         mac.update(real_id.as_bytes());
@@ -289,61 +307,48 @@ impl Codebook {
             .position(|t| *t == resource_type)
             .unwrap_or(REVERSIBLE_TYPES.len());
         let place = RecentIds::place(slot, real_id);
-        let mut use_it = Some(use_it);
-        let hit = RECENT.with_borrow(|recent| match recent.entries.get(place) {
-            Some(Some(known))
-                if recent.instance == self.instance
-                    && known.slot == slot
-                    && *known.real_id == *real_id =>
-            {
-                use_it.take().map(|f| f(&known.fake))
-            }
-            _ => None,
-        });
-        if let Some(result) = hit {
-            return result;
-        }
-        let fake = self.fake_id(resource_type, real_id, true);
         RECENT.with_borrow_mut(|recent| {
             if recent.instance != self.instance || recent.entries.is_empty() {
                 recent.entries = vec![None; RECENT_SLOTS];
                 recent.instance = self.instance;
             }
-            match &mut recent.entries[place] {
-                Some(known) => {
-                    known.slot = slot;
-                    known.real_id.clear();
-                    known.real_id.push_str(real_id);
-                    known.fake.clear();
-                    known.fake.push_str(&fake);
-                }
-                empty => {
-                    *empty = Some(RecentId {
-                        slot,
-                        real_id: real_id.into(),
-                        fake: fake.clone(),
-                    })
-                }
+            let known = recent.entries[place].get_or_insert_with(RecentId::none);
+            if known.slot != slot || known.real_id != real_id {
+                // Unusable until whole, should making the id fail half-way.
+                known.slot = RecentId::NONE;
+                known.fake.clear();
+                self.push_fake_id(resource_type, real_id, true, &mut known.fake);
+                known.real_id.clear();
+                known.real_id.push_str(real_id);
+                known.slot = slot;
             }
-        });
-        (use_it.take().expect("not used on a miss"))(&fake)
+            use_it(&known.fake)
+        })
     }
 
     /// The anonymous id for a resource id. Patient and Encounter ids use a legacy mapping when
     /// the codebook has one, and otherwise record their mapping (if `cache` is allowed).
     pub fn fake_id(&self, resource_type: &str, real_id: &str, cache: bool) -> String {
+        let mut fake = String::with_capacity(64);
+        self.push_fake_id(resource_type, real_id, cache, &mut fake);
+        fake
+    }
+
+    /// Appends [`Codebook::fake_id`] to `out` (a buffer the caller keeps, not a new string
+    /// per id).
+    pub fn push_fake_id(&self, resource_type: &str, real_id: &str, cache: bool, out: &mut String) {
         let Some(slot) = REVERSIBLE_TYPES.iter().position(|t| *t == resource_type) else {
-            return self.hash(real_id);
+            return self.push_hash(real_id, out);
         };
         if let Some(fake) = self.legacy[slot].get(real_id) {
-            return fake.clone();
+            return out.push_str(fake);
         }
         let (true, Some(seen)) = (cache, &self.seen) else {
-            return self.hash(real_id);
+            return self.push_hash(real_id, out);
         };
         let key = fingerprint128(real_id.as_bytes());
         if let Some(mac) = seen.read().unwrap()[slot].get(&key) {
-            return lower_hex(mac);
+            return push_lower_hex(out, mac);
         }
         // First time this run: hash, and have the next save check (or record) the mapping.
         let mac = self.mac(real_id);
@@ -352,7 +357,7 @@ impl Codebook {
             self.unsaved.lock().unwrap()[slot].push((real_id.into(), mac));
             self.mappings_modified.store(true, Ordering::Release);
         }
-        lower_hex(&mac)
+        push_lower_hex(out, &mac)
     }
 
     /// Memory the codebook holds for the whole run: the Patient and Encounter ids met in it,
@@ -599,14 +604,24 @@ fn uuid4() -> String {
 /// Lowercase hex in one allocation; `hex::encode` goes through a char iterator, which a profile
 /// showed costing twice the SHA-256 itself.
 fn lower_hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_lower_hex(&mut out, bytes);
+    out
+}
+
+/// Appends `bytes` in lowercase hex to `out`.
+fn push_lower_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    // Filled in place: one digit pair per byte, without a capacity check per digit.
-    let mut out = vec![0; bytes.len() * 2];
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 0xf)];
+    // Filled on the stack a MAC at a time: one digit pair per byte, without a capacity check
+    // per digit.
+    for part in bytes.chunks(32) {
+        let mut digits = [0u8; 64];
+        for (pair, b) in digits.chunks_exact_mut(2).zip(part) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
+        }
+        out.push_str(std::str::from_utf8(&digits[..part.len() * 2]).expect("hex digits are ASCII"));
     }
-    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 #[cfg(test)]

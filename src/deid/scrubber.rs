@@ -117,13 +117,18 @@ const ENTRIES_PER_RESOURCE: usize = 64;
 #[derive(Default)]
 pub struct ScrubScratch<'s> {
     entries: Vec<Entry<'s>>,
+    /// The resource's anonymous id, and another value's (written in place, not a new string
+    /// per id).
+    ids: (String, String),
 }
 
 /// State of one `scrub` call.
 struct Pass<'r, 's> {
     report: &'r mut ExtensionReport,
-    /// The resource's anonymous id, once written.
-    id: Option<String>,
+    /// Room for the resource's anonymous id and for another value's.
+    ids: (String, String),
+    /// The resource's anonymous id was written (into `ids.0`).
+    has_id: bool,
     /// The entries of the nodes being written, innermost last (one allocation per resource,
     /// not one per node).
     entries: Vec<Entry<'s>>,
@@ -132,9 +137,9 @@ struct Pass<'r, 's> {
 }
 
 /// A resource as the scrubber wrote it.
-pub struct Scrubbed {
+pub struct Scrubbed<'a> {
     /// Its anonymous id (None if it has none).
-    pub id: Option<String>,
+    pub id: Option<&'a str>,
     /// Whether the row may have keys the `known` shape lacks, and must be read into it.
     pub novel: bool,
 }
@@ -191,28 +196,29 @@ impl Scrubber {
     ) -> Result<Option<String>, Rejection> {
         let mut scratch = ScrubScratch::default();
         self.scrub_within(doc, out, report, None, &mut scratch)
-            .map(|s| s.id)
+            .map(|s| s.id.map(str::to_string))
     }
 
     /// As `scrub`, and also says whether every key written is already in the `known` shape (a
     /// batch's shape so far). Such a row adds nothing to the shape, and reading it back into
     /// the shape (a tenth of a Parquet run) is skipped. The check may only err towards novel:
     /// contained resources and lists in lists always count as novel.
-    pub fn scrub_within<'s>(
+    pub fn scrub_within<'s, 'x>(
         &'s self,
         doc: &Doc<'_>,
         out: &mut Vec<u8>,
         report: &mut ExtensionReport,
         known: Option<&Shape>,
-        scratch: &mut ScrubScratch<'s>,
-    ) -> Result<Scrubbed, Rejection> {
+        scratch: &'x mut ScrubScratch<'s>,
+    ) -> Result<Scrubbed<'x>, Rejection> {
         let start = out.len();
         let mut entries = std::mem::take(&mut scratch.entries);
         entries.clear();
         entries.reserve(ENTRIES_PER_RESOURCE);
         let mut pass = Pass {
             report,
-            id: None,
+            ids: std::mem::take(&mut scratch.ids),
+            has_id: false,
             entries,
             novel: known.is_none(),
         };
@@ -222,9 +228,10 @@ impl Scrubber {
             Err(Skip::Value)
         };
         scratch.entries = std::mem::take(&mut pass.entries);
+        scratch.ids = std::mem::take(&mut pass.ids);
         match result {
             Ok(()) => Ok(Scrubbed {
-                id: pass.id,
+                id: pass.has_id.then_some(scratch.ids.0.as_str()),
                 novel: pass.novel,
             }),
             Err(skip) => {
@@ -656,11 +663,16 @@ impl Scrubber {
             Treatment::MaskNote if self.mask_notes => return Err(Skip::Value),
             Treatment::MaskNote => write_kept(doc, item, trimmed, out),
             Treatment::AnonId => {
-                let id = self.codebook.fake_id(ctx.rtype, need_str()?, true);
-                write_str(out, &id);
-                if ctx.top && ctx.key == "id" {
-                    pass.id = Some(id);
-                }
+                let real = need_str()?;
+                let is_resource_id = ctx.top && ctx.key == "id";
+                pass.has_id |= is_resource_id;
+                let id = match is_resource_id {
+                    true => &mut pass.ids.0,
+                    false => &mut pass.ids.1,
+                };
+                id.clear();
+                self.codebook.push_fake_id(ctx.rtype, real, true, id);
+                write_str(out, id);
             }
             Treatment::AnonRef => self.write_anon_ref(doc, ctx, text.as_deref(), out)?,
             Treatment::Year => {
@@ -1111,6 +1123,44 @@ mod tests {
     }
 
     #[test]
+    fn the_resource_id_is_its_own_when_other_ids_are_anonymized_and_scratch_is_reused() {
+        let s = scrubber();
+        let url = "http://hl7.org/fhir/StructureDefinition/patient-proficiency";
+        let mut scratch = ScrubScratch::default();
+        let mut tape = Tape::default();
+        for (n, resource) in [
+            json!({"resourceType": "Observation", "id": "o1",
+                   "extension": [{"url": url, "valueId": "other"}]}),
+            json!({"resourceType": "Observation",
+                   "extension": [{"url": url, "valueId": "other2"}], "id": "o2"}),
+            json!({"resourceType": "Observation", "status": "final"}),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let text = resource.to_string();
+            let doc = tape.parse(text.as_bytes()).unwrap();
+            let mut out = Vec::new();
+            let report = &mut ExtensionReport::default();
+            let scrubbed = s
+                .scrub_within(&doc, &mut out, report, None, &mut scratch)
+                .unwrap();
+            let written: Value = serde_json::from_slice(&out).unwrap();
+            let id = scrubbed.id.map(str::to_string);
+            let (alone, alone_id) = scrub(&s, resource).unwrap();
+            assert_eq!((&written, &id), (&alone, &alone_id), "resource {n}");
+            match n {
+                2 => assert_eq!(id, None, "no id, none from the line before"),
+                _ => {
+                    assert_eq!(written["id"].as_str(), id.as_deref());
+                    let other = written["extension"][0]["valueId"].as_str().unwrap();
+                    assert_ne!(Some(other), id.as_deref());
+                }
+            }
+        }
+    }
+
+    #[test]
     fn rows_whose_keys_the_shape_has_are_not_novel() {
         let s = scrubber();
         let mut tape = Tape::default();
@@ -1118,13 +1168,14 @@ mod tests {
         let mut novel = |text: &str, known: &mut Shape| {
             let mut out = Vec::new();
             let doc = tape.parse(text.as_bytes()).unwrap();
+            let mut scratch = ScrubScratch::default();
             let scrubbed = s
                 .scrub_within(
                     &doc,
                     &mut out,
                     &mut ExtensionReport::default(),
                     Some(known),
-                    &mut ScrubScratch::default(),
+                    &mut scratch,
                 )
                 .unwrap();
             assert!(known.add_compact_row(&out));

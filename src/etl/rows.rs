@@ -173,7 +173,7 @@ fn process_line<'s>(
         ));
     }
     // A row whose keys the shape already has would add nothing to it.
-    main.commit_row(&id, start, ctx.needs_shape && novel);
+    main.commit_row(id, start, ctx.needs_shape && novel);
     Ok(())
 }
 
