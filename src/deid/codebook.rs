@@ -295,7 +295,8 @@ impl Codebook {
     }
 
     /// As `fake_ref_id`, handing the id to `use_it` instead of copying it out of the memo (the
-    /// scrubber writes it straight into the row).
+    /// scrubber writes it straight into the row). `use_it` runs while the memo is borrowed, so
+    /// it must not ask for another reference's id.
     pub fn with_fake_ref_id<R>(
         &self,
         resource_type: &str,

@@ -111,9 +111,10 @@ impl From<Rejection> for Skip {
 /// four times per Synthea resource (2.4% of the instructions of an NDJSON run, callgrind).
 const ENTRIES_PER_RESOURCE: usize = 64;
 
-/// The entries' stack, kept from one resource to the next by a caller that scrubs many (a
-/// bundle's lines): allocated per resource, it was a malloc and a free of a few kilobytes per
-/// line, too large for the allocator's per-thread cache.
+/// What scrubbing a resource works in, kept from one resource to the next by a caller that
+/// scrubs many (a bundle's lines): the entries' stack (allocated per resource, it was a malloc
+/// and a free of a few kilobytes per line, too large for the allocator's per-thread cache) and
+/// the strings anonymous ids are written into.
 #[derive(Default)]
 pub struct ScrubScratch<'s> {
     entries: Vec<Entry<'s>>,

@@ -416,6 +416,27 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_found_again_after_a_rewind_and_a_split() {
+        let mut chunk = TableChunk::new(0, "t");
+        chunk.push("first", &json!({"id": "first"}));
+        let mark = chunk.mark();
+        chunk.push("a-much-longer-id", &json!({"id": "a-much-longer-id"}));
+        chunk.rewind(mark);
+        chunk.push("2nd", &json!({"id": "2nd"}));
+        chunk.push("3", &json!({"id": "3"}));
+        assert_eq!(chunk.ids().collect::<Vec<_>>(), ["first", "2nd", "3"]);
+        assert_eq!(
+            chunk.wire_bytes(),
+            chunk.data.len() as u64 + 9 + 3 * 8 + 3 * 8
+        );
+        let tail = chunk.split_off(1);
+        assert_eq!(chunk.ids().collect::<Vec<_>>(), ["first"]);
+        assert_eq!(tail.ids().collect::<Vec<_>>(), ["2nd", "3"]);
+        assert_eq!((chunk.last_id(), tail.id(0)), (Some("first"), "2nd"));
+        assert_eq!(TableChunk::new(0, "t").last_id(), None);
+    }
+
+    #[test]
     fn rows_filling_less_than_half_a_pooled_buffer_move_out_of_it() {
         let budget = MemoryBudget::new(64 << 20);
         let mut chunk = chunk_in_pooled_buffer(&budget, 1 << 20);
