@@ -101,8 +101,9 @@ impl RunShared {
 /// Synthea export on one worker, which then wrote alone at the end of the run. Input bytes
 /// were the next measure, but notes lose their attachments: by bytes, the notes (382 MB in, 164
 /// MB out of 1 GB) had a worker to themselves while the other wrote twice as much. A slice's
-/// lines are counted as it is read, so until then they are estimated from the start of its
-/// file.
+/// lines are counted as it is read, so until then they are estimated from the lines sampled
+/// when its file was cut (`LineSample`: the main thread must not read input while the workers
+/// wait for this).
 fn task_loads(shared: &RunShared) -> Vec<u64> {
     let mut resources = vec![0u64; shared.work.tasks.len()];
     shared.work.for_each(|item| {

@@ -10,7 +10,7 @@ use memmap2::Mmap;
 
 use super::discovery::InputFile;
 use super::i2b2::{BadRow, CsvToFhir, is_i2b2_csv};
-use super::line_numbers::{self, MappedFile};
+use super::line_numbers::{self, LineSample, MappedFile};
 
 /// A unit of work handed to a source.
 pub enum WorkItem {
@@ -96,9 +96,9 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
         // the README); a concurrent writer would be a misuse we cannot guard against.
         let map = unsafe { Mmap::map(&handle) }?;
         let _ = map.advise(memmap2::Advice::Sequential);
-        let bounds = cut_file(&handle, map.len(), bundle_bytes)
+        let (bounds, sample) = cut_file(&handle, map.len(), bundle_bytes)
             .with_context(|| format!("reading {}", f.name()))?;
-        let mapped = Arc::new(MappedFile::new(map, bounds));
+        let mapped = Arc::new(MappedFile::new(map, bounds, sample));
         items.extend((0..mapped.slices()).map(|slice| WorkItem::Slice {
             file: file.clone(),
             mapped: mapped.clone(),
@@ -108,31 +108,55 @@ pub fn plan(files: &[InputFile], bundle_bytes: usize) -> Result<Vec<WorkItem>> {
     Ok(items)
 }
 
+/// Bytes read at the start of a file to sample its lines (`LineSample`), beside those read at
+/// its cuts: a small file is counted whole.
+const START_SAMPLE_BYTES: usize = 16 << 10;
+
 /// Cuts a file into slices of whole lines of about `target` bytes, reading a little at each
 /// cut to find its line end. Not through the map: a page fault there waits for a readahead
 /// of megabytes (0.6 s for the cuts of the realistic 1 GB when it is not in the page cache),
 /// and the kernel maps a whole large folio at a time, which stays resident until its slices
-/// are processed.
+/// are processed. The newlines of every byte read, and of the file's start, are its sample.
 fn cut_file(
     file: &std::fs::File,
     len: usize,
     target: usize,
-) -> std::io::Result<Vec<(usize, usize)>> {
+) -> std::io::Result<(Vec<(usize, usize)>, LineSample)> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 4096];
-    crate::json::lines::cut_at_newlines(len, target, |mut from| {
-        while from < len {
-            let read = file.read_at(&mut buf, from as u64)?;
-            if read == 0 {
-                break;
+    let mut sample = LineSample::default();
+    let mut buf = vec![0u8; START_SAMPLE_BYTES];
+    let start = read_fully_at(file, &mut buf[..len.min(START_SAMPLE_BYTES)], 0)?;
+    sample.add(&buf[..start]);
+    buf.truncate(4096);
+    let bounds =
+        crate::json::lines::cut_at_newlines(len, target, |mut from| -> std::io::Result<_> {
+            while from < len {
+                let read = file.read_at(&mut buf, from as u64)?;
+                if read == 0 {
+                    break;
+                }
+                sample.add(&buf[..read]);
+                if let Some(at) = memchr::memchr(b'\n', &buf[..read]) {
+                    return Ok(Some(from + at));
+                }
+                from += read;
             }
-            if let Some(at) = memchr::memchr(b'\n', &buf[..read]) {
-                return Ok(Some(from + at));
-            }
-            from += read;
+            Ok(None)
+        })?;
+    Ok((bounds, sample))
+}
+
+/// Reads into `buf` from `offset` until it is full or the file ends; the bytes read.
+fn read_fully_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64)? {
+            0 => break,
+            read => filled += read,
         }
-        Ok(None)
-    })
+    }
+    Ok(filled)
 }
 
 /// Counts the lines of every mapped file among `items` now (`line_numbers::count_all`), for a
@@ -352,10 +376,37 @@ mod tests {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
         for target in [1, 2, 100, 4096, 10_001, 30_000, 100_000] {
-            let cut = cut_file(file.as_file(), text.len(), target).unwrap();
+            let (cut, _) = cut_file(file.as_file(), text.len(), target).unwrap();
             let expected = crate::json::lines::bundle_bounds(text.as_bytes(), target);
             assert_eq!(cut, expected, "target {target}");
         }
+    }
+
+    #[test]
+    fn the_bytes_read_while_cutting_sample_the_lines() {
+        let write = |text: &str| {
+            let mut file = tempfile::NamedTempFile::new().unwrap();
+            std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+            file
+        };
+        // A small file is counted whole.
+        let small = "{}\n".repeat(1000) + "{}";
+        let file = write(&small);
+        let (_, sample) = cut_file(file.as_file(), small.len(), 1 << 20).unwrap();
+        assert_eq!((sample.newlines, sample.bytes), (1000, small.len() as u64));
+        // A large one, from its start and its cuts: lines of 100 bytes at the start, of 1,000
+        // beyond, so the cuts' reads pull the estimate towards the file's own density.
+        let line = |len: usize| format!("{}\n", "x".repeat(len - 1));
+        let large = line(100).repeat(200) + &line(1000).repeat(20_000);
+        let file = write(&large);
+        let (bounds, sample) = cut_file(file.as_file(), large.len(), 64 << 10).unwrap();
+        assert!(bounds.len() > 300, "{} slices", bounds.len());
+        let density = sample.newlines as f64 / sample.bytes as f64;
+        let whole = 20_200.0 / large.len() as f64;
+        assert!(
+            (density / whole - 1.0).abs() < 0.15,
+            "{density} against {whole}"
+        );
     }
 
     #[test]
