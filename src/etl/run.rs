@@ -106,6 +106,9 @@ pub fn run_to_end(
 ) -> Result<(), Fatal> {
     let progress = ProgressPrinter::start(shared.clone(), total_bytes, interval);
     let outcome = engine.run(shared.clone(), producers);
+    // Batch files still being made durable are counted once in place, before the last
+    // progress line and anything that reads the run's figures.
+    shared.outputs.wait_for_files();
     progress.stop();
     outcome.map_err(|e| stopped_run(shared, e))
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use crate::fhir::Shape;
-use crate::store::{ObjectLocation, ObjectWriter};
+use crate::store::{ObjectLocation, ObjectWriter, Syncer};
 
 /// The output table formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -171,6 +171,9 @@ pub struct Outputs {
     pub format: OutputFormat,
     pub root: ObjectLocation,
     delta: Option<Arc<delta::DeltaOutput>>,
+    /// Makes the batch files of the file formats durable and puts them in place, off the
+    /// workers (`store::syncer`).
+    syncer: Option<Arc<Syncer>>,
 }
 
 impl Outputs {
@@ -184,10 +187,15 @@ impl Outputs {
             OutputFormat::Deltalake => Some(Arc::new(delta::DeltaOutput::new(root, delta)?)),
             _ => None,
         };
+        let syncer = match format {
+            OutputFormat::Deltalake => None,
+            _ => Some(Arc::new(Syncer::new())),
+        };
         Ok(Outputs {
             format,
             root: root.clone(),
             delta,
+            syncer,
         })
     }
 
@@ -198,7 +206,7 @@ impl Outputs {
         {
             return Ok(nlp_files::open(self, table, nlp.task_version, kind.clone()));
         }
-        let files = BatchedFiles::new(&self.root, table, self.format.name());
+        let files = BatchedFiles::new(&self.root, table, self.format.name(), self.syncer.clone());
         Ok(match (self.format, &self.delta) {
             (OutputFormat::Ndjson, _) => Box::new(ndjson::NdjsonTable::new(files)),
             (OutputFormat::Parquet, _) => Box::new(parquet::ParquetTable::new(files, kind)),
@@ -207,8 +215,15 @@ impl Outputs {
         })
     }
 
-    /// Waits for every pending commit, then runs table maintenance (Delta only).
+    /// The syncer of the batch files (file formats only).
+    pub fn syncer(&self) -> Option<Arc<Syncer>> {
+        self.syncer.clone()
+    }
+
+    /// Waits for every pending commit and batch file, then runs table maintenance (Delta
+    /// only).
     pub fn finish(&self, optimize: bool) -> Vec<(String, anyhow::Error)> {
+        self.wait_for_files();
         match &self.delta {
             Some(delta) => delta.finish(optimize, false),
             None => Vec::new(),
@@ -218,9 +233,17 @@ impl Outputs {
     /// [`Outputs::finish`] after a run that stopped early, without table maintenance: what its
     /// writers queued is done, and their handles are not waited for.
     pub fn finish_stopped(&self) -> Vec<(String, anyhow::Error)> {
+        self.wait_for_files();
         match &self.delta {
             Some(delta) => delta.finish(false, true),
             None => Vec::new(),
+        }
+    }
+
+    /// Waits until every batch file handed to the syncer is in place (or failed).
+    pub fn wait_for_files(&self) {
+        if let Some(syncer) = &self.syncer {
+            syncer.wait();
         }
     }
 
@@ -258,12 +281,21 @@ impl Outputs {
 pub struct NextFile {
     dir: ObjectLocation,
     key: String,
+    syncer: Option<Arc<Syncer>>,
 }
 
 impl NextFile {
     /// A writer of the file, which appears whole once finished, and its name for messages.
     pub fn create(&self) -> Result<(ObjectWriter, String)> {
         Ok((self.dir.writer(&self.key)?, self.dir.url_of(&self.key)))
+    }
+
+    /// Finishes the file written by `out`, on the table's syncer if it has one, and reports
+    /// the outcome to `on_written` once the file is in place.
+    pub fn finish(&self, out: ObjectWriter, on_written: OnWritten) {
+        out.finish_then(self.syncer.as_deref(), move |result| {
+            on_written.done(result)
+        });
     }
 }
 
@@ -273,21 +305,41 @@ pub struct BatchedFiles {
     pub table: String,
     ext: &'static str,
     next_index: Option<usize>,
+    /// Where finished files are made durable and put in place (None: by their writers).
+    syncer: Option<Arc<Syncer>>,
 }
 
 impl BatchedFiles {
     /// Files of `table` under `root`.
-    pub fn new(root: &ObjectLocation, table: &str, ext: &'static str) -> BatchedFiles {
-        BatchedFiles::in_dir(root.join(table), table, ext)
+    pub fn new(
+        root: &ObjectLocation,
+        table: &str,
+        ext: &'static str,
+        syncer: Option<Arc<Syncer>>,
+    ) -> BatchedFiles {
+        BatchedFiles::in_dir(root.join(table), table, ext, syncer)
     }
 
     /// Files named `<name>.NNN.<ext>` in `dir`.
-    pub fn in_dir(dir: ObjectLocation, name: &str, ext: &'static str) -> BatchedFiles {
+    pub fn in_dir(
+        dir: ObjectLocation,
+        name: &str,
+        ext: &'static str,
+        syncer: Option<Arc<Syncer>>,
+    ) -> BatchedFiles {
         BatchedFiles {
             dir,
             table: name.to_string(),
             ext,
             next_index: None,
+            syncer,
+        }
+    }
+
+    /// Waits until every file handed to the syncer is in place (this table's and others').
+    pub fn wait_for_files(&self) {
+        if let Some(syncer) = &self.syncer {
+            syncer.wait();
         }
     }
 
@@ -317,6 +369,7 @@ impl BatchedFiles {
         Ok(NextFile {
             dir: self.dir.clone(),
             key: format!("{}.{index:03}.{}", self.table, self.ext),
+            syncer: self.syncer.clone(),
         })
     }
 

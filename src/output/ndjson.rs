@@ -4,6 +4,8 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 
+use crate::store::ObjectWriter;
+
 use super::{BatchWriter, BatchedFiles, NextFile, OnWritten, RowBatch, TableWriter};
 
 /// A table written as NDJSON files.
@@ -26,6 +28,10 @@ impl TableWriter for NdjsonTable {
     fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
         self.files.record_deletes(ids)
     }
+
+    fn flush(&mut self) {
+        self.files.wait_for_files();
+    }
 }
 
 /// One batch file of an NDJSON table.
@@ -33,7 +39,13 @@ struct NdjsonBatch(Result<NextFile>);
 
 impl BatchWriter for NdjsonBatch {
     fn write(self: Box<Self>, batch: &RowBatch<'_>, on_written: OnWritten) {
-        on_written.done(self.0.and_then(|file| write_file(&file, batch)));
+        match self
+            .0
+            .and_then(|file| Ok((write_file(&file, batch)?, file)))
+        {
+            Ok((out, file)) => file.finish(out, on_written),
+            Err(e) => on_written.done(Err(e)),
+        }
     }
 }
 
@@ -43,7 +55,8 @@ impl BatchWriter for NdjsonBatch {
 /// state of the build machine (`docs/performance.md`).
 const WRITE_BYTES: usize = crate::store::objects::WRITE_BUFFER_BYTES;
 
-fn write_file(file: &NextFile, batch: &RowBatch<'_>) -> Result<()> {
+/// Writes the batch's lines; the file is not finished yet.
+fn write_file(file: &NextFile, batch: &RowBatch<'_>) -> Result<ObjectWriter> {
     let (mut out, name) = file.create()?;
     let written = match batch.lines.is_empty() {
         true => batch
@@ -57,5 +70,5 @@ fn write_file(file: &NextFile, batch: &RowBatch<'_>) -> Result<()> {
             .try_for_each(|piece| out.write_all(piece)),
     };
     written.with_context(|| format!("writing {name}"))?;
-    out.finish()
+    Ok(out)
 }

@@ -69,7 +69,12 @@ pub fn clean(root: &ObjectLocation, table: &str) -> Result<usize> {
 pub fn open(outputs: &Outputs, table: &str, version: i32, kind: TableKind) -> Box<dyn TableWriter> {
     let (study_dir, short) = study_folder(&outputs.root, table);
     let name = format!("{short}_v{version}");
-    let files = BatchedFiles::in_dir(study_dir.join(&name), &name, outputs.format.name());
+    let files = BatchedFiles::in_dir(
+        study_dir.join(&name),
+        &name,
+        outputs.format.name(),
+        outputs.syncer(),
+    );
     let group_field: Arc<str> = kind.group_field().unwrap_or("id").into();
     let inner: Box<dyn TableWriter> = match outputs.format {
         OutputFormat::Parquet => Box::new(super::parquet::ParquetTable::new(files, kind)),

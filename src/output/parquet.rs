@@ -10,6 +10,7 @@ use arrow::record_batch::RecordBatch;
 
 use super::arrow_rows::batch_schema;
 use super::columns::rows_to_record_batch;
+use crate::store::ObjectWriter;
 
 /// Rows per Parquet row group (the writer buffers one row group in memory).
 pub const ROW_GROUP_ROWS: usize = 65_536;
@@ -41,6 +42,10 @@ impl TableWriter for ParquetTable {
     fn delete_ids(&mut self, ids: &[String]) -> Result<()> {
         self.files.record_deletes(ids)
     }
+
+    fn flush(&mut self) {
+        self.files.wait_for_files();
+    }
 }
 
 /// How table files are encoded, by the Parquet output and by Delta appends: Snappy, as Spark
@@ -67,17 +72,26 @@ impl BatchWriter for ParquetBatch {
         let mut unfit = Vec::new();
         let written = self.write_file(batch, &mut unfit);
         on_written.unfit(unfit);
-        on_written.done(written);
+        match written {
+            Ok((out, file)) => file.finish(out, on_written),
+            Err(e) => on_written.done(Err(e)),
+        }
     }
 }
 
 impl ParquetBatch {
-    /// Writes the batch's file; rows that do not fit the schema are left out into `unfit`.
-    fn write_file(self, batch: &RowBatch<'_>, unfit: &mut Vec<UnfitRow>) -> Result<()> {
+    /// Writes the batch's file, not finished yet; rows that do not fit the schema are left
+    /// out into `unfit`.
+    fn write_file(
+        self,
+        batch: &RowBatch<'_>,
+        unfit: &mut Vec<UnfitRow>,
+    ) -> Result<(ObjectWriter, NextFile)> {
         // One schema for the whole batch (upstream's rule), but decoded and written a slice at
         // a time with bounded row groups, so memory does not grow with --batch-size.
         let schema = batch_schema(&self.kind, batch);
-        let (file, name) = self.file?.create()?;
+        let next = self.file?;
+        let (file, name) = next.create()?;
         let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties()))?;
         if batch.rows.is_empty() {
             writer.write(&RecordBatch::new_empty(schema.clone()))?;
@@ -88,9 +102,9 @@ impl ParquetBatch {
             unfit.extend(UnfitRow::from_decode(rows, &decoded.unfit));
             writer.write(&decoded.batch)?;
         }
-        writer
+        let out = writer
             .into_inner()
-            .with_context(|| format!("writing {name}"))?
-            .finish()
+            .with_context(|| format!("writing {name}"))?;
+        Ok((out, next))
     }
 }

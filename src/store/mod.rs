@@ -10,8 +10,10 @@ pub mod aws_api;
 pub mod aws_credentials;
 pub mod aws_profile;
 pub mod objects;
+pub mod syncer;
 
 pub use objects::{ObjectLocation, ObjectWriter, S3Settings, StoredObject};
+pub use syncer::Syncer;
 
 /// Every regular file under `root`, recursively, following symlinks, sorted by path.
 pub fn list_files_recursive(root: &Path) -> Result<Vec<PathBuf>> {

@@ -23,6 +23,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
+use super::syncer::Syncer;
+
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -797,11 +799,31 @@ impl ObjectWriter {
 
     /// Makes the object appear with everything written to it.
     pub fn finish(self) -> Result<()> {
-        let sink = self.out.into_inner().map_err(|e| {
+        self.written_out()?.finish()
+    }
+
+    /// [`ObjectWriter::finish`], where a local file is made durable and put in place on
+    /// `syncer`'s thread (`store::syncer`), which then calls `then` with the outcome; an
+    /// upload (or any object without a syncer) is finished here, and `then` called at once.
+    pub fn finish_then(
+        self,
+        syncer: Option<&Syncer>,
+        then: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
+        match (self.written_out(), syncer) {
+            (Ok(sink), Some(syncer)) if matches!(sink.target, WriteTarget::File { .. }) => {
+                syncer.run(move || then(sink.finish()))
+            }
+            (sink, _) => then(sink.and_then(WriteSink::finish)),
+        }
+    }
+
+    /// The sink, with every byte written to it.
+    fn written_out(self) -> Result<WriteSink> {
+        self.out.into_inner().map_err(|e| {
             let (error, out) = e.into_parts();
             anyhow!("{}: {error}", out.get_ref().url)
-        })?;
-        sink.finish()
+        })
     }
 }
 
