@@ -139,15 +139,18 @@ pub trait TableWriter: Send {
     }
     /// Records ids deleted by the export (already anonymized); returns once they are applied.
     fn delete_ids(&mut self, ids: &[String]) -> Result<()>;
-    /// Applies any batches the writer has staged and returns once they are reported.
+    /// Applies any batches the writer has staged (or whose files are being made durable) and
+    /// returns once they are reported.
     fn flush(&mut self) {}
 }
 
 /// Writes one batch of a table ([`TableWriter::next_batch`]).
 pub trait BatchWriter: Send {
     /// Writes the batch (an empty batch still creates the table) and reports through
-    /// `on_written`: file formats before returning; Delta later, from its own runtime, so a
-    /// caller must not hold resources (memory budget, rows for the errors folder) past it.
+    /// `on_written` once it is durable: file formats from their syncer's thread once the file
+    /// is in place (`store::syncer`), Delta from its own runtime once committed. Either may
+    /// come after this returns, so a caller must not hold resources (memory budget, rows for
+    /// the errors folder) past the report.
     fn write(self: Box<Self>, batch: &RowBatch<'_>, on_written: OnWritten);
 }
 

@@ -72,3 +72,40 @@ fn write_file(file: &NextFile, batch: &RowBatch<'_>) -> Result<ObjectWriter> {
     written.with_context(|| format!("writing {name}"))?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex, mpsc};
+
+    use super::*;
+    use crate::fhir::Shape;
+    use crate::store::{ObjectLocation, Syncer};
+
+    #[test]
+    fn batch_files_appear_whole_once_the_syncer_has_them_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = ObjectLocation::local(dir.path()).unwrap();
+        let syncer = Arc::new(Syncer::new());
+        let files = BatchedFiles::new(&root, "patient", "ndjson", Some(syncer.clone()));
+        let mut table = NdjsonTable::new(files);
+        // The syncer is kept busy, so the batch's file waits behind this job.
+        let (release, gate) = mpsc::channel::<()>();
+        syncer.run(move || gate.recv().unwrap());
+        let reported = Arc::new(Mutex::new(None));
+        let seen = reported.clone();
+        let shape = Shape::default();
+        let rows: Vec<&[u8]> = vec![b"{\"id\":\"a\"}", b"{\"id\":\"b\"}"];
+        table.write_batch(
+            &RowBatch::of_rows(rows, &shape),
+            OnWritten::new(move |result| *seen.lock().unwrap() = Some(result.is_ok())),
+        );
+        let path = dir.path().join("patient/patient.000.ndjson");
+        assert!(!path.exists(), "not in place before the syncer gets to it");
+        assert_eq!(*reported.lock().unwrap(), None, "not reported before");
+        release.send(()).unwrap();
+        table.flush();
+        assert_eq!(*reported.lock().unwrap(), Some(true));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"id\":\"a\"}\n{\"id\":\"b\"}\n");
+    }
+}
