@@ -490,6 +490,7 @@ impl<'a> Doc<'a> {
     }
 
     /// The token at `i`.
+    #[inline]
     pub fn token(&self, i: usize) -> Token {
         self.tokens[i]
     }
@@ -504,16 +505,33 @@ impl<'a> Doc<'a> {
     }
 
     /// The raw bytes of a string, key or number token (strings without quotes).
+    #[inline]
     pub fn raw(&self, i: usize) -> &'a [u8] {
         let t = self.tokens[i];
         &self.text[t.start as usize..t.end as usize]
     }
 
-    /// The decoded text of a string or key token, or a number token as written.
+    /// The decoded text of a string or key token, or a number token as written. Inlined for
+    /// the plain text of most keys and codes (called several times for every key the
+    /// scrubber reads, the call itself cost more than the work); the rest out of line.
+    #[inline]
     pub fn str(&self, i: usize) -> Cow<'a, str> {
         let t = self.tokens[i];
+        if t.plain {
+            // SAFETY: a plain span is printable ASCII (`StringScan::plain`).
+            return Cow::Borrowed(unsafe {
+                std::str::from_utf8_unchecked(&self.text[t.start as usize..t.end as usize])
+            });
+        }
+        self.decoded(i)
+    }
+
+    /// [`Doc::str`] of a token that is not plain.
+    #[inline(never)]
+    fn decoded(&self, i: usize) -> Cow<'a, str> {
+        let t = self.tokens[i];
         let raw = self.raw(i);
-        if t.plain || (!t.lone_surrogate && !raw.contains(&b'\\')) {
+        if !t.lone_surrogate && !raw.contains(&b'\\') {
             // SAFETY: `Tape::parse` checked every string span with non-ASCII bytes to be UTF-8
             // (or flagged it `lone_surrogate`, for surrogates encoded as UTF-8 would encode
             // them), and the other spans are ASCII.
@@ -565,6 +583,7 @@ impl<'a> Doc<'a> {
     }
 
     /// Whether key token `i` is exactly `name`.
+    #[inline]
     pub fn key_is(&self, i: usize, name: &str) -> bool {
         let t = self.tokens[i];
         if t.plain {
