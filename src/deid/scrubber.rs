@@ -10,6 +10,7 @@ use super::codebook::Codebook;
 use super::rules::{FieldRules, Filter, Rules, Treatment};
 use crate::fast_hash::NameRef;
 use crate::fhir::Shape;
+use crate::json::ascii::push_quoted;
 use crate::json::utf16::{python_strip, strip_units, write_units, write_units_unquoted};
 use crate::json::{Doc, Kind, write_compact_ascii, write_str, write_str_parts};
 
@@ -858,17 +859,19 @@ fn has_masked_marker(doc: &Doc<'_>, list: usize) -> bool {
 
 /// Writes `"key":`.
 fn write_key(doc: &Doc<'_>, key: usize, out: &mut Vec<u8>) {
-    write_string(doc, key, out);
-    out.push(b':');
+    if doc.token(key).plain {
+        push_quoted(out, doc.raw(key), Some(b':'));
+    } else {
+        write_string(doc, key, out);
+        out.push(b':');
+    }
 }
 
 /// Writes a string or key token as it is (Python's form, lone surrogates included).
 fn write_string(doc: &Doc<'_>, i: usize, out: &mut Vec<u8>) {
     let token = doc.token(i);
     if token.plain {
-        out.push(b'"');
-        out.extend_from_slice(doc.raw(i));
-        out.push(b'"');
+        push_quoted(out, doc.raw(i), None);
     } else if token.lone_surrogate {
         write_units(out, &doc.units(i));
     } else {
@@ -894,9 +897,7 @@ fn write_kept(doc: &Doc<'_>, item: usize, trimmed: Option<&str>, out: &mut Vec<u
     let token = doc.token(item);
     match (token.kind, trimmed) {
         (Kind::String, Some(t)) if token.plain && t.len() == doc.raw(item).len() => {
-            out.push(b'"');
-            out.extend_from_slice(doc.raw(item));
-            out.push(b'"');
+            push_quoted(out, doc.raw(item), None)
         }
         (Kind::String, _) if token.lone_surrogate => {
             write_units(out, strip_units(&doc.units(item)))

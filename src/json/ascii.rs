@@ -113,10 +113,77 @@ pub fn write_str_parts(out: &mut Vec<u8>, parts: &[&str]) {
     } else {
         out.reserve(parts.iter().map(|p| p.len()).sum::<usize>() + 2);
         out.push(b'"');
-        parts
-            .iter()
-            .for_each(|p| out.extend_from_slice(p.as_bytes()));
+        parts.iter().for_each(|p| push_bytes(out, p.as_bytes()));
         out.push(b'"');
+    }
+}
+
+/// Appends `bytes`, copying short ones (most keys, codes and ids) in two overlapping words
+/// rather than through a `memcpy` call, whose call and size dispatch cost more than such a copy
+/// (1.25 million calls of 21 instructions each for the 20 MB sample, callgrind).
+#[inline]
+pub fn push_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.reserve(bytes.len());
+    // SAFETY: `reserve` made room for `bytes.len()` more bytes, which the copy fills exactly
+    // (its reads and writes stay within `bytes` and that room), and `set_len` covers them.
+    unsafe {
+        let dst = out.as_mut_ptr().add(out.len());
+        copy_short(bytes, dst);
+        out.set_len(out.len() + bytes.len());
+    }
+}
+
+/// Appends `text` (already in its JSON form) between quotes, then `after` if there is one (a
+/// key's colon).
+#[inline]
+pub fn push_quoted(out: &mut Vec<u8>, text: &[u8], after: Option<u8>) {
+    let len = text.len() + 2 + usize::from(after.is_some());
+    out.reserve(len);
+    // SAFETY: `reserve` made room for `len` more bytes: the quotes, `text` and `after`, each
+    // written once within that room before `set_len` covers them.
+    unsafe {
+        let dst = out.as_mut_ptr().add(out.len());
+        *dst = b'"';
+        copy_short(text, dst.add(1));
+        *dst.add(1 + text.len()) = b'"';
+        if let Some(b) = after {
+            *dst.add(2 + text.len()) = b;
+        }
+        out.set_len(out.len() + len);
+    }
+}
+
+/// Copies `src` to `dst`: up to 16 bytes as two words that overlap where they must, longer
+/// ones with `copy_nonoverlapping`.
+///
+/// # Safety
+/// `dst` must be valid for `src.len()` bytes of writes and not overlap `src`.
+#[inline(always)]
+unsafe fn copy_short(src: &[u8], dst: *mut u8) {
+    let (n, from) = (src.len(), src.as_ptr());
+    // SAFETY (all arms): every read is within `src` and every write within the first `n`
+    // bytes at `dst`, which the caller vouches for.
+    unsafe {
+        match n {
+            8..=16 => {
+                let head = std::ptr::read_unaligned(from.cast::<u64>());
+                let tail = std::ptr::read_unaligned(from.add(n - 8).cast::<u64>());
+                std::ptr::write_unaligned(dst.cast::<u64>(), head);
+                std::ptr::write_unaligned(dst.add(n - 8).cast::<u64>(), tail);
+            }
+            4..8 => {
+                let head = std::ptr::read_unaligned(from.cast::<u32>());
+                let tail = std::ptr::read_unaligned(from.add(n - 4).cast::<u32>());
+                std::ptr::write_unaligned(dst.cast::<u32>(), head);
+                std::ptr::write_unaligned(dst.add(n - 4).cast::<u32>(), tail);
+            }
+            0..4 => {
+                for i in 0..n {
+                    *dst.add(i) = *from.add(i);
+                }
+            }
+            _ => std::ptr::copy_nonoverlapping(from, dst, n),
+        }
     }
 }
 
@@ -131,6 +198,25 @@ fn needs_escape(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_and_long_copies_append_exactly_the_bytes() {
+        let text: Vec<u8> = (0..64u8).map(|i| b'a' + i % 26).collect();
+        for len in 0..=40 {
+            for start in [0, 3] {
+                let piece = &text[start..start + len];
+                let mut out = b"[".to_vec();
+                push_bytes(&mut out, piece);
+                assert_eq!(&out[1..], piece, "{len}");
+                let mut quoted = b"{".to_vec();
+                push_quoted(&mut quoted, piece, Some(b':'));
+                assert_eq!(quoted, [b"{\"", piece, b"\":"].concat(), "{len}");
+                let mut bare = Vec::new();
+                push_quoted(&mut bare, piece, None);
+                assert_eq!(bare, [b"\"", piece, b"\""].concat(), "{len}");
+            }
+        }
+    }
 
     #[test]
     fn dumps_writes_pythons_default_separators() {
