@@ -378,7 +378,11 @@ impl Parser<'_, '_> {
                     }
                     self.pos += 1;
                 }
-                self.value(depth + 1)?;
+                // Most values are strings: parsed here, without the call through `value`.
+                match self.peek() {
+                    Some(b'"') => self.string(Kind::String)?,
+                    _ => self.value(depth + 1)?,
+                }
                 count += 1;
                 match self.peek() {
                     Some(b',') => self.pos += 1,
