@@ -125,7 +125,8 @@ fn cut_file(
     use std::os::unix::fs::FileExt;
     let mut sample = LineSample::default();
     let mut buf = vec![0u8; START_SAMPLE_BYTES];
-    let start = read_fully_at(file, &mut buf[..len.min(START_SAMPLE_BYTES)], 0)?;
+    let start = len.min(START_SAMPLE_BYTES);
+    file.read_exact_at(&mut buf[..start], 0)?;
     sample.add(&buf[..start]);
     buf.truncate(4096);
     let bounds =
@@ -144,19 +145,6 @@ fn cut_file(
             Ok(None)
         })?;
     Ok((bounds, sample))
-}
-
-/// Reads into `buf` from `offset` until it is full or the file ends; the bytes read.
-fn read_fully_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], offset + filled as u64)? {
-            0 => break,
-            read => filled += read,
-        }
-    }
-    Ok(filled)
 }
 
 /// Counts the lines of every mapped file among `items` now (`line_numbers::count_all`), for a

@@ -63,18 +63,16 @@ impl Syncer {
         }
     }
 
-    /// Runs `job` on the syncer's thread after every job handed over before it.
+    /// Runs `job` on the syncer's thread after every job handed over before it (here, should
+    /// that thread be gone).
     pub fn run(&self, job: impl FnOnce() + Send + 'static) {
         *self.pending.count.lock().unwrap() += 1;
-        let queue = self.queue.lock().unwrap();
-        let sent = queue.as_ref().map(|q| q.send(Box::new(job)));
-        if !matches!(sent, Some(Ok(()))) {
-            // The thread is gone (only when the syncer is dropped): run it here.
-            drop(queue);
-            let job = match sent {
-                Some(Err(mpsc::SendError(job))) => job,
-                _ => unreachable!("a syncer is not used while dropped"),
-            };
+        let job: Job = Box::new(job);
+        let refused = match self.queue.lock().unwrap().as_ref() {
+            Some(queue) => queue.send(job).err().map(|mpsc::SendError(job)| job),
+            None => Some(job),
+        };
+        if let Some(job) = refused {
             let _ = crate::panic_guard::catch(job);
             self.pending.finished_one();
         }
